@@ -1,0 +1,96 @@
+"""Reward commit: fold an episode's eligibility trace into persistent memory P."""
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ..checks import check_finite, check_per_head, check_tensor
+from .naive import clip_per_head, naive_reward_commit
+
+COMMIT_BACKENDS = {"naive": naive_reward_commit}
+
+
+def reward_commit(
+    P: torch.Tensor,
+    E: torch.Tensor,
+    r: Optional[Union[float, torch.Tensor]] = None,
+    b: Optional[Union[float, torch.Tensor]] = None,
+    *,
+    gamma: Union[float, torch.Tensor] = 0.98,
+    eta_s: Union[float, torch.Tensor] = 0.0,
+    eta_r: Union[float, torch.Tensor] = 1.0,
+    clip: Optional[float] = 10.0,
+    rho: float = 0.1,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Three-factor commit ``P <- gamma P + (eta_s + eta_r (r - b)) clip(E)``, ``b <- b + rho (r - b)``.
+
+    Args:
+        P, E: ``[N, H, K, V]`` (N sessions; a ``[H, K, V]`` pair is treated as N = 1).
+        r: reward per session, float or ``[N]``; None commits with no advantage
+            (retention only, ``eta_s``) and leaves the baseline alone.
+        b: running baseline, float or ``[N]``; None means 0.
+        gamma: forgetting of P, in (0, 1]; eta_s, eta_r: floats or ``[H]`` tensors.
+        clip: per-head Frobenius bound on E (None disables: unbounded, see DESIGN.md).
+        rho: baseline step in [0, 1].
+        inplace: write the result into P (and b if it is a tensor) and return them.
+
+    Returns:
+        ``(P_new [N, H, K, V], b_new [N])`` (unbatched in, unbatched P out).
+
+    Raises:
+        ValueError: naming the argument for wrong shapes, NaN/inf (reward included)
+            or out-of-range coefficients. Nothing is modified when it raises.
+    """
+    squeeze = isinstance(P, torch.Tensor) and P.dim() == 3
+    check_tensor("P", P, ndim=3 if squeeze else 4)
+    Pb = P.unsqueeze(0) if squeeze else P
+    N, H = Pb.shape[:2]
+    check_tensor("E", E, shape=tuple(P.shape))
+    Eb = E.unsqueeze(0) if squeeze else E
+    check_finite("P", P)
+    check_finite("E", E)
+
+    def as_vec(name, x, default):
+        if x is None:
+            x = default
+        if isinstance(x, bool) or not isinstance(x, (int, float, torch.Tensor)):
+            raise ValueError(f"{name} must be a number or a tensor, got {type(x).__name__}")
+        t = torch.as_tensor(x, dtype=Pb.dtype, device=Pb.device)
+        if t.dim() == 0:
+            t = t.expand(N)
+        if t.shape != (N,):
+            raise ValueError(f"{name} must be a number or a [{N}] tensor, got shape {tuple(t.shape)}")
+        check_finite(name, t)
+        return t
+
+    r_t = None if r is None else as_vec("r", r, None)
+    b_t = as_vec("b", b, 0.0)
+    check_per_head("gamma", gamma, H, 0.0, 1.0)
+    if isinstance(gamma, (int, float)) and gamma <= 0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    check_per_head("eta_s", eta_s, H, None, None)
+    check_per_head("eta_r", eta_r, H, None, None)
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        raise ValueError(f"clip must be a positive float or None, got {clip!r}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho must be a float in [0, 1], got {rho!r}")
+    if backend != "auto" and backend not in COMMIT_BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(COMMIT_BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if (Pb.is_cuda and "triton" in COMMIT_BACKENDS) else "naive"
+
+    P_new, b_new = COMMIT_BACKENDS[backend](Pb, Eb, r_t, b_t, gamma=gamma, eta_s=eta_s, eta_r=eta_r,
+                                            clip=clip, rho=rho)
+    if squeeze:
+        P_new = P_new.squeeze(0)
+    if inplace:
+        with torch.no_grad():
+            P.copy_(P_new)
+            if isinstance(b, torch.Tensor) and b.shape == b_new.shape:
+                b.copy_(b_new)
+        return P, (b if isinstance(b, torch.Tensor) and b.shape == b_new.shape else b_new)
+    return P_new, b_new
+
+
+__all__ = ["reward_commit", "naive_reward_commit", "clip_per_head", "COMMIT_BACKENDS"]

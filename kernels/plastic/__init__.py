@@ -1,0 +1,138 @@
+"""The plastic rule: one entry point, several backends (see DESIGN.md, "The rule").
+
+Backends:
+    naive            fp32 per-token loop, the ground truth (``naive.py``)
+    torch_chunk      chunkwise-parallel PyTorch, training and prefill (``chunk.py``)
+    torch_recurrent  per-token PyTorch for decoding (``fused_recurrent.py``)
+Triton backends register themselves in ``BACKENDS`` when their module imports.
+"""
+import os
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import torch
+
+from ..checks import check_finite, check_per_head, check_range, check_tensor
+from .chunk import chunk_plastic_rule
+from .fused_recurrent import recurrent_plastic_rule
+from .naive import naive_plastic_rule
+
+BACKENDS: Dict[str, Callable] = {
+    "naive": naive_plastic_rule,
+    "torch_chunk": chunk_plastic_rule,
+    "torch_recurrent": recurrent_plastic_rule,
+}
+# Backends that need a CUDA device (filled in by the Triton modules).
+GPU_BACKENDS = set()
+RULES = ("delta", "hebb")
+# Below this many tokens the per-token loop beats the chunk set-up cost.
+RECURRENT_MAX_T = 16
+
+
+def resolve_backend(mode: str, device: Union[str, torch.device]) -> str:
+    """Backend name for a layer's ``mode`` ("chunk" or "recurrent") on ``device``.
+
+    ``CL_ARCH_BACKEND`` (a backend name) overrides the choice everywhere.
+    """
+    forced = os.environ.get("CL_ARCH_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"CL_ARCH_BACKEND={forced!r} is not a backend; choose from {sorted(BACKENDS)}")
+        return forced
+    if mode not in ("chunk", "recurrent"):
+        raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    triton_name = "triton_" + mode
+    if on_cuda and triton_name in BACKENDS:
+        return triton_name
+    return "torch_" + mode
+
+
+def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend):
+    check_tensor("q", q, ndim=4)
+    B, T, H, K = q.shape
+    if T < 1:
+        raise ValueError("q must hold at least one token (T >= 1)")
+    check_tensor("k", k, shape=(B, T, H, K))
+    check_tensor("v", v, shape=(B, T, H, None))
+    V = v.shape[-1]
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    check_tensor("beta", beta, shape=(B, T, H))
+    if g is not None:
+        check_tensor("g", g, shape=(B, T, H))
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if lam is not None:
+        check_per_head("lam", lam, H, 0.0, 1.0)
+    if scale is not None and (not isinstance(scale, (int, float)) or not scale > 0 or scale != scale):
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    for name, st in (("initial_state", initial_state), ("initial_trace", initial_trace)):
+        if st is not None:
+            check_tensor(name, st, shape=(B, H, K, V))
+            check_finite(name, st)
+    if backend != "auto" and backend not in BACKENDS:
+        known = sorted(set(BACKENDS) | {"triton_chunk", "triton_recurrent"})
+        raise ValueError(f"backend must be 'auto' or one of {known}, got {backend!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, x)
+    check_range("beta", beta, 0.0, 1.0)
+    if g is not None:
+        check_range("g", g, None, 0.0)
+
+
+def plastic_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: Optional[torch.Tensor] = None,
+    *,
+    rule: str = "delta",
+    lam: Optional[Union[float, torch.Tensor]] = None,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    initial_trace: Optional[torch.Tensor] = None,
+    output_final_state: bool = True,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Run the fast-weight rule of DESIGN.md over a sequence.
+
+    Per token: ``S' = exp(g) S``; ``u = v - S'^T k`` (delta) or ``v`` (hebb);
+    ``D = beta k u^T``; ``S = S' + D``; ``o = S^T (scale q)``; ``E = lam E + D``.
+
+    Args:
+        q, k: ``[B, T, H, K]`` (k unit-norm in the model); v: ``[B, T, H, V]``.
+        beta: ``[B, T, H]`` write strength in [0, 1].
+        g: ``[B, T, H]`` log-decay, <= 0, or None (no decay).
+        rule: "delta" or "hebb".
+        lam: trace decay, float or ``[H]`` tensor in [0, 1]; None keeps no trace.
+        scale: multiplies q; default ``K ** -0.5``.
+        initial_state, initial_trace: ``[B, H, K, V]`` or None (zeros).
+        output_final_state: return S_T and E_T (else both None).
+        backend: "auto" or a name from ``BACKENDS``.
+
+    Returns:
+        ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V], E_T [B, H, K, V] or None)``;
+        states are float32 (float64 for float64 inputs). Differentiable in q, k, v,
+        beta, g, lam, initial_state and initial_trace.
+
+    Raises:
+        ValueError: naming the argument, for a wrong shape, dtype, NaN/inf,
+            beta outside [0, 1], g > 0, lam outside [0, 1], an unknown rule or backend.
+    """
+    _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend)
+    if backend == "auto":
+        mode = "recurrent" if q.shape[1] <= RECURRENT_MAX_T else "chunk"
+        backend = resolve_backend(mode, q.device)
+    if backend in GPU_BACKENDS and not q.is_cuda:
+        raise ValueError(f"backend {backend!r} runs Triton kernels on CUDA tensors; q is on {q.device}")
+    return BACKENDS[backend](
+        q, k, v, beta, g, rule=rule, lam=lam, scale=scale, initial_state=initial_state,
+        initial_trace=initial_trace, output_final_state=output_final_state,
+    )
+
+
+__all__ = [
+    "plastic_rule", "resolve_backend", "BACKENDS", "naive_plastic_rule",
+    "chunk_plastic_rule", "recurrent_plastic_rule",
+]

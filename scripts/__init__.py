@@ -1,0 +1,1 @@
+"""Console entry points (``cl-arch ...``): thin wrappers over the packages."""

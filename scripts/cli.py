@@ -1,0 +1,31 @@
+"""``cl-arch``: one console script, one sub-command per module in this folder.
+
+Each sub-command module exposes ``add_parser(subparsers)`` which registers its
+arguments and sets ``func`` (called with the parsed namespace, returns an exit code).
+"""
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# Sub-command name -> module in cl_arch.scripts.
+COMMANDS = {
+    "demo": "demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cl-arch", description="Continual-learning transformers with fast weights")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS.values():
+        importlib.import_module(f"cl_arch.scripts.{module}").add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""cl_arch.train: data pipelines, pretraining, meta-training and fine-tuning loops."""
