@@ -33,13 +33,13 @@ def resolve_backend(mode: str, device: Union[str, torch.device]) -> str:
 
     ``CL_ARCH_BACKEND`` (a backend name) overrides the choice everywhere.
     """
+    if mode not in ("chunk", "recurrent"):
+        raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
     forced = os.environ.get("CL_ARCH_BACKEND")
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"CL_ARCH_BACKEND={forced!r} is not a backend; choose from {sorted(BACKENDS)}")
         return forced
-    if mode not in ("chunk", "recurrent"):
-        raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
     on_cuda = torch.device(device).type == "cuda"
     triton_name = "triton_" + mode
     if on_cuda and triton_name in BACKENDS:
@@ -94,6 +94,7 @@ def plastic_rule(
     initial_trace: Optional[torch.Tensor] = None,
     output_final_state: bool = True,
     backend: str = "auto",
+    chunk_size: int = 64,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Run the fast-weight rule of DESIGN.md over a sequence.
 
@@ -110,6 +111,7 @@ def plastic_rule(
         initial_state, initial_trace: ``[B, H, K, V]`` or None (zeros).
         output_final_state: return S_T and E_T (else both None).
         backend: "auto" or a name from ``BACKENDS``.
+        chunk_size: tokens per chunk for the chunked backends (ignored by the others).
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V], E_T [B, H, K, V] or None)``;
@@ -126,9 +128,12 @@ def plastic_rule(
         backend = resolve_backend(mode, q.device)
     if backend in GPU_BACKENDS and not q.is_cuda:
         raise ValueError(f"backend {backend!r} runs Triton kernels on CUDA tensors; q is on {q.device}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    extra = {"chunk_size": chunk_size} if backend.endswith("chunk") else {}
     return BACKENDS[backend](
         q, k, v, beta, g, rule=rule, lam=lam, scale=scale, initial_state=initial_state,
-        initial_trace=initial_trace, output_final_state=output_final_state,
+        initial_trace=initial_trace, output_final_state=output_final_state, **extra,
     )
 
 

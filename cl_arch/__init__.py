@@ -1,0 +1,9 @@
+"""cl_arch: transformers whose fast-weight memories keep learning while they are used."""
+__version__ = "0.1.0"
+
+from .config import PlasticConfig
+from .model import PlasticTransformer
+from .state import AttnLayerState, FastLayerState, ModelState
+
+__all__ = ["PlasticConfig", "PlasticTransformer", "ModelState", "FastLayerState", "AttnLayerState",
+           "__version__"]

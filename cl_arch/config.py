@@ -1,0 +1,155 @@
+"""Model configuration: one dataclass, validated on construction, JSON round-trippable."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+LAYER_TYPES = ("attn", "fast")
+RULES = ("delta", "hebb")
+
+
+def _err(name: str, msg: str) -> ValueError:
+    return ValueError(f"PlasticConfig.{name}: {msg}")
+
+
+@dataclass
+class PlasticConfig:
+    """Hyper-parameters of a :class:`~cl_arch.model.PlasticTransformer`.
+
+    Defaults give a tiny byte-level model that trains on CPU. Every field is checked in
+    ``__post_init__``; an invalid value raises ``ValueError`` whose message names the field.
+    """
+
+    # --- backbone ---
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    layer_types: Optional[List[str]] = None  # "attn" | "fast" per layer; None: fast, attn, fast, ...
+    # --- fast-weight mixer ---
+    n_heads: int = 4
+    head_k_dim: int = 32
+    head_v_dim: int = 32
+    # --- attention mixer ---
+    n_attn_heads: int = 4
+    attn_window: Optional[int] = None  # sliding window (tokens, including the current one)
+    rope_theta: float = 10000.0
+    # --- MLP / misc ---
+    mlp_ratio: float = 4.0
+    conv_size: int = 4  # short causal depthwise conv on q/k/v; 0 disables
+    rule: str = "delta"
+    use_gate: bool = True
+    chunk_size: int = 64
+    recurrent_threshold: int = 16
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    # --- plasticity (initial values of the learnable per-head parameters, fixed settings) ---
+    lam: Optional[float] = 0.5  # eligibility-trace decay; None disables the trace
+    gamma: float = 0.98  # persistent-memory retention per commit
+    eta_s: float = 0.0  # self-supervised commit rate
+    eta_r: float = 1.0  # reward-modulated commit rate
+    commit_clip: float = 10.0  # Frobenius-norm bound per head on the committed trace
+    baseline_rho: float = 0.1  # running reward-baseline rate
+    learn_plasticity: bool = True
+
+    def __post_init__(self) -> None:
+        def pos_int(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+                raise _err(name, f"must be an integer {'>= 0' if allow_zero else '>= 1'}, got {v!r}")
+
+        def num(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _err(name, f"must be a finite number, got {v!r}")
+            if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+                lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
+                raise _err(name, f"must be in {lb}{lo}, {hi}{hb}, got {v!r}")
+            setattr(self, name, float(v))
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_k_dim", "head_v_dim",
+                     "n_attn_heads", "chunk_size"):
+            pos_int(name)
+        for name in ("conv_size", "recurrent_threshold"):
+            pos_int(name, allow_zero=True)
+        if self.conv_size == 1:
+            raise _err("conv_size", "must be 0 (disabled) or >= 2")
+
+        if self.layer_types is None:
+            self.layer_types = ["fast" if i % 2 == 0 else "attn" for i in range(self.n_layers)]
+        if not isinstance(self.layer_types, (list, tuple)):
+            raise _err("layer_types", f"must be a list of {LAYER_TYPES}, got {self.layer_types!r}")
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.n_layers:
+            raise _err("layer_types", f"has length {len(self.layer_types)} but n_layers is {self.n_layers}")
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if bad:
+            raise _err("layer_types", f"unknown entries {bad}; allowed: {LAYER_TYPES}")
+
+        if "attn" in self.layer_types:
+            if self.d_model % self.n_attn_heads != 0:
+                raise _err("n_attn_heads", f"must divide d_model={self.d_model}, got {self.n_attn_heads}")
+            if (self.d_model // self.n_attn_heads) % 2 != 0:
+                raise _err("n_attn_heads", "d_model / n_attn_heads must be even for rotary embeddings")
+        if self.attn_window is not None:
+            pos_int("attn_window")
+
+        num("rope_theta", 0.0, math.inf, lo_open=True)
+        num("mlp_ratio", 0.0, math.inf, lo_open=True)
+        num("norm_eps", 0.0, 1.0, lo_open=True)
+        num("init_std", 0.0, math.inf, lo_open=True)
+        num("dropout", 0.0, 1.0, hi_open=True)
+        if self.rule not in RULES:
+            raise _err("rule", f"must be one of {RULES}, got {self.rule!r}")
+        for name in ("use_gate", "tie_embeddings", "learn_plasticity"):
+            if not isinstance(getattr(self, name), bool):
+                raise _err(name, f"must be a bool, got {getattr(self, name)!r}")
+
+        if self.lam is not None:
+            num("lam", 0.0, 1.0)
+        num("gamma", 0.0, 1.0, lo_open=True)
+        num("eta_s", -math.inf, math.inf)
+        num("eta_r", -math.inf, math.inf)
+        num("commit_clip", 0.0, math.inf, lo_open=True)
+        num("baseline_rho", 0.0, 1.0)
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU hidden width: 2/3 * mlp_ratio * d_model rounded up to a multiple of 32."""
+        h = int(self.mlp_ratio * self.d_model * 2 / 3)
+        return 32 * ((h + 31) // 32)
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.d_model // self.n_attn_heads
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict of every field (JSON-serialisable)."""
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "PlasticConfig":
+        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"PlasticConfig.from_dict expects a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"PlasticConfig.from_dict: unknown keys {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys); also what :meth:`PlasticTransformer.fingerprint` hashes."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "PlasticConfig":
+        return cls.from_dict(json.loads(s))

@@ -1,0 +1,11 @@
+"""Building blocks of :class:`cl_arch.PlasticTransformer`."""
+from .attention import CausalSelfAttention
+from .fast_weight import FastWeightLayer, ShortConv
+from .mlp import SwiGLU
+from .norm import GatedRMSNorm, RMSNorm, rms_norm
+from .rotary import RotaryEmbedding, apply_rotary, rotary_cos_sin
+
+__all__ = [
+    "CausalSelfAttention", "FastWeightLayer", "ShortConv", "SwiGLU", "GatedRMSNorm", "RMSNorm",
+    "rms_norm", "RotaryEmbedding", "apply_rotary", "rotary_cos_sin",
+]

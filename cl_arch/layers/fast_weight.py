@@ -1,0 +1,186 @@
+"""Fast-weight mixer: a gated delta-rule (or Hebbian) memory with a learned base W0 and a
+persistent memory P, read and written by :func:`cl_arch.kernels.plastic_rule`."""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cl_arch.kernels import plastic_rule, resolve_backend
+
+from ..config import PlasticConfig
+from ..state import FastLayerState
+from .norm import GatedRMSNorm, RMSNorm
+
+
+def _logit(p: float) -> float:
+    # lam = 1 or gamma = 1 are legal settings; keep the unconstrained parameter finite.
+    p = min(max(p, 1e-6), 1.0 - 1e-6)
+    return math.log(p / (1.0 - p))
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv over time, then SiLU. ``x [B, T, C] -> [B, T, C]``.
+
+    The last ``kernel_size - 1`` inputs are returned as a cache so that feeding a sequence in
+    pieces gives the same output as feeding it whole.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, T, C]``, ``cache [B, kernel_size - 1, C]`` or None (zeros) -> (y, new cache)."""
+        B, T, C = x.shape
+        if cache is None:
+            cache = x.new_zeros(B, self.kernel_size - 1, C)
+        xx = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, kernel_size - 1 + T, C]
+        y = self.conv(xx.transpose(1, 2)).transpose(1, 2)  # 'valid' conv: exactly T outputs
+        return F.silu(y), xx[:, T:]
+
+
+class FastWeightLayer(nn.Module):
+    """Token mixer whose memory is a per-head matrix rewritten at every token (DESIGN.md).
+
+    ``forward(x [B, T, d_model], state, modulation [B, T]) -> (y [B, T, d_model], FastLayerState)``.
+
+    Parameters beyond the projections:
+        W0 ``[H, K, V]``: base memory, the episode's starting fast weight (plus P); zeros at init.
+        A_log, dt_bias ``[H]``: decay ``g = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` (FLA's GatedDeltaNet).
+        lam_logit, gamma_logit, eta_s, eta_r ``[H]``: plasticity settings, unconstrained;
+            ``lam`` and ``gamma`` are their sigmoids. Used by the reward commit, except ``lam``
+            which the forward pass uses for the eligibility trace.
+    """
+
+    def __init__(self, config: PlasticConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.config = config
+        H, K, V = config.n_heads, config.head_k_dim, config.head_v_dim
+        self.n_heads, self.head_k_dim, self.head_v_dim = H, K, V
+        d = config.d_model
+
+        self.q_proj = nn.Linear(d, H * K, bias=False)
+        self.k_proj = nn.Linear(d, H * K, bias=False)
+        self.v_proj = nn.Linear(d, H * V, bias=False)
+        self.b_proj = nn.Linear(d, H, bias=False)  # write strength beta
+        self.a_proj = nn.Linear(d, H, bias=False)  # data-dependent decay
+        self.conv = ShortConv(2 * H * K + H * V, config.conv_size) if config.conv_size > 0 else None
+        if config.use_gate:
+            self.g_proj = nn.Linear(d, H * V, bias=False)
+            self.o_norm = GatedRMSNorm(V, config.norm_eps)
+        else:
+            self.g_proj = None
+            self.o_norm = RMSNorm(V, config.norm_eps)
+        self.o_proj = nn.Linear(H * V, d, bias=False)
+
+        # Decay init as FLA's GatedDeltaNet (A uniform in [1, 16]; dt log-uniform in [1e-3, 0.1]).
+        A = torch.empty(H).uniform_(1, 16)
+        self.A_log = nn.Parameter(torch.log(A))
+        dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+        # Zeros: a fresh model starts every episode from an empty memory, as FLA's layers do.
+        self.W0 = nn.Parameter(torch.zeros(H, K, V))
+
+        learn = config.learn_plasticity
+        if config.lam is not None:
+            self.lam_logit = nn.Parameter(torch.full((H,), _logit(config.lam)), requires_grad=learn)
+        else:
+            self.lam_logit = None
+        self.gamma_logit = nn.Parameter(torch.full((H,), _logit(config.gamma)), requires_grad=learn)
+        self.eta_s = nn.Parameter(torch.full((H,), float(config.eta_s)), requires_grad=learn)
+        self.eta_r = nn.Parameter(torch.full((H,), float(config.eta_r)), requires_grad=learn)
+
+    # ------------------------------------------------------------------ plasticity settings
+    @property
+    def lam(self) -> Optional[torch.Tensor]:
+        """Trace decay per head ``[H]`` in (0, 1), or None when the trace is disabled."""
+        return None if self.lam_logit is None else torch.sigmoid(self.lam_logit)
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """Persistent-memory retention per head ``[H]`` in (0, 1)."""
+        return torch.sigmoid(self.gamma_logit)
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """States are kept in float32 (float64 when the model is double)."""
+        return torch.promote_types(self.W0.dtype, torch.float32)
+
+    def initial_state(self, batch_size: int, P: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``S0 = W0 + P`` as ``[B, H, K, V]`` in :attr:`state_dtype`; differentiable in W0."""
+        S0 = self.W0.to(self.state_dtype).unsqueeze(0).expand(batch_size, -1, -1, -1)
+        if P is not None:
+            S0 = S0 + P.to(self.state_dtype)
+        return S0
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: Optional[FastLayerState] = None,
+        modulation: Optional[torch.Tensor] = None,
+        output_final_state: bool = True,
+    ) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
+        """
+        Args:
+            x: ``[B, T, d_model]``.
+            state: this layer's state from the previous call, or None (new episode, no P).
+            modulation: ``[B, T]`` in [0, 1], multiplies the write strength (e.g. a reward or
+                surprise signal); None means 1.
+            output_final_state: if False, skip the final states (training without carry).
+
+        Returns:
+            ``y [B, T, d_model]`` and the new :class:`FastLayerState` (None if not requested).
+        """
+        B, T, _ = x.shape
+        H, K, V = self.n_heads, self.head_k_dim, self.head_v_dim
+        state = state if state is not None else FastLayerState()
+
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        if self.conv is not None:
+            # The conv lets a key see the previous tokens, so the value position can read it.
+            qkv, conv_cache = self.conv(qkv, state.conv)
+        else:
+            qkv, conv_cache = F.silu(qkv), None
+        q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
+        q = F.normalize(q.view(B, T, H, K), p=2, dim=-1)
+        k = F.normalize(k.view(B, T, H, K), p=2, dim=-1)  # unit keys keep the delta rule stable
+        v = v.view(B, T, H, V)
+
+        # Gates in at least float32: a bf16 log-decay summed over a chunk loses too much.
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        beta = torch.sigmoid(self.b_proj(x).to(cdt))  # [B, T, H]
+        if modulation is not None:
+            beta = beta * modulation.to(cdt).unsqueeze(-1)
+        g = -self.A_log.to(cdt).exp() * F.softplus(self.a_proj(x).to(cdt) + self.dt_bias.to(cdt))
+
+        # Decode steps take the per-token loop; training and prefill the chunked form (FLA's rule).
+        mode = "recurrent" if (not self.training and T <= self.config.recurrent_threshold) else "chunk"
+        S0 = state.S if state.S is not None else self.initial_state(B, state.P)
+        lam = self.lam
+        o, S_T, E_T = plastic_rule(
+            q, k, v, beta, g,
+            rule=self.config.rule,
+            lam=None if lam is None else lam.to(self.state_dtype),
+            initial_state=S0.to(self.state_dtype),
+            initial_trace=None if (lam is None or state.E is None) else state.E.to(self.state_dtype),
+            output_final_state=output_final_state,
+            backend=resolve_backend(mode, x.device),
+            chunk_size=self.config.chunk_size,
+        )
+
+        if self.g_proj is not None:
+            o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
+        else:
+            o = self.o_norm(o)
+        y = self.o_proj(o.reshape(B, T, H * V))
+        if not output_final_state:
+            return y, None
+        return y, FastLayerState(S=S_T, E=E_T, P=state.P, conv=conv_cache)

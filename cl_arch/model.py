@@ -1,0 +1,316 @@
+"""PlasticTransformer: a decoder whose mixers are fast-weight memories and/or attention."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .config import PlasticConfig
+from .layers import CausalSelfAttention, FastWeightLayer, RMSNorm, SwiGLU
+from .state import AttnLayerState, FastLayerState, LayerState, ModelState
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: PlasticConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        if self.layer_type == "fast":
+            self.mixer = FastWeightLayer(config, layer_idx)
+        else:
+            self.mixer = CausalSelfAttention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, state: Optional[LayerState], position: int,
+                modulation: Optional[torch.Tensor], need_state: bool):
+        h = self.mixer_norm(x)
+        if self.layer_type == "fast":
+            h, new_state = self.mixer(h, state, modulation, output_final_state=need_state)
+        else:
+            h, new_state = self.mixer(h, state, position)
+        x = x + self.dropout(h)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, new_state
+
+
+class PlasticTransformer(nn.Module):
+    """Decoder-only language model with fast-weight layers (see DESIGN.md).
+
+    ``logits, state = model(input_ids, state)``; passing the returned state into the next call
+    continues the same stream (fast weights, traces, conv and KV caches, position).
+    """
+
+    def __init__(self, config: PlasticConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+        self.apply(self._init_weights)
+        # GPT-2 / nanoGPT: projections that write into the residual stream start smaller, so the
+        # stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    # ------------------------------------------------------------------ introspection
+    def fast_layers(self) -> List[FastWeightLayer]:
+        """The fast-weight mixers, in layer order."""
+        return [b.mixer for b in self.blocks if isinstance(b.mixer, FastWeightLayer)]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch_size: int, P: Optional[Sequence[Optional[torch.Tensor]]] = None) -> ModelState:
+        """Empty state for ``batch_size`` streams, optionally with persistent memories.
+
+        Args:
+            P: one entry per fast layer (see :meth:`fast_layers`), each ``[B, H, K, V]``,
+               ``[H, K, V]`` (shared by all rows) or None.
+        """
+        fast = self.fast_layers()
+        if P is not None and len(P) != len(fast):
+            raise ValueError(f"P must have one entry per fast layer ({len(fast)}), got {len(P)}")
+        layers: List[LayerState] = []
+        i = 0
+        for block in self.blocks:
+            if isinstance(block.mixer, FastWeightLayer):
+                p = None if P is None else P[i]
+                if p is not None:
+                    m = block.mixer
+                    want = (m.n_heads, m.head_k_dim, m.head_v_dim)
+                    if tuple(p.shape[-3:]) != want or p.dim() not in (3, 4) or \
+                            (p.dim() == 4 and p.shape[0] != batch_size):
+                        raise ValueError(f"P[{i}] has shape {tuple(p.shape)}, expected "
+                                         f"{(batch_size,) + want} or {want}")
+                    p = p.to(device=m.W0.device, dtype=m.state_dtype).expand(batch_size, *want).clone()
+                layers.append(FastLayerState(P=p))
+                i += 1
+            else:
+                layers.append(AttnLayerState())
+        return ModelState(layers, 0)
+
+    def materialize_state(self, state: ModelState, batch_size: Optional[int] = None) -> ModelState:
+        """Fill the implicit parts of ``state``: ``S = W0 + P``, ``E = 0``, conv cache = 0.
+
+        The result gives the same outputs and can be combined with :meth:`ModelState.stack`.
+        """
+        B = batch_size or state.batch_size
+        if B is None:
+            raise ValueError("materialize_state: state holds no tensor; pass batch_size")
+        layers: List[LayerState] = []
+        for block, s in zip(self.blocks, state.layers):
+            m = block.mixer
+            if isinstance(m, FastWeightLayer):
+                shape = (B, m.n_heads, m.head_k_dim, m.head_v_dim)
+                zeros = lambda: m.W0.new_zeros(shape, dtype=m.state_dtype)  # noqa: E731
+                S = s.S if s.S is not None else m.initial_state(B, s.P).detach().clone()
+                E = s.E if (s.E is not None or m.lam_logit is None) else zeros()
+                conv = s.conv
+                if conv is None and m.conv is not None:
+                    conv = m.W0.new_zeros(B, m.conv.kernel_size - 1, m.conv.conv.in_channels)
+                layers.append(FastLayerState(S=S, E=E, P=s.P, conv=conv))
+            else:
+                layers.append(s)
+        return ModelState(layers, state.position)
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, input_ids, state, modulation) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.shape[1] < 1:
+            raise ValueError("input_ids must hold at least one token (T >= 1)")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        B, T = input_ids.shape
+        if state is not None:
+            if not isinstance(state, ModelState):
+                raise ValueError(f"state must be a ModelState, got {type(state).__name__}")
+            if len(state.layers) != self.config.n_layers:
+                raise ValueError(f"state has {len(state.layers)} layers, the model {self.config.n_layers}")
+            for i, (s, t) in enumerate(zip(state.layers, self.config.layer_types)):
+                want = FastLayerState if t == "fast" else AttnLayerState
+                if not isinstance(s, want):
+                    raise ValueError(f"state.layers[{i}] is {type(s).__name__}, layer {i} needs {want.__name__}")
+            if state.batch_size is not None and state.batch_size != B:
+                raise ValueError(f"state batch size {state.batch_size} does not match input_ids batch size {B}")
+        if modulation is not None:
+            if not isinstance(modulation, torch.Tensor) or tuple(modulation.shape) != (B, T):
+                shape = tuple(modulation.shape) if isinstance(modulation, torch.Tensor) else type(modulation).__name__
+                raise ValueError(f"modulation must be a [B, T] = {(B, T)} tensor, got {shape}")
+            if not bool(torch.isfinite(modulation).all()) or bool((modulation < 0).any()) or bool((modulation > 1).any()):
+                raise ValueError("modulation must be finite and in [0, 1]")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        state: Optional[ModelState] = None,
+        modulation: Optional[torch.Tensor] = None,
+        return_state: bool = True,
+    ) -> Tuple[torch.Tensor, Optional[ModelState]]:
+        """
+        Args:
+            input_ids: ``[B, T]`` integer token ids in ``[0, vocab_size)``.
+            state: from a previous call (continues that stream), from :meth:`init_state`, or
+                None (fresh episode without persistent memory).
+            modulation: ``[B, T]`` in [0, 1], scales every fast layer's write strength.
+            return_state: if False the fast layers skip their final states (cheaper training).
+
+        Returns:
+            ``logits [B, T, vocab_size]`` and the new :class:`ModelState` (None if not requested).
+        """
+        self._check_inputs(input_ids, state, modulation)
+        B, T = input_ids.shape
+        position = state.position if state is not None else 0
+        layer_states = state.layers if state is not None else [None] * self.config.n_layers
+
+        x = self.dropout(self.embed(input_ids))
+        new_layers: List[LayerState] = []
+        for block, s in zip(self.blocks, layer_states):
+            x, new_s = block(x, s, position, modulation, return_state)
+            new_layers.append(new_s)
+        logits = self.lm_head(self.norm_f(x))
+        if not return_state:
+            return logits, None
+        return logits, ModelState(new_layers, position + T)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _export_tensors(self) -> Dict[str, torch.Tensor]:
+        """The state dict as saved: the tied lm_head copy is dropped (safetensors forbids aliases)."""
+        sd = self.state_dict()
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def fingerprint(self) -> str:
+        """16 hex chars of sha256 over the canonical config JSON and every saved tensor
+        (name, dtype, shape, bytes; sorted by name). Ties checkpoints and saved states to weights."""
+        h = hashlib.sha256()
+        h.update(self.config.to_json().encode())
+        for name, t in sorted(self._export_tensors().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write ``model.safetensors`` and ``config.json`` (config, fingerprint, cl_arch_version).
+
+        Each file is written to a temporary name and moved into place, so a crash never leaves
+        a half-written checkpoint; config.json goes last and marks the checkpoint complete.
+        """
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self._export_tensors().items()}
+        meta = {"config": self.config.to_dict(), "fingerprint": self.fingerprint(),
+                "cl_arch_version": __version__}
+
+        def atomic_write(name: str, write) -> None:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, os.path.join(directory, name))
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+
+        def write_json(path: str) -> None:
+            with open(path, "w") as f:
+                json.dump(meta, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+
+        atomic_write(WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"fingerprint": meta["fingerprint"]}))
+        atomic_write(CONFIG_NAME, write_json)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike],
+                        map_location: Union[str, torch.device] = "cpu") -> "PlasticTransformer":
+        """Load a checkpoint written by :meth:`save_pretrained`; weights keep their saved dtype.
+
+        Raises:
+            FileNotFoundError: the directory or one of its two files is missing.
+            ValueError: a file is corrupt, the tensors do not fit the config, or the weights'
+                fingerprint differs from the one recorded at save time.
+        """
+        from safetensors.torch import load_file
+
+        directory = os.fspath(directory)
+        cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        for path in (cfg_path, w_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"not a cl_arch checkpoint: {path} is missing")
+        try:
+            with open(cfg_path) as f:
+                meta = json.load(f)
+            config = PlasticConfig.from_dict(meta["config"])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"corrupt checkpoint config {cfg_path}: {e}") from e
+        try:
+            tensors = load_file(w_path, device=str(torch.device(map_location)))
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError) types
+            raise ValueError(f"corrupt checkpoint weights {w_path}: {e}") from e
+
+        model = cls(config)
+        expected = model._export_tensors()
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {w_path} does not match its config: "
+                             f"missing {missing}, unexpected {unexpected}")
+        for name, t in tensors.items():
+            if t.shape != expected[name].shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, "
+                                 f"the config implies {tuple(expected[name].shape)}")
+        # assign=True keeps the saved dtype and device (a float64 checkpoint stays float64).
+        model.load_state_dict(tensors, strict=False, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed.weight  # assign replaced embed.weight: re-tie
+        model.to(map_location)
+
+        stored = meta.get("fingerprint")
+        actual = model.fingerprint()
+        if stored is not None and stored != actual:
+            raise ValueError(f"checkpoint {directory}: weights fingerprint {actual} does not match "
+                             f"the recorded {stored} (files modified or mixed up)")
+        return model

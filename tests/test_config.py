@@ -1,0 +1,53 @@
+"""PlasticConfig: defaults, validation naming the field, serialisation."""
+import json
+
+import pytest
+
+from cl_arch import PlasticConfig
+
+
+def test_defaults_alternate_fast_then_attn():
+    cfg = PlasticConfig()
+    assert cfg.layer_types == ["fast", "attn", "fast", "attn"]
+    assert PlasticConfig(n_layers=3).layer_types == ["fast", "attn", "fast"]
+    assert cfg.mlp_hidden % 32 == 0 and cfg.mlp_hidden >= int(4.0 * 128 * 2 / 3)
+
+
+def test_dict_and_json_round_trip():
+    cfg = PlasticConfig(d_model=64, n_layers=2, layer_types=["fast", "fast"], lam=None,
+                        attn_window=8, rule="hebb")
+    assert PlasticConfig.from_dict(cfg.to_dict()) == cfg
+    assert PlasticConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert PlasticConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_from_dict_rejects_unknown_keys_by_name():
+    d = PlasticConfig().to_dict()
+    d["n_hedas"] = 4
+    with pytest.raises(ValueError, match="n_hedas"):
+        PlasticConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("vocab_size", 0),
+    ("d_model", -8),
+    ("n_layers", 2.5),
+    ("n_heads", True),
+    ("layer_types", ["fast", "mamba", "attn", "attn"]),
+    ("layer_types", ["fast"]),
+    ("n_attn_heads", 3),  # does not divide d_model=128
+    ("attn_window", 0),
+    ("conv_size", -1),
+    ("conv_size", 1),
+    ("rule", "oja"),
+    ("lam", 1.5),
+    ("gamma", 0.0),
+    ("dropout", 1.0),
+    ("norm_eps", float("nan")),
+    ("commit_clip", 0.0),
+    ("baseline_rho", -0.1),
+    ("use_gate", "yes"),
+])
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        PlasticConfig(**{field: value})
