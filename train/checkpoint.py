@@ -1,0 +1,171 @@
+"""Training checkpoints: the model as ``save_pretrained`` writes it, plus everything needed to
+continue the run bit for bit.
+
+Layout of one checkpoint folder (``<output_dir>/checkpoints/step_000123/``)::
+
+    model.safetensors, config.json    PlasticTransformer.save_pretrained (loadable on its own)
+    training_state.pt                 optimizer + schedule state, step, data position, elapsed
+                                      time, the run config (torch.save, tensors and plain data)
+    rng_state_<rank>.pt               python / numpy / torch (/ cuda) RNG states of each process
+
+The folder is first written as ``.tmp-step_...`` and renamed when complete, so a crash never
+leaves a checkpoint that looks whole; ``find_latest`` only considers complete ones.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+TRAINING_STATE = "training_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG a training step may draw from (numpy's as plain lists so ``weights_only`` loads it)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    # random.setstate wants nested tuples; torch.load gives them back as saved (tuples) but be lenient.
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(directory: str, model, optimizer, schedule, training: Dict[str, Any],
+                    accelerator=None) -> str:
+    """Write a checkpoint folder (see the module docstring); every process calls this.
+
+    Args:
+        model: the (unwrapped) :class:`~cl_arch.PlasticTransformer`.
+        optimizer: a torch optimizer (or accelerate's wrapper).
+        schedule: an object with ``state_dict()`` (e.g. :class:`~cl_arch.train.pretrain.WarmupCosine`).
+        training: plain data: step, data position, elapsed seconds, config dict, ...
+
+    Returns:
+        ``directory``.
+    """
+    rank = accelerator.process_index if accelerator is not None else 0
+    is_main = accelerator is None or accelerator.is_main_process
+    parent, name = os.path.split(os.path.abspath(directory))
+    tmp = os.path.join(parent, f".tmp-{name}")
+    if is_main:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if is_main:
+        model.save_pretrained(tmp)
+        opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        torch.save({"optimizer": opt.state_dict(), "schedule": schedule.state_dict(), **training},
+                   os.path.join(tmp, TRAINING_STATE))
+    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if is_main:
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return directory
+
+
+def load_checkpoint(directory: str, model, optimizer=None, schedule=None, rank: int = 0,
+                    restore_rng: bool = True) -> Dict[str, Any]:
+    """Restore weights (in place, keeping the model's dtype/device), optimizer, schedule and RNG.
+
+    Returns:
+        the ``training`` dict given to :func:`save_checkpoint` (step, data position, ...).
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing.
+        ValueError: the weights do not fit ``model``.
+    """
+    path = os.path.join(directory, TRAINING_STATE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"not a training checkpoint: {path} is missing")
+    load_weights(directory, model)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        opt.load_state_dict(state["optimizer"])
+    if schedule is not None:
+        schedule.load_state_dict(state["schedule"])
+    if restore_rng:
+        rng_path = os.path.join(directory, f"rng_state_{rank}.pt")
+        if os.path.isfile(rng_path):
+            set_rng_state(torch.load(rng_path, weights_only=False))
+    return {k: v for k, v in state.items() if k not in ("optimizer", "schedule")}
+
+
+def load_weights(directory: str, model) -> None:
+    """Copy a ``save_pretrained`` folder's tensors into ``model`` in place (tied weights kept).
+
+    Raises:
+        FileNotFoundError / ValueError: missing file, or tensors that do not match the model.
+    """
+    from safetensors.torch import load_file
+
+    from cl_arch.model import WEIGHTS_NAME
+
+    w_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(w_path):
+        raise FileNotFoundError(f"not a cl_arch checkpoint: {w_path} is missing")
+    tensors = load_file(w_path)
+    expected = model._export_tensors()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {w_path} does not fit the model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, p in model.state_dict(keep_vars=True).items():
+            if name in tensors:
+                if tensors[name].shape != p.shape:
+                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                     f"the model {tuple(p.shape)}")
+                p.copy_(tensors[name])
+
+
+def find_latest(checkpoint_root: str) -> Optional[str]:
+    """Newest complete ``step_N`` folder under ``checkpoint_root`` (None if there is none)."""
+    if not os.path.isdir(checkpoint_root):
+        return None
+    best, best_step = None, -1
+    for name in os.listdir(checkpoint_root):
+        m = _STEP_DIR.match(name)
+        full = os.path.join(checkpoint_root, name)
+        if m and os.path.isfile(os.path.join(full, TRAINING_STATE)) and int(m.group(1)) > best_step:
+            best, best_step = full, int(m.group(1))
+    return best
+
+
+def prune_checkpoints(checkpoint_root: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest ``step_N`` folders (keep = 0 keeps everything)."""
+    if keep <= 0 or not os.path.isdir(checkpoint_root):
+        return
+    steps = sorted((int(m.group(1)), n) for n in os.listdir(checkpoint_root) if (m := _STEP_DIR.match(n)))
+    for _, name in steps[:-keep]:
+        shutil.rmtree(os.path.join(checkpoint_root, name), ignore_errors=True)
