@@ -13,7 +13,7 @@ import torch
 
 from ..checks import check_finite, check_per_head, check_range, check_tensor
 from .chunk import chunk_plastic_rule
-from .fused_recurrent import recurrent_plastic_rule
+from .fused_recurrent import HAS_TRITON, recurrent_plastic_rule, triton_available_for
 from .naive import naive_plastic_rule
 
 BACKENDS: Dict[str, Callable] = {
@@ -21,8 +21,14 @@ BACKENDS: Dict[str, Callable] = {
     "torch_chunk": chunk_plastic_rule,
     "torch_recurrent": recurrent_plastic_rule,
 }
-# Backends that need a CUDA device (filled in by the Triton modules).
+# Backends that need a CUDA device (or TRITON_INTERPRET=1): registered only when triton imports.
 GPU_BACKENDS = set()
+TRITON_BACKENDS = ("triton_chunk", "triton_recurrent")
+if HAS_TRITON:
+    from .fused_recurrent import triton_recurrent_plastic_rule
+
+    BACKENDS["triton_recurrent"] = triton_recurrent_plastic_rule
+    GPU_BACKENDS.add("triton_recurrent")
 RULES = ("delta", "hebb")
 # Below this many tokens the per-token loop beats the chunk set-up cost.
 RECURRENT_MAX_T = 16
@@ -70,8 +76,10 @@ def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, 
         if st is not None:
             check_tensor(name, st, shape=(B, H, K, V))
             check_finite(name, st)
+    if backend in TRITON_BACKENDS and backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} cannot run: triton is not installed")
     if backend != "auto" and backend not in BACKENDS:
-        known = sorted(set(BACKENDS) | {"triton_chunk", "triton_recurrent"})
+        known = sorted(set(BACKENDS) | set(TRITON_BACKENDS))
         raise ValueError(f"backend must be 'auto' or one of {known}, got {backend!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
@@ -126,8 +134,10 @@ def plastic_rule(
     if backend == "auto":
         mode = "recurrent" if q.shape[1] <= RECURRENT_MAX_T else "chunk"
         backend = resolve_backend(mode, q.device)
-    if backend in GPU_BACKENDS and not q.is_cuda:
-        raise ValueError(f"backend {backend!r} runs Triton kernels on CUDA tensors; q is on {q.device}")
+    if backend in GPU_BACKENDS:
+        why = triton_available_for(q)
+        if why is not None:
+            raise ValueError(f"backend {backend!r} cannot run: {why}")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     extra = {"chunk_size": chunk_size} if backend.endswith("chunk") else {}

@@ -1,0 +1,177 @@
+"""Triton kernels against the naive reference, under TRITON_INTERPRET=1 on CPU.
+
+The interpreter runs every program in Python, so shapes are small (T <= 70,
+K, V in {16, 32}) and cases are chosen to cover the paths (multiple checkpoint
+segments with a partial last one, several V-blocks, varlen, both rules, with
+and without decay, trace and initial states) rather than a full product.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is imported anywhere in this process.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set and there is no GPU",
+                allow_module_level=True)
+
+from cl_arch.kernels import plastic_rule  # noqa: E402
+from cl_arch.kernels.plastic import fused_recurrent, naive_plastic_rule  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized shape: needs CUDA")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, K, V, dtype=torch.float64, with_g=True, init=False, trace=True, seed=0):
+    """Inputs as float64 on DEVICE, cast to ``dtype`` (states and lam stay >= fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    sdt = torch.promote_types(dtype, torch.float32)
+    x = dict(
+        q=rnd(B, T, H, K).to(dtype),
+        k=F.normalize(rnd(B, T, H, K), dim=-1).to(dtype),
+        v=rnd(B, T, H, V).to(dtype),
+        beta=torch.rand(B, T, H, generator=gen, dtype=torch.float64).to(dtype),
+        g=(-0.3 * torch.rand(B, T, H, generator=gen, dtype=torch.float64)).to(dtype) if with_g else None,
+        lam=torch.rand(H, generator=gen, dtype=torch.float64).to(sdt) if trace else None,
+        initial_state=rnd(B, H, K, V).to(sdt) if init else None,
+        initial_trace=rnd(B, H, K, V).to(sdt) if init and trace else None,
+    )
+    return {n: (t.to(DEVICE) if t is not None else None) for n, t in x.items()}
+
+
+def run_with_grads(fn, inputs, rule, seed=1, **kw):
+    """Forward, then backward of a fixed random projection of (o, S_T, E_T)."""
+    leaves = {n: (x.detach().clone().requires_grad_() if x is not None else None) for n, x in inputs.items()}
+    out = fn(**leaves, rule=rule, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    loss = 0
+    for t in out:
+        if t is not None:
+            loss = loss + (t.float() * torch.randn(t.shape, generator=gen).to(t.device)).sum()
+    loss.backward()
+    return out, {n: x.grad for n, x in leaves.items() if x is not None}
+
+
+def assert_close(out, grads, ref_out, ref_grads, tol, what=""):
+    for name, a, b in zip(("o", "S_T", "E_T"), out, ref_out):
+        assert (a is None) == (b is None), (what, name)
+        if b is not None:
+            assert torch.isfinite(a).all(), (what, name)
+            assert rel_err(a, b) < tol, (what, name, rel_err(a, b))
+    assert grads.keys() == ref_grads.keys(), what
+    for name in ref_grads:
+        assert grads[name] is not None and torch.isfinite(grads[name]).all(), (what, "d" + name)
+        assert rel_err(grads[name], ref_grads[name]) < tol, (what, "d" + name, rel_err(grads[name], ref_grads[name]))
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every torch.empty / empty_like returns NaN-filled memory: an output element a kernel
+    forgets to write shows up as NaN instead of as stale zeros."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+# (B, T, H, K, V, rule, with_g, init, trace, checkpoint_every)
+REC_CASES = [
+    (2, 70, 2, 16, 32, "delta", True, True, True, 16),   # 5 segments, partial last one
+    (2, 37, 2, 32, 16, "hebb", False, False, True, 64),
+    (2, 1, 2, 16, 16, "delta", True, True, True, 64),
+    (1, 33, 2, 16, 32, "delta", False, True, False, 8),  # no trace
+    (2, 29, 2, 16, 16, "hebb", True, True, True, 7),     # checkpoint_every not dividing T
+]
+
+
+def case_id(B, T, H, K, V, rule, g, init, trace, C):
+    return f"B{B}-T{T}-H{H}-K{K}-V{V}-{rule}-{'g' if g else 'nog'}-{'init' if init else 'zero'}-{'lam' if trace else 'notrace'}-C{C}"
+
+
+@pytest.mark.parametrize("B,T,H,K,V,rule,with_g,init,trace,C", REC_CASES, ids=[case_id(*c) for c in REC_CASES])
+def test_triton_recurrent_matches_naive_float64(B, T, H, K, V, rule, with_g, init, trace, C, poison_empty):
+    x = make_inputs(B, T, H, K, V, with_g=with_g, init=init, trace=trace)
+    ref = run_with_grads(naive_plastic_rule, x, rule)
+    out = run_with_grads(fused_recurrent.triton_recurrent_plastic_rule, x, rule, checkpoint_every=C)
+    assert_close(*out, *ref, tol=1e-10)
+
+
+def test_triton_recurrent_several_v_blocks(monkeypatch):
+    # BV_CAP = 16 splits V = 32 into 2 programs whose dq/dk/dbeta/dg/lam partials are summed.
+    monkeypatch.setattr(fused_recurrent, "BV_CAP", 16)
+    x = make_inputs(1, 13, 2, 16, 32, init=True)
+    ref = run_with_grads(naive_plastic_rule, x, "delta")
+    out = run_with_grads(fused_recurrent.triton_recurrent_plastic_rule, x, "delta", checkpoint_every=8)
+    assert_close(*out, *ref, tol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)],
+                         ids=["fp32", "bf16", "fp16"])
+def test_triton_recurrent_low_precision(dtype, tol):
+    x64 = make_inputs(1, 30, 2, 16, 16, init=True)
+    ref = run_with_grads(naive_plastic_rule, x64, "delta")
+    x = {n: (t.to(dtype) if n in ("q", "k", "v", "beta", "g") and t is not None else t) for n, t in x64.items()}
+    x["initial_state"], x["initial_trace"], x["lam"] = (x64[n].float() for n in ("initial_state", "initial_trace", "lam"))
+    out, grads = run_with_grads(plastic_rule, x, "delta", backend="triton_recurrent")
+    assert out[0].dtype == dtype and out[1].dtype == torch.float32 and out[2].dtype == torch.float32
+    assert all(grads[n].dtype == x[n].dtype for n in grads)
+    assert_close(out, grads, *ref, tol=tol)
+
+
+def test_triton_recurrent_varlen_equals_per_sequence_loop(poison_empty):
+    lens = [5, 40, 1, 24]
+    H, K, V = 2, 16, 16
+    x = make_inputs(1, sum(lens), H, K, V, init=False)
+    gen = torch.Generator().manual_seed(3)
+    s0 = torch.randn(len(lens), H, K, V, generator=gen, dtype=torch.float64).to(DEVICE)
+    e0 = torch.randn(len(lens), H, K, V, generator=gen, dtype=torch.float64).to(DEVICE)
+    x.update(initial_state=s0, initial_trace=e0)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device=DEVICE)
+    out, grads = run_with_grads(fused_recurrent.triton_recurrent_plastic_rule, x, "delta", cu_seqlens=cu,
+                                checkpoint_every=16)
+    pieces, ref_grads = [], {}
+    for n, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        part = {m: (t[:, lo:hi] if m in ("q", "k", "v", "beta", "g") else t) for m, t in x.items()}
+        part["initial_state"], part["initial_trace"] = s0[n:n + 1], e0[n:n + 1]
+        pieces.append(naive_plastic_rule(**part))
+    o_ref = torch.cat([p[0] for p in pieces], 1)
+    assert rel_err(out[0], o_ref) < 1e-10
+    assert rel_err(out[1], torch.cat([p[1] for p in pieces])) < 1e-10
+    assert rel_err(out[2], torch.cat([p[2] for p in pieces])) < 1e-10
+    for name in grads:
+        assert torch.isfinite(grads[name]).all(), name
+
+
+def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = make_inputs(1, 4, 1, 16, 16, dtype=torch.float32)
+    if DEVICE == "cuda":
+        x = {n: (t.cpu() if t is not None else None) for n, t in x.items()}
+    with pytest.raises(ValueError, match="cannot run.*CUDA"):
+        plastic_rule(**x, backend="triton_recurrent")
+
+
+def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
+    from cl_arch.kernels import plastic as mod
+    monkeypatch.delitem(mod.BACKENDS, "triton_recurrent")
+    x = make_inputs(1, 4, 1, 16, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="triton is not installed"):
+        plastic_rule(**x, backend="triton_recurrent")
