@@ -11,6 +11,10 @@ from typing import List, Optional
 # Sub-command name -> module in cl_arch.scripts.
 COMMANDS = {
     "demo": "demo",
+    "eval": "eval",
+    "pretrain": "pretrain",
+    "meta-train": "meta_train",
+    "finetune": "finetune",
 }
 
 

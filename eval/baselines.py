@@ -1,0 +1,260 @@
+"""The learners every benchmark compares, on the same streams.
+
+* :class:`EpisodeLearner` runs ``B`` rows of one :class:`~cl_arch.PlasticTransformer` in one batch,
+  each row with its own *policy* (a :class:`RowPolicy`): frozen; fast weights whose persistent
+  memory ``P`` is committed at the end of every episode (retention, ``eta_s``, and/or reward,
+  ``eta_r``); fast weights whose context memory ``S`` simply carries over episode boundaries with
+  no ``P`` ("without persistence"). Batching the rows makes the paired comparison exact (same
+  tokens, same weights, same arithmetic) and costs one forward pass for all of them.
+* :class:`DynamicEval` is the strong classical baseline: Krause et al.'s dynamic evaluation, a
+  gradient step on *all* weights after each scored chunk, with RMS-normalised updates whose
+  denominator is guarded (DESIGN.md's trap).
+
+The commit is the library's :func:`cl_arch.kernels.reward_commit` with each fast layer's own
+``gamma, eta_s, eta_r`` (per head) unless a policy overrides them; this module adds only the
+batching and the per-row choice of what happens at an episode boundary.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cl_arch import PlasticTransformer
+from cl_arch.kernels import reward_commit
+from cl_arch.state import AttnLayerState, FastLayerState, ModelState
+
+
+@dataclass
+class RowPolicy:
+    """What one row does at an episode boundary.
+
+    Attributes:
+        name: method name used in reports.
+        persist: commit the episode's trace into ``P`` (three-factor rule) and start the next
+            episode from ``S = W0 + P``.
+        carry_context: keep the context memory ``S`` (and conv cache) across the boundary, with no
+            ``P``: fast weights without persistence. Exclusive with ``persist``.
+        use_reward: pass the episode's reward to the commit (else ``r = None``: retention only).
+        eta_s, eta_r, gamma: override the layers' learned values (None: keep the model's).
+    """
+
+    name: str
+    persist: bool = False
+    carry_context: bool = False
+    use_reward: bool = False
+    eta_s: Optional[float] = None
+    eta_r: Optional[float] = None
+    gamma: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.persist and self.carry_context:
+            raise ValueError(f"RowPolicy {self.name!r}: persist and carry_context are exclusive")
+        if self.use_reward and not self.persist:
+            raise ValueError(f"RowPolicy {self.name!r}: use_reward needs persist=True")
+
+
+FROZEN = RowPolicy("frozen")
+
+
+class EpisodeLearner:
+    """``B`` rows of one model, each with a :class:`RowPolicy`, reading episodes in lock step.
+
+    ``logits = learner.step(ids [B, T], modulation [B, T] or None)`` reads (and, in the fast
+    layers, writes) the next tokens of the current episode; ``learner.end_episode(rewards [B])``
+    closes it: persisting rows commit ``E_T`` into ``P``, context-carrying rows keep ``S``, every
+    other row (and every attention cache) starts afresh. The model's weights are never changed.
+    """
+
+    def __init__(self, model: PlasticTransformer, policies: Sequence[RowPolicy]):
+        if not model.fast_layers():
+            raise ValueError("EpisodeLearner needs a model with at least one fast-weight layer")
+        self.model = model
+        self.policies = list(policies)
+        self.B = len(self.policies)
+        self.layers = model.fast_layers()
+        dev = self.layers[0].W0.device
+        self.P: List[torch.Tensor] = [torch.zeros(self.B, m.n_heads, m.head_k_dim, m.head_v_dim,
+                                                  device=dev, dtype=m.state_dtype) for m in self.layers]
+        self.baseline = torch.zeros(self.B, device=dev, dtype=self.P[0].dtype)
+        self.episodes = 0
+        self.state: Optional[ModelState] = None
+        self._carry: Optional[List[Optional[FastLayerState]]] = None
+        self.new_episode()
+
+    # ------------------------------------------------------------------ episodes
+    def new_episode(self) -> None:
+        """Fresh episode state: ``S = W0 + P`` per row (or the carried ``S``), empty caches."""
+        state = self.model.materialize_state(self.model.init_state(self.B, self.P), self.B)
+        if self._carry is not None:
+            rows = [i for i, p in enumerate(self.policies) if p.carry_context]
+            fi = 0
+            for s in state.layers:
+                if isinstance(s, FastLayerState):
+                    c = self._carry[fi]
+                    for i in rows:
+                        s.S[i] = c.S[i]
+                        if s.conv is not None and c.conv is not None:
+                            s.conv[i] = c.conv[i]
+                    fi += 1
+        self.state = state
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, modulation: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Read ``ids [B, T]`` (the same or different tokens per row); returns ``logits [B, T, V]``."""
+        logits, self.state = self.model(ids, state=self.state, modulation=modulation)
+        return logits
+
+    def _coef(self, name: str, layer, policy: RowPolicy) -> torch.Tensor:
+        v = getattr(policy, name)
+        if v is not None:
+            return torch.full((layer.n_heads,), float(v), dtype=self.P[0].dtype, device=self.P[0].device)
+        t = layer.gamma if name == "gamma" else getattr(layer, name)
+        return t.detach().to(self.P[0].dtype)
+
+    @torch.no_grad()
+    def end_episode(self, rewards: Optional[Sequence[Optional[float]]] = None) -> None:
+        """Close the episode; ``rewards[i]`` (float or None) is used by rows with ``use_reward``."""
+        fast_states = [s for s in self.state.layers if isinstance(s, FastLayerState)]
+        cfg = self.model.config
+        for i, pol in enumerate(self.policies):
+            if not pol.persist:
+                continue
+            r = None
+            if pol.use_reward and rewards is not None and rewards[i] is not None:
+                r = torch.tensor([float(rewards[i])], dtype=self.P[0].dtype)
+            b_new = self.baseline[i:i + 1]
+            for li, (m, s) in enumerate(zip(self.layers, fast_states)):
+                if s.E is None:
+                    raise RuntimeError("the model keeps no eligibility trace (config.lam is None); "
+                                       "a persisting row cannot commit")
+                P_new, b_new = reward_commit(
+                    self.P[li][i:i + 1], s.E[i:i + 1].to(self.P[li].dtype), r, self.baseline[i:i + 1],
+                    gamma=self._coef("gamma", m, pol), eta_s=self._coef("eta_s", m, pol),
+                    eta_r=self._coef("eta_r", m, pol), clip=cfg.commit_clip, rho=cfg.baseline_rho)
+                self.P[li][i] = P_new[0]
+            self.baseline[i] = b_new[0]
+        self._carry = [FastLayerState(S=s.S.clone(), conv=None if s.conv is None else s.conv.clone())
+                       for s in fast_states]
+        self.episodes += 1
+        self.new_episode()
+
+    def reset_rows(self, rows: Iterable[int]) -> None:
+        """Forget everything rows have learned (``P``, baseline, carried ``S``); next episode fresh."""
+        rows = list(rows)
+        for P in self.P:
+            P[rows] = 0
+        self.baseline[rows] = 0
+        if self._carry is not None:
+            for c, m in zip(self._carry, self.layers):
+                c.S[rows] = m.initial_state(len(rows)).to(c.S.dtype)
+                if c.conv is not None:
+                    c.conv[rows] = 0
+        self.new_episode()
+
+    def row_state(self, i: int) -> ModelState:
+        """The state row ``i`` would start its next episode with, batch size 1 (for side probes)."""
+        return self.state.select(i).clone()
+
+    def persistent_norm(self) -> List[float]:
+        """``||P||_F`` per row, summed over layers (how much each row has stored)."""
+        return [float(sum(torch.linalg.vector_norm(P[i]) for P in self.P)) for i in range(self.B)]
+
+
+# ---------------------------------------------------------------------------- dynamic evaluation
+class DynamicEval:
+    """Krause et al. (2018) dynamic evaluation on a private copy of the model.
+
+    After each chunk is scored, one step on its loss updates *all* weights:
+
+    * ``rule="rms"``: ``theta <- theta - lr * g / (sqrt(MS) + eps) + decay * (theta_0 - theta)``,
+      where ``MS`` is the mean squared gradient measured on the pretraining corpus
+      (:meth:`calibrate`). Parameters the corpus never moved (embeddings of bytes that never
+      occur) have ``MS = 0`` exactly, so an unguarded ``1 / sqrt(MS)`` diverges at the first such
+      byte: ``eps`` (default 1e-3) bounds the step to ``lr * g / eps``.
+    * ``rule="sgd"``: ``theta <- theta - lr * g + decay * (theta_0 - theta)``.
+
+    ``decay`` pulls the weights back toward the pretrained ``theta_0`` (Krause's global prior).
+    The caller's model is not modified.
+    """
+
+    def __init__(self, model: PlasticTransformer, lr: float = 1e-5, rule: str = "rms", eps: float = 1e-3,
+                 decay: float = 0.0, max_grad_norm: Optional[float] = None):
+        if rule not in ("rms", "sgd"):
+            raise ValueError(f"DynamicEval.rule must be 'rms' or 'sgd', got {rule!r}")
+        if not lr > 0 or not eps > 0 or decay < 0:
+            raise ValueError(f"DynamicEval needs lr > 0, eps > 0, decay >= 0 (got {lr}, {eps}, {decay})")
+        self.model = copy.deepcopy(model)
+        self.model.eval()  # no dropout: the prequential score must be the model's best guess
+        self.lr, self.rule, self.eps, self.decay, self.max_grad_norm = lr, rule, eps, decay, max_grad_norm
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.theta0 = [p.detach().clone() for p in self.params]
+        self.ms: Optional[List[torch.Tensor]] = None
+        self.state: Optional[ModelState] = None
+        self.updates = 0
+
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> Dict[str, float]:
+        """Mean squared gradient per weight over pretraining-corpus batches ``[B, T+1]`` of bytes.
+
+        Returns the fraction of weights whose MS is exactly zero (the ones the guard protects).
+        """
+        sums = [torch.zeros_like(p) for p in self.params]
+        n = 0
+        for batch in batches:
+            self.model.zero_grad(set_to_none=True)
+            logits, _ = self.model(batch[:, :-1], return_state=False)
+            F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+            for s, p in zip(sums, self.params):
+                if p.grad is not None:
+                    s += p.grad.detach() ** 2
+            n += 1
+        if n == 0:
+            raise ValueError("DynamicEval.calibrate: no batches")
+        self.ms = [s / n for s in sums]
+        self.model.zero_grad(set_to_none=True)
+        zero = sum(int((m == 0).sum()) for m in self.ms)
+        return {"ms_zero_fraction": zero / sum(m.numel() for m in self.ms)}
+
+    def new_episode(self) -> None:
+        """Start a new episode (fresh recurrent state; the adapted weights stay)."""
+        self.state = None
+
+    def step(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Score ``ids [1, T]`` against ``targets [1, T]`` *then* learn from them.
+
+        Returns the logits ``[1, T, V]`` computed before the update (prequential).
+        """
+        if self.rule == "rms" and self.ms is None:
+            raise RuntimeError("DynamicEval(rule='rms') needs calibrate() first")
+        self.model.zero_grad(set_to_none=True)
+        logits, state = self.model(ids, state=self.state)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        self.state = state.detach()  # truncated BPTT: the next chunk does not reach back
+        with torch.no_grad():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            if self.max_grad_norm is not None:
+                norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+                scale = min(1.0, self.max_grad_norm / (float(norm) + 1e-12))
+                grads = [g * scale for g in grads]
+            for i, (p, g) in enumerate(zip(self.params, grads)):
+                step = g / (self.ms[i].sqrt() + self.eps) if self.rule == "rms" else g
+                p -= self.lr * step
+                if self.decay:
+                    p += self.decay * (self.theta0[i] - p)
+        self.updates += 1
+        return logits.detach()
+
+    @torch.no_grad()
+    def drift_from_start(self) -> float:
+        """``||theta - theta_0|| / ||theta_0||`` over all weights."""
+        num = sum(float(((p - t0) ** 2).sum()) for p, t0 in zip(self.params, self.theta0))
+        den = sum(float((t0 ** 2).sum()) for t0 in self.theta0)
+        return math.sqrt(num / max(den, 1e-30))
+
+
+__all__ = ["RowPolicy", "FROZEN", "EpisodeLearner", "DynamicEval"]

@@ -1,0 +1,274 @@
+"""``games``: reward-only learning in synthetic games (tasks from :mod:`cl_arch.train.tasks`).
+
+Every episode shows a prompt, the model answers one token sampled from its softmax restricted to
+the legal actions (temperature ``temperature``), the answer is fed back (so the fast layers write
+it and the eligibility trace holds ``prompt -> answer``), and the episode's reward commits the
+trace into the persistent memory ``P`` (three-factor rule, ``eta_s = 0``: reward only). Nothing
+in the tokens reveals what pays: only reward can teach it.
+
+Games:
+* ``bandit``: Bernoulli k-armed bandits; cumulative expected regret of the model vs UCB1,
+  Thompson sampling (Beta(1, 1) prior) and uniform random play on the same bandits.
+* ``preference``: hidden preferences, cue -> preferred answer (chance ``1 / n_answers``).
+* ``cue_reward``: cue -> POS/NEG, a binary preference spoken in the reward tokens.
+* ``shift``: the preference game whose preferences are redrawn halfway; reported: reward just
+  before the shift, just after, at the end, and how often the *old* answer is still given.
+
+Methods per game: ``adapt`` (P persists, reward-modulated) and ``reset`` (P cleared every episode:
+the same model, learning nothing across episodes). The curve is the expected reward (probability
+of the paying action under the policy), averaged over seeds, smoothed over a trailing window.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cl_arch import PlasticTransformer
+from cl_arch.train.tasks import NEG, POS, Bandit, PreferenceGame
+
+from . import metrics as M
+from .baselines import EpisodeLearner, RowPolicy
+from .report import curve, format_table, write_report
+
+
+# ---------------------------------------------------------------------------- model
+def recall_model(steps: int = 600, cache_root: str = "runs", seed: int = 0) -> PlasticTransformer:
+    """A model trained on associative recall (:func:`cl_arch.train.recall.train_recall_model`),
+    cached in ``<cache_root>/recall-model-<steps>-<seed>`` (DESIGN.md: never test learning on a
+    fresh model)."""
+    from cl_arch.train.recall import train_recall_model
+
+    path = os.path.join(cache_root, f"recall-model-{steps}-{seed}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return PlasticTransformer.from_pretrained(path).eval()
+    model = train_recall_model(steps=steps, seed=seed, log=lambda s: tqdm.write(s))
+    model.save_pretrained(path)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- environments
+class PreferenceEnv:
+    """One :class:`PreferenceGame` with a seeded cue sequence; ``answer_map`` renames answers."""
+
+    def __init__(self, game: PreferenceGame, episodes: int, seed: int, answer_tokens: Optional[List[int]] = None):
+        self.game = game
+        self.cues = game.cue_sequence(episodes, seed=seed)
+        # the game speaks value tokens; a renamed game (cue-reward) answers with other tokens
+        self.actions = list(answer_tokens) if answer_tokens is not None else list(game.answers)
+        self._to_game = dict(zip(self.actions, game.answers))
+
+    def context(self, t: int) -> List[int]:
+        return self.game.prompt(self.cues[t])
+
+    def reward(self, t: int, action: int) -> float:
+        return self.game.reward(self.cues[t], self._to_game[action])
+
+    def expected(self, t: int, probs: np.ndarray) -> float:
+        pref = self.game.preferred[self.cues[t]]
+        return float(probs[self.game.answers.index(pref)])
+
+
+class BanditEnv:
+    """A :class:`Bandit` as an environment; expected reward = ``sum_a pi(a) mu_a``."""
+
+    def __init__(self, bandit: Bandit):
+        self.bandit = bandit
+        self.actions = list(bandit.arms)
+
+    def context(self, t: int) -> List[int]:
+        return self.bandit.prompt()
+
+    def reward(self, t: int, action: int) -> float:
+        return self.bandit.pull(action)
+
+    def expected(self, t: int, probs: np.ndarray) -> float:
+        return float(np.dot(probs, self.bandit.probs))
+
+
+@torch.no_grad()
+def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowPolicy], episodes: int,
+         temperature: float = 1.0, seed: int = 0, switch: Optional[Dict[int, Sequence[Any]]] = None,
+         desc: str = "play") -> Dict[str, np.ndarray]:
+    """Play ``episodes`` episodes; row ``i`` plays ``envs[i]`` with ``policies[i]``, all in one batch.
+
+    Args:
+        switch: ``{episode: new_envs}``: from that episode on, rows play the new environments
+            (the rule shift); memories are kept.
+    Returns:
+        ``reward``, ``expected`` ``[B, episodes]`` floats, ``action [B, episodes]`` action indices.
+    """
+    if len(envs) != len(policies):
+        raise ValueError(f"{len(envs)} environments but {len(policies)} policies")
+    learner = EpisodeLearner(model, policies)
+    g = torch.Generator().manual_seed(seed)
+    B = len(envs)
+    out = {k: np.zeros((B, episodes)) for k in ("reward", "expected", "action")}
+    envs = list(envs)
+    for t in tqdm(range(episodes), desc=desc, unit="ep", mininterval=2.0):
+        if switch and t in switch:
+            envs = list(switch[t])
+        ctx = [e.context(t) for e in envs]
+        if len({len(c) for c in ctx}) != 1:
+            raise ValueError("all rows' prompts must have one length (they are batched)")
+        logits = learner.step(torch.tensor(ctx))[:, -1]  # [B, V]
+        acts = torch.tensor([e.actions for e in envs])  # [B, A]
+        probs = torch.softmax(logits.gather(1, acts).float() / temperature, -1)  # [B, A]
+        pick = torch.multinomial(probs, 1, generator=g).squeeze(1)  # [B]
+        tokens = acts.gather(1, pick[:, None])  # [B, 1]
+        rewards = [envs[i].reward(t, int(tokens[i, 0])) for i in range(B)]
+        learner.step(tokens)  # the answer is written: the trace now holds prompt -> answer
+        learner.end_episode(rewards)
+        pn = probs.numpy()
+        out["reward"][:, t] = rewards
+        out["expected"][:, t] = [envs[i].expected(t, pn[i]) for i in range(B)]
+        out["action"][:, t] = pick.numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------- bandit baselines
+def ucb1(bandit_probs: Sequence[float], episodes: int, seed: int) -> List[int]:
+    """UCB1 (Auer et al.): play each arm once, then ``argmax_a mean_a + sqrt(2 ln t / n_a)``."""
+    rng = np.random.default_rng(seed)
+    k = len(bandit_probs)
+    n, s, acts = np.zeros(k), np.zeros(k), []
+    for t in range(episodes):
+        a = t if t < k else int(np.argmax(s / n + np.sqrt(2 * math.log(t) / n)))
+        r = float(rng.random() < bandit_probs[a])
+        n[a] += 1
+        s[a] += r
+        acts.append(a)
+    return acts
+
+
+def thompson(bandit_probs: Sequence[float], episodes: int, seed: int) -> List[int]:
+    """Thompson sampling with Beta(1, 1) priors: play ``argmax_a theta_a``, ``theta_a ~ Beta(1+s, 1+f)``."""
+    rng = np.random.default_rng(seed)
+    k = len(bandit_probs)
+    s, f, acts = np.zeros(k), np.zeros(k), []
+    for _ in range(episodes):
+        a = int(np.argmax(rng.beta(1 + s, 1 + f)))
+        r = rng.random() < bandit_probs[a]
+        s[a] += r
+        f[a] += 1 - r
+        acts.append(a)
+    return acts
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def _policies(seeds: int, eta_r: Optional[float], gamma: Optional[float]) -> List[RowPolicy]:
+    adapt = RowPolicy("adapt", persist=True, use_reward=True, eta_s=0.0, eta_r=eta_r, gamma=gamma)
+    return [adapt] * seeds + [RowPolicy("reset")] * seeds
+
+
+def _smooth_curve(expected: np.ndarray, window: int, points: int = 40):
+    mean = np.asarray(M.running_mean(expected.mean(0), window))
+    xs = np.unique(np.linspace(1, len(mean), min(points, len(mean))).astype(int))
+    return xs.tolist(), mean[xs - 1].tolist()
+
+
+def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: int = 8, n_cues: int = 8,
+        n_answers: int = 8, k_arms: int = 4, temperature: float = 1.0, eta_r: Optional[float] = None,
+        gamma: Optional[float] = None, recall_steps: int = 600, out_dir: Optional[str] = "runs/eval",
+        name: Optional[str] = None, seed: int = 0, games: Sequence[str] = ("bandit", "preference", "cue_reward", "shift"),
+        ) -> Dict[str, Any]:
+    """Run the games for ``seeds`` independent instances each; returns (and writes) the report."""
+    model = model if model is not None else recall_model(recall_steps)
+    model.eval()
+    S, E = seeds, episodes
+    pols = _policies(S, eta_r, gamma)
+    window = max(5, E // 10)
+    methods: Dict[str, Any] = {}
+    extra: Dict[str, Any] = {}
+    rows = []
+
+    def add(game: str, res: Dict[str, np.ndarray], chance: float) -> None:
+        for j, label in enumerate(("adapt", "reset")):
+            ex = res["expected"][j * S:(j + 1) * S]
+            xs, ys = _smooth_curve(ex, window)
+            first, last = ex[:, :window].mean(), ex[:, -window:].mean()
+            methods[f"{game}/{label}"] = {"curve": curve(xs, ys), "summary": {
+                "reward_first": float(first), "reward_last": float(last), "chance": chance,
+                "aulc": M.aulc(ex.mean(0)[np.linspace(0, E - 1, 10).astype(int)], lo=chance, hi=1.0)}}
+        kept, reset = res["expected"][:S, -window:].mean(1), res["expected"][S:, -window:].mean(1)
+        st = M.sutton_delta(kept, reset, seed=seed)
+        methods[f"{game}/adapt"]["summary"].update(sutton_delta=st["sutton_delta"], sutton_ci=st["sutton_ci"])
+        s = methods[f"{game}/adapt"]["summary"]
+        rows.append([game, f"{chance:.3f}", f"{s['reward_first']:.3f}", f"{s['reward_last']:.3f}",
+                     f"{methods[f'{game}/reset']['summary']['reward_last']:.3f}",
+                     f"{st['sutton_delta']:+.3f} [{st['sutton_ci'][0]:+.3f}, {st['sutton_ci'][1]:+.3f}]"])
+
+    if "bandit" in games:
+        bandits = [Bandit(k=k_arms, seed=seed + i) for i in range(S)]
+        res = play(model, [BanditEnv(b) for b in bandits] + [BanditEnv(Bandit(k=k_arms, seed=seed + i)) for i in range(S)],
+                   pols, E, temperature, seed, desc="bandit")
+        best = np.array([max(b.probs) for b in bandits])
+        add("bandit", res, chance=float(np.mean([np.mean(b.probs) for b in bandits])))
+        # regret: the model's expected per-step regret is max mu - E_pi[mu]
+        reg = {"adapt": np.cumsum(best[:, None] - res["expected"][:S], 1),
+               "reset": np.cumsum(best[:, None] - res["expected"][S:], 1),
+               "ucb1": np.array([M.cumulative_regret(b.probs, ucb1(b.probs, E, seed + 10 + i)) for i, b in enumerate(bandits)]),
+               "thompson": np.array([M.cumulative_regret(b.probs, thompson(b.probs, E, seed + 20 + i))
+                                     for i, b in enumerate(bandits)]),
+               "random": np.cumsum(np.repeat((best - np.array([np.mean(b.probs) for b in bandits]))[:, None], E, 1), 1)}
+        xs = np.unique(np.linspace(1, E, 30).astype(int))
+        for k_, r in reg.items():
+            methods[f"regret/{k_}"] = {"curve": curve(xs, r.mean(0)[xs - 1]),
+                                       "summary": {"regret_final": float(r[:, -1].mean()),
+                                                   "regret_final_sd": float(r[:, -1].std())}}
+        extra["regret_vs_thompson"] = float(reg["adapt"][:, -1].mean() / max(reg["thompson"][:, -1].mean(), 1e-9))
+    if "preference" in games:
+        envs = [PreferenceEnv(PreferenceGame(n_cues, n_answers, seed=seed + i), E, seed=seed + 100 + i) for i in range(S)]
+        res = play(model, envs + envs, pols, E, temperature, seed + 1, desc="preference")
+        add("preference", res, chance=1.0 / n_answers)
+    if "cue_reward" in games:
+        envs = [PreferenceEnv(PreferenceGame(16, 2, seed=seed + 200 + i), E, seed=seed + 300 + i, answer_tokens=[POS, NEG])
+                for i in range(S)]
+        res = play(model, envs + envs, pols, E, temperature, seed + 2, desc="cue_reward")
+        add("cue_reward", res, chance=0.5)
+    if "shift" in games:
+        old = [PreferenceGame(n_cues, n_answers, seed=seed + 400 + i) for i in range(S)]
+        new = [PreferenceGame(n_cues, n_answers, seed=seed + 500 + i) for i in range(S)]
+        envs_old = [PreferenceEnv(g_, E, seed=seed + 600 + i) for i, g_ in enumerate(old)]
+        envs_new = [PreferenceEnv(g_, E, seed=seed + 600 + i) for i, g_ in enumerate(new)]
+        half = E // 2
+        res = play(model, envs_old + envs_old, pols, E, temperature, seed + 3,
+                   switch={half: envs_new + envs_new}, desc="shift")
+        add("shift", res, chance=1.0 / n_answers)
+        # how often the old preferred answer is still chosen after the shift (where the rules differ)
+        acts = res["action"][:S]
+        old_rate = []
+        for i in range(S):
+            cues = envs_new[i].cues
+            differ = [t for t in range(half, E) if old[i].preferred[cues[t]] != new[i].preferred[cues[t]]]
+            if differ:
+                old_rate.append(np.mean([old[i].answers[int(acts[i, t])] == old[i].preferred[cues[t]] for t in differ]))
+        ex = res["expected"][:S]
+        methods["shift/adapt"]["summary"].update(
+            reward_before_shift=float(ex[:, half - window:half].mean()),
+            reward_after_shift=float(ex[:, half:half + window].mean()),
+            reward_end=float(ex[:, -window:].mean()),
+            old_answer_rate_after_shift=float(np.mean(old_rate)) if old_rate else None)
+    report = {"benchmark": "games",
+              "config": {"episodes": E, "seeds": S, "n_cues": n_cues, "n_answers": n_answers, "k_arms": k_arms,
+                         "temperature": temperature, "eta_r": eta_r, "gamma": gamma, "games": list(games),
+                         "smoothing_window": window, "model_fingerprint": model.fingerprint(), "seed": seed},
+              "x_label": "episodes", "y_label": "expected reward", "log_x": False,
+              "y_labels": {"regret": "cumulative expected regret"},
+              "methods": methods, **extra}
+    report["table"] = format_table(rows, ["game", "chance", "adapt first", "adapt last", "reset last",
+                                          "Sutton delta (last window) [95% CI]"])
+    if "regret_vs_thompson" in extra:
+        report["table"] += "\n\n" + format_table(
+            [[k.split("/")[1], f"{v['summary']['regret_final']:.1f}"] for k, v in methods.items() if k.startswith("regret/")],
+            [f"bandit policy (k={k_arms}, {E} pulls)", "final cumulative regret"])
+    if out_dir:
+        write_report(report, out_dir, name or "games")
+    return report
+
+
+__all__ = ["recall_model", "PreferenceEnv", "BanditEnv", "play", "ucb1", "thompson", "run"]

@@ -1,0 +1,158 @@
+"""``sutton``: the Sutton test. Does keeping the state learned in attempt k improve attempt k + 1?
+
+``delta = E[R_{k+1} | state kept] - E[R_{k+1} | state reset]`` with a paired bootstrap interval,
+and a *yoked* control: a memory of the same age learned on a different task. If kept beats reset
+but not yoked, the gain is from having a memory, not from learning this task.
+
+* games (hidden preferences): per seed, a learner plays game A for ``episodes`` episodes (memory
+  kept), another plays game B (the yoked memory). Then attempt k + 1 is scored on A with three
+  memories: A's (kept), none (reset), B's (yoked); ``R`` = expected reward over all of A's cues.
+  Pairs: seeds.
+* tabcomplete: a stream of an unseen package is read with the adapting learner (kept), the
+  frozen model (reset) and a row whose ``P`` is, at every episode, the one learned by the same
+  number of episodes of a *different* package (yoked). ``R_{k+1}`` = mean line acceptance of
+  episode k + 1. Pairs: episodes (consecutive episodes are correlated, so the interval is an
+  optimistic one).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cl_arch import PlasticTransformer
+from cl_arch.train.data import resolve_sources
+from cl_arch.train.tasks import PreferenceGame
+
+from . import metrics as M
+from .baselines import EpisodeLearner, RowPolicy
+from .codebase import held_out_package, line_acceptance, segment_stream, stdlib_model
+from .games import PreferenceEnv, recall_model
+from .report import curve, format_table, write_report
+
+
+@torch.no_grad()
+def expected_score(model: PlasticTransformer, P: List[torch.Tensor], game: PreferenceGame) -> float:
+    """Mean probability of the preferred answer over all of ``game``'s cues, with persistent memory
+    ``P`` (one ``[H, K, V]`` per fast layer), no learning: ``mean_c pi(pref(c) | c)``."""
+    C = game.n_cues
+    st = model.materialize_state(model.init_state(C, [p.expand(C, *p.shape[-3:]) for p in P]), C)
+    logits, _ = model(torch.tensor([game.prompt(c) for c in game.cues]), state=st)
+    probs = torch.softmax(logits[:, -1, game.answers].float(), -1)
+    idx = torch.tensor([game.answers.index(game.preferred[c]) for c in game.cues])
+    return float(probs.gather(1, idx[:, None]).mean())
+
+
+def games_test(model: PlasticTransformer, episodes: int, seeds: int, seed: int = 0) -> Dict[str, Any]:
+    """The Sutton test on the hidden-preference game; returns curves and the delta figures."""
+    gA = [PreferenceGame(8, 8, seed=seed + i) for i in range(seeds)]
+    gB = [PreferenceGame(8, 8, seed=seed + 1000 + i) for i in range(seeds)]
+    envs = [PreferenceEnv(g, episodes, seed=seed + 50 + i) for i, g in enumerate(gA + gB)]
+    pol = RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)
+    checkpoints = sorted({max(1, episodes // 8), episodes // 4, episodes // 2, episodes})
+    kept, reset, yoked = {}, {}, {}
+    # play in segments so the memories can be probed at each checkpoint
+    learner = EpisodeLearner(model, [pol] * (2 * seeds))
+    g = torch.Generator().manual_seed(seed)
+    done = 0
+    for cp in tqdm(checkpoints, desc="sutton games", unit="cp"):
+        for t in range(done, cp):
+            ctx = torch.tensor([e.context(t) for e in envs])
+            logits = learner.step(ctx)[:, -1]
+            acts = torch.tensor([e.actions for e in envs])
+            probs = torch.softmax(logits.gather(1, acts).float(), -1)
+            tok = acts.gather(1, torch.multinomial(probs, 1, generator=g))
+            r = [envs[i].reward(t, int(tok[i, 0])) for i in range(len(envs))]
+            learner.step(tok)
+            learner.end_episode(r)
+        done = cp
+        P_rows = [[P[i] for P in learner.P] for i in range(2 * seeds)]
+        zero = [torch.zeros_like(p) for p in P_rows[0]]
+        kept[cp] = [expected_score(model, P_rows[i], gA[i]) for i in range(seeds)]
+        reset[cp] = [expected_score(model, zero, gA[i]) for i in range(seeds)]
+        yoked[cp] = [expected_score(model, P_rows[seeds + i], gA[i]) for i in range(seeds)]
+    st = M.sutton_delta(kept[episodes], reset[episodes], yoked[episodes], seed=seed)
+    curves = {k: [float(np.mean(d[c])) for c in checkpoints] for k, d in (("kept", kept), ("reset", reset), ("yoked", yoked))}
+    return {"checkpoints": checkpoints, "curves": curves, "stats": st}
+
+
+def tab_test(model: PlasticTransformer, source: str, other: str, max_bytes: int, episode_bytes: int,
+             eta_s: float = 1.0, seed: int = 0) -> Dict[str, Any]:
+    """The Sutton test on tab completion (see module doc); returns per-episode acceptances and stats."""
+    segA = segment_stream(resolve_sources(source), max_bytes, episode_bytes)
+    segB = segment_stream(resolve_sources(other), max_bytes, episode_bytes)
+    n = min(len(segA), len(segB))
+    kept_pol = RowPolicy("kept", persist=True, use_reward=True, eta_s=eta_s)
+    A = EpisodeLearner(model, [RowPolicy("reset"), kept_pol, RowPolicy("yoked")])
+    Bl = EpisodeLearner(model, [kept_pol])
+    acc = np.full((3, n), np.nan)
+
+    def read(learner, seg, prev):
+        x = torch.tensor([prev] + list(seg[:-1]))
+        y = torch.tensor(list(seg))
+        corr = []
+        for c0 in range(0, len(seg), 256):
+            lg = learner.step(x[c0:c0 + 256].unsqueeze(0).expand(learner.B, -1))
+            corr.append((lg.argmax(-1) == y[c0:c0 + 256]).numpy())
+        lines = line_acceptance(np.concatenate(corr, 1), seg)
+        return [float(np.mean([a[i] / m for a, m in lines])) if lines else None for i in range(learner.B)]
+
+    for k in tqdm(range(n), desc="sutton tabcomplete", unit="ep"):
+        for li in range(len(A.P)):  # the yoked row reads A with the memory B has at the same age
+            A.P[li][2] = Bl.P[li][0]
+        A.new_episode()
+        r = read(A, *segA[k])
+        acc[:, k] = [np.nan if v is None else v for v in r]
+        A.end_episode(r)
+        Bl.end_episode(read(Bl, *segB[k]))
+    ok = ~np.isnan(acc).any(0)
+    ok[0] = False  # episode 1 has no earlier attempt
+    st = M.sutton_delta(acc[1, ok], acc[0, ok], acc[2, ok], seed=seed)
+    return {"acceptance": acc, "stats": st, "episodes": n}
+
+
+def run(model: Optional[PlasticTransformer] = None, episodes: int = 200, seeds: int = 8, source: Optional[str] = None,
+        other: Optional[str] = None, max_bytes: int = 40_000, episode_bytes: int = 2048, recall_steps: int = 600,
+        cache_dir: str = "runs/stdlib-model", pretrain_seconds: float = 150.0, text_model: Optional[PlasticTransformer] = None,
+        out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, seed: int = 0,
+        parts: tuple = ("games", "tabcomplete")) -> Dict[str, Any]:
+    """Both Sutton tests. ``model`` plays the games (default: recall-trained); ``text_model`` reads
+    the code (default: the stdlib model); ``source``/``other``: the tree and the yoked tree
+    (default: held-out stdlib ``json`` and ``tomllib``)."""
+    methods: Dict[str, Any] = {}
+    rows = []
+    cfg: Dict[str, Any] = {"episodes": episodes, "seeds": seeds, "seed": seed, "parts": list(parts)}
+    if "games" in parts:
+        gm = model if model is not None else recall_model(recall_steps)
+        res = games_test(gm.eval(), episodes, seeds, seed)
+        for k, ys in res["curves"].items():
+            methods[f"games/{k}"] = {"curve": curve(res["checkpoints"], ys), "summary": {"final": ys[-1]}}
+        methods["games/kept"]["summary"].update(res["stats"])
+        s = res["stats"]
+        rows.append(["games (preference 8x8)", s["n"], f"{s['sutton_delta']:+.3f} [{s['sutton_ci'][0]:+.3f}, {s['sutton_ci'][1]:+.3f}]",
+                     f"{s['yoked_delta']:+.3f} [{s['yoked_ci'][0]:+.3f}, {s['yoked_ci'][1]:+.3f}]"])
+    if "tabcomplete" in parts:
+        tm = text_model if text_model is not None else stdlib_model(cache_dir, seconds=pretrain_seconds)
+        src, oth = source or held_out_package("json"), other or held_out_package("tomllib")
+        cfg.update(source=os.path.abspath(src), other=os.path.abspath(oth), max_bytes=max_bytes, episode_bytes=episode_bytes)
+        res = tab_test(tm.eval(), src, oth, max_bytes, episode_bytes, seed=seed)
+        xs = list(range(1, res["episodes"] + 1))
+        for i, k in enumerate(("reset", "kept", "yoked")):
+            ys = M.running_mean(np.nan_to_num(res["acceptance"][i]), 4)
+            methods[f"tabcomplete/{k}"] = {"curve": curve(xs, ys), "summary": {"acceptance": float(np.nanmean(res["acceptance"][i]))}}
+        methods["tabcomplete/kept"]["summary"].update(res["stats"])
+        s = res["stats"]
+        rows.append(["tabcomplete", s["n"], f"{s['sutton_delta']:+.4f} [{s['sutton_ci'][0]:+.4f}, {s['sutton_ci'][1]:+.4f}]",
+                     f"{s['yoked_delta']:+.4f} [{s['yoked_ci'][0]:+.4f}, {s['yoked_ci'][1]:+.4f}]"])
+    report = {"benchmark": "sutton", "config": cfg, "x_label": "episodes", "y_label": "reward / acceptance",
+              "log_x": False, "methods": methods}
+    report["table"] = format_table(rows, ["task", "pairs", "kept - reset [95% CI]", "kept - yoked [95% CI]"])
+    if out_dir:
+        write_report(report, out_dir, name or "sutton")
+    return report
+
+
+__all__ = ["expected_score", "games_test", "tab_test", "run"]

@@ -1,0 +1,81 @@
+"""``cl-arch eval NAME``: run one learning-slope benchmark, print its table, write JSON + PNG.
+
+NAME is one of codebase, tabcomplete, games, sutton, retention, cost. Every benchmark writes
+``<out>/<name>.json`` (schema in :mod:`cl_arch.eval.report`) and ``<out>/<name>.png``.
+"""
+import argparse
+import json
+
+import torch
+
+
+def add_parser(sub):
+    p = sub.add_parser("eval", help="run a learning-slope benchmark (JSON + PNG report)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("name", choices=["codebase", "tabcomplete", "games", "sutton", "retention", "cost"])
+    p.add_argument("--out", default="runs/eval", help="folder for the JSON and PNG")
+    p.add_argument("--report-name", default=None, help="file stem of the report (default: NAME)")
+    p.add_argument("--model", default=None, help="checkpoint folder (save_pretrained); default: the "
+                   "stdlib model in --cache-dir (codebase, tabcomplete, cost) or a recall-trained model (games, "
+                   "sutton, retention)")
+    p.add_argument("--cache-dir", default="runs/stdlib-model", help="where the default stdlib model is cached")
+    p.add_argument("--pretrain-seconds", type=float, default=150.0, help="budget if the default model must be trained")
+    p.add_argument("--source", default=None, help="codebase/tabcomplete: folder, file or glob of .py files "
+                   "(default: the held-out stdlib package json)")
+    p.add_argument("--max-bytes", type=int, default=100_000, help="codebase/tabcomplete: bytes of the stream")
+    p.add_argument("--episode-bytes", type=int, default=2048, help="codebase/tabcomplete: longest episode")
+    p.add_argument("--eta-s", type=float, default=1.0, help="retention commit rate of the adapting rows")
+    p.add_argument("--eta-r", type=float, default=None, help="reward commit rate (default: the model's)")
+    p.add_argument("--dyn-lr", type=float, default=1e-4, help="dynamic evaluation step size")
+    p.add_argument("--dyn-rule", choices=["rms", "sgd"], default="rms")
+    p.add_argument("--no-dynamic-eval", action="store_true", help="codebase: skip dynamic evaluation")
+    p.add_argument("--episodes", type=int, default=None, help="games/sutton/retention: episodes per game or task")
+    p.add_argument("--seeds", type=int, default=None, help="games/sutton/retention: independent seeds")
+    p.add_argument("--recall-steps", type=int, default=600, help="steps of recall pretraining for the default "
+                   "games model (cached in runs/recall-model-<steps>)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _model(args):
+    from cl_arch import PlasticTransformer
+    return None if args.model is None else PlasticTransformer.from_pretrained(args.model).eval()
+
+
+def run(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _model(args)
+    name = args.name
+    if name == "codebase":
+        from cl_arch.eval import codebase
+        rep = codebase.run(source=args.source, model=model, max_bytes=args.max_bytes,
+                           episode_bytes=args.episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r,
+                           dyn_lr=args.dyn_lr, dyn_rule=args.dyn_rule, with_dynamic_eval=not args.no_dynamic_eval,
+                           out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
+                           pretrain_seconds=args.pretrain_seconds, seed=args.seed)
+    elif name == "tabcomplete":
+        from cl_arch.eval import tabcomplete
+        rep = tabcomplete.run(source=args.source, model=model, max_bytes=args.max_bytes,
+                              episode_bytes=args.episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r,
+                              out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
+                              pretrain_seconds=args.pretrain_seconds, seed=args.seed)
+    elif name in ("games", "sutton", "retention"):
+        import importlib
+        mod = importlib.import_module(f"cl_arch.eval.{name}")
+        kw = {k: v for k, v in (("episodes", args.episodes), ("seeds", args.seeds)) if v is not None}
+        if name == "sutton":
+            kw.update(source=args.source, cache_dir=args.cache_dir, pretrain_seconds=args.pretrain_seconds,
+                      max_bytes=min(args.max_bytes, 40_000), episode_bytes=args.episode_bytes)
+        rep = mod.run(model=model, recall_steps=args.recall_steps, out_dir=args.out, name=args.report_name,
+                      seed=args.seed, **kw)
+    else:
+        from cl_arch.eval import cost
+        rep = cost.run(model=model, out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
+                       seed=args.seed)
+    print(rep.get("table", ""))
+    summary = {m: v["summary"] for m, v in rep["methods"].items()}
+    print(json.dumps(summary, indent=1, default=str)[:4000])
+    print(f"report: {rep.get('json')}  plot: {rep.get('plot')}")
+    return 0
