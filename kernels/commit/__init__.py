@@ -4,9 +4,14 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..checks import check_finite, check_per_head, check_tensor
+from ..plastic.fused_recurrent import triton_available_for
+from .fused import HAS_TRITON, fused_reward_commit
 from .naive import clip_per_head, naive_reward_commit
 
 COMMIT_BACKENDS = {"naive": naive_reward_commit}
+if HAS_TRITON:
+    # Forward only, one launch, in place when asked; the naive path is the differentiable one.
+    COMMIT_BACKENDS["triton"] = fused_reward_commit
 
 
 def reward_commit(
@@ -75,19 +80,36 @@ def reward_commit(
         raise ValueError(f"clip must be a positive float or None, got {clip!r}")
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho must be a float in [0, 1], got {rho!r}")
+    if backend == "triton" and "triton" not in COMMIT_BACKENDS:
+        raise ValueError("commit backend 'triton' cannot run: triton is not installed")
     if backend != "auto" and backend not in COMMIT_BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(COMMIT_BACKENDS)}, got {backend!r}")
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (P, E, r, b, gamma, eta_s, eta_r))
     if backend == "auto":
-        backend = "triton" if (Pb.is_cuda and "triton" in COMMIT_BACKENDS) else "naive"
+        # The Triton commit has no backward: anything that needs gradients takes the PyTorch path.
+        backend = "triton" if (Pb.is_cuda and "triton" in COMMIT_BACKENDS and not needs_grad) else "naive"
+    extra = {}
+    if backend == "triton":
+        if needs_grad:
+            raise ValueError("commit backend 'triton' is forward only; use backend='naive' to differentiate")
+        why = triton_available_for(Pb)
+        if why is not None:
+            raise ValueError(f"commit backend 'triton' cannot run: {why}")
+        if inplace and Pb.is_contiguous():
+            # Write straight into P: one launch, no copy of P afterwards. b is not aliased:
+            # every head's program of a session reads b while head 0 writes the new one.
+            extra = {"out": Pb}
 
     P_new, b_new = COMMIT_BACKENDS[backend](Pb, Eb, r_t, b_t, gamma=gamma, eta_s=eta_s, eta_r=eta_r,
-                                            clip=clip, rho=rho)
+                                            clip=clip, rho=rho, **extra)
     if squeeze:
         P_new = P_new.squeeze(0)
     if inplace:
         with torch.no_grad():
-            P.copy_(P_new)
-            if isinstance(b, torch.Tensor) and b.shape == b_new.shape:
+            if P_new.data_ptr() != P.data_ptr():
+                P.copy_(P_new)
+            if isinstance(b, torch.Tensor) and b.shape == b_new.shape and b_new.data_ptr() != b.data_ptr():
                 b.copy_(b_new)
         return P, (b if isinstance(b, torch.Tensor) and b.shape == b_new.shape else b_new)
     return P_new, b_new
