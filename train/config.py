@@ -35,6 +35,12 @@ class ConfigError(ValueError):
     """A run configuration is invalid; the message starts with the offending field."""
 
 
+# The default model of `cl-arch pretrain`: 0.88M parameters, fast/attn alternating (PlasticConfig
+# fills in the rest). Sized so 5 CPU minutes see ~1M bytes.
+DEFAULT_MODEL: Dict[str, Any] = {"d_model": 128, "n_layers": 4, "n_heads": 4, "head_k_dim": 32,
+                                 "head_v_dim": 32, "n_attn_heads": 4, "chunk_size": 64}
+
+
 # ============================================================================ sections
 @dataclass
 class DataConfig:
@@ -94,8 +100,8 @@ class TrainConfig:
 
     batch_size: int = 16
     grad_accum: int = 1
-    max_steps: int = 400
-    max_minutes: Optional[float] = None
+    max_steps: int = 600
+    max_minutes: Optional[float] = 5.0
     mixed_precision: str = "no"
     seed: int = 0
     eval_every: int = 100
@@ -132,7 +138,7 @@ class FinetuneSection:
 class PretrainRunConfig:
     """``cl-arch pretrain`` config: model (PlasticConfig fields), data, optim, train."""
 
-    model: Dict[str, Any] = field(default_factory=dict)
+    model: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -202,8 +208,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} on {name}")  # a bug here, not in the user's file
 
 
-def _build(cls, d: Any, prefix: str):
-    """Dataclass ``cls`` from a dict, rejecting unknown keys and wrong types (named ``prefix.key``)."""
+def _build(cls, d: Any, prefix: str, base: Any = None):
+    """Dataclass ``cls`` from a dict, rejecting unknown keys and wrong types (named ``prefix.key``).
+
+    Keys not given keep their value in ``base`` (default: ``cls()``), so a section given in part
+    keeps the run config's own defaults for that section (e.g. meta-training's ``train``).
+    """
     where = prefix or "config"
     if d is None:
         d = {}
@@ -216,8 +226,15 @@ def _build(cls, d: Any, prefix: str):
         keys = ", ".join(f"{prefix + '.' if prefix else ''}{k}" for k in unknown)
         raise ConfigError(f"{keys}: unknown key{'s' if len(unknown) > 1 else ''} "
                           f"(allowed in {where}: {', '.join(names)})")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in d.items()}
-    return cls(**kwargs)
+    base = cls() if base is None else base
+    kwargs = {}
+    for k, v in d.items():
+        name = f"{prefix + '.' if prefix else ''}{k}"
+        if dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = _build(hints[k], v, name, base=getattr(base, k))
+        else:
+            kwargs[k] = _coerce(v, hints[k], name)
+    return dataclasses.replace(base, **kwargs)
 
 
 def config_to_dict(cfg) -> Dict[str, Any]:
@@ -308,7 +325,9 @@ def validate_sections(cfg) -> None:
     """Range and choice checks shared by every run config (no file system access)."""
     if hasattr(cfg, "model"):
         try:
-            PlasticConfig.from_dict(cfg.model)
+            # A run config may build its model config its own way (meta-training: recall_config).
+            builder = getattr(cfg, "build_model_config", None)
+            builder() if builder is not None else PlasticConfig.from_dict(cfg.model)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model: {e}") from e
     if hasattr(cfg, "data"):
@@ -341,8 +360,14 @@ def validate_sections(cfg) -> None:
         _positive("train.max_minutes", t.max_minutes)
         _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
         _choice("train.log_with", t.log_with, LOG_WITH)
+    if hasattr(cfg, "meta"):
+        from .meta import validate_meta
+
+        validate_meta(cfg)
     if hasattr(cfg, "finetune"):
         _choice("finetune.trainable", cfg.finetune.trainable, TRAINABLE)
+        if not cfg.train.init_from:
+            raise ConfigError("train.init_from: fine-tuning needs a checkpoint (a save_pretrained folder)")
         _positive("finetune.episodes", cfg.finetune.episodes)
 
 

@@ -119,11 +119,13 @@ def lm_loss(model, block: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_bpb(model, val: torch.Tensor, batch_size: int, accelerator=None) -> float:
+def evaluate_bpb(model, val: torch.Tensor, batch_size: int, accelerator=None,
+                 loss_fn: Optional[Callable] = None) -> float:
     """Validation bits/byte over the rows of ``val [N, T + 1]`` (every process scores its share).
 
-    The sum of nats and the count of bytes are reduced over processes, so the figure is the
-    same however many processes run.
+    ``loss_fn(model, rows [b, T + 1]) -> mean nats`` replaces the plain next-byte loss (the
+    episodic fine-tuning loss, for one). The sum of nats and the count of bytes are reduced over
+    processes, so the figure is the same however many processes run.
     """
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
@@ -138,8 +140,11 @@ def evaluate_bpb(model, val: torch.Tensor, batch_size: int, accelerator=None) ->
         x = rows[i:i + batch_size].to(device)
         ctx = accelerator.autocast() if accelerator is not None else _null()
         with ctx:
-            logits, _ = model(x[:, :-1], return_state=False)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+            if loss_fn is None:
+                logits, _ = model(x[:, :-1], return_state=False)
+                nats = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+            else:
+                nats = loss_fn(model, x).float() * x[:, 1:].numel()
         total += torch.stack([nats.double(), torch.tensor(float(x[:, 1:].numel()), dtype=torch.float64,
                                                           device=device)])
     if accelerator is not None and world > 1:
@@ -164,6 +169,7 @@ class TrainingSetup:
     model: PlasticTransformer
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]  # (wrapped model, block [B, T+1]) -> scalar
     kind: str = "pretrain"
+    val_loss_fn: Optional[Callable[[Any, torch.Tensor], torch.Tensor]] = None  # None: next-byte loss
 
 
 def make_accelerator(cfg, output_dir: str):
@@ -277,7 +283,7 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
     budget = t.max_minutes * 60.0 if t.max_minutes else None
     val_history: List = []
     if t.eval_at_start and step == 0:
-        bpb = evaluate_bpb(model, val, t.batch_size // world, accelerator)
+        bpb = evaluate_bpb(model, val, t.batch_size // world, accelerator, setup.val_loss_fn)
         val_history.append((0, bpb))
         log({"val_bpb": bpb}, 0)
 
@@ -331,7 +337,7 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
                 entry["grad_norm"] = float(grad_norm)
             log(entry, step)
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-            bpb = evaluate_bpb(model, val, max(1, t.batch_size // world), accelerator)
+            bpb = evaluate_bpb(model, val, max(1, t.batch_size // world), accelerator, setup.val_loss_fn)
             val_history.append((step, bpb))
             log({"val_bpb": bpb}, step)
             if accelerator.is_main_process:
@@ -340,7 +346,7 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
             save(step, elapsed_before + time.time() - start)
     bar.close()
     seconds = time.time() - start
-    bpb = evaluate_bpb(model, val, max(1, t.batch_size // world), accelerator)
+    bpb = evaluate_bpb(model, val, max(1, t.batch_size // world), accelerator, setup.val_loss_fn)
     val_history.append((step, bpb))
     log({"val_bpb": bpb}, step)
     save(step, elapsed_before + seconds)
