@@ -22,7 +22,7 @@ if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
                 allow_module_level=True)
 
 from cl_arch.kernels import plastic_rule  # noqa: E402
-from cl_arch.kernels.plastic import fused_recurrent, naive_plastic_rule  # noqa: E402
+from cl_arch.kernels.plastic import chunk, fused_recurrent, naive_plastic_rule  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized shape: needs CUDA")
@@ -158,6 +158,90 @@ def test_triton_recurrent_varlen_equals_per_sequence_loop(poison_empty):
     assert rel_err(out[2], torch.cat([p[2] for p in pieces])) < 1e-10
     for name in grads:
         assert torch.isfinite(grads[name]).all(), name
+
+
+# ----------------------------------------------------------------------------- chunk
+# (B, T, H, K, V, rule, with_g, init, trace, chunk_size)
+CHUNK_CASES = [
+    (2, 70, 2, 16, 32, "delta", True, True, True, 32),   # 3 chunks, partial last one
+    (2, 37, 2, 32, 16, "hebb", True, False, True, 16),
+    (2, 1, 2, 16, 16, "delta", False, True, True, 16),
+    (1, 21, 2, 16, 32, "delta", True, False, False, 16),  # no trace
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V,rule,with_g,init,trace,C", CHUNK_CASES, ids=[case_id(*c) for c in CHUNK_CASES])
+def test_triton_chunk_matches_naive_float64(B, T, H, K, V, rule, with_g, init, trace, C, poison_empty):
+    x = make_inputs(B, T, H, K, V, with_g=with_g, init=init, trace=trace)
+    ref = run_with_grads(naive_plastic_rule, x, rule)
+    out = run_with_grads(plastic_rule, x, rule, backend="triton_chunk", chunk_size=C)
+    assert_close(*out, *ref, tol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_triton_chunk_low_precision(dtype, tol):
+    x64 = make_inputs(1, 40, 2, 16, 16, init=True)
+    ref = run_with_grads(naive_plastic_rule, x64, "delta")
+    x = {n: (t.to(dtype) if n in ("q", "k", "v", "beta", "g") and t is not None else t) for n, t in x64.items()}
+    x["initial_state"], x["initial_trace"], x["lam"] = (x64[n].float() for n in ("initial_state", "initial_trace", "lam"))
+    out, grads = run_with_grads(plastic_rule, x, "delta", backend="triton_chunk", chunk_size=16)
+    assert out[0].dtype == dtype and out[1].dtype == torch.float32
+    assert_close(out, grads, *ref, tol=tol)
+
+
+def test_triton_chunk_varlen_equals_per_sequence_loop(poison_empty):
+    lens = [5, 40, 1, 17]
+    H, K, V = 2, 16, 16
+    x = make_inputs(1, sum(lens), H, K, V)
+    gen = torch.Generator().manual_seed(3)
+    s0 = torch.randn(len(lens), H, K, V, generator=gen, dtype=torch.float64).to(DEVICE)
+    e0 = torch.randn(len(lens), H, K, V, generator=gen, dtype=torch.float64).to(DEVICE)
+    x.update(initial_state=s0, initial_trace=e0)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device=DEVICE)
+    out, grads = run_with_grads(chunk.triton_chunk_plastic_rule, x, "delta", cu_seqlens=cu, chunk_size=16)
+    # Reference: each sequence alone through naive, gradients through one joint loss.
+    leaves = {n: (t.detach().clone().requires_grad_() if t is not None else None) for n, t in x.items()}
+    pieces = []
+    for n, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        part = {m: (t[:, lo:hi] if m in ("q", "k", "v", "beta", "g") else t) for m, t in leaves.items()}
+        part["initial_state"], part["initial_trace"] = leaves["initial_state"][n:n + 1], leaves["initial_trace"][n:n + 1]
+        pieces.append(naive_plastic_rule(**part))
+    ref = (torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces]), torch.cat([p[2] for p in pieces]))
+    gen = torch.Generator().manual_seed(1)
+    sum((t.float() * torch.randn(t.shape, generator=gen).to(t.device)).sum() for t in ref).backward()
+    assert_close(out, grads, ref, {n: t.grad for n, t in leaves.items() if t is not None}, tol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # log(0) = -inf, by design
+@pytest.mark.parametrize("backend", ["triton_chunk", "triton_recurrent"])
+def test_triton_trace_at_lam_zero_and_one(backend):
+    x = make_inputs(1, 20, 1, 16, 16, with_g=False)
+    x.pop("lam")
+    _, S, E = plastic_rule(**x, lam=1.0, backend=backend, chunk_size=16)
+    assert rel_err(E, S) < 1e-10  # lam = 1, S_0 = 0, no decay: the trace is the sum of all writes = S
+    lam0 = torch.zeros(1, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    _, _, E0 = plastic_rule(**x, lam=lam0, backend=backend, chunk_size=16)
+    _, _, E_ref = naive_plastic_rule(**x, lam=0.0)
+    assert rel_err(E0, E_ref) < 1e-10
+    E0.sum().backward()
+    assert torch.isfinite(lam0.grad).all()
+
+
+def test_triton_chunk_rejects_bad_chunk_size_and_cu_seqlens():
+    x = make_inputs(1, 10, 1, 16, 16)
+    with pytest.raises(ValueError, match="chunk_size"):
+        plastic_rule(**x, backend="triton_chunk", chunk_size=48)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        chunk.triton_chunk_plastic_rule(**x, cu_seqlens=torch.tensor([0, 4, 3, 10]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton_chunk", "triton_recurrent"])
+def test_triton_gpu_shape_against_torch_chunk(backend):
+    x = make_inputs(2, 2048, 4, 128, 128, dtype=torch.bfloat16, init=True)
+    ref = run_with_grads(plastic_rule, x, "delta", backend="torch_chunk")
+    out = run_with_grads(plastic_rule, x, "delta", backend=backend)
+    assert_close(*out, *ref, tol=2e-2)
 
 
 def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):

@@ -25,10 +25,12 @@ BACKENDS: Dict[str, Callable] = {
 GPU_BACKENDS = set()
 TRITON_BACKENDS = ("triton_chunk", "triton_recurrent")
 if HAS_TRITON:
+    from .chunk import triton_chunk_plastic_rule
     from .fused_recurrent import triton_recurrent_plastic_rule
 
     BACKENDS["triton_recurrent"] = triton_recurrent_plastic_rule
-    GPU_BACKENDS.add("triton_recurrent")
+    BACKENDS["triton_chunk"] = triton_chunk_plastic_rule
+    GPU_BACKENDS.update(TRITON_BACKENDS)
 RULES = ("delta", "hebb")
 # Below this many tokens the per-token loop beats the chunk set-up cost.
 RECURRENT_MAX_T = 16

@@ -125,3 +125,255 @@ def chunk_plastic_rule(
         if initial_trace is not None:
             E = E + torch.pow(lam_h, float(T))[None, :, None, None] * initial_trace.to(dtype)
     return o, S, E
+
+
+# ---------------------------------------------------------------------------
+# Triton backend ("triton_chunk")
+#
+# Forward, two launches over the packed layout ([1, NTOK, H, *], sequences given
+# by cu_seqlens; a [B, T] batch is B sequences of length T):
+#   1. _chunk_prepare_kernel, one program per (chunk, head), all chunks in
+#      parallel: G = cumsum(g) within the chunk, the strictly lower
+#      A_ij = beta_i e^{G_i-G_j} k_i.k_j, T = (I + A)^{-1} by forward substitution
+#      on the chunk tile, then U = T (beta V) and Wk = T (beta e^G K) (the WY form
+#      of the module docstring; hebb needs only U = beta V).
+#   2. _chunk_fwd_kernel, one program per (V-block, sequence, head): S [K, BV]
+#      and E stay in registers while the program walks its chunks in order:
+#          W   = U - Wk S                         (the writes beta_i u_i)
+#          O   = (Q e^G) S + (mask_{i>=j} e^{G_i-G_j} Q K^T) W
+#          S  <- e^{G_L} S + (K e^{G_L-G})^T W
+#          E  <- lam^L E + (K lam^{L-1-i})^T W    (the trace's masked matmul)
+#      and stores S at every chunk start.
+# Backward: those chunk-start states are exactly the checkpoints of the
+# recurrent Triton backward (fused_recurrent._recurrent_bwd_kernel), which
+# replays each chunk token by token and walks chunks in reverse. So the
+# backward is a Triton kernel, but token-recurrent, not chunkwise-parallel:
+# O(T K V) work sequential in T per (sequence, head, V-block).
+# ---------------------------------------------------------------------------
+from . import fused_recurrent as _fr  # noqa: E402
+
+HAS_TRITON = _fr.HAS_TRITON
+triton = None
+tl = None
+constexpr = "tl.constexpr"  # becomes tl.constexpr on the first call (see fused_recurrent.import_triton)
+
+
+def _chunk_prepare_kernel(
+    k, v, beta, g, U, Wk, Gc, cu, chunk_idx,
+    H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, DT: constexpr,
+):
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_n = tl.load(chunk_idx + 2 * i_c).to(tl.int64)
+    j_c = tl.load(chunk_idx + 2 * i_c + 1).to(tl.int64)
+    seq0 = tl.load(cu + i_n).to(tl.int64)
+    bos = seq0 + j_c * C
+    L = tl.minimum(tl.load(cu + i_n + 1).to(tl.int64) - bos, C)
+    r = tl.arange(0, C)
+    m_r = r < L
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    tok = bos + r
+
+    b_b = tl.load(beta + tok * H + i_h, mask=m_r, other=0).to(DT)
+    G = tl.zeros([C], dtype=DT)
+    if HAS_G:
+        G = tl.cumsum(tl.load(g + tok * H + i_h, mask=m_r, other=0).to(DT), 0)
+        tl.store(Gc + tok * H + i_h, G, mask=m_r)
+    b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_r[:, None] & (o_v < V)[None, :],
+                  other=0).to(DT)
+    if DELTA:
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_r[:, None] & (o_k < K)[None, :],
+                      other=0).to(DT)
+        # Masking the exponent (not the product) keeps e^{G_i-G_j} of future
+        # positions, which may overflow to inf, from turning 0 * inf into NaN.
+        strict = r[:, None] > r[None, :]
+        A = tl.dot(b_k * b_b[:, None], tl.trans(b_k), input_precision="ieee")
+        A = A * tl.exp(tl.where(strict, G[:, None] - G[None, :], float("-inf")))
+        # T = (I + A)^{-1}, unit lower triangular: row i = e_i - sum_{j<i} A_ij T_j.
+        Tinv = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(DT)
+        for i in range(1, C):
+            a_i = tl.sum(tl.where(r[:, None] == i, A, 0.0), 0)  # [C], zero from column i on
+            row = tl.where(r == i, 1.0, 0.0) - tl.sum(a_i[:, None] * Tinv, 0)
+            Tinv = tl.where(r[:, None] == i, row[None, :], Tinv)
+        b_U = tl.dot(Tinv, b_v * b_b[:, None], input_precision="ieee")
+        b_W = tl.dot(Tinv, b_k * (b_b * tl.exp(G))[:, None], input_precision="ieee")
+        tl.store(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], b_W, mask=m_r[:, None] & (o_k < K)[None, :])
+    else:
+        b_U = b_v * b_b[:, None]
+    tl.store(U + (tok[:, None] * H + i_h) * V + o_v[None, :], b_U, mask=m_r[:, None] & (o_v < V)[None, :])
+
+
+def _chunk_fwd_kernel(
+    q, k, U, Wk, Gc, lam, s0, e0, o, s_out, e_out, ckpt, cu, seg_off, scale,
+    H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, TRACE: constexpr, HAS_S0: constexpr, HAS_E0: constexpr,
+    SAVE_CKPT: constexpr, DT: constexpr,
+):
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu + i_n).to(tl.int64)
+    T = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    r = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    st = i_nh.to(tl.int64) * K * V + kv
+    incl = r[:, None] >= r[None, :]
+
+    S = tl.zeros([BK, BV], dtype=DT)
+    if HAS_S0:
+        S += tl.load(s0 + st, mask=m_kv, other=0).to(DT)
+    E = tl.zeros([BK, BV], dtype=DT)
+    log_lam = 0.0
+    if TRACE:
+        # lam^n as exp(n log lam): log 0 = -inf gives 0 for n > 0; n = 0 is special-cased.
+        log_lam = tl.log(tl.load(lam + i_h).to(DT))
+        if HAS_E0:
+            E += tl.load(e0 + st, mask=m_kv, other=0).to(DT)
+    seg0 = tl.load(seg_off + i_n).to(tl.int64)
+    NC = (T + C - 1) // C
+
+    for c in range(0, NC):
+        if SAVE_CKPT:
+            tl.store(ckpt + ((seg0 + c) * H + i_h) * K * V + kv, S, mask=m_kv)
+        L = tl.minimum(T - c * C, C)
+        m_r = r < L
+        tok = bos + c * C + r
+        m_rk = m_r[:, None] & m_k[None, :]
+        m_rv = m_r[:, None] & m_v[None, :]
+        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT) * scale
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
+        b_W = tl.load(U + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_rv, other=0).to(DT)
+        if DELTA:
+            b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
+            b_W -= tl.dot(b_wk, S, input_precision="ieee")
+        G = tl.zeros([C], dtype=DT)
+        if HAS_G:
+            G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
+        G_L = tl.sum(tl.where(r == L - 1, G, 0.0), 0)
+        qk = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        qk = qk * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
+        b_o = tl.dot(b_q * tl.exp(G)[:, None], S, input_precision="ieee") + tl.dot(qk, b_W, input_precision="ieee")
+        tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_rv)
+        k_out = b_k * tl.where(m_r, tl.exp(G_L - G), 0.0)[:, None]
+        S = S * tl.exp(G_L) + tl.dot(tl.trans(k_out), b_W, input_precision="ieee")
+        if TRACE:
+            # lam^(L-1-i) for the rows of this chunk; age 0 (and padded rows) must not
+            # form 0 * log(0) = NaN, so they take a positive dummy age and are selected out.
+            age = (L - 1 - r).to(DT)
+            w_age = tl.exp(tl.where(age > 0, age, 1.0) * log_lam)
+            w_age = tl.where(age == 0, 1.0, tl.where(age > 0, w_age, 0.0))
+            E = E * tl.exp(L.to(DT) * log_lam) + tl.dot(tl.trans(b_k * w_age[:, None]), b_W, input_precision="ieee")
+
+    tl.store(s_out + st, S, mask=m_kv)
+    if TRACE:
+        tl.store(e_out + st, E, mask=m_kv)
+
+
+class _TritonChunkFn(torch.autograd.Function):
+    """Packed-layout autograd wrapper: tensors ``[1, NTOK, H, *]``, states ``[N, H, K, V]``.
+
+    Forward: the two chunk kernels. Backward: the recurrent Triton backward
+    kernel, fed with the chunk-start states the forward saved.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, lam_h, s0, e0, cu, scale, delta, C, save):
+        NTOK, H, K = q.shape[1:]
+        V = v.shape[-1]
+        N = cu.numel() - 1
+        dev = q.device
+        acc = torch.promote_types(q.dtype, torch.float32)
+        DT = tl.float64 if acc == torch.float64 else tl.float32
+        trace = lam_h is not None
+        seg_off = _fr._segment_offsets(cu, C)
+        lens = (cu[1:] - cu[:-1]).tolist()
+        chunk_idx = torch.tensor([(n, j) for n, Ln in enumerate(lens) for j in range((Ln + C - 1) // C)],
+                                 dtype=torch.int64, device=dev)
+        BK = max(16, triton.next_power_of_2(K))
+        BVf = max(16, triton.next_power_of_2(V))
+        U = torch.empty(NTOK, H, V, dtype=acc, device=dev)
+        Wk = torch.empty(NTOK, H, K, dtype=acc, device=dev) if delta else None
+        Gc = torch.empty(NTOK, H, dtype=acc, device=dev) if g is not None else None
+        _fr.jit_for_env(_chunk_prepare_kernel)[(chunk_idx.shape[0], H)](
+            k, v, beta, g, U, Wk, Gc, cu, chunk_idx,
+            H=H, K=K, V=V, BK=BK, BV=BVf, C=C, DELTA=delta, HAS_G=g is not None, DT=DT,
+        )
+        BV = max(16, min(BVf, _fr.BV_CAP))
+        NV = triton.cdiv(V, BV)
+        o = torch.empty(1, NTOK, H, V, dtype=q.dtype, device=dev)
+        S_T = torch.empty(N, H, K, V, dtype=acc, device=dev)
+        E_T = torch.empty(N, H, K, V, dtype=acc, device=dev) if trace else None
+        ckpt = torch.empty(int(seg_off[-1]) if save else 1, H, K, V, dtype=acc, device=dev)
+        _fr.jit_for_env(_chunk_fwd_kernel)[(NV, N * H)](
+            q, k, U, Wk, Gc, lam_h, s0, e0, o, S_T, E_T, ckpt, cu, seg_off, scale,
+            H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, TRACE=trace,
+            HAS_S0=s0 is not None, HAS_E0=e0 is not None, SAVE_CKPT=save, DT=DT,
+        )
+        ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, cu, seg_off, ckpt)
+        ctx.cfg = (scale, delta, C)
+        ctx.has_s0 = s0 is not None
+        return o, S_T, E_T
+
+    # Same saved tensors and checkpoint layout as the recurrent function.
+    backward = _fr._TritonRecurrentFn.backward
+
+
+def triton_chunk_plastic_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: Optional[torch.Tensor] = None,
+    rule: str = "delta",
+    lam: Optional[Union[float, torch.Tensor]] = None,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    initial_trace: Optional[torch.Tensor] = None,
+    output_final_state: bool = True,
+    chunk_size: int = 64,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Chunkwise plastic rule in Triton; same contract as :func:`naive_plastic_rule`.
+
+    The forward is chunkwise-parallel (see the comment above). The backward is a
+    Triton kernel too, but token-recurrent: it replays each chunk from the state
+    saved at its start (the recurrent backend's backward), not a chunkwise backward.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (fp32, bf16, fp16 or fp64);
+        beta, g: ``[B, T, H]``; lam None, float or ``[H]``.
+        initial_state, initial_trace: ``[N, H, K, V]`` or None; N = B, or the
+            number of sequences when ``cu_seqlens`` is given.
+        chunk_size: tokens per chunk, a power of two in [16, 128].
+        cu_seqlens: ``[N+1]`` offsets of sequences packed along T (B must be 1).
+
+    Returns:
+        o ``[B, T, H, V]`` in q's dtype; S_T, E_T ``[N, H, K, V]`` fp32 (fp64 for fp64 inputs).
+
+    Raises:
+        ValueError: when Triton cannot run here, chunk_size is not a power of two
+            in [16, 128], or cu_seqlens is malformed.
+    """
+    if not isinstance(chunk_size, int) or chunk_size not in (16, 32, 64, 128):
+        raise ValueError(f"chunk_size must be a power of two in [16, 128] for triton_chunk, got {chunk_size!r}")
+    B, T, H, K = q.shape
+    cu, N, lam_h, scale, s0, e0 = _fr.prepare_triton_args(q, k, v, beta, g, lam, scale, initial_state,
+                                                          initial_trace, cu_seqlens)
+    _fr.import_triton(globals())
+    tensors = [q, k, v, beta, g, lam_h, initial_state, initial_trace]
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    pk = _fr._pack
+    o, S_T, E_T = _TritonChunkFn.apply(pk(q), pk(k), pk(v), pk(beta), pk(g), lam_h, s0, e0, cu, scale,
+                                       rule == "delta", chunk_size, save)
+    o = o.reshape(B, T, H, v.shape[-1])
+    if not output_final_state:
+        return o, None, None
+    return o, S_T, E_T
