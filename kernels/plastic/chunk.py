@@ -323,7 +323,7 @@ class _TritonChunkFn(torch.autograd.Function):
         return o, S_T, E_T
 
     # Same saved tensors and checkpoint layout as the recurrent function.
-    backward = _fr._TritonRecurrentFn.backward
+    backward = staticmethod(_fr._TritonRecurrentFn.backward)
 
 
 def triton_chunk_plastic_rule(
