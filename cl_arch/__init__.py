@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 from .config import PlasticConfig
 from .model import PlasticTransformer
 from .state import AttnLayerState, FastLayerState, ModelState
+from .session import Session, SessionStore
 
 __all__ = ["PlasticConfig", "PlasticTransformer", "ModelState", "FastLayerState", "AttnLayerState",
+           "Session", "SessionStore",
            "__version__"]

@@ -35,10 +35,10 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, state: Optional[LayerState], position: int,
-                modulation: Optional[torch.Tensor], need_state: bool):
+                modulation: Optional[torch.Tensor], need_state: bool, lam=None):
         h = self.mixer_norm(x)
         if self.layer_type == "fast":
-            h, new_state = self.mixer(h, state, modulation, output_final_state=need_state)
+            h, new_state = self.mixer(h, state, modulation, output_final_state=need_state, lam=lam)
         else:
             h, new_state = self.mixer(h, state, position)
         x = x + self.dropout(h)
@@ -180,6 +180,7 @@ class PlasticTransformer(nn.Module):
         state: Optional[ModelState] = None,
         modulation: Optional[torch.Tensor] = None,
         return_state: bool = True,
+        lam: Optional[Union[float, Sequence[Optional[float]]]] = None,
     ) -> Tuple[torch.Tensor, Optional[ModelState]]:
         """
         Args:
@@ -188,11 +189,25 @@ class PlasticTransformer(nn.Module):
                 None (fresh episode without persistent memory).
             modulation: ``[B, T]`` in [0, 1], scales every fast layer's write strength.
             return_state: if False the fast layers skip their final states (cheaper training).
+            lam: trace-decay override in [0, 1] (e.g. a :class:`~cl_arch.session.Session`'s
+                hand-set value): a float for every fast layer, or one entry (float or None =
+                the layer's own) per fast layer. None: each layer uses its learned ``lam``.
 
         Returns:
             ``logits [B, T, vocab_size]`` and the new :class:`ModelState` (None if not requested).
         """
         self._check_inputs(input_ids, state, modulation)
+        n_fast = sum(t == "fast" for t in self.config.layer_types)
+        if lam is None or isinstance(lam, (int, float)):
+            lams = [lam] * n_fast
+        else:
+            lams = list(lam)
+            if len(lams) != n_fast:
+                raise ValueError(f"lam must be a float or have one entry per fast layer ({n_fast}), got {len(lams)}")
+        for v in lams:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0):
+                raise ValueError(f"lam must be in [0, 1], got {v!r}")
+        lam_iter = iter(lams)
         B, T = input_ids.shape
         position = state.position if state is not None else 0
         layer_states = state.layers if state is not None else [None] * self.config.n_layers
@@ -200,7 +215,8 @@ class PlasticTransformer(nn.Module):
         x = self.dropout(self.embed(input_ids))
         new_layers: List[LayerState] = []
         for block, s in zip(self.blocks, layer_states):
-            x, new_s = block(x, s, position, modulation, return_state)
+            x, new_s = block(x, s, position, modulation, return_state,
+                             lam=next(lam_iter) if block.layer_type == "fast" else None)
             new_layers.append(new_s)
         logits = self.lm_head(self.norm_f(x))
         if not return_state:

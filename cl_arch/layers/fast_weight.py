@@ -1,7 +1,7 @@
 """Fast-weight mixer: a gated delta-rule (or Hebbian) memory with a learned base W0 and a
 persistent memory P, read and written by :func:`cl_arch.kernels.plastic_rule`."""
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -127,6 +127,7 @@ class FastWeightLayer(nn.Module):
         state: Optional[FastLayerState] = None,
         modulation: Optional[torch.Tensor] = None,
         output_final_state: bool = True,
+        lam: Optional[Union[float, torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
         """
         Args:
@@ -135,6 +136,8 @@ class FastWeightLayer(nn.Module):
             modulation: ``[B, T]`` in [0, 1], multiplies the write strength (e.g. a reward or
                 surprise signal); None means 1.
             output_final_state: if False, skip the final states (training without carry).
+            lam: overrides the trace decay for this call (float or ``[H]``), e.g. a session's
+                hand-set ``lam``; enables the trace even when the config disables it. None: own.
 
         Returns:
             ``y [B, T, d_model]`` and the new :class:`FastLayerState` (None if not requested).
@@ -164,7 +167,7 @@ class FastWeightLayer(nn.Module):
         # Decode steps take the per-token loop; training and prefill the chunked form (FLA's rule).
         mode = "recurrent" if (not self.training and T <= self.config.recurrent_threshold) else "chunk"
         S0 = state.S if state.S is not None else self.initial_state(B, state.P)
-        lam = self.lam
+        lam = self.lam if lam is None else torch.as_tensor(lam, device=x.device)
         o, S_T, E_T = plastic_rule(
             q, k, v, beta, g,
             rule=self.config.rule,

@@ -1,0 +1,145 @@
+"""Quick associative-recall pretraining: a small model whose fast memory maps keys to values.
+
+DESIGN.md: a randomly initialised model has no reason to map a value it wrote back to the token
+it came from, so tests and benchmarks of learning start from a model trained briefly on
+:func:`cl_arch.train.tasks.recall_batch`. :func:`train_recall_model` does that in about a minute
+on two CPU cores and is deterministic for a given seed and step count.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from cl_arch import AttnLayerState, FastLayerState, ModelState, PlasticConfig, PlasticTransformer
+
+from .tasks import KEYS, recall_batch, recall_episodes
+
+
+def recall_config(**overrides) -> PlasticConfig:
+    """The small all-fast-weight config used for recall tests: 2 layers, d=64, 2 heads of 32x32.
+
+    Both mixers are fast-weight layers (no attention), so recall can only go through fast
+    memory, and so can whatever a persistent memory P adds to it.
+    """
+    base = dict(vocab_size=256, d_model=64, n_layers=2, layer_types=["fast", "fast"], n_heads=2,
+                head_k_dim=32, head_v_dim=32, mlp_ratio=2.0, conv_size=4, chunk_size=16,
+                recurrent_threshold=16, lam=0.5, gamma=0.98, eta_s=0.0, eta_r=1.0, commit_clip=10.0)
+    base.update(overrides)
+    return PlasticConfig(**base)
+
+
+def recall_accuracy(model: PlasticTransformer, batches: int = 4, batch_size: int = 64, n_pairs: int = 24,
+                    n_keys: int = 16, n_values: int = 16, seed: int = 12345) -> float:
+    """Accuracy of the argmax prediction at recallable value positions (chance ``1/n_values``)."""
+    was_training = model.training
+    model.eval()
+    hits = total = 0
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(batches):
+            x, y, m = recall_batch(batch_size, n_pairs, n_keys, n_values, seed=g)
+            logits, _ = model(x, return_state=False)
+            hits += int(((logits.argmax(-1) == y) & m).sum())
+            total += int(m.sum())
+    model.train(was_training)
+    return hits / max(total, 1)
+
+
+def _key_positions(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: input positions holding a key token (their target is a value)."""
+    return (x >= KEYS.start) & (x < KEYS.stop)
+
+
+def train_recall_model(
+    config: Optional[PlasticConfig] = None,
+    seconds: Optional[float] = None,
+    steps: Optional[int] = 400,
+    seed: int = 0,
+    batch_size: int = 32,
+    n_pairs: int = 24,
+    n_keys: int = 16,
+    n_values: int = 16,
+    lr: float = 1e-2,
+    first_weight: float = 0.2,
+    warmup_fraction: float = 0.6,
+    log: Optional[Callable[[str], None]] = None,
+) -> PlasticTransformer:
+    """Train a model on in-context associative recall and return it in eval mode.
+
+    Args:
+        config: model config; default :func:`recall_config`.
+        seconds: wall-clock budget; training stops at whichever of ``seconds``/``steps`` comes
+            first (``steps`` alone is deterministic; a time budget depends on the machine).
+        steps: optimiser steps (None: only the time budget counts).
+        n_pairs, n_keys, n_values: task size: each step trains on two episodes of
+            ``n_pairs // 2`` pairs (see :func:`~cl_arch.train.tasks.recall_episodes`).
+        warmup_fraction: share of the steps spent on one-episode recall before the two-episode
+            phase.
+        first_weight: loss weight of first occurrences (value not recallable) relative to 1
+            for recallable ones.
+        log: called with a progress line every 50 steps (e.g. ``print``).
+
+    Returns:
+        The trained :class:`PlasticTransformer` (eval mode, float32).
+    """
+    if seconds is None and steps is None:
+        raise ValueError("train_recall_model: give seconds, steps or both")
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    torch.manual_seed(seed)
+    model = PlasticTransformer(config or recall_config())
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    total = steps if steps is not None else 10 ** 9
+    # Cosine decay to 10% over the step budget settles the key->value map in few steps.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(min(s / total, 1.0) * 3.14159265)).item())
+        if steps is not None else 1.0)
+    g = torch.Generator().manual_seed(seed)
+    if seconds is not None and steps is None:
+        raise ValueError("train_recall_model: a time budget needs a step count too (phases are in steps)")
+    warmup_steps = int(warmup_fraction * steps)
+    start, step, ema = time.perf_counter(), 0, None
+    while (steps is None or step < steps) and (seconds is None or time.perf_counter() - start < seconds):
+        if step < warmup_steps:
+            # Phase 1: in-context recall in one episode, loss only where the value is
+            # recallable: the key->value circuit forms fastest this way.
+            x, y, m = recall_batch(batch_size, n_pairs, n_keys, n_values, seed=g)
+            logits, _ = model(x, return_state=False)
+            loss = F.cross_entropy(logits[m], y[m])
+        else:
+            # Phase 2: two episodes sharing one key->value map; the second starts from the
+            # first's fast weights with fresh caches, as an episode starts from W0 + P: the model
+            # learns to read a memory it did not write in this episode, right after BOS.
+            (x1, y1, m1), (x2, y2, m2) = recall_episodes(batch_size, 2, n_pairs // 2, n_keys, n_values, seed=g)
+            logits1, st = model(x1)
+            carried = ModelState([FastLayerState(S=s.S) if isinstance(s, FastLayerState) else AttnLayerState()
+                                  for s in st.layers], 0)
+            logits2, _ = model(x2, state=carried, return_state=False)
+            # Loss at every key position: recallable values teach recall; first occurrences (a
+            # uniformly random value) teach a flat prior over values, so a player samples every
+            # answer of a game at first instead of always the same one.
+            k1, k2 = _key_positions(x1), _key_positions(x2)
+            w = torch.cat([m1[k1].float(), m2[k2].float()]) * (1 - first_weight) + first_weight
+            ce = F.cross_entropy(torch.cat([logits1[k1], logits2[k2]]), torch.cat([y1[k1], y2[k2]]),
+                                 reduction="none")
+            loss = (ce * w).sum() / w.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if log is not None and step % 50 == 0:
+            log(f"recall step {step}: loss {ema:.3f} ({time.perf_counter() - start:.1f}s)")
+    model.eval()
+    return model
+
+
+__all__ = ["recall_config", "recall_accuracy", "train_recall_model"]
