@@ -23,9 +23,10 @@ def tiny_lm():
 
 @pytest.fixture(scope="module")
 def learner_model(request):
-    """The session's recall-trained model (tests/conftest.py) when present, else a short recall run."""
+    """The session's recall-trained model (tests/conftest.py's read-only ``recall_model_base``; the
+    benchmarks never train its weights) when present, else a short recall run."""
     try:
-        return request.getfixturevalue("recall_model")
+        return request.getfixturevalue("recall_model_base")
     except pytest.FixtureLookupError:
         from cl_arch.train.recall import train_recall_model
         return train_recall_model(steps=200, batch_size=16)
