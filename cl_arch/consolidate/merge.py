@@ -1,0 +1,196 @@
+"""merge: many sessions' persistent memories into W0 at once, with conflicts resolved.
+
+Two rules, both on the per-layer task vectors ``P_u [H, K, V]`` (one per session u) with
+non-negative weights ``w_u``:
+
+``"mean"`` (weighted task arithmetic)::
+
+    W0 <- W0 + scale * sum_u w_u P_u / sum_u w_u
+
+``"ties"`` (TIES-merging, Yadav et al. 2023)::
+
+    t_u   = P_u where |P_u| is in the top ``density`` fraction of its own entries, else 0   # trim
+    sign  = sign(sum_u w_u t_u)                                                           # elect by mass
+    A_u   = (t_u != 0) & (sign(t_u) == sign)                                             # agreeing entries
+    W0   <- W0 + scale * sum_u w_u t_u A_u / sum_u w_u A_u   (0 where no session agrees)  # disjoint mean
+
+The mean dilutes each session by its share of the weight; TIES keeps an entry's full size where
+only agreeing sessions wrote it, and drops the minority side of a sign conflict, so disjoint
+associations interfere less. Each session's gain before and after is reported (interference).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .common import as_sources, check_vocab, gain_figures, mean_nll, to_batches
+from .report import new_report, save_params, save_session_P, write_report
+
+METHODS = ("mean", "ties")
+
+
+def _weights(sources, weights) -> List[float]:
+    n = len(sources)
+    if weights is None:
+        return [1.0] * n
+    if isinstance(weights, str):
+        if weights not in ("count", "reward"):
+            raise ValueError(f"weights must be None, 'count', 'reward' or a list of {n} numbers, got {weights!r}")
+        attr = "episodes" if weights == "count" else "reward"
+        vals = [getattr(s, attr) for s in sources]
+        missing = [s.name for s, v in zip(sources, vals) if v is None]
+        if missing:
+            raise ValueError(f"weights={weights!r}: {missing} do not record their {attr}")
+        # A session that lost reward on balance should not be merged with negative weight
+        # (that would unlearn its P in everyone's model): it gets weight 0.
+        w = [max(float(v), 0.0) for v in vals]
+    else:
+        w = [float(v) for v in weights]
+        if len(w) != n:
+            raise ValueError(f"weights has {len(w)} entries for {n} sessions")
+    if any(not math.isfinite(v) or v < 0 for v in w):
+        raise ValueError(f"weights must be finite and >= 0, got {w}")
+    if sum(w) <= 0:
+        raise ValueError(f"weights sum to zero ({w}); nothing to merge")
+    return w
+
+
+def _trim(p: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries of ``p`` largest in magnitude, zero the rest."""
+    k = max(1, int(round(density * p.numel())))
+    if k >= p.numel():
+        return p.clone()
+    thresh = p.abs().flatten().kthvalue(p.numel() - k + 1).values
+    return torch.where(p.abs() >= thresh, p, torch.zeros_like(p))
+
+
+def merge_tensors(Ps: Sequence[torch.Tensor], w: Sequence[float], method: str = "mean",
+                  density: float = 0.2, scale: float = 1.0) -> Dict[str, Any]:
+    """Merge one layer's task vectors ``Ps`` (each ``[H, K, V]``) -> ``{"delta", figures...}``."""
+    wt = torch.tensor(list(w), dtype=Ps[0].dtype, device=Ps[0].device).view(-1, 1, 1, 1)
+    stack = torch.stack(list(Ps))  # [U, H, K, V]
+    if method == "mean":
+        delta = scale * (wt * stack).sum(0) / wt.sum()
+        return {"delta": delta}
+    trimmed = torch.stack([_trim(p, density) for p in Ps])
+    elected = torch.sign((wt * trimmed).sum(0))
+    nonzero = trimmed != 0
+    agree = nonzero & (torch.sign(trimmed) == elected.unsqueeze(0))
+    wa = wt * agree
+    num = (wa * trimmed).sum(0)
+    den = wa.sum(0)
+    delta = scale * torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+    written = nonzero.sum(0)
+    conflicted = (written > agree.sum(0))  # some session wrote the losing sign here
+    return {
+        "delta": delta,
+        "trimmed_mass": float(1 - trimmed.abs().sum() / stack.abs().sum().clamp_min(1e-30)),
+        "conflict_fraction": float(conflicted.sum() / (written > 0).sum().clamp_min(1)),
+        "overlap_fraction": float((written > 1).sum() / (written > 0).sum().clamp_min(1)),
+    }
+
+
+def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = None, method: str = "mean",
+          density: float = 0.2, scale: float = 1.0, probes: Optional[Sequence[Any]] = None,
+          out: Optional[str] = None, reset: bool = True, batch_size: int = 32) -> Dict[str, Any]:
+    """Merge the persistent memories of several sessions into W0.
+
+    Args:
+        model: changed in place (each fast layer's ``W0 [H, K, V]``).
+        sessions: a list of sessions (see :mod:`cl_arch.consolidate.common`).
+        weights: None (equal), ``"count"`` (episodes per session), ``"reward"`` (summed reward,
+            negatives count as 0) or one non-negative number per session.
+        method: ``"mean"`` or ``"ties"`` (see the module docstring).
+        density: fraction of each session's entries TIES keeps (0, 1].
+        scale: multiplies the merged task vector (task arithmetic's lambda).
+        probes: per session, token data on which its gain is measured (see
+            :func:`~cl_arch.consolidate.common.to_batches`); default each session's replay
+            buffer. Sessions with neither get no gain figures.
+        out: path of the report JSON (undo weights next to it).
+        reset: zero the sessions' P afterwards (their content now lives in W0).
+
+    Returns:
+        The report. ``sessions[u]`` holds ``weight``, ``gain_nats`` (NLL without P minus with P,
+        on the original model), ``nll_after`` (merged model, P = 0) and ``gain_retained``
+        (kept / gain; 1 - retained is the interference this merge cost that session);
+        ``cosine`` is the matrix of cosine similarities between the sessions' flattened P.
+
+    Raises:
+        ValueError: bad arguments, or a session with NaN/inf or from another model fingerprint.
+            Nothing is changed when it raises.
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    sources = as_sources(model, sessions)
+    w = _weights(sources, weights)
+    if probes is not None and len(probes) != len(sources):
+        raise ValueError(f"probes must hold one entry per session ({len(sources)}), got {len(probes)}")
+    probe_batches = []
+    for u, s in enumerate(sources):
+        data = probes[u] if probes is not None else s.replay()
+        b = to_batches(data, batch_size, what=f"probes[{u}]")
+        check_vocab(model, b, f"probes[{u}]")
+        probe_batches.append(b)
+
+    was_training = model.training
+    model.eval()
+    # Gains before: the original model without P and with each session's own P.
+    before = []
+    for s, b in zip(sources, probe_batches):
+        before.append(None if not b else (mean_nll(model, b), mean_nll(model, b, P=s.P)))
+
+    report = new_report("merge", model)
+    layers = model.fast_layers()
+    names = {id(p): n for n, p in model.named_parameters()}
+    w0_names = [names[id(m.W0)] for m in layers]
+    save_params(report, model, w0_names)
+    for s in sources:
+        save_session_P(report, s.index, s.P)
+
+    per_layer = []
+    with torch.no_grad():
+        for j, m in enumerate(layers):
+            res = merge_tensors([s.P[j].to(m.state_dtype) for s in sources], w, method, density, scale)
+            delta = res.pop("delta")
+            new = m.W0.detach().to(m.state_dtype) + delta
+            stored = new.to(m.W0.dtype)
+            res.update({"param": w0_names[j], "delta_norm": float(delta.norm()),
+                        "max_rounding": float((stored.to(new.dtype) - new).abs().max())})
+            per_layer.append(res)
+            m.W0.copy_(stored)
+        flat = torch.stack([torch.cat([p.flatten().double() for p in s.P]) for s in sources])
+        unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        cosine = (unit @ unit.T).tolist()
+
+    per_session = []
+    for u, (s, b, bf) in enumerate(zip(sources, probe_batches, before)):
+        entry: Dict[str, Any] = {"name": s.name, "weight": w[u], "P_norm": [float(p.norm()) for p in s.P]}
+        if bf is not None:
+            entry.update(gain_figures(bf[0], bf[1], mean_nll(model, b)))
+        per_session.append(entry)
+    model.train(was_training)
+    if reset:
+        for s in sources:
+            s.reset_P()
+
+    retained = [e["gain_retained"] for e in per_session if "gain_retained" in e]
+    report.update({
+        "merge_method": method, "density": density if method == "ties" else None, "scale": scale,
+        "weights": w, "sessions": per_session, "sessions_reset": reset, "per_layer": per_layer,
+        "cosine": cosine,
+        "min_gain_retained": min(retained) if retained else None,
+        "mean_gain_retained": sum(retained) / len(retained) if retained else None,
+        "fingerprint_after": model.fingerprint(),
+        "seconds": time.perf_counter() - t0,
+    })
+    if out is not None:
+        write_report(report, out)
+    return report

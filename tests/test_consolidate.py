@@ -1,0 +1,291 @@
+"""Consolidation: fold is exact and undoable, distill keeps a session's gain within a forgetting
+budget (and rolls back over it), merge keeps disjoint sessions' gains, bad states are refused.
+
+The learning tests use ``recall_model`` (trained on associative recall): a session observes
+``key value`` pairs of a fixed association over several episodes and commits them into P
+(retention commits, ``eta_s = 1``). Its *gain* is the drop in NLL of each value at the first
+occurrence of its key in a fresh episode, where only P can know it.
+"""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from cl_arch import PlasticTransformer
+from cl_arch.consolidate import distill, fold, load_report, merge, undo, write_report
+from cl_arch.consolidate.merge import merge_tensors
+from cl_arch.session import Session
+from cl_arch.train.tasks import BOS, KEYS, VALUES, recall_batch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two OpenMP threads on a loaded two-core machine spin on each other (10x slower steps).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------- synthetic associations
+def association(keys, seed):
+    """A fixed map key token -> value token (values among the 16 the recall model knows)."""
+    g = torch.Generator().manual_seed(seed)
+    vals = torch.randint(0, 16, (len(keys),), generator=g)
+    return {k: VALUES[int(v)] for k, v in zip(keys, vals)}
+
+
+def episode(assoc, n_pairs, g):
+    """``[BOS, k, v, k, v, ...]`` with ``n_pairs`` random pairs of the association."""
+    keys = list(assoc)
+    ids = [BOS]
+    for i in torch.randint(0, len(keys), (n_pairs,), generator=g).tolist():
+        ids += [keys[i], assoc[keys[i]]]
+    return ids
+
+
+def probes(assoc, n, seed):
+    """Each key once per sequence (random order); scored: its value, which only P can predict."""
+    g = torch.Generator().manual_seed(seed)
+    keys = list(assoc)
+    ids, mask = [], []
+    for _ in range(n):
+        seq, m = [BOS], [False]
+        for i in torch.randperm(len(keys), generator=g).tolist():
+            seq += [keys[i], assoc[keys[i]]]
+            m += [False, True]
+        ids.append(seq)
+        mask.append(m)
+    return {"input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask)}
+
+
+def learned_session(model, assoc, episodes, seed, n_pairs=16):
+    """A session that observed the association for ``episodes`` episodes, each committed into P."""
+    s = Session(model, eta_s=1.0, eta_r=0.0, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(episodes):
+        s.observe(episode(assoc, n_pairs, g))
+        s.end_episode()
+    return s
+
+
+def recall_anchor(n, n_pairs, seed):
+    """In-context recall with fresh random maps; scored: values of keys already seen (the skill)."""
+    x, y, m = recall_batch(n, n_pairs, seed=seed)
+    ids = torch.cat([x, y[:, -1:]], dim=1)
+    return {"input_ids": ids, "loss_mask": torch.cat([torch.zeros(n, 1, dtype=torch.bool), m], dim=1)}
+
+
+def weights_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bitwise(model, saved):
+    now = model.state_dict()
+    assert set(now) == set(saved)
+    for k, v in saved.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+
+
+# ---------------------------------------------------------------------- fold
+def test_fold_is_exact_and_undo_is_bitwise(recall_model, tmp_path):
+    model = recall_model
+    s = learned_session(model, association(list(KEYS[:8]), 1), episodes=4, seed=0)
+    P_before = [p.clone() for p in s.P]
+    assert all(float(p.norm()) > 0.1 for p in P_before)
+    original, fp0 = weights_of(model), model.fingerprint()
+    ids = torch.randint(32, 160, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_P, _ = model(ids, state=model.init_state(3, [p[0] for p in P_before]))
+        without_P, _ = model(ids)
+    assert (with_P - without_P).abs().max() > 1e-2  # P matters, so agreement below is a real check
+
+    report = fold(model, s)
+    with torch.no_grad():
+        after, _ = model(ids)  # P = 0 now: the session's memory lives in W0
+    rel = float((after - with_P).abs().max() / with_P.abs().max())
+    assert rel <= 1e-5, rel
+    assert all(bool((p == 0).all()) for p in s.P)
+    assert report["fingerprint_after"] == model.fingerprint() != fp0
+    assert report["max_rounding"] == 0.0  # float32 W0 holds the float32 sum exactly
+
+    path = write_report(report, tmp_path / "fold.json")
+    assert os.path.isfile(tmp_path / "fold.undo.safetensors")
+    assert "_undo" not in json.load(open(path))
+    info = undo(model, load_report(path), sessions=[s])  # from disk, as a later process would
+    assert info["fingerprint"] == fp0
+    assert_bitwise(model, original)
+    assert all(torch.equal(a, b) for a, b in zip(s.P, P_before))
+    with pytest.raises(ValueError, match="fingerprint"):
+        undo(model, report)  # already undone: the model is no longer the one the report left
+
+
+def test_refuses_nan_and_foreign_states_without_changing_anything(recall_model, tmp_path):
+    model = recall_model
+    original, fp0 = weights_of(model), model.fingerprint()
+    s = learned_session(model, association(list(KEYS[:4]), 2), episodes=2, seed=1)
+    good_P = [p.clone() for p in s.P]
+    bad = Session(model)
+    bad.P = [p.clone() for p in good_P]
+    bad.P[1][0, 0, 3, 5] = float("nan")
+    for call in (lambda: fold(model, [s, bad]), lambda: merge(model, [s, bad]),
+                 lambda: distill(model, bad, replay=torch.randint(32, 96, (2, 9)), steps=1)):
+        with pytest.raises(ValueError, match="NaN/inf"):
+            call()
+    inf_P = [p.clone() for p in good_P]
+    inf_P[0][0, 1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        fold(model, inf_P)
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.fast_layers()[0].W0.add_(0.01)
+    foreign = Session(other)
+    foreign.P = [p.clone() for p in good_P]
+    with pytest.raises(ValueError, match="fingerprint"):
+        fold(model, [s, foreign])
+    foreign.save(tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="fingerprint"):
+        fold(model, str(tmp_path / "foreign.safetensors"))
+    wrong_shape = [torch.zeros(2, 16, 32), torch.zeros(2, 32, 32)]
+    with pytest.raises(ValueError, match="shape"):
+        fold(model, wrong_shape)
+
+    assert model.fingerprint() == fp0
+    assert_bitwise(model, original)
+    assert all(torch.equal(a, b) for a, b in zip(s.P, good_P))  # the good session was not reset
+
+
+# ---------------------------------------------------------------------- distill
+def test_distill_keeps_the_gain_within_budget(recall_model, tmp_path):
+    model = recall_model
+    assoc = association(list(KEYS[:8]), 1)
+    s = learned_session(model, assoc, episodes=12, seed=0)
+    original, fp0 = weights_of(model), model.fingerprint()
+    report = distill(model, s, anchor=recall_anchor(64, 16, seed=99), probes=probes(assoc, 8, seed=5),
+                     budget=0.05, steps=40, lr=3e-3, out=tmp_path / "distill.json")
+    g = report["gain"]
+    print(f"distill: gain {g['gain_nats']:.3f} nats/value, retained {report['gain_retained']:.1%}, "
+          f"forgetting {report['forgetting_bits']:+.4f} bits/token "
+          f"({report['forgetting_relative']:+.1%} of {report['anchor_bits_before']:.4f}), {report['seconds']:.1f}s")
+    assert g["gain_nats"] > 1.0  # the session really learned the association (P helps a lot)
+    assert report["gain_retained"] >= 0.8
+    assert report["forgetting_bits"] <= 0.05
+    assert not report["rolled_back"]
+    assert report["replay_sequences"] == 12  # default replay = the session's buffer
+    assert all(bool((p == 0).all()) for p in s.P)  # fast memory freed
+    assert report["fingerprint_after"] == model.fingerprint() != fp0
+    assert set(report["params_replaced"]) == {n for n in original if n.endswith("_proj.weight")}
+
+    undo(model, str(tmp_path / "distill.json"))
+    assert_bitwise(model, original)
+
+
+def test_distill_over_budget_rolls_back(recall_model):
+    model = recall_model
+    assoc = association(list(KEYS[:8]), 1)
+    s = learned_session(model, assoc, episodes=6, seed=0)
+    original, fp0 = weights_of(model), model.fingerprint()
+    P_before = [p.clone() for p in s.P]
+    report = distill(model, s, anchor=recall_anchor(16, 16, seed=99), probes=probes(assoc, 4, seed=5),
+                     budget=0.0, steps=6, lr=3e-3)
+    assert report["forgetting_bits"] > 0  # the attempt did forget a little ...
+    assert report["rolled_back"]  # ... more than a budget of 0 allows
+    assert report["fingerprint_after"] == fp0 == model.fingerprint()
+    assert_bitwise(model, original)
+    assert all(torch.equal(a, b) for a, b in zip(s.P, P_before))  # the session keeps its memory
+
+
+def test_distill_low_rank_deltas_are_merged(recall_model):
+    model = recall_model
+    s = learned_session(model, association(list(KEYS[:4]), 3), episodes=3, seed=2, n_pairs=8)
+    before = weights_of(model)
+    report = distill(model, s, steps=3, lr=1e-2, rank=2, params=["mlp.up_proj.weight"])
+    assert report["params_replaced"] == ["blocks.0.mlp.up_proj.weight", "blocks.1.mlp.up_proj.weight"]
+    after = model.state_dict()
+    for name in report["params_replaced"]:
+        delta = (after[name] - before[name]).double()
+        assert 0 < int(torch.linalg.matrix_rank(delta, atol=1e-5)) <= 2
+    for name in before:
+        if name not in report["params_replaced"]:
+            assert torch.equal(after[name], before[name]), name
+
+
+# ---------------------------------------------------------------------- merge
+def test_merge_of_four_disjoint_sessions(recall_model):
+    model = recall_model
+    sessions, prs = [], []
+    for u in range(4):
+        assoc = association(list(KEYS[4 * u:4 * u + 4]), 10 + u)
+        sessions.append(learned_session(model, assoc, episodes=8, seed=u))
+        prs.append(probes(assoc, 8, seed=50 + u))
+    original = weights_of(model)
+    P_before = [[p.clone() for p in s.P] for s in sessions]
+
+    figures = {}
+    for name, kw in {"mean": dict(method="mean"), "sum": dict(method="mean", scale=4.0),
+                     "ties": dict(method="ties", density=0.5, scale=2.0)}.items():
+        rep = merge(model, sessions, probes=prs, reset=False, **kw)
+        figures[name] = [e["gain_retained"] for e in rep["sessions"]]
+        gains = [e["gain_nats"] for e in rep["sessions"]]
+        undo(model, rep)
+        assert_bitwise(model, original)
+    print("merge gain retained per session:", {k: [round(v, 2) for v in r] for k, r in figures.items()},
+          "gains (nats):", [round(g, 2) for g in gains])
+    assert min(gains) > 0.3  # every session learned something its P alone knows
+    assert min(figures["ties"]) >= 0.5
+    assert min(figures["sum"]) >= 0.5
+    # A plain mean divides each disjoint memory by four: it keeps less than the sum does.
+    assert sum(figures["mean"]) < sum(figures["sum"])
+
+    rep = merge(model, sessions, weights="count", method="ties", density=0.5, scale=2.0, probes=prs)
+    assert rep["weights"] == [8.0] * 4 and all(bool((p == 0).all()) for s in sessions for p in s.P)
+    undo(model, rep, sessions=sessions)
+    assert_bitwise(model, original)
+    assert all(torch.equal(a, b) for s, Pb in zip(sessions, P_before) for a, b in zip(s.P, Pb))
+
+
+def test_ties_rule_on_hand_made_vectors():
+    # Two sessions, 4 entries: trimming keeps the 2 largest of each; entry 0 conflicts in sign.
+    a = torch.tensor([3.0, 2.0, 0.1, 0.0]).view(1, 1, 4)
+    b = torch.tensor([-1.0, 0.0, 0.2, 4.0]).view(1, 1, 4)
+    res = merge_tensors([a, b], [1.0, 1.0], method="ties", density=0.5)
+    # entry 0: 3 vs -1 -> sign +, only a agrees -> 3; entry 1: only a -> 2; entry 2: trimmed in
+    # a, b's 0.2 is not in its top 2 either -> 0; entry 3: only b -> 4.
+    assert torch.allclose(res["delta"].flatten(), torch.tensor([3.0, 2.0, 0.0, 4.0]))
+    assert res["conflict_fraction"] == pytest.approx(1 / 3)
+    mean = merge_tensors([a, b], [3.0, 1.0], method="mean")["delta"]
+    assert torch.allclose(mean, (3 * a + b) / 4)
+
+
+# ---------------------------------------------------------------------- CLI
+def test_cli_fold_then_undo(recall_model, tmp_path):
+    from cl_arch.scripts.cli import main
+
+    model = recall_model
+    model.save_pretrained(tmp_path / "base")
+    fp0 = model.fingerprint()
+    s = learned_session(model, association(list(KEYS[:4]), 4), episodes=2, seed=3, n_pairs=8)
+    s.save(tmp_path / "user.safetensors")
+    ids = torch.randint(32, 160, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with_P, _ = model(ids, state=model.init_state(2, [p[0] for p in s.P]))
+
+    assert main(["consolidate", "--model", str(tmp_path / "base"), "--sessions", str(tmp_path / "user.safetensors"),
+                 "--method", "fold", "--out", str(tmp_path / "folded")]) == 0
+    folded = PlasticTransformer.from_pretrained(tmp_path / "folded")
+    report = json.load(open(tmp_path / "folded" / "report.json"))
+    assert report["fingerprint_before"] == fp0 and report["fingerprint_after"] == folded.fingerprint()
+    assert os.path.isfile(tmp_path / "folded" / "report.undo.safetensors")
+    with torch.no_grad():
+        after, _ = folded(ids)
+    assert float((after - with_P).abs().max() / with_P.abs().max()) <= 1e-5
+
+    # The session file belongs to the old weights: consolidating it into the new model is refused.
+    assert main(["consolidate", "--model", str(tmp_path / "folded"), "--sessions", str(tmp_path / "user.safetensors"),
+                 "--method", "fold", "--out", str(tmp_path / "twice")]) == 2
+    assert main(["consolidate", "--model", str(tmp_path / "folded"), "--undo",
+                 str(tmp_path / "folded" / "report.json"), "--out", str(tmp_path / "restored")]) == 0
+    assert PlasticTransformer.from_pretrained(tmp_path / "restored").fingerprint() == fp0
