@@ -341,15 +341,12 @@ class BlockBatches:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             ds.set_epoch(self.epoch)
         ds = ds.skip(self.batch_in_epoch * self.global_batch)
-        rows = []
         got_any = self.batch_in_epoch > 0
-        for ex in ds:
-            rows.append(ex[_ROWS_FEATURE])
-            if len(rows) == self.global_batch:
-                self.batch_in_epoch += 1
-                got_any = True
-                yield self._rows(torch.stack(rows))
-                rows = []
+        # Batched iteration formats a whole batch at once (per-example torch formatting is ~50x slower).
+        for batch in ds.iter(batch_size=self.global_batch, drop_last_batch=True):
+            self.batch_in_epoch += 1
+            got_any = True
+            yield self._rows(torch.as_tensor(batch[_ROWS_FEATURE]))
         if not got_any:
             raise ValueError(f"streaming corpus holds fewer than one global batch of {self.global_batch} blocks")
 
@@ -359,13 +356,11 @@ def dataset_tensor(dataset, max_rows: Optional[int] = None) -> torch.Tensor:
     import datasets
 
     if isinstance(dataset, datasets.IterableDataset):
-        rows = []
-        for ex in dataset:
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-            rows.append(ex[_ROWS_FEATURE])
-        if not rows:
+        if max_rows is not None:
+            dataset = dataset.take(max_rows)
+        parts = [torch.as_tensor(b[_ROWS_FEATURE]) for b in dataset.iter(batch_size=1024)]
+        if not parts or sum(p.shape[0] for p in parts) == 0:
             raise ValueError("dataset is empty")
-        return torch.stack(rows).long()
+        return torch.cat(parts).long()
     n = len(dataset) if max_rows is None else min(max_rows, len(dataset))
     return dataset[:n][_ROWS_FEATURE].long()
