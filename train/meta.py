@@ -407,6 +407,7 @@ def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[
         optimizer.step()
         step += 1
         R_mean = float(np.mean(step_R))
+        lm = lm.detach()
         if not math.isfinite(R_mean) or not math.isfinite(float(lm)):
             raise FloatingPointError(f"meta-training diverged at step {step}: lower optim.lr")
         rewards.append(R_mean)
