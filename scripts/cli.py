@@ -10,6 +10,7 @@ from typing import List, Optional
 
 # Sub-command name -> module in cl_arch.scripts.
 COMMANDS = {
+    "adapt": "adapt",
     "consolidate": "consolidate",
     "demo": "demo",
     "eval": "eval",

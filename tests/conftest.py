@@ -1,0 +1,79 @@
+"""Shared fixtures.
+
+``recall_model`` (use this one in tests)
+    A fresh deep copy, per test, of a small all-fast-weight model trained on associative recall
+    (:func:`cl_arch.train.recall.train_recall_model`, config :func:`~cl_arch.train.recall.recall_config`:
+    2 fast layers, d=64, 2 heads of 32x32, byte vocabulary). Its fast memory maps a key token
+    (``train.tasks.KEYS``) to the value token (``train.tasks.VALUES``) written after it, also
+    from a memory carried into a new episode, i.e. from ``S0 = W0 + P``: use it for anything that
+    tests *learning* (sessions, the Sutton test, consolidation, eval); a fresh model cannot map a
+    written value back to its token (DESIGN.md). Tests may modify their copy freely.
+
+``recall_model_base`` (session scope)
+    The trained model itself, trained once per pytest run (400 steps: about 40 s on two idle CPU
+    cores, up to ~100 s on a heavily loaded machine; deterministic: fixed seed and step count).
+    Do not modify it; take ``recall_model``. The checkpoint is cached in pytest's cache folder
+    (``.pytest_cache/d/recall_model``) under a hash of the library, kernel and task sources, so
+    later runs load it in a second; ``pytest --cache-clear`` retrains.
+
+Training runs with one intra-op thread: on a shared, loaded machine two OpenMP threads
+spin-wait on each other and a step can take 50x longer. The previous setting is restored.
+"""
+import copy
+import glob
+import hashlib
+import os
+
+import pytest
+import torch
+
+RECALL_STEPS = 400
+RECALL_SEED = 0
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sources_digest() -> str:
+    """Hash of everything the trained weights depend on (library, kernels, task code, recipe)."""
+    h = hashlib.sha256(f"{RECALL_STEPS}/{RECALL_SEED}/{torch.__version__}".encode())
+    files = sorted(glob.glob(os.path.join(_ROOT, "cl_arch", "**", "*.py"), recursive=True)
+                   + glob.glob(os.path.join(_ROOT, "kernels", "**", "*.py"), recursive=True)
+                   + [os.path.join(_ROOT, "train", "recall.py"), os.path.join(_ROOT, "train", "tasks.py")])
+    for f in files:
+        h.update(os.path.relpath(f, _ROOT).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def recall_model_base(request):
+    from cl_arch import PlasticTransformer
+    from cl_arch.train.recall import train_recall_model
+
+    cache = os.path.join(str(request.config.cache.mkdir("recall_model")), _sources_digest())
+    model = None
+    if os.path.isfile(os.path.join(cache, "config.json")):
+        try:
+            model = PlasticTransformer.from_pretrained(cache)
+        except (ValueError, OSError):
+            model = None  # a damaged cache entry: retrain
+    if model is None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model = train_recall_model(steps=RECALL_STEPS, seed=RECALL_SEED)
+        finally:
+            torch.set_num_threads(threads)
+        model.save_pretrained(cache)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # the shared copy is read-only; copies re-enable below
+    return model
+
+
+@pytest.fixture
+def recall_model(recall_model_base):
+    model = copy.deepcopy(recall_model_base)
+    for name, p in model.named_parameters():
+        p.requires_grad_(True)
+    return model
