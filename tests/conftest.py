@@ -50,9 +50,11 @@ def recall_model_base(request):
     from cl_arch import PlasticTransformer
     from cl_arch.train.recall import train_recall_model
 
-    cache = os.path.join(str(request.config.cache.mkdir("recall_model")), _sources_digest())
+    pytest_cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    cache = None if pytest_cache is None else \
+        os.path.join(str(pytest_cache.mkdir("recall_model")), _sources_digest())
     model = None
-    if os.path.isfile(os.path.join(cache, "config.json")):
+    if cache is not None and os.path.isfile(os.path.join(cache, "config.json")):
         try:
             model = PlasticTransformer.from_pretrained(cache)
         except (ValueError, OSError):
@@ -64,7 +66,8 @@ def recall_model_base(request):
             model = train_recall_model(steps=RECALL_STEPS, seed=RECALL_SEED)
         finally:
             torch.set_num_threads(threads)
-        model.save_pretrained(cache)
+        if cache is not None:
+            model.save_pretrained(cache)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)  # the shared copy is read-only; copies re-enable below
