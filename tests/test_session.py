@@ -288,7 +288,7 @@ def test_negative_reward_never_grows_P_along_k_beyond_the_clip():
             assert bool(torch.isfinite(head_norm).all())
     bound = eta_r * clip / (1 - gamma)
     for P in s.P:  # after 50 commits the random start has decayed (0.9**50 ~ 5e-3)
-        assert float(torch.linalg.vector_norm(P[0], dim=(-2, -1)).max()) <= bound + 0.01 * 10
+        assert float(torch.linalg.vector_norm(P[0], dim=(-2, -1)).max()) <= bound + 0.1
     assert worst_growth > 0.5 * eta_r * clip  # the adversarial trace did push as hard as allowed
 
 
@@ -518,7 +518,7 @@ def test_cli_adapt_reads_prompts_and_rewards_and_saves(tmp_path):
     stdin = "hello\n+\nsecond prompt\n-\n+\nthird\n0.25\nnan\nfourth\n"
     res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert len([l for l in res.stdout.splitlines() if l.strip() or True]) >= 4  # four completions
+    assert res.stdout.count("\n") >= 4  # four completions, one print each
     assert "no episode" in res.stderr and "finite" in res.stderr  # the bad lines were reported
     s = Session.load(model, state)
     assert s.episodes == 3 and s.rewards == 3 and s.reward_sum == pytest.approx(0.25)
