@@ -48,7 +48,8 @@ def main(argv=None):
                 return lm_loss(model, block)
 
             res = run_training(cfg, TrainingSetup(model=build_model(cfg), loss_fn=loss_fn, kind="bench"))
-            step_s = (times[-1] - times[2]) / (len(times) - 3)  # steps 3..N: warm-up excluded
+            # Median of whole-step times after 2 warm-up steps: robust to other jobs on a shared CPU.
+            step_s = float(torch.tensor(times[2:]).diff().median())
             tokens = cfg.train.batch_size * cfg.data.seq_len
             rows.append({"config": label, "batch": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
                          "parameters": res["parameters"], "step_ms": step_s * 1e3, "tokens_per_s": tokens / step_s})
