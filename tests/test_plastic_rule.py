@@ -201,3 +201,34 @@ def test_bad_rule_and_backend():
         plastic_rule(**x, rule="oja")
     with pytest.raises(ValueError, match="backend"):
         plastic_rule(**x, backend="cuda_magic")
+
+
+@pytest.mark.parametrize("backend", ["naive"] + FAST_BACKENDS)
+def test_packed_sequences_equal_separate_calls(backend):
+    lengths = [5, 1, 70, 33]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)))
+    x = make_inputs(1, int(cu[-1]), 2, 8, 4)
+    N = len(lengths)
+    gen = torch.Generator().manual_seed(3)
+    x["initial_state"] = torch.randn(N, 2, 8, 4, generator=gen, dtype=torch.float64)
+    x["initial_trace"] = torch.randn(N, 2, 8, 4, generator=gen, dtype=torch.float64)
+    o, S, E = plastic_rule(**x, cu_seqlens=cu, backend=backend)
+    assert S.shape == (N, 2, 8, 4) and E.shape == (N, 2, 8, 4)
+    for n in range(N):
+        lo, hi = int(cu[n]), int(cu[n + 1])
+        part = {m: (t[:, lo:hi] if m in ("q", "k", "v", "beta", "g") else t) for m, t in x.items()}
+        part.update(initial_state=x["initial_state"][n:n + 1], initial_trace=x["initial_trace"][n:n + 1])
+        o_n, S_n, E_n = plastic_rule(**part, backend="naive")
+        assert rel_err(o[:, lo:hi], o_n) < 1e-10
+        assert rel_err(S[n:n + 1], S_n) < 1e-10 and rel_err(E[n:n + 1], E_n) < 1e-10
+
+
+@pytest.mark.parametrize("bad,message", [
+    (torch.tensor([0, 5, 4, 9]), "rise strictly"),
+    (torch.tensor([1, 9]), "rise strictly"),
+    (torch.tensor([0.0, 9.0]), "integer tensor"),
+], ids=["decreasing", "not-from-zero", "float"])
+def test_bad_cu_seqlens(bad, message):
+    x = make_inputs(1, 9, 1, 4, 4)
+    with pytest.raises(ValueError, match=message):
+        plastic_rule(**x, cu_seqlens=bad)

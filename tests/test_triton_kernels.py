@@ -300,3 +300,15 @@ def test_triton_commit_is_forward_only():
     # auto falls back to the differentiable PyTorch path when gradients are needed.
     P_new, _ = reward_commit(P, E, 1.0)
     assert P_new.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["triton_chunk", "triton_recurrent"])
+def test_public_entry_routes_cu_seqlens_to_triton(backend):
+    lengths = [7, 1, 30]
+    cu = torch.tensor([0, 7, 8, 38], device=DEVICE)
+    x = make_inputs(1, sum(lengths), 2, 16, 16)
+    gen = torch.Generator().manual_seed(4)
+    x["initial_state"] = torch.randn(3, 2, 16, 16, generator=gen, dtype=torch.float64).to(DEVICE)
+    o, S, E = plastic_rule(**x, cu_seqlens=cu, backend=backend, chunk_size=16)
+    o_ref, S_ref, E_ref = plastic_rule(**x, cu_seqlens=cu, backend="naive")
+    assert rel_err(o, o_ref) < 1e-10 and rel_err(S, S_ref) < 1e-10 and rel_err(E, E_ref) < 1e-10

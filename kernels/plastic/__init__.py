@@ -55,11 +55,24 @@ def resolve_backend(mode: str, device: Union[str, torch.device]) -> str:
     return "torch_" + mode
 
 
-def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend):
+def _check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
+    """Validate packed-sequence offsets; returns the number of sequences N."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise ValueError("cu_seqlens must be a 1-D integer tensor of sequence offsets [N+1]")
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs packed inputs with B = 1, got B = {B}")
+    cu = cu_seqlens.tolist()
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b <= a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must rise strictly from 0 to T={T}, got {cu}")
+    return len(cu) - 1
+
+
+def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend, cu_seqlens=None):
     check_tensor("q", q, ndim=4)
     B, T, H, K = q.shape
     if T < 1:
         raise ValueError("q must hold at least one token (T >= 1)")
+    n_states = B if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, B, T)
     check_tensor("k", k, shape=(B, T, H, K))
     check_tensor("v", v, shape=(B, T, H, None))
     V = v.shape[-1]
@@ -76,7 +89,7 @@ def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, 
         raise ValueError(f"scale must be a positive float, got {scale!r}")
     for name, st in (("initial_state", initial_state), ("initial_trace", initial_trace)):
         if st is not None:
-            check_tensor(name, st, shape=(B, H, K, V))
+            check_tensor(name, st, shape=(n_states, H, K, V))
             check_finite(name, st)
     if backend in TRITON_BACKENDS and backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} cannot run: triton is not installed")
@@ -105,6 +118,7 @@ def plastic_rule(
     output_final_state: bool = True,
     backend: str = "auto",
     chunk_size: int = 64,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Run the fast-weight rule of DESIGN.md over a sequence.
 
@@ -122,6 +136,10 @@ def plastic_rule(
         output_final_state: return S_T and E_T (else both None).
         backend: "auto" or a name from ``BACKENDS``.
         chunk_size: tokens per chunk for the chunked backends (ignored by the others).
+        cu_seqlens: ``[N+1]`` offsets of N sequences packed along T (B must be 1);
+            each starts from its own ``initial_state[n]`` and returns its own final
+            states, so states are ``[N, H, K, V]``. Triton backends do it in one
+            launch; the PyTorch backends loop over the sequences.
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V], E_T [B, H, K, V] or None)``;
@@ -132,7 +150,7 @@ def plastic_rule(
         ValueError: naming the argument, for a wrong shape, dtype, NaN/inf,
             beta outside [0, 1], g > 0, lam outside [0, 1], an unknown rule or backend.
     """
-    _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend)
+    _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend, cu_seqlens)
     if backend == "auto":
         mode = "recurrent" if q.shape[1] <= RECURRENT_MAX_T else "chunk"
         backend = resolve_backend(mode, q.device)
@@ -143,10 +161,36 @@ def plastic_rule(
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     extra = {"chunk_size": chunk_size} if backend.endswith("chunk") else {}
-    return BACKENDS[backend](
+    fn = BACKENDS[backend]
+    if cu_seqlens is not None and backend in GPU_BACKENDS:
+        extra["cu_seqlens"] = cu_seqlens
+    elif cu_seqlens is not None:
+        return _varlen_loop(fn, q, k, v, beta, g, cu_seqlens, rule=rule, lam=lam, scale=scale,
+                            initial_state=initial_state, initial_trace=initial_trace,
+                            output_final_state=output_final_state, **extra)
+    return fn(
         q, k, v, beta, g, rule=rule, lam=lam, scale=scale, initial_state=initial_state,
         initial_trace=initial_trace, output_final_state=output_final_state, **extra,
     )
+
+
+def _varlen_loop(fn, q, k, v, beta, g, cu_seqlens, initial_state, initial_trace, output_final_state, **kw):
+    """Packed sequences through a backend without varlen support, one sequence at a time."""
+    cu = cu_seqlens.tolist()
+    outs, finals, traces = [], [], []
+    for n, (lo, hi) in enumerate(zip(cu, cu[1:])):
+        o, S, E = fn(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], beta[:, lo:hi], None if g is None else g[:, lo:hi],
+                     initial_state=None if initial_state is None else initial_state[n:n + 1],
+                     initial_trace=None if initial_trace is None else initial_trace[n:n + 1],
+                     output_final_state=output_final_state, **kw)
+        outs.append(o)
+        finals.append(S)
+        traces.append(E)
+    o = torch.cat(outs, dim=1)
+    if not output_final_state:
+        return o, None, None
+    E_T = None if traces[0] is None else torch.cat(traces, dim=0)
+    return o, torch.cat(finals, dim=0), E_T
 
 
 __all__ = [
