@@ -4,9 +4,11 @@ forgetting, merge interference across methods and seeds.
     python benchmarks/bench_consolidate.py [--model DIR | --train-steps 400] [--seeds 3] [--threads 1]
 
 A session observes ``key value`` pairs of a fixed association (8 keys for distill, 4 disjoint keys
-per session for merge) over several episodes, committing each into P (retention, eta_s = 1). Its
-gain is the NLL drop of each value at the first occurrence of its key in a fresh episode (only P
-can know it). Prints tables, writes ``benchmarks/out/bench_consolidate.json`` and a PNG.
+per session for merge) over several episodes of 12 pairs (recall.py's cross-episode layout),
+committing each into P (retention, eta_s = 1, lam = 1: the whole episode's writes, the memory the
+model was trained to read after BOS; see tests/test_consolidate.py). Its gain is the NLL drop of
+each value at the first occurrence of its key in a fresh episode (only P can know it). Prints
+tables, writes ``benchmarks/out/bench_consolidate.json`` and a PNG.
 """
 import argparse
 import json
@@ -27,8 +29,8 @@ def association(keys, seed):
     return {k: VALUES[int(v)] for k, v in zip(keys, torch.randint(0, 16, (len(keys),), generator=g))}
 
 
-def learned_session(model, assoc, episodes, seed, n_pairs=16):
-    s = Session(model, eta_s=1.0, eta_r=0.0, seed=seed)
+def learned_session(model, assoc, episodes, seed, n_pairs=12):
+    s = Session(model, lam=1.0, eta_s=1.0, eta_r=0.0, seed=seed)
     g = torch.Generator().manual_seed(seed)
     keys = list(assoc)
     for _ in range(episodes):
@@ -142,7 +144,8 @@ def main():
 
     merge_cfgs = {"mean": dict(method="mean"), "sum (mean x4)": dict(method="mean", scale=4.0),
                   "ties d=0.5": dict(method="ties", density=0.5), "ties d=0.5 x2": dict(method="ties", density=0.5, scale=2.0),
-                  "ties d=0.2 x2": dict(method="ties", density=0.2, scale=2.0)}
+                  "ties d=0.2 x2": dict(method="ties", density=0.2, scale=2.0),
+                  "regmean": dict(method="regmean")}
     print(f"\n{'merge (4 disjoint sessions)':28s} {'retained per session':>32s} {'min':>6s} {'forget bits':>12s}")
     for seed in range(args.seeds):
         res = bench_merge(model, seed, merge_cfgs)

@@ -23,7 +23,7 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output directory: model, report.json, report.undo.safetensors")
     p.add_argument("--undo", metavar="REPORT", help="restore the model a report left behind instead")
     g = p.add_argument_group("merge")
-    g.add_argument("--merge-method", choices=["mean", "ties"], default="mean")
+    g.add_argument("--merge-method", choices=["mean", "ties", "regmean"], default="mean")
     g.add_argument("--weights", default=None, help="'count', 'reward' or comma-separated numbers (default equal)")
     g.add_argument("--density", type=float, default=0.5, help="TIES: fraction of entries kept per session")
     g.add_argument("--scale", type=float, default=1.0, help="multiplies the merged task vector")

@@ -14,6 +14,16 @@ non-negative weights ``w_u``:
     A_u   = (t_u != 0) & (sign(t_u) == sign)                                             # agreeing entries
     W0   <- W0 + scale * sum_u w_u t_u A_u / sum_u w_u A_u   (0 where no session agrees)  # disjoint mean
 
+``"regmean"`` (RegMean, Jin et al. 2023, on the memory read ``o = S^T q``): per layer and head,
+the delta whose reads agree best, in least squares, with each session's own P on the queries that
+session's data makes (``Q_u``: read queries of its replay, or ``data[u]``, run with its own P)::
+
+    G_u  = w_u Q_u^T Q_u                                      # [H, K, K]
+    W0  <- W0 + (sum_u G_u + ridge * mean diag(sum_u G_u) I)^-1 sum_u G_u P_u
+
+Keys of different sessions share directions of the 32-dim key space, so a plain sum lets one
+session's memory answer another's queries; RegMean solves for all sessions' reads at once.
+
 The mean dilutes each session by its share of the weight; TIES keeps an entry's full size where
 only agreeing sessions wrote it, and drops the minority side of a sign conflict, so disjoint
 associations interfere less. Each session's gain before and after is reported (interference).
@@ -25,11 +35,12 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
-from .common import as_sources, check_vocab, gain_figures, mean_nll, to_batches
+from .common import as_sources, check_vocab, forward_logits, gain_figures, mean_nll, to_batches
 from .report import new_report, save_params, save_session_P, write_report
 
-METHODS = ("mean", "ties")
+METHODS = ("mean", "ties", "regmean")
 
 
 def _weights(sources, weights) -> List[float]:
@@ -67,6 +78,53 @@ def _trim(p: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(p.abs() >= thresh, p, torch.zeros_like(p))
 
 
+def read_grams(model, batches, P) -> List[torch.Tensor]:
+    """Per fast layer, ``sum_t q_t q_t^T`` ``[H, K, K]`` (float64) of the unit read queries of every
+    position of ``batches`` (positions whose next token is scored when the data has a loss_mask),
+    each row run as a fresh episode from ``S0 = W0 + P``."""
+    layers = model.fast_layers()
+    grams = [torch.zeros(m.n_heads, m.head_k_dim, m.head_k_dim, dtype=torch.float64, device=m.W0.device)
+             for m in layers]
+    weight: Dict[str, torch.Tensor] = {}
+
+    def hook(mod, args):
+        # The layer's own query path (FastWeightLayer.forward): projections, short conv, unit norm.
+        x, state = args[0], (args[1] if len(args) > 1 else None)
+        H, K, V = mod.n_heads, mod.head_k_dim, mod.head_v_dim
+        qkv = torch.cat([mod.q_proj(x), mod.k_proj(x), mod.v_proj(x)], dim=-1)
+        if mod.conv is not None:
+            qkv, _ = mod.conv(qkv, None if state is None else state.conv)
+        else:
+            qkv = F.silu(qkv)
+        q = F.normalize(qkv[..., :H * K].reshape(x.shape[0], x.shape[1], H, K), p=2, dim=-1).double()
+        grams[layers.index(mod)] += torch.einsum("bt,bthk,bthl->hkl", weight["w"].to(q.device), q, q)
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                w = torch.zeros(b.ids.shape, dtype=torch.float64)
+                w[:, :-1] = b.mask[:, 1:].double()  # the read at t predicts token t + 1
+                weight["w"] = w
+                forward_logits(model, b, P)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def regmean_delta(Ps: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], w: Sequence[float],
+                  ridge: float = 1e-3) -> torch.Tensor:
+    """One layer's RegMean delta from task vectors ``Ps`` (``[H, K, V]``) and read Grams ``[H, K, K]``."""
+    G = [wu * g.double() for wu, g in zip(w, grams)]
+    Gsum = sum(G)
+    rhs = sum(g @ p.double() for g, p in zip(G, Ps))
+    K = Gsum.shape[-1]
+    reg = ridge * Gsum.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[:, None, None]
+    eye = torch.eye(K, dtype=torch.float64, device=Gsum.device)
+    return torch.linalg.solve(Gsum + reg * eye, rhs).to(Ps[0].dtype)
+
+
 def merge_tensors(Ps: Sequence[torch.Tensor], w: Sequence[float], method: str = "mean",
                   density: float = 0.2, scale: float = 1.0) -> Dict[str, Any]:
     """Merge one layer's task vectors ``Ps`` (each ``[H, K, V]``) -> ``{"delta", figures...}``."""
@@ -95,7 +153,8 @@ def merge_tensors(Ps: Sequence[torch.Tensor], w: Sequence[float], method: str = 
 
 def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = None, method: str = "mean",
           density: float = 0.2, scale: float = 1.0, probes: Optional[Sequence[Any]] = None,
-          out: Optional[str] = None, reset: bool = True, batch_size: int = 32) -> Dict[str, Any]:
+          out: Optional[str] = None, reset: bool = True, batch_size: int = 32, data: Optional[Sequence[Any]] = None,
+          ridge: float = 1e-3) -> Dict[str, Any]:
     """Merge the persistent memories of several sessions into W0.
 
     Args:
@@ -103,7 +162,7 @@ def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = Non
         sessions: a list of sessions (see :mod:`cl_arch.consolidate.common`).
         weights: None (equal), ``"count"`` (episodes per session), ``"reward"`` (summed reward,
             negatives count as 0) or one non-negative number per session.
-        method: ``"mean"`` or ``"ties"`` (see the module docstring).
+        method: ``"mean"``, ``"ties"`` or ``"regmean"`` (see the module docstring).
         density: fraction of each session's entries TIES keeps (0, 1].
         scale: multiplies the merged task vector (task arithmetic's lambda).
         probes: per session, token data on which its gain is measured (see
@@ -111,6 +170,10 @@ def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = Non
             buffer. Sessions with neither get no gain figures.
         out: path of the report JSON (undo weights next to it).
         reset: zero the sessions' P afterwards (their content now lives in W0).
+        data: for ``"regmean"``, per session, the token data whose read queries its P must keep
+            answering (every position, or those before a scored token); default each session's
+            replay buffer. The probes are kept for measuring.
+        ridge: ``"regmean"``'s ridge, relative to the mean diagonal of the summed Gram.
 
     Returns:
         The report. ``sessions[u]`` holds ``weight``, ``gain_nats`` (NLL without P minus with P,
@@ -129,8 +192,22 @@ def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = Non
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if not (isinstance(ridge, (int, float)) and ridge > 0 and math.isfinite(ridge)):
+        raise ValueError(f"ridge must be a positive number, got {ridge!r}")
     sources = as_sources(model, sessions)
     w = _weights(sources, weights)
+    fit_batches = None
+    if method == "regmean":
+        if data is not None and len(data) != len(sources):
+            raise ValueError(f"data must hold one entry per session ({len(sources)}), got {len(data)}")
+        fit_batches = []
+        for u, s in enumerate(sources):
+            b = to_batches(data[u] if data is not None else s.replay(), batch_size, what=f"data[{u}]")
+            if not b:
+                raise ValueError(f"regmean: session {u} has no data to take read queries from "
+                                 "(pass data=... or sessions with a replay buffer)")
+            check_vocab(model, b, f"data[{u}]")
+            fit_batches.append(b)
     if probes is not None and len(probes) != len(sources):
         raise ValueError(f"probes must hold one entry per session ({len(sources)}), got {len(probes)}")
     probe_batches = []
@@ -156,9 +233,16 @@ def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = Non
         save_session_P(report, s.index, s.P)
 
     per_layer = []
+    grams = None
+    if method == "regmean":  # every session's read queries, on the original weights with its own P
+        grams = [read_grams(model, b, s.P) for s, b in zip(sources, fit_batches)]
     with torch.no_grad():
         for j, m in enumerate(layers):
-            res = merge_tensors([s.P[j].to(m.state_dtype) for s in sources], w, method, density, scale)
+            Ps = [s.P[j].to(m.state_dtype) for s in sources]
+            if method == "regmean":
+                res = {"delta": scale * regmean_delta(Ps, [g[j] for g in grams], w, ridge)}
+            else:
+                res = merge_tensors(Ps, w, method, density, scale)
             delta = res.pop("delta")
             new = m.W0.detach().to(m.state_dtype) + delta
             stored = new.to(m.W0.dtype)
@@ -184,6 +268,7 @@ def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = Non
     retained = [e["gain_retained"] for e in per_session if "gain_retained" in e]
     report.update({
         "merge_method": method, "density": density if method == "ties" else None, "scale": scale,
+        "ridge": ridge if method == "regmean" else None,
         "weights": w, "sessions": per_session, "sessions_reset": reset, "per_layer": per_layer,
         "cosine": cosine,
         "min_gain_retained": min(retained) if retained else None,
