@@ -56,51 +56,88 @@ def demo_config() -> PlasticConfig:
                          chunk_size=64, mlp_ratio=3.0, lam=0.5, eta_s=0.0, eta_r=1.0, commit_clip=10.0)
 
 
-def stdlib_model(cache_dir: str = "runs/stdlib-model", seconds: float = 150.0, seq_len: int = 256,
-                 batch_size: int = 16, lr: float = 3e-3, seed: int = 0, max_bytes: int = 8_000_000,
-                 config: Optional[PlasticConfig] = None, log=print) -> PlasticTransformer:
+DEMO_PRETRAIN_SECONDS = 150.0
+
+
+def demo_pretrain_overrides(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
+                            config: Optional[PlasticConfig] = None) -> List[Tuple[List[str], Any]]:
+    """Settings of :func:`cl_arch.train.pretrain.pretrain` for the default model (over its defaults).
+
+    ``cl-arch pretrain``'s defaults (stdlib minus :data:`~cl_arch.train.data.HELD_OUT_STDLIB`,
+    256-byte blocks, batch 16, AdamW 3e-3 with warmup and cosine) with :func:`demo_config` as
+    the model and a wall-clock budget of ``seconds`` as the stop (the cosine follows the clock,
+    so the learning rate has decayed when the time is up, however fast the machine is).
+    """
+    model = (config or demo_config()).to_dict()
+    return [(["model"], model), (["train", "max_minutes"], seconds / 60.0), (["train", "max_steps"], 5000),
+            (["train", "eval_every"], 0), (["train", "val_blocks"], 32), (["train", "log_with"], "none"),
+            (["train", "seed"], seed), (["train", "save_every"], 0), (["train", "keep_checkpoints"], 1)]
+
+
+def default_cache_dir(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
+                      config: Optional[PlasticConfig] = None) -> str:
+    """``$CL_ARCH_CACHE`` or ``~/.cache/cl_arch`` + ``/demo-<hash>``: one folder per pretraining
+    recipe (settings, library version, Python version whose stdlib is the corpus)."""
+    import hashlib
+    import json
+    import sys
+
+    import cl_arch
+
+    key = json.dumps({"overrides": demo_pretrain_overrides(seconds, seed, config), "version": cl_arch.__version__,
+                      "python": list(sys.version_info[:2])}, sort_keys=True, default=str)
+    root = os.environ.get("CL_ARCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cl_arch")
+    return os.path.join(root, "demo-" + hashlib.sha1(key.encode()).hexdigest()[:10])
+
+
+def stdlib_model(cache_dir: Optional[str] = None, seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
+                 config: Optional[PlasticConfig] = None, log=print, progress: bool = True) -> PlasticTransformer:
     """Load the default model from ``cache_dir``, or pretrain it there first.
 
-    Pretraining: AdamW with cosine decay on random windows of the standard library's training
-    split (``stdlib_files("train")`` minus a validation share; the held-out packages are never
-    read), for ``seconds`` of wall time. A time budget, not a step count, so the demo keeps to
-    its few minutes on any machine; the checkpoint then fixes the result.
+    Pretraining is :func:`cl_arch.train.pretrain.pretrain` (accelerate) with
+    :func:`demo_pretrain_overrides`: next-byte loss on the standard library's training split (the
+    held-out packages are never read) for ``seconds`` of wall time. A time budget, not a step
+    count, so the demo keeps to its few minutes on any machine; the cached checkpoint then fixes
+    the result (its ``pretrain.json`` records steps and validation bits/byte).
+    ``cache_dir=None``: :func:`default_cache_dir` (keyed by the recipe).
     """
-    cfg_path = os.path.join(cache_dir, "config.json")
-    if os.path.isfile(cfg_path):
-        log(f"loading the pretrained model from {cache_dir}")
+    import json
+    import shutil
+    import tempfile
+
+    cache_dir = cache_dir or default_cache_dir(seconds, seed, config)
+    if os.path.isfile(os.path.join(cache_dir, "config.json")):
+        info = {}
+        if os.path.isfile(os.path.join(cache_dir, "pretrain.json")):
+            with open(os.path.join(cache_dir, "pretrain.json")) as f:
+                info = json.load(f)
+        extra = f" ({info['steps']} steps, validation {info['final_val_bpb']:.3f} bits/byte)" if info else ""
+        log(f"loading the pretrained model from {cache_dir}{extra}")
         return PlasticTransformer.from_pretrained(cache_dir).eval()
-    torch.manual_seed(seed)
-    train_files, _ = split_files(stdlib_files("train"))
-    data = bytes_to_tensor(read_bytes(train_files, max_bytes))
-    model = PlasticTransformer(config or demo_config())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(seed)
-    log(f"pretraining {model.num_parameters() / 1e6:.2f}M parameters for {seconds:.0f}s on "
-        f"{data.numel() / 1e6:.1f} MB of stdlib source (held-out packages excluded)")
-    start, step, ema = time.perf_counter(), 0, None
-    bar = tqdm(total=int(seconds), unit="s", desc="pretraining")
-    model.train()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        # cosine on elapsed time: the schedule ends when the budget does, whatever the speed
-        for group in opt.param_groups:
-            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / seconds)))
-        x, y = random_windows(data, batch_size, seq_len, g)
-        logits, _ = model(x, return_state=False)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-        bar.n = min(int(elapsed), int(seconds))
-        bar.set_postfix(step=step, bpb=f"{ema / math.log(2):.3f}")
-    bar.close()
-    log(f"pretrained {step} steps; training loss {ema / math.log(2):.3f} bits/byte")
-    model.eval()
-    model.save_pretrained(cache_dir)
-    return model
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only
+    from cl_arch.train.config import PretrainRunConfig, load_config
+    from cl_arch.train.pretrain import pretrain
+
+    parent = os.path.dirname(os.path.abspath(cache_dir))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".pretrain-", dir=parent)
+    try:
+        cfg = load_config(PretrainRunConfig, None, demo_pretrain_overrides(seconds, seed, config) +
+                          [(["train", "output_dir"], work), (["train", "progress"], progress)])
+        log(f"pretraining the default model for {seconds:.0f}s (cl_arch.train.pretrain) on the standard library "
+            f"minus its held-out packages; cached in {cache_dir}")
+        res = pretrain(cfg)
+        final = os.path.join(work, "final")
+        with open(os.path.join(final, "pretrain.json"), "w") as f:
+            json.dump({k: res[k] for k in ("steps", "final_val_bpb", "seconds", "tokens", "tokens_per_s", "stopped")},
+                      f, indent=1)
+        if os.path.isdir(cache_dir):  # a stale or partial folder without a model
+            shutil.rmtree(cache_dir)
+        os.replace(final, cache_dir)  # atomic: a crash never leaves a half-written cache
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return PlasticTransformer.from_pretrained(cache_dir).eval()
 
 
 # ---------------------------------------------------------------------------- the stream
@@ -207,7 +244,8 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
     """Read ``segments`` prequentially with every row of ``policies`` (and ``dyn``, if given).
 
     Returns per method: ``bits [N]`` (loss of every byte in bits), ``lines`` (list of
-    ``(accepted, length)`` per non-blank line), ``seconds`` (wall time of that method's passes);
+    ``(accepted, length)`` per non-blank line), ``seconds`` (wall time of that method's passes),
+    ``rewards`` (per episode, the reward each batched row was given: its mean line acceptance);
     plus the :class:`EpisodeLearner` (its ``P``) and the DynamicEval object.
     """
     learner = EpisodeLearner(model, policies)
@@ -215,6 +253,7 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
     bits: Dict[str, List[np.ndarray]] = {n: [] for n in names}
     lines: Dict[str, List[Tuple[int, int]]] = {n: [] for n in names}
     secs = {"batched": 0.0, "dynamic_eval": 0.0}
+    ep_rewards: List[List[Optional[float]]] = []
     B = learner.B
     for seg, prev in tqdm(segments, desc=desc, unit="ep", mininterval=2.0):
         x = torch.tensor([prev] + list(seg[:-1]), dtype=torch.long)
@@ -236,6 +275,11 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
                 dyn_bits.append((-lp[0].gather(-1, yi.unsqueeze(-1)).squeeze(-1) / math.log(2)).numpy())
                 dyn_corr.append((dl[0].argmax(-1) == yi).numpy())
                 secs["dynamic_eval"] += time.perf_counter() - t0
+        # The episode's last byte was only a target so far; a user's session observes (writes) it
+        # too before the episode closes, so the learner does the same (its logits score nothing).
+        t0 = time.perf_counter()
+        learner.step(y[-1:].unsqueeze(0).expand(B, -1))
+        secs["batched"] += time.perf_counter() - t0
         corr = np.concatenate(ep_corr, axis=1)
         b = np.concatenate(ep_bits, axis=1)
         acc = line_acceptance(corr, seg)
@@ -244,6 +288,7 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
             bits[p.name].append(b[i])
             lines[p.name].extend((int(a[i]), n) for a, n in acc)
             rewards.append(float(np.mean([a[i] / n for a, n in acc])) if acc else None)
+        ep_rewards.append(rewards)
         t0 = time.perf_counter()
         learner.end_episode(rewards)
         secs["batched"] += time.perf_counter() - t0
@@ -253,7 +298,7 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
             lines["dynamic_eval"].extend((int(a[0]), n) for a, n in dacc)
             dyn.new_episode()
     return {"bits": {n: np.concatenate(v) for n, v in bits.items()}, "lines": lines, "seconds": secs,
-            "learner": learner, "dyn": dyn, "names": names}
+            "learner": learner, "dyn": dyn, "names": names, "rewards": ep_rewards}
 
 
 def log_points(n: int, lo: int = 100, per_decade: int = 4) -> List[int]:
@@ -321,8 +366,8 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         gamma: Optional[float] = None, dyn_lr: float = 1e-4, dyn_rule: str = "rms", dyn_eps: float = 1e-3,
         dyn_decay: float = 0.0, calib_batches: int = 4, with_dynamic_eval: bool = True, drift_windows: int = 8,
         methods: Sequence[str] = ("frozen", "adapt", "adapt+reward", "no_persist"),
-        out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, cache_dir: str = "runs/stdlib-model",
-        pretrain_seconds: float = 150.0, seed: int = 0) -> Dict[str, Any]:
+        out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, cache_dir: Optional[str] = None,
+        pretrain_seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0) -> Dict[str, Any]:
     """Run the codebase benchmark and (with ``out_dir``) write ``<name>.json`` and ``<name>.png``.
 
     Args:
@@ -394,5 +439,5 @@ def table(report: Dict[str, Any]) -> str:
                                "tab accept", "ms/token", "MFLOP/token", "stdlib drift"])
 
 
-__all__ = ["demo_config", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
+__all__ = ["demo_config", "demo_pretrain_overrides", "default_cache_dir", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
            "base_windows", "window_bpb", "default_policies", "run_stream", "summarize", "run", "table", "POINTS"]

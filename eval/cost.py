@@ -98,7 +98,7 @@ def _time_forward(model, ids, state, repeats: int) -> float:
 
 def run(model: Optional[PlasticTransformer] = None, interactions: Sequence[int] = (1, 10, 100, 1000),
         interaction_tokens: int = 32, repeats: int = 5, out_dir: Optional[str] = "runs/eval",
-        name: Optional[str] = None, cache_dir: str = "runs/stdlib-model", seed: int = 0) -> Dict[str, Any]:
+        name: Optional[str] = None, cache_dir: Optional[str] = None, seed: int = 0) -> Dict[str, Any]:
     """Time one interaction of ``interaction_tokens`` after ``n`` earlier ones, for each ``n``.
 
     Returns the report (methods ``adapted`` and ``in_context``; curves of ms/token vs ``n``;

@@ -18,7 +18,8 @@ def add_parser(sub):
     p.add_argument("--model", default=None, help="checkpoint folder (save_pretrained); default: the "
                    "stdlib model in --cache-dir (codebase, tabcomplete, cost) or a recall-trained model (games, "
                    "sutton, retention)")
-    p.add_argument("--cache-dir", default="runs/stdlib-model", help="where the default stdlib model is cached")
+    p.add_argument("--cache-dir", default=None, help="where the default stdlib model is cached (default: "
+                   "~/.cache/cl_arch/demo-<hash of the recipe>, shared with cl-arch demo)")
     p.add_argument("--pretrain-seconds", type=float, default=150.0, help="budget if the default model must be trained")
     p.add_argument("--source", default=None, help="codebase/tabcomplete: folder, file or glob of .py files "
                    "(default: the held-out stdlib package json)")
@@ -44,6 +45,9 @@ def _model(args):
 
 
 def run(args):
+    from cl_arch.eval.runtime import keep_freed_memory
+
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _model(args)
