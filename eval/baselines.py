@@ -70,13 +70,16 @@ class EpisodeLearner:
     other row (and every attention cache) starts afresh. The model's weights are never changed.
     """
 
-    def __init__(self, model: PlasticTransformer, policies: Sequence[RowPolicy]):
+    def __init__(self, model: PlasticTransformer, policies: Sequence[RowPolicy], lam: Optional[float] = None):
         if not model.fast_layers():
             raise ValueError("EpisodeLearner needs a model with at least one fast-weight layer")
         self.model = model
         self.policies = list(policies)
         self.B = len(self.policies)
         self.layers = model.fast_layers()
+        # trace decay override (as Session(lam=...)): it shapes only E, i.e. what a commit stores;
+        # outputs within an episode do not depend on it, so the frozen row is unaffected
+        self.lam = None if lam is None else [float(lam)] * len(self.layers)
         dev = self.layers[0].W0.device
         self.P: List[torch.Tensor] = [torch.zeros(self.B, m.n_heads, m.head_k_dim, m.head_v_dim,
                                                   device=dev, dtype=m.state_dtype) for m in self.layers]
@@ -106,7 +109,7 @@ class EpisodeLearner:
     @torch.no_grad()
     def step(self, ids: torch.Tensor, modulation: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Read ``ids [B, T]`` (the same or different tokens per row); returns ``logits [B, T, V]``."""
-        logits, self.state = self.model(ids, state=self.state, modulation=modulation)
+        logits, self.state = self.model(ids, state=self.state, modulation=modulation, lam=self.lam)
         return logits
 
     def _coef(self, name: str, layer, policy: RowPolicy) -> torch.Tensor:

@@ -240,7 +240,8 @@ def default_policies(eta_s: float = 1.0, eta_r: Optional[float] = None, gamma: O
 
 
 def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]], policies: Sequence[RowPolicy],
-               dyn: Optional[DynamicEval] = None, chunk: int = 256, desc: str = "stream") -> Dict[str, Any]:
+               dyn: Optional[DynamicEval] = None, chunk: int = 256, desc: str = "stream",
+               lam: Optional[float] = None) -> Dict[str, Any]:
     """Read ``segments`` prequentially with every row of ``policies`` (and ``dyn``, if given).
 
     Returns per method: ``bits [N]`` (loss of every byte in bits), ``lines`` (list of
@@ -248,7 +249,7 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
     ``rewards`` (per episode, the reward each batched row was given: its mean line acceptance);
     plus the :class:`EpisodeLearner` (its ``P``) and the DynamicEval object.
     """
-    learner = EpisodeLearner(model, policies)
+    learner = EpisodeLearner(model, policies, lam=lam)
     names = [p.name for p in policies] + (["dynamic_eval"] if dyn is not None else [])
     bits: Dict[str, List[np.ndarray]] = {n: [] for n in names}
     lines: Dict[str, List[Tuple[int, int]]] = {n: [] for n in names}
@@ -367,7 +368,8 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         dyn_decay: float = 0.0, calib_batches: int = 4, with_dynamic_eval: bool = True, drift_windows: int = 8,
         methods: Sequence[str] = ("frozen", "adapt", "adapt+reward", "no_persist"),
         out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, cache_dir: Optional[str] = None,
-        pretrain_seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0) -> Dict[str, Any]:
+        pretrain_seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0, lam: Optional[float] = None
+        ) -> Dict[str, Any]:
     """Run the codebase benchmark and (with ``out_dir``) write ``<name>.json`` and ``<name>.png``.
 
     Args:
@@ -378,6 +380,8 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         max_bytes: bytes of the stream to read (gains are reported at 1k/10k/100k when reached).
         episode_bytes: longest episode; each file is split at line ends into episodes this long.
         eta_s, eta_r, gamma: commit settings for the adapting rows (None: the model's own).
+        lam: eligibility-trace decay override (None: the model's own, 0.5 by default). It decides
+            how much of an episode a commit stores: ``E_T = sum_t lam^(T-t) D_t``.
         dyn_lr, dyn_rule, dyn_eps, dyn_decay: dynamic evaluation (:class:`DynamicEval`).
         calib_batches: pretraining-corpus batches (8 x 256 bytes) that estimate dynamic
             evaluation's mean squared gradients.
@@ -406,13 +410,14 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
 
             calib = dyn.calibrate(batches())
     base = base_windows(drift_windows, 512, seed) if drift_windows else None
-    out = run_stream(model, segments, policies, dyn, chunk, desc=f"codebase {os.path.basename(src.rstrip('/'))}")
+    out = run_stream(model, segments, policies, dyn, chunk, desc=f"codebase {os.path.basename(src.rstrip('/'))}",
+                     lam=lam)
     methods = summarize(out, model, chunk, episode_bytes, base)
     report = {
         "benchmark": "codebase",
         "config": {"source": os.path.abspath(src), "files": len(files), "bytes": n_bytes,
                    "episodes": len(segments), "episode_bytes": episode_bytes, "chunk": chunk, "eta_s": eta_s,
-                   "eta_r": eta_r, "gamma": gamma, "dyn_lr": dyn_lr, "dyn_rule": dyn_rule, "dyn_eps": dyn_eps,
+                   "eta_r": eta_r, "gamma": gamma, "lam": lam, "dyn_lr": dyn_lr, "dyn_rule": dyn_rule, "dyn_eps": dyn_eps,
                    "dyn_decay": dyn_decay, "calibration": calib, "drift_windows": drift_windows,
                    "model_fingerprint": model.fingerprint(), "model_parameters": model.num_parameters(),
                    "model_config": model.config.to_dict(), "seed": seed},

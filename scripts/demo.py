@@ -7,7 +7,8 @@
 2. Reads an unseen package (default: the held-out stdlib package ``json``) file by file, scoring
    every byte before anything learns from it, with three learners on the same stream:
    the frozen model, the model whose fast weights consolidate into a persistent memory after
-   every episode (``adapt``), and dynamic evaluation (online gradient steps on all weights).
+   every episode (``adapt``), fast weights whose context memory simply carries over with no
+   persistence (``no_persist``), and dynamic evaluation (online gradient steps on all weights).
 3. Prints the table (bits/byte, gain over frozen, tab-completion acceptance, cost per token,
    drift on held-out stdlib) and writes ``<out>/demo.json`` and ``<out>/demo.png``.
 
@@ -27,7 +28,8 @@ def add_parser(sub):
     p.add_argument("--pretrain-seconds", type=float, default=150.0, help="pretraining budget when not cached")
     p.add_argument("--package", default="json", help="held-out stdlib package to adapt on (or use --source)")
     p.add_argument("--source", default=None, help="any folder of .py files instead of --package")
-    p.add_argument("--max-bytes", type=int, default=24_000, help="bytes of the unseen package to read")
+    p.add_argument("--max-bytes", type=int, default=50_000, help="bytes of the unseen package to read "
+                   "(json: 48 KB, all of it)")
     p.add_argument("--episode-bytes", type=int, default=2048)
     p.add_argument("--eta-s", type=float, default=1.0, help="retention commit rate")
     p.add_argument("--dyn-lr", type=float, default=1e-4, help="dynamic evaluation step size")
@@ -50,7 +52,7 @@ def run(args):
     source = args.source or codebase.held_out_package(args.package)
     print(f"reading {args.max_bytes} bytes of {source} (never seen in pretraining)")
     rep = codebase.run(source=source, model=model, max_bytes=args.max_bytes, episode_bytes=args.episode_bytes,
-                       eta_s=args.eta_s, dyn_lr=args.dyn_lr, methods=("frozen", "adapt"), calib_batches=2,
+                       eta_s=args.eta_s, dyn_lr=args.dyn_lr, methods=("frozen", "adapt", "no_persist"), calib_batches=2,
                        drift_windows=4, out_dir=args.out, name="demo", seed=args.seed)
     print()
     print(rep["table"])

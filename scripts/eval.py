@@ -23,6 +23,9 @@ def add_parser(sub):
     p.add_argument("--pretrain-seconds", type=float, default=150.0, help="budget if the default model must be trained")
     p.add_argument("--source", default=None, help="codebase/tabcomplete: folder, file or glob of .py files "
                    "(default: the held-out stdlib package json)")
+    p.add_argument("--package", default=None, help="codebase/tabcomplete/sutton: a held-out stdlib package "
+                   "(json, email, xml, asyncio, tomllib, zoneinfo) as the source")
+    p.add_argument("--lam", type=float, default=None, help="codebase: eligibility-trace decay (default: the model's)")
     p.add_argument("--max-bytes", type=int, default=100_000, help="codebase/tabcomplete: bytes of the stream")
     p.add_argument("--episode-bytes", type=int, default=2048, help="codebase/tabcomplete: longest episode")
     p.add_argument("--eta-s", type=float, default=1.0, help="retention commit rate of the adapting rows")
@@ -52,11 +55,14 @@ def run(args):
         torch.set_num_threads(args.threads)
     model = _model(args)
     name = args.name
+    if args.package:
+        from cl_arch.eval.codebase import held_out_package
+        args.source = held_out_package(args.package)
     if name == "codebase":
         from cl_arch.eval import codebase
         rep = codebase.run(source=args.source, model=model, max_bytes=args.max_bytes,
                            episode_bytes=args.episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r,
-                           dyn_lr=args.dyn_lr, dyn_rule=args.dyn_rule, with_dynamic_eval=not args.no_dynamic_eval,
+                           dyn_lr=args.dyn_lr, dyn_rule=args.dyn_rule, with_dynamic_eval=not args.no_dynamic_eval, lam=args.lam,
                            out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
                            pretrain_seconds=args.pretrain_seconds, seed=args.seed)
     elif name == "tabcomplete":
