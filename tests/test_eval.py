@@ -192,3 +192,21 @@ def test_learner_rows_match_sessions(learner_model, tree):
     # and the adapting rows did learn something different from the frozen one
     assert not np.allclose(out["bits"]["adapt"], out["bits"]["frozen"])
     assert not np.allclose(out["bits"]["adapt+reward"], out["bits"]["adapt"])
+
+
+def test_stdlib_model_pretrains_once_then_loads(tmp_path, monkeypatch):
+    """The demo's model comes from cl_arch.train.pretrain under a wall-clock budget, is cached in a
+    folder keyed by the recipe, and is loaded (not retrained) the second time."""
+    monkeypatch.setenv("CL_ARCH_CACHE", str(tmp_path))
+    cfg = PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2,
+                        attn_window=64, chunk_size=16, mlp_ratio=2.0)
+    path = codebase.default_cache_dir(2.0, 0, cfg)
+    assert path.startswith(str(tmp_path)) and path != codebase.default_cache_dir(3.0, 0, cfg)
+    logs = []
+    m1 = codebase.stdlib_model(None, seconds=2.0, config=cfg, log=logs.append, progress=False)
+    with open(os.path.join(path, "pretrain.json")) as f:
+        info = json.load(f)
+    assert info["stopped"] == "max_minutes" and info["steps"] >= 1 and math.isfinite(info["final_val_bpb"])
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".pretrain-")] == []  # work folder removed
+    m2 = codebase.stdlib_model(None, seconds=2.0, config=cfg, log=logs.append)
+    assert "loading" in logs[-1] and m2.fingerprint() == m1.fingerprint()
