@@ -41,9 +41,6 @@ def add_parser(sub):
 
 def run(args):
     from cl_arch.eval import codebase
-    from cl_arch.eval.runtime import keep_freed_memory
-
-    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -48,9 +48,6 @@ def _model(args):
 
 
 def run(args):
-    from cl_arch.eval.runtime import keep_freed_memory
-
-    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _model(args)

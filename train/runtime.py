@@ -1,4 +1,4 @@
-"""Process settings that make CPU runs of the benchmarks fast and steady."""
+"""Process settings that make CPU training and evaluation runs fast and steady."""
 from __future__ import annotations
 
 import ctypes
