@@ -212,6 +212,69 @@ def test_triton_chunk_varlen_equals_per_sequence_loop(poison_empty):
     assert_close(out, grads, ref, {n: t.grad for n, t in leaves.items() if t is not None}, tol=1e-10)
 
 
+# The chunkwise backward: the paths the forward cases above leave out.
+CHUNK_BWD_CASES = [
+    (2, 50, 2, 16, 16, "hebb", False, True, True, 16),   # hebb without decay, initial states
+    (1, 64, 2, 32, 16, "delta", False, True, False, 32),  # exact multiple of the chunk, no trace
+    (1, 70, 1, 16, 16, "delta", True, True, True, 64),   # one full chunk and a partial one
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V,rule,with_g,init,trace,C", CHUNK_BWD_CASES,
+                         ids=[case_id(*c) for c in CHUNK_BWD_CASES])
+def test_triton_chunk_backward_matches_naive_float64(B, T, H, K, V, rule, with_g, init, trace, C, poison_empty):
+    x = make_inputs(B, T, H, K, V, with_g=with_g, init=init, trace=trace, seed=5)
+    ref = run_with_grads(naive_plastic_rule, x, rule)
+    out = run_with_grads(chunk.triton_chunk_plastic_rule, x, rule, chunk_size=C)
+    assert_close(*out, *ref, tol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["delta", "hebb"])
+def test_triton_chunk_backward_several_v_blocks(monkeypatch, rule):
+    # BV_CAP = 16 splits V = 32 into 2 blocks: 2 dS programs, and the per-chunk program loops over both.
+    monkeypatch.setattr(fused_recurrent, "BV_CAP", 16)
+    x = make_inputs(1, 40, 2, 16, 32, init=True, seed=6)
+    ref = run_with_grads(naive_plastic_rule, x, rule)
+    out = run_with_grads(chunk.triton_chunk_plastic_rule, x, rule, chunk_size=16)
+    assert_close(*out, *ref, tol=1e-10)
+
+
+def test_triton_chunk_backward_output_only_and_float_lam():
+    # Only o feeds the loss (dS_T, dE_T arrive as zeros); lam as a float has no gradient.
+    x = make_inputs(2, 30, 2, 16, 16, init=True, seed=7)
+    x.pop("lam")
+    x["initial_trace"] = None  # unused without the final states: naive leaves it without a gradient
+    ref = run_with_grads(naive_plastic_rule, x, "delta", lam=0.9, output_final_state=False)
+    out = run_with_grads(chunk.triton_chunk_plastic_rule, x, "delta", lam=0.9, output_final_state=False, chunk_size=16)
+    assert_close(*out, *ref, tol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["delta", "hebb"])
+def test_triton_chunk_backward_varlen_fp32(rule):
+    # fp32 inputs, packed sequences (one shorter than a chunk, one spanning three), against
+    # naive in float64 on each sequence alone.
+    lens = [3, 45, 16]
+    H, K, V = 2, 16, 16
+    x64 = make_inputs(1, sum(lens), H, K, V, init=False, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    x64["initial_state"] = torch.randn(len(lens), H, K, V, generator=gen, dtype=torch.float64).to(DEVICE)
+    x64["initial_trace"] = torch.randn(len(lens), H, K, V, generator=gen, dtype=torch.float64).to(DEVICE)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device=DEVICE)
+    x = {n: (t.float() if t is not None else None) for n, t in x64.items()}
+    out, grads = run_with_grads(chunk.triton_chunk_plastic_rule, x, rule, cu_seqlens=cu, chunk_size=16)
+    assert all(grads[n].dtype == torch.float32 for n in grads)
+    leaves = {n: (t.detach().clone().requires_grad_() if t is not None else None) for n, t in x64.items()}
+    pieces = []
+    for n, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        part = {m: (t[:, lo:hi] if m in ("q", "k", "v", "beta", "g") else t) for m, t in leaves.items()}
+        part["initial_state"], part["initial_trace"] = leaves["initial_state"][n:n + 1], leaves["initial_trace"][n:n + 1]
+        pieces.append(naive_plastic_rule(**part, rule=rule))
+    ref = (torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces]), torch.cat([p[2] for p in pieces]))
+    gen = torch.Generator().manual_seed(1)
+    sum((t.float() * torch.randn(t.shape, generator=gen).to(t.device)).sum() for t in ref).backward()
+    assert_close(out, grads, ref, {n: t.grad for n, t in leaves.items() if t is not None}, tol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # log(0) = -inf, by design
 @pytest.mark.parametrize("backend", ["triton_chunk", "triton_recurrent"])
 def test_triton_trace_at_lam_zero_and_one(backend):

@@ -17,7 +17,8 @@ Only the hand-off of S between chunks is sequential::
 
 The trace never feeds back into S, so it is one masked matmul over the whole
 sequence once W is known: ``E_T = lam^T E0 + sum_t lam^{T-t} k_t w_t^T``.
-Gradients come from autograd through these batched operations.
+Gradients of ``chunk_plastic_rule`` come from autograd through these batched
+operations; the Triton backend below has its own chunkwise backward.
 """
 from typing import Optional, Tuple, Union
 
@@ -144,11 +145,21 @@ def chunk_plastic_rule(
 #          S  <- e^{G_L} S + (K e^{G_L-G})^T W
 #          E  <- lam^L E + (K lam^{L-1-i})^T W    (the trace's masked matmul)
 #      and stores S at every chunk start.
-# Backward: those chunk-start states are exactly the checkpoints of the
-# recurrent Triton backward (fused_recurrent._recurrent_bwd_kernel), which
-# replays each chunk token by token and walks chunks in reverse. So the
-# backward is a Triton kernel, but token-recurrent, not chunkwise-parallel:
-# O(T K V) work sequential in T per (sequence, head, V-block).
+# Backward (chunkwise, two launches; the recurrent backward is not used):
+#   3. _chunk_bwd_dstate_kernel, one program per (V-block, sequence, head): the
+#      only sequential part. dS, the gradient reaching S at a chunk's end, walks
+#      the chunks in reverse and is stored per chunk (dS_T at the last one):
+#          dW  = (K e^{G_L-G}) dS + P^T dO + (K lam^age) dE_T     (P = the masked QK^T)
+#          dS <- e^{G_L} dS + (Q e^G)^T dO - Wk^T dW               (delta: W = U - Wk S0)
+#      its final value is d initial_state.
+#   4. _chunk_bwd_kernel, one program per (chunk, head), all chunks in parallel,
+#      V in blocks: from S0 (forward checkpoint), dS at the chunk end, the saved
+#      U, Wk, (I+A)^{-1} and G it recomputes W and dW and back-propagates through
+#      O, S_end, the trace and the two triangular solves (dX = T^T dW for
+#      X = T rhs, dA = -dX X^T on the strict lower part), giving dq, dk, dv, dbeta,
+#      dG (turned into dg by a reverse cumsum within the chunk) and the per-token
+#      c_t = <dE_T, k_t w_t^T>. lam's gradient is then closed-form on the host
+#      (fused_recurrent._lam_grad), d initial_trace = lam^T dE_T.
 # ---------------------------------------------------------------------------
 from . import fused_recurrent as _fr  # noqa: E402
 
@@ -159,9 +170,9 @@ constexpr = "tl.constexpr"  # becomes tl.constexpr on the first call (see fused_
 
 
 def _chunk_prepare_kernel(
-    k, v, beta, g, U, Wk, Gc, cu, chunk_idx,
+    k, v, beta, g, U, Wk, Gc, Ti, cu, chunk_idx,
     H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
-    DELTA: constexpr, HAS_G: constexpr, DT: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, SAVE_T: constexpr, DT: constexpr,
 ):
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -197,6 +208,8 @@ def _chunk_prepare_kernel(
             a_i = tl.sum(tl.where(r[:, None] == i, A, 0.0), 0)  # [C], zero from column i on
             row = tl.where(r == i, 1.0, 0.0) - tl.sum(a_i[:, None] * Tinv, 0)
             Tinv = tl.where(r[:, None] == i, row[None, :], Tinv)
+        if SAVE_T:  # row i of (I + A)^{-1} at token i, for the backward
+            tl.store(Ti + (tok[:, None] * H + i_h) * C + r[None, :], Tinv, mask=m_r[:, None])
         b_U = tl.dot(Tinv, b_v * b_b[:, None], input_precision="ieee")
         b_W = tl.dot(Tinv, b_k * (b_b * tl.exp(G))[:, None], input_precision="ieee")
         tl.store(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], b_W, mask=m_r[:, None] & (o_k < K)[None, :])
@@ -277,11 +290,213 @@ def _chunk_fwd_kernel(
         tl.store(e_out + st, E, mask=m_kv)
 
 
+def _chunk_bwd_dstate_kernel(
+    q, k, Wk, Gc, lam, do, dst, det, dckpt, ds0, cu, seg_off, scale,
+    H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, TRACE: constexpr, HAS_DST: constexpr, HAS_DET: constexpr,
+    DT: constexpr,
+):
+    # The only sequential part of the backward: dS (the gradient reaching the state at
+    # a chunk's end) walks the chunks in reverse; it is stored for every chunk.
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu + i_n).to(tl.int64)
+    T = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    r = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    st = i_nh.to(tl.int64) * K * V + kv
+    incl = r[:, None] >= r[None, :]
+
+    dS = tl.zeros([BK, BV], dtype=DT)
+    if HAS_DST:
+        dS += tl.load(dst + st, mask=m_kv, other=0).to(DT)
+    dE = tl.zeros([BK, BV], dtype=DT)
+    log_lam = 0.0
+    if HAS_DET:
+        log_lam = tl.log(tl.load(lam + i_h).to(DT))
+        dE += tl.load(det + st, mask=m_kv, other=0).to(DT)
+    seg0 = tl.load(seg_off + i_n).to(tl.int64)
+    NC = (T + C - 1) // C
+    for jc in range(0, NC):
+        c = NC - 1 - jc
+        tl.store(dckpt + ((seg0 + c) * H + i_h) * K * V + kv, dS, mask=m_kv)
+        L = tl.minimum(T - c * C, C)
+        m_r = r < L
+        tok = bos + c * C + r
+        m_rk = m_r[:, None] & m_k[None, :]
+        m_rv = m_r[:, None] & m_v[None, :]
+        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT) * scale
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
+        b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_rv, other=0).to(DT)
+        G = tl.zeros([C], dtype=DT)
+        if HAS_G:
+            G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
+        G_L = tl.sum(tl.where(r == L - 1, G, 0.0), 0)
+        vv = incl & m_r[:, None] & m_r[None, :]
+        P = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        P = P * tl.exp(tl.where(vv, G[:, None] - G[None, :], float("-inf")))
+        ed = tl.where(m_r, tl.exp(G_L - G), 0.0)
+        # dW = (K e^{G_L-G}) dS + P^T dO (+ (K lam^age) dE_T)
+        dW = tl.dot(b_k * ed[:, None], dS, input_precision="ieee") + tl.dot(tl.trans(P), b_do, input_precision="ieee")
+        if HAS_DET:
+            # lam^age per row as in the forward (age 0 special-cased, padded rows 0)
+            age = (T - 1 - (c * C + r)).to(DT)
+            p = tl.exp(tl.where(age > 0, age, 1.0) * log_lam)
+            p = tl.where(age == 0, 1.0, tl.where(age > 0, p, 0.0))
+            dW += tl.dot(b_k * p[:, None], dE, input_precision="ieee")
+        dS = dS * tl.exp(G_L) + tl.dot(tl.trans(b_q * tl.exp(G)[:, None]), b_do, input_precision="ieee")
+        if DELTA:
+            b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
+            dS -= tl.dot(tl.trans(b_wk), dW, input_precision="ieee")
+    tl.store(ds0 + st, dS, mask=m_kv)
+
+
+def _chunk_bwd_kernel(
+    q, k, v, beta, U, Wk, Gc, Ti, lam, ckpt, dckpt, do, det,
+    dq, dk, dv, dbeta, dg, dlc, cu, chunk_idx, seg_off, scale,
+    H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, NV: constexpr, C: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, HAS_DET: constexpr, DT: constexpr,
+):
+    # One program per (chunk, head), all chunks in parallel, given S at the chunk's
+    # start (ckpt) and dS at its end (dckpt); V is walked in blocks of BV.
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_n = tl.load(chunk_idx + 2 * i_c).to(tl.int64)
+    j_c = tl.load(chunk_idx + 2 * i_c + 1).to(tl.int64)
+    seq0 = tl.load(cu + i_n).to(tl.int64)
+    T = tl.load(cu + i_n + 1).to(tl.int64) - seq0
+    bos = seq0 + j_c * C
+    L = tl.minimum(T - j_c * C, C)
+    r = tl.arange(0, C)
+    m_r = r < L
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    tok = bos + r
+    m_rk = m_r[:, None] & m_k[None, :]
+    vv = m_r[:, None] & m_r[None, :]
+    incl = (r[:, None] >= r[None, :]) & vv
+    strict = (r[:, None] > r[None, :]) & vv
+
+    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT) * scale
+    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
+    b_b = tl.load(beta + tok * H + i_h, mask=m_r, other=0).to(DT)
+    G = tl.zeros([C], dtype=DT)
+    if HAS_G:
+        G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
+    G_L = tl.sum(tl.where(r == L - 1, G, 0.0), 0)
+    diff = G[:, None] - G[None, :]
+    P = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * tl.exp(tl.where(incl, diff, float("-inf")))
+    eG = tl.where(m_r, tl.exp(G), 0.0)
+    ed = tl.where(m_r, tl.exp(G_L - G), 0.0)
+    Kd = b_k * ed[:, None]
+    p = tl.zeros([C], dtype=DT)
+    if HAS_DET:
+        age = (T - 1 - (j_c * C + r)).to(DT)
+        p = tl.exp(tl.where(age > 0, age, 1.0) * tl.log(tl.load(lam + i_h).to(DT)))
+        p = tl.where(age == 0, 1.0, tl.where(age > 0, p, 0.0))
+    b_wk = tl.zeros([C, BK], dtype=DT)
+    b_T = tl.zeros([C, C], dtype=DT)
+    if DELTA:
+        b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
+        b_T = tl.load(Ti + (tok[:, None] * H + i_h) * C + r[None, :], mask=m_r[:, None], other=0).to(DT)
+
+    dQg = tl.zeros([C, BK], dtype=DT)
+    dKd = tl.zeros([C, BK], dtype=DT)
+    dKt = tl.zeros([C, BK], dtype=DT)
+    dWk = tl.zeros([C, BK], dtype=DT)
+    dP = tl.zeros([C, C], dtype=DT)
+    dA = tl.zeros([C, C], dtype=DT)
+    d_b = tl.zeros([C], dtype=DT)
+    c_l = tl.zeros([C], dtype=DT)
+    dGL = tl.zeros([1], dtype=DT)
+    st0 = ((tl.load(seg_off + i_n).to(tl.int64) + j_c) * H + i_h) * K * V
+    for i_v in range(0, NV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        m_rv = m_r[:, None] & m_v[None, :]
+        kv = o_k[:, None] * V + o_v[None, :]
+        tv = (tok[:, None] * H + i_h) * V + o_v[None, :]
+        S0 = tl.load(ckpt + st0 + kv, mask=m_kv, other=0).to(DT)
+        dSe = tl.load(dckpt + st0 + kv, mask=m_kv, other=0).to(DT)
+        b_u = tl.load(U + tv, mask=m_rv, other=0).to(DT)
+        b_do = tl.load(do + tv, mask=m_rv, other=0).to(DT)
+        b_v = tl.load(v + tv, mask=m_rv, other=0).to(DT)
+        b_w = b_u
+        if DELTA:
+            b_w = b_u - tl.dot(b_wk, S0, input_precision="ieee")
+        dW = tl.dot(Kd, dSe, input_precision="ieee") + tl.dot(tl.trans(P), b_do, input_precision="ieee")
+        if HAS_DET:
+            dEb = tl.load(det + (i_n * H + i_h) * K * V + kv, mask=m_kv, other=0).to(DT)
+            dW += tl.dot(b_k * p[:, None], dEb, input_precision="ieee")
+            WdE = tl.dot(b_w, tl.trans(dEb), input_precision="ieee")
+            dKt += p[:, None] * WdE
+            c_l += tl.sum(b_k * WdE, 1)
+        dKd += tl.dot(b_w, tl.trans(dSe), input_precision="ieee")
+        dGL += tl.sum(tl.sum(dSe * S0, 1), 0)
+        dQg += tl.dot(b_do, tl.trans(S0), input_precision="ieee")
+        dP += tl.dot(b_do, tl.trans(b_w), input_precision="ieee")
+        if DELTA:
+            dWk -= tl.dot(dW, tl.trans(S0), input_precision="ieee")
+            dBv = tl.dot(tl.trans(b_T), dW, input_precision="ieee")
+            dA -= tl.dot(dBv, tl.trans(b_u), input_precision="ieee")
+        else:
+            dBv = dW
+        tl.store(dv + tv, (b_b[:, None] * dBv).to(dv.dtype.element_ty), mask=m_rv)
+        d_b += tl.sum(dBv * b_v, 1)
+
+    # O = (Q e^G) S0 + P W with P = mask * e^{G_i-G_j} * Q K^T
+    dPm = tl.where(incl, dP * tl.exp(tl.where(incl, diff, float("-inf"))), 0.0)
+    dQ = dQg * eG[:, None] + tl.dot(dPm, b_k, input_precision="ieee")
+    dK = dKt + tl.dot(tl.trans(dPm), b_q, input_precision="ieee")
+    R = dP * P
+    dG = tl.sum(R, 1) - tl.sum(R, 0) + tl.sum(dQg * b_q * eG[:, None], 1)
+    # S_end = e^{G_L} S0 + (K e^{G_L-G})^T W
+    dK += dKd * ed[:, None]
+    t_kd = tl.sum(dKd * Kd, 1)
+    dG -= t_kd
+    dG_L = tl.sum(dGL, 0) * tl.exp(G_L) + tl.sum(t_kd, 0)
+    if DELTA:
+        # U = T (beta V), Wk = T (beta e^G K), (I + A) T = I
+        dBk = tl.dot(tl.trans(b_T), dWk, input_precision="ieee")
+        dK += dBk * (b_b * eG)[:, None]
+        s_k = tl.sum(dBk * b_k, 1)
+        d_b += s_k * eG
+        dG += s_k * b_b * eG
+        dA -= tl.dot(dBk, tl.trans(b_wk), input_precision="ieee")
+        KK = tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
+        dAm = tl.where(strict, dA * tl.exp(tl.where(strict, diff, float("-inf"))), 0.0)
+        dK += b_b[:, None] * tl.dot(dAm, b_k, input_precision="ieee")
+        dK += tl.dot(tl.trans(dAm), b_k * b_b[:, None], input_precision="ieee")
+        RA = dAm * KK
+        d_b += tl.sum(RA, 1)
+        RA = RA * b_b[:, None]  # dA * A
+        dG += tl.sum(RA, 1) - tl.sum(RA, 0)
+    dG = tl.where(m_r, dG + tl.where(r == L - 1, dG_L, 0.0), 0.0)
+    tk = (tok[:, None] * H + i_h) * K + o_k[None, :]
+    tl.store(dq + tk, (dQ * scale).to(dq.dtype.element_ty), mask=m_rk)
+    tl.store(dk + tk, dK.to(dk.dtype.element_ty), mask=m_rk)
+    tl.store(dbeta + tok * H + i_h, d_b.to(dbeta.dtype.element_ty), mask=m_r)
+    if HAS_G:
+        # G = cumsum(g) within the chunk: dg_i = sum_{j >= i} dG_j
+        d_g = tl.sum(tl.where(r[None, :] >= r[:, None], dG[None, :], 0.0), 1)
+        tl.store(dg + tok * H + i_h, d_g.to(dg.dtype.element_ty), mask=m_r)
+    if HAS_DET:
+        tl.store(dlc + tok * H + i_h, c_l, mask=m_r)
+
+
 class _TritonChunkFn(torch.autograd.Function):
     """Packed-layout autograd wrapper: tensors ``[1, NTOK, H, *]``, states ``[N, H, K, V]``.
 
-    Forward: the two chunk kernels. Backward: the recurrent Triton backward
-    kernel, fed with the chunk-start states the forward saved.
+    Forward: the two chunk kernels, saving S at every chunk start, U, Wk, G and
+    (I+A)^{-1}. Backward: the two chunkwise backward kernels (see the comment above).
     """
 
     @staticmethod
@@ -302,9 +517,10 @@ class _TritonChunkFn(torch.autograd.Function):
         U = torch.empty(NTOK, H, V, dtype=acc, device=dev)
         Wk = torch.empty(NTOK, H, K, dtype=acc, device=dev) if delta else None
         Gc = torch.empty(NTOK, H, dtype=acc, device=dev) if g is not None else None
+        Ti = torch.empty(NTOK, H, C, dtype=acc, device=dev) if delta and save else None
         _fr.jit_for_env(_chunk_prepare_kernel)[(chunk_idx.shape[0], H)](
-            k, v, beta, g, U, Wk, Gc, cu, chunk_idx,
-            H=H, K=K, V=V, BK=BK, BV=BVf, C=C, DELTA=delta, HAS_G=g is not None, DT=DT,
+            k, v, beta, g, U, Wk, Gc, Ti, cu, chunk_idx,
+            H=H, K=K, V=V, BK=BK, BV=BVf, C=C, DELTA=delta, HAS_G=g is not None, SAVE_T=Ti is not None, DT=DT,
         )
         BV = max(16, min(BVf, _fr.BV_CAP))
         NV = triton.cdiv(V, BV)
@@ -317,13 +533,57 @@ class _TritonChunkFn(torch.autograd.Function):
             H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, TRACE=trace,
             HAS_S0=s0 is not None, HAS_E0=e0 is not None, SAVE_CKPT=save, DT=DT,
         )
-        ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, cu, seg_off, ckpt)
+        ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, cu, seg_off, ckpt, U, Wk, Gc, Ti, chunk_idx)
         ctx.cfg = (scale, delta, C)
         ctx.has_s0 = s0 is not None
         return o, S_T, E_T
 
-    # Same saved tensors and checkpoint layout as the recurrent function.
-    backward = staticmethod(_fr._TritonRecurrentFn.backward)
+    @staticmethod
+    def backward(ctx, do, dST, dET):
+        q, k, v, beta, g, lam_h, e0, cu, seg_off, ckpt, U, Wk, Gc, Ti, chunk_idx = ctx.saved_tensors
+        scale, delta, C = ctx.cfg
+        NTOK, H, K = q.shape[1:]
+        V = v.shape[-1]
+        N = cu.numel() - 1
+        dev = q.device
+        acc = ckpt.dtype
+        DT = tl.float64 if acc == torch.float64 else tl.float32
+        has_det = lam_h is not None and dET is not None
+        BK = max(16, triton.next_power_of_2(K))
+        BV = max(16, min(triton.next_power_of_2(V), _fr.BV_CAP))
+        NV = triton.cdiv(V, BV)
+        do = do.contiguous()
+        dST = dST.contiguous() if dST is not None else None
+        dET = dET.contiguous() if has_det else None
+        dckpt = torch.empty_like(ckpt)
+        ds0 = torch.empty(N, H, K, V, dtype=acc, device=dev)
+        _fr.jit_for_env(_chunk_bwd_dstate_kernel)[(NV, N * H)](
+            q, k, Wk, Gc, lam_h, do, dST, dET, dckpt, ds0, cu, seg_off, scale,
+            H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, TRACE=lam_h is not None,
+            HAS_DST=dST is not None, HAS_DET=has_det, DT=DT,
+        )
+        dq = torch.empty(1, NTOK, H, K, dtype=q.dtype, device=dev)
+        dk = torch.empty(1, NTOK, H, K, dtype=k.dtype, device=dev)
+        dv = torch.empty(1, NTOK, H, V, dtype=v.dtype, device=dev)
+        dbeta = torch.empty(1, NTOK, H, dtype=beta.dtype, device=dev)
+        dg = torch.empty(1, NTOK, H, dtype=g.dtype, device=dev) if g is not None else None
+        dlc = torch.empty(NTOK, H, dtype=acc, device=dev) if has_det else None
+        _fr.jit_for_env(_chunk_bwd_kernel)[(chunk_idx.shape[0], H)](
+            q, k, v, beta, U, Wk, Gc, Ti, lam_h, ckpt, dckpt, do, dET,
+            dq, dk, dv, dbeta, dg, dlc, cu, chunk_idx, seg_off, scale,
+            H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, C=C, DELTA=delta, HAS_G=g is not None, HAS_DET=has_det, DT=DT,
+        )
+        d_lam = d_e0 = None
+        if lam_h is not None:
+            if has_det:
+                d_lam = _fr._lam_grad(dlc, dET, e0, lam_h, cu, H).to(lam_h.dtype)
+                if e0 is not None:
+                    lens = (cu[1:] - cu[:-1]).to(acc)
+                    d_e0 = torch.pow(lam_h.to(acc)[None, :], lens[:, None])[..., None, None] * dET
+            else:
+                d_lam = torch.zeros_like(lam_h)
+        return (dq, dk, dv, dbeta, dg, d_lam, ds0 if ctx.has_s0 else None, d_e0,
+                None, None, None, None, None)
 
 
 def triton_chunk_plastic_rule(
@@ -343,9 +603,10 @@ def triton_chunk_plastic_rule(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Chunkwise plastic rule in Triton; same contract as :func:`naive_plastic_rule`.
 
-    The forward is chunkwise-parallel (see the comment above). The backward is a
-    Triton kernel too, but token-recurrent: it replays each chunk from the state
-    saved at its start (the recurrent backend's backward), not a chunkwise backward.
+    Forward and backward are chunkwise-parallel Triton kernels (see the comment
+    above): only the state S (forward) and its gradient dS (backward, chunks in
+    reverse) are handed on sequentially from chunk to chunk; everything else,
+    including the trace and the triangular solves, is per-chunk matmuls.
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (fp32, bf16, fp16 or fp64);
