@@ -21,45 +21,17 @@ import torch
 from cl_arch import PlasticTransformer
 from cl_arch.consolidate import distill, fold, merge, undo
 from cl_arch.session import Session
-from cl_arch.train.tasks import BOS, KEYS, VALUES, recall_batch
-
-
-def association(keys, seed):
-    g = torch.Generator().manual_seed(seed)
-    return {k: VALUES[int(v)] for k, v in zip(keys, torch.randint(0, 16, (len(keys),), generator=g))}
+from cl_arch.train.tasks import KEYS, association, association_episode, recall_anchor
+from cl_arch.train.tasks import association_probes as probes
 
 
 def learned_session(model, assoc, episodes, seed, n_pairs=12):
     s = Session(model, lam=1.0, eta_s=1.0, eta_r=0.0, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    keys = list(assoc)
     for _ in range(episodes):
-        ids = [BOS]
-        for i in torch.randint(0, len(keys), (n_pairs,), generator=g).tolist():
-            ids += [keys[i], assoc[keys[i]]]
-        s.observe(ids)
+        s.observe(association_episode(assoc, n_pairs, g))
         s.end_episode()
     return s
-
-
-def probes(assoc, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    keys = list(assoc)
-    ids, mask = [], []
-    for _ in range(n):
-        seq, m = [BOS], [False]
-        for i in torch.randperm(len(keys), generator=g).tolist():
-            seq += [keys[i], assoc[keys[i]]]
-            m += [False, True]
-        ids.append(seq)
-        mask.append(m)
-    return {"input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask)}
-
-
-def recall_anchor(n, n_pairs, seed):
-    x, y, m = recall_batch(n, n_pairs, seed=seed)
-    return {"input_ids": torch.cat([x, y[:, -1:]], 1),
-            "loss_mask": torch.cat([torch.zeros(n, 1, dtype=torch.bool), m], 1)}
 
 
 def bench_fold(model, seed):

@@ -26,7 +26,8 @@ from cl_arch import PlasticTransformer
 from cl_arch.consolidate import distill, fold, load_report, merge, undo, write_report
 from cl_arch.consolidate.merge import merge_tensors
 from cl_arch.session import Session
-from cl_arch.train.tasks import BOS, KEYS, VALUES, recall_batch
+from cl_arch.train.tasks import KEYS, association, association_episode, recall_anchor
+from cl_arch.train.tasks import association_probes as probes
 
 # Offsets the associations, sessions and probes of the learning tests (CL_ARCH_TEST_SEED=1 pytest
 # ... checks that a threshold is not tuned to one draw); the figures quoted are for seeds 0-2.
@@ -43,37 +44,6 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------- synthetic associations
-def association(keys, seed):
-    """A fixed map key token -> value token (values among the 16 the recall model knows)."""
-    g = torch.Generator().manual_seed(seed)
-    vals = torch.randint(0, 16, (len(keys),), generator=g)
-    return {k: VALUES[int(v)] for k, v in zip(keys, vals)}
-
-
-def episode(assoc, n_pairs, g):
-    """``[BOS, k, v, k, v, ...]`` with ``n_pairs`` random pairs of the association."""
-    keys = list(assoc)
-    ids = [BOS]
-    for i in torch.randint(0, len(keys), (n_pairs,), generator=g).tolist():
-        ids += [keys[i], assoc[keys[i]]]
-    return ids
-
-
-def probes(assoc, n, seed):
-    """Each key once per sequence (random order); scored: its value, which only P can predict."""
-    g = torch.Generator().manual_seed(seed)
-    keys = list(assoc)
-    ids, mask = [], []
-    for _ in range(n):
-        seq, m = [BOS], [False]
-        for i in torch.randperm(len(keys), generator=g).tolist():
-            seq += [keys[i], assoc[keys[i]]]
-            m += [False, True]
-        ids.append(seq)
-        mask.append(m)
-    return {"input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask)}
-
-
 # lam = 1: commit the whole episode's writes (see the module docstring); eta_s = 1, no reward
 # term; gamma and clip stay the model's (0.98, 10: the clip does not bind after the first episode).
 RULE = dict(lam=1.0, eta_s=1.0, eta_r=0.0)
@@ -85,16 +55,9 @@ def learned_session(model, assoc, episodes, seed, n_pairs=12):
     s = Session(model, seed=seed, **RULE)
     g = torch.Generator().manual_seed(seed)
     for _ in range(episodes):
-        s.observe(episode(assoc, n_pairs, g))
+        s.observe(association_episode(assoc, n_pairs, g))
         s.end_episode()
     return s
-
-
-def recall_anchor(n, n_pairs, seed):
-    """In-context recall with fresh random maps; scored: values of keys already seen (the skill)."""
-    x, y, m = recall_batch(n, n_pairs, seed=seed)
-    ids = torch.cat([x, y[:, -1:]], dim=1)
-    return {"input_ids": ids, "loss_mask": torch.cat([torch.zeros(n, 1, dtype=torch.bool), m], dim=1)}
 
 
 def weights_of(model):

@@ -139,6 +139,55 @@ def recall_batch(
     return recall_episodes(batch_size, 1, n_pairs, n_keys, n_values, seed)[0]
 
 
+
+# ---------------------------------------------------------------------- fixed associations
+# One fixed key -> value map a session learns over many episodes (what consolidation moves
+# into slow weights), as opposed to recall's fresh random map per sequence.
+def association(keys: Sequence[int], seed: int, n_values: int = 16) -> dict:
+    """A fixed map key token -> value token (values among the first ``n_values`` of VALUES)."""
+    vals = torch.randint(0, n_values, (len(keys),), generator=_gen(seed))
+    return {int(k): VALUES[int(v)] for k, v in zip(keys, vals)}
+
+
+def association_episode(assoc: dict, n_pairs: int, generator: torch.Generator) -> List[int]:
+    """``[BOS, k, v, k, v, ...]`` with ``n_pairs`` random pairs of the association (the layout
+    of :func:`recall_episodes`' cross-episode phase, which the recall model learned to read)."""
+    keys = list(assoc)
+    ids = [BOS]
+    for i in torch.randint(0, len(keys), (n_pairs,), generator=generator).tolist():
+        ids += [keys[i], assoc[keys[i]]]
+    return ids
+
+
+def association_probes(assoc: dict, n: int, seed: int) -> dict:
+    """``n`` sequences holding each key once (random order) with its value.
+
+    Returns ``{"input_ids": [n, 1 + 2 * len(assoc)] long, "loss_mask": same shape bool}``; the mask
+    scores the values, which only a memory of the association can predict at first sight.
+    """
+    g = _gen(seed)
+    keys = list(assoc)
+    ids, mask = [], []
+    for _ in range(n):
+        seq, m = [BOS], [False]
+        for i in torch.randperm(len(keys), generator=g).tolist():
+            seq += [keys[i], assoc[keys[i]]]
+            m += [False, True]
+        ids.append(seq)
+        mask.append(m)
+    return {"input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask)}
+
+
+def recall_anchor(n: int, n_pairs: int, seed: int) -> dict:
+    """In-context recall with fresh random maps as anchor data (the skill consolidation must keep).
+
+    Returns ``{"input_ids": [n, 2 * n_pairs + 1] long, "loss_mask": same shape bool}`` scoring the
+    values of keys already seen in the sequence.
+    """
+    x, y, m = recall_batch(n, n_pairs, seed=seed)
+    ids = torch.cat([x, y[:, -1:]], dim=1)
+    return {"input_ids": ids, "loss_mask": torch.cat([torch.zeros(n, 1, dtype=torch.bool), m], dim=1)}
+
 # ---------------------------------------------------------------------- hidden preference game
 @dataclass
 class PreferenceGame:
@@ -270,4 +319,5 @@ class Bandit:
 
 
 __all__ = ["PAD", "BOS", "SEP", "ASK", "POS", "NEG", "ARMS", "KEYS", "VALUES", "VOCAB_SIZE",
-           "key_tokens", "value_tokens", "recall_batch", "recall_episodes", "PreferenceGame", "cue_reward_batch", "Bandit"]
+           "key_tokens", "value_tokens", "recall_batch", "recall_episodes", "association",
+           "association_episode", "association_probes", "recall_anchor", "PreferenceGame", "cue_reward_batch", "Bandit"]
