@@ -5,13 +5,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .config import PlasticConfig
+from .io import atomic_write
 from .layers import CausalSelfAttention, FastWeightLayer, RMSNorm, SwiGLU
 from .state import AttnLayerState, FastLayerState, LayerState, ModelState
 
@@ -260,25 +260,15 @@ class PlasticTransformer(nn.Module):
         meta = {"config": self.config.to_dict(), "fingerprint": self.fingerprint(),
                 "cl_arch_version": __version__}
 
-        def atomic_write(name: str, write) -> None:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, os.path.join(directory, name))
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-
         def write_json(path: str) -> None:
             with open(path, "w") as f:
                 json.dump(meta, f, indent=2, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
 
-        atomic_write(WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"fingerprint": meta["fingerprint"]}))
-        atomic_write(CONFIG_NAME, write_json)
+        atomic_write(os.path.join(directory, WEIGHTS_NAME),
+                     lambda p: save_file(tensors, p, metadata={"fingerprint": meta["fingerprint"]}))
+        atomic_write(os.path.join(directory, CONFIG_NAME), write_json)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike],

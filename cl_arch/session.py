@@ -23,7 +23,6 @@ fsynced and renamed, so a crash leaves either the old or the new file whole.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -31,7 +30,6 @@ import numbers
 import os
 import re
 import struct
-import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -39,7 +37,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 import torch
 
-from .state import AttnLayerState, FastLayerState, ModelState
+from .io import atomic_write
+from .state import FastLayerState, ModelState
 
 SCHEMA = "cl_arch.session/1"
 METADATA_KEY = "cl_arch_session"
@@ -768,27 +767,16 @@ def _atomic_write(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"folder {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             view = memoryview(data)
             for off in range(0, len(data), _WRITE_CHUNK):
                 _write_chunk(f, view[off:off + _WRITE_CHUNK])
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a folder; the data itself is already synced
+
+    atomic_write(path, write, sync_dir=True)
 
 
 # ---------------------------------------------------------------------- store

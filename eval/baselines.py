@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from cl_arch import PlasticTransformer
 from cl_arch.kernels import reward_commit
-from cl_arch.state import AttnLayerState, FastLayerState, ModelState
+from cl_arch.state import FastLayerState, ModelState
 
 
 @dataclass

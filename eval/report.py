@@ -25,6 +25,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from cl_arch.io import atomic_write
+
 REQUIRED = ("benchmark", "config", "methods")
 
 
@@ -111,10 +113,12 @@ def write_report(report: Dict[str, Any], out_dir: str, name: Optional[str] = Non
     png = os.path.join(out_dir, f"{name}.png")
     report["plot"] = plot(report, png)
     path = os.path.join(out_dir, f"{name}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(report), f, indent=2)
-    os.replace(tmp, path)  # a crash never leaves half a report
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(_jsonable(report), f, indent=2)
+
+    atomic_write(path, write_json)  # a crash never leaves half a report
     report["json"] = path
     return report
 

@@ -35,7 +35,6 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from .common import as_sources, check_vocab, forward_logits, gain_figures, mean_nll, to_batches
 from .report import new_report, save_params, save_session_P, write_report
@@ -88,15 +87,8 @@ def read_grams(model, batches, P) -> List[torch.Tensor]:
     weight: Dict[str, torch.Tensor] = {}
 
     def hook(mod, args):
-        # The layer's own query path (FastWeightLayer.forward): projections, short conv, unit norm.
         x, state = args[0], (args[1] if len(args) > 1 else None)
-        H, K, V = mod.n_heads, mod.head_k_dim, mod.head_v_dim
-        qkv = torch.cat([mod.q_proj(x), mod.k_proj(x), mod.v_proj(x)], dim=-1)
-        if mod.conv is not None:
-            qkv, _ = mod.conv(qkv, None if state is None else state.conv)
-        else:
-            qkv = F.silu(qkv)
-        q = F.normalize(qkv[..., :H * K].reshape(x.shape[0], x.shape[1], H, K), p=2, dim=-1).double()
+        q = mod.project_qkv(x, None if state is None else state.conv)[0].double()
         grams[layers.index(mod)] += torch.einsum("bt,bthk,bthl->hkl", weight["w"].to(q.device), q, q)
 
     handles = [m.register_forward_pre_hook(hook) for m in layers]

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
+
+from ..io import atomic_write
 
 UNDO_KEY = "_undo"
 PARAM_PREFIX = "param/"
@@ -70,20 +71,6 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def undo_path_for(json_path: Union[str, os.PathLike]) -> str:
     """``dir/name.json -> dir/name.undo.safetensors``."""
     json_path = os.fspath(json_path)
@@ -99,9 +86,10 @@ def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
     from safetensors.torch import save_file
 
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in report.get(UNDO_KEY, {}).items()}
     undo_file = undo_path_for(path)
-    _atomic_write(undo_file, lambda p: save_file(tensors, p, metadata={
+    atomic_write(undo_file, lambda p: save_file(tensors, p, metadata={
         "fingerprint_before": str(report.get("fingerprint_before")),
         "fingerprint_after": str(report.get("fingerprint_after"))}))
     report["undo_file"] = os.path.basename(undo_file)
@@ -112,7 +100,7 @@ def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
             json.dump(_jsonable(public), f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic_write(path, write_json)
+    atomic_write(path, write_json)
     return path
 
 

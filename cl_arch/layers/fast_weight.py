@@ -120,6 +120,24 @@ class FastWeightLayer(nn.Module):
             S0 = S0 + P.to(self.state_dtype)
         return S0
 
+    def project_qkv(self, x: torch.Tensor, conv_cache: Optional[torch.Tensor] = None):
+        """The read/write vectors of ``x [B, T, d_model]``: projections, short conv, unit q and k.
+
+        Returns ``q, k [B, T, H, K]``, ``v [B, T, H, V]`` and the new conv cache (None without conv).
+        """
+        B, T, _ = x.shape
+        H, K, V = self.n_heads, self.head_k_dim, self.head_v_dim
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        if self.conv is not None:
+            # The conv lets a key see the previous tokens, so the value position can read it.
+            qkv, conv_cache = self.conv(qkv, conv_cache)
+        else:
+            qkv, conv_cache = F.silu(qkv), None
+        q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
+        q = F.normalize(q.view(B, T, H, K), p=2, dim=-1)
+        k = F.normalize(k.view(B, T, H, K), p=2, dim=-1)  # unit keys keep the delta rule stable
+        return q, k, v.view(B, T, H, V), conv_cache
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -143,19 +161,10 @@ class FastWeightLayer(nn.Module):
             ``y [B, T, d_model]`` and the new :class:`FastLayerState` (None if not requested).
         """
         B, T, _ = x.shape
-        H, K, V = self.n_heads, self.head_k_dim, self.head_v_dim
+        H, V = self.n_heads, self.head_v_dim
         state = state if state is not None else FastLayerState()
 
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        if self.conv is not None:
-            # The conv lets a key see the previous tokens, so the value position can read it.
-            qkv, conv_cache = self.conv(qkv, state.conv)
-        else:
-            qkv, conv_cache = F.silu(qkv), None
-        q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
-        q = F.normalize(q.view(B, T, H, K), p=2, dim=-1)
-        k = F.normalize(k.view(B, T, H, K), p=2, dim=-1)  # unit keys keep the delta rule stable
-        v = v.view(B, T, H, V)
+        q, k, v, conv_cache = self.project_qkv(x, state.conv)
 
         # Gates in at least float32: a bf16 log-decay summed over a chunk loses too much.
         cdt = torch.promote_types(x.dtype, torch.float32)
