@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .common import as_sources
-from .report import new_report, save_params, save_session_P, write_report
+from .report import new_report, save_w0_and_sessions, write_report
 
 
 def fold(model, sessions: Any, out: Optional[str] = None, reset: bool = True) -> Dict[str, Any]:
@@ -46,11 +46,7 @@ def fold(model, sessions: Any, out: Optional[str] = None, reset: bool = True) ->
     sources = as_sources(model, sessions)  # all checked before anything changes
     report = new_report("fold", model)
     layers = model.fast_layers()
-    names = {id(p): n for n, p in model.named_parameters()}
-    w0_names = [names[id(m.W0)] for m in layers]
-    save_params(report, model, w0_names)
-    for s in sources:
-        save_session_P(report, s.index, s.P)
+    w0_names = save_w0_and_sessions(report, model, sources)
 
     per_layer = []
     with torch.no_grad():

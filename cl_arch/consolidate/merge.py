@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from .common import as_sources, check_vocab, forward_logits, gain_figures, mean_nll, to_batches
-from .report import new_report, save_params, save_session_P, write_report
+from .report import new_report, save_w0_and_sessions, write_report
 
 METHODS = ("mean", "ties", "regmean")
 
@@ -218,11 +218,7 @@ def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = Non
 
     report = new_report("merge", model)
     layers = model.fast_layers()
-    names = {id(p): n for n, p in model.named_parameters()}
-    w0_names = [names[id(m.W0)] for m in layers]
-    save_params(report, model, w0_names)
-    for s in sources:
-        save_session_P(report, s.index, s.P)
+    w0_names = save_w0_and_sessions(report, model, sources)
 
     per_layer = []
     grams = None

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -56,6 +56,19 @@ def save_session_P(report: Dict[str, Any], index: int, P: Sequence[torch.Tensor]
     """Keep session ``index``'s persistent memories (one ``[H, K, V]`` per fast layer)."""
     for j, p in enumerate(P):
         report[UNDO_KEY][f"{SESSION_PREFIX}{index}/P/{j}"] = p.detach().clone()
+
+
+def save_w0_and_sessions(report: Dict[str, Any], model, sources) -> List[str]:
+    """Before writing into W0: keep every fast layer's W0 and each source session's P for undo.
+
+    Returns the parameter names of the W0s, in fast-layer order.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    w0_names = [names[id(m.W0)] for m in model.fast_layers()]
+    save_params(report, model, w0_names)
+    for s in sources:
+        save_session_P(report, s.index, s.P)
+    return w0_names
 
 
 def _jsonable(x: Any) -> Any:
