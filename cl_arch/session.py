@@ -324,13 +324,12 @@ class Session:
 
     def _absorb(self, ids: torch.Tensor, logits: torch.Tensor, state: ModelState) -> None:
         """Bookkeeping after a forward of ``ids [T]`` that produced ``logits [T, V]``."""
-        logp_prev = None if self._next_logits is None else torch.log_softmax(self._next_logits.double(), -1)
-        lp = torch.log_softmax(logits.double(), -1)
         nll = torch.full((ids.numel(),), float("nan"), dtype=torch.float64)
-        if logp_prev is not None:
-            nll[0] = -logp_prev[ids[0]]
-        if ids.numel() > 1:
-            nll[1:] = -lp[:-1].gather(1, ids[1:, None].long()).squeeze(1)
+        if self._next_logits is not None:
+            nll[0] = -torch.log_softmax(self._next_logits.double(), -1)[ids[0]]
+        if ids.numel() > 1:  # a decode step (one token) has nothing to score inside the call
+            lp = torch.log_softmax(logits[:-1].double(), -1)
+            nll[1:] = -lp.gather(1, ids[1:, None].long()).squeeze(1)
         self.state = state
         self._next_logits = logits[-1].detach()
         self._episode_ids.extend(int(x) for x in ids.tolist())
