@@ -172,7 +172,7 @@ constexpr = "tl.constexpr"  # becomes tl.constexpr on the first call (see fused_
 def _chunk_prepare_kernel(
     k, v, beta, g, U, Wk, Gc, Ti, cu, chunk_idx,
     H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
-    DELTA: constexpr, HAS_G: constexpr, SAVE_T: constexpr, DT: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, SAVE_T: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
 ):
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -200,7 +200,7 @@ def _chunk_prepare_kernel(
         # Masking the exponent (not the product) keeps e^{G_i-G_j} of future
         # positions, which may overflow to inf, from turning 0 * inf into NaN.
         strict = r[:, None] > r[None, :]
-        A = tl.dot(b_k * b_b[:, None], tl.trans(b_k), input_precision="ieee")
+        A = tl.dot((b_k * b_b[:, None]).to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
         A = A * tl.exp(tl.where(strict, G[:, None] - G[None, :], float("-inf")))
         # T = (I + A)^{-1}, unit lower triangular: row i = e_i - sum_{j<i} A_ij T_j.
         Tinv = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(DT)
@@ -210,8 +210,8 @@ def _chunk_prepare_kernel(
             Tinv = tl.where(r[:, None] == i, row[None, :], Tinv)
         if SAVE_T:  # row i of (I + A)^{-1} at token i, for the backward
             tl.store(Ti + (tok[:, None] * H + i_h) * C + r[None, :], Tinv, mask=m_r[:, None])
-        b_U = tl.dot(Tinv, b_v * b_b[:, None], input_precision="ieee")
-        b_W = tl.dot(Tinv, b_k * (b_b * tl.exp(G))[:, None], input_precision="ieee")
+        b_U = tl.dot(Tinv.to(OP).to(MM), (b_v * b_b[:, None]).to(OP).to(MM), input_precision=PREC)
+        b_W = tl.dot(Tinv.to(OP).to(MM), (b_k * (b_b * tl.exp(G))[:, None]).to(OP).to(MM), input_precision=PREC)
         tl.store(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], b_W, mask=m_r[:, None] & (o_k < K)[None, :])
     else:
         b_U = b_v * b_b[:, None]
@@ -222,7 +222,7 @@ def _chunk_fwd_kernel(
     q, k, U, Wk, Gc, lam, s0, e0, o, s_out, e_out, ckpt, cu, seg_off, scale,
     H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
     DELTA: constexpr, HAS_G: constexpr, TRACE: constexpr, HAS_S0: constexpr, HAS_E0: constexpr,
-    SAVE_CKPT: constexpr, DT: constexpr,
+    SAVE_CKPT: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
 ):
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -266,24 +266,24 @@ def _chunk_fwd_kernel(
         b_W = tl.load(U + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_rv, other=0).to(DT)
         if DELTA:
             b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
-            b_W -= tl.dot(b_wk, S, input_precision="ieee")
+            b_W -= tl.dot(b_wk.to(OP).to(MM), S.to(OP).to(MM), input_precision=PREC)
         G = tl.zeros([C], dtype=DT)
         if HAS_G:
             G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
         G_L = tl.sum(tl.where(r == L - 1, G, 0.0), 0)
-        qk = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        qk = tl.dot(b_q.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
         qk = qk * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-        b_o = tl.dot(b_q * tl.exp(G)[:, None], S, input_precision="ieee") + tl.dot(qk, b_W, input_precision="ieee")
+        b_o = tl.dot((b_q * tl.exp(G)[:, None]).to(OP).to(MM), S.to(OP).to(MM), input_precision=PREC) + tl.dot(qk.to(OP).to(MM), b_W.to(OP).to(MM), input_precision=PREC)
         tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_rv)
         k_out = b_k * tl.where(m_r, tl.exp(G_L - G), 0.0)[:, None]
-        S = S * tl.exp(G_L) + tl.dot(tl.trans(k_out), b_W, input_precision="ieee")
+        S = S * tl.exp(G_L) + tl.dot(tl.trans(k_out).to(OP).to(MM), b_W.to(OP).to(MM), input_precision=PREC)
         if TRACE:
             # lam^(L-1-i) for the rows of this chunk; age 0 (and padded rows) must not
             # form 0 * log(0) = NaN, so they take a positive dummy age and are selected out.
             age = (L - 1 - r).to(DT)
             w_age = tl.exp(tl.where(age > 0, age, 1.0) * log_lam)
             w_age = tl.where(age == 0, 1.0, tl.where(age > 0, w_age, 0.0))
-            E = E * tl.exp(L.to(DT) * log_lam) + tl.dot(tl.trans(b_k * w_age[:, None]), b_W, input_precision="ieee")
+            E = E * tl.exp(L.to(DT) * log_lam) + tl.dot(tl.trans(b_k * w_age[:, None]).to(OP).to(MM), b_W.to(OP).to(MM), input_precision=PREC)
 
     tl.store(s_out + st, S, mask=m_kv)
     if TRACE:
@@ -294,7 +294,7 @@ def _chunk_bwd_dstate_kernel(
     q, k, Wk, Gc, lam, do, dst, det, dckpt, ds0, cu, seg_off, scale,
     H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
     DELTA: constexpr, HAS_G: constexpr, TRACE: constexpr, HAS_DST: constexpr, HAS_DET: constexpr,
-    DT: constexpr,
+    DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
 ):
     # The only sequential part of the backward: dS (the gradient reaching the state at
     # a chunk's end) walks the chunks in reverse; it is stored for every chunk.
@@ -340,21 +340,21 @@ def _chunk_bwd_dstate_kernel(
             G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
         G_L = tl.sum(tl.where(r == L - 1, G, 0.0), 0)
         vv = incl & m_r[:, None] & m_r[None, :]
-        P = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        P = tl.dot(b_q.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
         P = P * tl.exp(tl.where(vv, G[:, None] - G[None, :], float("-inf")))
         ed = tl.where(m_r, tl.exp(G_L - G), 0.0)
         # dW = (K e^{G_L-G}) dS + P^T dO (+ (K lam^age) dE_T)
-        dW = tl.dot(b_k * ed[:, None], dS, input_precision="ieee") + tl.dot(tl.trans(P), b_do, input_precision="ieee")
+        dW = tl.dot((b_k * ed[:, None]).to(OP).to(MM), dS.to(OP).to(MM), input_precision=PREC) + tl.dot(tl.trans(P).to(OP).to(MM), b_do.to(OP).to(MM), input_precision=PREC)
         if HAS_DET:
             # lam^age per row as in the forward (age 0 special-cased, padded rows 0)
             age = (T - 1 - (c * C + r)).to(DT)
             p = tl.exp(tl.where(age > 0, age, 1.0) * log_lam)
             p = tl.where(age == 0, 1.0, tl.where(age > 0, p, 0.0))
-            dW += tl.dot(b_k * p[:, None], dE, input_precision="ieee")
-        dS = dS * tl.exp(G_L) + tl.dot(tl.trans(b_q * tl.exp(G)[:, None]), b_do, input_precision="ieee")
+            dW += tl.dot((b_k * p[:, None]).to(OP).to(MM), dE.to(OP).to(MM), input_precision=PREC)
+        dS = dS * tl.exp(G_L) + tl.dot(tl.trans(b_q * tl.exp(G)[:, None]).to(OP).to(MM), b_do.to(OP).to(MM), input_precision=PREC)
         if DELTA:
             b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
-            dS -= tl.dot(tl.trans(b_wk), dW, input_precision="ieee")
+            dS -= tl.dot(tl.trans(b_wk).to(OP).to(MM), dW.to(OP).to(MM), input_precision=PREC)
     tl.store(ds0 + st, dS, mask=m_kv)
 
 
@@ -362,7 +362,7 @@ def _chunk_bwd_kernel(
     q, k, v, beta, U, Wk, Gc, Ti, lam, ckpt, dckpt, do, det,
     dq, dk, dv, dbeta, dg, dlc, cu, chunk_idx, seg_off, scale,
     H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, NV: constexpr, C: constexpr,
-    DELTA: constexpr, HAS_G: constexpr, HAS_DET: constexpr, DT: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, HAS_DET: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
 ):
     # One program per (chunk, head), all chunks in parallel, given S at the chunk's
     # start (ckpt) and dS at its end (dckpt); V is walked in blocks of BV.
@@ -392,7 +392,7 @@ def _chunk_bwd_kernel(
         G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
     G_L = tl.sum(tl.where(r == L - 1, G, 0.0), 0)
     diff = G[:, None] - G[None, :]
-    P = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * tl.exp(tl.where(incl, diff, float("-inf")))
+    P = tl.dot(b_q.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC) * tl.exp(tl.where(incl, diff, float("-inf")))
     eG = tl.where(m_r, tl.exp(G), 0.0)
     ed = tl.where(m_r, tl.exp(G_L - G), 0.0)
     Kd = b_k * ed[:, None]
@@ -431,22 +431,22 @@ def _chunk_bwd_kernel(
         b_v = tl.load(v + tv, mask=m_rv, other=0).to(DT)
         b_w = b_u
         if DELTA:
-            b_w = b_u - tl.dot(b_wk, S0, input_precision="ieee")
-        dW = tl.dot(Kd, dSe, input_precision="ieee") + tl.dot(tl.trans(P), b_do, input_precision="ieee")
+            b_w = b_u - tl.dot(b_wk.to(OP).to(MM), S0.to(OP).to(MM), input_precision=PREC)
+        dW = tl.dot(Kd.to(OP).to(MM), dSe.to(OP).to(MM), input_precision=PREC) + tl.dot(tl.trans(P).to(OP).to(MM), b_do.to(OP).to(MM), input_precision=PREC)
         if HAS_DET:
             dEb = tl.load(det + (i_n * H + i_h) * K * V + kv, mask=m_kv, other=0).to(DT)
-            dW += tl.dot(b_k * p[:, None], dEb, input_precision="ieee")
-            WdE = tl.dot(b_w, tl.trans(dEb), input_precision="ieee")
+            dW += tl.dot((b_k * p[:, None]).to(OP).to(MM), dEb.to(OP).to(MM), input_precision=PREC)
+            WdE = tl.dot(b_w.to(OP).to(MM), tl.trans(dEb).to(OP).to(MM), input_precision=PREC)
             dKt += p[:, None] * WdE
             c_l += tl.sum(b_k * WdE, 1)
-        dKd += tl.dot(b_w, tl.trans(dSe), input_precision="ieee")
+        dKd += tl.dot(b_w.to(OP).to(MM), tl.trans(dSe).to(OP).to(MM), input_precision=PREC)
         dGL += tl.sum(tl.sum(dSe * S0, 1), 0)
-        dQg += tl.dot(b_do, tl.trans(S0), input_precision="ieee")
-        dP += tl.dot(b_do, tl.trans(b_w), input_precision="ieee")
+        dQg += tl.dot(b_do.to(OP).to(MM), tl.trans(S0).to(OP).to(MM), input_precision=PREC)
+        dP += tl.dot(b_do.to(OP).to(MM), tl.trans(b_w).to(OP).to(MM), input_precision=PREC)
         if DELTA:
-            dWk -= tl.dot(dW, tl.trans(S0), input_precision="ieee")
-            dBv = tl.dot(tl.trans(b_T), dW, input_precision="ieee")
-            dA -= tl.dot(dBv, tl.trans(b_u), input_precision="ieee")
+            dWk -= tl.dot(dW.to(OP).to(MM), tl.trans(S0).to(OP).to(MM), input_precision=PREC)
+            dBv = tl.dot(tl.trans(b_T).to(OP).to(MM), dW.to(OP).to(MM), input_precision=PREC)
+            dA -= tl.dot(dBv.to(OP).to(MM), tl.trans(b_u).to(OP).to(MM), input_precision=PREC)
         else:
             dBv = dW
         tl.store(dv + tv, (b_b[:, None] * dBv).to(dv.dtype.element_ty), mask=m_rv)
@@ -454,8 +454,8 @@ def _chunk_bwd_kernel(
 
     # O = (Q e^G) S0 + P W with P = mask * e^{G_i-G_j} * Q K^T
     dPm = tl.where(incl, dP * tl.exp(tl.where(incl, diff, float("-inf"))), 0.0)
-    dQ = dQg * eG[:, None] + tl.dot(dPm, b_k, input_precision="ieee")
-    dK = dKt + tl.dot(tl.trans(dPm), b_q, input_precision="ieee")
+    dQ = dQg * eG[:, None] + tl.dot(dPm.to(OP).to(MM), b_k.to(OP).to(MM), input_precision=PREC)
+    dK = dKt + tl.dot(tl.trans(dPm).to(OP).to(MM), b_q.to(OP).to(MM), input_precision=PREC)
     R = dP * P
     dG = tl.sum(R, 1) - tl.sum(R, 0) + tl.sum(dQg * b_q * eG[:, None], 1)
     # S_end = e^{G_L} S0 + (K e^{G_L-G})^T W
@@ -465,16 +465,16 @@ def _chunk_bwd_kernel(
     dG_L = tl.sum(dGL, 0) * tl.exp(G_L) + tl.sum(t_kd, 0)
     if DELTA:
         # U = T (beta V), Wk = T (beta e^G K), (I + A) T = I
-        dBk = tl.dot(tl.trans(b_T), dWk, input_precision="ieee")
+        dBk = tl.dot(tl.trans(b_T).to(OP).to(MM), dWk.to(OP).to(MM), input_precision=PREC)
         dK += dBk * (b_b * eG)[:, None]
         s_k = tl.sum(dBk * b_k, 1)
         d_b += s_k * eG
         dG += s_k * b_b * eG
-        dA -= tl.dot(dBk, tl.trans(b_wk), input_precision="ieee")
-        KK = tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
+        dA -= tl.dot(dBk.to(OP).to(MM), tl.trans(b_wk).to(OP).to(MM), input_precision=PREC)
+        KK = tl.dot(b_k.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
         dAm = tl.where(strict, dA * tl.exp(tl.where(strict, diff, float("-inf"))), 0.0)
-        dK += b_b[:, None] * tl.dot(dAm, b_k, input_precision="ieee")
-        dK += tl.dot(tl.trans(dAm), b_k * b_b[:, None], input_precision="ieee")
+        dK += b_b[:, None] * tl.dot(dAm.to(OP).to(MM), b_k.to(OP).to(MM), input_precision=PREC)
+        dK += tl.dot(tl.trans(dAm).to(OP).to(MM), (b_k * b_b[:, None]).to(OP).to(MM), input_precision=PREC)
         RA = dAm * KK
         d_b += tl.sum(RA, 1)
         RA = RA * b_b[:, None]  # dA * A
@@ -492,6 +492,33 @@ def _chunk_bwd_kernel(
         tl.store(dlc + tok * H + i_h, c_l, mask=m_r)
 
 
+# Matmul inputs on a GPU: bf16/fp16 operands go to the tensor cores as they are
+# (fp32 accumulate, as flash-linear-attention does); fp32 inputs use tf32x3
+# (three tf32 passes, about fp32 accuracy) and fp64 stays exact. Plain fp32
+# "ieee" dots run on the FMA units and, at K = 128, hold whole operand rows per
+# thread: python -m cl_arch.kernels.compile_check showed 20-28 KiB of spilled
+# stack per thread and shared memory over the H100 limit with them.
+FP32_DOT_PRECISION = "tf32x3"
+
+
+def _dot_types(dtype: torch.dtype):
+    """Kernel dtypes for inputs of ``dtype``: (accumulator, operand rounding, matmul input, precision).
+
+    Under TRITON_INTERPRET=1 a bf16 ``tl.dot`` multiplies the raw bit patterns
+    (Triton 3.x's numpy interpreter has no bf16 type); there the operands are
+    rounded to bf16 and multiplied in fp32, which is the same arithmetic.
+    """
+    import os
+
+    if dtype == torch.float64:
+        return tl.float64, tl.float64, tl.float64, "ieee"
+    if dtype in (torch.bfloat16, torch.float16):
+        op = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+        mm = tl.float32 if op == tl.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" else op
+        return tl.float32, op, mm, "ieee"
+    return tl.float32, tl.float32, tl.float32, FP32_DOT_PRECISION
+
+
 class _TritonChunkFn(torch.autograd.Function):
     """Packed-layout autograd wrapper: tensors ``[1, NTOK, H, *]``, states ``[N, H, K, V]``.
 
@@ -506,7 +533,7 @@ class _TritonChunkFn(torch.autograd.Function):
         N = cu.numel() - 1
         dev = q.device
         acc = torch.promote_types(q.dtype, torch.float32)
-        DT = tl.float64 if acc == torch.float64 else tl.float32
+        DT, OP, MM, PREC = _dot_types(q.dtype)
         trace = lam_h is not None
         seg_off = _fr._segment_offsets(cu, C)
         lens = (cu[1:] - cu[:-1]).tolist()
@@ -520,7 +547,7 @@ class _TritonChunkFn(torch.autograd.Function):
         Ti = torch.empty(NTOK, H, C, dtype=acc, device=dev) if delta and save else None
         _fr.jit_for_env(_chunk_prepare_kernel)[(chunk_idx.shape[0], H)](
             k, v, beta, g, U, Wk, Gc, Ti, cu, chunk_idx,
-            H=H, K=K, V=V, BK=BK, BV=BVf, C=C, DELTA=delta, HAS_G=g is not None, SAVE_T=Ti is not None, DT=DT,
+            H=H, K=K, V=V, BK=BK, BV=BVf, C=C, DELTA=delta, HAS_G=g is not None, SAVE_T=Ti is not None, DT=DT, OP=OP, MM=MM, PREC=PREC,
         )
         BV = max(16, min(BVf, _fr.BV_CAP))
         NV = triton.cdiv(V, BV)
@@ -531,7 +558,7 @@ class _TritonChunkFn(torch.autograd.Function):
         _fr.jit_for_env(_chunk_fwd_kernel)[(NV, N * H)](
             q, k, U, Wk, Gc, lam_h, s0, e0, o, S_T, E_T, ckpt, cu, seg_off, scale,
             H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, TRACE=trace,
-            HAS_S0=s0 is not None, HAS_E0=e0 is not None, SAVE_CKPT=save, DT=DT,
+            HAS_S0=s0 is not None, HAS_E0=e0 is not None, SAVE_CKPT=save, DT=DT, OP=OP, MM=MM, PREC=PREC,
         )
         ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, cu, seg_off, ckpt, U, Wk, Gc, Ti, chunk_idx)
         ctx.cfg = (scale, delta, C)
@@ -547,7 +574,7 @@ class _TritonChunkFn(torch.autograd.Function):
         N = cu.numel() - 1
         dev = q.device
         acc = ckpt.dtype
-        DT = tl.float64 if acc == torch.float64 else tl.float32
+        DT, OP, MM, PREC = _dot_types(q.dtype)
         has_det = lam_h is not None and dET is not None
         BK = max(16, triton.next_power_of_2(K))
         BV = max(16, min(triton.next_power_of_2(V), _fr.BV_CAP))
@@ -560,7 +587,7 @@ class _TritonChunkFn(torch.autograd.Function):
         _fr.jit_for_env(_chunk_bwd_dstate_kernel)[(NV, N * H)](
             q, k, Wk, Gc, lam_h, do, dST, dET, dckpt, ds0, cu, seg_off, scale,
             H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, TRACE=lam_h is not None,
-            HAS_DST=dST is not None, HAS_DET=has_det, DT=DT,
+            HAS_DST=dST is not None, HAS_DET=has_det, DT=DT, OP=OP, MM=MM, PREC=PREC,
         )
         dq = torch.empty(1, NTOK, H, K, dtype=q.dtype, device=dev)
         dk = torch.empty(1, NTOK, H, K, dtype=k.dtype, device=dev)
@@ -571,7 +598,7 @@ class _TritonChunkFn(torch.autograd.Function):
         _fr.jit_for_env(_chunk_bwd_kernel)[(chunk_idx.shape[0], H)](
             q, k, v, beta, U, Wk, Gc, Ti, lam_h, ckpt, dckpt, do, dET,
             dq, dk, dv, dbeta, dg, dlc, cu, chunk_idx, seg_off, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, C=C, DELTA=delta, HAS_G=g is not None, HAS_DET=has_det, DT=DT,
+            H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, C=C, DELTA=delta, HAS_G=g is not None, HAS_DET=has_det, DT=DT, OP=OP, MM=MM, PREC=PREC,
         )
         d_lam = d_e0 = None
         if lam_h is not None:

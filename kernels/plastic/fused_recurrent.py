@@ -128,6 +128,9 @@ BV_CAP = 32
 
 
 _JIT_CACHE = {}
+# Set by kernels.compile_check.record_launches: wraps each jitted kernel so its
+# launches are recorded (for compiling them for a GPU that is not here), not run.
+_RECORDER = None
 
 
 def jit_for_env(fn):
@@ -149,6 +152,8 @@ def jit_for_env(fn):
         # not imported when they are defined); the interpreter wants the object.
         fn.__annotations__ = {n: (_tl.constexpr if a == "tl.constexpr" else a) for n, a in fn.__annotations__.items()}
         _JIT_CACHE[key] = _triton.jit(fn)
+    if _RECORDER is not None:
+        return _RECORDER(_JIT_CACHE[key])
     return _JIT_CACHE[key]
 
 
@@ -346,7 +351,7 @@ def triton_available_for(x: torch.Tensor) -> Optional[str]:
 
     if not HAS_TRITON:
         return "triton is not installed"
-    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or _RECORDER is not None:
         return None
     return f"tensors are on {x.device}, Triton kernels need CUDA (or TRITON_INTERPRET=1 for the CPU interpreter)"
 
