@@ -20,6 +20,7 @@ sequence once W is known: ``E_T = lam^T E0 + sum_t lam^{T-t} k_t w_t^T``.
 Gradients of ``chunk_plastic_rule`` come from autograd through these batched
 operations; the Triton backend below has its own chunkwise backward.
 """
+import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -218,12 +219,14 @@ def _chunk_prepare_kernel(
     tl.store(U + (tok[:, None] * H + i_h) * V + o_v[None, :], b_U, mask=m_r[:, None] & (o_v < V)[None, :])
 
 
-def _chunk_fwd_kernel(
-    q, k, U, Wk, Gc, lam, s0, e0, o, s_out, e_out, ckpt, cu, seg_off, scale,
+def _chunk_state_fwd_kernel(
+    k, U, Wk, Gc, lam, s0, e0, Wv, h, s_out, e_out, cu, seg_off,
     H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
     DELTA: constexpr, HAS_G: constexpr, TRACE: constexpr, HAS_S0: constexpr, HAS_E0: constexpr,
-    SAVE_CKPT: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
+    DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
 ):
+    # The sequential part of the forward: S (and E) walk the chunks in order; the
+    # outputs are left to _chunk_out_kernel, which runs all chunks in parallel.
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H
@@ -238,7 +241,6 @@ def _chunk_fwd_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
     st = i_nh.to(tl.int64) * K * V + kv
-    incl = r[:, None] >= r[None, :]
 
     S = tl.zeros([BK, BV], dtype=DT)
     if HAS_S0:
@@ -254,27 +256,23 @@ def _chunk_fwd_kernel(
     NC = (T + C - 1) // C
 
     for c in range(0, NC):
-        if SAVE_CKPT:
-            tl.store(ckpt + ((seg0 + c) * H + i_h) * K * V + kv, S, mask=m_kv)
+        tl.store(h + ((seg0 + c) * H + i_h) * K * V + kv, S, mask=m_kv)
         L = tl.minimum(T - c * C, C)
         m_r = r < L
         tok = bos + c * C + r
-        m_rk = m_r[:, None] & m_k[None, :]
         m_rv = m_r[:, None] & m_v[None, :]
-        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT) * scale
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :],
+                      other=0).to(DT)
         b_W = tl.load(U + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_rv, other=0).to(DT)
         if DELTA:
-            b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
+            b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :],
+                           other=0)
             b_W -= tl.dot(b_wk.to(OP).to(MM), S.to(OP).to(MM), input_precision=PREC)
+        tl.store(Wv + (tok[:, None] * H + i_h) * V + o_v[None, :], b_W, mask=m_rv)
         G = tl.zeros([C], dtype=DT)
         if HAS_G:
             G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
         G_L = tl.sum(tl.where(r == L - 1, G, 0.0), 0)
-        qk = tl.dot(b_q.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
-        qk = qk * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-        b_o = tl.dot((b_q * tl.exp(G)[:, None]).to(OP).to(MM), S.to(OP).to(MM), input_precision=PREC) + tl.dot(qk.to(OP).to(MM), b_W.to(OP).to(MM), input_precision=PREC)
-        tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_rv)
         k_out = b_k * tl.where(m_r, tl.exp(G_L - G), 0.0)[:, None]
         S = S * tl.exp(G_L) + tl.dot(tl.trans(k_out).to(OP).to(MM), b_W.to(OP).to(MM), input_precision=PREC)
         if TRACE:
@@ -283,21 +281,111 @@ def _chunk_fwd_kernel(
             age = (L - 1 - r).to(DT)
             w_age = tl.exp(tl.where(age > 0, age, 1.0) * log_lam)
             w_age = tl.where(age == 0, 1.0, tl.where(age > 0, w_age, 0.0))
-            E = E * tl.exp(L.to(DT) * log_lam) + tl.dot(tl.trans(b_k * w_age[:, None]).to(OP).to(MM), b_W.to(OP).to(MM), input_precision=PREC)
+            E = E * tl.exp(L.to(DT) * log_lam) + tl.dot(tl.trans(b_k * w_age[:, None]).to(OP).to(MM),
+                                                         b_W.to(OP).to(MM), input_precision=PREC)
 
     tl.store(s_out + st, S, mask=m_kv)
     if TRACE:
         tl.store(e_out + st, E, mask=m_kv)
 
 
-def _chunk_bwd_dstate_kernel(
-    q, k, Wk, Gc, lam, do, dst, det, dckpt, ds0, cu, seg_off, scale,
+def _chunk_out_kernel(
+    q, k, Gc, h, Wv, o, cu, chunk_idx, seg_off, scale,
     H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
-    DELTA: constexpr, HAS_G: constexpr, TRACE: constexpr, HAS_DST: constexpr, HAS_DET: constexpr,
+    HAS_G: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
+):
+    # O = (Q e^G) S0 + (mask_{i>=j} e^{G_i-G_j} Q K^T) W, every chunk in parallel.
+    i_v = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_h = tl.program_id(2)
+    i_n = tl.load(chunk_idx + 2 * i_c).to(tl.int64)
+    j_c = tl.load(chunk_idx + 2 * i_c + 1).to(tl.int64)
+    seq0 = tl.load(cu + i_n).to(tl.int64)
+    bos = seq0 + j_c * C
+    L = tl.minimum(tl.load(cu + i_n + 1).to(tl.int64) - bos, C)
+    r = tl.arange(0, C)
+    m_r = r < L
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    tok = bos + r
+    m_rk = m_r[:, None] & m_k[None, :]
+    m_rv = m_r[:, None] & m_v[None, :]
+    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT) * scale
+    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0)
+    b_W = tl.load(Wv + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_rv, other=0)
+    S0 = tl.load(h + ((tl.load(seg_off + i_n).to(tl.int64) + j_c) * H + i_h) * K * V + o_k[:, None] * V
+                 + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
+    G = tl.zeros([C], dtype=DT)
+    if HAS_G:
+        G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
+    incl = r[:, None] >= r[None, :]
+    qk = tl.dot(b_q.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
+    qk = qk * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
+    b_o = tl.dot((b_q * tl.exp(G)[:, None]).to(OP).to(MM), S0.to(OP).to(MM), input_precision=PREC)
+    b_o += tl.dot(qk.to(OP).to(MM), b_W.to(OP).to(MM), input_precision=PREC)
+    tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_rv)
+
+
+def _chunk_bwd_local_kernel(
+    q, k, Gc, lam, Wv, do, det, dWv, dlc, cu, chunk_idx, scale, NTOK,
+    H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
+    HAS_G: constexpr, HAS_DET: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
+):
+    # The parts of dW that do not depend on dS, every chunk in parallel:
+    #   dW_local = P^T dO + diag(lam^age) K dE_T,   P = mask_{i>=j} e^{G_i-G_j} Q K^T
+    # and, per V-block, the c_t = <dE_T, k_t w_t^T> of lam's gradient.
+    i_v = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_h = tl.program_id(2)
+    i_n = tl.load(chunk_idx + 2 * i_c).to(tl.int64)
+    j_c = tl.load(chunk_idx + 2 * i_c + 1).to(tl.int64)
+    seq0 = tl.load(cu + i_n).to(tl.int64)
+    T = tl.load(cu + i_n + 1).to(tl.int64) - seq0
+    bos = seq0 + j_c * C
+    L = tl.minimum(T - j_c * C, C)
+    r = tl.arange(0, C)
+    m_r = r < L
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    tok = bos + r
+    m_rk = m_r[:, None] & m_k[None, :]
+    m_rv = m_r[:, None] & m_v[None, :]
+    tv = (tok[:, None] * H + i_h) * V + o_v[None, :]
+    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT) * scale
+    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0)
+    b_do = tl.load(do + tv, mask=m_rv, other=0)
+    G = tl.zeros([C], dtype=DT)
+    if HAS_G:
+        G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
+    vv = (r[:, None] >= r[None, :]) & m_r[:, None] & m_r[None, :]
+    P = tl.dot(b_q.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
+    P = P * tl.exp(tl.where(vv, G[:, None] - G[None, :], float("-inf")))
+    dW = tl.dot(tl.trans(P).to(OP).to(MM), b_do.to(OP).to(MM), input_precision=PREC)
+    if HAS_DET:
+        age = (T - 1 - (j_c * C + r)).to(DT)
+        p = tl.exp(tl.where(age > 0, age, 1.0) * tl.log(tl.load(lam + i_h).to(DT)))
+        p = tl.where(age == 0, 1.0, tl.where(age > 0, p, 0.0))
+        dEb = tl.load(det + (i_n * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                      mask=m_k[:, None] & m_v[None, :], other=0)
+        kdE = tl.dot(b_k.to(OP).to(MM), dEb.to(OP).to(MM), input_precision=PREC)
+        dW += p[:, None] * kdE
+        b_W = tl.load(Wv + tv, mask=m_rv, other=0).to(DT)
+        tl.store(dlc + (i_v.to(tl.int64) * NTOK + tok) * H + i_h, tl.sum(b_W * kdE, 1), mask=m_r)
+    tl.store(dWv + tv, dW, mask=m_rv)
+
+
+def _chunk_bwd_dstate_kernel(
+    q, k, Wk, Gc, do, dst, dWv, dckpt, ds0, cu, seg_off, scale,
+    H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, HAS_DST: constexpr,
     DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
 ):
-    # The only sequential part of the backward: dS (the gradient reaching the state at
-    # a chunk's end) walks the chunks in reverse; it is stored for every chunk.
+    # The sequential part of the backward: dS, the gradient reaching S at a chunk's
+    # end, walks the chunks in reverse; it is stored per chunk and completes dW in place.
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H
@@ -312,16 +400,10 @@ def _chunk_bwd_dstate_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
     st = i_nh.to(tl.int64) * K * V + kv
-    incl = r[:, None] >= r[None, :]
 
     dS = tl.zeros([BK, BV], dtype=DT)
     if HAS_DST:
         dS += tl.load(dst + st, mask=m_kv, other=0).to(DT)
-    dE = tl.zeros([BK, BV], dtype=DT)
-    log_lam = 0.0
-    if HAS_DET:
-        log_lam = tl.log(tl.load(lam + i_h).to(DT))
-        dE += tl.load(det + st, mask=m_kv, other=0).to(DT)
     seg0 = tl.load(seg_off + i_n).to(tl.int64)
     NC = (T + C - 1) // C
     for jc in range(0, NC):
@@ -332,40 +414,36 @@ def _chunk_bwd_dstate_kernel(
         tok = bos + c * C + r
         m_rk = m_r[:, None] & m_k[None, :]
         m_rv = m_r[:, None] & m_v[None, :]
+        tv = (tok[:, None] * H + i_h) * V + o_v[None, :]
         b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT) * scale
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
-        b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_rv, other=0).to(DT)
+        b_do = tl.load(do + tv, mask=m_rv, other=0)
         G = tl.zeros([C], dtype=DT)
         if HAS_G:
             G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
         G_L = tl.sum(tl.where(r == L - 1, G, 0.0), 0)
-        vv = incl & m_r[:, None] & m_r[None, :]
-        P = tl.dot(b_q.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
-        P = P * tl.exp(tl.where(vv, G[:, None] - G[None, :], float("-inf")))
         ed = tl.where(m_r, tl.exp(G_L - G), 0.0)
-        # dW = (K e^{G_L-G}) dS + P^T dO (+ (K lam^age) dE_T)
-        dW = tl.dot((b_k * ed[:, None]).to(OP).to(MM), dS.to(OP).to(MM), input_precision=PREC) + tl.dot(tl.trans(P).to(OP).to(MM), b_do.to(OP).to(MM), input_precision=PREC)
-        if HAS_DET:
-            # lam^age per row as in the forward (age 0 special-cased, padded rows 0)
-            age = (T - 1 - (c * C + r)).to(DT)
-            p = tl.exp(tl.where(age > 0, age, 1.0) * log_lam)
-            p = tl.where(age == 0, 1.0, tl.where(age > 0, p, 0.0))
-            dW += tl.dot((b_k * p[:, None]).to(OP).to(MM), dE.to(OP).to(MM), input_precision=PREC)
-        dS = dS * tl.exp(G_L) + tl.dot(tl.trans(b_q * tl.exp(G)[:, None]).to(OP).to(MM), b_do.to(OP).to(MM), input_precision=PREC)
+        dW = tl.load(dWv + tv, mask=m_rv, other=0).to(DT)
+        dW += tl.dot((b_k * ed[:, None]).to(OP).to(MM), dS.to(OP).to(MM), input_precision=PREC)
+        tl.store(dWv + tv, dW, mask=m_rv)
+        dS = dS * tl.exp(G_L) + tl.dot(tl.trans(b_q * tl.exp(G)[:, None]).to(OP).to(MM), b_do.to(OP).to(MM),
+                                       input_precision=PREC)
         if DELTA:
-            b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
+            b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0)
             dS -= tl.dot(tl.trans(b_wk).to(OP).to(MM), dW.to(OP).to(MM), input_precision=PREC)
     tl.store(ds0 + st, dS, mask=m_kv)
 
 
 def _chunk_bwd_kernel(
-    q, k, v, beta, U, Wk, Gc, Ti, lam, ckpt, dckpt, do, det,
-    dq, dk, dv, dbeta, dg, dlc, cu, chunk_idx, seg_off, scale,
+    q, k, v, beta, Gc, Ti, lam, h, dckpt, Wv, dWv, do, det,
+    dq, dk, dv, dbeta, dg, cu, chunk_idx, seg_off, scale,
     H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, NV: constexpr, C: constexpr,
-    DELTA: constexpr, HAS_G: constexpr, HAS_DET: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, HAS_DET: constexpr,
+    DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
 ):
-    # One program per (chunk, head), all chunks in parallel, given S at the chunk's
-    # start (ckpt) and dS at its end (dckpt); V is walked in blocks of BV.
+    # One program per (chunk, head), all chunks in parallel, V in blocks of BV,
+    # given S at the chunk's start (h), dS at its end (dckpt), the writes W and
+    # their full gradient dW (see the comment above for the algebra).
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     i_n = tl.load(chunk_idx + 2 * i_c).to(tl.int64)
@@ -384,37 +462,33 @@ def _chunk_bwd_kernel(
     incl = (r[:, None] >= r[None, :]) & vv
     strict = (r[:, None] > r[None, :]) & vv
 
-    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT) * scale
-    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
+    tk = (tok[:, None] * H + i_h) * K + o_k[None, :]
     b_b = tl.load(beta + tok * H + i_h, mask=m_r, other=0).to(DT)
     G = tl.zeros([C], dtype=DT)
     if HAS_G:
         G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
     G_L = tl.sum(tl.where(r == L - 1, G, 0.0), 0)
     diff = G[:, None] - G[None, :]
-    P = tl.dot(b_q.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC) * tl.exp(tl.where(incl, diff, float("-inf")))
     eG = tl.where(m_r, tl.exp(G), 0.0)
     ed = tl.where(m_r, tl.exp(G_L - G), 0.0)
-    Kd = b_k * ed[:, None]
+    # K is read again after the V loop: holding it in fp32 through the loop spills.
+    Kd = (tl.load(k + tk, mask=m_rk, other=0).to(DT) * ed[:, None]).to(OP)
     p = tl.zeros([C], dtype=DT)
     if HAS_DET:
         age = (T - 1 - (j_c * C + r)).to(DT)
         p = tl.exp(tl.where(age > 0, age, 1.0) * tl.log(tl.load(lam + i_h).to(DT)))
         p = tl.where(age == 0, 1.0, tl.where(age > 0, p, 0.0))
-    b_wk = tl.zeros([C, BK], dtype=DT)
-    b_T = tl.zeros([C, C], dtype=DT)
+    b_T = tl.zeros([C, C], dtype=OP)
     if DELTA:
-        b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT)
-        b_T = tl.load(Ti + (tok[:, None] * H + i_h) * C + r[None, :], mask=m_r[:, None], other=0).to(DT)
+        b_T = tl.load(Ti + (tok[:, None] * H + i_h) * C + r[None, :], mask=m_r[:, None], other=0).to(OP)
 
-    dQg = tl.zeros([C, BK], dtype=DT)
-    dKd = tl.zeros([C, BK], dtype=DT)
-    dKt = tl.zeros([C, BK], dtype=DT)
-    dWk = tl.zeros([C, BK], dtype=DT)
+    dQg = tl.zeros([C, BK], dtype=DT)  # dO S0^T
+    dKc = tl.zeros([C, BK], dtype=DT)  # the K-gradient through S_end and the trace
+    dBk = tl.zeros([C, BK], dtype=DT)  # gradient of beta e^G K, the right side of Wk = T (beta e^G K)
     dP = tl.zeros([C, C], dtype=DT)
     dA = tl.zeros([C, C], dtype=DT)
     d_b = tl.zeros([C], dtype=DT)
-    c_l = tl.zeros([C], dtype=DT)
+    t_kd = tl.zeros([C], dtype=DT)
     dGL = tl.zeros([1], dtype=DT)
     st0 = ((tl.load(seg_off + i_n).to(tl.int64) + j_c) * H + i_h) * K * V
     for i_v in range(0, NV):
@@ -424,53 +498,50 @@ def _chunk_bwd_kernel(
         m_rv = m_r[:, None] & m_v[None, :]
         kv = o_k[:, None] * V + o_v[None, :]
         tv = (tok[:, None] * H + i_h) * V + o_v[None, :]
-        S0 = tl.load(ckpt + st0 + kv, mask=m_kv, other=0).to(DT)
+        S0 = tl.load(h + st0 + kv, mask=m_kv, other=0).to(DT)
         dSe = tl.load(dckpt + st0 + kv, mask=m_kv, other=0).to(DT)
-        b_u = tl.load(U + tv, mask=m_rv, other=0).to(DT)
-        b_do = tl.load(do + tv, mask=m_rv, other=0).to(DT)
+        b_w = tl.load(Wv + tv, mask=m_rv, other=0).to(DT)
+        dW = tl.load(dWv + tv, mask=m_rv, other=0).to(DT)
+        b_do = tl.load(do + tv, mask=m_rv, other=0).to(OP)
         b_v = tl.load(v + tv, mask=m_rv, other=0).to(DT)
-        b_w = b_u
+        dBv = dW
         if DELTA:
-            b_w = b_u - tl.dot(b_wk.to(OP).to(MM), S0.to(OP).to(MM), input_precision=PREC)
-        dW = tl.dot(Kd.to(OP).to(MM), dSe.to(OP).to(MM), input_precision=PREC) + tl.dot(tl.trans(P).to(OP).to(MM), b_do.to(OP).to(MM), input_precision=PREC)
-        if HAS_DET:
-            dEb = tl.load(det + (i_n * H + i_h) * K * V + kv, mask=m_kv, other=0).to(DT)
-            dW += tl.dot((b_k * p[:, None]).to(OP).to(MM), dEb.to(OP).to(MM), input_precision=PREC)
-            WdE = tl.dot(b_w.to(OP).to(MM), tl.trans(dEb).to(OP).to(MM), input_precision=PREC)
-            dKt += p[:, None] * WdE
-            c_l += tl.sum(b_k * WdE, 1)
-        dKd += tl.dot(b_w.to(OP).to(MM), tl.trans(dSe).to(OP).to(MM), input_precision=PREC)
-        dGL += tl.sum(tl.sum(dSe * S0, 1), 0)
-        dQg += tl.dot(b_do.to(OP).to(MM), tl.trans(S0).to(OP).to(MM), input_precision=PREC)
-        dP += tl.dot(b_do.to(OP).to(MM), tl.trans(b_w).to(OP).to(MM), input_precision=PREC)
-        if DELTA:
-            dWk -= tl.dot(dW.to(OP).to(MM), tl.trans(S0).to(OP).to(MM), input_precision=PREC)
-            dBv = tl.dot(tl.trans(b_T).to(OP).to(MM), dW.to(OP).to(MM), input_precision=PREC)
-            dA -= tl.dot(dBv.to(OP).to(MM), tl.trans(b_u).to(OP).to(MM), input_precision=PREC)
-        else:
-            dBv = dW
+            dBv = tl.dot(tl.trans(b_T).to(MM), dW.to(OP).to(MM), input_precision=PREC)
         tl.store(dv + tv, (b_b[:, None] * dBv).to(dv.dtype.element_ty), mask=m_rv)
         d_b += tl.sum(dBv * b_v, 1)
+        dQg += tl.dot(b_do.to(MM), tl.trans(S0).to(OP).to(MM), input_precision=PREC)
+        dP += tl.dot(b_do.to(MM), tl.trans(b_w).to(OP).to(MM), input_precision=PREC)
+        dKc += tl.dot((b_w * ed[:, None]).to(OP).to(MM), tl.trans(dSe).to(OP).to(MM), input_precision=PREC)
+        t_kd += tl.sum(b_w * tl.dot(Kd.to(MM), dSe.to(OP).to(MM), input_precision=PREC), 1)
+        dGL += tl.sum(tl.sum(dSe * S0, 1), 0)
+        if HAS_DET:
+            dEb = tl.load(det + (i_n * H + i_h) * K * V + kv, mask=m_kv, other=0)
+            dKc += tl.dot((b_w * p[:, None]).to(OP).to(MM), tl.trans(dEb).to(OP).to(MM), input_precision=PREC)
+        if DELTA:
+            # dA = -dU U^T - dWk Wk^T collapses to -dX W^T because W = U - Wk S0.
+            dBk -= tl.dot(dBv.to(OP).to(MM), tl.trans(S0).to(OP).to(MM), input_precision=PREC)
+            dA -= tl.dot(dBv.to(OP).to(MM), tl.trans(b_w).to(OP).to(MM), input_precision=PREC)
 
+    # The epilogue stores dq before forming dk so that fewer [C, K] tiles are live at once.
+    b_q = tl.load(q + tk, mask=m_rk, other=0).to(DT) * scale
+    b_k = tl.load(k + tk, mask=m_rk, other=0).to(DT)
     # O = (Q e^G) S0 + P W with P = mask * e^{G_i-G_j} * Q K^T
     dPm = tl.where(incl, dP * tl.exp(tl.where(incl, diff, float("-inf"))), 0.0)
+    dG = tl.sum(dQg * b_q, 1) * eG
     dQ = dQg * eG[:, None] + tl.dot(dPm.to(OP).to(MM), b_k.to(OP).to(MM), input_precision=PREC)
-    dK = dKt + tl.dot(tl.trans(dPm).to(OP).to(MM), b_q.to(OP).to(MM), input_precision=PREC)
-    R = dP * P
-    dG = tl.sum(R, 1) - tl.sum(R, 0) + tl.sum(dQg * b_q * eG[:, None], 1)
+    tl.store(dq + tk, (dQ * scale).to(dq.dtype.element_ty), mask=m_rk)
+    R = dPm * tl.dot(b_q.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
+    dG += tl.sum(R, 1) - tl.sum(R, 0)
+    dK = dKc + tl.dot(tl.trans(dPm).to(OP).to(MM), b_q.to(OP).to(MM), input_precision=PREC)
     # S_end = e^{G_L} S0 + (K e^{G_L-G})^T W
-    dK += dKd * ed[:, None]
-    t_kd = tl.sum(dKd * Kd, 1)
     dG -= t_kd
     dG_L = tl.sum(dGL, 0) * tl.exp(G_L) + tl.sum(t_kd, 0)
     if DELTA:
         # U = T (beta V), Wk = T (beta e^G K), (I + A) T = I
-        dBk = tl.dot(tl.trans(b_T).to(OP).to(MM), dWk.to(OP).to(MM), input_precision=PREC)
         dK += dBk * (b_b * eG)[:, None]
         s_k = tl.sum(dBk * b_k, 1)
         d_b += s_k * eG
         dG += s_k * b_b * eG
-        dA -= tl.dot(dBk.to(OP).to(MM), tl.trans(b_wk).to(OP).to(MM), input_precision=PREC)
         KK = tl.dot(b_k.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
         dAm = tl.where(strict, dA * tl.exp(tl.where(strict, diff, float("-inf"))), 0.0)
         dK += b_b[:, None] * tl.dot(dAm.to(OP).to(MM), b_k.to(OP).to(MM), input_precision=PREC)
@@ -480,16 +551,12 @@ def _chunk_bwd_kernel(
         RA = RA * b_b[:, None]  # dA * A
         dG += tl.sum(RA, 1) - tl.sum(RA, 0)
     dG = tl.where(m_r, dG + tl.where(r == L - 1, dG_L, 0.0), 0.0)
-    tk = (tok[:, None] * H + i_h) * K + o_k[None, :]
-    tl.store(dq + tk, (dQ * scale).to(dq.dtype.element_ty), mask=m_rk)
     tl.store(dk + tk, dK.to(dk.dtype.element_ty), mask=m_rk)
     tl.store(dbeta + tok * H + i_h, d_b.to(dbeta.dtype.element_ty), mask=m_r)
     if HAS_G:
         # G = cumsum(g) within the chunk: dg_i = sum_{j >= i} dG_j
         d_g = tl.sum(tl.where(r[None, :] >= r[:, None], dG[None, :], 0.0), 1)
         tl.store(dg + tok * H + i_h, d_g.to(dg.dtype.element_ty), mask=m_r)
-    if HAS_DET:
-        tl.store(dlc + tok * H + i_h, c_l, mask=m_r)
 
 
 # Matmul inputs on a GPU: bf16/fp16 operands go to the tensor cores as they are
@@ -519,11 +586,33 @@ def _dot_types(dtype: torch.dtype):
     return tl.float32, tl.float32, tl.float32, FP32_DOT_PRECISION
 
 
+# Output and local-gradient kernels are parallel over chunks and take V in wider
+# blocks than the sequential kernels (fewer programs recomputing Q K^T).
+BV_OUT = 64
+# Launch options per kernel (num_warps, num_stages), chosen so that every kernel
+# fits an sm_80/sm_90 block at K = V = 128 (python -m cl_arch.kernels.compile_check).
+LAUNCH_OPTIONS = {}
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch a chunk kernel (jitted as TRITON_INTERPRET says) with its launch options."""
+    opts = {} if os.environ.get("TRITON_INTERPRET") == "1" else LAUNCH_OPTIONS.get(kernel.__name__, {})
+    _fr.jit_for_env(kernel)[grid](*args, **kwargs, **opts)
+
+
+def _chunk_index(cu: torch.Tensor, C: int) -> torch.Tensor:
+    """``[NCt, 2]`` int64 (sequence, chunk within it) of every chunk of the packed batch."""
+    lens = (cu[1:] - cu[:-1]).tolist()
+    return torch.tensor([(n, j) for n, Ln in enumerate(lens) for j in range((Ln + C - 1) // C)],
+                        dtype=torch.int64, device=cu.device)
+
+
 class _TritonChunkFn(torch.autograd.Function):
     """Packed-layout autograd wrapper: tensors ``[1, NTOK, H, *]``, states ``[N, H, K, V]``.
 
-    Forward: the two chunk kernels, saving S at every chunk start, U, Wk, G and
-    (I+A)^{-1}. Backward: the two chunkwise backward kernels (see the comment above).
+    Forward: prepare, state, output kernels; saves S at every chunk start (h),
+    the writes W, Wk, G and (I+A)^{-1}. Backward: local, dstate and gradient
+    kernels (see the comment above).
     """
 
     @staticmethod
@@ -534,76 +623,84 @@ class _TritonChunkFn(torch.autograd.Function):
         dev = q.device
         acc = torch.promote_types(q.dtype, torch.float32)
         DT, OP, MM, PREC = _dot_types(q.dtype)
+        dots = dict(DT=DT, OP=OP, MM=MM, PREC=PREC)
         trace = lam_h is not None
         seg_off = _fr._segment_offsets(cu, C)
-        lens = (cu[1:] - cu[:-1]).tolist()
-        chunk_idx = torch.tensor([(n, j) for n, Ln in enumerate(lens) for j in range((Ln + C - 1) // C)],
-                                 dtype=torch.int64, device=dev)
+        chunk_idx = _chunk_index(cu, C)
+        NCt = chunk_idx.shape[0]
         BK = max(16, triton.next_power_of_2(K))
         BVf = max(16, triton.next_power_of_2(V))
         U = torch.empty(NTOK, H, V, dtype=acc, device=dev)
         Wk = torch.empty(NTOK, H, K, dtype=acc, device=dev) if delta else None
         Gc = torch.empty(NTOK, H, dtype=acc, device=dev) if g is not None else None
         Ti = torch.empty(NTOK, H, C, dtype=acc, device=dev) if delta and save else None
-        _fr.jit_for_env(_chunk_prepare_kernel)[(chunk_idx.shape[0], H)](
-            k, v, beta, g, U, Wk, Gc, Ti, cu, chunk_idx,
-            H=H, K=K, V=V, BK=BK, BV=BVf, C=C, DELTA=delta, HAS_G=g is not None, SAVE_T=Ti is not None, DT=DT, OP=OP, MM=MM, PREC=PREC,
-        )
+        _launch(_chunk_prepare_kernel, (NCt, H),
+                k, v, beta, g, U, Wk, Gc, Ti, cu, chunk_idx,
+                H=H, K=K, V=V, BK=BK, BV=BVf, C=C, DELTA=delta, HAS_G=g is not None, SAVE_T=Ti is not None, **dots)
         BV = max(16, min(BVf, _fr.BV_CAP))
-        NV = triton.cdiv(V, BV)
-        o = torch.empty(1, NTOK, H, V, dtype=q.dtype, device=dev)
         S_T = torch.empty(N, H, K, V, dtype=acc, device=dev)
         E_T = torch.empty(N, H, K, V, dtype=acc, device=dev) if trace else None
-        ckpt = torch.empty(int(seg_off[-1]) if save else 1, H, K, V, dtype=acc, device=dev)
-        _fr.jit_for_env(_chunk_fwd_kernel)[(NV, N * H)](
-            q, k, U, Wk, Gc, lam_h, s0, e0, o, S_T, E_T, ckpt, cu, seg_off, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, TRACE=trace,
-            HAS_S0=s0 is not None, HAS_E0=e0 is not None, SAVE_CKPT=save, DT=DT, OP=OP, MM=MM, PREC=PREC,
-        )
-        ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, cu, seg_off, ckpt, U, Wk, Gc, Ti, chunk_idx)
+        h = torch.empty(int(seg_off[-1]), H, K, V, dtype=acc, device=dev)
+        Wv = torch.empty(NTOK, H, V, dtype=acc, device=dev)
+        _launch(_chunk_state_fwd_kernel, (triton.cdiv(V, BV), N * H),
+                k, U, Wk, Gc, lam_h, s0, e0, Wv, h, S_T, E_T, cu, seg_off,
+                H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, TRACE=trace,
+                HAS_S0=s0 is not None, HAS_E0=e0 is not None, **dots)
+        o = torch.empty(1, NTOK, H, V, dtype=q.dtype, device=dev)
+        BVo = max(16, min(BVf, BV_OUT))
+        _launch(_chunk_out_kernel, (triton.cdiv(V, BVo), NCt, H),
+                q, k, Gc, h, Wv, o, cu, chunk_idx, seg_off, scale,
+                H=H, K=K, V=V, BK=BK, BV=BVo, C=C, HAS_G=g is not None, **dots)
+        ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, cu, seg_off, h, Wv, Wk, Gc, Ti, chunk_idx)
         ctx.cfg = (scale, delta, C)
         ctx.has_s0 = s0 is not None
         return o, S_T, E_T
 
     @staticmethod
     def backward(ctx, do, dST, dET):
-        q, k, v, beta, g, lam_h, e0, cu, seg_off, ckpt, U, Wk, Gc, Ti, chunk_idx = ctx.saved_tensors
+        q, k, v, beta, g, lam_h, e0, cu, seg_off, h, Wv, Wk, Gc, Ti, chunk_idx = ctx.saved_tensors
         scale, delta, C = ctx.cfg
         NTOK, H, K = q.shape[1:]
         V = v.shape[-1]
         N = cu.numel() - 1
+        NCt = chunk_idx.shape[0]
         dev = q.device
-        acc = ckpt.dtype
+        acc = h.dtype
         DT, OP, MM, PREC = _dot_types(q.dtype)
+        dots = dict(DT=DT, OP=OP, MM=MM, PREC=PREC)
         has_det = lam_h is not None and dET is not None
         BK = max(16, triton.next_power_of_2(K))
-        BV = max(16, min(triton.next_power_of_2(V), _fr.BV_CAP))
-        NV = triton.cdiv(V, BV)
+        BVf = max(16, triton.next_power_of_2(V))
+        BV = max(16, min(BVf, _fr.BV_CAP))
+        BVo = max(16, min(BVf, BV_OUT))
         do = do.contiguous()
         dST = dST.contiguous() if dST is not None else None
         dET = dET.contiguous() if has_det else None
-        dckpt = torch.empty_like(ckpt)
+        dWv = torch.empty(NTOK, H, V, dtype=acc, device=dev)
+        dlc = torch.empty(triton.cdiv(V, BVo), NTOK, H, dtype=acc, device=dev) if has_det else None
+        _launch(_chunk_bwd_local_kernel, (triton.cdiv(V, BVo), NCt, H),
+                q, k, Gc, lam_h, Wv, do, dET, dWv, dlc, cu, chunk_idx, scale, NTOK,
+                H=H, K=K, V=V, BK=BK, BV=BVo, C=C, HAS_G=g is not None, HAS_DET=has_det, **dots)
+        dckpt = torch.empty_like(h)
         ds0 = torch.empty(N, H, K, V, dtype=acc, device=dev)
-        _fr.jit_for_env(_chunk_bwd_dstate_kernel)[(NV, N * H)](
-            q, k, Wk, Gc, lam_h, do, dST, dET, dckpt, ds0, cu, seg_off, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, TRACE=lam_h is not None,
-            HAS_DST=dST is not None, HAS_DET=has_det, DT=DT, OP=OP, MM=MM, PREC=PREC,
-        )
+        _launch(_chunk_bwd_dstate_kernel, (triton.cdiv(V, BV), N * H),
+                q, k, Wk, Gc, do, dST, dWv, dckpt, ds0, cu, seg_off, scale,
+                H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, HAS_DST=dST is not None,
+                **dots)
         dq = torch.empty(1, NTOK, H, K, dtype=q.dtype, device=dev)
         dk = torch.empty(1, NTOK, H, K, dtype=k.dtype, device=dev)
         dv = torch.empty(1, NTOK, H, V, dtype=v.dtype, device=dev)
         dbeta = torch.empty(1, NTOK, H, dtype=beta.dtype, device=dev)
         dg = torch.empty(1, NTOK, H, dtype=g.dtype, device=dev) if g is not None else None
-        dlc = torch.empty(NTOK, H, dtype=acc, device=dev) if has_det else None
-        _fr.jit_for_env(_chunk_bwd_kernel)[(chunk_idx.shape[0], H)](
-            q, k, v, beta, U, Wk, Gc, Ti, lam_h, ckpt, dckpt, do, dET,
-            dq, dk, dv, dbeta, dg, dlc, cu, chunk_idx, seg_off, scale,
-            H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, C=C, DELTA=delta, HAS_G=g is not None, HAS_DET=has_det, DT=DT, OP=OP, MM=MM, PREC=PREC,
-        )
+        _launch(_chunk_bwd_kernel, (NCt, H),
+                q, k, v, beta, Gc, Ti, lam_h, h, dckpt, Wv, dWv, do, dET,
+                dq, dk, dv, dbeta, dg, cu, chunk_idx, seg_off, scale,
+                H=H, K=K, V=V, BK=BK, BV=BV, NV=triton.cdiv(V, BV), C=C, DELTA=delta, HAS_G=g is not None,
+                HAS_DET=has_det, **dots)
         d_lam = d_e0 = None
         if lam_h is not None:
             if has_det:
-                d_lam = _fr._lam_grad(dlc, dET, e0, lam_h, cu, H).to(lam_h.dtype)
+                d_lam = _fr._lam_grad(dlc.sum(0), dET, e0, lam_h, cu, H).to(lam_h.dtype)
                 if e0 is not None:
                     lens = (cu[1:] - cu[:-1]).to(acc)
                     d_e0 = torch.pow(lam_h.to(acc)[None, :], lens[:, None])[..., None, None] * dET
