@@ -76,12 +76,14 @@ class Resources:
 
 
 class _Recording:
-    def __init__(self, kernel, sink: List[Launch]):
-        self.kernel, self.sink = kernel, sink
+    def __init__(self, kernel, configs, sink: List[Launch]):
+        self.kernel, self.configs, self.sink = kernel, configs, sink
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.sink.append(Launch(self.kernel, tuple(grid), args, kwargs))
+            # An autotuned kernel may run any of its configs: each one is a launch to check.
+            for cfg in self.configs or [{}]:
+                self.sink.append(Launch(self.kernel, tuple(grid), args, {**kwargs, **cfg}))
 
         return launch
 
@@ -99,7 +101,7 @@ def record_launches():
     from .plastic import fused_recurrent as fr
 
     sink: List[Launch] = []
-    fr._RECORDER = lambda jitted: _Recording(jitted, sink)
+    fr._RECORDER = lambda jitted, configs=None: _Recording(jitted, configs, sink)
     try:
         yield sink
     finally:
@@ -202,8 +204,9 @@ def default_suite(K: int = 128, V: int = 128) -> List[Launch]:
     launches += commit_launches(K=K, V=V)
     seen, unique = set(), []
     for la in launches:
-        if la.name not in seen:
-            seen.add(la.name)
+        tag = (la.name, la.kwargs.get("num_warps"), la.kwargs.get("num_stages"))
+        if tag not in seen:
+            seen.add(tag)
             unique.append(la)
     return unique
 

@@ -20,7 +20,6 @@ sequence once W is known: ``E_T = lam^T E0 + sum_t lam^{T-t} k_t w_t^T``.
 Gradients of ``chunk_plastic_rule`` come from autograd through these batched
 operations; the Triton backend below has its own chunkwise backward.
 """
-import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -434,16 +433,93 @@ def _chunk_bwd_dstate_kernel(
     tl.store(ds0 + st, dS, mask=m_kv)
 
 
+def _chunk_bwd_wy_kernel(
+    k, v, beta, Gc, Ti, h, Wv, dWv, dv, dbeta, dk_wy, dG_wy, cu, chunk_idx, seg_off,
+    H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, NV: constexpr, C: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
+):
+    # Back through the writes W = U - Wk S0, U = T (beta V), Wk = T (beta e^G K),
+    # (I + A) T = I, all chunks in parallel: dv and dbeta whole, and the K- and
+    # G-gradient parts of the solve for _chunk_bwd_kernel to add.
+    i_c = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_n = tl.load(chunk_idx + 2 * i_c).to(tl.int64)
+    j_c = tl.load(chunk_idx + 2 * i_c + 1).to(tl.int64)
+    seq0 = tl.load(cu + i_n).to(tl.int64)
+    bos = seq0 + j_c * C
+    L = tl.minimum(tl.load(cu + i_n + 1).to(tl.int64) - bos, C)
+    r = tl.arange(0, C)
+    m_r = r < L
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    tok = bos + r
+    m_rk = m_r[:, None] & m_k[None, :]
+    tk = (tok[:, None] * H + i_h) * K + o_k[None, :]
+    b_b = tl.load(beta + tok * H + i_h, mask=m_r, other=0).to(DT)
+    G = tl.zeros([C], dtype=DT)
+    if HAS_G:
+        G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
+    eG = tl.where(m_r, tl.exp(G), 0.0)
+    b_k = tl.zeros([C, BK], dtype=OP)
+    b_T = tl.zeros([C, C], dtype=OP)
+    if DELTA:
+        b_k = tl.load(k + tk, mask=m_rk, other=0).to(OP)
+        b_T = tl.load(Ti + (tok[:, None] * H + i_h) * C + r[None, :], mask=m_r[:, None], other=0).to(OP)
+    dKw = tl.zeros([C, BK], dtype=DT)
+    dA = tl.zeros([C, C], dtype=DT)
+    d_b = tl.zeros([C], dtype=DT)
+    s_k = tl.zeros([C], dtype=DT)  # rowsum(dBk * K), dBk the gradient of beta e^G K
+    st0 = ((tl.load(seg_off + i_n).to(tl.int64) + j_c) * H + i_h) * K * V
+    for i_v in range(0, NV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_rv = m_r[:, None] & m_v[None, :]
+        tv = (tok[:, None] * H + i_h) * V + o_v[None, :]
+        dW = tl.load(dWv + tv, mask=m_rv, other=0).to(DT)
+        b_v = tl.load(v + tv, mask=m_rv, other=0).to(DT)
+        dBv = dW
+        if DELTA:
+            dBv = tl.dot(tl.trans(b_T).to(MM), dW.to(OP).to(MM), input_precision=PREC)
+        tl.store(dv + tv, (b_b[:, None] * dBv).to(dv.dtype.element_ty), mask=m_rv)
+        d_b += tl.sum(dBv * b_v, 1)
+        if DELTA:
+            S0 = tl.load(h + st0 + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                         other=0).to(OP)
+            b_w = tl.load(Wv + tv, mask=m_rv, other=0).to(OP)
+            # dBk = -sum_v dX S0^T; it reaches dK scaled by beta e^G and its row sums
+            # with K come from K S0, so no [C, K] tile of dBk itself is kept.
+            dKw -= tl.dot((dBv * (b_b * eG)[:, None]).to(OP).to(MM), tl.trans(S0).to(MM), input_precision=PREC)
+            s_k -= tl.sum(dBv * tl.dot(b_k.to(MM), S0.to(MM), input_precision=PREC), 1)
+            # dA = -dU U^T - dWk Wk^T collapses to -dX W^T because W = U - Wk S0.
+            dA -= tl.dot(dBv.to(OP).to(MM), tl.trans(b_w).to(MM), input_precision=PREC)
+    if DELTA:
+        vv = m_r[:, None] & m_r[None, :]
+        strict = (r[:, None] > r[None, :]) & vv
+        d_b += s_k * eG
+        dG = s_k * b_b * eG
+        b_kf = tl.load(k + tk, mask=m_rk, other=0).to(DT)
+        KK = tl.dot(b_k.to(MM), tl.trans(b_k).to(MM), input_precision=PREC)
+        dAm = tl.where(strict, dA * tl.exp(tl.where(strict, G[:, None] - G[None, :], float("-inf"))), 0.0)
+        dKw += b_b[:, None] * tl.dot(dAm.to(OP).to(MM), b_k.to(MM), input_precision=PREC)
+        dKw += tl.dot(tl.trans(dAm).to(OP).to(MM), (b_kf * b_b[:, None]).to(OP).to(MM), input_precision=PREC)
+        RA = dAm * KK
+        d_b += tl.sum(RA, 1)
+        RA = RA * b_b[:, None]  # dA * A
+        dG += tl.sum(RA, 1) - tl.sum(RA, 0)
+        tl.store(dk_wy + tk, dKw, mask=m_rk)
+        tl.store(dG_wy + tok * H + i_h, dG, mask=m_r)
+    tl.store(dbeta + tok * H + i_h, d_b.to(dbeta.dtype.element_ty), mask=m_r)
+
+
 def _chunk_bwd_kernel(
-    q, k, v, beta, Gc, Ti, lam, h, dckpt, Wv, dWv, do, det,
-    dq, dk, dv, dbeta, dg, cu, chunk_idx, seg_off, scale,
+    q, k, Gc, lam, h, dckpt, Wv, do, det, dk_wy, dG_wy, dq, dk, dg, cu, chunk_idx, seg_off, scale,
     H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, NV: constexpr, C: constexpr,
     DELTA: constexpr, HAS_G: constexpr, HAS_DET: constexpr,
     DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
 ):
-    # One program per (chunk, head), all chunks in parallel, V in blocks of BV,
-    # given S at the chunk's start (h), dS at its end (dckpt), the writes W and
-    # their full gradient dW (see the comment above for the algebra).
+    # dq, dk, dg, all chunks in parallel, V in blocks of BV, from S at the chunk's
+    # start (h), dS at its end (dckpt), the writes W, dO and dE_T, plus the solve's
+    # parts from _chunk_bwd_wy_kernel.
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
     i_n = tl.load(chunk_idx + 2 * i_c).to(tl.int64)
@@ -458,36 +534,24 @@ def _chunk_bwd_kernel(
     m_k = o_k < K
     tok = bos + r
     m_rk = m_r[:, None] & m_k[None, :]
-    vv = m_r[:, None] & m_r[None, :]
-    incl = (r[:, None] >= r[None, :]) & vv
-    strict = (r[:, None] > r[None, :]) & vv
-
+    incl = (r[:, None] >= r[None, :]) & m_r[:, None] & m_r[None, :]
     tk = (tok[:, None] * H + i_h) * K + o_k[None, :]
-    b_b = tl.load(beta + tok * H + i_h, mask=m_r, other=0).to(DT)
     G = tl.zeros([C], dtype=DT)
     if HAS_G:
         G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
     G_L = tl.sum(tl.where(r == L - 1, G, 0.0), 0)
-    diff = G[:, None] - G[None, :]
     eG = tl.where(m_r, tl.exp(G), 0.0)
     ed = tl.where(m_r, tl.exp(G_L - G), 0.0)
-    # K is read again after the V loop: holding it in fp32 through the loop spills.
     Kd = (tl.load(k + tk, mask=m_rk, other=0).to(DT) * ed[:, None]).to(OP)
     p = tl.zeros([C], dtype=DT)
     if HAS_DET:
         age = (T - 1 - (j_c * C + r)).to(DT)
         p = tl.exp(tl.where(age > 0, age, 1.0) * tl.log(tl.load(lam + i_h).to(DT)))
         p = tl.where(age == 0, 1.0, tl.where(age > 0, p, 0.0))
-    b_T = tl.zeros([C, C], dtype=OP)
-    if DELTA:
-        b_T = tl.load(Ti + (tok[:, None] * H + i_h) * C + r[None, :], mask=m_r[:, None], other=0).to(OP)
 
     dQg = tl.zeros([C, BK], dtype=DT)  # dO S0^T
     dKc = tl.zeros([C, BK], dtype=DT)  # the K-gradient through S_end and the trace
-    dBk = tl.zeros([C, BK], dtype=DT)  # gradient of beta e^G K, the right side of Wk = T (beta e^G K)
     dP = tl.zeros([C, C], dtype=DT)
-    dA = tl.zeros([C, C], dtype=DT)
-    d_b = tl.zeros([C], dtype=DT)
     t_kd = tl.zeros([C], dtype=DT)
     dGL = tl.zeros([1], dtype=DT)
     st0 = ((tl.load(seg_off + i_n).to(tl.int64) + j_c) * H + i_h) * K * V
@@ -501,14 +565,7 @@ def _chunk_bwd_kernel(
         S0 = tl.load(h + st0 + kv, mask=m_kv, other=0).to(DT)
         dSe = tl.load(dckpt + st0 + kv, mask=m_kv, other=0).to(DT)
         b_w = tl.load(Wv + tv, mask=m_rv, other=0).to(DT)
-        dW = tl.load(dWv + tv, mask=m_rv, other=0).to(DT)
         b_do = tl.load(do + tv, mask=m_rv, other=0).to(OP)
-        b_v = tl.load(v + tv, mask=m_rv, other=0).to(DT)
-        dBv = dW
-        if DELTA:
-            dBv = tl.dot(tl.trans(b_T).to(MM), dW.to(OP).to(MM), input_precision=PREC)
-        tl.store(dv + tv, (b_b[:, None] * dBv).to(dv.dtype.element_ty), mask=m_rv)
-        d_b += tl.sum(dBv * b_v, 1)
         dQg += tl.dot(b_do.to(MM), tl.trans(S0).to(OP).to(MM), input_precision=PREC)
         dP += tl.dot(b_do.to(MM), tl.trans(b_w).to(OP).to(MM), input_precision=PREC)
         dKc += tl.dot((b_w * ed[:, None]).to(OP).to(MM), tl.trans(dSe).to(OP).to(MM), input_precision=PREC)
@@ -517,16 +574,12 @@ def _chunk_bwd_kernel(
         if HAS_DET:
             dEb = tl.load(det + (i_n * H + i_h) * K * V + kv, mask=m_kv, other=0)
             dKc += tl.dot((b_w * p[:, None]).to(OP).to(MM), tl.trans(dEb).to(OP).to(MM), input_precision=PREC)
-        if DELTA:
-            # dA = -dU U^T - dWk Wk^T collapses to -dX W^T because W = U - Wk S0.
-            dBk -= tl.dot(dBv.to(OP).to(MM), tl.trans(S0).to(OP).to(MM), input_precision=PREC)
-            dA -= tl.dot(dBv.to(OP).to(MM), tl.trans(b_w).to(OP).to(MM), input_precision=PREC)
 
     # The epilogue stores dq before forming dk so that fewer [C, K] tiles are live at once.
     b_q = tl.load(q + tk, mask=m_rk, other=0).to(DT) * scale
     b_k = tl.load(k + tk, mask=m_rk, other=0).to(DT)
     # O = (Q e^G) S0 + P W with P = mask * e^{G_i-G_j} * Q K^T
-    dPm = tl.where(incl, dP * tl.exp(tl.where(incl, diff, float("-inf"))), 0.0)
+    dPm = tl.where(incl, dP * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf"))), 0.0)
     dG = tl.sum(dQg * b_q, 1) * eG
     dQ = dQg * eG[:, None] + tl.dot(dPm.to(OP).to(MM), b_k.to(OP).to(MM), input_precision=PREC)
     tl.store(dq + tk, (dQ * scale).to(dq.dtype.element_ty), mask=m_rk)
@@ -537,22 +590,10 @@ def _chunk_bwd_kernel(
     dG -= t_kd
     dG_L = tl.sum(dGL, 0) * tl.exp(G_L) + tl.sum(t_kd, 0)
     if DELTA:
-        # U = T (beta V), Wk = T (beta e^G K), (I + A) T = I
-        dK += dBk * (b_b * eG)[:, None]
-        s_k = tl.sum(dBk * b_k, 1)
-        d_b += s_k * eG
-        dG += s_k * b_b * eG
-        KK = tl.dot(b_k.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
-        dAm = tl.where(strict, dA * tl.exp(tl.where(strict, diff, float("-inf"))), 0.0)
-        dK += b_b[:, None] * tl.dot(dAm.to(OP).to(MM), b_k.to(OP).to(MM), input_precision=PREC)
-        dK += tl.dot(tl.trans(dAm).to(OP).to(MM), (b_k * b_b[:, None]).to(OP).to(MM), input_precision=PREC)
-        RA = dAm * KK
-        d_b += tl.sum(RA, 1)
-        RA = RA * b_b[:, None]  # dA * A
-        dG += tl.sum(RA, 1) - tl.sum(RA, 0)
+        dK += tl.load(dk_wy + tk, mask=m_rk, other=0)
+        dG += tl.load(dG_wy + tok * H + i_h, mask=m_r, other=0)
     dG = tl.where(m_r, dG + tl.where(r == L - 1, dG_L, 0.0), 0.0)
     tl.store(dk + tk, dK.to(dk.dtype.element_ty), mask=m_rk)
-    tl.store(dbeta + tok * H + i_h, d_b.to(dbeta.dtype.element_ty), mask=m_r)
     if HAS_G:
         # G = cumsum(g) within the chunk: dg_i = sum_{j >= i} dG_j
         d_g = tl.sum(tl.where(r[None, :] >= r[:, None], dG[None, :], 0.0), 1)
@@ -589,15 +630,32 @@ def _dot_types(dtype: torch.dtype):
 # Output and local-gradient kernels are parallel over chunks and take V in wider
 # blocks than the sequential kernels (fewer programs recomputing Q K^T).
 BV_OUT = 64
-# Launch options per kernel (num_warps, num_stages), chosen so that every kernel
-# fits an sm_80/sm_90 block at K = V = 128 (python -m cl_arch.kernels.compile_check).
-LAUNCH_OPTIONS = {}
+# Launch configurations each kernel is autotuned over on a GPU (keyed by K, V, C).
+# Every one fits an sm_80 and an sm_90 block at K = V = 128 with at most a few
+# hundred bytes of spilled stack (python -m cl_arch.kernels.compile_check lists them;
+# tests/test_compile_check.py keeps it so). Which is fastest needs a GPU to say.
+def _cfgs(*pairs):
+    return [dict(num_warps=w, num_stages=st) for w, st in pairs]
+
+
+LAUNCH_CONFIGS = {
+    "_chunk_prepare_kernel": _cfgs((4, 1), (8, 1)),
+    "_chunk_state_fwd_kernel": _cfgs((4, 1), (8, 1), (8, 2)),
+    "_chunk_out_kernel": _cfgs((4, 1), (8, 1), (8, 2)),
+    "_chunk_bwd_local_kernel": _cfgs((4, 1), (4, 2), (8, 1)),
+    "_chunk_bwd_dstate_kernel": _cfgs((4, 1), (8, 1), (8, 2)),
+    "_chunk_bwd_wy_kernel": _cfgs((8, 1), (8, 2)),
+    "_chunk_bwd_kernel": _cfgs((8, 1), (8, 2)),
+}
+# dstate completes dW in place, so the autotuner's trial runs must start from the same dW.
+_RESTORE = {"_chunk_bwd_dstate_kernel": ["dWv"]}
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch a chunk kernel (jitted as TRITON_INTERPRET says) with its launch options."""
-    opts = {} if os.environ.get("TRITON_INTERPRET") == "1" else LAUNCH_OPTIONS.get(kernel.__name__, {})
-    _fr.jit_for_env(kernel)[grid](*args, **kwargs, **opts)
+    """Launch a chunk kernel, autotuned over its LAUNCH_CONFIGS on a GPU."""
+    name = kernel.__name__
+    _fr.jit_for_env(kernel, LAUNCH_CONFIGS.get(name), key=["K", "V", "C"],
+                    restore_value=_RESTORE.get(name))[grid](*args, **kwargs)
 
 
 def _chunk_index(cu: torch.Tensor, C: int) -> torch.Tensor:
@@ -692,11 +750,16 @@ class _TritonChunkFn(torch.autograd.Function):
         dv = torch.empty(1, NTOK, H, V, dtype=v.dtype, device=dev)
         dbeta = torch.empty(1, NTOK, H, dtype=beta.dtype, device=dev)
         dg = torch.empty(1, NTOK, H, dtype=g.dtype, device=dev) if g is not None else None
+        NV = triton.cdiv(V, BV)
+        dk_wy = torch.empty(NTOK, H, K, dtype=acc, device=dev) if delta else None
+        dG_wy = torch.empty(NTOK, H, dtype=acc, device=dev) if delta else None
+        _launch(_chunk_bwd_wy_kernel, (NCt, H),
+                k, v, beta, Gc, Ti, h, Wv, dWv, dv, dbeta, dk_wy, dG_wy, cu, chunk_idx, seg_off,
+                H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, C=C, DELTA=delta, HAS_G=g is not None, **dots)
         _launch(_chunk_bwd_kernel, (NCt, H),
-                q, k, v, beta, Gc, Ti, lam_h, h, dckpt, Wv, dWv, do, dET,
-                dq, dk, dv, dbeta, dg, cu, chunk_idx, seg_off, scale,
-                H=H, K=K, V=V, BK=BK, BV=BV, NV=triton.cdiv(V, BV), C=C, DELTA=delta, HAS_G=g is not None,
-                HAS_DET=has_det, **dots)
+                q, k, Gc, lam_h, h, dckpt, Wv, do, dET, dk_wy, dG_wy, dq, dk, dg, cu, chunk_idx, seg_off, scale,
+                H=H, K=K, V=V, BK=BK, BV=BV, NV=NV, C=C, DELTA=delta, HAS_G=g is not None, HAS_DET=has_det,
+                **dots)
         d_lam = d_e0 = None
         if lam_h is not None:
             if has_det:

@@ -127,34 +127,53 @@ def import_triton(namespace: dict) -> None:
 BV_CAP = 32
 
 
+# Autotuned launch configurations of the two recurrent kernels on a GPU. At
+# K = 128, BV = 32 fewer than 4 warps spill the [K, BV] state tiles (compile_check).
+LAUNCH_CONFIGS = {
+    "fwd": [dict(num_warps=4, num_stages=1), dict(num_warps=8, num_stages=1)],
+    "bwd": [dict(num_warps=4, num_stages=1), dict(num_warps=8, num_stages=1)],
+}
+
 _JIT_CACHE = {}
 # Set by kernels.compile_check.record_launches: wraps each jitted kernel so its
 # launches are recorded (for compiling them for a GPU that is not here), not run.
 _RECORDER = None
 
 
-def jit_for_env(fn):
+def jit_for_env(fn, configs=None, key=None, restore_value=None):
     """``triton.jit(fn)``, compiled or interpreted as ``TRITON_INTERPRET`` says *now*.
 
     ``@triton.jit`` reads TRITON_INTERPRET when the module is imported, so a test
     file that sets it after another test imported cl_arch.kernels would get
     compiled kernels on a machine without a GPU. Wrapping at launch time instead
     lets the interpreter be switched on at any point before the first call.
+
+    ``configs`` (a list of ``dict(num_warps=, num_stages=)``) makes the compiled
+    kernel a ``triton.autotune`` over them, keyed by the constexpr names in ``key``;
+    ``restore_value`` names the arguments a kernel updates in place, which the
+    autotuner must restore between trial runs. The interpreter ignores configs.
     """
     import os
 
-    key = (fn, os.environ.get("TRITON_INTERPRET") == "1")
-    if key not in _JIT_CACHE:
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    tuned = bool(configs) and not interpret and _RECORDER is None
+    cache_key = (fn, interpret, tuned)
+    if cache_key not in _JIT_CACHE:
         import triton as _triton
         import triton.language as _tl
 
         # Kernel signatures spell constexpr as the string "tl.constexpr" (triton is
         # not imported when they are defined); the interpreter wants the object.
         fn.__annotations__ = {n: (_tl.constexpr if a == "tl.constexpr" else a) for n, a in fn.__annotations__.items()}
-        _JIT_CACHE[key] = _triton.jit(fn)
+        jitted = _JIT_CACHE.get((fn, interpret, False)) or _triton.jit(fn)
+        _JIT_CACHE[(fn, interpret, False)] = jitted
+        if tuned:
+            jitted = _triton.autotune(configs=[_triton.Config({}, **c) for c in configs], key=list(key or []),
+                                      restore_value=list(restore_value or []))(jitted)
+        _JIT_CACHE[cache_key] = jitted
     if _RECORDER is not None:
-        return _RECORDER(_JIT_CACHE[key])
-    return _JIT_CACHE[key]
+        return _RECORDER(_JIT_CACHE[cache_key], configs)
+    return _JIT_CACHE[cache_key]
 
 
 def _packed_layout(T: int, B: int, cu_seqlens: Optional[torch.Tensor], device) -> Tuple[torch.Tensor, int]:
@@ -394,7 +413,7 @@ class _TritonRecurrentFn(torch.autograd.Function):
         E_T = torch.empty(N, H, K, V, dtype=acc, device=q.device) if trace else None
         n_seg = int(seg_off[-1]) if save else 1
         ckpt = torch.empty(n_seg, H, K, V, dtype=acc, device=q.device)
-        jit_for_env(_recurrent_fwd_kernel)[(NV, N * H)](
+        jit_for_env(_recurrent_fwd_kernel, LAUNCH_CONFIGS["fwd"], key=["K", "V", "BV"])[(NV, N * H)](
             q, k, v, beta, g, lam_h, s0, e0, o, S_T, E_T, ckpt, cu, seg_off, scale,
             H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=chunk, DELTA=delta, HAS_G=g is not None, TRACE=trace,
             HAS_S0=s0 is not None, HAS_E0=e0 is not None, SAVE_CKPT=save, DT=DT,
@@ -427,7 +446,7 @@ class _TritonRecurrentFn(torch.autograd.Function):
         dlc = torch.empty(NV, NTOK, H, dtype=acc, device=dev) if trace else None
         ds0 = torch.empty(N, H, K, V, dtype=acc, device=dev)
         has_det = trace and dET is not None
-        jit_for_env(_recurrent_bwd_kernel)[(NV, N * H)](
+        jit_for_env(_recurrent_bwd_kernel, LAUNCH_CONFIGS["bwd"], key=["K", "V", "BV"])[(NV, N * H)](
             q, k, v, beta, g, lam_h, ckpt, scratch, do.contiguous(), dST.contiguous() if dST is not None else None,
             dET.contiguous() if has_det else None, dq, dk, dv, dbeta, dg, dlc, ds0, cu, seg_off, scale, NTOK,
             H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=chunk, DELTA=delta, HAS_G=g is not None, TRACE=trace,
