@@ -4,6 +4,10 @@
     python benchmarks/bench_kernels.py --device cpu --shapes B1-T512-H2-D32
     python benchmarks/bench_kernels.py --no-trace      # lam = None (plain gated delta rule)
 
+A second table times one decode step (T = 1, S and E carried in and out, no
+grad) for B sessions: ``triton_recurrent`` against the HBM floor of moving S and
+E once each way (and FLA's ``fused_recurrent_gated_delta_rule`` when importable).
+
 On CUDA it times ``triton_chunk`` and ``triton_recurrent`` (and, when
 flash-linear-attention is importable, ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``
 in the same run) with ``triton.testing.do_bench`` (median ms) at
@@ -37,6 +41,10 @@ from cl_arch.kernels.plastic import BACKENDS
 
 GPU_SHAPES = ["B1-T8192-H96-D128", "B2-T16384-H16-D128", "B4-T2048-H16-D128"]
 CPU_SHAPES = ["B1-T256-H2-D32", "B2-T512-H4-D64"]
+# One decode step (T = 1) of B sessions, state and trace carried in and out: the
+# adaptation-at-inference path, bound by reading and writing S and E.
+GPU_DECODE = ["B64-T1-H16-D128", "B256-T1-H16-D128"]
+CPU_DECODE = ["B8-T1-H4-D64"]
 # Peak HBM bytes/s and dense bf16 FLOP/s of the cards this project is lent (vendor datasheets).
 PEAKS = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}
 
@@ -70,6 +78,42 @@ def traffic_and_flops(B, T, H, D, trace, bwd):
     return bytes_, flops
 
 
+def decode_traffic(B, H, D, trace):
+    """Bytes one decode step must move: S (and E) in and out in fp32, q, k, v, o in bf16, beta, g."""
+    state = B * H * D * D * 4 * (2 if trace else 1)
+    return 2 * state + 4 * B * H * D * 2 + 2 * B * H * 4
+
+
+def bench_decode(shapes, backends, device, dtype, lam, timer, peak):
+    """Rows for one decode step per shape and backend (no grad)."""
+    rows = []
+    for shape in shapes:
+        B, T, H, D = parse_shape(shape)
+        x = make(B, 1, H, D, device, dtype)
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        S = (0.1 * torch.randn(B, H, D, D, generator=gen)).to(device)
+        E = (0.1 * torch.randn(B, H, D, D, generator=gen)).to(device)
+        for name, fn in backends.items():
+            trace = lam is not None and not name.startswith("fla")
+
+            def step():
+                with torch.no_grad():
+                    fn(x, S, E if trace else None)
+
+            try:
+                ms = timer(step)
+            except (RuntimeError, ValueError) as e:
+                rows.append(dict(shape=shape, backend=name, mode="decode", error=str(e)[:200]))
+                continue
+            nbytes = decode_traffic(B, H, D, trace)
+            row = dict(shape=shape, backend=name, mode="decode", trace=trace, ms=ms, GBps=nbytes / ms / 1e6,
+                       TFLOPs=B * H * D * D * (8 + 2 * trace) / ms / 1e9)
+            if peak is not None:
+                row.update(floor_ms=nbytes / peak[0] * 1e3, roof_frac=nbytes / peak[0] * 1e3 / ms)
+            rows.append(row)
+    return rows
+
+
 def cpu_median(fn, repeats, warmup=1):
     times = []
     for i in range(warmup + repeats):
@@ -101,6 +145,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--shapes", nargs="*", default=None, help="e.g. B2-T16384-H16-D128 (K = V = D)")
+    p.add_argument("--decode", nargs="*", default=None, help="decode-step shapes, e.g. B256-T1-H16-D128")
     p.add_argument("--no-trace", action="store_true", help="lam = None instead of 0.5")
     p.add_argument("--repeats", type=int, default=5, help="CPU repeats (GPU: do_bench decides)")
     p.add_argument("--threads", type=int, default=1)
@@ -130,6 +175,17 @@ def main(argv=None):
                 x["q"], x["k"], x["v"], x["g"], x["beta"], output_final_state=True)
         except ImportError:
             pass
+        decoders = {}
+        if "triton_recurrent" in BACKENDS:
+            decoders["triton_recurrent"] = lambda x, S, E: plastic_rule(
+                **x, lam=lam if E is not None else None, initial_state=S, initial_trace=E, backend="triton_recurrent")
+        try:
+            from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+            decoders["fla_fused_recurrent_gated_delta_rule"] = lambda x, S, E: fused_recurrent_gated_delta_rule(
+                x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=S, output_final_state=True)
+        except ImportError:
+            pass
         card = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAKS.items() if k in card), None)
         dtype = torch.bfloat16
@@ -140,6 +196,8 @@ def main(argv=None):
         for name in ("torch_chunk", "torch_recurrent"):
             backends[name] = lambda x, _n=name: plastic_rule(**x, lam=lam, backend=_n)
         card, peak, dtype = f"cpu ({a.threads} thread)", None, torch.float32
+        decoders = {"torch_recurrent": lambda x, S, E: plastic_rule(
+            **x, lam=lam if E is not None else None, initial_state=S, initial_trace=E, backend="torch_recurrent")}
 
     rows = []
     for shape in shapes:
@@ -161,6 +219,9 @@ def main(argv=None):
                     row.update(floor_ms=floor_ms, roof_frac=floor_ms / ms)
                 rows.append(row)
 
+    rows += bench_decode(a.decode if a.decode is not None else (GPU_DECODE if on_gpu else CPU_DECODE),
+                         decoders, device, dtype, lam, timer, peak)
+
     print(f"device: {card}   dtype: {dtype}   lam: {lam}")
     print(f"{'shape':<22}{'backend':<30}{'mode':<9}{'ms':>10}{'GB/s':>10}{'TFLOP/s':>10}{'% roof':>8}")
     for r in rows:
@@ -171,6 +232,13 @@ def main(argv=None):
         print(f"{r['shape']:<22}{r['backend']:<30}{r['mode']:<9}{r['ms']:>10.3f}{r['GBps']:>10.2f}"
               f"{r['TFLOPs']:>10.3f}{roof:>8}")
 
+    # The issue's targets as ratios measured in this run: FLA time / ours (>= 1.0 means
+    # at least as fast) and the decode step's fraction of the HBM floor.
+    ms = {(r["shape"], r["backend"], r["mode"]): r["ms"] for r in rows if "ms" in r}
+    for (shape, backend, mode), t in sorted(ms.items()):
+        fla = ms.get((shape, "fla_chunk_gated_delta_rule", mode))
+        if backend == "triton_chunk" and fla is not None:
+            print(f"{shape} {mode}: triton_chunk (trace {'on' if lam is not None else 'off'}) at {fla / t:.2f}x FLA")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     meta = dict(device=card, dtype=str(dtype), lam=lam, date=datetime.date.today().isoformat(),
                 torch=torch.__version__, threads=a.threads)

@@ -196,11 +196,11 @@ def commit_launches(K: int = 128, V: int = 128, H: int = 4, N: int = 8) -> List[
     return sink
 
 
-def default_suite(K: int = 128, V: int = 128) -> List[Launch]:
-    """Every distinct kernel cl_arch launches on a GPU, at head size K x V."""
+def default_suite(K: int = 128, V: int = 128, dtype: str = "bfloat16") -> List[Launch]:
+    """Every distinct kernel launch (kernel x autotune config) cl_arch makes on a GPU for inputs of ``dtype``."""
     launches: List[Launch] = []
     for backend in ("triton_chunk", "triton_recurrent"):
-        launches += plastic_rule_launches(K=K, V=V, backend=backend)
+        launches += plastic_rule_launches(K=K, V=V, backend=backend, dtype=dtype)
     launches += commit_launches(K=K, V=V)
     seen, unique = set(), []
     for la in launches:
@@ -220,18 +220,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--K", type=int, default=128)
     p.add_argument("--V", type=int, default=128)
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_LIMIT))
+    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], help="input dtypes of q, k, v")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     rows = []
-    print(f"{'kernel':<28}{'arch':>5}{'warps':>6}{'stages':>7}{'regs':>6}{'stack B':>9}{'shared B':>10}"
+    print(f"{'kernel':<28}{'dtype':>10}{'arch':>5}{'warps':>6}{'stages':>7}{'regs':>6}{'stack B':>9}{'shared B':>10}"
           f"{'limit':>8}{'fits':>6}{'compile s':>10}")
-    for la in default_suite(args.K, args.V):
-        for arch in args.arch:
+    for dtype in args.dtype:
+        for la, arch in [(la, arch) for la in default_suite(args.K, args.V, dtype) for arch in args.arch]:
             t0 = time.perf_counter()
             r = compile_launch(la, arch)
             dt = time.perf_counter() - t0
-            rows.append({**r.row(), "compile_s": round(dt, 2)})
-            print(f"{r.kernel:<28}{arch:>5}{r.num_warps:>6}{r.num_stages:>7}{r.registers:>6}{r.stack_bytes:>9}"
+            rows.append({**r.row(), "dtype": dtype, "compile_s": round(dt, 2)})
+            print(f"{r.kernel:<28}{dtype:>10}{arch:>5}{r.num_warps:>6}{r.num_stages:>7}{r.registers:>6}{r.stack_bytes:>9}"
                   f"{r.shared_bytes:>10}{SHARED_LIMIT[arch]:>8}{str(r.fits):>6}{dt:>10.1f}", flush=True)
     if args.json:
         from ..io import atomic_write

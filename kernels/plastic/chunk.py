@@ -131,35 +131,38 @@ def chunk_plastic_rule(
 # ---------------------------------------------------------------------------
 # Triton backend ("triton_chunk")
 #
-# Forward, two launches over the packed layout ([1, NTOK, H, *], sequences given
-# by cu_seqlens; a [B, T] batch is B sequences of length T):
-#   1. _chunk_prepare_kernel, one program per (chunk, head), all chunks in
-#      parallel: G = cumsum(g) within the chunk, the strictly lower
-#      A_ij = beta_i e^{G_i-G_j} k_i.k_j, T = (I + A)^{-1} by forward substitution
-#      on the chunk tile, then U = T (beta V) and Wk = T (beta e^G K) (the WY form
-#      of the module docstring; hebb needs only U = beta V).
-#   2. _chunk_fwd_kernel, one program per (V-block, sequence, head): S [K, BV]
-#      and E stay in registers while the program walks its chunks in order:
+# Forward, three launches over the packed layout ([1, NTOK, H, *], sequences given
+# by cu_seqlens; a [B, T] batch is B sequences of length T). Only launches 2 and
+# 5 are sequential over chunks, and they do the least work per chunk (as in
+# flash-linear-attention's chunk_gated_delta_rule: fwd_h / bwd_dhu):
+#   1. _chunk_prepare_kernel, one program per (chunk, head): G = cumsum(g) within
+#      the chunk, the strictly lower A_ij = beta_i e^{G_i-G_j} k_i.k_j,
+#      T = (I + A)^{-1} by forward substitution on the chunk tile, then
+#      U = T (beta V) and Wk = T (beta e^G K) (hebb needs only U = beta V).
+#   2. _chunk_state_fwd_kernel, one program per (V-block, sequence, head): S [K, BV]
+#      and E stay in registers while the program walks its chunks in order,
+#      storing S at each chunk start (h) and the writes W:
 #          W   = U - Wk S                         (the writes beta_i u_i)
-#          O   = (Q e^G) S + (mask_{i>=j} e^{G_i-G_j} Q K^T) W
 #          S  <- e^{G_L} S + (K e^{G_L-G})^T W
 #          E  <- lam^L E + (K lam^{L-1-i})^T W    (the trace's masked matmul)
-#      and stores S at every chunk start.
-# Backward (chunkwise, two launches; the recurrent backward is not used):
-#   3. _chunk_bwd_dstate_kernel, one program per (V-block, sequence, head): the
-#      only sequential part. dS, the gradient reaching S at a chunk's end, walks
-#      the chunks in reverse and is stored per chunk (dS_T at the last one):
-#          dW  = (K e^{G_L-G}) dS + P^T dO + (K lam^age) dE_T     (P = the masked QK^T)
-#          dS <- e^{G_L} dS + (Q e^G)^T dO - Wk^T dW               (delta: W = U - Wk S0)
-#      its final value is d initial_state.
-#   4. _chunk_bwd_kernel, one program per (chunk, head), all chunks in parallel,
-#      V in blocks: from S0 (forward checkpoint), dS at the chunk end, the saved
-#      U, Wk, (I+A)^{-1} and G it recomputes W and dW and back-propagates through
-#      O, S_end, the trace and the two triangular solves (dX = T^T dW for
-#      X = T rhs, dA = -dX X^T on the strict lower part), giving dq, dk, dv, dbeta,
-#      dG (turned into dg by a reverse cumsum within the chunk) and the per-token
-#      c_t = <dE_T, k_t w_t^T>. lam's gradient is then closed-form on the host
-#      (fused_recurrent._lam_grad), d initial_trace = lam^T dE_T.
+#   3. _chunk_out_kernel, one program per (V-block, chunk, head):
+#          O   = (Q e^G) S + (mask_{i>=j} e^{G_i-G_j} Q K^T) W
+# Backward, four launches (P = the masked Q K^T, p_i = lam^(T-1-t_i)):
+#   4. _chunk_bwd_local_kernel, per (V-block, chunk, head): the part of dW that
+#      does not depend on dS, dW_loc = P^T dO + diag(p) K dE_T, and per token
+#      c_t = <dE_T, k_t w_t^T> for lam's gradient.
+#   5. _chunk_bwd_dstate_kernel, per (V-block, sequence, head), chunks in reverse:
+#          dW  = dW_loc + (K e^{G_L-G}) dS         (completed in place)
+#          dS <- e^{G_L} dS + (Q e^G)^T dO - Wk^T dW
+#      storing dS at every chunk end; its final value is d initial_state.
+#   6. _chunk_bwd_wy_kernel, per (chunk, head): back through W = U - Wk S0 and
+#      the two triangular solves (dX = T^T dW for X = T rhs; dA = -dX W^T, since
+#      the U and Wk terms combine through W = U - Wk S0): dv, dbeta, and the
+#      solve's share of dk and dG.
+#   7. _chunk_bwd_kernel, per (chunk, head): dq, dk (adding 6's share) and dG
+#      through O, S_end and the trace, then dg by a reverse cumsum within the chunk.
+# lam's gradient is then closed-form on the host (fused_recurrent._lam_grad),
+# d initial_trace = lam^T dE_T.
 # ---------------------------------------------------------------------------
 from . import fused_recurrent as _fr  # noqa: E402
 
@@ -311,7 +314,9 @@ def _chunk_out_kernel(
     tok = bos + r
     m_rk = m_r[:, None] & m_k[None, :]
     m_rv = m_r[:, None] & m_v[None, :]
-    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0).to(DT) * scale
+    # scale and e^G multiply the products, not Q: on sm_80 ptxas spilled ~5 KiB/thread
+    # when one scaled fp32 copy of Q fed both dots (compile_check).
+    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0)
     b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_rk, other=0)
     b_W = tl.load(Wv + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_rv, other=0)
     S0 = tl.load(h + ((tl.load(seg_off + i_n).to(tl.int64) + j_c) * H + i_h) * K * V + o_k[:, None] * V
@@ -321,8 +326,8 @@ def _chunk_out_kernel(
         G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
     incl = r[:, None] >= r[None, :]
     qk = tl.dot(b_q.to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
-    qk = qk * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf")))
-    b_o = tl.dot((b_q * tl.exp(G)[:, None]).to(OP).to(MM), S0.to(OP).to(MM), input_precision=PREC)
+    qk = qk * (scale * tl.exp(tl.where(incl, G[:, None] - G[None, :], float("-inf"))))
+    b_o = tl.dot(b_q.to(OP).to(MM), S0.to(OP).to(MM), input_precision=PREC) * (scale * tl.exp(G))[:, None]
     b_o += tl.dot(qk.to(OP).to(MM), b_W.to(OP).to(MM), input_precision=PREC)
     tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_rv)
 
@@ -601,12 +606,13 @@ def _chunk_bwd_kernel(
 
 
 # Matmul inputs on a GPU: bf16/fp16 operands go to the tensor cores as they are
-# (fp32 accumulate, as flash-linear-attention does); fp32 inputs use tf32x3
-# (three tf32 passes, about fp32 accuracy) and fp64 stays exact. Plain fp32
-# "ieee" dots run on the FMA units and, at K = 128, hold whole operand rows per
-# thread: python -m cl_arch.kernels.compile_check showed 20-28 KiB of spilled
-# stack per thread and shared memory over the H100 limit with them.
-FP32_DOT_PRECISION = "tf32x3"
+# (fp32 accumulate, as flash-linear-attention does); fp32 inputs use tf32 (Triton's
+# own default for fp32 dots: about 1e-3 relative error) and fp64 stays exact.
+# Measured with python -m cl_arch.kernels.compile_check at K = V = 128: fp32 "ieee"
+# dots run on the FMA units, spill 14-28 KiB of stack per thread and need more
+# shared memory than an H100 block has; "tf32x3" (about fp32 accuracy) fits sm_90
+# but spills 10-14 KiB on sm_80. CL_ARCH_TRITON_FP32_DOT=tf32x3 opts into it.
+FP32_DOT_CHOICES = ("tf32", "tf32x3")
 
 
 def _dot_types(dtype: torch.dtype):
@@ -624,7 +630,10 @@ def _dot_types(dtype: torch.dtype):
         op = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
         mm = tl.float32 if op == tl.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1" else op
         return tl.float32, op, mm, "ieee"
-    return tl.float32, tl.float32, tl.float32, FP32_DOT_PRECISION
+    prec = os.environ.get("CL_ARCH_TRITON_FP32_DOT", "tf32")
+    if prec not in FP32_DOT_CHOICES:
+        raise ValueError(f"CL_ARCH_TRITON_FP32_DOT must be one of {FP32_DOT_CHOICES}, got {prec!r}")
+    return tl.float32, tl.float32, tl.float32, prec
 
 
 # Output and local-gradient kernels are parallel over chunks and take V in wider

@@ -1,0 +1,85 @@
+"""The Triton kernels compile for sm_90 and sm_80 and fit there (no GPU needed).
+
+The interpreter tests check what the kernels compute; these check that every
+launch the wrappers make (each autotune config, bf16 and fp32 inputs, K = V = 128)
+compiles with Triton's own ptxas and stays within the block's shared memory
+and a small spill budget. They run in a subprocess because the interpreter,
+which other test files switch on, replaces the compiler.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# triton is located, not imported: importing it here would fix its interpreter mode
+# for the other test files in this process (test_triton_kernels switches it on).
+_spec = importlib.util.find_spec("triton")
+if _spec is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+ptxas = os.path.join(list(_spec.submodule_search_locations)[0], "backends", "nvidia", "bin", "ptxas")
+if not os.path.exists(ptxas):
+    pytest.skip(f"this triton wheel ships no ptxas ({ptxas})", allow_module_level=True)
+
+
+def _run(code: str, tmp_path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_every_kernel_launch_fits_sm90_and_sm80(tmp_path):
+    out = tmp_path / "resources.json"
+    proc = _run(f"from cl_arch.kernels.compile_check import main; raise SystemExit(main(['--json', {str(out)!r}]))",
+                tmp_path)
+    assert out.exists(), proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    bad = [r for r in rows if not r["fits"]]
+    assert not bad, "\n".join(f"{r['kernel']} {r['dtype']} sm_{r['arch']} warps={r['num_warps']} "
+                              f"stages={r['num_stages']}: stack {r['stack_bytes']} B, shared {r['shared_bytes']} B "
+                              f"(limit {r['shared_limit']})" for r in bad)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+    from cl_arch.kernels.plastic import chunk, fused_recurrent
+
+    # Every configured launch was compiled, for both archs and both dtypes.
+    expected = {(name, c["num_warps"], c["num_stages"]) for name, cfgs in chunk.LAUNCH_CONFIGS.items() for c in cfgs}
+    expected |= {(f"_recurrent_{d}_kernel", c["num_warps"], c["num_stages"])
+                 for d, cfgs in fused_recurrent.LAUNCH_CONFIGS.items() for c in cfgs}
+    for dtype in ("bfloat16", "float32"):
+        for arch in (80, 90):
+            seen = {(r["kernel"], r["num_warps"], r["num_stages"]) for r in rows
+                    if r["dtype"] == dtype and r["arch"] == arch}
+            assert expected <= seen, (dtype, arch, sorted(expected - seen))
+            assert any(r["kernel"] == "_reward_commit_kernel" for r in rows if r["arch"] == arch)
+    assert all(r["registers"] > 0 for r in rows)
+
+
+def test_check_flags_a_kernel_that_cannot_launch(tmp_path):
+    # fp32 "ieee" dots at K = 128 are the case the check was written for: they run on
+    # the FMA units and the output kernel then needs local-memory stack far over budget.
+    code = """
+import json
+from cl_arch.kernels import compile_check as cc
+import triton.language as tl
+la = [l for l in cc.plastic_rule_launches(backward=False, dtype="float32") if l.name == "_chunk_out_kernel"][0]
+la.kwargs.update(PREC="ieee", num_warps=4, num_stages=3)
+r = cc.compile_launch(la, 90)
+print(json.dumps(r.row()))
+"""
+    proc = _run(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not row["fits"], row
+    assert row["stack_bytes"] > 1024 or row["shared_bytes"] > row["shared_limit"], row
+
+
+def test_record_launches_refuses_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from cl_arch.kernels import compile_check
+
+    with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+        with compile_check.record_launches():
+            pass
