@@ -258,7 +258,7 @@ def _chunk_state_fwd_kernel(
     NC = (T + C - 1) // C
 
     for c in range(0, NC):
-        tl.store(h + ((seg0 + c) * H + i_h) * K * V + kv, S, mask=m_kv)
+        tl.store(h + ((seg0 + c) * H + i_h) * K * V + kv, S.to(h.dtype.element_ty), mask=m_kv)
         L = tl.minimum(T - c * C, C)
         m_r = r < L
         tok = bos + c * C + r
@@ -270,7 +270,7 @@ def _chunk_state_fwd_kernel(
             b_wk = tl.load(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :],
                            other=0)
             b_W -= tl.dot(b_wk.to(OP).to(MM), S.to(OP).to(MM), input_precision=PREC)
-        tl.store(Wv + (tok[:, None] * H + i_h) * V + o_v[None, :], b_W, mask=m_rv)
+        tl.store(Wv + (tok[:, None] * H + i_h) * V + o_v[None, :], b_W.to(Wv.dtype.element_ty), mask=m_rv)
         G = tl.zeros([C], dtype=DT)
         if HAS_G:
             G = tl.load(Gc + tok * H + i_h, mask=m_r, other=0).to(DT)
@@ -412,7 +412,7 @@ def _chunk_bwd_dstate_kernel(
     NC = (T + C - 1) // C
     for jc in range(0, NC):
         c = NC - 1 - jc
-        tl.store(dckpt + ((seg0 + c) * H + i_h) * K * V + kv, dS, mask=m_kv)
+        tl.store(dckpt + ((seg0 + c) * H + i_h) * K * V + kv, dS.to(dckpt.dtype.element_ty), mask=m_kv)
         L = tl.minimum(T - c * C, C)
         m_r = r < L
         tok = bos + c * C + r
@@ -707,8 +707,12 @@ class _TritonChunkFn(torch.autograd.Function):
         BV = max(16, min(BVf, _fr.BV_CAP))
         S_T = torch.empty(N, H, K, V, dtype=acc, device=dev)
         E_T = torch.empty(N, H, K, V, dtype=acc, device=dev) if trace else None
-        h = torch.empty(int(seg_off[-1]), H, K, V, dtype=acc, device=dev)
-        Wv = torch.empty(NTOK, H, V, dtype=acc, device=dev)
+        # Per-chunk states and the writes are kept in the inputs' dtype when that is
+        # bf16/fp16 (as FLA keeps h and v_new): they are the largest tensors the chunk
+        # path moves (h alone is T/C * H*K*V). S_T, E_T and dW stay fp32.
+        sdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else acc
+        h = torch.empty(int(seg_off[-1]), H, K, V, dtype=sdt, device=dev)
+        Wv = torch.empty(NTOK, H, V, dtype=sdt, device=dev)
         _launch(_chunk_state_fwd_kernel, (triton.cdiv(V, BV), N * H),
                 k, U, Wk, Gc, lam_h, s0, e0, Wv, h, S_T, E_T, cu, seg_off,
                 H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, TRACE=trace,
@@ -732,7 +736,7 @@ class _TritonChunkFn(torch.autograd.Function):
         N = cu.numel() - 1
         NCt = chunk_idx.shape[0]
         dev = q.device
-        acc = h.dtype
+        acc = torch.promote_types(q.dtype, torch.float32)
         DT, OP, MM, PREC = _dot_types(q.dtype)
         dots = dict(DT=DT, OP=OP, MM=MM, PREC=PREC)
         has_det = lam_h is not None and dET is not None
