@@ -220,6 +220,7 @@ CHUNK_BWD_CASES = [
     (2, 50, 2, 16, 16, "hebb", False, True, True, 16),   # hebb without decay, initial states
     (1, 64, 2, 32, 16, "delta", False, True, False, 32),  # exact multiple of the chunk, no trace
     (1, 70, 1, 16, 16, "delta", True, True, True, 64),   # one full chunk and a partial one
+    (1, 150, 1, 16, 16, "delta", True, True, True, 128),  # 8 blocks of 16 in the blockwise inverse, 6 of them padding
 ]
 
 

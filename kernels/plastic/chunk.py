@@ -175,7 +175,7 @@ constexpr = "tl.constexpr"  # becomes tl.constexpr on the first call (see fused_
 def _chunk_prepare_kernel(
     k, v, beta, g, U, Wk, Gc, Ti, cu, chunk_idx,
     H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr, C: constexpr,
-    DELTA: constexpr, HAS_G: constexpr, SAVE_T: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
+    DELTA: constexpr, HAS_G: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
 ):
     i_c = tl.program_id(0)
     i_h = tl.program_id(1)
@@ -205,14 +205,47 @@ def _chunk_prepare_kernel(
         strict = r[:, None] > r[None, :]
         A = tl.dot((b_k * b_b[:, None]).to(OP).to(MM), tl.trans(b_k).to(OP).to(MM), input_precision=PREC)
         A = A * tl.exp(tl.where(strict, G[:, None] - G[None, :], float("-inf")))
-        # T = (I + A)^{-1}, unit lower triangular: row i = e_i - sum_{j<i} A_ij T_j.
-        Tinv = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(DT)
-        for i in range(1, C):
-            a_i = tl.sum(tl.where(r[:, None] == i, A, 0.0), 0)  # [C], zero from column i on
-            row = tl.where(r == i, 1.0, 0.0) - tl.sum(a_i[:, None] * Tinv, 0)
-            Tinv = tl.where(r[:, None] == i, row[None, :], Tinv)
-        if SAVE_T:  # row i of (I + A)^{-1} at token i, for the backward
-            tl.store(Ti + (tok[:, None] * H + i_h) * C + r[None, :], Tinv, mask=m_r[:, None])
+        # T = (I + A)^{-1} blockwise, in 16 x 16 blocks, with Ti as this chunk's scratch
+        # (A is written there, then replaced by T block by block): the diagonal blocks
+        # are inverted together by forward substitution (15 steps on [C/16, 16, 16]
+        # instead of C - 1 steps on [C, C]), then the blocks below them follow from
+        #     T_bj = -T_bb sum_{j <= k < b} A_bk T_kj        (j < b),
+        # row block by row block. The small products are exact-precision fp32 ("ieee").
+        t_row = (tok[:, None] * H + i_h) * C
+        tl.store(Ti + t_row + r[None, :], A, mask=m_r[:, None])
+        tl.debug_barrier()
+        NB: constexpr = C // 16
+        rb = tl.arange(0, 16)
+        bb = tl.arange(0, NB)
+        row3 = bb[:, None, None] * 16 + rb[None, :, None]  # [NB, 16, 1]: row of block b
+        p3 = Ti + ((bos + row3) * H + i_h) * C + bb[:, None, None] * 16 + rb[None, None, :]
+        m3 = row3 < L
+        D = tl.load(p3, mask=m3, other=0).to(DT)  # D[b] = A_bb, strictly lower
+        Tb = tl.zeros([NB, 16, 16], dtype=DT) + tl.where(rb[:, None] == rb[None, :], 1.0, 0.0).to(DT)[None, :, :]
+        for i in range(1, 16):  # row i = e_i - sum_{j<i} A_ij T_j, in every block at once
+            a_i = tl.sum(tl.where(rb[None, :, None] == i, D, 0.0), 1)  # [NB, 16]
+            row = tl.where(rb[None, :] == i, 1.0, 0.0) - tl.sum(a_i[:, :, None] * Tb, 1)
+            Tb = tl.where(rb[None, :, None] == i, row[:, None, :], Tb)
+        tl.debug_barrier()  # every thread has read the A_bb it needs before they are overwritten
+        tl.store(p3, Tb, mask=m3)
+        tl.debug_barrier()
+        for b in range(1, NB):
+            rows_b = bos + b * 16 + rb
+            pb = Ti + (rows_b[:, None] * H + i_h) * C
+            m_b = (b * 16 + rb < L)[:, None]
+            T_bb = tl.load(pb + b * 16 + rb[None, :], mask=m_b, other=0).to(DT)
+            # Ascending j: T_bj overwrites A_bj, which no later j of this row reads.
+            for j in range(0, b):
+                acc = tl.zeros([16, 16], dtype=DT)
+                for kk in range(j, b):
+                    A_bk = tl.load(pb + kk * 16 + rb[None, :], mask=m_b, other=0).to(DT)
+                    T_kj = tl.load(Ti + (((bos + kk * 16 + rb)[:, None]) * H + i_h) * C + j * 16 + rb[None, :]).to(DT)
+                    acc += tl.dot(A_bk, T_kj, input_precision="ieee")
+                T_bj = -tl.dot(T_bb, acc, input_precision="ieee")
+                tl.debug_barrier()
+                tl.store(pb + j * 16 + rb[None, :], T_bj, mask=m_b)
+            tl.debug_barrier()
+        Tinv = tl.load(Ti + t_row + r[None, :], mask=m_r[:, None], other=0).to(DT)
         b_U = tl.dot(Tinv.to(OP).to(MM), (b_v * b_b[:, None]).to(OP).to(MM), input_precision=PREC)
         b_W = tl.dot(Tinv.to(OP).to(MM), (b_k * (b_b * tl.exp(G))[:, None]).to(OP).to(MM), input_precision=PREC)
         tl.store(Wk + (tok[:, None] * H + i_h) * K + o_k[None, :], b_W, mask=m_r[:, None] & (o_k < K)[None, :])
@@ -700,10 +733,11 @@ class _TritonChunkFn(torch.autograd.Function):
         U = torch.empty(NTOK, H, V, dtype=acc, device=dev)
         Wk = torch.empty(NTOK, H, K, dtype=acc, device=dev) if delta else None
         Gc = torch.empty(NTOK, H, dtype=acc, device=dev) if g is not None else None
-        Ti = torch.empty(NTOK, H, C, dtype=acc, device=dev) if delta and save else None
+        # (I + A)^{-1} per token row: the prepare kernel's scratch, and saved for the backward.
+        Ti = torch.empty(NTOK, H, C, dtype=acc, device=dev) if delta else None
         _launch(_chunk_prepare_kernel, (NCt, H),
                 k, v, beta, g, U, Wk, Gc, Ti, cu, chunk_idx,
-                H=H, K=K, V=V, BK=BK, BV=BVf, C=C, DELTA=delta, HAS_G=g is not None, SAVE_T=Ti is not None, **dots)
+                H=H, K=K, V=V, BK=BK, BV=BVf, C=C, DELTA=delta, HAS_G=g is not None, **dots)
         BV = max(16, min(BVf, _fr.BV_CAP))
         S_T = torch.empty(N, H, K, V, dtype=acc, device=dev)
         E_T = torch.empty(N, H, K, V, dtype=acc, device=dev) if trace else None
