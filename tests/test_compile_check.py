@@ -83,3 +83,20 @@ def test_record_launches_refuses_the_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
         with compile_check.record_launches():
             pass
+
+
+def test_autotune_keys_and_restored_arguments_name_kernel_parameters():
+    # The autotuned wrappers only exist on a GPU; a misspelt key or restore_value
+    # name would surface there first, so check the names against the signatures here.
+    import inspect
+
+    from cl_arch.kernels.plastic import chunk, fused_recurrent
+
+    for name in chunk.LAUNCH_CONFIGS:
+        params = inspect.signature(getattr(chunk, name)).parameters
+        assert {"K", "V", "C"} <= set(params), name
+        assert set(chunk._RESTORE.get(name, [])) <= set(params), name
+    assert set(chunk._RESTORE) <= set(chunk.LAUNCH_CONFIGS)
+    for d in fused_recurrent.LAUNCH_CONFIGS:
+        params = inspect.signature(getattr(fused_recurrent, f"_recurrent_{d}_kernel")).parameters
+        assert {"K", "V", "BV"} <= set(params), d

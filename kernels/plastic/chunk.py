@@ -137,8 +137,9 @@ def chunk_plastic_rule(
 # flash-linear-attention's chunk_gated_delta_rule: fwd_h / bwd_dhu):
 #   1. _chunk_prepare_kernel, one program per (chunk, head): G = cumsum(g) within
 #      the chunk, the strictly lower A_ij = beta_i e^{G_i-G_j} k_i.k_j,
-#      T = (I + A)^{-1} by forward substitution on the chunk tile, then
-#      U = T (beta V) and Wk = T (beta e^G K) (hebb needs only U = beta V).
+#      T = (I + A)^{-1} in 16 x 16 blocks (diagonal blocks by forward substitution,
+#      all at once; the rest by block products), then U = T (beta V) and
+#      Wk = T (beta e^G K) (hebb needs only U = beta V).
 #   2. _chunk_state_fwd_kernel, one program per (V-block, sequence, head): S [K, BV]
 #      and E stay in registers while the program walks its chunks in order,
 #      storing S at each chunk start (h) and the writes W:
