@@ -146,6 +146,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--shapes", nargs="*", default=None, help="e.g. B2-T16384-H16-D128 (K = V = D)")
     p.add_argument("--decode", nargs="*", default=None, help="decode-step shapes, e.g. B256-T1-H16-D128")
+    p.add_argument("--ceilings", default=None, help="JSON from benchmarks/ceilings.py (else datasheet PEAKS)")
     p.add_argument("--no-trace", action="store_true", help="lam = None instead of 0.5")
     p.add_argument("--repeats", type=int, default=5, help="CPU repeats (GPU: do_bench decides)")
     p.add_argument("--threads", type=int, default=1)
@@ -172,7 +173,7 @@ def main(argv=None):
 
             # FLA has no trace: it is the reference for the rule without E.
             backends["fla_chunk_gated_delta_rule"] = lambda x: chunk_gated_delta_rule(
-                x["q"], x["k"], x["v"], x["g"], x["beta"], output_final_state=True)
+                x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], output_final_state=True)
         except ImportError:
             pass
         decoders = {}
@@ -183,11 +184,15 @@ def main(argv=None):
             from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
             decoders["fla_fused_recurrent_gated_delta_rule"] = lambda x, S, E: fused_recurrent_gated_delta_rule(
-                x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=S, output_final_state=True)
+                x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=S, output_final_state=True)
         except ImportError:
             pass
         card = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAKS.items() if k in card), None)
+        if a.ceilings:  # measured by benchmarks/ceilings.py on this card: preferred to the datasheet
+            with open(a.ceilings) as f:
+                c = json.load(f)
+            peak = (c["hbm_bytes_per_s"], c["bf16_flops_per_s"])
         dtype = torch.bfloat16
     else:
         def timer(fn):
@@ -241,7 +246,7 @@ def main(argv=None):
             print(f"{shape} {mode}: triton_chunk (trace {'on' if lam is not None else 'off'}) at {fla / t:.2f}x FLA")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     meta = dict(device=card, dtype=str(dtype), lam=lam, date=datetime.date.today().isoformat(),
-                torch=torch.__version__, threads=a.threads)
+                torch=torch.__version__, threads=a.threads, peaks=peak, ceilings=a.ceilings)
     with open(a.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     print(f"wrote {a.out}")

@@ -151,11 +151,15 @@ def jit_for_env(fn, configs=None, key=None, restore_value=None):
     ``configs`` (a list of ``dict(num_warps=, num_stages=)``) makes the compiled
     kernel a ``triton.autotune`` over them, keyed by the constexpr names in ``key``;
     ``restore_value`` names the arguments a kernel updates in place, which the
-    autotuner must restore between trial runs. The interpreter ignores configs.
+    autotuner must restore between trial runs. ``CL_ARCH_TRITON_AUTOTUNE=0`` runs
+    the first config instead (GPU tests: one compile per kernel variant, not one per
+    config). The interpreter ignores configs.
     """
     import os
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if configs and not interpret and _RECORDER is None and os.environ.get("CL_ARCH_TRITON_AUTOTUNE", "1") == "0":
+        return _FixedConfig(jit_for_env(fn), configs[0])
     tuned = bool(configs) and not interpret and _RECORDER is None
     cache_key = (fn, interpret, tuned)
     if cache_key not in _JIT_CACHE:
@@ -174,6 +178,19 @@ def jit_for_env(fn, configs=None, key=None, restore_value=None):
     if _RECORDER is not None:
         return _RECORDER(_JIT_CACHE[cache_key], configs)
     return _JIT_CACHE[cache_key]
+
+
+class _FixedConfig:
+    """A jitted kernel launched with one fixed ``num_warps``/``num_stages`` config."""
+
+    def __init__(self, kernel, config: dict):
+        self.kernel, self.config = kernel, config
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            return self.kernel[grid](*args, **kwargs, **self.config)
+
+        return launch
 
 
 def _packed_layout(T: int, B: int, cu_seqlens: Optional[torch.Tensor], device) -> Tuple[torch.Tensor, int]:
