@@ -7,6 +7,7 @@
 A second table times one decode step (T = 1, S and E carried in and out, no
 grad) for B sessions: ``triton_recurrent`` against the HBM floor of moving S and
 E once each way (and FLA's ``fused_recurrent_gated_delta_rule`` when importable).
+Input value checks are off for every row but ``+value_checks`` (see checks.py).
 
 On CUDA it times ``triton_chunk`` and ``triton_recurrent`` (and, when
 flash-linear-attention is importable, ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``
@@ -36,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cl_arch.kernels import plastic_rule
+from cl_arch.kernels import checks, plastic_rule
 from cl_arch.kernels.plastic import BACKENDS
 
 GPU_SHAPES = ["B1-T8192-H96-D128", "B2-T16384-H16-D128", "B4-T2048-H16-D128"]
@@ -114,6 +115,15 @@ def bench_decode(shapes, backends, device, dtype, lam, timer, peak):
     return rows
 
 
+def with_value_checks(fn, *args):
+    """Run fn with cl_arch's input value checks on (the tables time the kernels with them off)."""
+    saved, checks.VALUE_CHECKS = checks.VALUE_CHECKS, True
+    try:
+        return fn(*args)
+    finally:
+        checks.VALUE_CHECKS = saved
+
+
 def cpu_median(fn, repeats, warmup=1):
     times = []
     for i in range(warmup + repeats):
@@ -157,6 +167,11 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     shapes = a.shapes or (GPU_SHAPES if on_gpu else CPU_SHAPES)
     lam = None if a.no_trace else 0.5
+    # The value checks (finite inputs and states, beta and g ranges) read tensors back to
+    # the host: for a decode step they read S and E a second time and synchronise. The
+    # kernel rows run without them (CL_ARCH_VALUE_CHECKS=0, as hot loops should); one
+    # decode row keeps them on to show their cost.
+    checks.VALUE_CHECKS = False
 
     backends = {}
     if on_gpu:
@@ -180,6 +195,8 @@ def main(argv=None):
         if "triton_recurrent" in BACKENDS:
             decoders["triton_recurrent"] = lambda x, S, E: plastic_rule(
                 **x, lam=lam if E is not None else None, initial_state=S, initial_trace=E, backend="triton_recurrent")
+            decoders["triton_recurrent+value_checks"] = lambda x, S, E: with_value_checks(
+                decoders["triton_recurrent"], x, S, E)
         try:
             from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 

@@ -701,13 +701,6 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
                     restore_value=_RESTORE.get(name))[grid](*args, **kwargs)
 
 
-def _chunk_index(cu: torch.Tensor, C: int) -> torch.Tensor:
-    """``[NCt, 2]`` int64 (sequence, chunk within it) of every chunk of the packed batch."""
-    lens = (cu[1:] - cu[:-1]).tolist()
-    return torch.tensor([(n, j) for n, Ln in enumerate(lens) for j in range((Ln + C - 1) // C)],
-                        dtype=torch.int64, device=cu.device)
-
-
 class _TritonChunkFn(torch.autograd.Function):
     """Packed-layout autograd wrapper: tensors ``[1, NTOK, H, *]``, states ``[N, H, K, V]``.
 
@@ -717,18 +710,16 @@ class _TritonChunkFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, lam_h, s0, e0, cu, scale, delta, C, save):
+    def forward(ctx, q, k, v, beta, g, lam_h, s0, e0, layout, scale, delta, C, save):
         NTOK, H, K = q.shape[1:]
         V = v.shape[-1]
-        N = cu.numel() - 1
+        cu, seg_off, chunk_idx, N = layout.cu, layout.seg_off, layout.chunk_idx, layout.N
         dev = q.device
         acc = torch.promote_types(q.dtype, torch.float32)
         DT, OP, MM, PREC = _dot_types(q.dtype)
         dots = dict(DT=DT, OP=OP, MM=MM, PREC=PREC)
         trace = lam_h is not None
-        seg_off = _fr._segment_offsets(cu, C)
-        chunk_idx = _chunk_index(cu, C)
-        NCt = chunk_idx.shape[0]
+        NCt = layout.n_seg
         BK = max(16, triton.next_power_of_2(K))
         BVf = max(16, triton.next_power_of_2(V))
         U = torch.empty(NTOK, H, V, dtype=acc, device=dev)
@@ -746,7 +737,7 @@ class _TritonChunkFn(torch.autograd.Function):
         # bf16/fp16 (as FLA keeps h and v_new): they are the largest tensors the chunk
         # path moves (h alone is T/C * H*K*V). S_T, E_T and dW stay fp32.
         sdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else acc
-        h = torch.empty(int(seg_off[-1]), H, K, V, dtype=sdt, device=dev)
+        h = torch.empty(NCt, H, K, V, dtype=sdt, device=dev)
         Wv = torch.empty(NTOK, H, V, dtype=sdt, device=dev)
         _launch(_chunk_state_fwd_kernel, (triton.cdiv(V, BV), N * H),
                 k, U, Wk, Gc, lam_h, s0, e0, Wv, h, S_T, E_T, cu, seg_off,
@@ -757,14 +748,16 @@ class _TritonChunkFn(torch.autograd.Function):
         _launch(_chunk_out_kernel, (triton.cdiv(V, BVo), NCt, H),
                 q, k, Gc, h, Wv, o, cu, chunk_idx, seg_off, scale,
                 H=H, K=K, V=V, BK=BK, BV=BVo, C=C, HAS_G=g is not None, **dots)
-        ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, cu, seg_off, h, Wv, Wk, Gc, Ti, chunk_idx)
+        ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, h, Wv, Wk, Gc, Ti)
+        ctx.layout = layout
         ctx.cfg = (scale, delta, C)
         ctx.has_s0 = s0 is not None
         return o, S_T, E_T
 
     @staticmethod
     def backward(ctx, do, dST, dET):
-        q, k, v, beta, g, lam_h, e0, cu, seg_off, h, Wv, Wk, Gc, Ti, chunk_idx = ctx.saved_tensors
+        q, k, v, beta, g, lam_h, e0, h, Wv, Wk, Gc, Ti = ctx.saved_tensors
+        cu, seg_off, chunk_idx = ctx.layout.cu, ctx.layout.seg_off, ctx.layout.chunk_idx
         scale, delta, C = ctx.cfg
         NTOK, H, K = q.shape[1:]
         V = v.shape[-1]
@@ -861,13 +854,13 @@ def triton_chunk_plastic_rule(
     if not isinstance(chunk_size, int) or chunk_size not in (16, 32, 64, 128):
         raise ValueError(f"chunk_size must be a power of two in [16, 128] for triton_chunk, got {chunk_size!r}")
     B, T, H, K = q.shape
-    cu, N, lam_h, scale, s0, e0 = _fr.prepare_triton_args(q, k, v, beta, g, lam, scale, initial_state,
-                                                          initial_trace, cu_seqlens)
+    layout, lam_h, scale, s0, e0 = _fr.prepare_triton_args(q, k, v, beta, g, lam, scale, initial_state,
+                                                           initial_trace, cu_seqlens, chunk_size)
     _fr.import_triton(globals())
     tensors = [q, k, v, beta, g, lam_h, initial_state, initial_trace]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     pk = _fr._pack
-    o, S_T, E_T = _TritonChunkFn.apply(pk(q), pk(k), pk(v), pk(beta), pk(g), lam_h, s0, e0, cu, scale,
+    o, S_T, E_T = _TritonChunkFn.apply(pk(q), pk(k), pk(v), pk(beta), pk(g), lam_h, s0, e0, layout, scale,
                                        rule == "delta", chunk_size, save)
     o = o.reshape(B, T, H, v.shape[-1])
     if not output_final_state:

@@ -5,7 +5,7 @@ The PyTorch version keeps the fast weights of every (batch, head) pair as one
 a handful of kernel launches whatever the batch. Prefill should use the
 chunked path (``chunk.py``); this one is linear in T with a Python loop.
 """
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -193,19 +193,46 @@ class _FixedConfig:
         return launch
 
 
-def _packed_layout(T: int, B: int, cu_seqlens: Optional[torch.Tensor], device) -> Tuple[torch.Tensor, int]:
-    """cu_seqlens as int64 on device (B equal sequences of length T when None) and N."""
+class Layout(NamedTuple):
+    """Where the sequences of a packed batch and their chunks (or checkpoint segments) lie."""
+
+    cu: torch.Tensor  # [N+1] int64 token offsets of the sequences
+    seg_off: torch.Tensor  # [N+1] int64: index of each sequence's first chunk
+    n_seg: int  # number of chunks over all sequences
+    chunk_idx: torch.Tensor  # [n_seg, 2] int64: (sequence, chunk within it) of every chunk
+    N: int  # number of sequences
+
+
+_LAYOUT_CACHE = {}
+
+
+def packed_layout(T: int, B: int, cu_seqlens: Optional[torch.Tensor], chunk: int, device) -> Layout:
+    """The :class:`Layout` of B sequences of length T, or of the packed ``cu_seqlens``.
+
+    The B x T layout is cached per (B, T, chunk, device): a decode step or a training
+    step then builds no index tensors and reads nothing back from the device. A varlen
+    batch reads its offsets to the host once.
+    """
     if cu_seqlens is None:
-        return torch.arange(0, (B + 1) * T, T, dtype=torch.int64, device=device)[: B + 1], B
+        key = (B, T, chunk, str(device))
+        hit = _LAYOUT_CACHE.get(key)
+        if hit is None:
+            nc = -(-T // chunk)
+            seqs = torch.arange(B + 1, dtype=torch.int64)
+            idx = torch.stack([torch.arange(B).repeat_interleave(nc), torch.arange(nc).repeat(B)], 1)
+            hit = Layout((seqs * T).to(device), (seqs * nc).to(device), B * nc, idx.to(device), B)
+            if len(_LAYOUT_CACHE) >= 256:
+                _LAYOUT_CACHE.clear()
+            _LAYOUT_CACHE[key] = hit
+        return hit
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    return cu, cu.numel() - 1
-
-
-def _segment_offsets(cu: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``[N+1]`` prefix sum of ceil(T_n / chunk): where sequence n's checkpoints start."""
-    lens = cu[1:] - cu[:-1]
-    segs = (lens + chunk - 1) // chunk
-    return torch.cat([segs.new_zeros(1), segs.cumsum(0)])
+    lens = (cu[1:] - cu[:-1]).tolist()
+    segs = [(n + chunk - 1) // chunk for n in lens]
+    offs = [0]
+    for c in segs:
+        offs.append(offs[-1] + c)
+    idx = torch.tensor([(n, j) for n, c in enumerate(segs) for j in range(c)], dtype=torch.int64).reshape(-1, 2)
+    return Layout(cu, torch.tensor(offs, dtype=torch.int64, device=device), offs[-1], idx.to(device), len(lens))
 
 
 if True:  # kernels: plain functions, jitted at launch (jit_for_env); annotations are strings
@@ -416,26 +443,26 @@ class _TritonRecurrentFn(torch.autograd.Function):
     """Packed-layout autograd wrapper: tensors are ``[1, NTOK, H, *]``, states ``[N, H, K, V]``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, lam_h, s0, e0, cu, scale, delta, chunk, save):
+    def forward(ctx, q, k, v, beta, g, lam_h, s0, e0, layout, scale, delta, chunk, save):
         NTOK, H, K = q.shape[1:]
         V = v.shape[-1]
-        N = cu.numel() - 1
+        cu, seg_off, N = layout.cu, layout.seg_off, layout.N
         acc = torch.promote_types(q.dtype, torch.float32)
         DT = _triton_dtype(acc)
         BK, BV, NV = _blocks(K, V, BV_CAP)
         trace = lam_h is not None
-        seg_off = _segment_offsets(cu, chunk)
         o = torch.empty(1, NTOK, H, V, dtype=q.dtype, device=q.device)
         S_T = torch.empty(N, H, K, V, dtype=acc, device=q.device)
         E_T = torch.empty(N, H, K, V, dtype=acc, device=q.device) if trace else None
-        n_seg = int(seg_off[-1]) if save else 1
+        n_seg = layout.n_seg if save else 1
         ckpt = torch.empty(n_seg, H, K, V, dtype=acc, device=q.device)
         jit_for_env(_recurrent_fwd_kernel, LAUNCH_CONFIGS["fwd"], key=["K", "V", "BV"])[(NV, N * H)](
             q, k, v, beta, g, lam_h, s0, e0, o, S_T, E_T, ckpt, cu, seg_off, scale,
             H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=chunk, DELTA=delta, HAS_G=g is not None, TRACE=trace,
             HAS_S0=s0 is not None, HAS_E0=e0 is not None, SAVE_CKPT=save, DT=DT,
         )
-        ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, cu, seg_off, ckpt)
+        ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, ckpt)
+        ctx.layout = layout
         ctx.cfg = (scale, delta, chunk)
         ctx.has_s0 = s0 is not None
         if E_T is not None:
@@ -444,7 +471,8 @@ class _TritonRecurrentFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dST, dET):
-        q, k, v, beta, g, lam_h, e0, cu, seg_off, ckpt = ctx.saved_tensors
+        q, k, v, beta, g, lam_h, e0, ckpt = ctx.saved_tensors
+        cu, seg_off = ctx.layout.cu, ctx.layout.seg_off
         scale, delta, chunk = ctx.cfg
         NTOK, H, K = q.shape[1:]
         V = v.shape[-1]
@@ -489,8 +517,11 @@ def _pack(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
-def prepare_triton_args(q, k, v, beta, g, lam, scale, initial_state, initial_trace, cu_seqlens):
-    """Shared argument handling of the Triton backends: packing, lam as ``[H]``, scale, N."""
+_LAM_CACHE = {}
+
+
+def prepare_triton_args(q, k, v, beta, g, lam, scale, initial_state, initial_trace, cu_seqlens, chunk):
+    """Shared argument handling of the Triton backends: layout, lam as ``[H]``, scale, states."""
     B, T, H, K = q.shape
     import_triton(globals())
     if cu_seqlens is not None and B != 1:
@@ -498,13 +529,23 @@ def prepare_triton_args(q, k, v, beta, g, lam, scale, initial_state, initial_tra
     why = triton_available_for(q)
     if why is not None:
         raise ValueError(f"Triton backend cannot run: {why}")
-    cu, N = _packed_layout(T, B, cu_seqlens, q.device)
     if cu_seqlens is not None:
-        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != T or bool((cu[1:] <= cu[:-1]).any()):
+        cu = cu_seqlens.tolist() if cu_seqlens.dim() == 1 else None
+        if cu is None or len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b <= a for a, b in zip(cu, cu[1:])):
             raise ValueError(f"cu_seqlens must rise strictly from 0 to T={T}, got {cu_seqlens.tolist()}")
+    layout = packed_layout(T, B, cu_seqlens, chunk, q.device)
+    N = layout.N
     acc = torch.promote_types(q.dtype, torch.float32)
     lam_h = None
-    if lam is not None:
+    if isinstance(lam, (int, float)):
+        # A float lam becomes a device tensor once, not at every decode step.
+        key = (float(lam), H, acc, str(q.device))
+        if key not in _LAM_CACHE:
+            if len(_LAM_CACHE) >= 256:
+                _LAM_CACHE.clear()
+            _LAM_CACHE[key] = torch.full((H,), float(lam), dtype=acc, device=q.device)
+        lam_h = _LAM_CACHE[key]
+    elif lam is not None:
         lam_h = torch.as_tensor(lam, dtype=acc, device=q.device).expand(H).contiguous()
     scale = K ** -0.5 if scale is None else float(scale)
     for name, st in (("initial_state", initial_state), ("initial_trace", initial_trace)):
@@ -514,7 +555,7 @@ def prepare_triton_args(q, k, v, beta, g, lam, scale, initial_state, initial_tra
     e0 = initial_trace.to(acc).contiguous() if initial_trace is not None else None
     if lam is None:
         e0 = None
-    return cu, N, lam_h, scale, s0, e0
+    return layout, lam_h, scale, s0, e0
 
 
 def triton_recurrent_plastic_rule(
@@ -554,12 +595,12 @@ def triton_recurrent_plastic_rule(
             on CUDA outside ``TRITON_INTERPRET=1``) or cu_seqlens is malformed.
     """
     B, T, H, K = q.shape
-    cu, N, lam_h, scale, s0, e0 = prepare_triton_args(q, k, v, beta, g, lam, scale, initial_state,
-                                                      initial_trace, cu_seqlens)
+    layout, lam_h, scale, s0, e0 = prepare_triton_args(q, k, v, beta, g, lam, scale, initial_state,
+                                                       initial_trace, cu_seqlens, int(checkpoint_every))
     tensors = [q, k, v, beta, g, lam_h, initial_state, initial_trace]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     o, S_T, E_T = _TritonRecurrentFn.apply(
-        _pack(q), _pack(k), _pack(v), _pack(beta), _pack(g), lam_h, s0, e0, cu, scale,
+        _pack(q), _pack(k), _pack(v), _pack(beta), _pack(g), lam_h, s0, e0, layout, scale,
         rule == "delta", int(checkpoint_every), save,
     )
     o = o.reshape(B, T, H, v.shape[-1])
