@@ -159,7 +159,7 @@ def compile_launch(launch: Launch, arch: int = 90, cache_dir: Optional[str] = No
 
 def plastic_rule_launches(K: int = 128, V: int = 128, H: int = 2, T: int = 80, backend: str = "triton_chunk",
                           dtype: str = "bfloat16", rule: str = "delta", gate: bool = True, trace: bool = True,
-                          backward: bool = True, chunk_size: int = 64) -> List[Launch]:
+                          backward: bool = True, chunk_size: int = 64, B: int = 1) -> List[Launch]:
     """Launches of ``plastic_rule`` (forward, and backward when asked) at one head size."""
     import torch
 
@@ -167,11 +167,11 @@ def plastic_rule_launches(K: int = 128, V: int = 128, H: int = 2, T: int = 80, b
 
     dt = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, T, H, K, generator=gen).to(dt).requires_grad_(backward)
-    k = torch.randn(1, T, H, K, generator=gen).to(dt).requires_grad_(backward)
-    v = torch.randn(1, T, H, V, generator=gen).to(dt).requires_grad_(backward)
-    beta = torch.rand(1, T, H, generator=gen).to(dt).requires_grad_(backward)
-    g = (-torch.rand(1, T, H, generator=gen)).to(dt).requires_grad_(backward) if gate else None
+    q = torch.randn(B, T, H, K, generator=gen).to(dt).requires_grad_(backward)
+    k = torch.randn(B, T, H, K, generator=gen).to(dt).requires_grad_(backward)
+    v = torch.randn(B, T, H, V, generator=gen).to(dt).requires_grad_(backward)
+    beta = torch.rand(B, T, H, generator=gen).to(dt).requires_grad_(backward)
+    g = (-torch.rand(B, T, H, generator=gen)).to(dt).requires_grad_(backward) if gate else None
     kw = dict(chunk_size=chunk_size) if backend == "triton_chunk" else {}
     with record_launches() as sink:
         o, S, E = plastic_rule(q, k, v, beta, g, rule=rule, lam=0.9 if trace else None, backend=backend,

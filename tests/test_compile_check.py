@@ -100,3 +100,26 @@ def test_autotune_keys_and_restored_arguments_name_kernel_parameters():
     for d in fused_recurrent.LAUNCH_CONFIGS:
         params = inspect.signature(getattr(fused_recurrent, f"_recurrent_{d}_kernel")).parameters
         assert {"K", "V", "BV"} <= set(params), d
+
+
+def test_only_grid_axis_0_grows_with_batch_and_length(tmp_path):
+    # CUDA caps grid axes 1 and 2 at 65535 programs; axis 0 is not capped in practice.
+    # Many sessions (B * H) or long packed batches (chunks) must land on axis 0 only.
+    code = """
+import json
+from cl_arch.kernels import compile_check as cc
+grids = {}
+for B, T in ((1, 40), (3, 40), (1, 130)):
+    for backend in ("triton_chunk", "triton_recurrent"):
+        for la in cc.plastic_rule_launches(K=16, V=32, H=2, T=T, B=B, backend=backend, chunk_size=16):
+            grids.setdefault(la.name, set()).add(tuple(la.grid[1:]))
+        for la in cc.plastic_rule_launches(K=16, V=32, H=2, T=1, B=B, backend=backend, chunk_size=16):
+            grids.setdefault(la.name, set()).add(tuple(la.grid[1:]))
+print(json.dumps({k: sorted(v) for k, v in grids.items()}))
+"""
+    proc = _run(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grids = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(grids) == 9, sorted(grids)
+    for name, tails in grids.items():
+        assert len(tails) == 1, (name, tails)

@@ -164,6 +164,8 @@ def chunk_plastic_rule(
 #      through O, S_end and the trace, then dg by a reverse cumsum within the chunk.
 # lam's gradient is then closed-form on the host (fused_recurrent._lam_grad),
 # d initial_trace = lam^T dE_T.
+# Grids put what grows with the batch (sequences x heads, or chunks) on axis 0:
+# CUDA caps axes 1 and 2 at 65535 programs, which B * H of a large decode batch exceeds.
 # ---------------------------------------------------------------------------
 from . import fused_recurrent as _fr  # noqa: E402
 
@@ -263,8 +265,8 @@ def _chunk_state_fwd_kernel(
 ):
     # The sequential part of the forward: S (and E) walk the chunks in order; the
     # outputs are left to _chunk_out_kernel, which runs all chunks in parallel.
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -331,8 +333,8 @@ def _chunk_out_kernel(
     HAS_G: constexpr, DT: constexpr, OP: constexpr, MM: constexpr, PREC: constexpr,
 ):
     # O = (Q e^G) S0 + (mask_{i>=j} e^{G_i-G_j} Q K^T) W, every chunk in parallel.
-    i_v = tl.program_id(0)
-    i_c = tl.program_id(1)
+    i_c = tl.program_id(0)
+    i_v = tl.program_id(1)
     i_h = tl.program_id(2)
     i_n = tl.load(chunk_idx + 2 * i_c).to(tl.int64)
     j_c = tl.load(chunk_idx + 2 * i_c + 1).to(tl.int64)
@@ -374,8 +376,8 @@ def _chunk_bwd_local_kernel(
     # The parts of dW that do not depend on dS, every chunk in parallel:
     #   dW_local = P^T dO + diag(lam^age) K dE_T,   P = mask_{i>=j} e^{G_i-G_j} Q K^T
     # and, per V-block, the c_t = <dE_T, k_t w_t^T> of lam's gradient.
-    i_v = tl.program_id(0)
-    i_c = tl.program_id(1)
+    i_c = tl.program_id(0)
+    i_v = tl.program_id(1)
     i_h = tl.program_id(2)
     i_n = tl.load(chunk_idx + 2 * i_c).to(tl.int64)
     j_c = tl.load(chunk_idx + 2 * i_c + 1).to(tl.int64)
@@ -424,8 +426,8 @@ def _chunk_bwd_dstate_kernel(
 ):
     # The sequential part of the backward: dS, the gradient reaching S at a chunk's
     # end, walks the chunks in reverse; it is stored per chunk and completes dW in place.
-    i_v = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
     i_n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -739,13 +741,13 @@ class _TritonChunkFn(torch.autograd.Function):
         sdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else acc
         h = torch.empty(NCt, H, K, V, dtype=sdt, device=dev)
         Wv = torch.empty(NTOK, H, V, dtype=sdt, device=dev)
-        _launch(_chunk_state_fwd_kernel, (triton.cdiv(V, BV), N * H),
+        _launch(_chunk_state_fwd_kernel, (N * H, triton.cdiv(V, BV)),
                 k, U, Wk, Gc, lam_h, s0, e0, Wv, h, S_T, E_T, cu, seg_off,
                 H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, TRACE=trace,
                 HAS_S0=s0 is not None, HAS_E0=e0 is not None, **dots)
         o = torch.empty(1, NTOK, H, V, dtype=q.dtype, device=dev)
         BVo = max(16, min(BVf, BV_OUT))
-        _launch(_chunk_out_kernel, (triton.cdiv(V, BVo), NCt, H),
+        _launch(_chunk_out_kernel, (NCt, triton.cdiv(V, BVo), H),
                 q, k, Gc, h, Wv, o, cu, chunk_idx, seg_off, scale,
                 H=H, K=K, V=V, BK=BK, BV=BVo, C=C, HAS_G=g is not None, **dots)
         ctx.save_for_backward(q, k, v, beta, g, lam_h, e0, h, Wv, Wk, Gc, Ti)
@@ -777,12 +779,12 @@ class _TritonChunkFn(torch.autograd.Function):
         dET = dET.contiguous() if has_det else None
         dWv = torch.empty(NTOK, H, V, dtype=acc, device=dev)
         dlc = torch.empty(triton.cdiv(V, BVo), NTOK, H, dtype=acc, device=dev) if has_det else None
-        _launch(_chunk_bwd_local_kernel, (triton.cdiv(V, BVo), NCt, H),
+        _launch(_chunk_bwd_local_kernel, (NCt, triton.cdiv(V, BVo), H),
                 q, k, Gc, lam_h, Wv, do, dET, dWv, dlc, cu, chunk_idx, scale, NTOK,
                 H=H, K=K, V=V, BK=BK, BV=BVo, C=C, HAS_G=g is not None, HAS_DET=has_det, **dots)
         dckpt = torch.empty_like(h)
         ds0 = torch.empty(N, H, K, V, dtype=acc, device=dev)
-        _launch(_chunk_bwd_dstate_kernel, (triton.cdiv(V, BV), N * H),
+        _launch(_chunk_bwd_dstate_kernel, (N * H, triton.cdiv(V, BV)),
                 q, k, Wk, Gc, do, dST, dWv, dckpt, ds0, cu, seg_off, scale,
                 H=H, K=K, V=V, BK=BK, BV=BV, C=C, DELTA=delta, HAS_G=g is not None, HAS_DST=dST is not None,
                 **dots)

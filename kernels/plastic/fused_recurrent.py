@@ -243,8 +243,8 @@ if True:  # kernels: plain functions, jitted at launch (jit_for_env); annotation
         CHUNK: constexpr, DELTA: constexpr, HAS_G: constexpr, TRACE: constexpr,
         HAS_S0: constexpr, HAS_E0: constexpr, SAVE_CKPT: constexpr, DT: constexpr,
     ):
-        i_v = tl.program_id(0)
-        i_nh = tl.program_id(1)
+        i_nh = tl.program_id(0)
+        i_v = tl.program_id(1)
         i_n = i_nh // H
         i_h = i_nh % H
         bos = tl.load(cu + i_n).to(tl.int64)
@@ -300,9 +300,9 @@ if True:  # kernels: plain functions, jitted at launch (jit_for_env); annotation
         CHUNK: constexpr, DELTA: constexpr, HAS_G: constexpr, TRACE: constexpr,
         HAS_DST: constexpr, HAS_DET: constexpr, DT: constexpr,
     ):
-        i_v = tl.program_id(0)
-        i_nh = tl.program_id(1)
-        NV = tl.num_programs(0)
+        i_nh = tl.program_id(0)
+        i_v = tl.program_id(1)
+        NV = tl.num_programs(1)
         i_n = i_nh // H
         i_h = i_nh % H
         bos = tl.load(cu + i_n).to(tl.int64)
@@ -456,7 +456,7 @@ class _TritonRecurrentFn(torch.autograd.Function):
         E_T = torch.empty(N, H, K, V, dtype=acc, device=q.device) if trace else None
         n_seg = layout.n_seg if save else 1
         ckpt = torch.empty(n_seg, H, K, V, dtype=acc, device=q.device)
-        jit_for_env(_recurrent_fwd_kernel, LAUNCH_CONFIGS["fwd"], key=["K", "V", "BV"])[(NV, N * H)](
+        jit_for_env(_recurrent_fwd_kernel, LAUNCH_CONFIGS["fwd"], key=["K", "V", "BV"])[(N * H, NV)](
             q, k, v, beta, g, lam_h, s0, e0, o, S_T, E_T, ckpt, cu, seg_off, scale,
             H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=chunk, DELTA=delta, HAS_G=g is not None, TRACE=trace,
             HAS_S0=s0 is not None, HAS_E0=e0 is not None, SAVE_CKPT=save, DT=DT,
@@ -491,7 +491,7 @@ class _TritonRecurrentFn(torch.autograd.Function):
         dlc = torch.empty(NV, NTOK, H, dtype=acc, device=dev) if trace else None
         ds0 = torch.empty(N, H, K, V, dtype=acc, device=dev)
         has_det = trace and dET is not None
-        jit_for_env(_recurrent_bwd_kernel, LAUNCH_CONFIGS["bwd"], key=["K", "V", "BV"])[(NV, N * H)](
+        jit_for_env(_recurrent_bwd_kernel, LAUNCH_CONFIGS["bwd"], key=["K", "V", "BV"])[(N * H, NV)](
             q, k, v, beta, g, lam_h, ckpt, scratch, do.contiguous(), dST.contiguous() if dST is not None else None,
             dET.contiguous() if has_det else None, dq, dk, dv, dbeta, dg, dlc, ds0, cu, seg_off, scale, NTOK,
             H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=chunk, DELTA=delta, HAS_G=g is not None, TRACE=trace,
