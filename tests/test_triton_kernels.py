@@ -180,8 +180,8 @@ def test_triton_chunk_matches_naive_float64(B, T, H, K, V, rule, with_g, init, t
 
 # On a GPU the chunk kernels multiply fp32 inputs in tf32 (chunk.FP32_DOT_CHOICES); the
 # interpreter multiplies in full fp32.
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3 if DEVICE == "cuda" else 1e-4), (torch.bfloat16, 2e-2)],
-                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3 if DEVICE == "cuda" else 1e-4), (torch.bfloat16, 2e-2),
+                                       (torch.float16, 5e-3)], ids=["fp32", "bf16", "fp16"])
 def test_triton_chunk_low_precision(dtype, tol):
     x64 = make_inputs(1, 40, 2, 16, 16, init=True)
     ref = run_with_grads(naive_plastic_rule, x64, "delta")

@@ -232,7 +232,9 @@ def _chunk_prepare_kernel(
         tl.debug_barrier()  # every thread has read the A_bb it needs before they are overwritten
         tl.store(p3, Tb, mask=m3)
         tl.debug_barrier()
-        for b in range(1, NB):
+        # Blocks at or past L hold no token of this chunk (their rows may belong to the
+        # next sequence or lie past the end of the batch): the loop stops before them.
+        for b in range(1, tl.minimum((L + 15) // 16, NB)):
             rows_b = bos + b * 16 + rb
             pb = Ti + (rows_b[:, None] * H + i_h) * C
             m_b = (b * 16 + rb < L)[:, None]
@@ -242,7 +244,8 @@ def _chunk_prepare_kernel(
                 acc = tl.zeros([16, 16], dtype=DT)
                 for kk in range(j, b):
                     A_bk = tl.load(pb + kk * 16 + rb[None, :], mask=m_b, other=0).to(DT)
-                    T_kj = tl.load(Ti + (((bos + kk * 16 + rb)[:, None]) * H + i_h) * C + j * 16 + rb[None, :]).to(DT)
+                    T_kj = tl.load(Ti + (((bos + kk * 16 + rb)[:, None]) * H + i_h) * C + j * 16 + rb[None, :],
+                                   mask=(kk * 16 + rb < L)[:, None], other=0).to(DT)
                     acc += tl.dot(A_bk, T_kj, input_precision="ieee")
                 T_bj = -tl.dot(T_bb, acc, input_precision="ieee")
                 tl.debug_barrier()
