@@ -104,12 +104,21 @@ def fused_reward_commit(
         out = torch.empty_like(P_c)
     if out.shape != P.shape or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(P.shape)} tensor")
+    # The kernel indexes r, b and b_out as dense [N]: a float reward arrives as a
+    # stride-0 expand of one element, which must be materialised first.
+    b_c = b.contiguous()
+    r_c = r.contiguous() if r is not None else None
     if r is not None and b_out is None:
-        b_out = torch.empty_like(b)
+        b_out = torch.empty_like(b_c)
+    if b_out is not None:
+        if tuple(b_out.shape) != (N,) or not b_out.is_contiguous():
+            raise ValueError(f"b_out must be a contiguous [{N}] tensor, got shape {tuple(b_out.shape)}")
+        if b_out.data_ptr() == b_c.data_ptr():
+            raise ValueError("b_out must not alias b: every head of a session reads b while head 0 writes b_out")
     KV = K * V
     BLOCK = min(triton.next_power_of_2(KV), 2048)
     jit_for_env(_reward_commit_kernel)[(N * H,)](
-        P_c, E_c, r, b.contiguous(), per_head(gamma), per_head(eta_s), per_head(eta_r), out, b_out,
+        P_c, E_c, r_c, b_c, per_head(gamma), per_head(eta_s), per_head(eta_r), out, b_out,
         float(clip) if clip is not None else 0.0, float(rho), eps,
         H=H, KV=KV, BLOCK=BLOCK, HAS_R=r is not None, HAS_CLIP=clip is not None,
         DT=tl.float64 if acc == torch.float64 else tl.float32,

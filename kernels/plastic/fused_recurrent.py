@@ -201,6 +201,7 @@ class Layout(NamedTuple):
     n_seg: int  # number of chunks over all sequences
     chunk_idx: torch.Tensor  # [n_seg, 2] int64: (sequence, chunk within it) of every chunk
     N: int  # number of sequences
+    max_len: int  # tokens in the longest sequence
 
 
 _LAYOUT_CACHE = {}
@@ -220,7 +221,7 @@ def packed_layout(T: int, B: int, cu_seqlens: Optional[torch.Tensor], chunk: int
             nc = -(-T // chunk)
             seqs = torch.arange(B + 1, dtype=torch.int64)
             idx = torch.stack([torch.arange(B).repeat_interleave(nc), torch.arange(nc).repeat(B)], 1)
-            hit = Layout((seqs * T).to(device), (seqs * nc).to(device), B * nc, idx.to(device), B)
+            hit = Layout((seqs * T).to(device), (seqs * nc).to(device), B * nc, idx.to(device), B, T)
             if len(_LAYOUT_CACHE) >= 256:
                 _LAYOUT_CACHE.clear()
             _LAYOUT_CACHE[key] = hit
@@ -232,7 +233,8 @@ def packed_layout(T: int, B: int, cu_seqlens: Optional[torch.Tensor], chunk: int
     for c in segs:
         offs.append(offs[-1] + c)
     idx = torch.tensor([(n, j) for n, c in enumerate(segs) for j in range(c)], dtype=torch.int64).reshape(-1, 2)
-    return Layout(cu, torch.tensor(offs, dtype=torch.int64, device=device), offs[-1], idx.to(device), len(lens))
+    return Layout(cu, torch.tensor(offs, dtype=torch.int64, device=device), offs[-1], idx.to(device), len(lens),
+                  max(lens))
 
 
 if True:  # kernels: plain functions, jitted at launch (jit_for_env); annotations are strings
@@ -295,7 +297,7 @@ if True:  # kernels: plain functions, jitted at launch (jit_for_env); annotation
 
     def _recurrent_bwd_kernel(
         q, k, v, beta, g, lam, ckpt, scratch, do, dst, det,
-        dq, dk, dv, dbeta, dg, dlc, ds0, cu, seg_off, scale, NTOK,
+        dq, dk, dv, dbeta, dg, dlc, ds0, cu, seg_off, scale, NTOK, SC,
         H: constexpr, K: constexpr, V: constexpr, BK: constexpr, BV: constexpr,
         CHUNK: constexpr, DELTA: constexpr, HAS_G: constexpr, TRACE: constexpr,
         HAS_DST: constexpr, HAS_DET: constexpr, DT: constexpr,
@@ -315,7 +317,8 @@ if True:  # kernels: plain functions, jitted at launch (jit_for_env); annotation
         kv = o_k[:, None] * V + o_v[None, :]
         st = i_nh.to(tl.int64) * K * V + kv
         # Private scratch of this program: S_{t-1} for every token of one segment.
-        sc = scratch + (i_nh.to(tl.int64) * NV + i_v) * CHUNK * BK * BV
+        # SC = min(CHUNK, longest sequence) rows: no segment is longer.
+        sc = scratch + (i_nh.to(tl.int64) * NV + i_v) * SC * BK * BV
         sc_kv = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
         # Partial (per V-block) gradients are laid out [NV, NTOK, H, ...].
         part = i_v.to(tl.int64) * NTOK
@@ -482,7 +485,8 @@ class _TritonRecurrentFn(torch.autograd.Function):
         BK, BV, NV = _blocks(K, V, BV_CAP)
         trace = lam_h is not None
         dev = q.device
-        scratch = torch.empty(N * H * NV * chunk * BK * BV, dtype=acc, device=dev)
+        SC = min(chunk, ctx.layout.max_len)
+        scratch = torch.empty(N * H * NV * SC * BK * BV, dtype=acc, device=dev)
         dq = torch.empty(NV, NTOK, H, K, dtype=acc, device=dev)
         dk = torch.empty(NV, NTOK, H, K, dtype=acc, device=dev)
         dv = torch.empty(NTOK, H, V, dtype=acc, device=dev)
@@ -493,7 +497,7 @@ class _TritonRecurrentFn(torch.autograd.Function):
         has_det = trace and dET is not None
         jit_for_env(_recurrent_bwd_kernel, LAUNCH_CONFIGS["bwd"], key=["K", "V", "BV"])[(N * H, NV)](
             q, k, v, beta, g, lam_h, ckpt, scratch, do.contiguous(), dST.contiguous() if dST is not None else None,
-            dET.contiguous() if has_det else None, dq, dk, dv, dbeta, dg, dlc, ds0, cu, seg_off, scale, NTOK,
+            dET.contiguous() if has_det else None, dq, dk, dv, dbeta, dg, dlc, ds0, cu, seg_off, scale, NTOK, SC,
             H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=chunk, DELTA=delta, HAS_G=g is not None, TRACE=trace,
             HAS_DST=dST is not None, HAS_DET=has_det, DT=DT,
         )
@@ -578,7 +582,7 @@ def triton_recurrent_plastic_rule(
     Same contract as :func:`naive_plastic_rule`. S (and E) stay in registers;
     the forward saves S every ``checkpoint_every`` tokens and the backward
     replays each segment from its checkpoint (memory: ``ceil(T/C) * H*K*V``
-    checkpoints plus a ``C*K*V`` scratch per (sequence, head)).
+    checkpoints plus a ``min(C, T)*K*V`` scratch per (sequence, head)).
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (fp32, bf16, fp16 or fp64);
