@@ -9,7 +9,6 @@ and records the largest per-head Frobenius norms of S and P against the analytic
     python benchmarks/bench_bounded.py --tokens 1000000
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -19,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from cl_arch import PlasticConfig, PlasticTransformer, Session
+from cl_arch.io import write_json
 from cl_arch.state import FastLayerState
 
 
@@ -81,9 +81,7 @@ def main():
     print(f"{'max |E| per head':28s}{max_E:14.3f}")
     print(f"{'max |P| per head':28s}{max_P:14.3f}  (bound {bound:.1f})")
     print(f"{'time':28s}{elapsed:13.1f}s  ({tokens / elapsed:,.0f} tokens/s)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    write_json(args.out, res)
     print(f"wrote {args.out}")
     return 0 if ok else 1
 

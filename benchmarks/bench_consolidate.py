@@ -11,7 +11,6 @@ each value at the first occurrence of its key in a fresh episode (only P can kno
 tables, writes ``benchmarks/out/bench_consolidate.json`` and a PNG.
 """
 import argparse
-import json
 import os
 import statistics
 import time
@@ -20,6 +19,7 @@ import torch
 
 from cl_arch import PlasticTransformer
 from cl_arch.consolidate import distill, fold, merge, undo
+from cl_arch.io import write_json
 from cl_arch.session import Session
 from cl_arch.train.tasks import KEYS, association, association_episode, recall_anchor
 from cl_arch.train.tasks import association_probes as probes
@@ -128,10 +128,8 @@ def main():
     summary = {name: statistics.mean(min(res[name]["retained"]) for res in results["merge"]) for name in merge_cfgs}
     print("mean over seeds of the worst session's retained gain:", {k: round(v, 3) for k, v in summary.items()})
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_consolidate.json")
-    with open(path, "w") as f:
-        json.dump({"threads": args.threads, "seeds": args.seeds, "results": results}, f, indent=2)
+    path = write_json(os.path.join(args.out, "bench_consolidate.json"),
+                      {"threads": args.threads, "seeds": args.seeds, "results": results})
     try:
         import matplotlib
 

@@ -37,6 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cl_arch.io import write_json
 from cl_arch.kernels import checks, plastic_rule
 from cl_arch.kernels.plastic import BACKENDS
 
@@ -261,11 +262,9 @@ def main(argv=None):
         fla = ms.get((shape, "fla_chunk_gated_delta_rule", mode))
         if backend == "triton_chunk" and fla is not None:
             print(f"{shape} {mode}: triton_chunk (trace {'on' if lam is not None else 'off'}) at {fla / t:.2f}x FLA")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
     meta = dict(device=card, dtype=str(dtype), lam=lam, date=datetime.date.today().isoformat(),
                 torch=torch.__version__, threads=a.threads, peaks=peak, ceilings=a.ceilings)
-    with open(a.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    write_json(a.out, dict(meta=meta, rows=rows))
     print(f"wrote {a.out}")
     try:
         import matplotlib

@@ -8,7 +8,6 @@ Prints a table (median ms, speed-up over naive) and writes JSON to
 in the same process as a third column of reference.
 """
 import argparse
-import json
 import os
 import statistics
 import time
@@ -16,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cl_arch.io import write_json
 from cl_arch.kernels import plastic_rule
 
 
@@ -84,7 +84,6 @@ def main(argv=None):
     print(f"{'backend':36s} {'median ms':>10s} {'vs naive':>9s} {'torch_chunk speed-up':>21s}")
     for name, sec in results.items():
         print(f"{name:36s} {sec * 1e3:10.1f} {base / sec:8.1f}x {sec / chunk:20.2f}x")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
     report = {
         "benchmark": "bench_rule",
         "config": vars(a) | {"dtype": "float32", "device": "cpu", "torch": torch.__version__},
@@ -93,8 +92,7 @@ def main(argv=None):
     }
     if "fla naive_chunk_gated_delta_rule" in results:
         report["speedup_chunk_vs_fla_naive_chunk"] = results["fla naive_chunk_gated_delta_rule"] / chunk
-    with open(a.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(a.out, report)
     print(f"wrote {a.out}")
     return report
 

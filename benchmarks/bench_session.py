@@ -7,7 +7,6 @@ Targets (issue 4): decode with adaptation on <= 1.15x the time of adaptation off
     python benchmarks/bench_session.py [--threads 1] [--repeats 7]
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -16,6 +15,7 @@ import time
 import torch
 
 from cl_arch import PlasticConfig, PlasticTransformer, Session
+from cl_arch.io import write_json
 
 
 def episode(session, prompt, n_new):
@@ -70,9 +70,7 @@ def main():
     print(f"on/off time ratio: {res['ratio_on_over_off']:.3f} (target <= 1.15)")
     print(f"commit: {1e3 * com:.2f} ms = {100 * res['commit_fraction_of_episode']:.2f}% of a 64-token episode "
           f"(target <= 1%)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    write_json(args.out, res)
     print(f"wrote {args.out}")
 
 

@@ -9,13 +9,13 @@ bootstrap over seeds. Prints a table, writes ``benchmarks/out/bench_sutton.json`
     python benchmarks/bench_sutton.py --seeds 8 --episodes 200
 """
 import argparse
-import json
 import os
 import time
 
 import torch
 
 from cl_arch import PlasticTransformer, Session
+from cl_arch.io import write_json
 from cl_arch.state import FastLayerState
 from cl_arch.train.recall import train_recall_model
 from cl_arch.train.tasks import PreferenceGame
@@ -102,9 +102,7 @@ def main():
     print(f"{'eta_r sign flipped, last quarter':34s}{res['reward_last_quarter_eta_r_flipped']:8.3f}")
     print(f"Sutton delta {res['sutton_delta']:+.3f} [95% CI {lo:+.3f}, {hi:+.3f}] over {args.seeds} seeds x "
           f"{args.episodes} episodes (chance {1 / args.answers:.3f})")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    write_json(args.out, res)
     print(f"wrote {args.out}")
 
 

@@ -8,7 +8,6 @@ batch (16 x 256 bytes) after warm-up steps, through the same ``run_training`` lo
     python benchmarks/bench_train.py [--steps 8] [--threads N]
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -18,6 +17,8 @@ import time
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from cl_arch.io import write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -62,9 +63,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['config']:36s} {r['parameters'] / 1e6:7.2f}M {r['batch']:>4d} x {r['seq_len']:<4d} "
               f"{r['step_ms']:9.0f} {r['tokens_per_s']:9.0f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(info, f, indent=2)
+    write_json(args.out, info)
     print(f"wrote {args.out}")
     return 0
 

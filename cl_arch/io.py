@@ -1,7 +1,8 @@
 """Crash-safe file writes shared by checkpoints, session states and reports."""
+import json
 import os
 import tempfile
-from typing import Callable
+from typing import Any, Callable
 
 
 def atomic_write(path: str, write: Callable[[str], None], sync_dir: bool = False) -> None:
@@ -31,3 +32,23 @@ def atomic_write(path: str, write: Callable[[str], None], sync_dir: bool = False
                 os.close(dfd)
         except OSError:
             pass  # some filesystems refuse fsync on a folder; the data itself is already synced
+
+
+def write_json(path: str, obj: Any, sort_keys: bool = False, fsync: bool = False) -> str:
+    """Write ``obj`` as indented JSON at ``path`` atomically (folder created); returns ``path``.
+
+    ``fsync`` flushes the data to disk before the rename (checkpoints need it; reports do not).
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=sort_keys)
+            f.write("\n")
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    atomic_write(path, write)
+    return path

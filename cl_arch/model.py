@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .config import PlasticConfig
-from .io import atomic_write
+from .io import atomic_write, write_json
 from .layers import CausalSelfAttention, FastWeightLayer, RMSNorm, SwiGLU
 from .state import AttnLayerState, FastLayerState, LayerState, ModelState
 
@@ -259,16 +259,9 @@ class PlasticTransformer(nn.Module):
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._export_tensors().items()}
         meta = {"config": self.config.to_dict(), "fingerprint": self.fingerprint(),
                 "cl_arch_version": __version__}
-
-        def write_json(path: str) -> None:
-            with open(path, "w") as f:
-                json.dump(meta, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-
         atomic_write(os.path.join(directory, WEIGHTS_NAME),
                      lambda p: save_file(tensors, p, metadata={"fingerprint": meta["fingerprint"]}))
-        atomic_write(os.path.join(directory, CONFIG_NAME), write_json)
+        write_json(os.path.join(directory, CONFIG_NAME), meta, sort_keys=True, fsync=True)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike],

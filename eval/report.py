@@ -20,12 +20,11 @@ draws bandits, preferences, ... side by side); names without a slash share one p
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from cl_arch.io import atomic_write
+from cl_arch.io import write_json
 
 REQUIRED = ("benchmark", "config", "methods")
 
@@ -113,12 +112,7 @@ def write_report(report: Dict[str, Any], out_dir: str, name: Optional[str] = Non
     png = os.path.join(out_dir, f"{name}.png")
     report["plot"] = plot(report, png)
     path = os.path.join(out_dir, f"{name}.json")
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(_jsonable(report), f, indent=2)
-
-    atomic_write(path, write_json)  # a crash never leaves half a report
+    write_json(path, _jsonable(report))  # atomic: a crash never leaves half a report
     report["json"] = path
     return report
 

@@ -28,7 +28,7 @@ import os
 import re
 import subprocess
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 # Largest dynamic shared memory one block may opt into (bytes): A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -213,7 +213,6 @@ def default_suite(K: int = 128, V: int = 128, dtype: str = "bfloat16") -> List[L
 
 def main(argv: Optional[List[str]] = None) -> int:
     import argparse
-    import json
     import time
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -235,15 +234,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{r.kernel:<28}{dtype:>10}{arch:>5}{r.num_warps:>6}{r.num_stages:>7}{r.registers:>6}{r.stack_bytes:>9}"
                   f"{r.shared_bytes:>10}{SHARED_LIMIT[arch]:>8}{str(r.fits):>6}{dt:>10.1f}", flush=True)
     if args.json:
-        from ..io import atomic_write
+        from ..io import write_json
 
-        text = json.dumps({"K": args.K, "V": args.V, "rows": rows}, indent=2)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                f.write(text)
-
-        atomic_write(args.json, write)
+        write_json(args.json, {"K": args.K, "V": args.V, "rows": rows})
     return 0 if all(r["fits"] for r in rows) else 1
 
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..io import atomic_write
+from ..io import atomic_write, write_json
 
 UNDO_KEY = "_undo"
 PARAM_PREFIX = "param/"
@@ -107,14 +107,7 @@ def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
         "fingerprint_after": str(report.get("fingerprint_after"))}))
     report["undo_file"] = os.path.basename(undo_file)
     public = {k: v for k, v in report.items() if k != UNDO_KEY}
-
-    def write_json(p: str) -> None:
-        with open(p, "w") as f:
-            json.dump(_jsonable(public), f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_write(path, write_json)
-    return path
+    return write_json(path, _jsonable(public), sort_keys=True)
 
 
 def load_report(path: Union[str, os.PathLike]) -> Dict[str, Any]:

@@ -762,12 +762,11 @@ class _TritonChunkFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dST, dET):
         q, k, v, beta, g, lam_h, e0, h, Wv, Wk, Gc, Ti = ctx.saved_tensors
-        cu, seg_off, chunk_idx = ctx.layout.cu, ctx.layout.seg_off, ctx.layout.chunk_idx
+        cu, seg_off, chunk_idx, N, NCt = (ctx.layout.cu, ctx.layout.seg_off, ctx.layout.chunk_idx, ctx.layout.N,
+                                          ctx.layout.n_seg)
         scale, delta, C = ctx.cfg
         NTOK, H, K = q.shape[1:]
         V = v.shape[-1]
-        N = cu.numel() - 1
-        NCt = chunk_idx.shape[0]
         dev = q.device
         acc = torch.promote_types(q.dtype, torch.float32)
         DT, OP, MM, PREC = _dot_types(q.dtype)

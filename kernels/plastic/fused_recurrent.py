@@ -475,11 +475,10 @@ class _TritonRecurrentFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dST, dET):
         q, k, v, beta, g, lam_h, e0, ckpt = ctx.saved_tensors
-        cu, seg_off = ctx.layout.cu, ctx.layout.seg_off
+        cu, seg_off, N = ctx.layout.cu, ctx.layout.seg_off, ctx.layout.N
         scale, delta, chunk = ctx.cfg
         NTOK, H, K = q.shape[1:]
         V = v.shape[-1]
-        N = cu.numel() - 1
         acc = ckpt.dtype
         DT = _triton_dtype(acc)
         BK, BV, NV = _blocks(K, V, BV_CAP)
@@ -528,15 +527,13 @@ def prepare_triton_args(q, k, v, beta, g, lam, scale, initial_state, initial_tra
     """Shared argument handling of the Triton backends: layout, lam as ``[H]``, scale, states."""
     B, T, H, K = q.shape
     import_triton(globals())
-    if cu_seqlens is not None and B != 1:
-        raise ValueError(f"cu_seqlens needs packed inputs with B = 1, got B = {B}")
+    if cu_seqlens is not None:
+        from . import _check_cu_seqlens  # the package imports this module first
+
+        _check_cu_seqlens(cu_seqlens, B, T)
     why = triton_available_for(q)
     if why is not None:
         raise ValueError(f"Triton backend cannot run: {why}")
-    if cu_seqlens is not None:
-        cu = cu_seqlens.tolist() if cu_seqlens.dim() == 1 else None
-        if cu is None or len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b <= a for a, b in zip(cu, cu[1:])):
-            raise ValueError(f"cu_seqlens must rise strictly from 0 to T={T}, got {cu_seqlens.tolist()}")
     layout = packed_layout(T, B, cu_seqlens, chunk, q.device)
     N = layout.N
     acc = torch.promote_types(q.dtype, torch.float32)
