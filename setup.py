@@ -28,7 +28,7 @@ def _packages():
 
 setup(
     name="cl_arch",
-    version="0.1.0",
+    version="0.2.0",
     description="Transformers with reward-modulated fast-weight memories that keep learning while used",
     python_requires=">=3.9",
     packages=_packages(),

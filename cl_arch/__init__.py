@@ -1,5 +1,5 @@
 """cl_arch: transformers whose fast-weight memories keep learning while they are used."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .config import PlasticConfig
 from .model import PlasticTransformer

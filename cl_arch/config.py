@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 LAYER_TYPES = ("attn", "fast")
+READOUT_VALUES = ("onehot", "embed")
 RULES = ("delta", "hebb")
 
 
@@ -36,6 +37,11 @@ class PlasticConfig:
     n_attn_heads: int = 4
     attn_window: Optional[int] = None  # sliding window (tokens, including the current one)
     rope_theta: float = 10000.0
+    # --- readout memory (DESIGN.md, "Readout memory"): a fast-weight head after the last block ---
+    readout_heads: int = 2  # 0 disables it
+    readout_values: str = "onehot"  # "onehot" (V = vocab_size) or "embed" (V = d_model, tied head)
+    readout_beta: float = 0.5  # initial write strength
+    readout_scale: float = 2.0  # initial read scale (logits added per unit read)
     # --- MLP / misc ---
     mlp_ratio: float = 4.0
     conv_size: int = 4  # short causal depthwise conv on q/k/v; 0 disables
@@ -74,7 +80,7 @@ class PlasticConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_k_dim", "head_v_dim",
                      "n_attn_heads", "chunk_size"):
             pos_int(name)
-        for name in ("conv_size", "recurrent_threshold"):
+        for name in ("conv_size", "recurrent_threshold", "readout_heads"):
             pos_int(name, allow_zero=True)
         if self.conv_size == 1:
             raise _err("conv_size", "must be 0 (disabled) or >= 2")
@@ -109,6 +115,10 @@ class PlasticConfig:
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, f"must be a bool, got {getattr(self, name)!r}")
 
+        if self.readout_values not in READOUT_VALUES:
+            raise _err("readout_values", f"must be one of {READOUT_VALUES}, got {self.readout_values!r}")
+        num("readout_beta", 0.0, 1.0, lo_open=True, hi_open=True)
+        num("readout_scale", -math.inf, math.inf)
         if self.lam is not None:
             num("lam", 0.0, 1.0)
         num("gamma", 0.0, 1.0, lo_open=True)

@@ -12,11 +12,15 @@ import torch.nn as nn
 
 from .config import PlasticConfig
 from .io import atomic_write, write_json
-from .layers import CausalSelfAttention, FastWeightLayer, RMSNorm, SwiGLU
+from .layers import CausalSelfAttention, FastWeightLayer, PlasticMemory, ReadoutMemory, RMSNorm, SwiGLU
 from .state import AttnLayerState, FastLayerState, LayerState, ModelState
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# What W0 means. 2: the fast memory decays toward its resting state W0 + P (DESIGN.md, "The rule").
+# Checkpoints without it were trained when the memory decayed toward zero and W0 was only the
+# episode's starting point: loading them under the new rule would silently change the model.
+FAST_MEMORY_FORMAT = 2
 
 
 class Block(nn.Module):
@@ -51,6 +55,11 @@ class PlasticTransformer(nn.Module):
 
     ``logits, state = model(input_ids, state)``; passing the returned state into the next call
     continues the same stream (fast weights, traces, conv and KV caches, position).
+
+    With ``config.readout_heads > 0`` a :class:`ReadoutMemory` sits after the last norm and adds
+    its read to the logits; its state is the last entry of ``state.layers`` (one more than the
+    blocks) and it is the last of :meth:`fast_layers`, so sessions and consolidation treat it like
+    every other fast memory.
     """
 
     def __init__(self, config: PlasticConfig):
@@ -61,6 +70,7 @@ class PlasticTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.readout = ReadoutMemory(config) if config.readout_heads > 0 else None
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -80,9 +90,20 @@ class PlasticTransformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     # ------------------------------------------------------------------ introspection
-    def fast_layers(self) -> List[FastWeightLayer]:
-        """The fast-weight mixers, in layer order."""
-        return [b.mixer for b in self.blocks if isinstance(b.mixer, FastWeightLayer)]
+    def fast_layers(self) -> List[PlasticMemory]:
+        """Every fast-weight memory, in state order: the blocks' fast mixers, then the readout."""
+        layers: List[PlasticMemory] = [b.mixer for b in self.blocks if isinstance(b.mixer, FastWeightLayer)]
+        if self.readout is not None:
+            layers.append(self.readout)
+        return layers
+
+    def memories(self) -> List[Optional[PlasticMemory]]:
+        """One entry per state slot (``state.layers``): the fast memory there, or None (attention)."""
+        mems: List[Optional[PlasticMemory]] = [b.mixer if isinstance(b.mixer, FastWeightLayer) else None
+                                               for b in self.blocks]
+        if self.readout is not None:
+            mems.append(self.readout)
+        return mems
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (tied weights counted once)."""
@@ -101,21 +122,20 @@ class PlasticTransformer(nn.Module):
             raise ValueError(f"P must have one entry per fast layer ({len(fast)}), got {len(P)}")
         layers: List[LayerState] = []
         i = 0
-        for block in self.blocks:
-            if isinstance(block.mixer, FastWeightLayer):
-                p = None if P is None else P[i]
-                if p is not None:
-                    m = block.mixer
-                    want = (m.n_heads, m.head_k_dim, m.head_v_dim)
-                    if tuple(p.shape[-3:]) != want or p.dim() not in (3, 4) or \
-                            (p.dim() == 4 and p.shape[0] != batch_size):
-                        raise ValueError(f"P[{i}] has shape {tuple(p.shape)}, expected "
-                                         f"{(batch_size,) + want} or {want}")
-                    p = p.to(device=m.W0.device, dtype=m.state_dtype).expand(batch_size, *want).clone()
-                layers.append(FastLayerState(P=p))
-                i += 1
-            else:
+        for m in self.memories():
+            if m is None:
                 layers.append(AttnLayerState())
+                continue
+            p = None if P is None else P[i]
+            if p is not None:
+                want = (m.n_heads, m.head_k_dim, m.head_v_dim)
+                if tuple(p.shape[-3:]) != want or p.dim() not in (3, 4) or \
+                        (p.dim() == 4 and p.shape[0] != batch_size):
+                    raise ValueError(f"P[{i}] has shape {tuple(p.shape)}, expected "
+                                     f"{(batch_size,) + want} or {want}")
+                p = p.to(device=m.W0.device, dtype=m.state_dtype).expand(batch_size, *want).clone()
+            layers.append(FastLayerState(P=p))
+            i += 1
         return ModelState(layers, 0)
 
     def materialize_state(self, state: ModelState, batch_size: Optional[int] = None) -> ModelState:
@@ -127,16 +147,15 @@ class PlasticTransformer(nn.Module):
         if B is None:
             raise ValueError("materialize_state: state holds no tensor; pass batch_size")
         layers: List[LayerState] = []
-        for block, s in zip(self.blocks, state.layers):
-            m = block.mixer
-            if isinstance(m, FastWeightLayer):
+        for m, s in zip(self.memories(), state.layers):
+            if m is not None:
                 shape = (B, m.n_heads, m.head_k_dim, m.head_v_dim)
                 zeros = lambda: m.W0.new_zeros(shape, dtype=m.state_dtype)  # noqa: E731
                 S = s.S if s.S is not None else m.initial_state(B, s.P).detach().clone()
                 E = s.E if (s.E is not None or m.lam_logit is None) else zeros()
                 conv = s.conv
-                if conv is None and m.conv is not None:
-                    conv = m.W0.new_zeros(B, m.conv.kernel_size - 1, m.conv.conv.in_channels)
+                if conv is None and m.cache_shape(B) is not None:
+                    conv = m.W0.new_zeros(m.cache_shape(B))
                 layers.append(FastLayerState(S=S, E=E, P=s.P, conv=conv))
             else:
                 layers.append(s)
@@ -159,10 +178,12 @@ class PlasticTransformer(nn.Module):
         if state is not None:
             if not isinstance(state, ModelState):
                 raise ValueError(f"state must be a ModelState, got {type(state).__name__}")
-            if len(state.layers) != self.config.n_layers:
-                raise ValueError(f"state has {len(state.layers)} layers, the model {self.config.n_layers}")
-            for i, (s, t) in enumerate(zip(state.layers, self.config.layer_types)):
-                want = FastLayerState if t == "fast" else AttnLayerState
+            mems = self.memories()
+            if len(state.layers) != len(mems):
+                raise ValueError(f"state has {len(state.layers)} layers, the model {len(mems)} "
+                                 f"({self.config.n_layers} blocks{' + the readout memory' if self.readout else ''})")
+            for i, (s, m) in enumerate(zip(state.layers, mems)):
+                want = FastLayerState if m is not None else AttnLayerState
                 if not isinstance(s, want):
                     raise ValueError(f"state.layers[{i}] is {type(s).__name__}, layer {i} needs {want.__name__}")
             if state.batch_size is not None and state.batch_size != B:
@@ -197,7 +218,7 @@ class PlasticTransformer(nn.Module):
             ``logits [B, T, vocab_size]`` and the new :class:`ModelState` (None if not requested).
         """
         self._check_inputs(input_ids, state, modulation)
-        n_fast = sum(t == "fast" for t in self.config.layer_types)
+        n_fast = len(self.fast_layers())
         if lam is None or isinstance(lam, (int, float)):
             lams = [lam] * n_fast
         else:
@@ -210,7 +231,7 @@ class PlasticTransformer(nn.Module):
         lam_iter = iter(lams)
         B, T = input_ids.shape
         position = state.position if state is not None else 0
-        layer_states = state.layers if state is not None else [None] * self.config.n_layers
+        layer_states = state.layers if state is not None else [None] * len(self.memories())
 
         x = self.dropout(self.embed(input_ids))
         new_layers: List[LayerState] = []
@@ -218,7 +239,13 @@ class PlasticTransformer(nn.Module):
             x, new_s = block(x, s, position, modulation, return_state,
                              lam=next(lam_iter) if block.layer_type == "fast" else None)
             new_layers.append(new_s)
-        logits = self.lm_head(self.norm_f(x))
+        h = self.norm_f(x)
+        logits = self.lm_head(h)
+        if self.readout is not None:
+            read, new_s = self.readout(h, input_ids, self.embed, self.lm_head, layer_states[-1], modulation,
+                                       output_final_state=return_state, lam=next(lam_iter))
+            logits = logits + read
+            new_layers.append(new_s)
         if not return_state:
             return logits, None
         return logits, ModelState(new_layers, position + T)
@@ -258,7 +285,7 @@ class PlasticTransformer(nn.Module):
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._export_tensors().items()}
         meta = {"config": self.config.to_dict(), "fingerprint": self.fingerprint(),
-                "cl_arch_version": __version__}
+                "cl_arch_version": __version__, "fast_memory_format": FAST_MEMORY_FORMAT}
         atomic_write(os.path.join(directory, WEIGHTS_NAME),
                      lambda p: save_file(tensors, p, metadata={"fingerprint": meta["fingerprint"]}))
         write_json(os.path.join(directory, CONFIG_NAME), meta, sort_keys=True, fsync=True)
@@ -283,8 +310,19 @@ class PlasticTransformer(nn.Module):
         try:
             with open(cfg_path) as f:
                 meta = json.load(f)
-            config = PlasticConfig.from_dict(meta["config"])
+            cfg_dict = meta["config"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"corrupt checkpoint config {cfg_path}: {e}") from e
+        fmt = meta.get("fast_memory_format", 1)
+        if fmt != FAST_MEMORY_FORMAT:
+            raise ValueError(
+                f"checkpoint {directory} has fast_memory_format {fmt}, this cl_arch reads {FAST_MEMORY_FORMAT}: "
+                "it was trained when the fast memory decayed toward zero and W0 was only each episode's "
+                "starting point; the current rule decays toward the resting state W0 + P (DESIGN.md), under "
+                "which those weights compute something else. Retrain it with this version.")
+        try:
+            config = PlasticConfig.from_dict(cfg_dict)
+        except TypeError as e:
             raise ValueError(f"corrupt checkpoint config {cfg_path}: {e}") from e
         try:
             tensors = load_file(w_path, device=str(torch.device(map_location)))

@@ -22,11 +22,13 @@ def recall_config(**overrides) -> PlasticConfig:
     """The small all-fast-weight config used for recall tests: 2 layers, d=64, 2 heads of 32x32.
 
     Both mixers are fast-weight layers (no attention), so recall can only go through fast
-    memory, and so can whatever a persistent memory P adds to it.
+    memory, and so can whatever a persistent memory P adds to it. No readout memory: it would
+    recall a key's value from the output side and hide what the fast layers inside store.
     """
     base = dict(vocab_size=256, d_model=64, n_layers=2, layer_types=["fast", "fast"], n_heads=2,
                 head_k_dim=32, head_v_dim=32, mlp_ratio=2.0, conv_size=4, chunk_size=16,
-                recurrent_threshold=16, lam=0.5, gamma=0.98, eta_s=0.0, eta_r=1.0, commit_clip=10.0)
+                recurrent_threshold=16, lam=0.5, gamma=0.98, eta_s=0.0, eta_r=1.0, commit_clip=10.0,
+                readout_heads=0)
     base.update(overrides)
     return PlasticConfig(**base)
 

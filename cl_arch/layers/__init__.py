@@ -3,9 +3,11 @@ from .attention import CausalSelfAttention
 from .fast_weight import FastWeightLayer, ShortConv
 from .mlp import SwiGLU
 from .norm import GatedRMSNorm, RMSNorm, rms_norm
+from .plasticity import PlasticMemory
+from .readout import ReadoutMemory
 from .rotary import RotaryEmbedding, apply_rotary, rotary_cos_sin
 
 __all__ = [
     "CausalSelfAttention", "FastWeightLayer", "ShortConv", "SwiGLU", "GatedRMSNorm", "RMSNorm",
-    "rms_norm", "RotaryEmbedding", "apply_rotary", "rotary_cos_sin",
+    "rms_norm", "PlasticMemory", "ReadoutMemory", "RotaryEmbedding", "apply_rotary", "rotary_cos_sin",
 ]

@@ -11,13 +11,8 @@ from cl_arch.kernels import plastic_rule, resolve_backend
 
 from ..config import PlasticConfig
 from ..state import FastLayerState
+from .plasticity import PlasticMemory
 from .norm import GatedRMSNorm, RMSNorm
-
-
-def _logit(p: float) -> float:
-    # lam = 1 or gamma = 1 are legal settings; keep the unconstrained parameter finite.
-    p = min(max(p, 1e-6), 1.0 - 1e-6)
-    return math.log(p / (1.0 - p))
 
 
 class ShortConv(nn.Module):
@@ -42,17 +37,13 @@ class ShortConv(nn.Module):
         return F.silu(y), xx[:, T:]
 
 
-class FastWeightLayer(nn.Module):
+class FastWeightLayer(PlasticMemory):
     """Token mixer whose memory is a per-head matrix rewritten at every token (DESIGN.md).
 
     ``forward(x [B, T, d_model], state, modulation [B, T]) -> (y [B, T, d_model], FastLayerState)``.
 
-    Parameters beyond the projections:
-        W0 ``[H, K, V]``: base memory, the episode's starting fast weight (plus P); zeros at init.
+    Parameters beyond the projections and those of :class:`PlasticMemory` (W0, plasticity settings):
         A_log, dt_bias ``[H]``: decay ``g = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` (FLA's GatedDeltaNet).
-        lam_logit, gamma_logit, eta_s, eta_r ``[H]``: plasticity settings, unconstrained;
-            ``lam`` and ``gamma`` are their sigmoids. Used by the reward commit, except ``lam``
-            which the forward pass uses for the eligibility trace.
     """
 
     def __init__(self, config: PlasticConfig, layer_idx: int = 0):
@@ -60,7 +51,7 @@ class FastWeightLayer(nn.Module):
         self.layer_idx = layer_idx
         self.config = config
         H, K, V = config.n_heads, config.head_k_dim, config.head_v_dim
-        self.n_heads, self.head_k_dim, self.head_v_dim = H, K, V
+        self._init_memory(config, H, K, V)
         d = config.d_model
 
         self.q_proj = nn.Linear(d, H * K, bias=False)
@@ -85,40 +76,9 @@ class FastWeightLayer(nn.Module):
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
 
-        # Zeros: a fresh model starts every episode from an empty memory, as FLA's layers do.
-        self.W0 = nn.Parameter(torch.zeros(H, K, V))
-
-        learn = config.learn_plasticity
-        if config.lam is not None:
-            self.lam_logit = nn.Parameter(torch.full((H,), _logit(config.lam)), requires_grad=learn)
-        else:
-            self.lam_logit = None
-        self.gamma_logit = nn.Parameter(torch.full((H,), _logit(config.gamma)), requires_grad=learn)
-        self.eta_s = nn.Parameter(torch.full((H,), float(config.eta_s)), requires_grad=learn)
-        self.eta_r = nn.Parameter(torch.full((H,), float(config.eta_r)), requires_grad=learn)
-
-    # ------------------------------------------------------------------ plasticity settings
-    @property
-    def lam(self) -> Optional[torch.Tensor]:
-        """Trace decay per head ``[H]`` in (0, 1), or None when the trace is disabled."""
-        return None if self.lam_logit is None else torch.sigmoid(self.lam_logit)
-
-    @property
-    def gamma(self) -> torch.Tensor:
-        """Persistent-memory retention per head ``[H]`` in (0, 1)."""
-        return torch.sigmoid(self.gamma_logit)
-
-    @property
-    def state_dtype(self) -> torch.dtype:
-        """States are kept in float32 (float64 when the model is double)."""
-        return torch.promote_types(self.W0.dtype, torch.float32)
-
-    def initial_state(self, batch_size: int, P: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``S0 = W0 + P`` as ``[B, H, K, V]`` in :attr:`state_dtype`; differentiable in W0."""
-        S0 = self.W0.to(self.state_dtype).unsqueeze(0).expand(batch_size, -1, -1, -1)
-        if P is not None:
-            S0 = S0 + P.to(self.state_dtype)
-        return S0
+    def cache_shape(self, batch_size: int):
+        """Short-conv cache ``[B, conv_size - 1, channels]``, or None without a conv."""
+        return None if self.conv is None else (batch_size, self.conv.kernel_size - 1, self.conv.conv.in_channels)
 
     def project_qkv(self, x: torch.Tensor, conv_cache: Optional[torch.Tensor] = None):
         """The read/write vectors of ``x [B, T, d_model]``: projections, short conv, unit q and k.
@@ -175,13 +135,16 @@ class FastWeightLayer(nn.Module):
 
         # Decode steps take the per-token loop; training and prefill the chunked form (FLA's rule).
         mode = "recurrent" if (not self.training and T <= self.config.recurrent_threshold) else "chunk"
-        S0 = state.S if state.S is not None else self.initial_state(B, state.P)
+        # The memory relaxes toward its resting state M = W0 + P (DESIGN.md), so what a commit
+        # put in P acts on every token, not only on the first few dozen of an episode.
+        M = self.resting_state(B, state.P)
         lam = self.lam if lam is None else torch.as_tensor(lam, device=x.device)
         o, S_T, E_T = plastic_rule(
             q, k, v, beta, g,
             rule=self.config.rule,
             lam=None if lam is None else lam.to(self.state_dtype),
-            initial_state=S0.to(self.state_dtype),
+            resting_state=M,
+            initial_state=None if state.S is None else state.S.to(self.state_dtype),
             initial_trace=None if (lam is None or state.E is None) else state.E.to(self.state_dtype),
             output_final_state=output_final_state,
             backend=resolve_backend(mode, x.device),

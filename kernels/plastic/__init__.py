@@ -67,7 +67,8 @@ def _check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
     return len(cu) - 1
 
 
-def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend, cu_seqlens=None):
+def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend, cu_seqlens=None,
+              resting_state=None):
     check_tensor("q", q, ndim=4)
     B, T, H, K = q.shape
     if T < 1:
@@ -81,6 +82,9 @@ def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, 
     check_tensor("beta", beta, shape=(B, T, H))
     if g is not None:
         check_tensor("g", g, shape=(B, T, H))
+    for name, x in (("beta", beta), ("g", g)):
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{name} is on {x.device}, q on {q.device}: every input must share a device")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if lam is not None:
@@ -90,7 +94,18 @@ def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, 
     for name, st in (("initial_state", initial_state), ("initial_trace", initial_trace)):
         if st is not None:
             check_tensor(name, st, shape=(n_states, H, K, V))
+            if st.device != q.device:
+                raise ValueError(f"{name} is on {st.device}, q on {q.device}: every input must share a device")
             check_finite(name, st)
+    if resting_state is not None:
+        check_tensor("resting_state", resting_state)
+        if tuple(resting_state.shape) not in ((n_states, H, K, V), (H, K, V)):
+            raise ValueError(f"resting_state has shape {tuple(resting_state.shape)}, expected "
+                             f"{(n_states, H, K, V)} or {(H, K, V)}")
+        if resting_state.device != q.device:
+            raise ValueError(f"resting_state is on {resting_state.device}, q on {q.device}: "
+                             "every input must share a device")
+        check_finite("resting_state", resting_state)
     if backend in TRITON_BACKENDS and backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} cannot run: triton is not installed")
     if backend != "auto" and backend not in BACKENDS:
@@ -119,11 +134,13 @@ def plastic_rule(
     backend: str = "auto",
     chunk_size: int = 64,
     cu_seqlens: Optional[torch.Tensor] = None,
+    resting_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Run the fast-weight rule of DESIGN.md over a sequence.
 
-    Per token: ``S' = exp(g) S``; ``u = v - S'^T k`` (delta) or ``v`` (hebb);
-    ``D = beta k u^T``; ``S = S' + D``; ``o = S^T (scale q)``; ``E = lam E + D``.
+    Per token, with ``M`` the resting state: ``S' = M + exp(g) (S - M)``;
+    ``u = v - S'^T k`` (delta) or ``v`` (hebb); ``D = beta k u^T``; ``S = S' + D``;
+    ``o = S^T (scale q)``; ``E = lam E + D``.
 
     Args:
         q, k: ``[B, T, H, K]`` (k unit-norm in the model); v: ``[B, T, H, V]``.
@@ -132,7 +149,12 @@ def plastic_rule(
         rule: "delta" or "hebb".
         lam: trace decay, float or ``[H]`` tensor in [0, 1]; None keeps no trace.
         scale: multiplies q; default ``K ** -0.5``.
-        initial_state, initial_trace: ``[B, H, K, V]`` or None (zeros).
+        initial_state: ``[B, H, K, V]`` or None: the episode starts at rest (``M``).
+        initial_trace: ``[B, H, K, V]`` or None (zeros).
+        resting_state: ``M = W0 + P``, ``[B, H, K, V]`` or ``[H, K, V]`` (shared by every
+            row), or None: zeros, the plain gated delta rule. The naive backend applies the
+            rule as written; the others run on ``S - M`` with values ``v - M^T k`` (delta)
+            and add the read ``M^T (scale q)``, which is exact (DESIGN.md, "The rule").
         output_final_state: return S_T and E_T (else both None).
         backend: "auto" or a name from ``BACKENDS``.
         chunk_size: tokens per chunk for the chunked backends (ignored by the others).
@@ -144,13 +166,14 @@ def plastic_rule(
     Returns:
         ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V], E_T [B, H, K, V] or None)``;
         states are float32 (float64 for float64 inputs). Differentiable in q, k, v,
-        beta, g, lam, initial_state and initial_trace.
+        beta, g, lam, initial_state, initial_trace and resting_state.
 
     Raises:
         ValueError: naming the argument, for a wrong shape, dtype, NaN/inf,
             beta outside [0, 1], g > 0, lam outside [0, 1], an unknown rule or backend.
     """
-    _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend, cu_seqlens)
+    _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend, cu_seqlens,
+              resting_state)
     if backend == "auto":
         mode = "recurrent" if q.shape[1] <= RECURRENT_MAX_T else "chunk"
         backend = resolve_backend(mode, q.device)
@@ -162,27 +185,66 @@ def plastic_rule(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     extra = {"chunk_size": chunk_size} if backend.endswith("chunk") else {}
     fn = BACKENDS[backend]
+    kw = dict(rule=rule, lam=lam, scale=scale, initial_state=initial_state, initial_trace=initial_trace,
+              output_final_state=output_final_state, **extra)
+    if resting_state is None:
+        return _run(fn, backend, q, k, v, beta, g, cu_seqlens, **kw)
+    if backend == "naive":
+        return _run(fn, backend, q, k, v, beta, g, cu_seqlens, resting_state=resting_state, **kw)
+    return _around_rest(fn, backend, q, k, v, beta, g, resting_state, cu_seqlens, **kw)
+
+
+def _run(fn, backend, q, k, v, beta, g, cu_seqlens, **kw):
+    """One backend call; packed sequences loop for backends without varlen support."""
     if cu_seqlens is not None and backend in GPU_BACKENDS:
-        extra["cu_seqlens"] = cu_seqlens
-    elif cu_seqlens is not None:
-        return _varlen_loop(fn, q, k, v, beta, g, cu_seqlens, rule=rule, lam=lam, scale=scale,
-                            initial_state=initial_state, initial_trace=initial_trace,
-                            output_final_state=output_final_state, **extra)
-    return fn(
-        q, k, v, beta, g, rule=rule, lam=lam, scale=scale, initial_state=initial_state,
-        initial_trace=initial_trace, output_final_state=output_final_state, **extra,
-    )
+        return fn(q, k, v, beta, g, cu_seqlens=cu_seqlens, **kw)
+    if cu_seqlens is not None:
+        return _varlen_loop(fn, q, k, v, beta, g, cu_seqlens, **kw)
+    return fn(q, k, v, beta, g, **kw)
 
 
-def _varlen_loop(fn, q, k, v, beta, g, cu_seqlens, initial_state, initial_trace, output_final_state, **kw):
+def _around_rest(fn, backend, q, k, v, beta, g, M, cu_seqlens, rule, scale, initial_state, **kw):
+    """A backend without a resting state, run on the deviation ``S~ = S - M`` (DESIGN.md).
+
+    ``S' = M + a (S - M)`` is ``S~' = a S~``; the delta error ``v - S'^T k`` is
+    ``(v - M^T k) - S~'^T k``; the read ``S^T q`` is ``M^T q + S~^T q``; the writes, hence
+    the trace, are unchanged. Autograd carries the gradient to ``M`` through the three terms.
+    """
+    B, T, H, K = q.shape
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    n_states = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    M = M.to(cdt)
+    if M.dim() == 3:
+        M = M.unsqueeze(0).expand(n_states, H, K, M.shape[-1])
+    if cu_seqlens is None:
+        M_tok = M  # [B, H, K, V], the same for every token of a row
+        read = lambda x: torch.einsum("bthk,bhkv->bthv", x.to(cdt), M_tok)  # noqa: E731
+    else:  # packed rows: token t belongs to sequence seq[t]
+        seq = torch.repeat_interleave(torch.arange(n_states, device=q.device), cu_seqlens.diff())
+        read = lambda x: torch.einsum("bthk,thkv->bthv", x.to(cdt), M[seq])  # noqa: E731
+    sc = K ** -0.5 if scale is None else scale
+    v_dev = v if rule == "hebb" else (v.to(cdt) - read(k)).to(v.dtype)
+    S0_dev = None if initial_state is None else initial_state.to(cdt) - M
+    o_dev, S_dev, E_T = _run(fn, backend, q, k, v_dev, beta, g, cu_seqlens, rule=rule, scale=scale,
+                             initial_state=S0_dev, **kw)
+    o = (o_dev.to(cdt) + read(q) * sc).to(q.dtype)
+    S_T = None if S_dev is None else S_dev + M.to(S_dev.dtype)
+    return o, S_T, E_T
+
+
+def _varlen_loop(fn, q, k, v, beta, g, cu_seqlens, initial_state, initial_trace, output_final_state,
+                 resting_state=None, **kw):
     """Packed sequences through a backend without varlen support, one sequence at a time."""
     cu = cu_seqlens.tolist()
     outs, finals, traces = [], [], []
     for n, (lo, hi) in enumerate(zip(cu, cu[1:])):
+        rest = {}
+        if resting_state is not None:
+            rest["resting_state"] = resting_state if resting_state.dim() == 3 else resting_state[n:n + 1]
         o, S, E = fn(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], beta[:, lo:hi], None if g is None else g[:, lo:hi],
                      initial_state=None if initial_state is None else initial_state[n:n + 1],
                      initial_trace=None if initial_trace is None else initial_trace[n:n + 1],
-                     output_final_state=output_final_state, **kw)
+                     output_final_state=output_final_state, **rest, **kw)
         outs.append(o)
         finals.append(S)
         traces.append(E)

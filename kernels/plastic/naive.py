@@ -20,12 +20,13 @@ def naive_plastic_rule(
     initial_state: Optional[torch.Tensor] = None,
     initial_trace: Optional[torch.Tensor] = None,
     output_final_state: bool = True,
+    resting_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Per-token loop of the fast-weight rule with an eligibility trace.
 
-    For each token t (per batch row and head)::
+    For each token t (per batch row and head), with ``M`` the resting state::
 
-        S' = exp(g_t) * S                      # forget
+        S' = M + exp(g_t) * (S - M)            # forget back toward M
         u  = v_t - S'^T k_t   (delta)  |  v_t  (hebb)
         D  = beta_t * k_t u^T                  # the write
         S  = S' + D ;  o_t = S^T (scale * q_t) # read after write
@@ -34,7 +35,9 @@ def naive_plastic_rule(
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta, g: ``[B, T, H]``.
         lam: None (no trace), a float, or a ``[H]`` tensor.
-        initial_state, initial_trace: ``[B, H, K, V]`` or None (zeros).
+        initial_state: ``[B, H, K, V]`` or None (the resting state ``M``).
+        initial_trace: ``[B, H, K, V]`` or None (zeros).
+        resting_state: ``M``, ``[B, H, K, V]`` or ``[H, K, V]``; None means zeros.
 
     Returns:
         o ``[B, T, H, V]`` in q's dtype, final S and final E ``[B, H, K, V]``
@@ -48,7 +51,11 @@ def naive_plastic_rule(
     if scale is None:
         scale = K ** -0.5
     q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+    if resting_state is None:
+        M = q.new_zeros(B, H, K, V)
+    else:
+        M = resting_state.to(dtype).expand(B, H, K, V)
+    S = M if initial_state is None else initial_state.to(dtype)
     keep_trace = lam is not None
     if keep_trace:
         E = q.new_zeros(B, H, K, V) if initial_trace is None else initial_trace.to(dtype)
@@ -57,7 +64,7 @@ def naive_plastic_rule(
     for t in range(T):
         q_t, k_t, v_t = q[:, t], k[:, t], v[:, t]  # [B, H, K|V]
         if g is not None:
-            S = S * g[:, t].to(dtype).exp()[..., None, None]
+            S = M + g[:, t].to(dtype).exp()[..., None, None] * (S - M)
         if rule == "delta":
             u_t = v_t - torch.einsum("bhkv,bhk->bhv", S, k_t)
         else:

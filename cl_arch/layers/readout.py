@@ -1,0 +1,125 @@
+"""Readout memory: a fast-weight head after the last block, written with the model's own
+prediction error (DESIGN.md, "Readout memory").
+
+At every position the final hidden state ``h_t`` predicts token ``t + 1``. One step later that
+token is known, so the memory writes the pair ``unit(h_{t-1}) -> e(x_t)`` with the delta rule
+and reads at ``unit(h_t)``; the read is added to the logits. Read after write stays causal: the
+write at position t uses only ``h_{t-1}`` and the observed input ``x_t``. Its relatives are the
+neural cache (Grave et al. 2017) and fast weight layers (Clark et al. 2022). Unlike the fast
+layers inside the network, nothing has to be learned for it to help: the first repeated context
+of a new stream already retrieves what followed it last time.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from cl_arch.kernels import plastic_rule, resolve_backend
+
+from ..config import PlasticConfig
+from ..state import FastLayerState
+from .plasticity import PlasticMemory
+
+
+class ReadoutMemory(PlasticMemory):
+    """``forward(h [B, T, d], ids [B, T], state) -> (logit delta [B, T, vocab], FastLayerState)``.
+
+    Keys and queries are the unit final hidden states (``K = d_model``, every head reads the same
+    ones); values are one-hot tokens (``readout_values="onehot"``, ``V = vocab_size``) or token
+    embeddings (``"embed"``, ``V = d_model``, read back through the tied head). Per head it learns
+    a write strength ``beta = sigmoid(beta_logit)`` (times the per-token modulation, so a reward
+    writes harder), a decay ``g = -exp(A_log)`` toward the resting state ``W0 + P``, and a read
+    scale ``a``. The state's ``conv`` slot carries ``unit(h)`` of the last position, the key of
+    the next call's first write.
+    """
+
+    def __init__(self, config: PlasticConfig):
+        super().__init__()
+        self.config = config
+        H, K = config.readout_heads, config.d_model
+        V = config.vocab_size if config.readout_values == "onehot" else config.d_model
+        self._init_memory(config, H, K, V)
+        # Heads start at different time scales (memory of ~100 to ~10k tokens), like FLA's A init.
+        span = torch.logspace(2, 4, H) if H > 1 else torch.tensor([1000.0])
+        self.A_log = torch.nn.Parameter(torch.log(1.0 / span))
+        self.beta_logit = torch.nn.Parameter(torch.full((H,), config.readout_beta).logit())
+        self.read_scale = torch.nn.Parameter(torch.full((H,), float(config.readout_scale)))
+        self.A_log._no_weight_decay = True
+        self.beta_logit._no_weight_decay = True
+        self.read_scale._no_weight_decay = True
+        self.W0._no_weight_decay = True
+
+    def cache_shape(self, batch_size: int):
+        """``[B, 1, d_model]``: ``unit(h)`` of the last position read (zeros: nothing written yet)."""
+        return (batch_size, 1, self.head_k_dim)
+
+    def project_qkv(self, h: torch.Tensor, cache: Optional[torch.Tensor] = None):
+        """Read and write keys of ``h [B, T, d_model]``: ``q_t = unit(h_t)``, ``k_t = unit(h_{t-1})``.
+
+        Returns ``q, k [B, T, H, K]``, None (the values come from the tokens) and the new cache.
+        """
+        B, T, K = h.shape
+        hn = F.normalize(h.to(torch.promote_types(h.dtype, torch.float32)), p=2, dim=-1)
+        prev = hn.new_zeros(B, 1, K) if cache is None else cache.to(hn.dtype)
+        k = torch.cat([prev, hn[:, :-1]], dim=1)
+        H = self.n_heads
+        return (hn.unsqueeze(2).expand(B, T, H, K), k.unsqueeze(2).expand(B, T, H, K), None, hn[:, -1:])
+
+    def values(self, ids: torch.Tensor, embed: torch.nn.Embedding, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, T, H, V]`` values of the observed tokens ``ids [B, T]``."""
+        if self.config.readout_values == "onehot":
+            v = F.one_hot(ids, self.head_v_dim).to(dtype)
+        else:
+            v = F.normalize(embed(ids).to(dtype), p=2, dim=-1) * math.sqrt(self.head_v_dim)
+        return v.unsqueeze(2).expand(*ids.shape, self.n_heads, self.head_v_dim)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        ids: torch.Tensor,
+        embed: torch.nn.Embedding,
+        head: torch.nn.Module,
+        state: Optional[FastLayerState] = None,
+        modulation: Optional[torch.Tensor] = None,
+        output_final_state: bool = True,
+        lam=None,
+    ) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
+        """
+        Args:
+            h: ``[B, T, d_model]`` final hidden states (after the last norm).
+            ids: ``[B, T]`` the input tokens (``x_t`` is what ``h_{t-1}`` should have predicted).
+            embed, head: the model's embedding and output head (values and their read-back).
+            state, modulation, output_final_state, lam: as :class:`FastWeightLayer`.
+
+        Returns:
+            ``[B, T, vocab_size]`` to add to the logits, and the new state.
+        """
+        B, T, _ = h.shape
+        state = state if state is not None else FastLayerState()
+        cdt = torch.promote_types(h.dtype, torch.float32)
+        q, k, _, cache = self.project_qkv(h, state.conv)
+        v = self.values(ids, embed, cdt)
+        beta = torch.sigmoid(self.beta_logit.to(cdt)).expand(B, T, self.n_heads)
+        if modulation is not None:
+            beta = beta * modulation.to(cdt).unsqueeze(-1)
+        g = (-self.A_log.to(cdt).exp()).expand(B, T, self.n_heads)
+        mode = "recurrent" if (not self.training and T <= self.config.recurrent_threshold) else "chunk"
+        lam = self.lam if lam is None else torch.as_tensor(lam, device=h.device)
+        o, S_T, E_T = plastic_rule(
+            q, k, v, beta, g, rule="delta", scale=1.0,
+            lam=None if lam is None else lam.to(self.state_dtype),
+            resting_state=self.resting_state(B, state.P),
+            initial_state=None if state.S is None else state.S.to(self.state_dtype),
+            initial_trace=None if (lam is None or state.E is None) else state.E.to(self.state_dtype),
+            output_final_state=output_final_state,
+            backend=resolve_backend(mode, h.device),
+            chunk_size=self.config.chunk_size,
+        )
+        read = torch.einsum("bthv,h->btv", o.to(cdt), self.read_scale.to(cdt))
+        if self.config.readout_values != "onehot":
+            read = head(read.to(h.dtype))
+        read = read.to(h.dtype)
+        if not output_final_state:
+            return read, None
+        return read, FastLayerState(S=S_T, E=E_T, P=state.P, conv=cache)
