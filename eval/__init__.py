@@ -3,4 +3,4 @@
 Each benchmark module exposes ``run(...) -> report dict`` (see :mod:`cl_arch.eval.report` for the
 schema) and is reachable as ``cl-arch eval NAME``.
 """
-BENCHMARKS = ("codebase", "tabcomplete", "games", "sutton", "retention", "cost")
+BENCHMARKS = ("codebase", "tabcomplete", "games", "sutton", "retention", "cost", "offset")

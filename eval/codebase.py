@@ -48,15 +48,39 @@ NEWLINE = 10
 
 # ---------------------------------------------------------------------------- the model
 def demo_config() -> PlasticConfig:
-    """The small default model: 4 layers (fast, attn, fast, attn), d=128, attention window 256.
+    """The small default model: 4 layers (fast, attn, fast, attn), d=128, attention window 64, and
+    a readout memory of 2 heads (``configs/default_model.yaml``'s model section).
 
-    The window bounds the cost of long streams; the fast layers carry longer context.
+    The short window bounds the cost of long streams and leaves what lies further back to the
+    fast layers and the readout memory.
     """
-    return PlasticConfig(d_model=128, n_layers=4, n_heads=4, head_k_dim=32, head_v_dim=32, attn_window=256,
-                         chunk_size=64, mlp_ratio=3.0, lam=0.5, eta_s=0.0, eta_r=1.0, commit_clip=10.0)
+    return PlasticConfig(d_model=128, n_layers=4, n_heads=4, head_k_dim=32, head_v_dim=32, attn_window=64,
+                         chunk_size=64, mlp_ratio=3.0, lam=0.5, eta_s=0.0, eta_r=1.0, commit_clip=10.0,
+                         readout_heads=2, readout_values="onehot")
 
 
 DEMO_PRETRAIN_SECONDS = 150.0
+def default_model(log=print) -> PlasticTransformer:
+    """The model shipped in ``cl_arch/assets/default_model`` (see ``configs/default_model.yaml``).
+
+    Raises:
+        FileNotFoundError: the package was installed without it.
+    """
+    import json
+
+    import cl_arch
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(cl_arch.__file__)), "assets", "default_model")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"no shipped default model in {folder}")
+    info_path = os.path.join(folder, "pretrain.json")
+    extra = ""
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        extra = f" ({info['steps']} steps, validation {info['final_val_bpb']:.3f} bits/byte)"
+    log(f"loading the shipped default model from {folder}{extra}")
+    return PlasticTransformer.from_pretrained(folder).eval()
 
 
 def demo_pretrain_overrides(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
@@ -64,12 +88,15 @@ def demo_pretrain_overrides(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 
     """Settings of :func:`cl_arch.train.pretrain.pretrain` for the default model (over its defaults).
 
     ``cl-arch pretrain``'s defaults (stdlib minus :data:`~cl_arch.train.data.HELD_OUT_STDLIB`,
-    256-byte blocks, batch 16, AdamW 3e-3 with warmup and cosine) with :func:`demo_config` as
-    the model and a wall-clock budget of ``seconds`` as the stop (the cosine follows the clock,
-    so the learning rate has decayed when the time is up, however fast the machine is).
+    AdamW 3e-3 with warmup and cosine) with :func:`demo_config` as the model, 1 KB sequences in
+    batches of 8 (16x the attention window, as the shipped model) and a wall-clock budget of
+    ``seconds`` as the stop (the cosine follows the clock, so the learning rate has decayed when
+    the time is up, however fast the machine is).
     """
     model = (config or demo_config()).to_dict()
-    return [(["model"], model), (["train", "max_minutes"], seconds / 60.0), (["train", "max_steps"], 5000),
+    seq = 1024 if config is None else 256
+    return [(["model"], model), (["data", "seq_len"], seq), (["train", "batch_size"], 16 * 256 // seq),
+            (["train", "max_minutes"], seconds / 60.0), (["train", "max_steps"], 5000),
             (["train", "eval_every"], 0), (["train", "val_blocks"], 32), (["train", "log_with"], "none"),
             (["train", "seed"], seed), (["train", "save_every"], 0), (["train", "keep_checkpoints"], 1)]
 
@@ -91,9 +118,11 @@ def default_cache_dir(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
     return os.path.join(root, "demo-" + hashlib.sha1(key.encode()).hexdigest()[:10])
 
 
-def stdlib_model(cache_dir: Optional[str] = None, seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
+def stdlib_model(cache_dir: Optional[str] = None, seconds: Optional[float] = None, seed: int = 0,
                  config: Optional[PlasticConfig] = None, log=print, progress: bool = True) -> PlasticTransformer:
-    """Load the default model from ``cache_dir``, or pretrain it there first.
+    """The shipped default model (:func:`default_model`) when called with no recipe (``seconds``,
+    ``cache_dir`` and ``config`` all None, seed 0); otherwise load the recipe's model from
+    ``cache_dir``, or pretrain it there first (``seconds`` None: 150).
 
     Pretraining is :func:`cl_arch.train.pretrain.pretrain` (accelerate) with
     :func:`demo_pretrain_overrides`: next-byte loss on the standard library's training split (the
@@ -106,6 +135,12 @@ def stdlib_model(cache_dir: Optional[str] = None, seconds: float = DEMO_PRETRAIN
     import shutil
     import tempfile
 
+    if seconds is None and cache_dir is None and config is None and seed == 0:
+        try:
+            return default_model(log)
+        except FileNotFoundError:
+            pass
+    seconds = DEMO_PRETRAIN_SECONDS if seconds is None else seconds
     cache_dir = cache_dir or default_cache_dir(seconds, seed, config)
     if os.path.isfile(os.path.join(cache_dir, "config.json")):
         info = {}
@@ -311,6 +346,22 @@ def log_points(n: int, lo: int = 100, per_decade: int = 4) -> List[int]:
     return [p for p in pts if p <= n]
 
 
+def gain_interval(frozen: np.ndarray, adapted: np.ndarray, n: int, block: int = 256,
+                  seed: int = 0) -> Tuple[float, float]:
+    """95% interval of ``gain_curve``'s figure at ``n``: a paired bootstrap over ``block``-byte
+    blocks of the bytes ``(n - ceil(n/2), n]`` (the window the gain is read in). Whole blocks
+    are resampled because neighbouring bytes' losses are correlated; single bytes would
+    understate the spread."""
+    w = int(math.ceil(n / 2))
+    f, a = frozen[n - w:n], adapted[n - w:n]
+    nb = max(1, len(f) // block)
+    cut = nb * block if len(f) >= block else len(f)
+    fb = f[len(f) - cut:].reshape(nb, -1).mean(1)
+    ab = a[len(a) - cut:].reshape(nb, -1).mean(1)
+    _, (lo, hi) = M.paired_bootstrap_ci(fb, ab, seed=seed)
+    return lo, hi
+
+
 def _short(n: int) -> str:
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
 
@@ -335,6 +386,8 @@ def summarize(out: Dict[str, Any], model: PlasticTransformer, chunk: int, episod
         gains = M.gain_curve(bits["frozen"], b, POINTS)
         for n in POINTS:
             s[f"gain_bpb_{_short(n)}"] = gains.get(n)
+            if n in gains:
+                s[f"gain_ci_{_short(n)}"] = list(gain_interval(bits["frozen"], b, n))
         rel = [(M.window_mean(bits["frozen"], n) - y) / M.window_mean(bits["frozen"], n) for n, y in zip(pts, ys)]
         s["aulc"] = M.aulc(rel, lo=0.0, hi=1.0)  # mean fraction of the frozen loss removed
         ln = out["lines"][name]
@@ -368,15 +421,15 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         dyn_decay: float = 0.0, calib_batches: int = 4, with_dynamic_eval: bool = True, drift_windows: int = 8,
         methods: Sequence[str] = ("frozen", "adapt", "adapt+reward", "no_persist"),
         out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, cache_dir: Optional[str] = None,
-        pretrain_seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0, lam: Optional[float] = None
+        pretrain_seconds: Optional[float] = None, seed: int = 0, lam: Optional[float] = None
         ) -> Dict[str, Any]:
     """Run the codebase benchmark and (with ``out_dir``) write ``<name>.json`` and ``<name>.png``.
 
     Args:
         source: a folder of .py files, a file or a glob; default the held-out stdlib ``json``
             package. Any unseen tree works (an installed site-packages package, a project).
-        model: a trained model; default :func:`stdlib_model` (loaded from or trained into
-            ``cache_dir``).
+        model: a trained model; default :func:`stdlib_model` (the shipped model, or with
+            ``cache_dir``/``pretrain_seconds`` one loaded from or trained into the cache).
         max_bytes: bytes of the stream to read (gains are reported at 1k/10k/100k when reached).
         episode_bytes: longest episode; each file is split at line ends into episodes this long.
         eta_s, eta_r, gamma: commit settings for the adapting rows (None: the model's own).
@@ -435,8 +488,10 @@ def table(report: Dict[str, Any]) -> str:
     rows = []
     for name, m in report["methods"].items():
         s = m["summary"]
-        g = [s.get(f"gain_bpb_{_short(n)}") for n in POINTS]
-        rows.append([name, f"{s['bpb']:.3f}"] + ["-" if v is None else f"{v:+.3f}" for v in g] +
+        g = [(s.get(f"gain_bpb_{_short(n)}"), s.get(f"gain_ci_{_short(n)}")) for n in POINTS]
+        rows.append([name, f"{s['bpb']:.3f}"] +
+                    ["-" if v is None else (f"{v:+.3f}" if ci is None or name == "frozen"
+                                            else f"{v:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]") for v, ci in g] +
                     [f"{s['aulc']:+.4f}", "-" if s.get("tab_acceptance") is None else f"{s['tab_acceptance']:.3f}",
                      f"{s['sec_per_token'] * 1e3:.3f}", f"{s['flops_per_token'] / 1e6:.2f}",
                      "-" if "drift_bpb" not in s else f"{s['drift_bpb']:+.3f}"])
@@ -444,5 +499,5 @@ def table(report: Dict[str, Any]) -> str:
                                "tab accept", "ms/token", "MFLOP/token", "stdlib drift"])
 
 
-__all__ = ["demo_config", "demo_pretrain_overrides", "default_cache_dir", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
+__all__ = ["demo_config", "default_model", "demo_pretrain_overrides", "default_cache_dir", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
            "base_windows", "window_bpb", "default_policies", "run_stream", "summarize", "run", "table", "POINTS"]

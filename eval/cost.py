@@ -35,8 +35,8 @@ def flops_per_token(model: PlasticTransformer, context: int) -> float:
 
     ``2 * (weights of every Linear, lm_head included)`` for the matmuls,
     ``+ 10 * H * K * V`` per fast layer (decay, read-before-write, outer-product write,
-    read-after-write and trace update on the ``[K, V]`` state of each head),
-    ``+ 4 * d_model * context`` per attention layer (scores and weighted sum).
+    read-after-write and trace update on the ``[K, V]`` state of each head; the readout
+    memory's heads alike), ``+ 4 * d_model * context`` per attention layer (scores and weighted sum).
     Embedding lookups, norms and activations are ignored (they are O(d), not O(d^2)).
     """
     cfg = model.config
@@ -48,6 +48,11 @@ def flops_per_token(model: PlasticTransformer, context: int) -> float:
         else:
             ctx = context if cfg.attn_window is None else min(context, cfg.attn_window)
             total += 4.0 * cfg.d_model * ctx
+    if model.readout is not None:  # the same rule on [d_model, V] per head, plus its read-out
+        r = model.readout
+        total += 10.0 * r.n_heads * r.head_k_dim * r.head_v_dim
+        if cfg.readout_values == "embed":
+            total += 2.0 * cfg.d_model * cfg.vocab_size
     return total
 
 
@@ -75,7 +80,7 @@ def _in_context_state(model: PlasticTransformer, past_tokens: int, gen: torch.Ge
     """A state as if ``past_tokens`` had been read: random KV caches of that length, running S/E."""
     st = model.materialize_state(model.init_state(1), 1)
     layers = []
-    for block, s in zip(model.blocks, st.layers):
+    for s in st.layers:  # the blocks' states, then the readout memory's
         if isinstance(s, FastLayerState):
             layers.append(s)
         elif past_tokens == 0:

@@ -116,7 +116,7 @@ def tab_test(model: PlasticTransformer, source: str, other: str, max_bytes: int,
 
 def run(model: Optional[PlasticTransformer] = None, episodes: int = 200, seeds: int = 8, source: Optional[str] = None,
         other: Optional[str] = None, max_bytes: int = 40_000, episode_bytes: int = 2048, recall_steps: int = 600,
-        cache_dir: Optional[str] = None, pretrain_seconds: float = 150.0, text_model: Optional[PlasticTransformer] = None,
+        cache_dir: Optional[str] = None, pretrain_seconds: Optional[float] = None, text_model: Optional[PlasticTransformer] = None,
         out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, seed: int = 0,
         parts: tuple = ("games", "tabcomplete")) -> Dict[str, Any]:
     """Both Sutton tests. ``model`` plays the games (default: recall-trained); ``text_model`` reads

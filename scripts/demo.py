@@ -1,8 +1,9 @@
 """``cl-arch demo``: does the model get better at a codebase it has never seen, because it reads it?
 
-1. Pretrains a small plastic transformer with :func:`cl_arch.train.pretrain.pretrain` on the Python
-   standard library minus its held-out packages for ``--pretrain-seconds`` of wall time (150 s by
-   default), or loads it from the cache (``~/.cache/cl_arch/demo-<hash of the recipe>``, or
+1. Loads the shipped default model (``cl_arch/assets/default_model``, trained by
+   ``cl-arch pretrain --config configs/default_model.yaml`` on the Python standard library minus
+   its held-out packages). With ``--pretrain-seconds`` it pretrains one for that wall time
+   instead, or loads it from the cache (``~/.cache/cl_arch/demo-<hash of the recipe>``, or
    ``--cache-dir``) if it was trained before.
 2. Reads an unseen package (default: the held-out stdlib package ``json``) file by file, scoring
    every byte before anything learns from it, with three learners on the same stream:
@@ -25,7 +26,8 @@ def add_parser(sub):
                        "print frozen vs adapted vs dynamic evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cache-dir", default=None, help="trained model cache, reused when present (default: "
                    "~/.cache/cl_arch/demo-<hash of the pretraining recipe>, or $CL_ARCH_CACHE/demo-<hash>)")
-    p.add_argument("--pretrain-seconds", type=float, default=150.0, help="pretraining budget when not cached")
+    p.add_argument("--pretrain-seconds", type=float, default=None, help="pretrain a model for this many seconds "
+                   "(cached by recipe) instead of loading the shipped default model")
     p.add_argument("--package", default="json", help="held-out stdlib package to adapt on (or use --source)")
     p.add_argument("--source", default=None, help="any folder of .py files instead of --package")
     p.add_argument("--max-bytes", type=int, default=50_000, help="bytes of the unseen package to read "

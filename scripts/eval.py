@@ -1,6 +1,6 @@
 """``cl-arch eval NAME``: run one learning-slope benchmark, print its table, write JSON + PNG.
 
-NAME is one of codebase, tabcomplete, games, sutton, retention, cost. Every benchmark writes
+NAME is one of codebase, tabcomplete, games, sutton, retention, cost, offset. Every benchmark writes
 ``<out>/<name>.json`` (schema in :mod:`cl_arch.eval.report`) and ``<out>/<name>.png``.
 """
 import argparse
@@ -12,19 +12,21 @@ import torch
 def add_parser(sub):
     p = sub.add_parser("eval", help="run a learning-slope benchmark (JSON + PNG report)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("name", choices=["codebase", "tabcomplete", "games", "sutton", "retention", "cost"])
+    p.add_argument("name", choices=["codebase", "tabcomplete", "games", "sutton", "retention", "cost", "offset"])
     p.add_argument("--out", default="runs/eval", help="folder for the JSON and PNG")
     p.add_argument("--report-name", default=None, help="file stem of the report (default: NAME)")
     p.add_argument("--model", default=None, help="checkpoint folder (save_pretrained); default: the "
-                   "stdlib model in --cache-dir (codebase, tabcomplete, cost) or a recall-trained model (games, "
+                   "stdlib model in --cache-dir (codebase, tabcomplete, cost, offset) or a recall-trained model (games, "
                    "sutton, retention)")
     p.add_argument("--cache-dir", default=None, help="where the default stdlib model is cached (default: "
                    "~/.cache/cl_arch/demo-<hash of the recipe>, shared with cl-arch demo)")
-    p.add_argument("--pretrain-seconds", type=float, default=150.0, help="budget if the default model must be trained")
-    p.add_argument("--source", default=None, help="codebase/tabcomplete: folder, file or glob of .py files "
-                   "(default: the held-out stdlib package json)")
-    p.add_argument("--package", default=None, help="codebase/tabcomplete/sutton: a held-out stdlib package "
-                   "(json, email, xml, asyncio, tomllib, zoneinfo) as the source")
+    p.add_argument("--pretrain-seconds", type=float, default=None, help="pretrain a model for this many seconds "
+                   "(cached by recipe) instead of the shipped default model")
+    p.add_argument("--source", default=None, help="codebase/tabcomplete/offset: folder, file or glob of .py files "
+                   "(default: the held-out stdlib package json; offset: json, email and xml)")
+    p.add_argument("--package", default=None, help="codebase/tabcomplete/sutton/offset: a held-out stdlib package "
+                   "(json, email, xml, asyncio, tomllib, zoneinfo) as the source; offset takes a comma-separated "
+                   "list (e.g. json,email,xml)")
     p.add_argument("--lam", type=float, default=None, help="codebase: eligibility-trace decay (default: the model's)")
     p.add_argument("--max-bytes", type=int, default=100_000, help="codebase/tabcomplete: bytes of the stream")
     p.add_argument("--episode-bytes", type=int, default=2048, help="codebase/tabcomplete: longest episode")
@@ -37,6 +39,10 @@ def add_parser(sub):
     p.add_argument("--seeds", type=int, default=None, help="games/sutton/retention: independent seeds")
     p.add_argument("--recall-steps", type=int, default=600, help="steps of recall pretraining for the default "
                    "games model (cached in runs/recall-model-<steps>)")
+    p.add_argument("--max-file-bytes", type=int, default=4096, help="offset: bytes read from the start of each file")
+    p.add_argument("--min-file-bytes", type=int, default=1024, help="offset: shorter files are skipped")
+    p.add_argument("--bucket", type=int, default=128, help="offset: bucket width in bytes of file offset")
+    p.add_argument("--max-files", type=int, default=None, help="offset: at most this many files (a seeded sample)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -52,7 +58,7 @@ def run(args):
         torch.set_num_threads(args.threads)
     model = _model(args)
     name = args.name
-    if args.package:
+    if args.package and name != "offset":  # offset resolves its own (comma-separated) packages
         from cl_arch.eval.codebase import held_out_package
         args.source = held_out_package(args.package)
     if name == "codebase":
@@ -77,6 +83,16 @@ def run(args):
                       max_bytes=min(args.max_bytes, 40_000), episode_bytes=args.episode_bytes)
         rep = mod.run(model=model, recall_steps=args.recall_steps, out_dir=args.out, name=args.report_name,
                       seed=args.seed, **kw)
+    elif name == "offset":
+        from cl_arch.eval import offset
+        from cl_arch.eval.codebase import stdlib_model
+        if model is None:
+            model = stdlib_model(args.cache_dir, seconds=args.pretrain_seconds)
+        sources = ([p.strip() for p in args.package.split(",") if p.strip()] if args.package
+                   else [args.source] if args.source else list(offset.DEFAULT_SOURCES))
+        rep = offset.run(model, sources=sources, max_file_bytes=args.max_file_bytes,
+                         min_file_bytes=args.min_file_bytes, bucket=args.bucket, max_files=args.max_files,
+                         out_dir=args.out, name=args.report_name or "offset", seed=args.seed)
     else:
         from cl_arch.eval import cost
         rep = cost.run(model=model, out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,

@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from cl_arch import PlasticTransformer
-from cl_arch.layers.fast_weight import FastWeightLayer
 from cl_arch.state import AttnLayerState, FastLayerState, ModelState
 
 from .config import ConfigError, FinetuneRunConfig
 from .pretrain import PLASTICITY_PARAMS, TrainingSetup, lm_loss, run_training
 
-WRITE_PATH = ("W0", "k_proj", "v_proj", "b_proj", "a_proj", "A_log", "dt_bias", "conv")
+# The readout memory's write path is its write strength and decay; its read scale goes with them
+# because it alone decides how much the memory's (committed) contents move the logits.
+WRITE_PATH = ("W0", "k_proj", "v_proj", "b_proj", "a_proj", "A_log", "dt_bias", "conv", "beta_logit", "read_scale")
 
 
 def select_trainable(model: PlasticTransformer, trainable: str) -> List[str]:
@@ -109,15 +110,10 @@ def commit_persistent(model: PlasticTransformer, state: ModelState, reward: Opti
 
 
 def episode_state(model: PlasticTransformer, P: List[Optional[torch.Tensor]]) -> ModelState:
-    """Start-of-episode state holding only the persistent memories ``P`` (one per fast layer)."""
-    layers, i = [], 0
-    for block in model.blocks:
-        if isinstance(block.mixer, FastWeightLayer):
-            layers.append(FastLayerState(P=P[i]))
-            i += 1
-        else:
-            layers.append(AttnLayerState())
-    return ModelState(layers, 0)
+    """Start-of-episode state holding only the persistent memories ``P`` (one per fast memory,
+    ``[B, H, K, V]`` or None); differentiable in P."""
+    B = next((p.shape[0] for p in P if p is not None), 1)  # all None: the batch size is not needed
+    return model.init_state(B, P)
 
 
 def episodic_lm_loss(model, block: torch.Tensor, episodes: int) -> torch.Tensor:
