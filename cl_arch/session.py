@@ -17,9 +17,15 @@ other's memories. A reward ends the episode with the three-factor commit::
     b <- b + rho * (r - b)
 
 State files are one safetensors file whose header metadata holds the JSON description (schema,
-model fingerprint, rule settings, counts, baseline, replay, a sha256 of the tensors), so tensors
-and description can never disagree; the file is written to a temporary name in the same folder,
-fsynced and renamed, so a crash leaves either the old or the new file whole.
+model fingerprint, rule settings, counts, baseline, replay, a sha256 of the tensors, and a sha256
+of the rest of the description in its canonical JSON form), so no part of the file can change
+unnoticed: a file whose tensors or description (a rule setting, a count, a replay record) were
+edited or damaged is refused. (One metadata entry only: safetensors writes its metadata map in no
+fixed order, and a saved state must be the same bytes every time.)
+Files of schema 1 (written before the description checksum) still load, with only their tensors
+checksummed; every file's description is also checked for sense (types, counts, token ids inside
+the model's vocabulary). The file is written to a temporary name in the same folder, fsynced and
+renamed, so a crash leaves either the old or the new file whole.
 """
 from __future__ import annotations
 
@@ -40,8 +46,11 @@ import torch
 from .io import atomic_write
 from .state import FastLayerState, ModelState
 
-SCHEMA = "cl_arch.session/1"
+SCHEMA = "cl_arch.session/2"
+LEGACY_SCHEMAS = ("cl_arch.session/1",)  # no description checksum; still read
 METADATA_KEY = "cl_arch_session"
+CHECKSUM_FIELD = "description_sha256"  # sha256 of the canonical JSON of every other field
+REPLAY_FIELDS = ("ids", "reward", "advantage", "surprise", "episode")
 RULE_KEYS = ("lam", "gamma", "eta_s", "eta_r", "clip", "rho")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _WRITE_CHUNK = 1 << 20  # bytes per write() call while saving
@@ -106,6 +115,15 @@ def _check_rule(name: str, v: Any) -> float:
     return v
 
 
+def _check_logits(logits: torch.Tensor) -> None:
+    """NaN/inf logits would sample the last token (every comparison with NaN is False) and score
+    as "no prediction": refuse them before the session takes anything from the forward."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ValueError(f"the model produced non-finite logits ({bad} NaN/inf of {logits.numel()} entries): its "
+                         "weights or this session's memory hold NaN/inf or overflow; the session is unchanged")
+
+
 # ---------------------------------------------------------------------- sampling
 def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
             allowed: Optional[torch.Tensor], generator: torch.Generator) -> int:
@@ -114,6 +132,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_
     Inverse-CDF sampling with one ``torch.rand`` draw per token, in float64, so the draw for a
     session does not depend on which other sessions share its batch.
     """
+    _check_logits(logits)
     x = logits.detach().to("cpu", torch.float64).clone()
     if allowed is not None:
         mask = torch.full_like(x, float("-inf"))
@@ -319,8 +338,23 @@ class Session:
         ids = ids.to(m.embed.weight.device)
         with _eval_mode(m):
             logits, state = m(ids, state=self.state, modulation=modulation, lam=self._lam_arg())
+        _check_logits(logits)  # before anything is absorbed: the session stays as it was
         self._absorb(ids[0], logits[0], state)
         return self._last_nll
+
+    def _mark(self) -> tuple:
+        """Cheap restore point within an episode: forwards return new states and never write into
+        the one they are given, and the episode's lists only grow, so references and lengths do."""
+        return (self.state, len(self._episode_ids), len(self._episode_nll), self._next_logits,
+                getattr(self, "_last_nll", None), self._rng.get_state())
+
+    def _back_to(self, mark: tuple) -> None:
+        state, n_ids, n_nll, next_logits, last_nll, rng = mark
+        self.state = state
+        del self._episode_ids[n_ids:]
+        del self._episode_nll[n_nll:]
+        self._next_logits, self._last_nll = next_logits, last_nll
+        self._rng.set_state(rng)
 
     def _absorb(self, ids: torch.Tensor, logits: torch.Tensor, state: ModelState) -> None:
         """Bookkeeping after a forward of ``ids [T]`` that produced ``logits [T, V]``."""
@@ -380,6 +414,12 @@ class Session:
 
         Returns:
             The new token ids (a list), or an iterator of them when ``stream=True``.
+
+        Raises:
+            ValueError: bad arguments, or non-finite logits from the model. Without ``stream``
+                the call is all or nothing: when it raises the session is as it was before the
+                call (prompt unread, generator unmoved). A stream keeps the tokens it already
+                yielded and raises at the token that cannot be produced.
         """
         _check_sampling(max_new_tokens, temperature, top_k, top_p)
         prompt = _as_ids(prompt_ids, self.vocab_size, "prompt_ids", allow_empty=True)
@@ -389,16 +429,26 @@ class Session:
         if allowed_tokens is not None:
             allowed = _as_ids(list(allowed_tokens), self.vocab_size, "allowed_tokens")[0]
         gen = self._rng if seed is None else torch.Generator().manual_seed(int(seed))
-        if prompt.shape[1]:
-            self._feed(prompt)
+        mark = self._mark()
 
         def tokens() -> Iterator[int]:
             for _ in range(max_new_tokens):
                 tok = _sample(self._next_logits, float(temperature), top_k, top_p, allowed, gen)
-                self._feed(torch.tensor([[tok]]))
+                mark_tok = self._mark()
+                try:
+                    self._feed(torch.tensor([[tok]]))
+                except BaseException:
+                    self._back_to(mark_tok)  # the draw too: a retry samples the same token
+                    raise
                 yield tok
 
-        return tokens() if stream else list(tokens())
+        try:
+            if prompt.shape[1]:
+                self._feed(prompt)
+            return tokens() if stream else list(tokens())
+        except BaseException:
+            self._back_to(mark)
+            raise
 
     # ------------------------------------------------------------------ commits
     def _commit(self, r: Optional[float]) -> None:
@@ -444,7 +494,11 @@ class Session:
         if self.replay_size == 0:
             return
         self.replay.append(record)
-        if len(self.replay) > self.replay_size:
+        self._trim_replay()
+
+    def _trim_replay(self) -> None:
+        """Drop the lowest-scoring records (oldest among ties) until ``replay_size`` remain."""
+        while len(self.replay) > self.replay_size:
             drop = min(range(len(self.replay)), key=lambda j: (self.replay[j].score, self.replay[j].episode))
             del self.replay[drop]
 
@@ -554,6 +608,10 @@ class Session:
 
         Returns:
             One list of new token ids per session.
+
+        Raises:
+            ValueError: bad arguments, or non-finite logits from the model; every session is
+                then as it was before the call.
         """
         sessions = list(sessions)
         if not sessions:
@@ -580,24 +638,30 @@ class Session:
             allowed = _as_ids(list(allowed_tokens), model.config.vocab_size, "allowed_tokens")[0]
         gens = [s._rng if (seeds is None or seeds[i] is None) else torch.Generator().manual_seed(int(seeds[i]))
                 for i, s in enumerate(sessions)]
-        for s, p in zip(sessions, parsed):
-            if p.shape[1]:
-                s._feed(p)
+        marks = [s._mark() for s in sessions]
+        try:
+            for s, p in zip(sessions, parsed):
+                if p.shape[1]:
+                    s._feed(p)
 
-        has_attn = any(t == "attn" for t in model.config.layer_types)
-        out: List[List[int]] = [[] for _ in sessions]
-        for _ in range(max_new_tokens):
-            toks = [_sample(s._next_logits, float(temperature), top_k, top_p, allowed, g)
-                    for s, g in zip(sessions, gens)]
-            # Fast layers ignore the position, so an all-fast model batches every session at once;
-            # attention needs one position (and cache length) per batch.
-            groups: Dict[int, List[int]] = {}
-            for i, s in enumerate(sessions):
-                groups.setdefault(s.state.position if has_attn else 0, []).append(i)
-            for idx in groups.values():
-                Session._step_batch([sessions[i] for i in idx], [toks[i] for i in idx])
-            for i, t in enumerate(toks):
-                out[i].append(t)
+            has_attn = any(t == "attn" for t in model.config.layer_types)
+            out: List[List[int]] = [[] for _ in sessions]
+            for _ in range(max_new_tokens):
+                toks = [_sample(s._next_logits, float(temperature), top_k, top_p, allowed, g)
+                        for s, g in zip(sessions, gens)]
+                # Fast layers ignore the position, so an all-fast model batches every session at
+                # once; attention needs one position (and cache length) per batch.
+                groups: Dict[int, List[int]] = {}
+                for i, s in enumerate(sessions):
+                    groups.setdefault(s.state.position if has_attn else 0, []).append(i)
+                for idx in groups.values():
+                    Session._step_batch([sessions[i] for i in idx], [toks[i] for i in idx])
+                for i, t in enumerate(toks):
+                    out[i].append(t)
+        except BaseException:
+            for s, mark in zip(sessions, marks):
+                s._back_to(mark)
+            raise
         return out
 
     @staticmethod
@@ -616,6 +680,7 @@ class Session:
         ids = torch.tensor(toks, dtype=torch.long).reshape(-1, 1).to(model.embed.weight.device)
         with _eval_mode(model):
             logits, new = model(ids, state=big, lam=sessions[0]._lam_arg())
+        _check_logits(logits)
         for i, s in enumerate(sessions):
             row = new.select(i).clone()  # own storage: no session holds a view of another's rows
             s._absorb(ids[i], logits[i], ModelState(row.layers, positions[i] + 1))
@@ -641,6 +706,7 @@ class Session:
         tensors["baseline"] = torch.tensor([self.baseline], dtype=torch.float64)
         meta = self._meta()
         meta["tensors_sha256"] = _tensors_digest(tensors)
+        meta[CHECKSUM_FIELD] = _description_digest(meta)
         return save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True, allow_nan=True)})
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -653,31 +719,46 @@ class Session:
 
     @classmethod
     def load(cls, model, path: Union[str, os.PathLike], *, seed: Optional[int] = None,
+             adapt: Optional[bool] = None, replay_size: Optional[int] = None,
              **rule_overrides: Optional[float]) -> "Session":
         """Load a state written by :meth:`save` for ``model``.
 
-        Rule settings come from the file unless given here.
+        ``adapt``, ``replay_size`` and the rule settings come from the file unless given here;
+        a smaller ``replay_size`` drops the lowest-scoring replay records (as the buffer does).
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: truncated or corrupt file, unknown schema, or a state saved for a model
+            ValueError: truncated or corrupt file, a description edited since it was saved
+                (checksum mismatch), unknown schema, a description that makes no sense (e.g.
+                replay token ids outside the model's vocabulary), or a state saved for a model
                 with another fingerprint (other weights or config).
         """
         path = os.fspath(path)
         with open(path, "rb") as f:
             data = f.read()
-        return cls.from_bytes(model, data, source=path, seed=seed, **rule_overrides)
+        return cls.from_bytes(model, data, source=path, seed=seed, adapt=adapt, replay_size=replay_size,
+                              **rule_overrides)
 
     @classmethod
     def from_bytes(cls, model, data: bytes, source: str = "<bytes>", *, seed: Optional[int] = None,
+                   adapt: Optional[bool] = None, replay_size: Optional[int] = None,
                    **rule_overrides: Optional[float]) -> "Session":
         """Parse a state file's contents; see :meth:`load`."""
         from safetensors.torch import load
 
         meta = _read_metadata(data, source)
-        if meta.get("schema") != SCHEMA:
-            raise ValueError(f"session state {source}: unknown schema {meta.get('schema')!r} "
-                             f"(this version reads {SCHEMA!r})")
+        schema = meta.get("schema")
+        if schema != SCHEMA and schema not in LEGACY_SCHEMAS:
+            raise ValueError(f"session state {source}: unknown schema {schema!r} "
+                             f"(this version reads {[SCHEMA, *LEGACY_SCHEMAS]})")
+        checksum = meta.get(CHECKSUM_FIELD)
+        if schema == SCHEMA and checksum is None:
+            raise ValueError(f"session state {source} is corrupt: its description lacks the checksum "
+                             f"({CHECKSUM_FIELD}) that schema {SCHEMA!r} carries")
+        if checksum is not None and checksum != _description_digest(meta):
+            raise ValueError(f"session state {source} was edited or is corrupt: description checksum mismatch "
+                             "(a rule setting, count, replay record or other field differs from what was saved); "
+                             "refusing to load it")
         fp = model.fingerprint()
         if meta.get("fingerprint") != fp:
             raise ValueError(f"session state {source} belongs to another model: fingerprint "
@@ -688,13 +769,15 @@ class Session:
             raise ValueError(f"session state {source} is truncated or corrupt: {e}") from e
         if _tensors_digest(tensors) != meta.get("tensors_sha256"):
             raise ValueError(f"session state {source} is corrupt: tensor checksum mismatch")
+        _check_description(meta, model.config.vocab_size, source)
         try:
             fast = model.fast_layers()
             if meta["n_fast_layers"] != len(fast) or set(tensors) != {f"P.{i}" for i in range(len(fast))} | {"baseline"}:
                 raise ValueError(f"session state {source} does not fit the model: tensors {sorted(tensors)}")
             rule = dict(meta["rule"])
             rule.update(rule_overrides)
-            s = cls(model, adapt=bool(meta["adapt"]), seed=seed, replay_size=int(meta["replay_size"]), **rule)
+            s = cls(model, adapt=meta["adapt"] if adapt is None else adapt, seed=seed,
+                    replay_size=meta["replay_size"] if replay_size is None else replay_size, **rule)
             P = []
             for i, m in enumerate(fast):
                 t = tensors[f"P.{i}"]
@@ -708,10 +791,11 @@ class Session:
             if b != float(meta["baseline"]) or not math.isfinite(b):
                 raise ValueError(f"session state {source}: baseline {b} disagrees with the description")
             s.P, s.baseline = P, b
-            s.episodes, s.rewards, s.reward_sum = int(meta["episodes"]), int(meta["rewards"]), float(meta["reward_sum"])
-            s.replay = [ReplayRecord(**r) for r in meta["replay"]]
+            s.episodes, s.rewards, s.reward_sum = meta["episodes"], meta["rewards"], float(meta["reward_sum"])
+            s.replay = [ReplayRecord(**{k: r[k] for k in REPLAY_FIELDS}) for r in meta["replay"]]
         except (KeyError, TypeError) as e:
             raise ValueError(f"session state {source} is corrupt: bad description ({e!r})") from e
+        s._trim_replay()
         s._new_episode()
         return s
 
@@ -721,6 +805,58 @@ class Session:
 
 
 # ---------------------------------------------------------------------- file helpers
+def _description_digest(meta: Dict[str, Any]) -> str:
+    """sha256 of every field but the checksum itself, as canonical JSON (sorted keys, the writer's
+    own formatting): ``json.loads`` then ``json.dumps`` gives back the same text, floats included."""
+    rest = {k: v for k, v in meta.items() if k != CHECKSUM_FIELD}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, allow_nan=True).encode("utf-8")).hexdigest()
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_description(meta: Dict[str, Any], vocab_size: int, source: str) -> None:
+    """Refuse a description that no session could have written (schema 1 files carry no
+    description checksum, and a checksum cannot vouch for what a writer got wrong)."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"session state {source} is corrupt: {what}")
+
+    fields = {"adapt": bool, "rule": dict, "replay": list}
+    for name, kind in fields.items():
+        if not isinstance(meta.get(name), kind):
+            raise bad(f"{name} must be a {kind.__name__}, got {meta.get(name)!r}")
+    for name in ("replay_size", "episodes", "rewards", "n_fast_layers"):
+        if not _is_int(meta.get(name)) or meta[name] < 0:
+            raise bad(f"{name} must be an integer >= 0, got {meta.get(name)!r}")
+    for name in ("baseline", "reward_sum"):
+        if not _is_real(meta.get(name)) or not math.isfinite(meta[name]):
+            raise bad(f"{name} must be a finite number, got {meta.get(name)!r}")
+    if meta["rewards"] > meta["episodes"]:
+        raise bad(f"{meta['rewards']} rewarded episodes out of {meta['episodes']}")
+    for j, r in enumerate(meta["replay"]):
+        if not isinstance(r, dict) or set(r) != set(REPLAY_FIELDS):
+            raise bad(f"replay[{j}] must hold exactly {list(REPLAY_FIELDS)}, got {r!r}")
+        ids = r["ids"]
+        if not isinstance(ids, list) or not all(_is_int(x) for x in ids):
+            raise bad(f"replay[{j}].ids must be a list of integers")
+        out = [x for x in ids if not 0 <= x < vocab_size]
+        if out:
+            raise ValueError(f"session state {source}: replay[{j}].ids hold token {out[0]}, outside the model's "
+                             f"vocabulary [0, {vocab_size})")
+        for name in ("reward", "advantage"):
+            if r[name] is not None and not (_is_real(r[name]) and math.isfinite(r[name])):
+                raise bad(f"replay[{j}].{name} must be None or a finite number, got {r[name]!r}")
+        if not _is_real(r["surprise"]):
+            raise bad(f"replay[{j}].surprise must be a number (NaN: no prediction), got {r['surprise']!r}")
+        if not _is_int(r["episode"]) or r["episode"] < 0:
+            raise bad(f"replay[{j}].episode must be an integer >= 0, got {r['episode']!r}")
+
+
 def _tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -747,7 +883,18 @@ def _read_metadata(data: bytes, source: str) -> Dict[str, Any]:
     if not isinstance(meta, dict):
         raise ValueError(f"session state {source} is corrupt: description is not an object")
     # The header also records where each tensor ends: a file cut short inside the data fails here.
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    ends = []
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        if offsets is None:
+            raise ValueError(f"session state {source} is corrupt: the safetensors header gives tensor {k!r} "
+                             "no data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ValueError(f"session state {source} is corrupt: tensor {k!r} has invalid data_offsets {offsets!r}")
+        ends.append(offsets[1])
     if ends and 8 + n + max(ends) != len(data):
         raise ValueError(f"session state {source} is truncated or has trailing bytes "
                          f"({len(data)} bytes, header implies {8 + n + max(ends)})")
@@ -809,11 +956,17 @@ class SessionStore:
                       if f.endswith(self.SUFFIX) and not f.startswith("."))
 
     def open(self, model, uid: str, **kwargs) -> Session:
-        """The saved session of ``uid``, or a new one (``Session(model, **kwargs)``) if none."""
+        """The saved session of ``uid``, or a new one (``Session(model, **kwargs)``) if none.
+
+        The same call opens a new or a returning user: whatever is given in ``kwargs``
+        (``adapt``, ``replay_size``, ``seed``, rule settings) applies to a stored session too,
+        overriding what it was saved with; what is not given keeps its stored value. A smaller
+        ``replay_size`` drops the stored session's lowest-scoring replay records (the buffer's own
+        rule), for good once the session is saved again. ``adapt=False`` keeps the stored P
+        (saved again as it is) but does not use it.
+        """
         p = self.path(uid)
         if os.path.isfile(p):
-            kwargs.pop("adapt", None)
-            kwargs.pop("replay_size", None)
             return Session.load(model, p, **kwargs)
         return Session(model, **kwargs)
 

@@ -146,6 +146,13 @@ class EpisodeLearner:
         self.episodes += 1
         self.new_episode()
 
+    def new_session(self) -> None:
+        """A new session of the same user: what an episode carried in ``S`` is dropped (every row
+        starts at its resting state ``W0 + P``), what was committed into ``P`` is kept, as when a
+        saved session file is loaded."""
+        self._carry = None
+        self.new_episode()
+
     def reset_rows(self, rows: Iterable[int]) -> None:
         """Forget everything rows have learned (``P``, baseline, carried ``S``); next episode fresh."""
         rows = list(rows)

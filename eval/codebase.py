@@ -175,6 +175,18 @@ def stdlib_model(cache_dir: Optional[str] = None, seconds: Optional[float] = Non
     return PlasticTransformer.from_pretrained(cache_dir).eval()
 
 
+def without_readout(model: PlasticTransformer) -> PlasticTransformer:
+    """A copy of ``model`` with its readout memory removed: the network and its in-block fast
+    layers alone (the same weights), to tell the readout memory's share of a gain from theirs."""
+    if model.readout is None:
+        return model
+    cfg = PlasticConfig.from_dict({**model.config.to_dict(), "readout_heads": 0})
+    m = PlasticTransformer(cfg).to(next(model.parameters()).dtype)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("readout.")}
+    m.load_state_dict(sd)
+    return m.eval()
+
+
 # ---------------------------------------------------------------------------- the stream
 def held_out_package(name: str) -> str:
     """Folder (or file) of a held-out stdlib package, e.g. ``"json"`` -> ``.../lib/python3.x/json``."""
@@ -276,15 +288,16 @@ def default_policies(eta_s: float = 1.0, eta_r: Optional[float] = None, gamma: O
 
 def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]], policies: Sequence[RowPolicy],
                dyn: Optional[DynamicEval] = None, chunk: int = 256, desc: str = "stream",
-               lam: Optional[float] = None) -> Dict[str, Any]:
+               lam: Optional[float] = None, learner: Optional[EpisodeLearner] = None) -> Dict[str, Any]:
     """Read ``segments`` prequentially with every row of ``policies`` (and ``dyn``, if given).
 
     Returns per method: ``bits [N]`` (loss of every byte in bits), ``lines`` (list of
     ``(accepted, length)`` per non-blank line), ``seconds`` (wall time of that method's passes),
     ``rewards`` (per episode, the reward each batched row was given: its mean line acceptance);
-    plus the :class:`EpisodeLearner` (its ``P``) and the DynamicEval object.
+    plus the :class:`EpisodeLearner` (its ``P``) and the DynamicEval object. ``learner``: go on
+    with this one (e.g. a second session over the same stream) instead of a fresh one.
     """
-    learner = EpisodeLearner(model, policies, lam=lam)
+    learner = learner if learner is not None else EpisodeLearner(model, policies, lam=lam)
     names = [p.name for p in policies] + (["dynamic_eval"] if dyn is not None else [])
     bits: Dict[str, List[np.ndarray]] = {n: [] for n in names}
     lines: Dict[str, List[Tuple[int, int]]] = {n: [] for n in names}
@@ -421,8 +434,8 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         dyn_decay: float = 0.0, calib_batches: int = 4, with_dynamic_eval: bool = True, drift_windows: int = 8,
         methods: Sequence[str] = ("frozen", "adapt", "adapt+reward", "no_persist"),
         out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, cache_dir: Optional[str] = None,
-        pretrain_seconds: Optional[float] = None, seed: int = 0, lam: Optional[float] = None
-        ) -> Dict[str, Any]:
+        pretrain_seconds: Optional[float] = None, seed: int = 0, lam: Optional[float] = None,
+        second_session: bool = False) -> Dict[str, Any]:
     """Run the codebase benchmark and (with ``out_dir``) write ``<name>.json`` and ``<name>.png``.
 
     Args:
@@ -439,6 +452,9 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         calib_batches: pretraining-corpus batches (8 x 256 bytes) that estimate dynamic
             evaluation's mean squared gradients.
         drift_windows: stdlib validation windows (512 bytes) for the base-drift figure (0: skip).
+        second_session: read the stream a second time as a new session of the same user
+            (:meth:`EpisodeLearner.new_session`: ``S`` dropped, ``P`` kept); its rows are in
+            ``report["second_session"]``: what ``P`` carries that ``S`` (``no_persist``) cannot.
     """
     torch.manual_seed(seed)
     src = source or held_out_package("json")
@@ -466,6 +482,12 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
     out = run_stream(model, segments, policies, dyn, chunk, desc=f"codebase {os.path.basename(src.rstrip('/'))}",
                      lam=lam)
     methods = summarize(out, model, chunk, episode_bytes, base)
+    second = None
+    if second_session:
+        learner = out["learner"]
+        learner.new_session()
+        out2 = run_stream(model, segments, policies, None, chunk, desc="second session", lam=lam, learner=learner)
+        second = summarize(out2, model, chunk, episode_bytes, None)
     report = {
         "benchmark": "codebase",
         "config": {"source": os.path.abspath(src), "files": len(files), "bytes": n_bytes,
@@ -478,6 +500,9 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         "methods": methods,
     }
     report["table"] = table(report)
+    if second is not None:
+        report["second_session"] = second
+        report["second_session_table"] = table({"methods": second})
     if out_dir:
         write_report(report, out_dir, name or "codebase")
     return report
@@ -499,5 +524,5 @@ def table(report: Dict[str, Any]) -> str:
                                "tab accept", "ms/token", "MFLOP/token", "stdlib drift"])
 
 
-__all__ = ["demo_config", "default_model", "demo_pretrain_overrides", "default_cache_dir", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
+__all__ = ["demo_config", "default_model", "without_readout", "demo_pretrain_overrides", "default_cache_dir", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
            "base_windows", "window_bpb", "default_policies", "run_stream", "summarize", "run", "table", "POINTS"]

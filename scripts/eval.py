@@ -35,6 +35,10 @@ def add_parser(sub):
     p.add_argument("--dyn-lr", type=float, default=1e-4, help="dynamic evaluation step size")
     p.add_argument("--dyn-rule", choices=["rms", "sgd"], default="rms")
     p.add_argument("--no-dynamic-eval", action="store_true", help="codebase: skip dynamic evaluation")
+    p.add_argument("--second-session", action="store_true", help="codebase: read the stream again as a new "
+                   "session (S dropped, P kept): what the committed P carries that S cannot")
+    p.add_argument("--no-readout", action="store_true", help="codebase/offset: remove the model's readout memory "
+                   "(the in-block fast layers alone)")
     p.add_argument("--episodes", type=int, default=None, help="games/sutton/retention: episodes per game or task")
     p.add_argument("--seeds", type=int, default=None, help="games/sutton/retention: independent seeds")
     p.add_argument("--recall-steps", type=int, default=600, help="steps of recall pretraining for the default "
@@ -58,6 +62,9 @@ def run(args):
         torch.set_num_threads(args.threads)
     model = _model(args)
     name = args.name
+    if args.no_readout:
+        from cl_arch.eval.codebase import stdlib_model, without_readout
+        model = without_readout(model if model is not None else stdlib_model(args.cache_dir, seconds=args.pretrain_seconds))
     if args.package and name != "offset":  # offset resolves its own (comma-separated) packages
         from cl_arch.eval.codebase import held_out_package
         args.source = held_out_package(args.package)
@@ -67,7 +74,8 @@ def run(args):
                            episode_bytes=args.episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r,
                            dyn_lr=args.dyn_lr, dyn_rule=args.dyn_rule, with_dynamic_eval=not args.no_dynamic_eval, lam=args.lam,
                            out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
-                           pretrain_seconds=args.pretrain_seconds, seed=args.seed)
+                           pretrain_seconds=args.pretrain_seconds, seed=args.seed,
+                           second_session=args.second_session)
     elif name == "tabcomplete":
         from cl_arch.eval import tabcomplete
         rep = tabcomplete.run(source=args.source, model=model, max_bytes=args.max_bytes,
@@ -98,6 +106,9 @@ def run(args):
         rep = cost.run(model=model, out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
                        seed=args.seed)
     print(rep.get("table", ""))
+    if "second_session_table" in rep:
+        print("\nsecond session over the same stream (S dropped, P kept):")
+        print(rep["second_session_table"])
     summary = {m: v["summary"] for m, v in rep["methods"].items()}
     print(json.dumps(summary, indent=1, default=str)[:4000])
     print(f"report: {rep.get('json')}  plot: {rep.get('plot')}")

@@ -6,7 +6,9 @@ A *session* here is anything holding one persistent memory ``P`` per fast layer:
 - a :class:`cl_arch.session.Session` (its ``P``; reset and restore write back into it and
   start a new episode),
 - the path of a saved session (loaded with ``Session.load(model, path)``, which checks the
-  fingerprint; resetting it changes only the loaded copy),
+  fingerprint; resetting it changes only the loaded copy: the file keeps the P that is now part
+  of the weights and stays tied to the old ones, so it no longer loads into the new model;
+  :func:`~cl_arch.consolidate.undo` given the path writes the restored session back into it),
 - a :class:`~cl_arch.state.ModelState` (its ``persistent()`` memories; reset replaces them),
 - a list with one tensor (or None) per fast layer, each ``[H, K, V]`` or ``[1, H, K, V]``
   (reset zeroes the tensors in place).
@@ -133,6 +135,34 @@ class Source:
                 with torch.no_grad():
                     t.copy_(p.reshape(t.shape))
 
+    def snapshot(self) -> Any:
+        """What :meth:`restore` needs to put the session back exactly as it is now."""
+        from ..session import Session
+
+        obj = self.obj
+        if isinstance(obj, Session):
+            return obj.snapshot()  # the episode in progress too: set_P starts a new one
+        if isinstance(obj, ModelState):
+            # set_P rebinds each layer's P to a new tensor: keeping the old references suffices.
+            return [(s, s.P) for s in obj.layers if isinstance(s, FastLayerState)]
+        return [None if t is None else t.detach().clone() for t in obj]
+
+    def restore(self, snap: Any) -> None:
+        """Undo every :meth:`set_P` / :meth:`reset_P` since ``snap = self.snapshot()``."""
+        from ..session import Session
+
+        obj = self.obj
+        if isinstance(obj, Session):
+            obj.rollback(snap)
+        elif isinstance(obj, ModelState):
+            for s, P in snap:
+                s.P = P
+        else:
+            with torch.no_grad():
+                for t, saved in zip(obj, snap):
+                    if t is not None:
+                        t.copy_(saved)
+
     def reset_P(self) -> None:
         """Set the session's persistent memories to zero (their content now lives in slow weights)."""
         self.set_P([torch.zeros_like(p) for p in self.P])
@@ -146,12 +176,9 @@ def as_source(model, obj: Any, index: int = 0, check_fingerprint: bool = True) -
     return obj if isinstance(obj, Source) else Source(model, obj, index, check_fingerprint)
 
 
-def as_sources(model, sessions: Any, check_fingerprint: bool = True) -> List[Source]:
-    """Read and check every session before anything is changed (all-or-nothing refusal).
-
-    ``sessions`` is one session or a list of them; a list whose items are all tensors (or None)
-    is one session's P, one per fast layer.
-    """
+def session_items(sessions: Any) -> List[Any]:
+    """``sessions`` as a list of sessions: one session or a list of them; a list whose items are
+    all tensors (or None) is one session's P, one per fast layer."""
     if sessions is None:
         raise ValueError("no sessions given")
     single = not isinstance(sessions, (list, tuple)) or \
@@ -159,7 +186,28 @@ def as_sources(model, sessions: Any, check_fingerprint: bool = True) -> List[Sou
     items = [sessions] if single else list(sessions)
     if not items:
         raise ValueError("no sessions given")
-    return [as_source(model, s, i, check_fingerprint) for i, s in enumerate(items)]
+    return items
+
+
+def as_sources(model, sessions: Any, check_fingerprint: bool = True) -> List[Source]:
+    """Read and check every session before anything is changed (all-or-nothing refusal).
+
+    ``sessions``: see :func:`session_items`.
+    """
+    return [as_source(model, s, i, check_fingerprint) for i, s in enumerate(session_items(sessions))]
+
+
+def check_storable(name: str, value: Tensor, stored: Tensor) -> None:
+    """Refuse a new weight that is not finite, in its master precision or once cast to the
+    dtype it is stored in (float16 overflows to inf above 65504)."""
+    if not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name}: the new value holds {bad} non-finite (NaN/inf) entries; refusing to write it")
+    if not bool(torch.isfinite(stored).all()):
+        bad = int((~torch.isfinite(stored)).sum())
+        top = float(value.abs().max())
+        raise ValueError(f"{name}: the new value (max |x| = {top:.4g}) overflows {stored.dtype} in {bad} "
+                         f"entries; refusing to store inf (keep the model in float32 while consolidating)")
 
 
 # ---------------------------------------------------------------------- token data

@@ -18,8 +18,12 @@ the model's dtype for the forward), so the model itself is only written at the e
 
 After training the new weights are written into the model and measured there: gain retained on
 the probes and forgetting on the anchor data (bits/token, absolute and relative to the original).
-If forgetting exceeds ``budget`` the replaced weights are copied back from the report's undo
-tensors (bitwise; the fingerprint is checked) and the report says ``rolled_back: true``.
+The result is rolled back (the replaced weights copied back from the report's undo tensors,
+bitwise, the fingerprint checked; the session's P kept; the report says ``rolled_back: true`` and
+why in ``rollback_reason``) when forgetting exceeds ``budget``, and whatever the budget when the
+optimisation diverged: a non-finite loss or activation during training, non-finite weights, or a
+non-finite NLL or forgetting after it. An exception at any point leaves the model (weights and
+training flag), the session and the report files as they were.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import LN2, Batch, as_sources, check_vocab, forward_logits, gain_figures, mean_nll, to_batches
-from .report import PARAM_PREFIX, UNDO_KEY, new_report, save_params, save_session_P, write_report
+from .report import all_or_nothing, new_report, restore_params, save_params, save_session_P, write_report
 
 
 def default_trainable(model) -> List[str]:
@@ -103,12 +107,14 @@ def distill(model, session: Any, replay: Any = None, anchor: Any = None, budget:
     Returns:
         The report: ``gain`` (:func:`~cl_arch.consolidate.common.gain_figures` on the probes,
         with ``gain_retained`` the fraction of the session's gain that survives P reset),
-        ``forgetting_bits`` and ``forgetting_relative`` on the anchor data, ``rolled_back``,
-        ``steps``, ``seconds`` and the loss curve.
+        ``forgetting_bits`` and ``forgetting_relative`` on the anchor data, ``rolled_back`` and
+        ``rollback_reason`` (None when the result is kept), ``steps``, ``seconds`` and the loss
+        curve.
 
     Raises:
-        ValueError: bad arguments, no replay data, or a session with NaN/inf or from another
-            model fingerprint. Nothing is changed when it raises.
+        ValueError: bad arguments, no replay data, a session with NaN/inf or from another
+            model fingerprint, or a model whose figures are non-finite before training. Nothing
+            is changed when it raises (nor when anything else raises).
     """
     t0 = time.perf_counter()
     for name, v, lo in (("steps", steps, 0), ("batch_size", batch_size, 1)):
@@ -144,12 +150,26 @@ def distill(model, session: Any, replay: Any = None, anchor: Any = None, budget:
 
     was_training = model.training
     model.eval()  # deterministic teacher and student (no dropout)
+    try:
+        return _distill(model, src, names, named, replay_b, anchor_b, probe_b, budget, steps, lr, rank,
+                        anchor_weight, weight_decay, seed, out, reset, progress, t0)
+    finally:
+        model.train(was_training)
+
+
+def _distill(model, src, names, named, replay_b, anchor_b, probe_b, budget, steps, lr, rank,
+             anchor_weight, weight_decay, seed, out, reset, progress, t0) -> Dict[str, Any]:
     P = src.P
     with torch.no_grad():
         teacher = [F.log_softmax(forward_logits(model, b, P).float(), -1) for b in replay_b]
         original = [F.log_softmax(forward_logits(model, b).float(), -1) for b in anchor_b]
         nll_base, nll_with_P = mean_nll(model, probe_b), mean_nll(model, probe_b, P=P)
         anchor_before = mean_nll(model, anchor_b) if anchor_b else None
+    before = [nll_base, nll_with_P] + ([] if anchor_before is None else [anchor_before])
+    if not all(math.isfinite(x) for x in before) or not all(bool(torch.isfinite(t).all()) for t in teacher):
+        raise ValueError(f"distill: the model gives non-finite figures before any training (NLL without P "
+                         f"{nll_base}, with P {nll_with_P}, anchor {anchor_before}): nothing sound to distill; "
+                         "nothing was changed")
 
     report = new_report("distill", model)
     save_params(report, model, names)
@@ -182,6 +202,7 @@ def distill(model, session: Any, replay: Any = None, anchor: Any = None, budget:
     order = torch.Generator().manual_seed(seed + 1)
     from tqdm import tqdm
 
+    reason: Optional[str] = None  # why the result is not kept; None: kept
     bar = tqdm(range(steps), desc="distill", disable=not progress, leave=False)
     for step in bar:
         i = int(torch.randint(len(replay_b), (1,), generator=order))
@@ -189,19 +210,29 @@ def distill(model, session: Any, replay: Any = None, anchor: Any = None, budget:
         if anchor_b and anchor_weight > 0:
             k = int(torch.randint(len(anchor_b), (1,), generator=order))
         params_now = effective()
-        if k is not None and anchor_b[k].ids.shape[1] == rb.ids.shape[1]:
-            # Equal lengths: one forward over both batches halves the per-step cost.
-            both = Batch(torch.cat([rb.ids, anchor_b[k].ids]), torch.cat([rb.mask, anchor_b[k].mask]))
-            logits = forward_logits(model, both, params=params_now)
-            n = rb.ids.shape[0]
-            loss_r = _kl(teacher[i], logits[:n], rb.mask)
-            loss_a = _kl(original[k], logits[n:], anchor_b[k].mask)
-        else:
-            loss_r = _kl(teacher[i], forward_logits(model, rb, params=params_now), rb.mask)
-            loss_a = torch.zeros(())
-            if k is not None:
-                loss_a = _kl(original[k], forward_logits(model, anchor_b[k], params=params_now), anchor_b[k].mask)
+        try:
+            if k is not None and anchor_b[k].ids.shape[1] == rb.ids.shape[1]:
+                # Equal lengths: one forward over both batches halves the per-step cost.
+                both = Batch(torch.cat([rb.ids, anchor_b[k].ids]), torch.cat([rb.mask, anchor_b[k].mask]))
+                logits = forward_logits(model, both, params=params_now)
+                n = rb.ids.shape[0]
+                loss_r = _kl(teacher[i], logits[:n], rb.mask)
+                loss_a = _kl(original[k], logits[n:], anchor_b[k].mask)
+            else:
+                loss_r = _kl(teacher[i], forward_logits(model, rb, params=params_now), rb.mask)
+                loss_a = torch.zeros(())
+                if k is not None:
+                    loss_a = _kl(original[k], forward_logits(model, anchor_b[k], params=params_now),
+                                 anchor_b[k].mask)
+        except ValueError as e:
+            # The data was checked above, so what the forward refuses now (NaN/inf activations)
+            # comes from the student's weights: the optimisation diverged.
+            reason = f"training diverged at step {step} (non-finite activations: {e})"
+            break
         loss = loss_r + anchor_weight * loss_a
+        if not bool(torch.isfinite(loss.detach())):
+            reason = f"training diverged at step {step}: non-finite loss ({float(loss.detach())})"
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -212,51 +243,63 @@ def distill(model, session: Any, replay: Any = None, anchor: Any = None, budget:
             bar.set_postfix(kl_replay=f"{lr_:.4f}", kl_anchor=f"{la_:.4f}")
     bar.close()
 
-    # Write the result into the model and measure it there (what a caller will actually use).
-    rolled_back = False
-    try:
+    final = None
+    if reason is None:
         with torch.no_grad():
-            final = effective()
-            for n in names:
-                named[n].copy_(final[n])
-            nll_after = mean_nll(model, probe_b)
-            anchor_after = mean_nll(model, anchor_b) if anchor_b else None
-        forgetting = None if anchor_after is None else (anchor_after - anchor_before) / LN2
-        if budget is not None and forgetting > budget:
-            rolled_back = True
-    except BaseException:
-        rolled_back = True
-        raise
-    finally:
-        if rolled_back:
+            final = {n: t.detach() for n, t in effective().items()}
+        bad = [n for n in names if not bool(torch.isfinite(final[n]).all())]
+        if bad:
+            listed = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            reason = f"training produced non-finite weights in {len(bad)} parameters ({listed})"
+
+    # Write the result into the model and measure it there (what a caller will actually use).
+    nll_after, anchor_after, forgetting = float("nan"), None, None
+    with all_or_nothing(model, report, [src]):
+        if reason is None:
             with torch.no_grad():
                 for n in names:
-                    named[n].copy_(report[UNDO_KEY][PARAM_PREFIX + n])
-    model.train(was_training)
-
-    fp_after = model.fingerprint()
-    if rolled_back and fp_after != report["fingerprint_before"]:
-        raise RuntimeError("distill: rollback did not restore the original weights")  # cannot happen: bitwise copy
-    if reset and not rolled_back:
-        src.reset_P()
-    report.update({
-        "session": src.name,
-        "gain": gain_figures(nll_base, nll_with_P, nll_after),
-        "gain_retained": gain_figures(nll_base, nll_with_P, nll_after)["gain_retained"],
-        "anchor_bits_before": None if anchor_before is None else anchor_before / LN2,
-        "anchor_bits_after": None if anchor_after is None else anchor_after / LN2,
-        "forgetting_bits": forgetting,
-        "forgetting_relative": None if forgetting is None else forgetting / (anchor_before / LN2),
-        "budget_bits": budget,
-        "rolled_back": rolled_back,
-        "session_reset": reset and not rolled_back,
-        "params_trained": names, "rank": rank, "steps": steps, "lr": lr, "anchor_weight": anchor_weight,
-        "replay_sequences": sum(b.ids.shape[0] for b in replay_b),
-        "anchor_sequences": sum(b.ids.shape[0] for b in anchor_b),
-        "curve": curve,
-        "fingerprint_after": fp_after,
-        "seconds": time.perf_counter() - t0,
-    })
-    if out is not None:
-        write_report(report, out)
+                    named[n].copy_(final[n])
+                try:
+                    nll_after = mean_nll(model, probe_b)
+                    anchor_after = mean_nll(model, anchor_b) if anchor_b else None
+                except ValueError as e:  # as in training: finite weights, non-finite activations
+                    reason = f"the trained weights give non-finite activations ({e})"
+        if reason is None:
+            forgetting = None if anchor_after is None else (anchor_after - anchor_before) / LN2
+            # NaN compares False with everything: a diverged student must fail explicitly.
+            if not math.isfinite(nll_after) or (forgetting is not None and not math.isfinite(forgetting)):
+                reason = (f"non-finite figures after training (NLL on the probes {nll_after}, "
+                          f"forgetting {forgetting} bits/token)")
+            elif budget is not None and forgetting > budget:
+                reason = f"forgetting {forgetting:.4g} bits/token exceeds the budget of {budget}"
+        rolled_back = reason is not None
+        if rolled_back:
+            restore_params(model, report)
+        fp_after = model.fingerprint()
+        if rolled_back and fp_after != report["fingerprint_before"]:
+            raise RuntimeError("distill: rollback did not restore the original weights")  # cannot happen: bitwise copy
+        if reset and not rolled_back:
+            src.reset_P()
+        gain = gain_figures(nll_base, nll_with_P, nll_after)
+        report.update({
+            "session": src.name,
+            "gain": gain,
+            "gain_retained": gain["gain_retained"],
+            "anchor_bits_before": None if anchor_before is None else anchor_before / LN2,
+            "anchor_bits_after": None if anchor_after is None else anchor_after / LN2,
+            "forgetting_bits": forgetting,
+            "forgetting_relative": None if forgetting is None else forgetting / (anchor_before / LN2),
+            "budget_bits": budget,
+            "rolled_back": rolled_back,
+            "rollback_reason": reason,
+            "session_reset": reset and not rolled_back,
+            "params_trained": names, "rank": rank, "steps": steps, "lr": lr, "anchor_weight": anchor_weight,
+            "replay_sequences": sum(b.ids.shape[0] for b in replay_b),
+            "anchor_sequences": sum(b.ids.shape[0] for b in anchor_b),
+            "curve": curve,
+            "fingerprint_after": fp_after,
+            "seconds": time.perf_counter() - t0,
+        })
+        if out is not None:
+            write_report(report, out)
     return report

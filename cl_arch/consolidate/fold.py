@@ -12,8 +12,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .common import as_sources
-from .report import new_report, save_w0_and_sessions, write_report
+from .common import as_sources, check_storable
+from .report import all_or_nothing, new_report, save_w0_and_sessions, write_report
 
 
 def fold(model, sessions: Any, out: Optional[str] = None, reset: bool = True) -> Dict[str, Any]:
@@ -40,7 +40,10 @@ def fold(model, sessions: Any, out: Optional[str] = None, reset: bool = True) ->
 
     Raises:
         ValueError: a session holds NaN/inf, has wrong shapes, or was recorded for another model
-            fingerprint. Nothing is changed when it raises.
+            fingerprint; or a new W0 would not be finite in its dtype (a float16 W0 overflows
+            at 65504). Nothing is changed when it raises: every new W0 is computed and checked
+            before the first is written, and a failure afterwards (the report file included)
+            puts the weights and sessions back.
     """
     t0 = time.perf_counter()
     sources = as_sources(model, sessions)  # all checked before anything changes
@@ -48,7 +51,7 @@ def fold(model, sessions: Any, out: Optional[str] = None, reset: bool = True) ->
     layers = model.fast_layers()
     w0_names = save_w0_and_sessions(report, model, sources)
 
-    per_layer = []
+    per_layer, new_W0 = [], []
     with torch.no_grad():
         for j, m in enumerate(layers):
             master = m.W0.detach().to(m.state_dtype)  # same promotion initial_state uses
@@ -57,6 +60,7 @@ def fold(model, sessions: Any, out: Optional[str] = None, reset: bool = True) ->
                 total = total + s.P[j].to(m.state_dtype)
             new = master + total
             stored = new.to(m.W0.dtype)
+            check_storable(w0_names[j], new, stored)
             per_layer.append({
                 "param": w0_names[j],
                 "W0_norm_before": float(master.norm()),
@@ -64,18 +68,22 @@ def fold(model, sessions: Any, out: Optional[str] = None, reset: bool = True) ->
                 "W0_norm_after": float(new.norm()),
                 "max_rounding": float((stored.to(new.dtype) - new).abs().max()),
             })
-            m.W0.copy_(stored)
-    if reset:
-        for s in sources:
-            s.reset_P()
-    report.update({
-        "sessions": [{"name": s.name, "P_norm": [float(p.norm()) for p in s.P]} for s in sources],
-        "sessions_reset": reset,
-        "per_layer": per_layer,
-        "max_rounding": max(r["max_rounding"] for r in per_layer) if per_layer else 0.0,
-        "fingerprint_after": model.fingerprint(),
-        "seconds": time.perf_counter() - t0,
-    })
-    if out is not None:
-        write_report(report, out)
+            new_W0.append(stored)
+    with all_or_nothing(model, report, sources):
+        with torch.no_grad():
+            for m, stored in zip(layers, new_W0):
+                m.W0.copy_(stored)
+        if reset:
+            for s in sources:
+                s.reset_P()
+        report.update({
+            "sessions": [{"name": s.name, "P_norm": [float(p.norm()) for p in s.P]} for s in sources],
+            "sessions_reset": reset,
+            "per_layer": per_layer,
+            "max_rounding": max(r["max_rounding"] for r in per_layer) if per_layer else 0.0,
+            "fingerprint_after": model.fingerprint(),
+            "seconds": time.perf_counter() - t0,
+        })
+        if out is not None:
+            write_report(report, out)
     return report

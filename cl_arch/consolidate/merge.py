@@ -36,8 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .common import as_sources, check_vocab, forward_logits, gain_figures, mean_nll, to_batches
-from .report import new_report, save_w0_and_sessions, write_report
+from .common import as_sources, check_storable, check_vocab, forward_logits, gain_figures, mean_nll, to_batches
+from .report import all_or_nothing, new_report, save_w0_and_sessions, write_report
 
 METHODS = ("mean", "ties", "regmean")
 
@@ -174,8 +174,11 @@ def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = Non
         ``cosine`` is the matrix of cosine similarities between the sessions' flattened P.
 
     Raises:
-        ValueError: bad arguments, or a session with NaN/inf or from another model fingerprint.
-            Nothing is changed when it raises.
+        ValueError: bad arguments, a session with NaN/inf or from another model fingerprint, or a
+            merged W0 that is not finite (in float32 or in W0's own dtype). Nothing is changed when
+            it raises: every layer's new W0 is computed and checked before the first is written,
+            and a failure afterwards (measuring, the report file) puts the weights, the sessions
+            and the model's training flag back.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -204,13 +207,19 @@ def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = Non
         raise ValueError(f"probes must hold one entry per session ({len(sources)}), got {len(probes)}")
     probe_batches = []
     for u, s in enumerate(sources):
-        data = probes[u] if probes is not None else s.replay()
-        b = to_batches(data, batch_size, what=f"probes[{u}]")
+        b = to_batches(probes[u] if probes is not None else s.replay(), batch_size, what=f"probes[{u}]")
         check_vocab(model, b, f"probes[{u}]")
         probe_batches.append(b)
 
     was_training = model.training
     model.eval()
+    try:
+        return _merge(model, sources, w, method, density, scale, ridge, reset, out, fit_batches, probe_batches, t0)
+    finally:
+        model.train(was_training)
+
+
+def _merge(model, sources, w, method, density, scale, ridge, reset, out, fit_batches, probe_batches, t0):
     # Gains before: the original model without P and with each session's own P.
     before = []
     for s, b in zip(sources, probe_batches):
@@ -220,7 +229,9 @@ def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = Non
     layers = model.fast_layers()
     w0_names = save_w0_and_sessions(report, model, sources)
 
-    per_layer = []
+    # Every layer's new W0 is computed and checked before the first is written: a merge that
+    # fails half-way must not leave some layers merged.
+    per_layer, new_W0 = [], []
     grams = None
     if method == "regmean":  # every session's read queries, on the original weights with its own P
         grams = [read_grams(model, b, s.P) for s, b in zip(sources, fit_batches)]
@@ -232,38 +243,45 @@ def merge(model, sessions: Any, weights: Union[None, str, Sequence[float]] = Non
             else:
                 res = merge_tensors(Ps, w, method, density, scale)
             delta = res.pop("delta")
+            if not bool(torch.isfinite(delta).all()):
+                raise ValueError(f"{w0_names[j]}: the merged delta ({method}, scale={scale}) holds "
+                                 f"{int((~torch.isfinite(delta)).sum())} non-finite entries; nothing was changed")
             new = m.W0.detach().to(m.state_dtype) + delta
             stored = new.to(m.W0.dtype)
+            check_storable(w0_names[j], new, stored)
             res.update({"param": w0_names[j], "delta_norm": float(delta.norm()),
                         "max_rounding": float((stored.to(new.dtype) - new).abs().max())})
             per_layer.append(res)
-            m.W0.copy_(stored)
+            new_W0.append(stored)
         flat = torch.stack([torch.cat([p.flatten().double() for p in s.P]) for s in sources])
         unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
         cosine = (unit @ unit.T).tolist()
 
-    per_session = []
-    for u, (s, b, bf) in enumerate(zip(sources, probe_batches, before)):
-        entry: Dict[str, Any] = {"name": s.name, "weight": w[u], "P_norm": [float(p.norm()) for p in s.P]}
-        if bf is not None:
-            entry.update(gain_figures(bf[0], bf[1], mean_nll(model, b)))
-        per_session.append(entry)
-    model.train(was_training)
-    if reset:
-        for s in sources:
-            s.reset_P()
+    with all_or_nothing(model, report, sources):
+        with torch.no_grad():
+            for m, stored in zip(layers, new_W0):
+                m.W0.copy_(stored)
+        per_session = []
+        for u, (s, b, bf) in enumerate(zip(sources, probe_batches, before)):
+            entry: Dict[str, Any] = {"name": s.name, "weight": w[u], "P_norm": [float(p.norm()) for p in s.P]}
+            if bf is not None:
+                entry.update(gain_figures(bf[0], bf[1], mean_nll(model, b)))
+            per_session.append(entry)
+        if reset:
+            for s in sources:
+                s.reset_P()
 
-    retained = [e["gain_retained"] for e in per_session if "gain_retained" in e]
-    report.update({
-        "merge_method": method, "density": density if method == "ties" else None, "scale": scale,
-        "ridge": ridge if method == "regmean" else None,
-        "weights": w, "sessions": per_session, "sessions_reset": reset, "per_layer": per_layer,
-        "cosine": cosine,
-        "min_gain_retained": min(retained) if retained else None,
-        "mean_gain_retained": sum(retained) / len(retained) if retained else None,
-        "fingerprint_after": model.fingerprint(),
-        "seconds": time.perf_counter() - t0,
-    })
-    if out is not None:
-        write_report(report, out)
+        retained = [e["gain_retained"] for e in per_session if "gain_retained" in e]
+        report.update({
+            "merge_method": method, "density": density if method == "ties" else None, "scale": scale,
+            "ridge": ridge if method == "regmean" else None,
+            "weights": w, "sessions": per_session, "sessions_reset": reset, "per_layer": per_layer,
+            "cosine": cosine,
+            "min_gain_retained": min(retained) if retained else None,
+            "mean_gain_retained": sum(retained) / len(retained) if retained else None,
+            "fingerprint_after": model.fingerprint(),
+            "seconds": time.perf_counter() - t0,
+        })
+        if out is not None:
+            write_report(report, out)
     return report

@@ -16,11 +16,12 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Union
 
 import torch
 
-from ..io import atomic_write, write_json
+from ..io import atomic_write_many
 
 UNDO_KEY = "_undo"
 PARAM_PREFIX = "param/"
@@ -94,7 +95,9 @@ def undo_path_for(json_path: Union[str, os.PathLike]) -> str:
 def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
     """Write ``report`` as JSON at ``path`` and its undo tensors next to it; returns ``path``.
 
-    The undo file goes first and the JSON last, so a JSON on disk always has its tensors.
+    All or nothing: both files are prepared first and then moved into place, the undo file
+    first and the JSON last, so a JSON on disk always has its tensors; if anything fails, a
+    report pair already at ``path`` is left as it was.
     """
     from safetensors.torch import save_file
 
@@ -102,12 +105,22 @@ def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in report.get(UNDO_KEY, {}).items()}
     undo_file = undo_path_for(path)
-    atomic_write(undo_file, lambda p: save_file(tensors, p, metadata={
-        "fingerprint_before": str(report.get("fingerprint_before")),
-        "fingerprint_after": str(report.get("fingerprint_after"))}))
-    report["undo_file"] = os.path.basename(undo_file)
     public = {k: v for k, v in report.items() if k != UNDO_KEY}
-    return write_json(path, _jsonable(public), sort_keys=True)
+    public["undo_file"] = os.path.basename(undo_file)
+    text = json.dumps(_jsonable(public), indent=2, sort_keys=True) + "\n"  # fails before any file is touched
+
+    def write_text(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write_many([
+        (undo_file, lambda p: save_file(tensors, p, metadata={
+            "fingerprint_before": str(report.get("fingerprint_before")),
+            "fingerprint_after": str(report.get("fingerprint_after"))})),
+        (path, write_text),
+    ])
+    report["undo_file"] = public["undo_file"]
+    return path
 
 
 def load_report(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -129,26 +142,68 @@ def load_report(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return report
 
 
-def undo(model, report: Union[Dict[str, Any], str, os.PathLike], sessions: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
+def restore_params(model, report: Dict[str, Any]) -> None:
+    """Copy every parameter the report replaced back from its undo tensors (bitwise)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, t in report[UNDO_KEY].items():
+            if key.startswith(PARAM_PREFIX):
+                p = params[key[len(PARAM_PREFIX):]]
+                p.copy_(t.to(p.device))
+
+
+@contextmanager
+def all_or_nothing(model, report: Dict[str, Any], sources) -> Iterator[None]:
+    """The changing part of a consolidation: if it raises, the replaced weights (from the
+    report's undo tensors, saved before any change) and every session (as it was on entry,
+    episode in progress included) are put back before the exception propagates."""
+    snaps = [s.snapshot() for s in sources]
+    try:
+        yield
+    except BaseException:
+        restore_params(model, report)
+        for s, snap in zip(sources, snaps):
+            s.restore(snap)
+        raise
+
+
+def _file_writer(data: bytes):
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return write
+
+
+def undo(model, report: Union[Dict[str, Any], str, os.PathLike], sessions: Any = None) -> Dict[str, Any]:
     """Put back the weights a consolidation replaced, bitwise; optionally the sessions' ``P`` too.
 
     Args:
         model: the model the consolidation changed, in its current state (its fingerprint must
             be the report's ``fingerprint_after``, so an undo never lands on another model).
         report: the dict a consolidation returned, or the path of its JSON file.
-        sessions: the sessions passed to the consolidation, in the same order. fold and merge
-            reset each session's ``P`` to zero (it now lives in W0; keeping it would count it
-            twice); distill resets it when it succeeds. Passing the sessions here restores their
-            ``P`` as well; without them only the model is restored.
+        sessions: the sessions passed to the consolidation, in the same order (one session or a
+            list, as the consolidation took them). fold and merge reset each session's ``P`` to
+            zero (it now lives in W0; keeping it would count it twice); distill resets it when
+            it succeeds. Passing the sessions here restores their ``P`` as well; without them
+            only the model is restored. A saved-session path is read, given back its ``P`` and
+            written back (atomically) tied to the restored weights: the file may be the one the
+            consolidation read (still tied to the old weights) or one saved since with the
+            consolidated model; a file tied to any other model is refused.
 
     Returns:
-        ``{"fingerprint": ..., "params_restored": [...], "sessions_restored": n}``.
+        ``{"fingerprint": ..., "params_restored": [...], "sessions_restored": n,
+        "session_files_written": [...]}``.
 
     Raises:
-        ValueError: the model is not the one the report left behind, or the report lacks the
-            tensors it needs. Nothing is changed when it raises.
+        ValueError: the model is not the one the report left behind, the report lacks the
+            tensors it needs, or a session does not fit. All or nothing: when anything raises
+            (a session file that cannot be written included), the model, the sessions and their
+            files are as they were.
     """
-    from .common import as_source
+    from ..session import Session, _read_metadata
+    from .common import as_source, session_items
 
     if not isinstance(report, dict):
         report = load_report(report)
@@ -158,9 +213,10 @@ def undo(model, report: Union[Dict[str, Any], str, os.PathLike], sessions: Optio
             raise ValueError("report holds no undo tensors and names no undo file")
         raise ValueError("report was read without its undo tensors; pass the JSON path to undo()")
     current = model.fingerprint()
-    if current != report.get("fingerprint_after"):
+    fp_before, fp_after = report.get("fingerprint_before"), report.get("fingerprint_after")
+    if current != fp_after:
         raise ValueError(f"undo: model fingerprint {current} is not the one this {report.get('method')} "
-                         f"left ({report.get('fingerprint_after')}); refusing to restore onto another model")
+                         f"left ({fp_after}); refusing to restore onto another model")
 
     params = dict(model.named_parameters())
     restore = {}
@@ -174,21 +230,60 @@ def undo(model, report: Union[Dict[str, Any], str, os.PathLike], sessions: Optio
             raise ValueError(f"undo: saved {name} is {t.dtype}{tuple(t.shape)}, the model's "
                              f"{params[name].dtype}{tuple(params[name].shape)}")
         restore[name] = t
-    sources = []
-    if sessions is not None:
-        for i, s in enumerate(sessions):
-            P = [tensors.get(f"{SESSION_PREFIX}{i}/P/{j}") for j in range(len(model.fast_layers()))]
-            if any(p is None for p in P):
-                raise ValueError(f"undo: report holds no saved P for session {i}")
-            sources.append((as_source(model, s, check_fingerprint=False), P))
 
-    with torch.no_grad():
-        for name, t in restore.items():
-            params[name].copy_(t.to(params[name].device))
-    for src, P in sources:
-        src.set_P(P)
-    fp = model.fingerprint()
-    if fp != report["fingerprint_before"]:
-        # Only possible if the report was edited: the copy above is exact.
-        raise RuntimeError(f"undo: restored model has fingerprint {fp}, expected {report['fingerprint_before']}")
-    return {"fingerprint": fp, "params_restored": sorted(restore), "sessions_restored": len(sources)}
+    # Read and check every session before anything changes. A file tied to the old weights can
+    # only be loaded once they are back, so it waits (as raw bytes) until then.
+    n_fast = len(model.fast_layers())
+    live, files, seen = [], [], set()
+    none = sessions is None or (isinstance(sessions, (list, tuple)) and len(sessions) == 0)
+    for i, item in enumerate([] if none else session_items(sessions)):
+        P = [tensors.get(f"{SESSION_PREFIX}{i}/P/{j}") for j in range(n_fast)]
+        if any(p is None for p in P):
+            raise ValueError(f"undo: report holds no saved P for session {i}")
+        if isinstance(item, (str, os.PathLike)):
+            path = os.fspath(item)
+            key = os.path.realpath(path)
+            if key in seen:
+                raise ValueError(f"undo: session file {path} is given twice")
+            seen.add(key)
+            with open(path, "rb") as f:
+                data = f.read()
+            fp = _read_metadata(data, path).get("fingerprint")
+            if fp == current:
+                files.append((path, Session.from_bytes(model, data, source=path), P))
+            elif fp == fp_before:
+                files.append((path, data, P))
+            else:
+                raise ValueError(f"undo: session file {path} belongs to a model with fingerprint {fp!r}, neither "
+                                 f"the one this {report.get('method')} left ({fp_after}) nor the one it "
+                                 f"replaced ({fp_before}); refusing to write into it")
+        else:
+            live.append((as_source(model, item, i, check_fingerprint=False), P))
+
+    snaps = [src.snapshot() for src, _ in live]
+    current_values = {name: params[name].detach().clone() for name in restore}
+    try:
+        with torch.no_grad():
+            for name, t in restore.items():
+                params[name].copy_(t.to(params[name].device))
+        fp = model.fingerprint()
+        if fp != fp_before:
+            # Only possible if the report was edited: the copy above is exact.
+            raise RuntimeError(f"undo: restored model has fingerprint {fp}, expected {fp_before}")
+        loaded = []
+        for path, obj, P in files:
+            s = obj if isinstance(obj, Session) else Session.from_bytes(model, obj, source=path)
+            as_source(model, s, check_fingerprint=False).set_P(P)
+            loaded.append((path, s))
+        for src, P in live:
+            src.set_P(P)
+        atomic_write_many([(path, _file_writer(s.to_bytes())) for path, s in loaded], sync_dir=True)
+    except BaseException:
+        with torch.no_grad():
+            for name, t in current_values.items():
+                params[name].copy_(t)
+        for (src, _), snap in zip(live, snaps):
+            src.restore(snap)
+        raise
+    return {"fingerprint": fp, "params_restored": sorted(restore), "sessions_restored": len(live) + len(files),
+            "session_files_written": [path for path, _ in loaded]}

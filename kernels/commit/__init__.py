@@ -3,6 +3,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .. import checks as _checks
 from ..checks import check_finite, check_per_head, check_tensor
 from ..plastic.fused_recurrent import triton_available_for
 from .fused import HAS_TRITON, fused_reward_commit
@@ -35,7 +36,8 @@ def reward_commit(
         r: reward per session, float or ``[N]``; None commits with no advantage
             (retention only, ``eta_s``) and leaves the baseline alone.
         b: running baseline, float or ``[N]``; None means 0.
-        gamma: forgetting of P, in (0, 1]; eta_s, eta_r: floats or ``[H]`` tensors.
+        gamma: forgetting of P, a float or ``[H]`` tensor, in (0, 1] either way;
+            eta_s, eta_r: floats or ``[H]`` tensors.
         clip: per-head Frobenius bound on E (None disables: unbounded, see DESIGN.md).
         rho: baseline step in [0, 1].
         inplace: write the result into P (and b if it is a tensor) and return them.
@@ -72,8 +74,11 @@ def reward_commit(
     r_t = None if r is None else as_vec("r", r, None)
     b_t = as_vec("b", b, 0.0)
     check_per_head("gamma", gamma, H, 0.0, 1.0)
-    if isinstance(gamma, (int, float)) and gamma <= 0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    # (0, 1] for floats and tensors alike (DESIGN.md): gamma = 0 would erase P at every commit.
+    # Tensors skip value checks under CL_ARCH_VALUE_CHECKS=0, as every other tensor argument does.
+    if (_checks.VALUE_CHECKS or not isinstance(gamma, torch.Tensor)) and bool((torch.as_tensor(gamma) <= 0).any()):
+        got = f"min {float(gamma.min()):.6g}" if isinstance(gamma, torch.Tensor) else gamma
+        raise ValueError(f"gamma must be in (0, 1], got {got}")
     check_per_head("eta_s", eta_s, H, None, None)
     check_per_head("eta_r", eta_r, H, None, None)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
