@@ -45,6 +45,9 @@ class PlasticConfig:
     # --- MLP / misc ---
     mlp_ratio: float = 4.0
     conv_size: int = 4  # short causal depthwise conv on q/k/v; 0 disables
+    fast_rest: str = "resting"  # fast layers decay toward W0 + P ("resting") or toward 0 from S0 = W0 + P ("zero")
+    decay_init: str = "fla"  # fast-layer decay at init: "fla" (random, as GatedDeltaNet) or "spread" (decay_spans)
+    decay_spans: List[float] = dataclasses.field(default_factory=lambda: [4.0, 4096.0])  # tokens, first/last head
     rule: str = "delta"
     use_gate: bool = True
     chunk_size: int = 64
@@ -115,6 +118,17 @@ class PlasticConfig:
             if not isinstance(getattr(self, name), bool):
                 raise _err(name, f"must be a bool, got {getattr(self, name)!r}")
 
+        if self.fast_rest not in ("resting", "zero"):
+            raise _err("fast_rest", f"must be 'resting' or 'zero', got {self.fast_rest!r}")
+        if self.decay_init not in ("spread", "fla"):
+            raise _err("decay_init", f"must be 'spread' or 'fla', got {self.decay_init!r}")
+        spans = self.decay_spans
+        if (not isinstance(spans, (list, tuple)) or len(spans) != 2 or
+                any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 1.0 <= x < math.inf for x in spans)
+                or spans[0] > spans[1]):
+            raise _err("decay_spans", f"must be [shortest, longest] time scales in tokens, 1 <= shortest <= "
+                       f"longest, got {spans!r}")
+        self.decay_spans = [float(x) for x in spans]
         if self.readout_values not in READOUT_VALUES:
             raise _err("readout_values", f"must be one of {READOUT_VALUES}, got {self.readout_values!r}")
         num("readout_beta", 0.0, 1.0, lo_open=True, hi_open=True)

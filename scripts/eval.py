@@ -30,7 +30,10 @@ def add_parser(sub):
     p.add_argument("--lam", type=float, default=None, help="codebase: eligibility-trace decay (default: the model's)")
     p.add_argument("--max-bytes", type=int, default=100_000, help="codebase/tabcomplete: bytes of the stream")
     p.add_argument("--episode-bytes", type=int, default=2048, help="codebase/tabcomplete: longest episode")
-    p.add_argument("--eta-s", type=float, default=1.0, help="retention commit rate of the adapting rows")
+    p.add_argument("--eta-s", type=_float_or_model, default=1.0, help="retention commit rate of the adapting "
+                   "rows, or 'model' for each memory's own (learned) eta_s")
+    p.add_argument("--gamma", type=_float_or_model, default=None, help="codebase: P retention per commit "
+                   "(default: the model's)")
     p.add_argument("--eta-r", type=float, default=None, help="reward commit rate (default: the model's)")
     p.add_argument("--dyn-lr", type=float, default=1e-4, help="dynamic evaluation step size")
     p.add_argument("--dyn-rule", choices=["rms", "sgd"], default="rms")
@@ -52,6 +55,16 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def _float_or_model(text: str):
+    """A float, or 'model' (None: each fast memory's own learned value)."""
+    if text == "model":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'model', got {text!r}")
+
+
 def _model(args):
     from cl_arch import PlasticTransformer
     return None if args.model is None else PlasticTransformer.from_pretrained(args.model).eval()
@@ -71,7 +84,7 @@ def run(args):
     if name == "codebase":
         from cl_arch.eval import codebase
         rep = codebase.run(source=args.source, model=model, max_bytes=args.max_bytes,
-                           episode_bytes=args.episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r,
+                           episode_bytes=args.episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r, gamma=args.gamma,
                            dyn_lr=args.dyn_lr, dyn_rule=args.dyn_rule, with_dynamic_eval=not args.no_dynamic_eval, lam=args.lam,
                            out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
                            pretrain_seconds=args.pretrain_seconds, seed=args.seed,

@@ -24,11 +24,17 @@ def recall_config(**overrides) -> PlasticConfig:
     Both mixers are fast-weight layers (no attention), so recall can only go through fast
     memory, and so can whatever a persistent memory P adds to it. No readout memory: it would
     recall a key's value from the output side and hide what the fast layers inside store.
+
+    ``fast_rest="zero"`` (the first design's rule: episodes start at W0 + P and decay toward 0):
+    under the resting-state rule the same recipe gives a model whose reward games stop learning
+    (hidden preferences 8x8 through Session, 8 seeds x 100 episodes, seed-0 model: reward
+    0.100 -> 0.105, reset 0.105, trace norm 0.27; with this rule 0.205 -> 0.330, reset 0.120,
+    trace norm 2.55). W0 acting at every token absorbs the errors the game's commits are made of.
     """
     base = dict(vocab_size=256, d_model=64, n_layers=2, layer_types=["fast", "fast"], n_heads=2,
                 head_k_dim=32, head_v_dim=32, mlp_ratio=2.0, conv_size=4, chunk_size=16,
                 recurrent_threshold=16, lam=0.5, gamma=0.98, eta_s=0.0, eta_r=1.0, commit_clip=10.0,
-                readout_heads=0)
+                readout_heads=0, fast_rest="zero")
     base.update(overrides)
     return PlasticConfig(**base)
 
@@ -48,6 +54,37 @@ def recall_accuracy(model: PlasticTransformer, batches: int = 4, batch_size: int
             total += int(m.sum())
     model.train(was_training)
     return hits / max(total, 1)
+
+
+def train_gated_recall_model(steps: int = 400, seed: int = 0, min_accuracy: float = 0.75, tries: int = 8,
+                             lr: float = 1e-2, log: Optional[Callable[[str], None]] = None, **kw):
+    """:func:`train_recall_model` until the model recalls: seeds ``seed, seed + 1000, ...``.
+
+    Whether in-context recall forms within a fixed step count is a phase transition whose timing
+    depends on the seed and on the machine's float arithmetic (5 seeds of the 400-step recipe:
+    1 learnt, 4 stayed near chance; lr 3e-3 and 600 steps: about half learnt, but gave models
+    whose reward games did not learn). A test of *learning*
+    needs a model that recalls, so the fixture keeps the first one whose
+    :func:`recall_accuracy` reaches ``min_accuracy``; the seed it took is returned with it.
+
+    Returns:
+        ``(model, info)`` with ``info = {"seed", "tries", "accuracy", "accuracies"}``.
+
+    Raises:
+        RuntimeError: no try reached ``min_accuracy``.
+    """
+    accs = []
+    for i in range(tries):
+        s = seed + 1000 * i
+        model = train_recall_model(steps=steps, seed=s, lr=lr, **kw)
+        acc = recall_accuracy(model)
+        accs.append(acc)
+        if log is not None:
+            log(f"recall model seed {s}: accuracy {acc:.3f}")
+        if acc >= min_accuracy:
+            return model, {"seed": s, "tries": i + 1, "accuracy": acc, "accuracies": accs}
+    raise RuntimeError(f"train_gated_recall_model: no recall model reached accuracy {min_accuracy} in {tries} "
+                       f"tries (seeds {seed} + 1000 i): {[round(a, 3) for a in accs]}")
 
 
 def _key_positions(x: torch.Tensor) -> torch.Tensor:
