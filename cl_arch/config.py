@@ -170,6 +170,12 @@ class PlasticConfig:
             raise ValueError(f"PlasticConfig.from_dict: unknown keys {unknown}")
         return cls(**d)
 
+    def to_diff_dict(self) -> Dict[str, Any]:
+        """The fields that differ from the defaults: a field added later with a default that keeps
+        the old behaviour leaves it, and so the model fingerprint, unchanged."""
+        default = PlasticConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k not in default or v != default[k]}
+
     def to_json(self) -> str:
         """Canonical JSON (sorted keys); also what :meth:`PlasticTransformer.fingerprint` hashes."""
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -259,10 +259,11 @@ class PlasticTransformer(nn.Module):
         return sd
 
     def fingerprint(self) -> str:
-        """16 hex chars of sha256 over the canonical config JSON and every saved tensor
-        (name, dtype, shape, bytes; sorted by name). Ties checkpoints and saved states to weights."""
+        """16 hex chars of sha256 over the config's non-default fields (sorted JSON) and every saved
+        tensor (name, dtype, shape, bytes; sorted by name). Ties checkpoints and saved states to
+        weights; a config field added later with a behaviour-preserving default leaves it alone."""
         h = hashlib.sha256()
-        h.update(self.config.to_json().encode())
+        h.update(json.dumps(self.config.to_diff_dict(), sort_keys=True).encode())
         for name, t in sorted(self._export_tensors().items()):
             t = t.detach().cpu().contiguous()
             h.update(name.encode())

@@ -41,6 +41,9 @@ class RowPolicy:
             ``P``: fast weights without persistence. Exclusive with ``persist``.
         use_reward: pass the episode's reward to the commit (else ``r = None``: retention only).
         eta_s, eta_r, gamma: override the layers' learned values (None: keep the model's).
+        writes: False runs the row with every fast memory's writes switched off (modulation 0):
+            the weights alone, no learning at inference at all, the control for in-episode
+            adaptation.
     """
 
     name: str
@@ -50,12 +53,15 @@ class RowPolicy:
     eta_s: Optional[float] = None
     eta_r: Optional[float] = None
     gamma: Optional[float] = None
+    writes: bool = True
 
     def __post_init__(self) -> None:
         if self.persist and self.carry_context:
             raise ValueError(f"RowPolicy {self.name!r}: persist and carry_context are exclusive")
         if self.use_reward and not self.persist:
             raise ValueError(f"RowPolicy {self.name!r}: use_reward needs persist=True")
+        if not self.writes and (self.persist or self.carry_context):
+            raise ValueError(f"RowPolicy {self.name!r}: a row without writes has nothing to persist or carry")
 
 
 FROZEN = RowPolicy("frozen")
@@ -109,6 +115,9 @@ class EpisodeLearner:
     @torch.no_grad()
     def step(self, ids: torch.Tensor, modulation: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Read ``ids [B, T]`` (the same or different tokens per row); returns ``logits [B, T, V]``."""
+        if not all(p.writes for p in self.policies):
+            gate = torch.tensor([1.0 if p.writes else 0.0 for p in self.policies], device=ids.device)[:, None]
+            modulation = gate.expand(ids.shape) if modulation is None else modulation * gate
         logits, self.state = self.model(ids, state=self.state, modulation=modulation, lam=self.lam)
         return logits
 

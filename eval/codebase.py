@@ -7,6 +7,7 @@ episode every method has the same in-context memory (fast weights ``S`` and atte
 methods differ only in what survives an episode boundary:
 
 =================  ==========================================================================
+``static``         no fast-memory writes at all (the weights alone: no learning at inference)
 ``frozen``         nothing: every episode starts from the pretrained model
 ``adapt``          the episode's eligibility trace is committed into the persistent fast
                    weight ``P`` (retention only, ``r = None``, rate ``eta_s``); P persists
@@ -273,6 +274,7 @@ def default_policies(eta_s: float = 1.0, eta_r: Optional[float] = None, gamma: O
     """The batched methods of this benchmark (dynamic evaluation runs separately)."""
     table = {
         "frozen": RowPolicy("frozen"),
+        "static": RowPolicy("static", writes=False),
         "adapt": RowPolicy("adapt", persist=True, eta_s=eta_s, eta_r=0.0, gamma=gamma),
         "adapt+reward": RowPolicy("adapt+reward", persist=True, use_reward=True, eta_s=eta_s, eta_r=eta_r,
                                   gamma=gamma),
@@ -367,6 +369,7 @@ def gain_interval(frozen: np.ndarray, adapted: np.ndarray, n: int, block: int = 
     understate the spread."""
     w = int(math.ceil(n / 2))
     f, a = frozen[n - w:n], adapted[n - w:n]
+    block = max(1, min(block, w // 8))  # at least 8 blocks, so short windows get an interval too
     nb = max(1, len(f) // block)
     cut = nb * block if len(f) >= block else len(f)
     fb = f[len(f) - cut:].reshape(nb, -1).mean(1)

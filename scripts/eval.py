@@ -38,6 +38,8 @@ def add_parser(sub):
     p.add_argument("--dyn-lr", type=float, default=1e-4, help="dynamic evaluation step size")
     p.add_argument("--dyn-rule", choices=["rms", "sgd"], default="rms")
     p.add_argument("--no-dynamic-eval", action="store_true", help="codebase: skip dynamic evaluation")
+    p.add_argument("--methods", default="frozen,adapt,adapt+reward,no_persist", help="codebase: batched rows, "
+                   "comma-separated, from static, frozen, adapt, adapt+reward, no_persist")
     p.add_argument("--second-session", action="store_true", help="codebase: read the stream again as a new "
                    "session (S dropped, P kept): what the committed P carries that S cannot")
     p.add_argument("--no-readout", action="store_true", help="codebase/offset: remove the model's readout memory "
@@ -88,7 +90,8 @@ def run(args):
                            dyn_lr=args.dyn_lr, dyn_rule=args.dyn_rule, with_dynamic_eval=not args.no_dynamic_eval, lam=args.lam,
                            out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
                            pretrain_seconds=args.pretrain_seconds, seed=args.seed,
-                           second_session=args.second_session)
+                           second_session=args.second_session,
+                           methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     elif name == "tabcomplete":
         from cl_arch.eval import tabcomplete
         rep = tabcomplete.run(source=args.source, model=model, max_bytes=args.max_bytes,
