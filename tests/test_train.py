@@ -142,13 +142,15 @@ def test_finetune_plasticity_only_changes_plasticity(corpus, tmp_path):
                                                     "finetune.trainable=plasticity", "finetune.episodes=3",
                                                     "optim.lr=0.05", "train.max_steps=2")[len(TINY_MODEL):])
     res = finetune(cfg)
-    assert set(res["trainable_parameters"]) == {f"blocks.0.mixer.{n}" for n in ("lam_logit", "gamma_logit", "eta_s", "eta_r")}
+    # every fast memory's settings: the block's fast layer and the readout memory
+    assert set(res["trainable_parameters"]) == {f"{m}.{n}" for m in ("blocks.0.mixer", "readout")
+                                                for n in ("lam_logit", "gamma_logit", "eta_s", "eta_r")}
     after = PlasticTransformer.from_pretrained(tmp_path / "ft" / "final")
     sd0, sd1 = base.state_dict(), after.state_dict()
     changed = {k for k in sd0 if not torch.equal(sd0[k], sd1[k])}
     # The episodic loss reaches lam (through E), gamma and eta_s (through the committed P); eta_r
     # needs a reward and stays.
-    assert changed == {"blocks.0.mixer.lam_logit", "blocks.0.mixer.eta_s", "blocks.0.mixer.gamma_logit"}
+    assert changed == {f"{m}.{n}" for m in ("blocks.0.mixer", "readout") for n in ("lam_logit", "eta_s", "gamma_logit")}
 
 
 def test_meta_gradient_reaches_every_plasticity_parameter():
