@@ -464,3 +464,19 @@ def test_non_finite_logits_raise_before_the_session_changes():
     with torch.no_grad():
         model.readout.read_scale.fill_(1.0)
     assert len(s.generate([4], max_new_tokens=2)) == 2 and s.episode_length == 6
+
+
+# ---------------------------------------------------------------------- 7. plastic_rule devices
+@pytest.mark.parametrize("name", ["beta", "g", "initial_state", "initial_trace", "resting_state"])
+def test_plastic_rule_names_an_input_on_another_device(name):
+    """Every tensor input must share q's device; one on another device (here 'meta', which needs no
+    second accelerator) is named before any backend runs, instead of failing deep in a kernel."""
+    from cl_arch.kernels import plastic_rule
+    B, T, H, K, V = 1, 5, 2, 4, 4
+    x = dict(q=torch.randn(B, T, H, K), k=torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1),
+             v=torch.randn(B, T, H, V), beta=torch.rand(B, T, H), g=-torch.rand(B, T, H),
+             initial_state=torch.zeros(B, H, K, V), initial_trace=torch.zeros(B, H, K, V),
+             resting_state=torch.zeros(H, K, V))
+    x[name] = torch.empty(x[name].shape, device="meta")
+    with pytest.raises(ValueError, match=f"{name} is on meta"):
+        plastic_rule(**x, lam=0.5)
