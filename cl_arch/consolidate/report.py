@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Mapping, Sequence, Union
 
@@ -95,9 +96,10 @@ def undo_path_for(json_path: Union[str, os.PathLike]) -> str:
 def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
     """Write ``report`` as JSON at ``path`` and its undo tensors next to it; returns ``path``.
 
-    All or nothing: both files are prepared first and then moved into place, the undo file
-    first and the JSON last, so a JSON on disk always has its tensors; if anything fails, a
-    report pair already at ``path`` is left as it was.
+    Both files are prepared first and then moved into place, the undo file first and the JSON
+    last; if anything raises, a report pair already at ``path`` is left as it was. A kill -9
+    between the two renames leaves the old JSON beside the new undo weights: they share no
+    ``undo_pair_id``, and :func:`load_report` refuses the pair (tests/test_faults.py).
     """
     from safetensors.torch import save_file
 
@@ -107,6 +109,10 @@ def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
     undo_file = undo_path_for(path)
     public = {k: v for k, v in report.items() if k != UNDO_KEY}
     public["undo_file"] = os.path.basename(undo_file)
+    # The two files are replaced one after the other; a crash between the renames would pair one
+    # write's JSON with another's undo weights. Both carry the same random id, so load_report can
+    # tell (and refuse) such a pair instead of undoing with the wrong weights.
+    public["undo_pair_id"] = uuid.uuid4().hex
     text = json.dumps(_jsonable(public), indent=2, sort_keys=True) + "\n"  # fails before any file is touched
 
     def write_text(tmp: str) -> None:
@@ -116,7 +122,8 @@ def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
     atomic_write_many([
         (undo_file, lambda p: save_file(tensors, p, metadata={
             "fingerprint_before": str(report.get("fingerprint_before")),
-            "fingerprint_after": str(report.get("fingerprint_after"))})),
+            "fingerprint_after": str(report.get("fingerprint_after")),
+            "undo_pair_id": public["undo_pair_id"]})),
         (path, write_text),
     ])
     report["undo_file"] = public["undo_file"]
@@ -138,6 +145,16 @@ def load_report(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     undo_file = os.path.join(os.path.dirname(os.path.abspath(path)), undo_file)
     if not os.path.isfile(undo_file):
         raise FileNotFoundError(f"undo weights of report {path} are missing: {undo_file}")
+    pair = report.get("undo_pair_id")
+    if pair is not None:  # reports written before the pair id have none to check
+        from safetensors import safe_open
+
+        with safe_open(undo_file, framework="pt") as f:
+            found = (f.metadata() or {}).get("undo_pair_id")
+        if found != pair:
+            raise ValueError(f"report {path} and its undo weights {undo_file} come from different writes "
+                             f"(pair id {pair} vs {found}; a crash between their two renames?): refusing "
+                             "to undo with weights that are not this report's")
     report[UNDO_KEY] = load_file(undo_file)
     return report
 
