@@ -44,6 +44,7 @@ setup(
         "matplotlib",
         "pyyaml",
     ],
-    extras_require={"dev": ["pytest", "hypothesis"]},
+    # fla-core: flash-linear-attention's ops (its naive reference runs on CPU), for the cross-check test
+    extras_require={"dev": ["pytest", "hypothesis", "fla-core==0.6.0"]},
     entry_points={"console_scripts": ["cl-arch=cl_arch.scripts.cli:main"]},
 )
