@@ -33,6 +33,8 @@ setup(
     python_requires=">=3.9",
     packages=_packages(),
     package_dir=ROOTS,
+    # the shipped default model (scripts/make_default_model.sh): safetensors, config and training record
+    package_data={"cl_arch": ["assets/default_model/*.safetensors", "assets/default_model/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
