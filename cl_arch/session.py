@@ -132,8 +132,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_
     Inverse-CDF sampling with one ``torch.rand`` draw per token, in float64, so the draw for a
     session does not depend on which other sessions share its batch.
     """
-    _check_logits(logits)
     x = logits.detach().to("cpu", torch.float64).clone()
+    _check_logits(x)  # on the host copy: no extra device sync per decoded token
     if allowed is not None:
         mask = torch.full_like(x, float("-inf"))
         mask[allowed] = 0.0
@@ -906,12 +906,8 @@ def _write_chunk(f, chunk: memoryview) -> None:
     f.write(chunk)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"folder {directory} does not exist")
-
+def _bytes_writer(data: bytes):
+    """A ``write(tmp)`` for :func:`~cl_arch.io.atomic_write`: ``data`` in chunks, then fsync."""
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             view = memoryview(data)
@@ -919,8 +915,15 @@ def _atomic_write(path: str, data: bytes) -> None:
                 _write_chunk(f, view[off:off + _WRITE_CHUNK])
             f.flush()
             os.fsync(f.fileno())
+    return write
 
-    atomic_write(path, write, sync_dir=True)
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"folder {directory} does not exist")
+    atomic_write(path, _bytes_writer(data), sync_dir=True)
 
 
 # ---------------------------------------------------------------------- store

@@ -27,6 +27,12 @@ def check_tensor(name: str, x, ndim: Optional[int] = None, shape: Optional[Seque
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
+def check_device(name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str = "q") -> None:
+    """``x`` must live where ``ref`` does; a mismatch is named here, not deep in a backend."""
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device}, {ref_name} on {ref.device}: every input must share a device")
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
     if VALUE_CHECKS and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf")

@@ -18,6 +18,8 @@ from cl_arch.consolidate import distill, fold, load_report, merge, undo, write_r
 from cl_arch.kernels import reward_commit
 from cl_arch.session import ReplayRecord, _sample, _tensors_digest
 
+from test_consolidate import assert_bitwise, weights_of
+
 # The package re-exports the functions under the modules' names: reach the modules themselves.
 distill_mod = importlib.import_module("cl_arch.consolidate.distill")
 merge_mod = importlib.import_module("cl_arch.consolidate.merge")
@@ -63,17 +65,6 @@ def played(s, episodes=3, seed=0):
 
 def tokens(n, T, seed):
     return torch.randint(0, 256, (n, T), generator=torch.Generator().manual_seed(seed))
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bitwise(model, saved):
-    now = model.state_dict()
-    assert set(now) == set(saved)
-    for k, v in saved.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
 
 
 def same_P(a, b):
@@ -134,7 +125,7 @@ def test_distill_rolls_back_diverged_training():
                                             (torch.float32, None, 1, 1e30, "activations"),
                                             (torch.float16, None, 1, 1e6, "non-finite weights")):
         model = tiny().to(dtype)
-        original, fp0 = weights(model), model.fingerprint()
+        original, fp0 = weights_of(model), model.fingerprint()
         s = with_P(model)
         P0 = clone_P(s)
         rep = distill(model, s, replay=tokens(4, 12, 1), anchor=tokens(4, 12, 2), budget=budget, steps=steps, lr=lr)
@@ -147,7 +138,7 @@ def test_distill_rolls_back_diverged_training():
 
 def test_distill_rolls_back_on_nan_forgetting_with_finite_weights(monkeypatch):
     model = tiny()
-    original, fp0 = weights(model), model.fingerprint()
+    original, fp0 = weights_of(model), model.fingerprint()
     s = with_P(model)
     P0 = clone_P(s)
     real = distill_mod.mean_nll
@@ -217,7 +208,7 @@ def test_replay_ids_are_checked_against_the_vocabulary():
 # ---------------------------------------------------------------------- 3. undo restores session files
 def test_fold_undo_round_trip_restores_model_and_session_file(tmp_path):
     model = tiny()
-    original = weights(model)
+    original = weights_of(model)
     path = tmp_path / "user.safetensors"
     played(with_P(model), 2).save(path)
     saved = path.read_bytes()
@@ -249,7 +240,7 @@ def test_undo_is_all_or_nothing(tmp_path, monkeypatch):
         with_P(model, seed=i).save(p)
     live = with_P(model, seed=5)
     rep = fold(model, [Session.load(model, paths[0]), Session.load(model, paths[1]), live])
-    after, fp_after = weights(model), model.fingerprint()
+    after, fp_after = weights_of(model), model.fingerprint()
     files = [p.read_bytes() for p in paths]
     live_P = clone_P(live)
 
@@ -281,7 +272,7 @@ def test_undo_is_all_or_nothing(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- 4. merge / distill / fold
 def test_merge_and_distill_restore_the_training_flag_after_an_error(monkeypatch):
     model = tiny()
-    original = weights(model)
+    original = weights_of(model)
     sessions = [with_P(model, seed=0), with_P(model, seed=1)]
     P0 = [clone_P(s) for s in sessions]
 
@@ -303,7 +294,7 @@ def test_merge_and_distill_restore_the_training_flag_after_an_error(monkeypatch)
 
 def test_merge_refuses_non_finite_deltas_without_writing_any_layer():
     model = tiny()
-    original = weights(model)
+    original = weights_of(model)
     sessions = [with_P(model, seed=0), with_P(model, seed=1)]
     for s in sessions:  # layer 0's delta stays finite, the readout's overflows float32
         s.P[-1][0, 0, 0, 0] = 1e5
@@ -316,7 +307,7 @@ def test_merge_refuses_non_finite_deltas_without_writing_any_layer():
 
 def test_fold_refuses_a_low_precision_overflow():
     model = tiny().half()
-    original = weights(model)
+    original = weights_of(model)
     P = [torch.zeros(m.W0.shape) for m in model.fast_layers()]
     P[-1][1, 2, 3] = 1e5  # finite in float32, inf in float16
     P0 = [p.clone() for p in P]
@@ -329,7 +320,7 @@ def test_fold_refuses_a_low_precision_overflow():
 # ---------------------------------------------------------------------- transactions
 def test_consolidation_is_undone_when_its_report_cannot_be_written(tmp_path):
     model = tiny()
-    original = weights(model)
+    original = weights_of(model)
     (tmp_path / "blocker").write_text("a file where the report folder should be")
     out = tmp_path / "blocker" / "report.json"
     sessions = [with_P(model, seed=0), with_P(model, seed=1)]

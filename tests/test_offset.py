@@ -123,8 +123,8 @@ def test_reset_touches_only_fast_S_and_E(model, files):
 
 
 def test_report_json_and_png(model, files, tmp_path):
-    rep = offset.run(model, sources=files, max_file_bytes=100, min_file_bytes=300, bucket=32,
-                     out_dir=str(tmp_path), name="off")
+    offset.run(model, sources=files, max_file_bytes=100, min_file_bytes=300, bucket=32,
+               out_dir=str(tmp_path), name="off")
     jp, pp = tmp_path / "off.json", tmp_path / "off.png"
     assert jp.is_file() and pp.is_file() and pp.stat().st_size > 1000
     with open(jp) as f:

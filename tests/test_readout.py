@@ -1,6 +1,5 @@
 """The readout memory (DESIGN.md, "Readout memory"): a fast-weight head after the last block."""
 import json
-import os
 
 import pytest
 import torch

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_arch import PlasticTransformer
-from cl_arch.state import AttnLayerState, FastLayerState, ModelState
+from cl_arch.state import FastLayerState, ModelState
 
 from .config import ConfigError, FinetuneRunConfig
 from .pretrain import PLASTICITY_PARAMS, TrainingSetup, lm_loss, run_training

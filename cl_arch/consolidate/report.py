@@ -184,15 +184,6 @@ def all_or_nothing(model, report: Dict[str, Any], sources) -> Iterator[None]:
         raise
 
 
-def _file_writer(data: bytes):
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    return write
-
-
 def undo(model, report: Union[Dict[str, Any], str, os.PathLike], sessions: Any = None) -> Dict[str, Any]:
     """Put back the weights a consolidation replaced, bitwise; optionally the sessions' ``P`` too.
 
@@ -219,7 +210,7 @@ def undo(model, report: Union[Dict[str, Any], str, os.PathLike], sessions: Any =
             (a session file that cannot be written included), the model, the sessions and their
             files are as they were.
     """
-    from ..session import Session, _read_metadata
+    from ..session import Session, _bytes_writer, _read_metadata
     from .common import as_source, session_items
 
     if not isinstance(report, dict):
@@ -294,7 +285,7 @@ def undo(model, report: Union[Dict[str, Any], str, os.PathLike], sessions: Any =
             loaded.append((path, s))
         for src, P in live:
             src.set_P(P)
-        atomic_write_many([(path, _file_writer(s.to_bytes())) for path, s in loaded], sync_dir=True)
+        atomic_write_many([(path, _bytes_writer(s.to_bytes())) for path, s in loaded], sync_dir=True)
     except BaseException:
         with torch.no_grad():
             for name, t in current_values.items():

@@ -7,12 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cl_arch.kernels import plastic_rule, resolve_backend
-
 from ..config import PlasticConfig
 from ..state import FastLayerState
-from .plasticity import PlasticMemory
 from .norm import GatedRMSNorm, RMSNorm
+from .plasticity import PlasticMemory
 
 
 class ShortConv(nn.Module):
@@ -143,28 +141,8 @@ class FastWeightLayer(PlasticMemory):
             beta = beta * modulation.to(cdt).unsqueeze(-1)
         g = -self.A_log.to(cdt).exp() * F.softplus(self.a_proj(x).to(cdt) + self.dt_bias.to(cdt))
 
-        # Decode steps take the per-token loop; training and prefill the chunked form (FLA's rule).
-        mode = "recurrent" if (not self.training and T <= self.config.recurrent_threshold) else "chunk"
-        # The memory relaxes toward its resting state M = W0 + P (DESIGN.md), so what a commit
-        # put in P acts on every token, not only on the first few dozen of an episode.
-        M = self.resting_state(B, state.P)
-        S0 = None if state.S is None else state.S.to(self.state_dtype)
-        if self.config.fast_rest == "zero":
-            # The first design's rule (opt-in, see PlasticConfig.fast_rest): start at W0 + P and
-            # decay toward zero, so P acts only near the start of an episode.
-            S0, M = (self.initial_state(B, state.P) if S0 is None else S0), None
-        lam = self.lam if lam is None else torch.as_tensor(lam, device=x.device)
-        o, S_T, E_T = plastic_rule(
-            q, k, v, beta, g,
-            rule=self.config.rule,
-            lam=None if lam is None else lam.to(self.state_dtype),
-            resting_state=M,
-            initial_state=S0,
-            initial_trace=None if (lam is None or state.E is None) else state.E.to(self.state_dtype),
-            output_final_state=output_final_state,
-            backend=resolve_backend(mode, x.device),
-            chunk_size=self.config.chunk_size,
-        )
+        o, S_T, E_T = self.run_rule(q, k, v, beta, g, state, lam, output_final_state, rule=self.config.rule,
+                                    rest=self.config.fast_rest == "resting")
 
         if self.g_proj is not None:
             o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))

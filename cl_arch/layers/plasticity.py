@@ -6,7 +6,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from cl_arch.kernels import plastic_rule, resolve_backend
+
 from ..config import PlasticConfig
+from ..state import FastLayerState
 
 
 def logit(p: float) -> float:
@@ -69,3 +72,31 @@ class PlasticMemory(nn.Module):
     def cache_shape(self, batch_size: int):
         """Shape of the input cache a stream carries (``FastLayerState.conv``), or None."""
         raise NotImplementedError
+
+    def run_rule(self, q, k, v, beta, g, state: FastLayerState, lam, output_final_state: bool, rule: str = "delta",
+                 scale=None, rest: bool = True):
+        """:func:`plastic_rule` on this memory's state: ``q, k [B, T, H, K]``, ``v [B, T, H, V]``,
+        ``beta, g [B, T, H]`` -> ``(o [B, T, H, V], S_T, E_T)``.
+
+        The memory relaxes toward its resting state ``M = W0 + P`` (DESIGN.md), so what a commit put
+        in P acts on every token. ``rest=False`` is the first design's rule: start at ``W0 + P`` and
+        decay toward zero. ``lam`` overrides the trace decay (float or ``[H]``; None: own).
+        Decode steps take the per-token loop, training and prefill the chunked form (FLA's rule).
+        """
+        B, T = q.shape[:2]
+        M = self.resting_state(B, state.P)
+        S0 = None if state.S is None else state.S.to(self.state_dtype)
+        if not rest:
+            S0, M = (self.initial_state(B, state.P) if S0 is None else S0), None
+        lam = self.lam if lam is None else torch.as_tensor(lam, device=q.device)
+        mode = "recurrent" if (not self.training and T <= self.config.recurrent_threshold) else "chunk"
+        return plastic_rule(
+            q, k, v, beta, g, rule=rule, scale=scale,
+            lam=None if lam is None else lam.to(self.state_dtype),
+            resting_state=M,
+            initial_state=S0,
+            initial_trace=None if (lam is None or state.E is None) else state.E.to(self.state_dtype),
+            output_final_state=output_final_state,
+            backend=resolve_backend(mode, q.device),
+            chunk_size=self.config.chunk_size,
+        )

@@ -15,8 +15,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from cl_arch.kernels import plastic_rule, resolve_backend
-
 from ..config import PlasticConfig
 from ..state import FastLayerState
 from .plasticity import PlasticMemory
@@ -104,18 +102,7 @@ class ReadoutMemory(PlasticMemory):
         if modulation is not None:
             beta = beta * modulation.to(cdt).unsqueeze(-1)
         g = (-self.A_log.to(cdt).exp()).expand(B, T, self.n_heads)
-        mode = "recurrent" if (not self.training and T <= self.config.recurrent_threshold) else "chunk"
-        lam = self.lam if lam is None else torch.as_tensor(lam, device=h.device)
-        o, S_T, E_T = plastic_rule(
-            q, k, v, beta, g, rule="delta", scale=1.0,
-            lam=None if lam is None else lam.to(self.state_dtype),
-            resting_state=self.resting_state(B, state.P),
-            initial_state=None if state.S is None else state.S.to(self.state_dtype),
-            initial_trace=None if (lam is None or state.E is None) else state.E.to(self.state_dtype),
-            output_final_state=output_final_state,
-            backend=resolve_backend(mode, h.device),
-            chunk_size=self.config.chunk_size,
-        )
+        o, S_T, E_T = self.run_rule(q, k, v, beta, g, state, lam, output_final_state, scale=1.0)
         read = torch.einsum("bthv,h->btv", o.to(cdt), self.read_scale.to(cdt))
         if self.config.readout_values != "onehot":
             read = head(read.to(h.dtype))

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from ..checks import check_finite, check_per_head, check_range, check_tensor
+from ..checks import check_device, check_finite, check_per_head, check_range, check_tensor
 from .chunk import chunk_plastic_rule
 from .fused_recurrent import HAS_TRITON, recurrent_plastic_rule, triton_available_for
 from .naive import naive_plastic_rule
@@ -83,8 +83,8 @@ def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, 
     if g is not None:
         check_tensor("g", g, shape=(B, T, H))
     for name, x in (("beta", beta), ("g", g)):
-        if x is not None and x.device != q.device:
-            raise ValueError(f"{name} is on {x.device}, q on {q.device}: every input must share a device")
+        if x is not None:
+            check_device(name, x, q)
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if lam is not None:
@@ -94,17 +94,14 @@ def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, 
     for name, st in (("initial_state", initial_state), ("initial_trace", initial_trace)):
         if st is not None:
             check_tensor(name, st, shape=(n_states, H, K, V))
-            if st.device != q.device:
-                raise ValueError(f"{name} is on {st.device}, q on {q.device}: every input must share a device")
+            check_device(name, st, q)
             check_finite(name, st)
     if resting_state is not None:
         check_tensor("resting_state", resting_state)
         if tuple(resting_state.shape) not in ((n_states, H, K, V), (H, K, V)):
             raise ValueError(f"resting_state has shape {tuple(resting_state.shape)}, expected "
                              f"{(n_states, H, K, V)} or {(H, K, V)}")
-        if resting_state.device != q.device:
-            raise ValueError(f"resting_state is on {resting_state.device}, q on {q.device}: "
-                             "every input must share a device")
+        check_device("resting_state", resting_state, q)
         check_finite("resting_state", resting_state)
     if backend in TRITON_BACKENDS and backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} cannot run: triton is not installed")
