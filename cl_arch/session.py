@@ -89,8 +89,15 @@ def _as_ids(ids: Any, vocab_size: int, what: str = "ids", allow_empty: bool = Fa
     return t.reshape(1, -1)
 
 
+# The advantage r - b multiplies the clipped eligibility trace in float32, so a reward near the
+# float32 range (3.4e38) turns P into inf even though the float is finite. Rewards are meant to be
+# O(1) (DESIGN: standardised by the running baseline); anything beyond this bound is a scale bug.
+MAX_ABS_REWARD = 1e6
+
+
 def _as_reward(r: Any) -> float:
-    """A finite Python float, or ValueError (NaN, inf, bool, non-numeric, non-scalar tensor)."""
+    """A finite Python float with ``|r| <= MAX_ABS_REWARD``, or ValueError (NaN, inf, too large,
+    bool, non-numeric, non-scalar tensor)."""
     if isinstance(r, torch.Tensor):
         if r.numel() != 1 or r.dtype == torch.bool or r.dtype.is_complex:
             raise ValueError(f"reward must be a finite real number, got a tensor of shape "
@@ -101,6 +108,9 @@ def _as_reward(r: Any) -> float:
     r = float(r)
     if not math.isfinite(r):
         raise ValueError(f"reward must be finite, got {r}")
+    if abs(r) > MAX_ABS_REWARD:
+        raise ValueError(f"reward {r:g} is out of range: |reward| must be <= {MAX_ABS_REWARD:g} (the advantage "
+                         f"multiplies the fast-weight trace in float32; rescale rewards to about [-1, 1])")
     return r
 
 
@@ -517,7 +527,7 @@ class Session:
             True if the commit stands, False if the guard vetoed it.
 
         Raises:
-            ValueError: non-numeric, NaN or infinite reward; no episode (nothing read or written
+            ValueError: non-numeric, NaN, infinite or out-of-range (``|r| > 1e6``) reward; no episode (nothing read or written
                 since the last commit). The session is unchanged.
         """
         r = _as_reward(r)

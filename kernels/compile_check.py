@@ -168,7 +168,7 @@ def plastic_rule_launches(K: int = 128, V: int = 128, H: int = 2, T: int = 80, b
     dt = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(B, T, H, K, generator=gen).to(dt).requires_grad_(backward)
-    k = torch.randn(B, T, H, K, generator=gen).to(dt).requires_grad_(backward)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dt).requires_grad_(backward)
     v = torch.randn(B, T, H, V, generator=gen).to(dt).requires_grad_(backward)
     beta = torch.rand(B, T, H, generator=gen).to(dt).requires_grad_(backward)
     g = (-torch.rand(B, T, H, generator=gen)).to(dt).requires_grad_(backward) if gate else None

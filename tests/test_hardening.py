@@ -471,3 +471,19 @@ def test_plastic_rule_names_an_input_on_another_device(name):
     x[name] = torch.empty(x[name].shape, device="meta")
     with pytest.raises(ValueError, match=f"{name} is on meta"):
         plastic_rule(**x, lam=0.5)
+
+
+def test_delta_rule_refuses_keys_that_make_it_diverge():
+    """beta |k|^2 > 2 makes the delta step expand the state; it is named instead of returning inf. The
+    Hebbian rule has no such bound and still runs; keys at the bound run."""
+    from cl_arch.kernels import plastic_rule
+    B, T, H, K, V = 1, 7, 2, 4, 4
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1)
+    x = dict(q=torch.randn(B, T, H, K), v=torch.randn(B, T, H, V), beta=torch.ones(B, T, H))
+    o, S, _ = plastic_rule(k=k * 2 ** 0.5, **x)  # beta |k|^2 = 2: on the bound, allowed
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    for scale in (1.5, 1e30):
+        with pytest.raises(ValueError, match=r"k is too long for the delta rule"):
+            plastic_rule(k=k * scale, **x)
+    o, S, _ = plastic_rule(k=k * 1.5, rule="hebb", **x)
+    assert torch.isfinite(o).all()

@@ -324,7 +324,8 @@ def test_ten_thousand_micro_updates_stay_bounded():
 
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("r", [float("nan"), float("inf"), -float("inf"), "1.0", None, True, [1.0],
-                               torch.tensor([1.0, 2.0]), complex(1, 0)])
+                               torch.tensor([1.0, 2.0]), complex(1, 0), 3.4028235677973366e+38, -1e7],
+                         ids=lambda r: repr(r)[:20])
 def test_bad_rewards_raise_and_change_nothing(r):
     s = played(Session(tiny_model(), seed=0), 2)
     s.observe([1, 2, 3])
@@ -333,6 +334,14 @@ def test_bad_rewards_raise_and_change_nothing(r):
         s.reward(r)
     assert_same_session(s, _restored(s, snap))
     assert s.episode_length == 3
+
+
+def test_largest_allowed_reward_keeps_P_finite():
+    s = Session(tiny_model(), seed=0)
+    for r in (1e6, -1e6):
+        s.observe([1, 2, 3])
+        s.reward(r)
+    assert all(torch.isfinite(p).all() for p in s.P) and math.isfinite(s.baseline)
 
 
 def _restored(s, snap):

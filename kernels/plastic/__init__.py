@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from ..checks import check_device, check_finite, check_per_head, check_range, check_tensor
+from ..checks import VALUE_CHECKS, check_device, check_finite, check_per_head, check_range, check_tensor
 from .chunk import chunk_plastic_rule
 from .fused_recurrent import HAS_TRITON, recurrent_plastic_rule, triton_available_for
 from .naive import naive_plastic_rule
@@ -113,6 +113,14 @@ def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, 
     check_range("beta", beta, 0.0, 1.0)
     if g is not None:
         check_range("g", g, None, 0.0)
+    if rule == "delta" and VALUE_CHECKS:
+        # The delta step multiplies S by (I - beta k k^T), whose eigenvalue 1 - beta |k|^2 leaves [-1, 1]
+        # once beta |k|^2 > 2: the state then grows geometrically (DESIGN: k is unit-norm). The 1%
+        # slack lets bf16-rounded unit keys through.
+        step = (beta.detach().float() * k.detach().float().pow(2).sum(-1)).max()
+        if not bool(step <= 2.02):
+            raise ValueError(f"k is too long for the delta rule: beta * |k|^2 reaches {float(step):.4g} > 2, "
+                             f"so the state diverges (normalise k to unit length)")
 
 
 def plastic_rule(
