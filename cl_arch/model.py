@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .config import PlasticConfig
-from .io import atomic_write, write_json
+from .io import atomic_write_many, recover
 from .layers import CausalSelfAttention, FastWeightLayer, PlasticMemory, ReadoutMemory, RMSNorm, SwiGLU
 from .state import AttnLayerState, FastLayerState, LayerState, ModelState
 
@@ -275,8 +275,9 @@ class PlasticTransformer(nn.Module):
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
         """Write ``model.safetensors`` and ``config.json`` (config, fingerprint, cl_arch_version).
 
-        Each file is written to a temporary name and moved into place, so a crash never leaves
-        a half-written checkpoint; config.json goes last and marks the checkpoint complete.
+        Both files are written under temporary names and moved into place as one journaled commit
+        (:func:`cl_arch.io.atomic_write_many`): a crash at any moment leaves the previous checkpoint
+        or this one, never this one's weights beside the previous config.
         """
         from safetensors.torch import save_file
 
@@ -287,9 +288,17 @@ class PlasticTransformer(nn.Module):
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._export_tensors().items()}
         meta = {"config": self.config.to_dict(), "fingerprint": self.fingerprint(),
                 "cl_arch_version": __version__, "fast_memory_format": FAST_MEMORY_FORMAT}
-        atomic_write(os.path.join(directory, WEIGHTS_NAME),
-                     lambda p: save_file(tensors, p, metadata={"fingerprint": meta["fingerprint"]}))
-        write_json(os.path.join(directory, CONFIG_NAME), meta, sort_keys=True, fsync=True)
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+
+        def write_config(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        atomic_write_many([
+            (os.path.join(directory, WEIGHTS_NAME),
+             lambda p: save_file(tensors, p, metadata={"fingerprint": meta["fingerprint"]})),
+            (os.path.join(directory, CONFIG_NAME), write_config),  # last: the commit is named after it
+        ])
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike],
@@ -305,6 +314,8 @@ class PlasticTransformer(nn.Module):
 
         directory = os.fspath(directory)
         cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        if os.path.isdir(directory):
+            recover(cfg_path)  # finish a save that a crash interrupted (no-op otherwise)
         for path in (cfg_path, w_path):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"not a cl_arch checkpoint: {path} is missing")

@@ -18,10 +18,9 @@ writer is a real, separate process and the SIGKILL comes from this (the test) pr
 Random kills land wherever the writer happens to be, so a narrow window between two renames is
 hit only sometimes. ``test_kill_before_final_rename`` therefore also kills each writer
 deterministically (the writer SIGKILLs itself when it is about to move the last file of a new
-version into place, i.e. after every earlier rename): the formats made of several files that
-are each replaced on their own are not atomic as a whole, and those cases are strict xfails
-naming the exact failure. The random-kill test checks those formats per file and counts (and
-prints) the mixed or missing states instead of failing on them, so it stays deterministic.
+version into place, i.e. after every earlier rename). The formats made of several files commit
+under a journal (:mod:`cl_arch.io`); before checking, the test runs the library's ``recover`` on
+the path, as every loader does, and every format must then hold one whole version.
 """
 import hashlib
 import json
@@ -36,6 +35,8 @@ import time
 
 import pytest
 import torch
+
+from cl_arch.io import recover
 
 pytestmark = pytest.mark.skipif(os.name != "posix" or not hasattr(os, "fork"),
                                 reason="fault injection needs POSIX signals and os.fork")
@@ -368,6 +369,9 @@ def inspect(work, fmt, refs):
     leftover temp names). Raises AssertionError on a corrupt file, a file of neither version, a
     loader failure on a complete version, or a stray non-temp name."""
     live = os.path.join(work, fmt, "live")
+    # What any reader does first (from_pretrained, load_report, load_checkpoint, find_latest): finish
+    # a journaled commit the kill interrupted. A no-op when there is none.
+    recover(os.path.join(live, FINAL_RENAME[fmt]))
     versions, missing, checked = {}, [], 0
     for rel in LAYOUT[fmt][1]:
         p = os.path.join(live, rel)
@@ -447,36 +451,22 @@ def test_random_kills(zygote, fmt):
           f"max_temp_leftovers={leftovers_max} write_ms={zygote.write_ms[fmt]}")
     for p in problems:
         print(f"[faults] {fmt}: {p}")
-    if fmt == "session":  # one file: no set to get out of step
-        assert not problems
-    # The multi-file formats' inconsistent sets are the known gap pinned by
-    # test_kill_before_final_rename below; here each file on its own must be whole (checked above).
+    assert not problems, problems
 
 
-NON_ATOMIC = {
-    "pretrained": "save_pretrained replaces model.safetensors and config.json one at a time: killed between "
-                  "the two renames, the folder holds version B's weights with version A's config.json and "
-                  "from_pretrained raises ValueError (weights fingerprint does not match the recorded one)",
-    "report": "write_report (atomic_write_many) moves the undo file into place before the JSON: killed between "
-              "the two renames, report.json is version A but report.undo.safetensors is version B; "
-              "load_report refuses the pair (their undo_pair_id differ) instead of returning A's figures "
-              "with B's undo tensors, but version A cannot be loaded",
-    "checkpoint": "save_checkpoint deletes the existing step folder (shutil.rmtree) before renaming the new one "
-                  "into place: killed in between, the checkpoint folder is gone (only .tmp-step_000001 is left) "
-                  "and load_checkpoint raises FileNotFoundError",
-}
+# After a kill just before the rename that completes version B: a single file keeps A (the rename
+# is the commit); a journaled multi-file commit has passed its commit point, so recovery gives B.
+AFTER_FINAL_KILL = {"session": "A", "pretrained": "B", "report": "B", "checkpoint": "B"}
 
 
-@pytest.mark.parametrize("fmt", [
-    pytest.param(f, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=NON_ATOMIC[f]))
-    if f in NON_ATOMIC else f for f in FORMATS])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_kill_before_final_rename(zygote, fmt):
     """The writer SIGKILLs itself just before the rename that completes version B (after every
-    other rename of that save): the path must still hold complete version A, loadable."""
+    other rename of that save): the path must hold one complete, loadable version."""
     zygote.run(fmt, "before_final_rename")
     version, n, problem, leftovers = inspect(zygote.work, fmt, zygote.refs[fmt])
     print(f"\n[faults] {fmt} killed before final rename: files_checked={n} version={version} "
           f"problem={problem} loader={loader_outcome(zygote.work, fmt, zygote.refs[fmt])} "
           f"temp_leftovers={len(leftovers)}")
     assert problem is None, f"{fmt}: {problem}"
-    assert version == "A"
+    assert version == AFTER_FINAL_KILL[fmt]

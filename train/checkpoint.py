@@ -8,8 +8,11 @@ Layout of one checkpoint folder (``<output_dir>/checkpoints/step_000123/``)::
                                       time, the run config (torch.save, tensors and plain data)
     rng_state_<rank>.pt               python / numpy / torch (/ cuda) RNG states of each process
 
-The folder is first written as ``.tmp-step_...`` and renamed when complete, so a crash never
-leaves a checkpoint that looks whole; ``find_latest`` only considers complete ones.
+The folder is first written as ``.tmp-step_...`` and moved into place when complete, under a
+journal (:func:`cl_arch.io.commit_moves`) when it replaces an older folder of the same name: a
+crash at any moment leaves the old checkpoint or the new one, and the loaders (``load_checkpoint``,
+``find_latest``) finish an interrupted replacement before reading. ``find_latest`` only considers
+complete folders.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+
+from cl_arch.io import fsync_file, commit_moves, recover
 
 TRAINING_STATE = "training_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -72,6 +77,7 @@ def save_checkpoint(directory: str, model, optimizer, schedule, training: Dict[s
     parent, name = os.path.split(os.path.abspath(directory))
     tmp = os.path.join(parent, f".tmp-{name}")
     if is_main:
+        recover(directory)
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
@@ -86,9 +92,14 @@ def save_checkpoint(directory: str, model, optimizer, schedule, training: Dict[s
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if is_main:
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        for name_ in os.listdir(tmp):  # torch.save does not sync; the journal must only name whole files
+            fsync_file(os.path.join(tmp, name_))
+        old = os.path.join(parent, f".old-{name}")
+        if os.path.lexists(old):
+            shutil.rmtree(old)
+        # Replacing a folder takes two renames (old aside, new in); the journal makes them one commit.
+        moves = ([(directory, old)] if os.path.exists(directory) else []) + [(tmp, directory)]
+        commit_moves(directory, moves, discard=[old])
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return directory
@@ -105,6 +116,7 @@ def load_checkpoint(directory: str, model, optimizer=None, schedule=None, rank: 
         FileNotFoundError: the folder or one of its files is missing.
         ValueError: the weights do not fit ``model``.
     """
+    recover(directory)  # finish a save_checkpoint that a crash interrupted (no-op otherwise)
     path = os.path.join(directory, TRAINING_STATE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"not a training checkpoint: {path} is missing")
@@ -153,6 +165,9 @@ def find_latest(checkpoint_root: str) -> Optional[str]:
     """Newest complete ``step_N`` folder under ``checkpoint_root`` (None if there is none)."""
     if not os.path.isdir(checkpoint_root):
         return None
+    for name in os.listdir(checkpoint_root):  # finish replacements a crash interrupted
+        if name.startswith(".step_") and name.endswith(".journal"):
+            recover(os.path.join(checkpoint_root, name[1:-len(".journal")]))
     best, best_step = None, -1
     for name in os.listdir(checkpoint_root):
         m = _STEP_DIR.match(name)

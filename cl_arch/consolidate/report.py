@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Sequence, Union
 
 import torch
 
-from ..io import atomic_write_many
+from ..io import atomic_write_many, recover
 
 UNDO_KEY = "_undo"
 PARAM_PREFIX = "param/"
@@ -96,10 +96,11 @@ def undo_path_for(json_path: Union[str, os.PathLike]) -> str:
 def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
     """Write ``report`` as JSON at ``path`` and its undo tensors next to it; returns ``path``.
 
-    Both files are prepared first and then moved into place, the undo file first and the JSON
-    last; if anything raises, a report pair already at ``path`` is left as it was. A kill -9
-    between the two renames leaves the old JSON beside the new undo weights: they share no
-    ``undo_pair_id``, and :func:`load_report` refuses the pair (tests/test_faults.py).
+    Both files are prepared first and then moved into place as one journaled commit
+    (:func:`cl_arch.io.atomic_write_many`); if anything raises, a report pair already at ``path``
+    is left as it was, and a kill -9 at any moment leaves the old pair or the new one
+    (tests/test_faults.py). Both also carry one ``undo_pair_id``, which :func:`load_report`
+    checks, so a pair assembled by hand from two writes is refused.
     """
     from safetensors.torch import save_file
 
@@ -109,9 +110,8 @@ def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
     undo_file = undo_path_for(path)
     public = {k: v for k, v in report.items() if k != UNDO_KEY}
     public["undo_file"] = os.path.basename(undo_file)
-    # The two files are replaced one after the other; a crash between the renames would pair one
-    # write's JSON with another's undo weights. Both carry the same random id, so load_report can
-    # tell (and refuse) such a pair instead of undoing with the wrong weights.
+    # Both files carry the same random id, so load_report can tell (and refuse) a JSON paired with
+    # another write's undo weights (copied by hand) instead of undoing with the wrong weights.
     public["undo_pair_id"] = uuid.uuid4().hex
     text = json.dumps(_jsonable(public), indent=2, sort_keys=True) + "\n"  # fails before any file is touched
 
@@ -135,6 +135,7 @@ def load_report(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     from safetensors.torch import load_file
 
     path = os.fspath(path)
+    recover(path)  # finish a write_report that a crash interrupted (no-op otherwise)
     with open(path) as f:
         report = json.load(f)
     if not isinstance(report, dict) or "fingerprint_before" not in report:
