@@ -42,6 +42,11 @@ class PlasticConfig:
     readout_values: str = "onehot"  # "onehot" (V = vocab_size) or "embed" (V = d_model, tied head)
     readout_beta: float = 0.5  # initial write strength
     readout_scale: float = 2.0  # initial read scale (logits added per unit read)
+    # "state": a commit keeps what the readout's slow heads hold (trace decays with the memory, so
+    # E_T = S_T - M; gamma 1, eta_s 1, no clip, no reward term); heads whose memory span is shorter
+    # than readout_commit_span tokens commit nothing. "trace": the same commit as the fast layers.
+    readout_commit: str = "state"
+    readout_commit_span: float = 4096.0
     # --- MLP / misc ---
     mlp_ratio: float = 4.0
     conv_size: int = 4  # short causal depthwise conv on q/k/v; 0 disables
@@ -57,7 +62,7 @@ class PlasticConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     # --- plasticity (initial values of the learnable per-head parameters, fixed settings) ---
-    lam: Optional[float] = 0.5  # eligibility-trace decay; None disables the trace
+    lam: Optional[float] = 0.5  # eligibility-trace decay; None disables the trace (the readout's state commit keeps its own)
     gamma: float = 0.98  # persistent-memory retention per commit
     eta_s: float = 0.0  # self-supervised commit rate
     eta_r: float = 1.0  # reward-modulated commit rate
@@ -133,6 +138,9 @@ class PlasticConfig:
             raise _err("readout_values", f"must be one of {READOUT_VALUES}, got {self.readout_values!r}")
         num("readout_beta", 0.0, 1.0, lo_open=True, hi_open=True)
         num("readout_scale", -math.inf, math.inf)
+        if self.readout_commit not in ("state", "trace"):
+            raise _err("readout_commit", f"must be 'state' or 'trace', got {self.readout_commit!r}")
+        num("readout_commit_span", 0.0, math.inf)
         if self.lam is not None:
             num("lam", 0.0, 1.0)
         num("gamma", 0.0, 1.0, lo_open=True)

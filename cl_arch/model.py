@@ -152,7 +152,7 @@ class PlasticTransformer(nn.Module):
                 shape = (B, m.n_heads, m.head_k_dim, m.head_v_dim)
                 zeros = lambda: m.W0.new_zeros(shape, dtype=m.state_dtype)  # noqa: E731
                 S = s.S if s.S is not None else m.initial_state(B, s.P).detach().clone()
-                E = s.E if (s.E is not None or m.lam_logit is None) else zeros()
+                E = s.E if (s.E is not None or m.lam is None) else zeros()
                 conv = s.conv
                 if conv is None and m.cache_shape(B) is not None:
                     conv = m.W0.new_zeros(m.cache_shape(B))

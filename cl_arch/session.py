@@ -299,7 +299,7 @@ class Session:
         trace (a session must have a trace to commit), or None (each layer's own)."""
         if self.rule["lam"] is not None:
             return [self.rule["lam"]] * len(self.P)
-        lams = [None if m.lam_logit is not None else 1.0 for m in self.model.fast_layers()]
+        lams = [None if m.lam is not None else 1.0 for m in self.model.fast_layers()]
         return None if all(v is None for v in lams) else lams
 
     def rule_settings(self) -> List[Dict[str, Any]]:
@@ -311,23 +311,18 @@ class Session:
             def per_head(name, learned):
                 v = self.rule[name]
                 return [v] * m.n_heads if v is not None else [float(x) for x in learned.detach().cpu()]
-            lam = (lam_arg[i] if lam_arg is not None else None)
+            lam = lam_arg[i] if (lam_arg is not None and not m.trace_follows_state) else None
+            own = m.commit_rates()
+            clip = self.rule["clip"] if self.rule["clip"] is not None else m.commit_clip
             out.append({
                 "lam": [lam] * m.n_heads if lam is not None else [float(x) for x in m.lam.detach().cpu()],
-                "gamma": per_head("gamma", m.gamma),
-                "eta_s": per_head("eta_s", m.eta_s),
-                "eta_r": per_head("eta_r", m.eta_r),
-                "clip": self.rule["clip"] if self.rule["clip"] is not None else self.model.config.commit_clip,
+                "gamma": per_head("gamma", own["gamma"]),
+                "eta_s": per_head("eta_s", own["eta_s"]),
+                "eta_r": per_head("eta_r", own["eta_r"]),
+                "clip": math.inf if clip is None else clip,
                 "rho": self.rule["rho"] if self.rule["rho"] is not None else self.model.config.baseline_rho,
             })
         return out
-
-    def _coeff(self, name: str, m) -> Union[float, torch.Tensor]:
-        v = self.rule[name]
-        if v is not None:
-            return v
-        learned = {"gamma": m.gamma, "eta_s": m.eta_s, "eta_r": m.eta_r}[name]
-        return learned.detach().to(m.state_dtype)
 
     # ------------------------------------------------------------------ episode bookkeeping
     def _new_episode(self) -> None:
@@ -467,22 +462,20 @@ class Session:
         Every new tensor is computed before anything is assigned, so an error leaves the session
         as it was.
         """
-        from cl_arch.kernels import reward_commit
-
         new_P = self.P
         b_new = self.baseline
         advantage = None if r is None else r - self.baseline
         layers = self.model.fast_layers()
         if self.adapt:
             fast_states = [s for s in self.state.layers if isinstance(s, FastLayerState)]
-            settings = self.rule_settings()
+            rule = self.rule
             new_P = []
             for i, (m, s) in enumerate(zip(layers, fast_states)):
                 E = s.E if s.E is not None else torch.zeros_like(self.P[i])
-                P_i, b_i = reward_commit(
-                    self.P[i], E.to(self.P[i].dtype), r, self.baseline,
-                    gamma=self._coeff("gamma", m), eta_s=self._coeff("eta_s", m),
-                    eta_r=self._coeff("eta_r", m), clip=settings[i]["clip"], rho=settings[i]["rho"])
+                # overrides given to the Session apply to every memory; None keeps each memory's own
+                P_i, b_i = m.commit(self.P[i], E, r, self.baseline, gamma=rule["gamma"], eta_s=rule["eta_s"],
+                                    eta_r=rule["eta_r"], clip="own" if rule["clip"] is None else rule["clip"],
+                                    rho=rule["rho"])
                 new_P.append(P_i.detach())
             b_new = float(b_i[0]) if r is not None else self.baseline
         elif r is not None:

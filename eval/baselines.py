@@ -10,9 +10,9 @@
   gradient step on *all* weights after each scored chunk, with RMS-normalised updates whose
   denominator is guarded (DESIGN.md's trap).
 
-The commit is the library's :func:`cl_arch.kernels.reward_commit` with each fast layer's own
-``gamma, eta_s, eta_r`` (per head) unless a policy overrides them; this module adds only the
-batching and the per-row choice of what happens at an episode boundary.
+The commit is each memory's own (:meth:`~cl_arch.layers.plasticity.PlasticMemory.commit`: its
+``gamma, eta_s, eta_r`` per head and its clip) unless a policy overrides the rates; this module
+adds only the batching and the per-row choice of what happens at an episode boundary.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from cl_arch import PlasticTransformer
-from cl_arch.kernels import reward_commit
 from cl_arch.state import FastLayerState, ModelState
 
 
@@ -121,18 +120,10 @@ class EpisodeLearner:
         logits, self.state = self.model(ids, state=self.state, modulation=modulation, lam=self.lam)
         return logits
 
-    def _coef(self, name: str, layer, policy: RowPolicy) -> torch.Tensor:
-        v = getattr(policy, name)
-        if v is not None:
-            return torch.full((layer.n_heads,), float(v), dtype=self.P[0].dtype, device=self.P[0].device)
-        t = layer.gamma if name == "gamma" else getattr(layer, name)
-        return t.detach().to(self.P[0].dtype)
-
     @torch.no_grad()
     def end_episode(self, rewards: Optional[Sequence[Optional[float]]] = None) -> None:
         """Close the episode; ``rewards[i]`` (float or None) is used by rows with ``use_reward``."""
         fast_states = [s for s in self.state.layers if isinstance(s, FastLayerState)]
-        cfg = self.model.config
         for i, pol in enumerate(self.policies):
             if not pol.persist:
                 continue
@@ -144,10 +135,8 @@ class EpisodeLearner:
                 if s.E is None:
                     raise RuntimeError("the model keeps no eligibility trace (config.lam is None); "
                                        "a persisting row cannot commit")
-                P_new, b_new = reward_commit(
-                    self.P[li][i:i + 1], s.E[i:i + 1].to(self.P[li].dtype), r, self.baseline[i:i + 1],
-                    gamma=self._coef("gamma", m, pol), eta_s=self._coef("eta_s", m, pol),
-                    eta_r=self._coef("eta_r", m, pol), clip=cfg.commit_clip, rho=cfg.baseline_rho)
+                P_new, b_new = m.commit(self.P[li][i:i + 1], s.E[i:i + 1], r, self.baseline[i:i + 1],
+                                        gamma=pol.gamma, eta_s=pol.eta_s, eta_r=pol.eta_r)
                 self.P[li][i] = P_new[0]
             self.baseline[i] = b_new[0]
         self._carry = [FastLayerState(S=s.S.clone(), conv=None if s.conv is None else s.conv.clone())

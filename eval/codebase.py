@@ -269,7 +269,7 @@ def window_bpb(model: PlasticTransformer, windows: torch.Tensor, state: Optional
     return (nll / math.log(2)).tolist()
 
 
-def default_policies(eta_s: float = 1.0, eta_r: Optional[float] = None, gamma: Optional[float] = None,
+def default_policies(eta_s: Optional[float] = None, eta_r: Optional[float] = None, gamma: Optional[float] = None,
                      methods: Sequence[str] = ("frozen", "adapt", "adapt+reward", "no_persist")) -> List[RowPolicy]:
     """The batched methods of this benchmark (dynamic evaluation runs separately)."""
     table = {
@@ -432,7 +432,7 @@ def summarize(out: Dict[str, Any], model: PlasticTransformer, chunk: int, episod
 
 
 def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None, max_bytes: int = 100_000,
-        episode_bytes: int = 2048, chunk: int = 256, eta_s: float = 1.0, eta_r: Optional[float] = None,
+        episode_bytes: int = 2048, chunk: int = 256, eta_s: Optional[float] = None, eta_r: Optional[float] = None,
         gamma: Optional[float] = None, dyn_lr: float = 1e-4, dyn_rule: str = "rms", dyn_eps: float = 1e-3,
         dyn_decay: float = 0.0, calib_batches: int = 4, with_dynamic_eval: bool = True, drift_windows: int = 8,
         methods: Sequence[str] = ("frozen", "adapt", "adapt+reward", "no_persist"),
@@ -491,6 +491,17 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         learner.new_session()
         out2 = run_stream(model, segments, policies, None, chunk, desc="second session", lam=lam, learner=learner)
         second = summarize(out2, model, chunk, episode_bytes, None)
+        # What P is worth: each row's second pass against its own first pass, which started
+        # without P (a new session that adapts from scratch). Frozen and no_persist read the
+        # second pass exactly like the first (nothing survives a session), so their figure is 0.
+        for name in second:
+            a, b = out["bits"][name], out2["bits"][name]
+            gains = M.gain_curve(a, b, POINTS)
+            s2 = second[name]["summary"]
+            for n in POINTS:
+                if n in gains:
+                    s2[f"gain_over_first_session_{_short(n)}"] = gains[n]
+                    s2[f"gain_over_first_session_ci_{_short(n)}"] = list(gain_interval(a, b, n))
     report = {
         "benchmark": "codebase",
         "config": {"source": os.path.abspath(src), "files": len(files), "bytes": n_bytes,
@@ -506,6 +517,7 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
     if second is not None:
         report["second_session"] = second
         report["second_session_table"] = table({"methods": second})
+        report["second_session_vs_first_table"] = table_vs_first(second)
     if out_dir:
         write_report(report, out_dir, name or "codebase")
     return report
@@ -527,5 +539,18 @@ def table(report: Dict[str, Any]) -> str:
                                "tab accept", "ms/token", "MFLOP/token", "stdlib drift"])
 
 
-__all__ = ["demo_config", "default_model", "without_readout", "demo_pretrain_overrides", "default_cache_dir", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
+def table_vs_first(second: Dict[str, Any]) -> str:
+    """Markdown table: each row's second session against its own first (what the saved P is worth)."""
+    rows = []
+    for name, m in second.items():
+        s = m["summary"]
+        cells = []
+        for n in POINTS:
+            v, ci = s.get(f"gain_over_first_session_{_short(n)}"), s.get(f"gain_over_first_session_ci_{_short(n)}")
+            cells.append("-" if v is None else f"{v:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+        rows.append([name] + cells)
+    return format_table(rows, ["method", "2nd vs 1st session @1k", "@10k", "@100k"])
+
+
+__all__ = ["table_vs_first", "demo_config", "default_model", "without_readout", "demo_pretrain_overrides", "default_cache_dir", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
            "base_windows", "window_bpb", "default_policies", "run_stream", "summarize", "run", "table", "POINTS"]

@@ -27,7 +27,7 @@ from .report import curve, format_table, write_report
 
 
 def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None, max_bytes: int = 100_000,
-        episode_bytes: int = 2048, chunk: int = 256, eta_s: float = 1.0, eta_r: Optional[float] = None,
+        episode_bytes: int = 2048, chunk: int = 256, eta_s: Optional[float] = None, eta_r: Optional[float] = None,
         out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, cache_dir: Optional[str] = None,
         pretrain_seconds: Optional[float] = None, seed: int = 0) -> Dict[str, Any]:
     """Run the tab-completion benchmark on ``source`` (default: held-out stdlib ``json``)."""

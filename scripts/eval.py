@@ -30,8 +30,9 @@ def add_parser(sub):
     p.add_argument("--lam", type=float, default=None, help="codebase: eligibility-trace decay (default: the model's)")
     p.add_argument("--max-bytes", type=int, default=100_000, help="codebase/tabcomplete: bytes of the stream")
     p.add_argument("--episode-bytes", type=int, default=2048, help="codebase/tabcomplete: longest episode")
-    p.add_argument("--eta-s", type=_float_or_model, default=1.0, help="retention commit rate of the adapting "
-                   "rows, or 'model' for each memory's own (learned) eta_s")
+    p.add_argument("--eta-s", type=_float_or_model, default=None, help="retention commit rate of the adapting "
+                   "rows for every memory (default, or 'model': each memory's own commit, e.g. the readout's "
+                   "state commit of its slow heads)")
     p.add_argument("--gamma", type=_float_or_model, default=None, help="codebase: P retention per commit "
                    "(default: the model's)")
     p.add_argument("--eta-r", type=float, default=None, help="reward commit rate (default: the model's)")
@@ -125,6 +126,8 @@ def run(args):
     if "second_session_table" in rep:
         print("\nsecond session over the same stream (S dropped, P kept):")
         print(rep["second_session_table"])
+        print("\neach row's second session against its own first (what the saved P is worth):")
+        print(rep["second_session_vs_first_table"])
     summary = {m: v["summary"] for m, v in rep["methods"].items()}
     print(json.dumps(summary, indent=1, default=str)[:4000])
     print(f"report: {rep.get('json')}  plot: {rep.get('plot')}")

@@ -137,8 +137,67 @@ def test_checkpoint_from_before_the_resting_state_is_refused(tmp_path):
         PlasticTransformer.from_pretrained(tmp_path)
 
 
+def _spans(m, spans):
+    with torch.no_grad():
+        m.readout.A_log.copy_(torch.log(1.0 / torch.tensor(spans, dtype=m.readout.A_log.dtype)))
+
+
+def test_state_commit_trace_is_what_the_episode_changed():
+    """Under the state commit the trace decays with the memory, so E_T = S_T - M exactly (float64),
+    whatever lam the caller passes."""
+    m = model_with_readout()
+    _spans(m, [50.0, 10_000.0])
+    with torch.no_grad():
+        m.readout.W0.normal_(0, 0.05)
+    P = [0.02 * torch.randn(1, l.n_heads, l.head_k_dim, l.head_v_dim, dtype=torch.float64) for l in m.fast_layers()]
+    ids = torch.randint(0, 256, (1, 37), generator=torch.Generator().manual_seed(5))
+    for lam in (None, 0.3):
+        with torch.no_grad():
+            _, st = m(ids, state=m.materialize_state(m.init_state(1, P), 1), lam=lam)
+        ro = st.layers[-1]
+        M = m.readout.resting_state(1, P[-1])
+        assert torch.allclose(ro.E, ro.S - M, atol=1e-12, rtol=0)
+
+
+def test_state_commit_keeps_the_slow_heads_and_drops_the_fast_ones():
+    """A session's commit makes P of a slow head (span >= readout_commit_span) equal to S_T - W0, so
+    the next episode starts where that head ended; a fast head commits nothing."""
+    from cl_arch import Session
+    m = model_with_readout(readout_commit_span=1000.0)
+    _spans(m, [50.0, 10_000.0])
+    s = Session(m)
+    s.observe(list(b"def f(x):\n    return x + 1\n"))
+    S_T = s.state.layers[-1].S.clone()
+    s.end_episode()
+    P = s.P[-1]
+    W0 = m.readout.W0.detach()
+    assert torch.allclose(P[0, 1], S_T[0, 1] - W0[1], atol=1e-12)  # slow head: the state is kept
+    assert torch.equal(P[0, 0], torch.zeros_like(P[0, 0]))  # fast head: nothing
+    S0 = m.readout.initial_state(1, s.P[-1])  # where the next episode starts
+    assert torch.allclose(S0[0, 1], S_T[0, 1], atol=1e-12)
+    settings = s.rule_settings()[-1]
+    assert settings["eta_s"] == [0.0, 1.0] and settings["gamma"] == [1.0, 1.0] and settings["eta_r"] == [0.0, 0.0]
+    assert settings["clip"] == float("inf")
+
+
+def test_trace_commit_is_the_fast_layers_commit():
+    """readout_commit="trace": the readout commits like any fast layer (own lam, clip, gamma, eta_s)."""
+    from cl_arch import Session
+    m = model_with_readout(readout_commit="trace", eta_s=0.5)
+    s = Session(m)
+    s.observe(list(b"abcabcabc"))
+    E = s.state.layers[-1].E.clone()
+    s.end_episode()
+    clip = m.config.commit_clip
+    n = torch.linalg.vector_norm(E, dim=(-2, -1), keepdim=True)
+    expected = 0.5 * E * torch.clamp(clip / n, max=1.0)
+    assert torch.allclose(s.P[-1], expected, atol=1e-10)
+    assert s.rule_settings()[-1]["lam"] == pytest.approx([0.5, 0.5])
+
+
 @pytest.mark.parametrize("field,value", [("readout_heads", -1), ("readout_values", "logits"),
-                                         ("readout_beta", 1.0), ("readout_scale", float("nan"))])
+                                         ("readout_beta", 1.0), ("readout_scale", float("nan")),
+                                         ("readout_commit", "weights"), ("readout_commit_span", -1.0)])
 def test_bad_readout_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         PlasticConfig(**{field: value})

@@ -130,27 +130,30 @@ def test_schedule_warmup_then_cosine():
     assert opt.param_groups[0]["lr"] == 1.0
 
 
-def test_finetune_plasticity_only_changes_plasticity(corpus, tmp_path):
+@pytest.mark.parametrize("readout_commit", ["state", "trace"])
+def test_finetune_plasticity_only_changes_plasticity(corpus, tmp_path, readout_commit):
     from cl_arch import PlasticConfig, PlasticTransformer
     from cl_arch.train.finetune import finetune
 
     torch.manual_seed(0)
     base = PlasticTransformer(PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16,
-                                            n_attn_heads=2, chunk_size=16, eta_s=0.5))
+                                            n_attn_heads=2, chunk_size=16, eta_s=0.5, readout_commit=readout_commit))
+    # the readout's state commit has no rates to learn (fixed by construction; its span is trained
+    # with the network); under the trace commit it learns like the block's fast layer
+    memories = ("blocks.0.mixer",) if readout_commit == "state" else ("blocks.0.mixer", "readout")
     base.save_pretrained(tmp_path / "base")
     cfg = load_config(FinetuneRunConfig, None, tiny(corpus, tmp_path / "ft", f"train.init_from={tmp_path / 'base'}",
                                                     "finetune.trainable=plasticity", "finetune.episodes=3",
                                                     "optim.lr=0.05", "train.max_steps=2")[len(TINY_MODEL):])
     res = finetune(cfg)
-    # every fast memory's settings: the block's fast layer and the readout memory
-    assert set(res["trainable_parameters"]) == {f"{m}.{n}" for m in ("blocks.0.mixer", "readout")
+    assert set(res["trainable_parameters"]) == {f"{m}.{n}" for m in memories
                                                 for n in ("lam_logit", "gamma_logit", "eta_s", "eta_r")}
     after = PlasticTransformer.from_pretrained(tmp_path / "ft" / "final")
     sd0, sd1 = base.state_dict(), after.state_dict()
     changed = {k for k in sd0 if not torch.equal(sd0[k], sd1[k])}
     # The episodic loss reaches lam (through E), gamma and eta_s (through the committed P); eta_r
     # needs a reward and stays.
-    assert changed == {f"{m}.{n}" for m in ("blocks.0.mixer", "readout") for n in ("lam_logit", "eta_s", "gamma_logit")}
+    assert changed == {f"{m}.{n}" for m in memories for n in ("lam_logit", "eta_s", "gamma_logit")}
 
 
 def test_meta_gradient_reaches_every_plasticity_parameter():

@@ -31,7 +31,7 @@ from cl_arch import PlasticTransformer
 from cl_arch.state import FastLayerState, ModelState
 
 from .config import ConfigError, FinetuneRunConfig
-from .pretrain import PLASTICITY_PARAMS, TrainingSetup, lm_loss, run_training
+from .pretrain import TrainingSetup, lm_loss, run_training
 
 # The readout memory's write path is its write strength and decay; its read scale goes with them
 # because it alone decides how much the memory's (committed) contents move the logits.
@@ -50,10 +50,8 @@ def select_trainable(model: PlasticTransformer, trainable: str) -> List[str]:
         p.requires_grad_(trainable == "all")
     if trainable != "all":
         for layer in model.fast_layers():
-            for name in PLASTICITY_PARAMS:
-                p = getattr(layer, name, None)
-                if p is not None:
-                    p.requires_grad_(True)
+            for p in layer.plasticity_parameters().values():
+                p.requires_grad_(True)
             if trainable == "fast":
                 for name in WRITE_PATH:
                     mod = getattr(layer, name, None)
@@ -70,9 +68,9 @@ def commit_persistent(model: PlasticTransformer, state: ModelState, reward: Opti
                       ) -> List[torch.Tensor]:
     """Differentiable commit of an episode's traces into every fast layer's ``P``.
 
-    ``P <- gamma P + (eta_s + eta_r * adv) clip(E_T)`` with the layer's learnable ``gamma, eta_s,
-    eta_r`` (per head) and the config's ``commit_clip``, through
-    :func:`cl_arch.kernels.reward_commit` (the PyTorch path, which keeps the graph).
+    ``P <- gamma P + (eta_s + eta_r * adv) clip(E_T)`` through each memory's own commit
+    (:meth:`~cl_arch.layers.plasticity.PlasticMemory.commit`: its learnable ``gamma, eta_s, eta_r``
+    per head and its clip) on the PyTorch path, which keeps the graph.
 
     Args:
         state: the state returned at the end of the episode (``E`` of each fast layer; ``P`` may be
@@ -85,8 +83,6 @@ def commit_persistent(model: PlasticTransformer, state: ModelState, reward: Opti
     Returns:
         the new ``P`` of each fast layer, ``[B, H, K, V]``.
     """
-    from cl_arch.kernels import reward_commit
-
     fast = [s for s in state.layers if isinstance(s, FastLayerState)]
     layers = model.fast_layers()
     out = []
@@ -95,16 +91,11 @@ def commit_persistent(model: PlasticTransformer, state: ModelState, reward: Opti
             raise ValueError("commit_persistent: the state holds no eligibility trace (config.lam is None "
                              "or the forward ran with return_state=False)")
         P = s.P if s.P is not None else torch.zeros_like(s.E)
-        clip = layer.config.commit_clip
         if advantage is not None:
             # r - b = advantage with b = 0: the kernel's formula, the advantage precomputed.
-            P_new, _ = reward_commit(P, s.E, advantage.to(P.dtype), None, gamma=layer.gamma.to(P.dtype),
-                                     eta_s=layer.eta_s.to(P.dtype), eta_r=layer.eta_r.to(P.dtype), clip=clip,
-                                     backend="naive")
+            P_new, _ = layer.commit(P, s.E, advantage.to(P.dtype), None, backend="naive")
         else:
-            P_new, _ = reward_commit(P, s.E, reward, baseline, gamma=layer.gamma.to(P.dtype),
-                                     eta_s=layer.eta_s.to(P.dtype), eta_r=layer.eta_r.to(P.dtype), clip=clip,
-                                     backend="naive")
+            P_new, _ = layer.commit(P, s.E, reward, baseline, backend="naive")
         out.append(P_new)
     return out
 

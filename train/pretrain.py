@@ -29,7 +29,6 @@ from .config import PretrainRunConfig, config_to_dict
 from .data import BlockBatches, corpus_files, dataset_tensor, packed_dataset, split_corpus
 
 LN2 = math.log(2.0)
-PLASTICITY_PARAMS = ("lam_logit", "gamma_logit", "eta_s", "eta_r")
 
 
 # ============================================================================ schedule
@@ -404,8 +403,6 @@ def pretrain(cfg: PretrainRunConfig) -> Dict[str, Any]:
     set_seed(cfg.train.seed)  # model init is part of the run's determinism
     model = build_model(cfg)
     for layer in model.fast_layers():
-        for name in PLASTICITY_PARAMS:
-            p = getattr(layer, name, None)
-            if p is not None:
-                p.requires_grad_(False)
+        for p in layer.plasticity_parameters().values():
+            p.requires_grad_(False)
     return run_training(cfg, TrainingSetup(model=model, loss_fn=lm_loss, kind="pretrain"))

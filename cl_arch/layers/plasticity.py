@@ -1,12 +1,12 @@
 """What every fast-weight memory shares: the base memory ``W0``, the resting state ``M = W0 + P``
 and the per-head plasticity settings the commit reads (DESIGN.md, "The rule")."""
 import math
-from typing import Optional
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from cl_arch.kernels import plastic_rule, resolve_backend
+from cl_arch.kernels import plastic_rule, resolve_backend, reward_commit
 
 from ..config import PlasticConfig
 from ..state import FastLayerState
@@ -68,6 +68,58 @@ class PlasticMemory(nn.Module):
         """``S0 = M = W0 + P`` as ``[B, H, K, V]`` in :attr:`state_dtype`; differentiable in W0."""
         M = self.resting_state(batch_size, P)
         return M.expand(batch_size, *self.W0.shape) if M.dim() == 3 else M
+
+    # ------------------------------------------------------------------ the commit (DESIGN.md)
+    def plasticity_parameters(self) -> Dict[str, nn.Parameter]:
+        """The learnable settings the commit reads (``lam_logit, gamma_logit, eta_s, eta_r``), by
+        name: what pretraining freezes and ``finetune(trainable="plasticity")`` trains. The one
+        place that lists them."""
+        names = ("lam_logit", "gamma_logit", "eta_s", "eta_r")
+        return {n: getattr(self, n) for n in names if getattr(self, n, None) is not None}
+
+    @property
+    def trace_follows_state(self) -> bool:
+        """True when the trace decay is tied to the memory's own decay (a per-call ``lam``
+        override is then ignored): the readout memory's state commit."""
+        return False
+
+    def commit_rates(self) -> Dict[str, torch.Tensor]:
+        """This memory's own per-head commit settings ``gamma, eta_s, eta_r`` (``[H]`` each),
+        differentiable in the learnable parameters (meta-training reads them through here)."""
+        return {"gamma": self.gamma, "eta_s": self.eta_s, "eta_r": self.eta_r}
+
+    @property
+    def commit_clip(self) -> Optional[float]:
+        """Per-head Frobenius bound on the committed trace (None: unbounded)."""
+        return self.config.commit_clip
+
+    def commit(self, P: torch.Tensor, E: torch.Tensor, r=None, b=None, *, gamma=None, eta_s=None, eta_r=None,
+               clip: Union[float, None, str] = "own", rho: Optional[float] = None,
+               backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+        """One three-factor commit of this memory: ``P <- gamma P + (eta_s + eta_r (r - b)) clip(E)``.
+
+        Every caller (sessions, the evaluation learners, fine-tuning) commits through here, so a
+        memory with its own commit semantics (the readout's state commit) needs no special case.
+
+        Args:
+            P, E: ``[N, H, K, V]`` persistent memory and the episode's trace.
+            r, b: reward and running baseline, floats or ``[N]``; ``r=None`` is retention only.
+            gamma, eta_s, eta_r: floats or ``[H]`` overriding this memory's own (None: own).
+            clip: ``"own"`` (:attr:`commit_clip`), a bound, or None (unbounded).
+            rho: baseline step (None: ``config.baseline_rho``).
+            backend: ``reward_commit``'s; ``"naive"`` keeps the autograd graph.
+
+        Returns:
+            ``(P_new [N, H, K, V], b_new [N])``.
+        """
+        own = self.commit_rates()
+
+        def pick(name, v):
+            return own[name].to(P.dtype) if v is None else v
+
+        return reward_commit(P, E.to(P.dtype), r, b, gamma=pick("gamma", gamma), eta_s=pick("eta_s", eta_s),
+                             eta_r=pick("eta_r", eta_r), clip=self.commit_clip if clip == "own" else clip,
+                             rho=self.config.baseline_rho if rho is None else rho, backend=backend)
 
     def cache_shape(self, batch_size: int):
         """Shape of the input cache a stream carries (``FastLayerState.conv``), or None."""

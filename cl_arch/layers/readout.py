@@ -48,6 +48,48 @@ class ReadoutMemory(PlasticMemory):
         self.read_scale._no_weight_decay = True
         self.W0._no_weight_decay = True
 
+    # ------------------------------------------------------------------ the state commit
+    @property
+    def decay(self) -> torch.Tensor:
+        """Per-token retention ``exp(g)`` per head ``[H]``; the memory span is ``1 / -g`` tokens."""
+        return torch.exp(-self.A_log.exp())
+
+    @property
+    def state_commit(self) -> bool:
+        return self.config.readout_commit == "state"
+
+    @property
+    def trace_follows_state(self) -> bool:
+        return self.state_commit
+
+    @property
+    def lam(self) -> Optional[torch.Tensor]:
+        """Trace decay ``[H]``. Under the state commit it is the memory's own decay: the trace then
+        sums exactly what the episode changed, ``E_T = S_T - M`` (constant gate, ``S_0 = M``)."""
+        return self.decay if self.state_commit else super().lam
+
+    def commit_rates(self):
+        """Under the state commit: ``gamma = 1``, ``eta_s = 1`` on heads whose memory span
+        (``1 / -g``, learned) reaches ``config.readout_commit_span`` and 0 on faster heads,
+        ``eta_r = 0`` (rewards act on the writes through ``beta``, not on the commit). The next
+        episode then starts where the slow heads ended, ``P_new = S_T - W0``, and keeps it: a
+        fast head's content is stale a few hundred tokens later, and made permanent it only adds
+        noise (measured on the held-out asyncio package)."""
+        if not self.state_commit:
+            return super().commit_rates()
+        span = 1.0 / self.A_log.exp()
+        keep = (span >= self.config.readout_commit_span).to(self.eta_s.dtype)
+        return {"gamma": torch.ones_like(self.eta_s), "eta_s": keep, "eta_r": torch.zeros_like(self.eta_r)}
+
+    def plasticity_parameters(self):
+        """None under the state commit: its rates are fixed by construction, and what decides
+        which heads commit is their span (``A_log``), trained with the network."""
+        return {} if self.state_commit else super().plasticity_parameters()
+
+    @property
+    def commit_clip(self):
+        return None if self.state_commit else self.config.commit_clip
+
     def cache_shape(self, batch_size: int):
         """``[B, 1, d_model]``: ``unit(h)`` of the last position read (zeros: nothing written yet)."""
         return (batch_size, 1, self.head_k_dim)
@@ -102,6 +144,8 @@ class ReadoutMemory(PlasticMemory):
         if modulation is not None:
             beta = beta * modulation.to(cdt).unsqueeze(-1)
         g = (-self.A_log.to(cdt).exp()).expand(B, T, self.n_heads)
+        if self.trace_follows_state:
+            lam = None  # the trace must follow the memory's own decay (E_T = S_T - M); no override
         o, S_T, E_T = self.run_rule(q, k, v, beta, g, state, lam, output_final_state, scale=1.0)
         read = torch.einsum("bthv,h->btv", o.to(cdt), self.read_scale.to(cdt))
         if self.config.readout_values != "onehot":
