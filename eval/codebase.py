@@ -31,242 +31,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from cl_arch import PlasticConfig, PlasticTransformer
-from cl_arch.state import ModelState
-from cl_arch.train.data import (bytes_to_tensor, random_windows, read_bytes, resolve_sources, split_files,
-                                stdlib_dir, stdlib_files)
+from cl_arch import PlasticTransformer
+from cl_arch.train.data import bytes_to_tensor, random_windows, read_bytes, resolve_sources, split_files, stdlib_files
 
 from . import metrics as M
 from .baselines import DynamicEval, EpisodeLearner, RowPolicy
+from .cost import flops_per_token
+# re-exported: the model and stream helpers lived here before eval/models.py and eval/streams.py
+from .models import (DEMO_PRETRAIN_SECONDS, default_cache_dir, default_model, demo_config,  # noqa: F401
+                     demo_pretrain_overrides, stdlib_model, without_readout)
+from .streams import NEWLINE, base_windows, held_out_package, line_acceptance, segment_stream, window_bpb  # noqa: F401
 from .report import curve, format_table, write_report
 
 POINTS = (1_000, 10_000, 100_000)
-NEWLINE = 10
-
-
-# ---------------------------------------------------------------------------- the model
-def demo_config() -> PlasticConfig:
-    """The small default model: 4 layers (fast, attn, fast, attn), d=128, attention window 64, and
-    a readout memory of 2 heads (``configs/default_model.yaml``'s model section).
-
-    The short window bounds the cost of long streams and leaves what lies further back to the
-    fast layers and the readout memory.
-    """
-    return PlasticConfig(d_model=128, n_layers=4, n_heads=4, head_k_dim=32, head_v_dim=32, attn_window=64,
-                         chunk_size=64, mlp_ratio=3.0, lam=0.5, eta_s=0.0, eta_r=1.0, commit_clip=10.0,
-                         readout_heads=2, readout_values="onehot")
-
-
-DEMO_PRETRAIN_SECONDS = 150.0
-def default_model(log=print) -> PlasticTransformer:
-    """The model shipped in ``cl_arch/assets/default_model`` (see ``configs/default_model.yaml``).
-
-    Raises:
-        FileNotFoundError: the package was installed without it.
-    """
-    import json
-
-    import cl_arch
-
-    folder = os.path.join(os.path.dirname(os.path.abspath(cl_arch.__file__)), "assets", "default_model")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"no shipped default model in {folder}")
-    info_path = os.path.join(folder, "pretrain.json")
-    extra = ""
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
-        extra = f" ({info['steps']} steps, validation {info['final_val_bpb']:.3f} bits/byte)"
-    log(f"loading the shipped default model from {folder}{extra}")
-    return PlasticTransformer.from_pretrained(folder).eval()
-
-
-def demo_pretrain_overrides(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
-                            config: Optional[PlasticConfig] = None) -> List[Tuple[List[str], Any]]:
-    """Settings of :func:`cl_arch.train.pretrain.pretrain` for the default model (over its defaults).
-
-    ``cl-arch pretrain``'s defaults (stdlib minus :data:`~cl_arch.train.data.HELD_OUT_STDLIB`,
-    AdamW 3e-3 with warmup and cosine) with :func:`demo_config` as the model, 1 KB sequences in
-    batches of 8 (16x the attention window, as the shipped model) and a wall-clock budget of
-    ``seconds`` as the stop (the cosine follows the clock, so the learning rate has decayed when
-    the time is up, however fast the machine is).
-    """
-    model = (config or demo_config()).to_dict()
-    seq = 1024 if config is None else 256
-    return [(["model"], model), (["data", "seq_len"], seq), (["train", "batch_size"], 16 * 256 // seq),
-            (["train", "max_minutes"], seconds / 60.0), (["train", "max_steps"], 5000),
-            (["train", "eval_every"], 0), (["train", "val_blocks"], 32), (["train", "log_with"], "none"),
-            (["train", "seed"], seed), (["train", "save_every"], 0), (["train", "keep_checkpoints"], 1)]
-
-
-def default_cache_dir(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
-                      config: Optional[PlasticConfig] = None) -> str:
-    """``$CL_ARCH_CACHE`` or ``~/.cache/cl_arch`` + ``/demo-<hash>``: one folder per pretraining
-    recipe (settings, library version, Python version whose stdlib is the corpus)."""
-    import hashlib
-    import json
-    import sys
-
-    import cl_arch
-
-    key = json.dumps({"overrides": demo_pretrain_overrides(seconds, seed, config), "version": cl_arch.__version__,
-                      "python": list(sys.version_info[:2])}, sort_keys=True, default=str)
-    root = os.environ.get("CL_ARCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cl_arch")
-    return os.path.join(root, "demo-" + hashlib.sha1(key.encode()).hexdigest()[:10])
-
-
-def stdlib_model(cache_dir: Optional[str] = None, seconds: Optional[float] = None, seed: int = 0,
-                 config: Optional[PlasticConfig] = None, log=print, progress: bool = True) -> PlasticTransformer:
-    """The shipped default model (:func:`default_model`) when called with no recipe (``seconds``,
-    ``cache_dir`` and ``config`` all None, seed 0); otherwise load the recipe's model from
-    ``cache_dir``, or pretrain it there first (``seconds`` None: 150).
-
-    Pretraining is :func:`cl_arch.train.pretrain.pretrain` (accelerate) with
-    :func:`demo_pretrain_overrides`: next-byte loss on the standard library's training split (the
-    held-out packages are never read) for ``seconds`` of wall time. A time budget, not a step
-    count, so the demo keeps to its few minutes on any machine; the cached checkpoint then fixes
-    the result (its ``pretrain.json`` records steps and validation bits/byte).
-    ``cache_dir=None``: :func:`default_cache_dir` (keyed by the recipe).
-    """
-    import json
-    import shutil
-    import tempfile
-
-    if seconds is None and cache_dir is None and config is None and seed == 0:
-        try:
-            return default_model(log)
-        except FileNotFoundError:
-            pass
-    seconds = DEMO_PRETRAIN_SECONDS if seconds is None else seconds
-    cache_dir = cache_dir or default_cache_dir(seconds, seed, config)
-    if os.path.isfile(os.path.join(cache_dir, "config.json")):
-        info = {}
-        if os.path.isfile(os.path.join(cache_dir, "pretrain.json")):
-            with open(os.path.join(cache_dir, "pretrain.json")) as f:
-                info = json.load(f)
-        extra = f" ({info['steps']} steps, validation {info['final_val_bpb']:.3f} bits/byte)" if info else ""
-        log(f"loading the pretrained model from {cache_dir}{extra}")
-        return PlasticTransformer.from_pretrained(cache_dir).eval()
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only
-    from cl_arch.train.config import PretrainRunConfig, load_config
-    from cl_arch.train.pretrain import pretrain
-
-    parent = os.path.dirname(os.path.abspath(cache_dir))
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".pretrain-", dir=parent)
-    try:
-        cfg = load_config(PretrainRunConfig, None, demo_pretrain_overrides(seconds, seed, config) +
-                          [(["train", "output_dir"], work), (["train", "progress"], progress)])
-        log(f"pretraining the default model for {seconds:.0f}s (cl_arch.train.pretrain) on the standard library "
-            f"minus its held-out packages; cached in {cache_dir}")
-        res = pretrain(cfg)
-        final = os.path.join(work, "final")
-        with open(os.path.join(final, "pretrain.json"), "w") as f:
-            json.dump({k: res[k] for k in ("steps", "final_val_bpb", "seconds", "tokens", "tokens_per_s", "stopped")},
-                      f, indent=1)
-        if os.path.isdir(cache_dir):  # a stale or partial folder without a model
-            shutil.rmtree(cache_dir)
-        os.replace(final, cache_dir)  # atomic: a crash never leaves a half-written cache
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return PlasticTransformer.from_pretrained(cache_dir).eval()
-
-
-def without_readout(model: PlasticTransformer) -> PlasticTransformer:
-    """A copy of ``model`` with its readout memory removed: the network and its in-block fast
-    layers alone (the same weights), to tell the readout memory's share of a gain from theirs."""
-    if model.readout is None:
-        return model
-    cfg = PlasticConfig.from_dict({**model.config.to_dict(), "readout_heads": 0})
-    m = PlasticTransformer(cfg).to(next(model.parameters()).dtype)
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("readout.")}
-    m.load_state_dict(sd)
-    return m.eval()
-
-
-# ---------------------------------------------------------------------------- the stream
-def held_out_package(name: str) -> str:
-    """Folder (or file) of a held-out stdlib package, e.g. ``"json"`` -> ``.../lib/python3.x/json``."""
-    root = stdlib_dir()
-    for cand in (os.path.join(root, name), os.path.join(root, name + ".py")):
-        if os.path.exists(cand):
-            return cand
-    raise ValueError(f"no stdlib package {name!r} under {root}")
-
-
-def segment_stream(files: Sequence[str], max_bytes: Optional[int], episode_bytes: int) -> List[Tuple[bytes, int]]:
-    """Cut files into episodes of at most ``episode_bytes``, at line ends where possible.
-
-    Returns ``[(segment, prev_byte)]``: ``prev_byte`` is the input that predicts the segment's
-    first byte (a newline at the start of a file, else the byte before), so every byte is scored.
-    The stream stops after ``max_bytes`` bytes.
-    """
-    if episode_bytes < 2:
-        raise ValueError(f"episode_bytes must be >= 2, got {episode_bytes}")
-    out: List[Tuple[bytes, int]] = []
-    total = 0
-    for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):
-            end = min(pos + episode_bytes, len(data))
-            if end < len(data):
-                cut = data.rfind(b"\n", pos, end)
-                end = cut + 1 if cut > pos else end
-            if max_bytes is not None:
-                end = min(end, pos + (max_bytes - total))
-            out.append((data[pos:end], NEWLINE if pos == 0 else data[pos - 1]))
-            total += end - pos
-            pos = end
-            if max_bytes is not None and total >= max_bytes:
-                return out
-    return out
-
-
-def line_acceptance(correct: np.ndarray, seg: bytes) -> List[Tuple[np.ndarray, int]]:
-    """Tab-completion outcome of every non-blank line of ``seg``.
-
-    ``correct [B, n]``: whether the greedy (argmax) prediction of each byte was right under
-    teacher forcing. A greedy proposal of the line, generated from the lines before, agrees with
-    the real line exactly up to the first wrong byte, so the longest accepted prefix is the run of
-    leading ``True`` (the line's newline included: accepting it accepts the whole line).
-
-    Returns ``[(accepted [B] int, line_length)]`` per non-blank line.
-    """
-    out = []
-    start, n = 0, len(seg)
-    while start < n:
-        nl = seg.find(b"\n", start)
-        end = n if nl < 0 else nl + 1
-        if seg[start:end].strip():
-            c = correct[:, start:end]
-            acc = np.where(c.all(axis=1), end - start, np.argmin(c, axis=1))
-            out.append((acc, end - start))
-        start = end
-    return out
-
-
-def base_windows(n: int = 8, length: int = 512, seed: int = 0) -> torch.Tensor:
-    """``[n, length + 1]`` byte windows of the stdlib validation files (never trained on)."""
-    _, val_files = split_files(stdlib_files("train"))
-    data = bytes_to_tensor(read_bytes(val_files, 2_000_000))
-    x, y = random_windows(data, n, length, torch.Generator().manual_seed(seed))
-    return torch.cat([x, y[:, -1:]], dim=1)
-
-
-@torch.no_grad()
-def window_bpb(model: PlasticTransformer, windows: torch.Tensor, state: Optional[ModelState] = None) -> List[float]:
-    """Bits/byte of each window ``[W, L+1]``, starting from ``state`` (batch 1, broadcast) or fresh."""
-    W = windows.shape[0]
-    st = None if state is None else ModelState.stack([state] * W)
-    logits, _ = model(windows[:, :-1], state=st)
-    nll = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(1)
-    return (nll / math.log(2)).tolist()
 
 
 def default_policies(eta_s: Optional[float] = None, eta_r: Optional[float] = None, gamma: Optional[float] = None,
@@ -385,8 +164,6 @@ def _short(n: int) -> str:
 def summarize(out: Dict[str, Any], model: PlasticTransformer, chunk: int, episode_bytes: int,
               base: Optional[torch.Tensor]) -> Dict[str, Dict[str, Any]]:
     """Per-method curve and summary figures from :func:`run_stream`'s output."""
-    from .cost import flops_per_token
-
     bits = out["bits"]
     N = len(bits["frozen"])
     pts = log_points(N)
@@ -552,5 +329,6 @@ def table_vs_first(second: Dict[str, Any]) -> str:
     return format_table(rows, ["method", "2nd vs 1st session @1k", "@10k", "@100k"])
 
 
-__all__ = ["table_vs_first", "demo_config", "default_model", "without_readout", "demo_pretrain_overrides", "default_cache_dir", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
+__all__ = ["table_vs_first", "demo_config", "default_model", "without_readout", "demo_pretrain_overrides",
+           "default_cache_dir", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
            "base_windows", "window_bpb", "default_policies", "run_stream", "summarize", "run", "table", "POINTS"]

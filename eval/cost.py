@@ -27,6 +27,7 @@ from tqdm import tqdm
 from cl_arch import PlasticConfig, PlasticTransformer
 from cl_arch.state import AttnLayerState, FastLayerState, ModelState
 
+from .models import stdlib_model
 from .report import curve, format_table, write_report
 
 
@@ -110,7 +111,6 @@ def run(model: Optional[PlasticTransformer] = None, interactions: Sequence[int] 
     summaries with bytes of state and FLOPs per token at the largest ``n``).
     """
     if model is None:
-        from .codebase import stdlib_model
         model = stdlib_model(cache_dir)
     model.eval()
     full = _full_context(model)

@@ -132,7 +132,7 @@ def resolve_offset_sources(sources: Union[str, Sequence[str]]) -> List[str]:
     entry, duplicates dropped."""
     from cl_arch.train.data import resolve_sources
 
-    from .codebase import held_out_package
+    from .streams import held_out_package
 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]

@@ -360,10 +360,8 @@ def validate_sections(cfg) -> None:
         _positive("train.max_minutes", t.max_minutes)
         _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
         _choice("train.log_with", t.log_with, LOG_WITH)
-    if hasattr(cfg, "meta"):
-        from .meta import validate_meta
-
-        validate_meta(cfg)
+    if hasattr(cfg, "validate_section"):
+        cfg.validate_section()  # a run config defined elsewhere (meta) checks its own section
     if hasattr(cfg, "finetune"):
         _choice("finetune.trainable", cfg.finetune.trainable, TRAINABLE)
         if not cfg.train.init_from:

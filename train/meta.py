@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from cl_arch import PlasticConfig, PlasticTransformer
 
-from .config import OptimConfig, TrainConfig, config_to_dict
+from .config import ConfigError, OptimConfig, TrainConfig, config_to_dict
 from .finetune import commit_persistent, episode_state, select_trainable
 from .pretrain import WarmupCosine, enable_activation_checkpointing, param_groups
 from .tasks import BOS, PreferenceGame, recall_batch, value_tokens
@@ -119,8 +119,6 @@ MetaRunConfig.build_model_config = _build_model_config
 
 def validate_meta(cfg: MetaRunConfig) -> None:
     """Checks of the ``meta`` section (raises ConfigError naming the field)."""
-    from .config import ConfigError
-
     m = cfg.meta
     for name in ("n_cues", "n_answers", "games_per_step", "episodes", "tbptt", "recall_batch",
                  "recall_pairs", "eval_games", "eval_episodes"):
@@ -140,6 +138,9 @@ def validate_meta(cfg: MetaRunConfig) -> None:
         raise ConfigError(f"meta.temperature: must be > 0, got {m.temperature}")
     if m.base_recall_steps < 0:
         raise ConfigError(f"meta.base_recall_steps: must be >= 0, got {m.base_recall_steps}")
+
+
+MetaRunConfig.validate_section = validate_meta  # called by config.validate (config never imports meta)
 
 
 # ============================================================================ games as tensors

@@ -1,0 +1,153 @@
+"""The models every evaluation reads with: the shipped default model, a cached time-budgeted
+pretraining recipe, and the same model without its readout memory."""
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional, Tuple
+
+from cl_arch import PlasticConfig, PlasticTransformer
+
+def demo_config() -> PlasticConfig:
+    """The small default model: 4 layers (fast, attn, fast, attn), d=128, attention window 64, and
+    a readout memory of 2 heads (``configs/default_model.yaml``'s model section).
+
+    The short window bounds the cost of long streams and leaves what lies further back to the
+    fast layers and the readout memory.
+    """
+    return PlasticConfig(d_model=128, n_layers=4, n_heads=4, head_k_dim=32, head_v_dim=32, attn_window=64,
+                         chunk_size=64, mlp_ratio=3.0, lam=0.5, eta_s=0.0, eta_r=1.0, commit_clip=10.0,
+                         readout_heads=2, readout_values="onehot")
+
+
+DEMO_PRETRAIN_SECONDS = 150.0
+
+
+def default_model(log=print) -> PlasticTransformer:
+    """The model shipped in ``cl_arch/assets/default_model`` (see ``configs/default_model.yaml``).
+
+    Raises:
+        FileNotFoundError: the package was installed without it.
+    """
+    import json
+
+    import cl_arch
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(cl_arch.__file__)), "assets", "default_model")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"no shipped default model in {folder}")
+    info_path = os.path.join(folder, "pretrain.json")
+    extra = ""
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        extra = f" ({info['steps']} steps, validation {info['final_val_bpb']:.3f} bits/byte)"
+    log(f"loading the shipped default model from {folder}{extra}")
+    return PlasticTransformer.from_pretrained(folder).eval()
+
+
+def demo_pretrain_overrides(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
+                            config: Optional[PlasticConfig] = None) -> List[Tuple[List[str], Any]]:
+    """Settings of :func:`cl_arch.train.pretrain.pretrain` for the default model (over its defaults).
+
+    ``cl-arch pretrain``'s defaults (stdlib minus :data:`~cl_arch.train.data.HELD_OUT_STDLIB`,
+    AdamW 3e-3 with warmup and cosine) with :func:`demo_config` as the model, 1 KB sequences in
+    batches of 8 (16x the attention window, as the shipped model) and a wall-clock budget of
+    ``seconds`` as the stop (the cosine follows the clock, so the learning rate has decayed when
+    the time is up, however fast the machine is).
+    """
+    model = (config or demo_config()).to_dict()
+    seq = 1024 if config is None else 256
+    return [(["model"], model), (["data", "seq_len"], seq), (["train", "batch_size"], 16 * 256 // seq),
+            (["train", "max_minutes"], seconds / 60.0), (["train", "max_steps"], 5000),
+            (["train", "eval_every"], 0), (["train", "val_blocks"], 32), (["train", "log_with"], "none"),
+            (["train", "seed"], seed), (["train", "save_every"], 0), (["train", "keep_checkpoints"], 1)]
+
+
+def default_cache_dir(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
+                      config: Optional[PlasticConfig] = None) -> str:
+    """``$CL_ARCH_CACHE`` or ``~/.cache/cl_arch`` + ``/demo-<hash>``: one folder per pretraining
+    recipe (settings, library version, Python version whose stdlib is the corpus)."""
+    import hashlib
+    import json
+    import sys
+
+    import cl_arch
+
+    key = json.dumps({"overrides": demo_pretrain_overrides(seconds, seed, config), "version": cl_arch.__version__,
+                      "python": list(sys.version_info[:2])}, sort_keys=True, default=str)
+    root = os.environ.get("CL_ARCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cl_arch")
+    return os.path.join(root, "demo-" + hashlib.sha1(key.encode()).hexdigest()[:10])
+
+
+def stdlib_model(cache_dir: Optional[str] = None, seconds: Optional[float] = None, seed: int = 0,
+                 config: Optional[PlasticConfig] = None, log=print, progress: bool = True) -> PlasticTransformer:
+    """The shipped default model (:func:`default_model`) when called with no recipe (``seconds``,
+    ``cache_dir`` and ``config`` all None, seed 0); otherwise load the recipe's model from
+    ``cache_dir``, or pretrain it there first (``seconds`` None: 150).
+
+    Pretraining is :func:`cl_arch.train.pretrain.pretrain` (accelerate) with
+    :func:`demo_pretrain_overrides`: next-byte loss on the standard library's training split (the
+    held-out packages are never read) for ``seconds`` of wall time. A time budget, not a step
+    count, so the demo keeps to its few minutes on any machine; the cached checkpoint then fixes
+    the result (its ``pretrain.json`` records steps and validation bits/byte).
+    ``cache_dir=None``: :func:`default_cache_dir` (keyed by the recipe).
+    """
+    import json
+    import shutil
+    import tempfile
+
+    if seconds is None and cache_dir is None and config is None and seed == 0:
+        try:
+            return default_model(log)
+        except FileNotFoundError:
+            pass
+    seconds = DEMO_PRETRAIN_SECONDS if seconds is None else seconds
+    cache_dir = cache_dir or default_cache_dir(seconds, seed, config)
+    if os.path.isfile(os.path.join(cache_dir, "config.json")):
+        info = {}
+        if os.path.isfile(os.path.join(cache_dir, "pretrain.json")):
+            with open(os.path.join(cache_dir, "pretrain.json")) as f:
+                info = json.load(f)
+        extra = f" ({info['steps']} steps, validation {info['final_val_bpb']:.3f} bits/byte)" if info else ""
+        log(f"loading the pretrained model from {cache_dir}{extra}")
+        return PlasticTransformer.from_pretrained(cache_dir).eval()
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only
+    from cl_arch.train.config import PretrainRunConfig, load_config
+    from cl_arch.train.pretrain import pretrain
+
+    parent = os.path.dirname(os.path.abspath(cache_dir))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".pretrain-", dir=parent)
+    try:
+        cfg = load_config(PretrainRunConfig, None, demo_pretrain_overrides(seconds, seed, config) +
+                          [(["train", "output_dir"], work), (["train", "progress"], progress)])
+        log(f"pretraining the default model for {seconds:.0f}s (cl_arch.train.pretrain) on the standard library "
+            f"minus its held-out packages; cached in {cache_dir}")
+        res = pretrain(cfg)
+        final = os.path.join(work, "final")
+        with open(os.path.join(final, "pretrain.json"), "w") as f:
+            json.dump({k: res[k] for k in ("steps", "final_val_bpb", "seconds", "tokens", "tokens_per_s", "stopped")},
+                      f, indent=1)
+        if os.path.isdir(cache_dir):  # a stale or partial folder without a model
+            shutil.rmtree(cache_dir)
+        os.replace(final, cache_dir)  # atomic: a crash never leaves a half-written cache
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return PlasticTransformer.from_pretrained(cache_dir).eval()
+
+
+def without_readout(model: PlasticTransformer) -> PlasticTransformer:
+    """A copy of ``model`` with its readout memory removed: the network and its in-block fast
+    layers alone (the same weights), to tell the readout memory's share of a gain from theirs."""
+    if model.readout is None:
+        return model
+    cfg = PlasticConfig.from_dict({**model.config.to_dict(), "readout_heads": 0})
+    m = PlasticTransformer(cfg).to(next(model.parameters()).dtype)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("readout.")}
+    m.load_state_dict(sd)
+    return m.eval()
+
+
+__all__ = ["demo_config", "DEMO_PRETRAIN_SECONDS", "default_model", "demo_pretrain_overrides", "default_cache_dir",
+           "stdlib_model", "without_readout"]
