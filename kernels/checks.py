@@ -59,3 +59,15 @@ def check_per_head(name: str, x, H: int, low: float, high: float) -> None:
     elif not isinstance(x, (int, float)) or isinstance(x, bool):
         raise ValueError(f"{name} must be a float or a tensor, got {type(x).__name__}")
     check_range(name, x, low, high)
+
+
+def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
+    """Validate packed-sequence offsets; returns the number of sequences N."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise ValueError("cu_seqlens must be a 1-D integer tensor of sequence offsets [N+1]")
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs packed inputs with B = 1, got B = {B}")
+    cu = cu_seqlens.tolist()
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b <= a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must rise strictly from 0 to T={T}, got {cu}")
+    return len(cu) - 1

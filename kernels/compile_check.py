@@ -98,14 +98,14 @@ def record_launches():
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile checks need the Triton compiler: unset TRITON_INTERPRET")
-    from .plastic import fused_recurrent as fr
+    from .plastic import triton_utils
 
     sink: List[Launch] = []
-    fr._RECORDER = lambda jitted, configs=None: _Recording(jitted, configs, sink)
+    triton_utils.RECORDER = lambda jitted, configs=None: _Recording(jitted, configs, sink)
     try:
         yield sink
     finally:
-        fr._RECORDER = None
+        triton_utils.RECORDER = None
 
 
 def _cuobjdump() -> str:

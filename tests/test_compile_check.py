@@ -42,7 +42,8 @@ def test_every_kernel_launch_fits_sm90_and_sm80(tmp_path):
                               f"(limit {r['shared_limit']})" for r in bad)
     assert proc.returncode == 0, proc.stdout[-3000:]
 
-    from cl_arch.kernels.plastic import chunk, fused_recurrent
+    from cl_arch.kernels.plastic import chunk_triton as chunk
+    from cl_arch.kernels.plastic import fused_recurrent
 
     # Every configured launch was compiled, for both archs and both dtypes.
     expected = {(name, c["num_warps"], c["num_stages"]) for name, cfgs in chunk.LAUNCH_CONFIGS.items() for c in cfgs}
@@ -90,7 +91,8 @@ def test_autotune_keys_and_restored_arguments_name_kernel_parameters():
     # name would surface there first, so check the names against the signatures here.
     import inspect
 
-    from cl_arch.kernels.plastic import chunk, fused_recurrent
+    from cl_arch.kernels.plastic import chunk_triton as chunk
+    from cl_arch.kernels.plastic import fused_recurrent
 
     for name in chunk.LAUNCH_CONFIGS:
         params = inspect.signature(getattr(chunk, name)).parameters

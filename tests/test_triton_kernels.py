@@ -22,7 +22,8 @@ if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
                 allow_module_level=True)
 
 from cl_arch.kernels import plastic_rule  # noqa: E402
-from cl_arch.kernels.plastic import chunk, fused_recurrent, naive_plastic_rule  # noqa: E402
+from cl_arch.kernels.plastic import chunk_triton as chunk  # noqa: E402
+from cl_arch.kernels.plastic import fused_recurrent, naive_plastic_rule, triton_utils  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-sized shape: needs CUDA")
@@ -119,7 +120,7 @@ def test_triton_recurrent_matches_naive_float64(B, T, H, K, V, rule, with_g, ini
 
 def test_triton_recurrent_several_v_blocks(monkeypatch):
     # BV_CAP = 16 splits V = 32 into 2 programs whose dq/dk/dbeta/dg/lam partials are summed.
-    monkeypatch.setattr(fused_recurrent, "BV_CAP", 16)
+    monkeypatch.setattr(triton_utils, "BV_CAP", 16)
     x = make_inputs(1, 13, 2, 16, 32, init=True)
     ref = run_with_grads(naive_plastic_rule, x, "delta")
     out = run_with_grads(fused_recurrent.triton_recurrent_plastic_rule, x, "delta", checkpoint_every=8)
@@ -237,7 +238,7 @@ def test_triton_chunk_backward_matches_naive_float64(B, T, H, K, V, rule, with_g
 @pytest.mark.parametrize("rule", ["delta", "hebb"])
 def test_triton_chunk_backward_several_v_blocks(monkeypatch, rule):
     # BV_CAP = 16 splits V = 32 into 2 blocks: 2 dS programs, and the per-chunk program loops over both.
-    monkeypatch.setattr(fused_recurrent, "BV_CAP", 16)
+    monkeypatch.setattr(triton_utils, "BV_CAP", 16)
     x = make_inputs(1, 40, 2, 16, 32, init=True, seed=6)
     ref = run_with_grads(naive_plastic_rule, x, rule)
     out = run_with_grads(chunk.triton_chunk_plastic_rule, x, rule, chunk_size=16)

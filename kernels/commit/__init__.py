@@ -5,7 +5,7 @@ import torch
 
 from .. import checks as _checks
 from ..checks import check_finite, check_per_head, check_tensor
-from ..plastic.fused_recurrent import triton_available_for
+from ..plastic.triton_utils import triton_available_for
 from .fused import HAS_TRITON, fused_reward_commit
 from .naive import clip_per_head, naive_reward_commit
 

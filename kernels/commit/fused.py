@@ -14,11 +14,11 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..plastic.fused_recurrent import HAS_TRITON, import_triton, jit_for_env, triton_available_for
+from ..plastic.triton_utils import HAS_TRITON, import_triton, jit_for_env, triton_available_for
 
 triton = None
 tl = None
-constexpr = "tl.constexpr"  # becomes tl.constexpr on the first call (see fused_recurrent.import_triton)
+constexpr = "tl.constexpr"  # becomes tl.constexpr on the first call (see plastic.triton_utils.import_triton)
 
 PerHead = Union[float, torch.Tensor]
 

@@ -1,20 +1,25 @@
 """The plastic rule: one entry point, several backends (see DESIGN.md, "The rule").
 
 Backends:
-    naive            fp32 per-token loop, the ground truth (``naive.py``)
-    torch_chunk      chunkwise-parallel PyTorch, training and prefill (``chunk.py``)
-    torch_recurrent  per-token PyTorch for decoding (``fused_recurrent.py``)
-Triton backends register themselves in ``BACKENDS`` when their module imports.
+    naive             fp32 per-token loop, the ground truth (``naive.py``)
+    torch_chunk       chunkwise-parallel PyTorch, training and prefill (``chunk.py``)
+    torch_recurrent   per-token PyTorch for decoding (``fused_recurrent.py``)
+    triton_chunk      chunkwise-parallel Triton kernels with their own backward (``chunk_triton.py``)
+    triton_recurrent  per-token Triton kernel, state in registers, for decoding (``fused_recurrent.py``)
+The Triton backends share ``triton_utils.py``; they are registered in ``BACKENDS`` only
+when triton is installed (it is imported lazily, at their first call).
 """
 import os
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from ..checks import VALUE_CHECKS, check_device, check_finite, check_per_head, check_range, check_tensor
+from ..checks import (VALUE_CHECKS, check_cu_seqlens, check_device, check_finite, check_per_head, check_range,
+                      check_tensor)
 from .chunk import chunk_plastic_rule
-from .fused_recurrent import HAS_TRITON, recurrent_plastic_rule, triton_available_for
+from .fused_recurrent import recurrent_plastic_rule
 from .naive import naive_plastic_rule
+from .triton_utils import HAS_TRITON, triton_available_for
 
 BACKENDS: Dict[str, Callable] = {
     "naive": naive_plastic_rule,
@@ -25,7 +30,7 @@ BACKENDS: Dict[str, Callable] = {
 GPU_BACKENDS = set()
 TRITON_BACKENDS = ("triton_chunk", "triton_recurrent")
 if HAS_TRITON:
-    from .chunk import triton_chunk_plastic_rule
+    from .chunk_triton import triton_chunk_plastic_rule
     from .fused_recurrent import triton_recurrent_plastic_rule
 
     BACKENDS["triton_recurrent"] = triton_recurrent_plastic_rule
@@ -55,25 +60,13 @@ def resolve_backend(mode: str, device: Union[str, torch.device]) -> str:
     return "torch_" + mode
 
 
-def _check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
-    """Validate packed-sequence offsets; returns the number of sequences N."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-        raise ValueError("cu_seqlens must be a 1-D integer tensor of sequence offsets [N+1]")
-    if B != 1:
-        raise ValueError(f"cu_seqlens needs packed inputs with B = 1, got B = {B}")
-    cu = cu_seqlens.tolist()
-    if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b <= a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens must rise strictly from 0 to T={T}, got {cu}")
-    return len(cu) - 1
-
-
 def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend, cu_seqlens=None,
               resting_state=None):
     check_tensor("q", q, ndim=4)
     B, T, H, K = q.shape
     if T < 1:
         raise ValueError("q must hold at least one token (T >= 1)")
-    n_states = B if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, B, T)
+    n_states = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_tensor("k", k, shape=(B, T, H, K))
     check_tensor("v", v, shape=(B, T, H, None))
     V = v.shape[-1]
