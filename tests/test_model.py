@@ -75,6 +75,15 @@ def test_window_cache_is_bounded_and_window_changes_outputs():
     with torch.no_grad():
         assert not torch.allclose(windowed(ids)[0][:, 10:], full(ids)[0][:, 10:])
         torch.testing.assert_close(windowed(ids)[0][:, :4], full(ids)[0][:, :4])
+    # Exactly what the window promises: with one attention layer only, the output at t is the output of
+    # the unwindowed model reading just the last 4 tokens (rotary scores depend on offsets only).
+    kw = dict(n_layers=1, layer_types=["attn"], readout_heads=0)  # one layer: the receptive field is the window
+    w_attn, f_attn = make_model(attn_window=4, **kw).eval(), make_model(**kw).eval()
+    with torch.no_grad():
+        out = w_attn(ids)[0]
+        for t in range(3, 30):
+            torch.testing.assert_close(out[:, t], f_attn(ids[:, t - 3:t + 1])[0][:, -1], rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(out[:, 10:], f_attn(ids)[0][:, 10:])  # and the window does cut something
 
 
 def test_persistent_memory_and_new_episode():

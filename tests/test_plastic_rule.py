@@ -58,11 +58,11 @@ def test_backends_match_naive_float64(T, H, rule, with_g, init):
     for backend in FAST_BACKENDS:
         out, grads = run_with_grads(backend, inputs, rule)
         for name, a, b in zip(("o", "S_T", "E_T"), out, ref_out):
-            assert rel_err(a, b) < 1e-5, (backend, name)
+            assert rel_err(a, b) < 1e-10, (backend, name)
         assert grads.keys() == ref_grads.keys()
         for name in ref_grads:
             assert torch.isfinite(grads[name]).all(), (backend, name)
-            assert rel_err(grads[name], ref_grads[name]) < 1e-5, (backend, "d" + name)
+            assert rel_err(grads[name], ref_grads[name]) < 1e-10, (backend, "d" + name)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
