@@ -1,7 +1,9 @@
 """``cl-arch eval NAME``: run one learning-slope benchmark, print its table, write JSON + PNG.
 
-NAME is one of codebase, tabcomplete, games, sutton, retention, cost, offset. Every benchmark writes
-``<out>/<name>.json`` (schema in :mod:`cl_arch.eval.report`) and ``<out>/<name>.png``.
+NAME is one of codebase, tabcomplete, games, sutton, retention, cost, offset, tune-dynamic. Every
+benchmark writes ``<out>/<name>.json`` (schema in :mod:`cl_arch.eval.report`) and ``<out>/<name>.png``.
+``tune-dynamic`` sweeps dynamic evaluation's step size x decay on a held-out package that is never
+reported (:mod:`cl_arch.eval.tune_dynamic`) and caches the result for ``codebase --dyn-tuned``.
 """
 import argparse
 import json
@@ -12,7 +14,8 @@ import torch
 def add_parser(sub):
     p = sub.add_parser("eval", help="run a learning-slope benchmark (JSON + PNG report)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("name", choices=["codebase", "tabcomplete", "games", "sutton", "retention", "cost", "offset"])
+    p.add_argument("name", choices=["codebase", "tabcomplete", "games", "sutton", "retention", "cost", "offset",
+                                       "tune-dynamic"])
     p.add_argument("--out", default="runs/eval", help="folder for the JSON and PNG")
     p.add_argument("--report-name", default=None, help="file stem of the report (default: NAME)")
     p.add_argument("--model", default=None, help="checkpoint folder (save_pretrained); default: the "
@@ -26,9 +29,11 @@ def add_parser(sub):
                    "(default: the held-out stdlib package json; offset: json, email and xml)")
     p.add_argument("--package", default=None, help="codebase/tabcomplete/sutton/offset: a held-out stdlib package "
                    "(json, email, xml, asyncio, tomllib, zoneinfo) as the source; offset takes a comma-separated "
-                   "list (e.g. json,email,xml)")
+                   "list (e.g. json,email,xml); tune-dynamic: the package tuned on (default asyncio; never "
+                   "json, email or xml, the reported streams)")
     p.add_argument("--lam", type=float, default=None, help="codebase: eligibility-trace decay (default: the model's)")
-    p.add_argument("--max-bytes", type=int, default=100_000, help="codebase/tabcomplete: bytes of the stream")
+    p.add_argument("--max-bytes", type=int, default=None, help="codebase/tabcomplete: bytes of the stream "
+                   "(default 100000); tune-dynamic: bytes of the tuning package (default 30000)")
     p.add_argument("--episode-bytes", type=int, default=2048, help="codebase/tabcomplete: longest episode")
     p.add_argument("--eta-s", type=_float_or_model, default=None, help="retention commit rate of the adapting "
                    "rows for every memory (default, or 'model': each memory's own commit, e.g. the readout's "
@@ -38,6 +43,13 @@ def add_parser(sub):
     p.add_argument("--eta-r", type=float, default=None, help="reward commit rate (default: the model's)")
     p.add_argument("--dyn-lr", type=float, default=1e-4, help="dynamic evaluation step size")
     p.add_argument("--dyn-rule", choices=["rms", "sgd"], default="rms")
+    p.add_argument("--dyn-decay", type=float, default=0.0, help="codebase: dynamic evaluation's pull toward the "
+                   "pretrained weights per step")
+    p.add_argument("--dyn-params", choices=["all", "fast_W0"], default=None, help="tune-dynamic: which weights "
+                   "dynamic evaluation adapts (default all; fast_W0: only the fast memories' W0, the sparse "
+                   "variant); codebase: also run that variant (all: dynamic_eval, fast_W0: sparse_dynamic_eval)")
+    p.add_argument("--dyn-tuned", action="store_true", help="codebase: take dynamic evaluation's step size and "
+                   "decay from the sweep on asyncio (cl-arch eval tune-dynamic; cached per model, run if missing)")
     p.add_argument("--no-dynamic-eval", action="store_true", help="codebase: skip dynamic evaluation")
     p.add_argument("--methods", default="frozen,adapt,adapt+reward,no_persist", help="codebase: batched rows, "
                    "comma-separated, from static, frozen, adapt, adapt+reward, no_persist")
@@ -76,23 +88,31 @@ def _model(args):
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _model(args)
     name = args.name
+    if args.max_bytes is None:
+        args.max_bytes = 30_000 if name == "tune-dynamic" else 100_000
+    if name == "tune-dynamic" and args.source:
+        raise SystemExit("tune-dynamic tunes on a held-out stdlib package (--package), not on --source")
+    model = _model(args)
     if args.no_readout:
         from cl_arch.eval.codebase import stdlib_model, without_readout
         model = without_readout(model if model is not None else stdlib_model(args.cache_dir, seconds=args.pretrain_seconds))
-    if args.package and name != "offset":  # offset resolves its own (comma-separated) packages
+    if args.package and name not in ("offset", "tune-dynamic"):  # these resolve their own packages
         from cl_arch.eval.codebase import held_out_package
         args.source = held_out_package(args.package)
     if name == "codebase":
         from cl_arch.eval import codebase
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        extra = {"all": "dynamic_eval", "fast_W0": "sparse_dynamic_eval"}.get(args.dyn_params)
+        if extra and extra not in methods:
+            methods.append(extra)
         rep = codebase.run(source=args.source, model=model, max_bytes=args.max_bytes,
                            episode_bytes=args.episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r, gamma=args.gamma,
-                           dyn_lr=args.dyn_lr, dyn_rule=args.dyn_rule, with_dynamic_eval=not args.no_dynamic_eval, lam=args.lam,
+                           dyn_lr=args.dyn_lr, dyn_rule=args.dyn_rule, dyn_decay=args.dyn_decay,
+                           dyn_tuned=args.dyn_tuned, with_dynamic_eval=not args.no_dynamic_eval, lam=args.lam,
                            out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
                            pretrain_seconds=args.pretrain_seconds, seed=args.seed,
-                           second_session=args.second_session,
-                           methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+                           second_session=args.second_session, methods=tuple(methods))
     elif name == "tabcomplete":
         from cl_arch.eval import tabcomplete
         rep = tabcomplete.run(source=args.source, model=model, max_bytes=args.max_bytes,
@@ -118,6 +138,16 @@ def run(args):
         rep = offset.run(model, sources=sources, max_file_bytes=args.max_file_bytes,
                          min_file_bytes=args.min_file_bytes, bucket=args.bucket, max_files=args.max_files,
                          out_dir=args.out, name=args.report_name or "offset", seed=args.seed)
+    elif name == "tune-dynamic":
+        from cl_arch.eval import tune_dynamic
+        rep = tune_dynamic.run(model=model, package=args.package or "asyncio", max_bytes=args.max_bytes,
+                               params=args.dyn_params or "all", seed=args.seed, out_dir=args.out,
+                               name=args.report_name, cache_dir=args.cache_dir,
+                               pretrain_seconds=args.pretrain_seconds)
+        print(f"dynamic evaluation ({rep['params']}) tuned on {rep['tuned_on']}, first {rep['max_bytes']} bytes; "
+              f"frozen {rep['frozen_bpb']:.4f} bits/byte; best lr {rep['best']['lr']:g}, decay "
+              f"{rep['best']['decay']:g}: {rep['best']['gain_bpb']:+.4f} bits/byte over frozen")
+        print(f"sweep {'read from' if rep['cached'] else 'cached in'} {rep['cache_path']}")
     else:
         from cl_arch.eval import cost
         rep = cost.run(model=model, out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
