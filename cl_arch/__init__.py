@@ -1,6 +1,5 @@
 """cl_arch: transformers whose fast-weight memories keep learning while they are used."""
-__version__ = "0.2.0"
-
+from .version import __version__
 from .config import PlasticConfig
 from .model import PlasticTransformer
 from .state import AttnLayerState, FastLayerState, ModelState

@@ -467,7 +467,7 @@ def test_session_store_ids(tmp_path):
 
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, time
-    import cl_arch.session as cs
+    import cl_arch.session.files as cs
     from cl_arch import PlasticTransformer, Session
     model = PlasticTransformer.from_pretrained(sys.argv[1])
     s = Session.load(model, sys.argv[2])

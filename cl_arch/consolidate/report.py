@@ -211,7 +211,8 @@ def undo(model, report: Union[Dict[str, Any], str, os.PathLike], sessions: Any =
             (a session file that cannot be written included), the model, the sessions and their
             files are as they were.
     """
-    from ..session import Session, _bytes_writer, _read_metadata
+    from ..session import Session
+    from ..session.files import _bytes_writer, _read_metadata
     from .common import as_source, session_items
 
     if not isinstance(report, dict):
