@@ -34,16 +34,18 @@ import torch
 from tqdm import tqdm
 
 from cl_arch import PlasticTransformer
-from cl_arch.train.data import bytes_to_tensor, random_windows, read_bytes, resolve_sources, split_files, stdlib_files
+from cl_arch.train.data import resolve_sources
 
 from . import metrics as M
-from .baselines import DynamicEval, EpisodeLearner, RowPolicy
+from .baselines import FROZEN, DynamicEval, EpisodeLearner, RowPolicy, calibration_batches
+from .context import FullContext
 from .cost import flops_per_token
 # re-exported: the model and stream helpers lived here before eval/models.py and eval/streams.py
 from .models import (DEMO_PRETRAIN_SECONDS, default_cache_dir, default_model, demo_config,  # noqa: F401
                      demo_pretrain_overrides, stdlib_model, without_readout)
-from .streams import NEWLINE, base_windows, held_out_package, line_acceptance, segment_stream, window_bpb  # noqa: F401
 from .report import curve, format_table, write_report
+from .streams import NEWLINE, base_windows, held_out_package, line_acceptance, segment_stream, window_bpb  # noqa: F401
+from .tune_dynamic import load_or_tune
 
 POINTS = (1_000, 10_000, 100_000)
 
@@ -69,27 +71,36 @@ def default_policies(eta_s: Optional[float] = None, eta_r: Optional[float] = Non
 
 def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]], policies: Sequence[RowPolicy],
                dyn: Optional[DynamicEval] = None, chunk: int = 256, desc: str = "stream",
-               lam: Optional[float] = None, learner: Optional[EpisodeLearner] = None) -> Dict[str, Any]:
-    """Read ``segments`` prequentially with every row of ``policies`` (and ``dyn``, if given).
+               lam: Optional[float] = None, learner: Optional[EpisodeLearner] = None,
+               solo: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Read ``segments`` prequentially with every row of ``policies`` (batched) and every reader of
+    ``solo`` (one at a time: ``name -> reader`` with ``step(ids [1, T], targets [1, T]) -> logits``
+    and ``new_episode()``, e.g. :class:`DynamicEval` or :class:`~cl_arch.eval.context.FullContext`;
+    ``dyn`` is the same as ``solo={"dynamic_eval": dyn}``).
 
     Returns per method: ``bits [N]`` (loss of every byte in bits), ``lines`` (list of
-    ``(accepted, length)`` per non-blank line), ``seconds`` (wall time of that method's passes),
-    ``rewards`` (per episode, the reward each batched row was given: its mean line acceptance);
-    plus the :class:`EpisodeLearner` (its ``P``) and the DynamicEval object. ``learner``: go on
+    ``(accepted, length)`` per non-blank line), ``seconds`` (wall time: ``"batched"`` for all
+    policy rows together, and one entry per solo reader), ``rewards`` (per episode, the reward each
+    batched row was given: its mean line acceptance, None for an episode without a non-blank
+    line); plus the :class:`EpisodeLearner` (its ``P``) and the solo readers. ``learner``: go on
     with this one (e.g. a second session over the same stream) instead of a fresh one.
     """
+    solo = dict(solo or {})
+    if dyn is not None:
+        solo["dynamic_eval"] = dyn
     learner = learner if learner is not None else EpisodeLearner(model, policies, lam=lam)
-    names = [p.name for p in policies] + (["dynamic_eval"] if dyn is not None else [])
+    names = [p.name for p in policies] + list(solo)
     bits: Dict[str, List[np.ndarray]] = {n: [] for n in names}
     lines: Dict[str, List[Tuple[int, int]]] = {n: [] for n in names}
-    secs = {"batched": 0.0, "dynamic_eval": 0.0}
+    secs = {"batched": 0.0, **{n: 0.0 for n in solo}}
     ep_rewards: List[List[Optional[float]]] = []
     B = learner.B
     for seg, prev in tqdm(segments, desc=desc, unit="ep", mininterval=2.0):
         x = torch.tensor([prev] + list(seg[:-1]), dtype=torch.long)
         y = torch.tensor(list(seg), dtype=torch.long)
         ep_bits, ep_corr = [], []
-        dyn_bits, dyn_corr = [], []
+        solo_bits: Dict[str, List[np.ndarray]] = {n: [] for n in solo}
+        solo_corr: Dict[str, List[np.ndarray]] = {n: [] for n in solo}
         for c0 in range(0, len(seg), chunk):
             xi, yi = x[c0:c0 + chunk], y[c0:c0 + chunk]
             t0 = time.perf_counter()
@@ -98,13 +109,13 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
             ep_bits.append((-lp.gather(-1, yi.expand(B, -1).unsqueeze(-1)).squeeze(-1) / math.log(2)).numpy())
             ep_corr.append((logits.argmax(-1) == yi).numpy())
             secs["batched"] += time.perf_counter() - t0
-            if dyn is not None:
+            for n, reader in solo.items():
                 t0 = time.perf_counter()
-                dl = dyn.step(xi.unsqueeze(0), yi.unsqueeze(0))
+                dl = reader.step(xi.unsqueeze(0), yi.unsqueeze(0))
                 lp = torch.log_softmax(dl.float(), -1)
-                dyn_bits.append((-lp[0].gather(-1, yi.unsqueeze(-1)).squeeze(-1) / math.log(2)).numpy())
-                dyn_corr.append((dl[0].argmax(-1) == yi).numpy())
-                secs["dynamic_eval"] += time.perf_counter() - t0
+                solo_bits[n].append((-lp[0].gather(-1, yi.unsqueeze(-1)).squeeze(-1) / math.log(2)).numpy())
+                solo_corr[n].append((dl[0].argmax(-1) == yi).numpy())
+                secs[n] += time.perf_counter() - t0
         # The episode's last byte was only a target so far; a user's session observes (writes) it
         # too before the episode closes, so the learner does the same (its logits score nothing).
         t0 = time.perf_counter()
@@ -122,13 +133,74 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
         t0 = time.perf_counter()
         learner.end_episode(rewards)
         secs["batched"] += time.perf_counter() - t0
-        if dyn is not None:
-            bits["dynamic_eval"].append(np.concatenate(dyn_bits))
-            dacc = line_acceptance(np.concatenate(dyn_corr)[None], seg)
-            lines["dynamic_eval"].extend((int(a[0]), n) for a, n in dacc)
-            dyn.new_episode()
+        for n, reader in solo.items():
+            bits[n].append(np.concatenate(solo_bits[n]))
+            sacc = line_acceptance(np.concatenate(solo_corr[n])[None], seg)
+            lines[n].extend((int(a[0]), k) for a, k in sacc)
+            reader.new_episode()
     return {"bits": {n: np.concatenate(v) for n, v in bits.items()}, "lines": lines, "seconds": secs,
-            "learner": learner, "dyn": dyn, "names": names, "rewards": ep_rewards}
+            "learner": learner, "dyn": solo.get("dynamic_eval"), "solo": solo, "names": names,
+            "rewards": ep_rewards}
+
+
+def _cache_len(state) -> int:
+    """Keys in the first attention cache of ``state`` (0 for none)."""
+    for s in (state.layers if state is not None else []):
+        if getattr(s, "k", None) is not None:
+            return int(s.k.shape[2])
+    return 0
+
+
+def _attention_flops(cfg, cache: int, T: int) -> float:
+    """``softmax(q k^T) v`` FLOPs of ``T`` new tokens over ``cache`` cached keys, all attention
+    layers: ``4 * heads * head_dim`` per (query, key) pair inside the window. Counted from the
+    cache length because ``torch.utils.flop_counter`` does not see the CPU SDPA kernel."""
+    n_attn = sum(1 for t in cfg.layer_types if t == "attn")
+    W = cfg.attn_window
+    pairs = sum(min(cache + t + 1, W) if W is not None else cache + t + 1 for t in range(T))
+    return 4.0 * cfg.d_model * pairs * n_attn
+
+
+def time_rows(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]], policies: Sequence[RowPolicy],
+              make_solo: Dict[str, Any], chunk: int = 256, repeats: int = 3, lam: Optional[float] = None
+              ) -> Dict[str, Dict[str, float]]:
+    """Per-row cost at batch 1, in this process and thread count: every row reads ``segments``
+    (a few episodes) alone, ``repeats`` times from a fresh start; returns per row the median
+    ``sec_per_token`` and the FLOPs per token counted by ``torch.utils.flop_counter`` on one chunk
+    (forward, plus backward and update for a reader that learns by gradient).
+
+    ``make_solo``: ``name -> callable`` returning a fresh solo reader (as for :func:`run_stream`).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n_bytes = sum(len(s) for s, _ in segments)
+    out: Dict[str, Dict[str, float]] = {}
+    rows: List[Tuple[str, Any]] = [(p.name, p) for p in policies] + list(make_solo.items())
+    ids = torch.tensor(list(segments[-1][0][:chunk]), dtype=torch.long)[None]
+    for name, what in rows:
+        times = []
+        for _ in range(repeats):
+            if isinstance(what, RowPolicy):
+                solo, pols = {}, [what]
+            else:
+                solo, pols = {name: what()}, [FROZEN]
+            learner = EpisodeLearner(model, pols, lam=lam)
+            res = run_stream(model, segments, pols, chunk=chunk, desc=f"timing {name}", lam=lam,
+                             learner=learner, solo=solo)
+            times.append(res["seconds"][name] if solo else res["seconds"]["batched"])
+        # FLOPs of one more chunk read after the timed episodes (a growing context costs more)
+        reader = solo[name] if solo else learner
+        attn = _attention_flops(reader.model.config, _cache_len(reader.state), ids.shape[1])
+        counter = FlopCounterMode(display=False)
+        with counter:
+            if solo:
+                reader.step(ids, ids)
+            else:
+                reader.step(ids)
+        grad = 3 if isinstance(reader, DynamicEval) else 1  # its backward pass repeats attention twice
+        out[name] = {"sec_per_token": float(np.median(times)) / n_bytes,
+                     "flops_per_token": (counter.get_total_flops() + grad * attn) / ids.shape[1]}
+    return out
 
 
 def log_points(n: int, lo: int = 100, per_decade: int = 4) -> List[int]:
@@ -162,60 +234,85 @@ def _short(n: int) -> str:
 
 
 def summarize(out: Dict[str, Any], model: PlasticTransformer, chunk: int, episode_bytes: int,
-              base: Optional[torch.Tensor]) -> Dict[str, Dict[str, Any]]:
-    """Per-method curve and summary figures from :func:`run_stream`'s output."""
+              base: Optional[torch.Tensor], cost: Optional[Dict[str, Dict[str, float]]] = None
+              ) -> Dict[str, Dict[str, Any]]:
+    """Per-method curve and summary figures from :func:`run_stream`'s output.
+
+    Curves are the gain over ``frozen`` (bits/byte, local mean, :func:`M.gain_curve`) at
+    log-spaced byte counts, each point with its 95% block-bootstrap interval (``lo``, ``hi``).
+    ``cost``: :func:`time_rows`' per-row figures (batch 1); without it the cost columns are the
+    stream's own wall time (batched rows share one batch, so theirs is divided by the batch).
+    """
     bits = out["bits"]
     N = len(bits["frozen"])
     pts = log_points(N)
-    fl_fwd = flops_per_token(model, context=min(chunk, model.config.attn_window or chunk))
-    n_tok = N
     methods: Dict[str, Dict[str, Any]] = {}
     base_before = window_bpb(model, base) if base is not None else None
-    learner, dyn = out["learner"], out["dyn"]
+    learner, solo = out["learner"], out.get("solo", {})
+    after_first = [n for n in pts if n > episode_bytes]
     for i, name in enumerate(out["names"]):
         b = bits[name]
-        ys = [M.window_mean(b, n) for n in pts]
         s: Dict[str, Any] = {"bpb": float(b.mean())}
         gains = M.gain_curve(bits["frozen"], b, POINTS)
         for n in POINTS:
             s[f"gain_bpb_{_short(n)}"] = gains.get(n)
             if n in gains:
                 s[f"gain_ci_{_short(n)}"] = list(gain_interval(bits["frozen"], b, n))
-        rel = [(M.window_mean(bits["frozen"], n) - y) / M.window_mean(bits["frozen"], n) for n, y in zip(pts, ys)]
-        s["aulc"] = M.aulc(rel, lo=0.0, hi=1.0)  # mean fraction of the frozen loss removed
+        frozen_at = {n: M.window_mean(bits["frozen"], n) for n in pts}
+        rel = {n: (frozen_at[n] - M.window_mean(b, n)) / frozen_at[n] for n in pts}
+        s["aulc"] = M.aulc([rel[n] for n in pts], lo=0.0, hi=1.0)  # mean fraction of the frozen loss removed
+        # Points inside the first episode are equal for every episode-level method by construction.
+        s["aulc_after_first_episode"] = (M.aulc([rel[n] for n in after_first], lo=0.0, hi=1.0)
+                                         if after_first else None)
         ln = out["lines"][name]
         s["tab_acceptance"] = float(np.mean([a / n for a, n in ln])) if ln else None
-        if name == "dynamic_eval":
-            s["sec_per_token"] = out["seconds"]["dynamic_eval"] / n_tok
-            # forward + backward (2x forward) + the update (~4 flops per weight per token-chunk)
-            s["flops_per_token"] = 3 * fl_fwd + 4 * model.num_parameters() / chunk
-            s["weight_drift_rel"] = dyn.drift_from_start()
+        if cost is not None and name in cost:
+            s["sec_per_token"] = cost[name]["sec_per_token"]
+            s["flops_per_token"] = cost[name]["flops_per_token"]
+            s["cost_measured"] = "batch 1, median of repeats (time_rows)"
         else:
-            s["sec_per_token"] = out["seconds"]["batched"] / (n_tok * learner.B)  # rows share the batch
-            commit = 0.0
-            if learner.policies[i].persist:
-                # commit: ~6 flops per P entry per episode, spread over the episode's bytes
-                commit = 6 * sum(P[0].numel() for P in learner.P) / episode_bytes
-            s["flops_per_token"] = fl_fwd + commit
+            sec = out["seconds"][name] if name in solo else out["seconds"]["batched"] / learner.B
+            s["sec_per_token"] = sec / N
+            s["cost_measured"] = "stream wall time" + ("" if name in solo else " / batch rows")
+            s["flops_per_token"] = (None if name in solo else
+                                    flops_per_token(model, context=min(chunk, model.config.attn_window or chunk)))
+        if name in solo:
+            reader = solo[name]
+            if isinstance(reader, DynamicEval):
+                s["weight_drift_rel"] = reader.drift_from_start()
+                if base is not None:
+                    s.update(M.base_drift(base_before, window_bpb(reader.model, base)))
+            elif isinstance(reader, FullContext):
+                s["context_window"] = reader.window
+        else:
             s["P_norm"] = learner.persistent_norm()[i]
-        if base is not None:
-            if name == "dynamic_eval":
-                after = window_bpb(dyn.model, base)
-            else:
-                after = window_bpb(model, base, learner.row_state(i))
-            s.update(M.base_drift(base_before, after))
-        methods[name] = {"curve": curve(pts, ys), "summary": s}
+            if base is not None:
+                s.update(M.base_drift(base_before, window_bpb(model, base, learner.row_state(i))))
+        band = {n: gain_interval(bits["frozen"], b, n) for n in pts}
+        crv = curve(pts, [frozen_at[n] - M.window_mean(b, n) for n in pts])
+        for p_, n in zip(crv, pts):
+            p_["lo"], p_["hi"] = float(band[n][0]), float(band[n][1])
+        methods[name] = {"curve": crv, "summary": s}
     return methods
+
+
+SOLO_METHODS = ("full_context", "dynamic_eval", "sparse_dynamic_eval")
+REWARD_DEFINITION = ("mean over the episode's non-blank lines of the accepted fraction of the line under greedy "
+                     "tab completion (line_acceptance); an episode without a non-blank line has no reward and "
+                     "the adapt+reward row commits it with retention only (r = None), counted in "
+                     "episodes_without_reward")
 
 
 def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None, max_bytes: int = 100_000,
         episode_bytes: int = 2048, chunk: int = 256, eta_s: Optional[float] = None, eta_r: Optional[float] = None,
-        gamma: Optional[float] = None, dyn_lr: float = 1e-4, dyn_rule: str = "rms", dyn_eps: float = 1e-3,
-        dyn_decay: float = 0.0, calib_batches: int = 4, with_dynamic_eval: bool = True, drift_windows: int = 8,
+        gamma: Optional[float] = None, dyn_lr: float = 3e-4, dyn_rule: str = "rms", dyn_eps: float = 1e-3,
+        dyn_decay: float = 1e-3, sparse_lr: float = 3e-3, sparse_decay: float = 1e-2, calib_batches: int = 32, with_dynamic_eval: bool = True, drift_windows: int = 8,
         methods: Sequence[str] = ("frozen", "adapt", "adapt+reward", "no_persist"),
         out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, cache_dir: Optional[str] = None,
         pretrain_seconds: Optional[float] = None, seed: int = 0, lam: Optional[float] = None,
-        second_session: bool = False) -> Dict[str, Any]:
+        second_session: bool = False, dyn_tuned: bool = False, dyn_tune_package: str = "asyncio",
+        full_context_window: Optional[int] = 4096, timing_episodes: int = 3,
+        timing_repeats: int = 3) -> Dict[str, Any]:
     """Run the codebase benchmark and (with ``out_dir``) write ``<name>.json`` and ``<name>.png``.
 
     Args:
@@ -225,70 +322,114 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
             ``cache_dir``/``pretrain_seconds`` one loaded from or trained into the cache).
         max_bytes: bytes of the stream to read (gains are reported at 1k/10k/100k when reached).
         episode_bytes: longest episode; each file is split at line ends into episodes this long.
-        eta_s, eta_r, gamma: commit settings for the adapting rows (None: the model's own).
+        eta_s, eta_r, gamma: commit settings for the adapting rows (None: each memory's own).
         lam: eligibility-trace decay override (None: the model's own, 0.5 by default). It decides
             how much of an episode a commit stores: ``E_T = sum_t lam^(T-t) D_t``.
-        dyn_lr, dyn_rule, dyn_eps, dyn_decay: dynamic evaluation (:class:`DynamicEval`).
-        calib_batches: pretraining-corpus batches (8 x 256 bytes) that estimate dynamic
-            evaluation's mean squared gradients.
+        methods: batched rows (:func:`default_policies`) and rows read one at a time:
+            ``full_context`` (:class:`~cl_arch.eval.context.FullContext`, window
+            ``full_context_window``), ``dynamic_eval`` (all weights) and ``sparse_dynamic_eval``
+            (only the fast memories' ``W0``). ``with_dynamic_eval`` adds (True) or removes (False)
+            ``dynamic_eval``.
+        dyn_lr, dyn_rule, dyn_eps, dyn_decay: dynamic evaluation (:class:`DynamicEval`); the
+            defaults are the best of ``cl-arch eval tune-dynamic`` on asyncio for the shipped model.
+        sparse_lr, sparse_decay: the same for ``sparse_dynamic_eval`` (its own sweep's best).
+        dyn_tuned: take both dynamic evaluations' step size and decay from the sweep on the
+            held-out package ``dyn_tune_package`` (:func:`cl_arch.eval.tune_dynamic.load_or_tune`,
+            cached per model); the report's config records what was used and where it was tuned.
+        calib_batches: training-corpus windows ``[1, chunk + 1]`` (the step's own shape) that
+            estimate dynamic evaluation's mean squared gradients.
         drift_windows: stdlib validation windows (512 bytes) for the base-drift figure (0: skip).
         second_session: read the stream a second time as a new session of the same user
             (:meth:`EpisodeLearner.new_session`: ``S`` dropped, ``P`` kept); its rows are in
-            ``report["second_session"]``: what ``P`` carries that ``S`` (``no_persist``) cannot.
+            ``report["second_session"]``, each also against its own first session.
+        timing_episodes, timing_repeats: the per-row cost columns come from :func:`time_rows`
+            (every row alone at batch 1 on the stream's first ``timing_episodes`` episodes,
+            median of ``timing_repeats``); 0 episodes: the stream's own wall time instead.
     """
     torch.manual_seed(seed)
     src = source or held_out_package("json")
+    if os.path.basename(os.path.normpath(src)) == dyn_tune_package and dyn_tuned:
+        raise ValueError(f"the reported stream {src} is the package dynamic evaluation is tuned on "
+                         f"({dyn_tune_package}); report another one")
     files = resolve_sources(src)
     model = model if model is not None else stdlib_model(cache_dir, seconds=pretrain_seconds)
     model.eval()
     segments = segment_stream(files, max_bytes, episode_bytes)
     n_bytes = sum(len(s) for s, _ in segments)
-    policies = default_policies(eta_s, eta_r, gamma, methods)
-    dyn, calib = None, {}
-    if with_dynamic_eval:
-        dyn = DynamicEval(model, lr=dyn_lr, rule=dyn_rule, eps=dyn_eps, decay=dyn_decay)
-        if dyn_rule == "rms":
-            train_files, _ = split_files(stdlib_files("train"))
-            data = bytes_to_tensor(read_bytes(train_files, 2_000_000))
-            g = torch.Generator().manual_seed(seed + 7)
+    methods = [m for m in methods if m != "dynamic_eval" or with_dynamic_eval]
+    if with_dynamic_eval and "dynamic_eval" not in methods:
+        methods.append("dynamic_eval")
+    solo_names = [m for m in methods if m in SOLO_METHODS]
+    policies = default_policies(eta_s, eta_r, gamma, [m for m in methods if m not in SOLO_METHODS])
+    dyn_settings = {"dynamic_eval": {"params": "all", "lr": dyn_lr, "decay": dyn_decay, "tuned_on": None},
+                    "sparse_dynamic_eval": {"params": "fast_W0", "lr": sparse_lr, "decay": sparse_decay,
+                                            "tuned_on": None}}
+    for n in solo_names:
+        if n in dyn_settings and dyn_tuned:
+            best = load_or_tune(model, package=dyn_tune_package, params=dyn_settings[n]["params"])
+            dyn_settings[n].update(lr=best["best"]["lr"], decay=best["best"]["decay"], tuned_on=best["tuned_on"])
+    calib: Dict[str, Any] = {}
+    calib_set = None
+    if any(n in dyn_settings for n in solo_names) and dyn_rule == "rms":
+        calib_set = list(calibration_batches(calib_batches, chunk, seed + 7))
 
-            def batches():
-                for _ in range(calib_batches):
-                    x, y = random_windows(data, 8, 256, g)
-                    yield torch.cat([x, y[:, -1:]], dim=1)  # [8, 257]: inputs and the last target
+    def make(n: str):
+        if n == "full_context":
+            return lambda: FullContext(model, full_context_window)
+        cfg = dyn_settings[n]
 
-            calib = dyn.calibrate(batches())
+        def build():
+            d = DynamicEval(model, lr=cfg["lr"], rule=dyn_rule, eps=dyn_eps, decay=cfg["decay"], params=cfg["params"])
+            if dyn_rule == "rms":
+                calib[n] = d.calibrate(iter(calib_set))
+            return d
+        return build
+
+    makers = {n: make(n) for n in solo_names}
     base = base_windows(drift_windows, 512, seed) if drift_windows else None
-    out = run_stream(model, segments, policies, dyn, chunk, desc=f"codebase {os.path.basename(src.rstrip('/'))}",
-                     lam=lam)
-    methods = summarize(out, model, chunk, episode_bytes, base)
+    out = run_stream(model, segments, policies, None, chunk, desc=f"codebase {os.path.basename(src.rstrip('/'))}",
+                     lam=lam, solo={n: f() for n, f in makers.items()})
+    cost = (time_rows(model, segments[:timing_episodes], policies, makers, chunk, timing_repeats, lam)
+            if timing_episodes else None)
+    methods_out = summarize(out, model, chunk, episode_bytes, base, cost)
     second = None
     if second_session:
         learner = out["learner"]
         learner.new_session()
         out2 = run_stream(model, segments, policies, None, chunk, desc="second session", lam=lam, learner=learner)
-        second = summarize(out2, model, chunk, episode_bytes, None)
+        second = summarize(out2, model, chunk, episode_bytes, None, cost)
         # What P is worth: each row's second pass against its own first pass, which started
         # without P (a new session that adapts from scratch). Frozen and no_persist read the
         # second pass exactly like the first (nothing survives a session), so their figure is 0.
-        for name in second:
-            a, b = out["bits"][name], out2["bits"][name]
+        for row in second:
+            a, b = out["bits"][row], out2["bits"][row]
             gains = M.gain_curve(a, b, POINTS)
-            s2 = second[name]["summary"]
+            s2 = second[row]["summary"]
             for n in POINTS:
                 if n in gains:
                     s2[f"gain_over_first_session_{_short(n)}"] = gains[n]
                     s2[f"gain_over_first_session_ci_{_short(n)}"] = list(gain_interval(a, b, n))
+    without_reward = {p.name: sum(1 for ep in out["rewards"] if ep[i] is None)
+                      for i, p in enumerate(policies) if p.use_reward}
     report = {
         "benchmark": "codebase",
         "config": {"source": os.path.abspath(src), "files": len(files), "bytes": n_bytes,
                    "episodes": len(segments), "episode_bytes": episode_bytes, "chunk": chunk, "eta_s": eta_s,
-                   "eta_r": eta_r, "gamma": gamma, "lam": lam, "dyn_lr": dyn_lr, "dyn_rule": dyn_rule, "dyn_eps": dyn_eps,
-                   "dyn_decay": dyn_decay, "calibration": calib, "drift_windows": drift_windows,
+                   "eta_r": eta_r, "gamma": gamma, "lam": lam, "dyn_rule": dyn_rule, "dyn_eps": dyn_eps,
+                   "dyn_lr": dyn_settings["dynamic_eval"]["lr"], "dyn_decay": dyn_settings["dynamic_eval"]["decay"],
+                   "dyn_tuned_on": dyn_settings["dynamic_eval"]["tuned_on"],
+                   "dynamic_evaluations": {n: dyn_settings[n] for n in solo_names if n in dyn_settings},
+                   "calibration": calib, "calib_batches": calib_batches, "full_context_window": full_context_window,
+                   "reward": REWARD_DEFINITION, "episodes_without_reward": without_reward,
+                   "cost": ("every row alone at batch 1 on the first %d episodes, median of %d repeats, this process "
+                            "and thread count (%d); FLOPs counted by torch.utils.flop_counter on one chunk"
+                            % (timing_episodes, timing_repeats, torch.get_num_threads())) if cost else
+                           "stream wall time (batched rows: divided by the batch)",
+                   "drift_windows": drift_windows,
                    "model_fingerprint": model.fingerprint(), "model_parameters": model.num_parameters(),
                    "model_config": model.config.to_dict(), "seed": seed},
-        "x_label": "bytes read", "y_label": "bits/byte (local mean)", "log_x": True,
-        "methods": methods,
+        "x_label": "bytes read", "y_label": "gain over frozen (bits/byte, local mean, 95% band)", "log_x": True,
+        "methods": methods_out,
     }
     report["table"] = table(report)
     if second is not None:
@@ -309,11 +450,14 @@ def table(report: Dict[str, Any]) -> str:
         rows.append([name, f"{s['bpb']:.3f}"] +
                     ["-" if v is None else (f"{v:+.3f}" if ci is None or name == "frozen"
                                             else f"{v:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]") for v, ci in g] +
-                    [f"{s['aulc']:+.4f}", "-" if s.get("tab_acceptance") is None else f"{s['tab_acceptance']:.3f}",
-                     f"{s['sec_per_token'] * 1e3:.3f}", f"{s['flops_per_token'] / 1e6:.2f}",
+                    [f"{s['aulc']:+.4f}",
+                     "-" if s.get("aulc_after_first_episode") is None else f"{s['aulc_after_first_episode']:+.4f}",
+                     "-" if s.get("tab_acceptance") is None else f"{s['tab_acceptance']:.3f}",
+                     f"{s['sec_per_token'] * 1e3:.3f}",
+                     "-" if s.get("flops_per_token") is None else f"{s['flops_per_token'] / 1e6:.2f}",
                      "-" if "drift_bpb" not in s else f"{s['drift_bpb']:+.3f}"])
     return format_table(rows, ["method", "bits/byte", "gain@1k", "gain@10k", "gain@100k", "AULC",
-                               "tab accept", "ms/token", "MFLOP/token", "stdlib drift"])
+                               "AULC after ep. 1", "tab accept", "ms/token", "MFLOP/token", "stdlib drift"])
 
 
 def table_vs_first(second: Dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ Schema (top level)::
       "config": {...},                         # every setting needed to rerun it
       "x_label": "bytes read", "y_label": "bits/byte", "log_x": true,   # how to plot the curves
       "methods": {
-        "frozen": {"curve": [{"x": 1000, "y": 2.31}, ...],
+        "frozen": {"curve": [{"x": 1000, "y": 2.31}, ...],   # optional "lo", "hi": a 95% band
                    "summary": {"gain_bpb_1k": 0.0, "aulc": 0.0, ...}},
         ...
       },
@@ -51,8 +51,9 @@ def validate(report: Dict[str, Any]) -> None:
         if not isinstance(m, dict) or "curve" not in m or "summary" not in m:
             raise ValueError(f"report['methods'][{name!r}] needs 'curve' and 'summary'")
         for p in m["curve"]:
-            if set(p) != {"x", "y"}:
-                raise ValueError(f"report['methods'][{name!r}]['curve'] entries must be {{x, y}}, got {p}")
+            if not {"x", "y"} <= set(p) <= {"x", "y", "lo", "hi"}:
+                raise ValueError(f"report['methods'][{name!r}]['curve'] entries must be {{x, y}} with an "
+                                 f"optional band {{lo, hi}}, got {p}")
 
 
 def _jsonable(o: Any) -> Any:
@@ -87,8 +88,11 @@ def plot(report: Dict[str, Any], path: str, title: Optional[str] = None) -> str:
             if not pts:
                 continue
             label = name.split("/", 1)[1] if "/" in name else name
-            ax.plot([p["x"] for p in pts], [p["y"] for p in pts], marker="o" if len(pts) < 30 else None,
-                    ms=3, label=label)
+            line, = ax.plot([p["x"] for p in pts], [p["y"] for p in pts], marker="o" if len(pts) < 30 else None,
+                            ms=3, label=label)
+            if all("lo" in p and "hi" in p for p in pts):  # a 95% band around the curve
+                ax.fill_between([p["x"] for p in pts], [p["lo"] for p in pts], [p["hi"] for p in pts],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
         if report.get("log_x"):
             ax.set_xscale("log")
         ax.set_xlabel(report.get("x_label", "interactions"))

@@ -41,18 +41,22 @@ def add_parser(sub):
     p.add_argument("--gamma", type=_float_or_model, default=None, help="codebase: P retention per commit "
                    "(default: the model's)")
     p.add_argument("--eta-r", type=float, default=None, help="reward commit rate (default: the model's)")
-    p.add_argument("--dyn-lr", type=float, default=1e-4, help="dynamic evaluation step size")
+    p.add_argument("--dyn-lr", type=float, default=3e-4, help="dynamic evaluation step size (default: the best of "
+                   "tune-dynamic on asyncio for the shipped model)")
     p.add_argument("--dyn-rule", choices=["rms", "sgd"], default="rms")
-    p.add_argument("--dyn-decay", type=float, default=0.0, help="codebase: dynamic evaluation's pull toward the "
-                   "pretrained weights per step")
+    p.add_argument("--dyn-decay", type=float, default=1e-3, help="codebase: dynamic evaluation's pull toward the "
+                   "pretrained weights per step (default: tune-dynamic's best on asyncio for the shipped model)")
+    p.add_argument("--full-context-window", type=int, default=4096, help="codebase: attention window of the "
+                   "full_context row (bytes)")
     p.add_argument("--dyn-params", choices=["all", "fast_W0"], default=None, help="tune-dynamic: which weights "
                    "dynamic evaluation adapts (default all; fast_W0: only the fast memories' W0, the sparse "
                    "variant); codebase: also run that variant (all: dynamic_eval, fast_W0: sparse_dynamic_eval)")
     p.add_argument("--dyn-tuned", action="store_true", help="codebase: take dynamic evaluation's step size and "
                    "decay from the sweep on asyncio (cl-arch eval tune-dynamic; cached per model, run if missing)")
     p.add_argument("--no-dynamic-eval", action="store_true", help="codebase: skip dynamic evaluation")
-    p.add_argument("--methods", default="frozen,adapt,adapt+reward,no_persist", help="codebase: batched rows, "
-                   "comma-separated, from static, frozen, adapt, adapt+reward, no_persist")
+    p.add_argument("--methods", default="frozen,adapt,adapt+reward,no_persist", help="codebase: rows, "
+                   "comma-separated, from static, frozen, adapt, adapt+reward, no_persist (batched) and "
+                   "full_context, sparse_dynamic_eval, dynamic_eval (one at a time)")
     p.add_argument("--second-session", action="store_true", help="codebase: read the stream again as a new "
                    "session (S dropped, P kept): what the committed P carries that S cannot")
     p.add_argument("--no-readout", action="store_true", help="codebase/offset: remove the model's readout memory "
@@ -109,7 +113,8 @@ def run(args):
         rep = codebase.run(source=args.source, model=model, max_bytes=args.max_bytes,
                            episode_bytes=args.episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r, gamma=args.gamma,
                            dyn_lr=args.dyn_lr, dyn_rule=args.dyn_rule, dyn_decay=args.dyn_decay,
-                           dyn_tuned=args.dyn_tuned, with_dynamic_eval=not args.no_dynamic_eval, lam=args.lam,
+                           dyn_tuned=args.dyn_tuned, full_context_window=args.full_context_window,
+                           with_dynamic_eval=not args.no_dynamic_eval, lam=args.lam,
                            out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
                            pretrain_seconds=args.pretrain_seconds, seed=args.seed,
                            second_session=args.second_session, methods=tuple(methods))

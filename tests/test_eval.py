@@ -115,6 +115,62 @@ def test_codebase_end_to_end(tiny_lm, tree, tmp_path):
     assert saved["benchmark"] == "codebase" and os.path.isfile(saved["plot"])
 
 
+def test_codebase_every_row_with_measured_cost(tiny_lm, tree, tmp_path):
+    """The rows read one at a time (full_context, both dynamic evaluations) next to the batched ones;
+    cost per row measured at batch 1; gain curves carry their 95% band; reward bookkeeping stated."""
+    rows = ("frozen", "adapt", "adapt+reward", "no_persist", "full_context", "sparse_dynamic_eval", "dynamic_eval")
+    rep = codebase.run(source=tree, model=tiny_lm, max_bytes=1500, episode_bytes=512, chunk=128, calib_batches=2,
+                       drift_windows=2, out_dir=str(tmp_path), methods=rows[:-1], full_context_window=300,
+                       timing_episodes=2, timing_repeats=1)
+    m = rep["methods"]
+    assert set(m) == set(rows)
+    for name, v in m.items():
+        s = v["summary"]
+        assert s["sec_per_token"] > 0 and s["flops_per_token"] > 0 and s["cost_measured"].startswith("batch 1")
+        assert all(p["lo"] <= p["hi"] for p in v["curve"])
+        assert s["aulc_after_first_episode"] is not None
+    # gradient steps on all weights cost more than on W0 alone, which costs more than reading
+    f = {n: m[n]["summary"]["flops_per_token"] for n in m}
+    assert f["dynamic_eval"] > f["sparse_dynamic_eval"] > f["frozen"]
+    assert f["full_context"] > f["frozen"]  # attention over up to 300 bytes instead of 64
+    cfg = rep["config"]
+    assert cfg["dynamic_evaluations"]["sparse_dynamic_eval"]["params"] == "fast_W0"
+    assert set(cfg["episodes_without_reward"]) == {"adapt+reward"} and "line" in cfg["reward"]
+    report.validate(json.load(open(rep["json"])))
+
+
+def test_full_context_keeps_attention_across_episodes_and_resets_fast_memory(tiny_lm):
+    from cl_arch.eval.context import FullContext
+    from cl_arch.state import FastLayerState
+    r = FullContext(tiny_lm, window=100)
+    ids = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(0))
+    r.step(ids)
+    r.new_episode()
+    assert r.context_bytes() == 70 and r.state.position == 70
+    fresh = tiny_lm.materialize_state(tiny_lm.init_state(1), 1)
+    for s, f in zip(r.state.layers, fresh.layers):
+        if isinstance(s, FastLayerState):
+            assert torch.equal(s.S, f.S)
+    r.step(ids)
+    assert r.context_bytes() == 99  # the window keeps the last window - 1 keys
+    with pytest.raises(ValueError, match="window"):
+        FullContext(tiny_lm, window=0)
+
+
+def test_episodes_without_reward_are_counted(tiny_lm, tmp_path):
+    src = tmp_path / "blank.py"
+    src.write_bytes(b"x = 1\n" + b"\n" * 300 + b"y = 2\n")
+    rep = codebase.run(source=str(src), model=tiny_lm, max_bytes=None, episode_bytes=100, chunk=64,
+                       drift_windows=0, out_dir=None, with_dynamic_eval=False, timing_episodes=0)
+    assert rep["config"]["episodes_without_reward"]["adapt+reward"] >= 2  # the all-blank episodes
+
+
+def test_codebase_refuses_to_report_the_tuning_package(tiny_lm):
+    with pytest.raises(ValueError, match="tuned on"):
+        codebase.run(source=codebase.held_out_package("asyncio"), model=tiny_lm, max_bytes=300, dyn_tuned=True,
+                     out_dir=None)
+
+
 def test_tabcomplete_end_to_end(tiny_lm, tree, tmp_path):
     rep = tabcomplete.run(source=tree, model=tiny_lm, max_bytes=1200, episode_bytes=400, out_dir=str(tmp_path))
     on = rep["methods"]["acceptance/adapt on"]["summary"]
@@ -149,7 +205,10 @@ def test_sutton_and_retention_small(learner_model, tiny_lm, tree, tmp_path):
     rep = sutton.run(model=learner_model, text_model=tiny_lm, episodes=16, seeds=2, source=tree, other=tree,
                      max_bytes=1200, episode_bytes=400, out_dir=str(tmp_path))
     st = rep["methods"]["games/kept"]["summary"]
-    assert st["sutton_ci"][0] <= st["sutton_delta"] <= st["sutton_ci"][1]
+    # the delta is the paired difference of the final checkpoint's kept and reset scores (curves)
+    kept, reset, yoked = (rep["methods"][f"games/{k}"]["summary"]["final"] for k in ("kept", "reset", "yoked"))
+    assert st["sutton_delta"] == pytest.approx(kept - reset) and st["yoked_delta"] == pytest.approx(kept - yoked)
+    assert st["n"] == 2 and st["sutton_ci"][0] < st["sutton_ci"][1]  # two seeds that differ: a real interval
     assert "yoked_delta" in rep["methods"]["tabcomplete/kept"]["summary"]
     ret = retention.run(learner_model, tasks=2, episodes=10, seeds=2, out_dir=str(tmp_path))
     assert np.asarray(ret["R"]).shape == (2, 2)
