@@ -1,4 +1,4 @@
-"""Install cl_arch: four source folders under one import root (see DESIGN.md)."""
+"""Install cl_arch: five source folders under one import root (see docs/design.md, "Layout")."""
 import os
 
 from setuptools import setup

@@ -2,9 +2,9 @@
 
 A model trained on associative recall (``train_recall_model``, or ``--model DIR``) plays
 ``--episodes`` episodes per seed with adaptation on and, on the same seeds and cue sequences,
-with the state reset every episode (``adapt=False``). Sutton delta (DESIGN.md) = mean reward
-over the last quarter of episodes, adapted minus reset, paired by seed; 95% interval by
-bootstrap over seeds. Prints a table, writes ``benchmarks/out/bench_sutton.json``.
+with the state reset every episode (``adapt=False``). Sutton delta (a variant of the one in
+docs/design.md, "Measuring learning") = mean reward over the last quarter of episodes, adapted
+minus reset, paired by seed; 95% interval by bootstrap over seeds. Prints a table, writes ``benchmarks/out/bench_sutton.json``.
 
     python benchmarks/bench_sutton.py --seeds 8 --episodes 200
 """

@@ -37,7 +37,7 @@ class PlasticConfig:
     n_attn_heads: int = 4
     attn_window: Optional[int] = None  # sliding window (tokens, including the current one)
     rope_theta: float = 10000.0
-    # --- readout memory (DESIGN.md, "Readout memory"): a fast-weight head after the last block ---
+    # --- readout memory (docs/design.md, "The readout memory"): a fast-weight head after the last block ---
     readout_heads: int = 2  # 0 disables it
     readout_values: str = "onehot"  # "onehot" (V = vocab_size) or "embed" (V = d_model, tied head)
     readout_beta: float = 0.5  # initial write strength

@@ -17,7 +17,7 @@ from .state import AttnLayerState, FastLayerState, LayerState, ModelState
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-# What W0 means. 2: the fast memory decays toward its resting state W0 + P (DESIGN.md, "The rule").
+# What W0 means. 2: the fast memory decays toward its resting state W0 + P (docs/design.md, "The rule").
 # Checkpoints without it were trained when the memory decayed toward zero and W0 was only the
 # episode's starting point: loading them under the new rule would silently change the model.
 FAST_MEMORY_FORMAT = 2
@@ -51,7 +51,7 @@ class Block(nn.Module):
 
 
 class PlasticTransformer(nn.Module):
-    """Decoder-only language model with fast-weight layers (see DESIGN.md).
+    """Decoder-only language model with fast-weight layers (see docs/design.md).
 
     ``logits, state = model(input_ids, state)``; passing the returned state into the next call
     continues the same stream (fast weights, traces, conv and KV caches, position).
@@ -330,8 +330,9 @@ class PlasticTransformer(nn.Module):
             raise ValueError(
                 f"checkpoint {directory} has fast_memory_format {fmt}, this cl_arch reads {FAST_MEMORY_FORMAT}: "
                 "it was trained when the fast memory decayed toward zero and W0 was only each episode's "
-                "starting point; the current rule decays toward the resting state W0 + P (DESIGN.md), under "
-                "which those weights compute something else. Retrain it with this version.")
+                "starting point; the current rule decays toward the resting state W0 + P "
+                "(docs/design.md, 'The rule'), under which those weights compute something else. "
+                "Retrain it with this version.")
         try:
             config = PlasticConfig.from_dict(cfg_dict)
         except TypeError as e:

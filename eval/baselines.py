@@ -8,8 +8,8 @@
   tokens, same weights, same arithmetic) and costs one forward pass for all of them.
 * :class:`DynamicEval` is the strong classical baseline: Krause et al.'s dynamic evaluation, a
   gradient step on all weights (or, sparse, on the fast memories' ``W0`` only) after each scored
-  chunk, with RMS-normalised updates whose denominator is guarded (DESIGN.md's trap), calibrated
-  at the step's own batch shape (:func:`calibration_batches`); its step size and decay are tuned
+  chunk, with RMS-normalised updates whose denominator is guarded (the trap in docs/design.md,
+  "Measuring learning"), calibrated at the step's own batch shape (:func:`calibration_batches`); its step size and decay are tuned
   on a package never reported (:mod:`cl_arch.eval.tune_dynamic`).
 
 The commit is each memory's own (:meth:`~cl_arch.layers.plasticity.PlasticMemory.commit`: its

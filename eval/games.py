@@ -39,8 +39,8 @@ from .report import curve, format_table, write_report
 # ---------------------------------------------------------------------------- model
 def recall_model(steps: int = 600, cache_root: str = "runs", seed: int = 0) -> PlasticTransformer:
     """A model trained on associative recall (:func:`cl_arch.train.recall.train_recall_model`),
-    cached in ``<cache_root>/recall-model-<steps>-<seed>`` (DESIGN.md: never test learning on a
-    fresh model)."""
+    cached in ``<cache_root>/recall-model-<steps>-<seed>`` (docs/design.md, "Measuring learning":
+    never test learning on a fresh model)."""
     from cl_arch.train.recall import train_recall_model
 
     path = os.path.join(cache_root, f"recall-model-{steps}-{seed}")

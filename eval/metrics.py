@@ -55,7 +55,7 @@ def window_mean(values: Sequence[float], n: int, window: Optional[int] = None) -
 
 def gain_curve(loss_frozen: Sequence[float], loss_adapted: Sequence[float], points: Sequence[int],
                window: Optional[int] = None) -> Dict[int, float]:
-    """Gain over the frozen control at each point ``n`` (DESIGN.md, "Gain curve").
+    """Gain over the frozen control at each point ``n`` (docs/design.md, "Measuring learning": gain curve).
 
     ``gain(n) = L_frozen(n) - L_adapted(n)`` with ``L(n) = window_mean(losses, n)``: both curves
     are per-interaction prequential losses (each scored before the model learns from it) on the
@@ -84,7 +84,7 @@ def learning_curve_area(scores: Sequence[float]) -> float:
 
 
 def aulc(scores: Sequence[float], lo: float = 0.0, hi: float = 1.0) -> float:
-    """Area under the normalised learning curve (DESIGN.md, "AULC"):
+    """Area under the normalised learning curve (docs/design.md, "Measuring learning": AULC):
 
     ``AULC = 1/(beta + 1) * sum_b (Z_b - lo) / (hi - lo)``, i.e. :func:`learning_curve_area` of
     the curve rescaled so that ``lo`` (chance, or the frozen control) maps to 0 and ``hi``

@@ -6,10 +6,10 @@ carries across tasks. After each task ``i`` every task ``j`` is scored without l
 (:func:`cl_arch.eval.sutton.expected_score`: mean probability of the preferred answer over j's
 cues): ``R[i, j]``. ``b_j`` is the score before any learning (for FWT).
 
-Consolidation (DESIGN.md): after each task, ``fold`` (``W0 <- W0 + P, P <- 0``) or ``distill``
-(teacher with P -> student without, on the task's episodes) moves what P holds into the slow
-weights of the learner's own model copy, so the next task's commits do not decay or overwrite
-it; the report gives ACC/BWT/FWT/forgetting without and with each (``consolidation``). A
+Consolidation (docs/design.md, "Public API"): after each task, ``fold`` (``W0 <- W0 + P,
+P <- 0``) or ``distill`` (teacher with P -> student without, on the task's episodes) moves what
+P holds into the slow weights of the learner's own model copy, so the next task's commits do not
+decay or overwrite it; the report gives ACC/BWT/FWT/forgetting without and with each (``consolidation``). A
 consolidation that raises is recorded in the report, not fatal.
 """
 from __future__ import annotations

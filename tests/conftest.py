@@ -7,7 +7,8 @@
     (``train.tasks.KEYS``) to the value token (``train.tasks.VALUES``) written after it, also
     from a memory carried into a new episode, i.e. from ``S0 = W0 + P``: use it for anything that
     tests *learning* (sessions, the Sutton test, consolidation, eval); a fresh model cannot map a
-    written value back to its token (DESIGN.md). Tests may modify their copy freely.
+    written value back to its token (docs/design.md, "Measuring learning"). Tests may modify their
+    copy freely.
 
 ``recall_model_base`` (session scope)
     The trained model itself, trained once per pytest run (400 steps: about 40 s on two idle CPU

@@ -1,4 +1,4 @@
-"""The readout memory (DESIGN.md, "Readout memory"): a fast-weight head after the last block."""
+"""The readout memory (docs/design.md, "The readout memory"): a fast-weight head after the last block."""
 import json
 
 import pytest

@@ -1,4 +1,5 @@
-"""The resting state M = W0 + P: the fast memory decays toward M, not toward zero (DESIGN.md, "The rule").
+"""The resting state M = W0 + P: the fast memory decays toward M, not toward zero
+(docs/design.md, "The rule").
 
 Every backend against the naive loop, which applies ``S' = M + a (S - M)`` token by token, in float64:
 outputs, final states, traces and every gradient including ``dM``.

@@ -1,7 +1,7 @@
 """Quick associative-recall pretraining: a small model whose fast memory maps keys to values.
 
-DESIGN.md: a randomly initialised model has no reason to map a value it wrote back to the token
-it came from, so tests and benchmarks of learning start from a model trained briefly on
+docs/design.md ("Measuring learning"): a randomly initialised model has no reason to map a value
+it wrote back to the token it came from, so tests and benchmarks of learning start from a model trained briefly on
 :func:`cl_arch.train.tasks.recall_batch`. :func:`train_recall_model` does that in about a minute
 on two CPU cores and is deterministic for a given seed and step count.
 """

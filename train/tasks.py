@@ -191,7 +191,7 @@ def recall_anchor(n: int, n_pairs: int, seed: int) -> dict:
 # ---------------------------------------------------------------------- hidden preference game
 @dataclass
 class PreferenceGame:
-    """Reward-only hidden-preference game (DESIGN.md's "Sutton test").
+    """Reward-only hidden-preference game (the Sutton test of docs/design.md, "Measuring learning").
 
     There are ``n_cues`` cues (key tokens) and ``n_answers`` answers (value tokens); each cue has
     one hidden preferred answer, drawn from ``seed``. An episode shows ``prompt(cue) = [BOS, cue]``,

@@ -36,7 +36,7 @@ class ShortConv(nn.Module):
 
 
 class FastWeightLayer(PlasticMemory):
-    """Token mixer whose memory is a per-head matrix rewritten at every token (DESIGN.md).
+    """Token mixer whose memory is a per-head matrix rewritten at every token (docs/design.md, "The rule").
 
     ``forward(x [B, T, d_model], state, modulation [B, T]) -> (y [B, T, d_model], FastLayerState)``.
 

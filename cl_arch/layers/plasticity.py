@@ -1,5 +1,5 @@
 """What every fast-weight memory shares: the base memory ``W0``, the resting state ``M = W0 + P``
-and the per-head plasticity settings the commit reads (DESIGN.md, "The rule")."""
+and the per-head plasticity settings the commit reads (docs/design.md, "The rule", "The commit")."""
 import math
 from typing import Dict, Optional, Tuple, Union
 
@@ -69,7 +69,7 @@ class PlasticMemory(nn.Module):
         M = self.resting_state(batch_size, P)
         return M.expand(batch_size, *self.W0.shape) if M.dim() == 3 else M
 
-    # ------------------------------------------------------------------ the commit (DESIGN.md)
+    # ------------------------------------------------------------------ the commit (docs/design.md)
     def plasticity_parameters(self) -> Dict[str, nn.Parameter]:
         """The learnable settings the commit reads (``lam_logit, gamma_logit, eta_s, eta_r``), by
         name: what pretraining freezes and ``finetune(trainable="plasticity")`` trains. The one
@@ -130,8 +130,8 @@ class PlasticMemory(nn.Module):
         """:func:`plastic_rule` on this memory's state: ``q, k [B, T, H, K]``, ``v [B, T, H, V]``,
         ``beta, g [B, T, H]`` -> ``(o [B, T, H, V], S_T, E_T)``.
 
-        The memory relaxes toward its resting state ``M = W0 + P`` (DESIGN.md), so what a commit put
-        in P acts on every token. ``rest=False`` is the first design's rule: start at ``W0 + P`` and
+        The memory relaxes toward its resting state ``M = W0 + P`` (docs/design.md, "The rule"), so
+        what a commit put in P acts on every token. ``rest=False`` is the first design's rule: start at ``W0 + P`` and
         decay toward zero. ``lam`` overrides the trace decay (float or ``[H]``; None: own).
         Decode steps take the per-token loop, training and prefill the chunked form (FLA's rule).
         """

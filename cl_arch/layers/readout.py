@@ -1,5 +1,5 @@
 """Readout memory: a fast-weight head after the last block, written with the model's own
-prediction error (DESIGN.md, "Readout memory").
+prediction error (docs/design.md, "The readout memory").
 
 At every position the final hidden state ``h_t`` predicts token ``t + 1``. One step later that
 token is known, so the memory writes the pair ``unit(h_{t-1}) -> e(x_t)`` with the delta rule

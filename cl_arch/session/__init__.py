@@ -1,4 +1,4 @@
-"""Sessions: inference with adaptation on, reward commits, persistence (DESIGN.md).
+"""Sessions: inference with adaptation on, reward commits, persistence (docs/design.md, "Public API").
 
 A :class:`Session` is one user's (or task's) running copy of a model's fast memory:
 

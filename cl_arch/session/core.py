@@ -1,4 +1,5 @@
-"""The :class:`Session` class: one user's adaptive copy of a model's fast memory (DESIGN.md).
+"""The :class:`Session` class: one user's adaptive copy of a model's fast memory
+(docs/design.md, "Public API").
 
 Reading and generating (each token updates the episode's state), the three-factor reward
 commit, snapshots and rollback, and saving and loading. What it builds on lives beside it:

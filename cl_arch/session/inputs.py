@@ -48,7 +48,8 @@ def _as_ids(ids: Any, vocab_size: int, what: str = "ids", allow_empty: bool = Fa
 
 # The advantage r - b multiplies the clipped eligibility trace in float32, so a reward near the
 # float32 range (3.4e38) turns P into inf even though the float is finite. Rewards are meant to be
-# O(1) (DESIGN: standardised by the running baseline); anything beyond this bound is a scale bug.
+# O(1) (docs/design.md, "The commit": the running baseline centres them, it does not rescale them);
+# anything beyond this bound is a scale bug.
 MAX_ABS_REWARD = 1e6
 
 

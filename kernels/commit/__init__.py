@@ -38,7 +38,7 @@ def reward_commit(
         b: running baseline, float or ``[N]``; None means 0.
         gamma: forgetting of P, a float or ``[H]`` tensor, in (0, 1] either way;
             eta_s, eta_r: floats or ``[H]`` tensors.
-        clip: per-head Frobenius bound on E (None disables: unbounded, see DESIGN.md).
+        clip: per-head Frobenius bound on E (None disables: unbounded, see docs/design.md, "The commit").
         rho: baseline step in [0, 1].
         inplace: write the result into P (and b if it is a tensor) and return them.
 
@@ -74,7 +74,8 @@ def reward_commit(
     r_t = None if r is None else as_vec("r", r, None)
     b_t = as_vec("b", b, 0.0)
     check_per_head("gamma", gamma, H, 0.0, 1.0)
-    # (0, 1] for floats and tensors alike (DESIGN.md): gamma = 0 would erase P at every commit.
+    # (0, 1] for floats and tensors alike (docs/design.md, "The commit"): gamma = 0 would erase P at
+    # every commit.
     # Tensors skip value checks under CL_ARCH_VALUE_CHECKS=0, as every other tensor argument does.
     if (_checks.VALUE_CHECKS or not isinstance(gamma, torch.Tensor)) and bool((torch.as_tensor(gamma) <= 0).any()):
         got = f"min {float(gamma.min()):.6g}" if isinstance(gamma, torch.Tensor) else gamma

@@ -1,6 +1,6 @@
 """Reference three-factor commit of an episode's trace into persistent memory.
 
-DESIGN.md::
+docs/design.md, "The commit"::
 
     P <- gamma * P + (eta_s + eta_r * (r - b)) * clip(E)
     b <- b + rho * (r - b)

@@ -1,4 +1,4 @@
-"""The plastic rule: one entry point, several backends (see DESIGN.md, "The rule").
+"""The plastic rule: one entry point, several backends (see docs/design.md, "The rule").
 
 Backends:
     naive             fp32 per-token loop, the ground truth (``naive.py``)
@@ -108,8 +108,8 @@ def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, 
         check_range("g", g, None, 0.0)
     if rule == "delta" and VALUE_CHECKS:
         # The delta step multiplies S by (I - beta k k^T), whose eigenvalue 1 - beta |k|^2 leaves [-1, 1]
-        # once beta |k|^2 > 2: the state then grows geometrically (DESIGN: k is unit-norm). The 1%
-        # slack lets bf16-rounded unit keys through.
+        # once beta |k|^2 > 2: the state then grows geometrically (docs/design.md, "The rule": the
+        # model's k is unit-norm). The 1% slack lets bf16-rounded unit keys through.
         step = (beta.detach().float() * k.detach().float().pow(2).sum(-1)).max()
         if not bool(step <= 2.02):
             raise ValueError(f"k is too long for the delta rule: beta * |k|^2 reaches {float(step):.4g} > 2, "
@@ -134,7 +134,7 @@ def plastic_rule(
     cu_seqlens: Optional[torch.Tensor] = None,
     resting_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Run the fast-weight rule of DESIGN.md over a sequence.
+    """Run the fast-weight rule (docs/design.md, "The rule") over a sequence.
 
     Per token, with ``M`` the resting state: ``S' = M + exp(g) (S - M)``;
     ``u = v - S'^T k`` (delta) or ``v`` (hebb); ``D = beta k u^T``; ``S = S' + D``;
@@ -152,7 +152,7 @@ def plastic_rule(
         resting_state: ``M = W0 + P``, ``[B, H, K, V]`` or ``[H, K, V]`` (shared by every
             row), or None: zeros, the plain gated delta rule. The naive backend applies the
             rule as written; the others run on ``S - M`` with values ``v - M^T k`` (delta)
-            and add the read ``M^T (scale q)``, which is exact (DESIGN.md, "The rule").
+            and add the read ``M^T (scale q)``, which is exact (docs/design.md, "The rule").
         output_final_state: return S_T and E_T (else both None).
         backend: "auto" or a name from ``BACKENDS``.
         chunk_size: tokens per chunk for the chunked backends (ignored by the others).
@@ -202,7 +202,7 @@ def _run(fn, backend, q, k, v, beta, g, cu_seqlens, **kw):
 
 
 def _around_rest(fn, backend, q, k, v, beta, g, M, cu_seqlens, rule, scale, initial_state, **kw):
-    """A backend without a resting state, run on the deviation ``S~ = S - M`` (DESIGN.md).
+    """A backend without a resting state, run on the deviation ``S~ = S - M`` (docs/design.md, "The rule").
 
     ``S' = M + a (S - M)`` is ``S~' = a S~``; the delta error ``v - S'^T k`` is
     ``(v - M^T k) - S~'^T k``; the read ``S^T q`` is ``M^T q + S~^T q``; the writes, hence

@@ -1,6 +1,6 @@
 """Ground truth for the plastic rule: one token at a time, in at least float32.
 
-This is DESIGN.md's rule written as literally as possible. Every faster backend
+This is the rule of docs/design.md ("The rule") written as literally as possible. Every faster backend
 (`chunk.py`, `fused_recurrent.py`, the Triton kernels) is tested against it.
 """
 from typing import Optional, Tuple, Union
