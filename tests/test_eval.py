@@ -115,6 +115,30 @@ def test_codebase_end_to_end(tiny_lm, tree, tmp_path):
     assert saved["benchmark"] == "codebase" and os.path.isfile(saved["plot"])
 
 
+def test_codebase_rows_are_prequential_and_differ_only_where_they_should(tiny_lm, tree):
+    """Every row scores a byte before learning from it (changing the stream's last byte changes no
+    earlier loss), all episode-level rows are identical inside the first episode (nothing has crossed
+    an episode boundary yet) and the ones that carry something differ after it."""
+    segs = codebase.segment_stream(codebase.resolve_sources(tree), 1400, 500)
+    pols = codebase.default_policies(None, None, None, ("frozen", "adapt", "no_persist"))
+
+    def bits(segments):
+        solo = {"full_context": codebase.FullContext(tiny_lm, 200),
+                "dynamic_eval": DynamicEval(tiny_lm, lr=1e-3, rule="sgd")}
+        return codebase.run_stream(tiny_lm, segments, pols, chunk=128, solo=solo)["bits"]
+
+    a = bits(segs)
+    last, prev = segs[-1]
+    b = bits(segs[:-1] + [(last[:-1] + bytes([(last[-1] + 1) % 256]), prev)])
+    n1 = len(segs[0][0])
+    for name in a:
+        assert np.array_equal(a[name][:-1], b[name][:-1]), name  # prequential
+        assert a[name][-1] != b[name][-1], name  # and the changed byte is scored
+    for name in ("adapt", "no_persist"):  # rows of one batch: equal up to float rounding
+        np.testing.assert_allclose(a[name][:n1], a["frozen"][:n1], rtol=1e-5, atol=1e-5)
+        assert np.abs(a[name][n1:] - a["frozen"][n1:]).max() > 1e-3
+
+
 def test_codebase_every_row_with_measured_cost(tiny_lm, tree, tmp_path):
     """The rows read one at a time (full_context, both dynamic evaluations) next to the batched ones;
     cost per row measured at batch 1; gain curves carry their 95% band; reward bookkeeping stated."""
@@ -172,9 +196,27 @@ def test_codebase_refuses_to_report_the_tuning_package(tiny_lm):
 
 
 def test_tabcomplete_end_to_end(tiny_lm, tree, tmp_path):
-    rep = tabcomplete.run(source=tree, model=tiny_lm, max_bytes=1200, episode_bytes=400, out_dir=str(tmp_path))
-    on = rep["methods"]["acceptance/adapt on"]["summary"]
-    assert 0.0 <= on["acceptance"] <= 1.0 and on["chars_saved"] <= on["chars_total"]
+    """The 'adapt off' figures recomputed independently: each episode read in one forward pass from a
+    fresh state, a line accepted up to its first wrongly predicted byte (all of it if none)."""
+    rep = tabcomplete.run(source=tree, model=tiny_lm, max_bytes=1200, episode_bytes=200, out_dir=str(tmp_path))
+    on, off = rep["methods"]["acceptance/adapt on"]["summary"], rep["methods"]["acceptance/adapt off"]["summary"]
+    fracs, saved, total = [], 0, 0
+    for seg, prev in codebase.segment_stream(codebase.resolve_sources(tree), 1200, 200):
+        x = torch.tensor([[prev] + list(seg[:-1])])
+        with torch.no_grad():
+            ok = (tiny_lm(x)[0][0].argmax(-1) == torch.tensor(list(seg))).tolist()
+        start = 0
+        for line in seg.split(b"\n"):
+            end = min(start + len(line) + 1, len(seg))
+            if line.strip():
+                run = next((i for i, c in enumerate(ok[start:end]) if not c), end - start)
+                fracs.append(run / (end - start))
+                saved, total = saved + run, total + end - start
+            start = end
+    assert off["acceptance"] == pytest.approx(float(np.mean(fracs)), abs=1e-9)
+    assert off["chars_saved"] == saved and off["chars_total"] == total
+    assert on["chars_total"] == total and 0.0 <= on["acceptance"] <= 1.0
+    assert on["gain_acceptance"] == pytest.approx(on["acceptance"] - off["acceptance"], abs=1e-9)
     assert os.path.isfile(rep["plot"])
 
 
