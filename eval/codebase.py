@@ -39,7 +39,7 @@ from cl_arch.train.data import resolve_sources
 from . import metrics as M
 from .baselines import FROZEN, DynamicEval, EpisodeLearner, RowPolicy, calibration_batches
 from .context import FullContext
-from .cost import flops_per_token
+from .cost import flops_per_token, state_bytes
 # re-exported: the model and stream helpers lived here before eval/models.py and eval/streams.py
 from .models import (DEMO_PRETRAIN_SECONDS, default_cache_dir, default_model, demo_config,  # noqa: F401
                      demo_pretrain_overrides, stdlib_model, without_readout)
@@ -276,6 +276,18 @@ def summarize(out: Dict[str, Any], model: PlasticTransformer, chunk: int, episod
             s["cost_measured"] = "stream wall time" + ("" if name in solo else " / batch rows")
             s["flops_per_token"] = (None if name in solo else
                                     flops_per_token(model, context=min(chunk, model.config.attn_window or chunk)))
+        # Memory a user of this row holds beside the shared weights at the end of the stream: the
+        # row's state (fast memories, attention caches) and P, or dynamic evaluation's adapted weights.
+        if name in solo:
+            reader = solo[name]
+            held = state_bytes(reader.state) if reader.state is not None else 0
+            if isinstance(reader, DynamicEval):
+                held += sum(p.numel() * p.element_size() for p in reader.params)
+            s["state_bytes"] = held
+        else:
+            s["state_bytes"] = (state_bytes(learner.row_state(i)) +
+                                (sum(P[i].numel() * P[i].element_size() for P in learner.P)
+                                 if learner.policies[i].persist else 0))
         if name in solo:
             reader = solo[name]
             if isinstance(reader, DynamicEval):
@@ -455,9 +467,10 @@ def table(report: Dict[str, Any]) -> str:
                      "-" if s.get("tab_acceptance") is None else f"{s['tab_acceptance']:.3f}",
                      f"{s['sec_per_token'] * 1e3:.3f}",
                      "-" if s.get("flops_per_token") is None else f"{s['flops_per_token'] / 1e6:.2f}",
+                     "-" if s.get("state_bytes") is None else f"{s['state_bytes'] / 2 ** 20:.2f}",
                      "-" if "drift_bpb" not in s else f"{s['drift_bpb']:+.3f}"])
     return format_table(rows, ["method", "bits/byte", "gain@1k", "gain@10k", "gain@100k", "AULC",
-                               "AULC after ep. 1", "tab accept", "ms/token", "MFLOP/token", "stdlib drift"])
+                               "AULC after ep. 1", "tab accept", "ms/token", "MFLOP/token", "MiB held", "stdlib drift"])
 
 
 def table_vs_first(second: Dict[str, Any]) -> str:

@@ -38,10 +38,12 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
-def check_range(name: str, x: Union[float, torch.Tensor], low: Optional[float], high: Optional[float]) -> None:
-    """Finite and inside [low, high] (None = unbounded on that side)."""
+def check_range(name: str, x: Union[float, torch.Tensor], low: Optional[float], high: Optional[float],
+                values: bool = True) -> None:
+    """Finite and inside [low, high] (None = unbounded on that side). A tensor is read back to the
+    host only when ``values`` and ``CL_ARCH_VALUE_CHECKS`` allow it; a Python float always is checked."""
     t = torch.as_tensor(x)
-    if not VALUE_CHECKS and isinstance(x, torch.Tensor):
+    if (not VALUE_CHECKS or not values) and isinstance(x, torch.Tensor):
         return
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf")
@@ -51,14 +53,14 @@ def check_range(name: str, x: Union[float, torch.Tensor], low: Optional[float], 
         raise ValueError(f"{name} must be <= {high}, got max {t.max().item():.6g}")
 
 
-def check_per_head(name: str, x, H: int, low: float, high: float) -> None:
-    """A float or a ``[H]`` tensor inside [low, high]."""
+def check_per_head(name: str, x, H: int, low: float, high: float, values: bool = True) -> None:
+    """A float or a ``[H]`` tensor inside [low, high] (a tensor's values only with ``values``)."""
     if isinstance(x, torch.Tensor):
         if x.dim() > 1 or (x.dim() == 1 and x.shape[0] != H):
             raise ValueError(f"{name} must be a float or a [{H}] tensor, got shape {tuple(x.shape)}")
     elif not isinstance(x, (int, float)) or isinstance(x, bool):
         raise ValueError(f"{name} must be a float or a tensor, got {type(x).__name__}")
-    check_range(name, x, low, high)
+    check_range(name, x, low, high, values)
 
 
 def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:

@@ -116,13 +116,14 @@ def legacy_bytes(s):
 
 # ---------------------------------------------------------------------- 1. distill: NaN is a failure
 def test_distill_rolls_back_diverged_training():
-    # A huge lr overflows the student. Where it shows: activations during training (3 steps),
-    # activations of the finite weights written into the model (1 step), weights that overflow
-    # float16 (a half model). The old code raised in the first two cases (the plastic rule refuses
-    # NaN queries) and in the third wrote the inf weights before measuring; the NaN-forgetting
-    # test below is the case where it kept them.
+    # A huge lr overflows the student. Where it shows: the loss during training (3 steps), the
+    # figures measured with the finite weights written into the model (1 step: the model's layers do
+    # not read their activations back to check them, so the NaN surfaces in the NLL), weights that
+    # overflow float16 (a half model). The old code raised in the first two cases and in the third
+    # wrote the inf weights before measuring; the NaN-forgetting test below is the case where it
+    # kept them.
     for dtype, budget, steps, lr, shows in ((torch.float32, 1.0, 3, 1e30, "diverged at step"),
-                                            (torch.float32, None, 1, 1e30, "activations"),
+                                            (torch.float32, None, 1, 1e30, "non-finite figures"),
                                             (torch.float16, None, 1, 1e6, "non-finite weights")):
         model = tiny().to(dtype)
         original, fp0 = weights_of(model), model.fingerprint()

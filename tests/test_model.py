@@ -256,3 +256,61 @@ def test_variants_stream_equal_one_call(kw):
         # no trace in the network's fast layers; the readout's state commit keeps its own
         fast = [s for s in state.layers if isinstance(s, FastLayerState)]
         assert all(s.E is None for s in fast[:-1]) and fast[-1].E is not None
+
+
+def test_a_training_step_never_reads_a_tensor_back_to_the_host(monkeypatch):
+    """Input value checks (ids range, modulation range, the rule's NaN/range checks) each cost a device
+    sync; they guard user input, not every training step (issue 17): the model's layers never check
+    their own activations, and the training loops set ``model.check_inputs = False`` while they run
+    (``test_training_loops_turn_input_checks_off``). Counted on CPU by wrapping every Tensor method that
+    copies a value to the host."""
+    import torch.nn.functional as F
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _r=real, **k: (calls.append(_n), _r(self, *a, **k))[1])
+    model = make_model(attn_window=8).float().train()
+    model.check_inputs = False  # what the training loops set while they run
+    ids = torch.randint(0, 256, (2, 41))
+    mod = torch.rand(2, 40)
+    calls.clear()
+    logits, _ = model(ids[:, :-1], modulation=mod, return_state=False)
+    F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    assert calls == []
+    model.check_inputs = True  # the default: a user's call is checked
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        model(torch.full((1, 3), 300))
+    with pytest.raises(ValueError, match="modulation"):
+        model(ids[:, :3], modulation=torch.full((2, 3), 2.0))
+    assert calls  # and those checks are the host reads
+
+
+def test_sessions_need_the_protocol_not_the_class():
+    """Session works with any PlasticModel (cl_arch.protocols): here a wrapper that is not a
+    PlasticTransformer subclass, as a retrofit of another network would be."""
+    from cl_arch import Session
+    from cl_arch.protocols import FastMemory, PlasticModel
+
+    inner = make_model().float().eval()
+
+    class Wrapper:
+        def __init__(self, m):
+            self.m, self.config = m, m.config
+
+        device = property(lambda self: self.m.device)
+
+        def __call__(self, *a, **k):
+            return self.m(*a, **k)
+
+        def __getattr__(self, name):  # fast_layers, memories, init_state, materialize_state, fingerprint
+            return getattr(self.m, name)
+
+    w = Wrapper(inner)
+    assert isinstance(inner, PlasticModel) and isinstance(w, PlasticModel)
+    assert all(isinstance(layer, FastMemory) for layer in inner.fast_layers())
+    s = Session(w)
+    s.observe([1, 2, 3, 4])
+    s.reward(1.0)
+    assert s.episodes == 1 and any(float(p.abs().sum()) > 0 for p in s.P)
+    with pytest.raises(ValueError, match="PlasticModel"):
+        Session(object())

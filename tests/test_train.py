@@ -54,6 +54,24 @@ def test_resume_gives_the_same_next_step_loss(corpus, tmp_path):
     assert straight["train_losses"][0] != straight["train_losses"][-1]
 
 
+def test_training_loops_turn_input_checks_off(corpus, tmp_path, monkeypatch):
+    """Every forward of a pretraining run (training steps and validation) runs with the model's input
+    value checks off, so a step reads nothing back to the host (tests/test_model.py counts them)."""
+    from cl_arch import PlasticTransformer
+    from cl_arch.train.pretrain import pretrain
+
+    seen = []
+    real = PlasticTransformer._check_inputs
+
+    def spy(self, *a, **k):
+        seen.append(self.check_inputs)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(PlasticTransformer, "_check_inputs", spy)
+    pretrain(load_config(PretrainRunConfig, None, tiny(corpus, tmp_path / "a", "train.max_steps=2")))
+    assert seen and not any(seen)
+
+
 def test_two_processes_match_one(corpus, tmp_path):
     from cl_arch.train.pretrain import pretrain
 

@@ -342,6 +342,7 @@ def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[
         base = build_base_model(cfg, log=log)
     model = copy.deepcopy(base).float()
     model.train()
+    model.check_inputs = False  # generated games: no host read per step (restored at the end)
     if model.config.lam is None:
         raise ValueError("meta-training commits eligibility traces: the model needs config.lam (not None)")
     if t.activation_checkpointing:
@@ -433,6 +434,7 @@ def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[
         with open(os.path.join(t.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     results["model"] = raw
+    model.check_inputs = True
     return results
 
 

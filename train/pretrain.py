@@ -251,6 +251,7 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
             print(f"resumed from {resume} at step {step}")
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    raw_model.check_inputs = False  # data-pipeline inputs: no host read per step (restored at the end)
 
     stream = BlockBatches(train_ds, t.batch_size, rank=rank, world_size=world, seed=t.seed,
                           shuffle_buffer=cfg.data.shuffle_buffer, start=position)
@@ -365,6 +366,7 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
         print(f"{setup.kind}: {step} steps, {seconds:.0f}s, {results['tokens_per_s']:.0f} tokens/s, "
               f"final validation {bpb:.4f} bits/byte ({stopped})")
     accelerator.end_training()
+    raw_model.check_inputs = True
     return results
 
 

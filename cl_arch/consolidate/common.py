@@ -305,7 +305,7 @@ def forward_logits(model, batch: Batch, P: Optional[Sequence[Tensor]] = None,
                    params: Optional[Dict[str, Tensor]] = None) -> Tensor:
     """Logits ``[b, T, vocab]`` of one fresh episode per row, with ``P`` and optionally the
     parameters in ``params`` substituted (``torch.func.functional_call``; the model is untouched)."""
-    ids = batch.ids.to(model.embed.weight.device)
+    ids = batch.ids.to(model.device)
     state = state_with(model, ids.shape[0], P)
     if params is None:
         logits, _ = model(ids, state=state, return_state=False)

@@ -151,4 +151,5 @@ class PlasticMemory(nn.Module):
             output_final_state=output_final_state,
             backend=resolve_backend(mode, q.device),
             chunk_size=self.config.chunk_size,
+            check_values=False,  # computed by the network: no host sync per layer and step
         )

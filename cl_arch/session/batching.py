@@ -113,7 +113,7 @@ def _step_batch(sessions: List[Any], toks: List[int]) -> None:
         st = model.materialize_state(s.state, 1)
         states.append(ModelState(st.layers, positions[0]))
     big = ModelState.stack(states)
-    ids = torch.tensor(toks, dtype=torch.long).reshape(-1, 1).to(model.embed.weight.device)
+    ids = torch.tensor(toks, dtype=torch.long).reshape(-1, 1).to(model.device)
     with _eval_mode(model):
         logits, new = model(ids, state=big, lam=sessions[0]._lam_arg())
     _check_logits(logits)

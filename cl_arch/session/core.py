@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 import torch
 
-from ..model import PlasticTransformer
+from ..protocols import PlasticModel
 from ..state import FastLayerState, ModelState
 from ..version import __version__
 from . import batching
@@ -32,7 +32,7 @@ class Session:
     """One user's adaptive copy of a model's fast memory.
 
     Args:
-        model: a :class:`~cl_arch.model.PlasticTransformer` with at least one fast layer. It is
+        model: a :class:`~cl_arch.protocols.PlasticModel` (e.g. a PlasticTransformer) with at least one fast layer. It is
             only read: its weights are never changed by the session.
         adapt: False freezes ``P`` (at zero) and resets the state every episode, so outputs equal
             the frozen model's exactly (the "state reset" control of the Sutton test).
@@ -52,8 +52,9 @@ class Session:
 
     def __init__(self, model, adapt: bool = True, *, seed: Optional[int] = None, replay_size: int = 64,
                  **rule_overrides: Optional[float]):
-        if not isinstance(model, PlasticTransformer):
-            raise ValueError(f"model must be a PlasticTransformer, got {type(model).__name__}")
+        if not isinstance(model, PlasticModel):
+            raise ValueError(f"model must be a PlasticModel (cl_arch.protocols; e.g. a PlasticTransformer), "
+                             f"got {type(model).__name__}")
         if not model.fast_layers():
             raise ValueError("model has no fast-weight layer: a session has nothing to adapt")
         if not isinstance(adapt, bool):
@@ -188,7 +189,7 @@ class Session:
                 mod = mod[0]
             if mod.shape != (x.shape[1],):
                 raise ValueError(f"modulation must have shape [T] = [{x.shape[1]}], got {tuple(mod.shape)}")
-            mod = mod.reshape(1, -1).to(self.model.embed.weight.device)
+            mod = mod.reshape(1, -1).to(self.model.device)
         return self._feed(x, mod)
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, temperature: float = 1.0,

@@ -61,7 +61,10 @@ def resolve_backend(mode: str, device: Union[str, torch.device]) -> str:
 
 
 def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend, cu_seqlens=None,
-              resting_state=None):
+              resting_state=None, values: bool = True):
+    """Shape, dtype and device checks always; checks that read tensor values back to the host
+    (finite, ranges, the delta rule's step bound) only when ``values`` (and CL_ARCH_VALUE_CHECKS)."""
+    values = values and VALUE_CHECKS
     check_tensor("q", q, ndim=4)
     B, T, H, K = q.shape
     if T < 1:
@@ -81,32 +84,36 @@ def _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, 
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if lam is not None:
-        check_per_head("lam", lam, H, 0.0, 1.0)
+        check_per_head("lam", lam, H, 0.0, 1.0, values)
     if scale is not None and (not isinstance(scale, (int, float)) or not scale > 0 or scale != scale):
         raise ValueError(f"scale must be a positive float, got {scale!r}")
     for name, st in (("initial_state", initial_state), ("initial_trace", initial_trace)):
         if st is not None:
             check_tensor(name, st, shape=(n_states, H, K, V))
             check_device(name, st, q)
-            check_finite(name, st)
+            if values:
+                check_finite(name, st)
     if resting_state is not None:
         check_tensor("resting_state", resting_state)
         if tuple(resting_state.shape) not in ((n_states, H, K, V), (H, K, V)):
             raise ValueError(f"resting_state has shape {tuple(resting_state.shape)}, expected "
                              f"{(n_states, H, K, V)} or {(H, K, V)}")
         check_device("resting_state", resting_state, q)
-        check_finite("resting_state", resting_state)
+        if values:
+            check_finite("resting_state", resting_state)
     if backend in TRITON_BACKENDS and backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} cannot run: triton is not installed")
     if backend != "auto" and backend not in BACKENDS:
         known = sorted(set(BACKENDS) | set(TRITON_BACKENDS))
         raise ValueError(f"backend must be 'auto' or one of {known}, got {backend!r}")
+    if not values:
+        return
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
     check_range("beta", beta, 0.0, 1.0)
     if g is not None:
         check_range("g", g, None, 0.0)
-    if rule == "delta" and VALUE_CHECKS:
+    if rule == "delta":
         # The delta step multiplies S by (I - beta k k^T), whose eigenvalue 1 - beta |k|^2 leaves [-1, 1]
         # once beta |k|^2 > 2: the state then grows geometrically (docs/design.md, "The rule": the
         # model's k is unit-norm). The 1% slack lets bf16-rounded unit keys through.
@@ -133,6 +140,7 @@ def plastic_rule(
     chunk_size: int = 64,
     cu_seqlens: Optional[torch.Tensor] = None,
     resting_state: Optional[torch.Tensor] = None,
+    check_values: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Run the fast-weight rule (docs/design.md, "The rule") over a sequence.
 
@@ -160,6 +168,11 @@ def plastic_rule(
             each starts from its own ``initial_state[n]`` and returns its own final
             states, so states are ``[N, H, K, V]``. Triton backends do it in one
             launch; the PyTorch backends loop over the sequences.
+        check_values: False skips the checks that read tensor values back to the host (NaN/inf,
+            beta/g/lam ranges, the delta rule's step bound: one device sync each). The model's own
+            layers pass False, since their inputs are computed by the network, not given by a
+            user; shapes, dtypes and devices are always checked. ``CL_ARCH_VALUE_CHECKS=0``
+            turns them off everywhere.
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V], E_T [B, H, K, V] or None)``;
@@ -171,7 +184,7 @@ def plastic_rule(
             beta outside [0, 1], g > 0, lam outside [0, 1], an unknown rule or backend.
     """
     _validate(q, k, v, beta, g, rule, lam, scale, initial_state, initial_trace, backend, cu_seqlens,
-              resting_state)
+              resting_state, values=check_values)
     if backend == "auto":
         mode = "recurrent" if q.shape[1] <= RECURRENT_MAX_T else "chunk"
         backend = resolve_backend(mode, q.device)
