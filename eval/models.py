@@ -14,9 +14,7 @@ def demo_config() -> PlasticConfig:
     The short window bounds the cost of long streams and leaves what lies further back to the
     fast layers and the readout memory.
     """
-    return PlasticConfig(d_model=128, n_layers=4, n_heads=4, head_k_dim=32, head_v_dim=32, attn_window=64,
-                         chunk_size=64, mlp_ratio=3.0, lam=0.5, eta_s=0.0, eta_r=1.0, commit_clip=10.0,
-                         readout_heads=2, readout_values="onehot")
+    return PlasticConfig.from_name("demo")
 
 
 DEMO_PRETRAIN_SECONDS = 150.0

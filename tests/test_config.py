@@ -51,3 +51,24 @@ def test_from_dict_rejects_unknown_keys_by_name():
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         PlasticConfig(**{field: value})
+
+
+def test_named_presets():
+    """``PlasticConfig.from_name``: the shipped model's architecture is the "demo" preset (its saved
+    config differs only in fields added after it was saved, which keep their defaults), overrides
+    apply on top, and an unknown name lists the known ones."""
+    import os
+
+    import cl_arch
+    from cl_arch.train.recall import recall_config
+
+    saved = json.load(open(os.path.join(os.path.dirname(cl_arch.__file__), "assets", "default_model",
+                                        "config.json")))["config"]
+    demo = PlasticConfig.from_name("demo").to_dict()
+    assert {k: v for k, v in demo.items() if k in saved} == saved
+    assert PlasticConfig.from_name("demo", attn_window=None).attn_window is None
+    assert recall_config(d_model=32) == PlasticConfig.from_name("recall", d_model=32)
+    with pytest.raises(ValueError, match="known: \\['demo', 'recall'\\]"):
+        PlasticConfig.from_name("huge")
+    with pytest.raises(ValueError, match="n_heads"):
+        PlasticConfig.from_name("demo", n_heads=0)

@@ -31,12 +31,7 @@ def recall_config(**overrides) -> PlasticConfig:
     0.100 -> 0.105, reset 0.105, trace norm 0.27; with this rule 0.205 -> 0.330, reset 0.120,
     trace norm 2.55). W0 acting at every token absorbs the errors the game's commits are made of.
     """
-    base = dict(vocab_size=256, d_model=64, n_layers=2, layer_types=["fast", "fast"], n_heads=2,
-                head_k_dim=32, head_v_dim=32, mlp_ratio=2.0, conv_size=4, chunk_size=16,
-                recurrent_threshold=16, lam=0.5, gamma=0.98, eta_s=0.0, eta_r=1.0, commit_clip=10.0,
-                readout_heads=0, fast_rest="zero")
-    base.update(overrides)
-    return PlasticConfig(**base)
+    return PlasticConfig.from_name("recall", **overrides)
 
 
 def recall_accuracy(model: PlasticTransformer, batches: int = 4, batch_size: int = 64, n_pairs: int = 24,
