@@ -1,6 +1,7 @@
 """PlasticTransformer: a decoder whose mixers are fast-weight memories and/or attention."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,7 +16,7 @@ from cl_arch.kernels.checks import VALUE_CHECKS
 from .config import PlasticConfig
 from .io import atomic_write_many, recover
 from .layers import CausalSelfAttention, FastWeightLayer, PlasticMemory, ReadoutMemory, RMSNorm, SwiGLU
-from .state import AttnLayerState, FastLayerState, LayerState, ModelState
+from .state import AttnLayerState, FastLayerState, LayerState, ModelState, StepContext
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -40,13 +41,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden, config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, state: Optional[LayerState], position: int,
-                modulation: Optional[torch.Tensor], need_state: bool, lam=None):
-        h = self.mixer_norm(x)
-        if self.layer_type == "fast":
-            h, new_state = self.mixer(h, state, modulation, output_final_state=need_state, lam=lam)
-        else:
-            h, new_state = self.mixer(h, state, position)
+    def forward(self, x: torch.Tensor, state: Optional[LayerState], ctx: StepContext):
+        """``x [B, T, d_model]``, this block's state, the call's context -> (``x``, new state)."""
+        h, new_state = self.mixer(self.mixer_norm(x), state, ctx)
         x = x + self.dropout(h)
         x = x + self.mlp(self.mlp_norm(x))
         return x, new_state
@@ -248,17 +245,18 @@ class PlasticTransformer(nn.Module):
         position = state.position if state is not None else 0
         layer_states = state.layers if state is not None else [None] * len(self.memories())
 
+        ctx = StepContext(position=position, modulation=modulation, need_state=return_state)
         x = self.dropout(self.embed(input_ids))
         new_layers: List[LayerState] = []
         for block, s in zip(self.blocks, layer_states):
-            x, new_s = block(x, s, position, modulation, return_state,
-                             lam=next(lam_iter) if block.layer_type == "fast" else None)
+            block_ctx = dataclasses.replace(ctx, lam=next(lam_iter)) if block.layer_type == "fast" else ctx
+            x, new_s = block(x, s, block_ctx)
             new_layers.append(new_s)
         h = self.norm_f(x)
         logits = self.lm_head(h)
         if self.readout is not None:
-            read, new_s = self.readout(h, input_ids, self.embed, self.lm_head, layer_states[-1], modulation,
-                                       output_final_state=return_state, lam=next(lam_iter))
+            read, new_s = self.readout(h, input_ids, self.embed, self.lm_head, layer_states[-1],
+                                       dataclasses.replace(ctx, lam=next(lam_iter)))
             logits = logits + read
             new_layers.append(new_s)
         if not return_state:

@@ -20,6 +20,23 @@ def _map(x: Optional[Tensor], fn: Callable[[Tensor], Tensor]) -> Optional[Tensor
     return None if x is None else fn(x)
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What one forward call gives every token mixer besides its input and its own state.
+
+    Attributes:
+        position: absolute index of the call's first token (rotary embeddings, window masks).
+        modulation: ``[B, T]`` in [0, 1] multiplying every fast memory's write strength, or None (1).
+        need_state: return the new states (False: training without carry, nothing kept).
+        lam: this fast memory's trace-decay override for the call (float or ``[H]``), or None.
+    """
+
+    position: int = 0
+    modulation: Optional[Tensor] = None
+    need_state: bool = True
+    lam: Optional[Union[float, Tensor]] = None
+
+
 @dataclass
 class FastLayerState:
     """State of one fast-weight layer (shapes ``[B, H, K, V]``, float32 or wider).

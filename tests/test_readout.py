@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from cl_arch import PlasticConfig, PlasticTransformer
 from cl_arch.consolidate import fold
 from cl_arch.kernels.plastic import naive_plastic_rule
+from cl_arch.state import StepContext
 
 
 def model_with_readout(seed=0, **kw):
@@ -44,7 +45,7 @@ def test_readout_matches_the_rule_written_out():
         m.readout = ro
         x = m.embed(ids)
         for blk in m.blocks:
-            x, _ = blk(x, None, 0, None, False)
+            x, _ = blk(x, None, StepContext(need_state=False))
         h = F.normalize(m.norm_f(x), dim=-1)
         k = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1).unsqueeze(2)
         v = F.one_hot(ids, 256).double().unsqueeze(2)

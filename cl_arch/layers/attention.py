@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import PlasticConfig
-from ..state import AttnLayerState
+from ..state import AttnLayerState, StepContext
 from .rotary import RotaryEmbedding
 
 
@@ -33,8 +33,9 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         state: Optional[AttnLayerState] = None,
-        position: int = 0,
+        ctx: Optional[StepContext] = None,
     ) -> Tuple[torch.Tensor, AttnLayerState]:
+        position = ctx.position if ctx is not None else 0
         B, T, C = x.shape
         q, k, v = self.qkv_proj(x).split(C, dim=-1)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))

@@ -1,14 +1,14 @@
 """Fast-weight mixer: a gated delta-rule (or Hebbian) memory with a learned base W0 and a
 persistent memory P, read and written by :func:`cl_arch.kernels.plastic_rule`."""
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import PlasticConfig
-from ..state import FastLayerState
+from ..state import FastLayerState, StepContext
 from .norm import GatedRMSNorm, RMSNorm
 from .plasticity import PlasticMemory
 
@@ -111,23 +111,23 @@ class FastWeightLayer(PlasticMemory):
         self,
         x: torch.Tensor,
         state: Optional[FastLayerState] = None,
-        modulation: Optional[torch.Tensor] = None,
-        output_final_state: bool = True,
-        lam: Optional[Union[float, torch.Tensor]] = None,
+        ctx: Optional[StepContext] = None,
     ) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
         """
         Args:
             x: ``[B, T, d_model]``.
             state: this layer's state from the previous call, or None (new episode, no P).
-            modulation: ``[B, T]`` in [0, 1], multiplies the write strength (e.g. a reward or
-                surprise signal); None means 1.
-            output_final_state: if False, skip the final states (training without carry).
-            lam: overrides the trace decay for this call (float or ``[H]``), e.g. a session's
-                hand-set ``lam``; enables the trace even when the config disables it. None: own.
+            ctx: the call's :class:`~cl_arch.state.StepContext`: ``modulation [B, T]`` in [0, 1]
+                multiplies the write strength (e.g. a reward or surprise signal; None means 1);
+                ``need_state`` False skips the final states (training without carry); ``lam``
+                overrides the trace decay (float or ``[H]``, e.g. a session's hand-set ``lam``;
+                it enables the trace even when the config disables it; None: own).
 
         Returns:
             ``y [B, T, d_model]`` and the new :class:`FastLayerState` (None if not requested).
         """
+        ctx = ctx if ctx is not None else StepContext()
+        modulation, output_final_state, lam = ctx.modulation, ctx.need_state, ctx.lam
         B, T, _ = x.shape
         H, V = self.n_heads, self.head_v_dim
         state = state if state is not None else FastLayerState()

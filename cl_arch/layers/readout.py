@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PlasticConfig
-from ..state import FastLayerState
+from ..state import FastLayerState, StepContext
 from .plasticity import PlasticMemory
 
 
@@ -121,20 +121,20 @@ class ReadoutMemory(PlasticMemory):
         embed: torch.nn.Embedding,
         head: torch.nn.Module,
         state: Optional[FastLayerState] = None,
-        modulation: Optional[torch.Tensor] = None,
-        output_final_state: bool = True,
-        lam=None,
+        ctx: Optional[StepContext] = None,
     ) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
         """
         Args:
             h: ``[B, T, d_model]`` final hidden states (after the last norm).
             ids: ``[B, T]`` the input tokens (``x_t`` is what ``h_{t-1}`` should have predicted).
             embed, head: the model's embedding and output head (values and their read-back).
-            state, modulation, output_final_state, lam: as :class:`FastWeightLayer`.
+            state, ctx: as :class:`FastWeightLayer`.
 
         Returns:
             ``[B, T, vocab_size]`` to add to the logits, and the new state.
         """
+        ctx = ctx if ctx is not None else StepContext()
+        modulation, output_final_state, lam = ctx.modulation, ctx.need_state, ctx.lam
         B, T, _ = h.shape
         state = state if state is not None else FastLayerState()
         cdt = torch.promote_types(h.dtype, torch.float32)
