@@ -316,9 +316,12 @@ def test_ten_thousand_micro_updates_stay_bounded():
             assert bool(torch.isfinite(P).all())
             max_P = max(max_P, float(torch.linalg.vector_norm(P, dim=(-2, -1)).max()))
     assert max_P <= p_bound
-    # The delta rule with unit keys and beta <= 1 never amplifies S: its size is set by W0 + P
-    # and the values written; a loose bound that still catches any divergence.
-    assert max_S <= 10 * (w0 + p_bound + 10)
+    # The memory relaxes toward M = W0 + P (|M| <= w0 + max_P) and a delta write replaces the read along
+    # k by a convex mix of it and a value, so S stays near M: over seeds 0-4 max|S| - w0 was 0.3-0.65
+    # (max_P 4.8-5.1). No tight analytic bound exists for non-orthogonal keys (the energy can grow by
+    # beta |v|^2 per write while the read is shorter than the value); 10 is the margin, which a
+    # geometric divergence crosses within a few steps. (The old bound, 10 (w0 + p_bound + 10), was 1030.)
+    assert max_S <= w0 + max_P + 10
     assert s.episodes == 500 and math.isfinite(s.baseline) and -1 <= s.baseline <= 1
 
 
