@@ -1,10 +1,10 @@
 """cl_arch: transformers whose fast-weight memories keep learning while they are used."""
 from .version import __version__
-from .config import PlasticConfig
+from .config import FastLayerConfig, PlasticConfig
 from .model import PlasticTransformer
 from .state import AttnLayerState, FastLayerState, ModelState
 from .session import Session, SessionStore
 
-__all__ = ["PlasticConfig", "PlasticTransformer", "ModelState", "FastLayerState", "AttnLayerState",
+__all__ = ["PlasticConfig", "FastLayerConfig", "PlasticTransformer", "ModelState", "FastLayerState", "AttnLayerState",
            "Session", "SessionStore",
            "__version__"]

@@ -160,6 +160,10 @@ class PlasticConfig:
     def attn_head_dim(self) -> int:
         return self.d_model // self.n_attn_heads
 
+    def fast_layer(self) -> "FastLayerConfig":
+        """The :class:`FastLayerConfig` of this model's fast-weight layers."""
+        return FastLayerConfig(**{f: getattr(self, f) for f in FAST_LAYER_FIELDS})
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "PlasticConfig":
@@ -208,6 +212,54 @@ class PlasticConfig:
     @classmethod
     def from_json(cls, s: str) -> "PlasticConfig":
         return cls.from_dict(json.loads(s))
+
+
+# The fields one fast-weight layer reads (FastWeightLayer and its PlasticMemory base).
+FAST_LAYER_FIELDS = ("d_model", "n_heads", "head_k_dim", "head_v_dim", "conv_size", "rule", "use_gate", "chunk_size",
+                     "recurrent_threshold", "norm_eps", "fast_rest", "decay_init", "decay_spans", "lam", "gamma",
+                     "eta_s", "eta_r", "commit_clip", "baseline_rho", "learn_plasticity")
+
+
+@dataclass
+class FastLayerConfig:
+    """What one fast-weight layer needs, on its own: a retrofit into another network builds
+    ``FastWeightLayer(FastLayerConfig(d_model=4096, n_heads=16, ...))`` with no model config.
+
+    The fields and defaults are :class:`PlasticConfig`'s of the same names
+    (:data:`FAST_LAYER_FIELDS`); :meth:`PlasticConfig.fast_layer` gives the one a model's layers
+    use. Checked on construction with the same rules; errors name ``FastLayerConfig.<field>``.
+    """
+
+    d_model: int = 128
+    n_heads: int = 4
+    head_k_dim: int = 32
+    head_v_dim: int = 32
+    conv_size: int = 4
+    rule: str = "delta"
+    use_gate: bool = True
+    chunk_size: int = 64
+    recurrent_threshold: int = 16
+    norm_eps: float = 1e-6
+    fast_rest: str = "resting"
+    decay_init: str = "fla"
+    decay_spans: List[float] = dataclasses.field(default_factory=lambda: [4.0, 4096.0])
+    lam: Optional[float] = 0.5
+    gamma: float = 0.98
+    eta_s: float = 0.0
+    eta_r: float = 1.0
+    commit_clip: float = 10.0
+    baseline_rho: float = 0.1
+    learn_plasticity: bool = True
+
+    def __post_init__(self) -> None:
+        try:  # one rule set: PlasticConfig's checks on a one-layer model made of this layer
+            checked = PlasticConfig(**dataclasses.asdict(self), n_layers=1, layer_types=["fast"], readout_heads=0)
+        except ValueError as e:
+            raise ValueError(str(e).replace("PlasticConfig.", "FastLayerConfig.", 1)) from None
+        self.decay_spans = checked.decay_spans
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -72,3 +72,32 @@ def test_named_presets():
         PlasticConfig.from_name("huge")
     with pytest.raises(ValueError, match="n_heads"):
         PlasticConfig.from_name("demo", n_heads=0)
+
+
+def test_a_fast_layer_config_alone():
+    """A retrofit builds one fast-weight layer from a FastLayerConfig with no model config; a model's
+    layers use the FastLayerConfig of its config, so both give the same layer."""
+    import torch
+
+    from cl_arch import FastLayerConfig, PlasticTransformer
+    from cl_arch.layers import FastWeightLayer
+    from cl_arch.state import StepContext
+
+    cfg = PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, n_attn_heads=2, eta_s=0.3)
+    fast = cfg.fast_layer()
+    assert isinstance(fast, FastLayerConfig) and fast.d_model == 32 and fast.eta_s == 0.3
+    torch.manual_seed(0)
+    model = PlasticTransformer(cfg)
+    alone = FastWeightLayer(FastLayerConfig(**fast.to_dict()))
+    alone.load_state_dict(model.blocks[0].mixer.state_dict())
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        y1, s1 = model.blocks[0].mixer(x, None, StepContext())
+        y2, s2 = alone(x, None, StepContext())
+    assert torch.equal(y1, y2) and torch.equal(s1.S, s2.S)
+    with pytest.raises(ValueError, match="FastLayerConfig.n_heads"):
+        FastLayerConfig(n_heads=0)
+    with pytest.raises(ValueError, match="FastLayerConfig.fast_rest"):
+        FastLayerConfig(fast_rest="sometimes")
+    with pytest.raises(ValueError, match="PlasticConfig or FastLayerConfig"):
+        FastWeightLayer({"d_model": 32})

@@ -1,13 +1,13 @@
 """Fast-weight mixer: a gated delta-rule (or Hebbian) memory with a learned base W0 and a
 persistent memory P, read and written by :func:`cl_arch.kernels.plastic_rule`."""
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PlasticConfig
+from ..config import FastLayerConfig, PlasticConfig
 from ..state import FastLayerState, StepContext
 from .norm import GatedRMSNorm, RMSNorm
 from .plasticity import PlasticMemory
@@ -38,15 +38,21 @@ class ShortConv(nn.Module):
 class FastWeightLayer(PlasticMemory):
     """Token mixer whose memory is a per-head matrix rewritten at every token (docs/design.md, "The rule").
 
-    ``forward(x [B, T, d_model], state, modulation [B, T]) -> (y [B, T, d_model], FastLayerState)``.
+    ``forward(x [B, T, d_model], state, ctx) -> (y [B, T, d_model], FastLayerState)``.
 
     Parameters beyond the projections and those of :class:`PlasticMemory` (W0, plasticity settings):
         A_log, dt_bias ``[H]``: decay ``g = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` (FLA's GatedDeltaNet).
     """
 
-    def __init__(self, config: PlasticConfig, layer_idx: int = 0):
+    def __init__(self, config: Union[PlasticConfig, FastLayerConfig], layer_idx: int = 0):
+        """``config``: a model's :class:`PlasticConfig` (its fast-layer fields are used) or a
+        :class:`FastLayerConfig` alone, e.g. for a layer inserted into another network."""
         super().__init__()
         self.layer_idx = layer_idx
+        if isinstance(config, PlasticConfig):
+            config = config.fast_layer()
+        if not isinstance(config, FastLayerConfig):
+            raise ValueError(f"FastWeightLayer needs a PlasticConfig or FastLayerConfig, got {type(config).__name__}")
         self.config = config
         H, K, V = config.n_heads, config.head_k_dim, config.head_v_dim
         self._init_memory(config, H, K, V)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from cl_arch.kernels import plastic_rule, resolve_backend, reward_commit
 
-from ..config import PlasticConfig
+from ..config import FastLayerConfig, PlasticConfig
 from ..state import FastLayerState
 
 
@@ -29,7 +29,7 @@ class PlasticMemory(nn.Module):
             uses ``lam`` for the eligibility trace.
     """
 
-    def _init_memory(self, config: PlasticConfig, H: int, K: int, V: int) -> None:
+    def _init_memory(self, config: Union[PlasticConfig, FastLayerConfig], H: int, K: int, V: int) -> None:
         self.n_heads, self.head_k_dim, self.head_v_dim = H, K, V
         self.W0 = nn.Parameter(torch.zeros(H, K, V))
         learn = config.learn_plasticity
