@@ -134,7 +134,7 @@ class Session:
     def _feed(self, ids: torch.Tensor, modulation: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run ``ids [1, T]`` through the model from the current state; returns NLL ``[T]``."""
         m = self.model
-        ids = ids.to(m.embed.weight.device)
+        ids = ids.to(m.device)
         with _eval_mode(m):
             logits, state = m(ids, state=self.state, modulation=modulation, lam=self._lam_arg())
         _check_logits(logits)  # before anything is absorbed: the session stays as it was
