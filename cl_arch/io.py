@@ -57,6 +57,14 @@ def _backup(path: str) -> str:
     return bak
 
 
+def text_writer(text: str) -> Callable[[str], None]:
+    """A ``write(tmp)`` for :func:`atomic_write` / :func:`atomic_write_many` that writes ``text``."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    return write
+
+
 def fsync_file(path: str) -> None:
     """Flush ``path``'s data to disk (before a commit names it)."""
     fd = os.open(path, os.O_RDONLY)
@@ -194,8 +202,9 @@ def atomic_write_many(writes: Sequence[Tuple[str, Callable[[str], None]]], sync_
         if os.path.exists(journal_path(paths[-1])):
             os.remove(journal_path(paths[-1]))
         raise
-    for directory in sorted({os.path.dirname(p) for p in paths}) if sync_dir else ():
-        _sync_dir(directory)
+    if sync_dir:  # the journal synced the last path's folder; the others' renames too
+        for directory in sorted({os.path.dirname(p) for p in paths}):
+            _sync_dir(directory)
 
 
 def write_json(path: str, obj: Any, sort_keys: bool = False, fsync: bool = False) -> str:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from cl_arch.kernels.checks import VALUE_CHECKS
 
 from .config import PlasticConfig
-from .io import atomic_write_many, recover
+from .io import atomic_write_many, recover, text_writer
 from .layers import CausalSelfAttention, FastWeightLayer, PlasticMemory, ReadoutMemory, RMSNorm, SwiGLU
 from .state import AttnLayerState, FastLayerState, LayerState, ModelState, StepContext
 
@@ -303,14 +303,10 @@ class PlasticTransformer(nn.Module):
                 "cl_arch_version": __version__, "fast_memory_format": FAST_MEMORY_FORMAT}
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
 
-        def write_config(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                f.write(text)
-
         atomic_write_many([
             (os.path.join(directory, WEIGHTS_NAME),
              lambda p: save_file(tensors, p, metadata={"fingerprint": meta["fingerprint"]})),
-            (os.path.join(directory, CONFIG_NAME), write_config),  # last: the commit is named after it
+            (os.path.join(directory, CONFIG_NAME), text_writer(text)),  # last: the commit is named after it
         ])
 
     @classmethod

@@ -37,7 +37,7 @@ from cl_arch import PlasticTransformer
 from cl_arch.train.data import resolve_sources
 
 from . import metrics as M
-from .baselines import FROZEN, DynamicEval, EpisodeLearner, RowPolicy, calibration_batches
+from .baselines import DynamicEval, EpisodeLearner, RowPolicy, calibration_batches
 from .context import FullContext
 from .cost import flops_per_token, state_bytes
 # re-exported: the model and stream helpers lived here before eval/models.py and eval/streams.py
@@ -82,19 +82,21 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
     ``(accepted, length)`` per non-blank line), ``seconds`` (wall time: ``"batched"`` for all
     policy rows together, and one entry per solo reader), ``rewards`` (per episode, the reward each
     batched row was given: its mean line acceptance, None for an episode without a non-blank
-    line); plus the :class:`EpisodeLearner` (its ``P``) and the solo readers. ``learner``: go on
+    line); plus the :class:`EpisodeLearner` (its ``P``; None when ``policies`` is empty: solo
+    readers only) and the solo readers. ``learner``: go on
     with this one (e.g. a second session over the same stream) instead of a fresh one.
     """
     solo = dict(solo or {})
     if dyn is not None:
         solo["dynamic_eval"] = dyn
-    learner = learner if learner is not None else EpisodeLearner(model, policies, lam=lam)
+    if learner is None and policies:
+        learner = EpisodeLearner(model, policies, lam=lam)
     names = [p.name for p in policies] + list(solo)
     bits: Dict[str, List[np.ndarray]] = {n: [] for n in names}
     lines: Dict[str, List[Tuple[int, int]]] = {n: [] for n in names}
     secs = {"batched": 0.0, **{n: 0.0 for n in solo}}
     ep_rewards: List[List[Optional[float]]] = []
-    B = learner.B
+    B = learner.B if learner is not None else 0
     for seg, prev in tqdm(segments, desc=desc, unit="ep", mininterval=2.0):
         x = torch.tensor([prev] + list(seg[:-1]), dtype=torch.long)
         y = torch.tensor(list(seg), dtype=torch.long)
@@ -103,12 +105,13 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
         solo_corr: Dict[str, List[np.ndarray]] = {n: [] for n in solo}
         for c0 in range(0, len(seg), chunk):
             xi, yi = x[c0:c0 + chunk], y[c0:c0 + chunk]
-            t0 = time.perf_counter()
-            logits = learner.step(xi.unsqueeze(0).expand(B, -1))
-            lp = torch.log_softmax(logits.float(), -1)
-            ep_bits.append((-lp.gather(-1, yi.expand(B, -1).unsqueeze(-1)).squeeze(-1) / math.log(2)).numpy())
-            ep_corr.append((logits.argmax(-1) == yi).numpy())
-            secs["batched"] += time.perf_counter() - t0
+            if learner is not None:
+                t0 = time.perf_counter()
+                logits = learner.step(xi.unsqueeze(0).expand(B, -1))
+                lp = torch.log_softmax(logits.float(), -1)
+                ep_bits.append((-lp.gather(-1, yi.expand(B, -1).unsqueeze(-1)).squeeze(-1) / math.log(2)).numpy())
+                ep_corr.append((logits.argmax(-1) == yi).numpy())
+                secs["batched"] += time.perf_counter() - t0
             for n, reader in solo.items():
                 t0 = time.perf_counter()
                 dl = reader.step(xi.unsqueeze(0), yi.unsqueeze(0))
@@ -116,23 +119,24 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
                 solo_bits[n].append((-lp[0].gather(-1, yi.unsqueeze(-1)).squeeze(-1) / math.log(2)).numpy())
                 solo_corr[n].append((dl[0].argmax(-1) == yi).numpy())
                 secs[n] += time.perf_counter() - t0
-        # The episode's last byte was only a target so far; a user's session observes (writes) it
-        # too before the episode closes, so the learner does the same (its logits score nothing).
-        t0 = time.perf_counter()
-        learner.step(y[-1:].unsqueeze(0).expand(B, -1))
-        secs["batched"] += time.perf_counter() - t0
-        corr = np.concatenate(ep_corr, axis=1)
-        b = np.concatenate(ep_bits, axis=1)
-        acc = line_acceptance(corr, seg)
-        rewards = []
-        for i, p in enumerate(policies):
-            bits[p.name].append(b[i])
-            lines[p.name].extend((int(a[i]), n) for a, n in acc)
-            rewards.append(float(np.mean([a[i] / n for a, n in acc])) if acc else None)
-        ep_rewards.append(rewards)
-        t0 = time.perf_counter()
-        learner.end_episode(rewards)
-        secs["batched"] += time.perf_counter() - t0
+        if learner is not None:
+            # The episode's last byte was only a target so far; a user's session observes (writes) it
+            # too before the episode closes, so the learner does the same (its logits score nothing).
+            t0 = time.perf_counter()
+            learner.step(y[-1:].unsqueeze(0).expand(B, -1))
+            secs["batched"] += time.perf_counter() - t0
+            corr = np.concatenate(ep_corr, axis=1)
+            b = np.concatenate(ep_bits, axis=1)
+            acc = line_acceptance(corr, seg)
+            rewards = []
+            for i, p in enumerate(policies):
+                bits[p.name].append(b[i])
+                lines[p.name].extend((int(a[i]), n) for a, n in acc)
+                rewards.append(float(np.mean([a[i] / n for a, n in acc])) if acc else None)
+            ep_rewards.append(rewards)
+            t0 = time.perf_counter()
+            learner.end_episode(rewards)
+            secs["batched"] += time.perf_counter() - t0
         for n, reader in solo.items():
             bits[n].append(np.concatenate(solo_bits[n]))
             sacc = line_acceptance(np.concatenate(solo_corr[n])[None], seg)
@@ -180,16 +184,11 @@ def time_rows(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]], 
     for name, what in rows:
         times = []
         for _ in range(repeats):
-            if isinstance(what, RowPolicy):
-                solo, pols = {}, [what]
-            else:
-                solo, pols = {name: what()}, [FROZEN]
-            learner = EpisodeLearner(model, pols, lam=lam)
-            res = run_stream(model, segments, pols, chunk=chunk, desc=f"timing {name}", lam=lam,
-                             learner=learner, solo=solo)
+            solo, pols = ({}, [what]) if isinstance(what, RowPolicy) else ({name: what()}, [])
+            res = run_stream(model, segments, pols, chunk=chunk, desc=f"timing {name}", lam=lam, solo=solo)
             times.append(res["seconds"][name] if solo else res["seconds"]["batched"])
         # FLOPs of one more chunk read after the timed episodes (a growing context costs more)
-        reader = solo[name] if solo else learner
+        reader = solo[name] if solo else res["learner"]
         attn = _attention_flops(reader.model.config, _cache_len(reader.state), ids.shape[1])
         counter = FlopCounterMode(display=False)
         with counter:
@@ -390,10 +389,15 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
             return lambda: FullContext(model, full_context_window)
         cfg = dyn_settings[n]
 
+        ms: List[torch.Tensor] = []  # calibrated once per row; the timing repeats reuse it
+
         def build():
             d = DynamicEval(model, lr=cfg["lr"], rule=dyn_rule, eps=dyn_eps, decay=cfg["decay"], params=cfg["params"])
-            if dyn_rule == "rms":
+            if dyn_rule == "rms" and ms:
+                d.load_calibration(ms)
+            elif dyn_rule == "rms":
                 calib[n] = d.calibrate(iter(calib_set))
+                ms.extend(d.ms)
             return d
         return build
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Sequence, Union
 
 import torch
 
-from ..io import atomic_write_many, recover
+from ..io import atomic_write_many, recover, text_writer
 
 UNDO_KEY = "_undo"
 PARAM_PREFIX = "param/"
@@ -115,16 +115,12 @@ def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
     public["undo_pair_id"] = uuid.uuid4().hex
     text = json.dumps(_jsonable(public), indent=2, sort_keys=True) + "\n"  # fails before any file is touched
 
-    def write_text(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
     atomic_write_many([
         (undo_file, lambda p: save_file(tensors, p, metadata={
             "fingerprint_before": str(report.get("fingerprint_before")),
             "fingerprint_after": str(report.get("fingerprint_after")),
             "undo_pair_id": public["undo_pair_id"]})),
-        (path, write_text),
+        (path, text_writer(text)),
     ])
     report["undo_file"] = public["undo_file"]
     return path

@@ -94,7 +94,7 @@ class PlasticMemory(nn.Module):
         return self.config.commit_clip
 
     def commit(self, P: torch.Tensor, E: torch.Tensor, r=None, b=None, *, gamma=None, eta_s=None, eta_r=None,
-               clip: Union[float, None, str] = "own", rho: Optional[float] = None,
+               clip: Optional[float] = None, rho: Optional[float] = None,
                backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
         """One three-factor commit of this memory: ``P <- gamma P + (eta_s + eta_r (r - b)) clip(E)``.
 
@@ -105,7 +105,7 @@ class PlasticMemory(nn.Module):
             P, E: ``[N, H, K, V]`` persistent memory and the episode's trace.
             r, b: reward and running baseline, floats or ``[N]``; ``r=None`` is retention only.
             gamma, eta_s, eta_r: floats or ``[H]`` overriding this memory's own (None: own).
-            clip: ``"own"`` (:attr:`commit_clip`), a bound, or None (unbounded).
+            clip: a bound overriding :attr:`commit_clip` (``math.inf``: unbounded); None: own.
             rho: baseline step (None: ``config.baseline_rho``).
             backend: ``reward_commit``'s; ``"naive"`` keeps the autograd graph.
 
@@ -118,7 +118,7 @@ class PlasticMemory(nn.Module):
             return own[name].to(P.dtype) if v is None else v
 
         return reward_commit(P, E.to(P.dtype), r, b, gamma=pick("gamma", gamma), eta_s=pick("eta_s", eta_s),
-                             eta_r=pick("eta_r", eta_r), clip=self.commit_clip if clip == "own" else clip,
+                             eta_r=pick("eta_r", eta_r), clip=self.commit_clip if clip is None else clip,
                              rho=self.config.baseline_rho if rho is None else rho, backend=backend)
 
     def cache_shape(self, batch_size: int):

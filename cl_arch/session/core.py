@@ -268,8 +268,7 @@ class Session:
                 E = s.E if s.E is not None else torch.zeros_like(self.P[i])
                 # overrides given to the Session apply to every memory; None keeps each memory's own
                 P_i, b_i = m.commit(self.P[i], E, r, self.baseline, gamma=rule["gamma"], eta_s=rule["eta_s"],
-                                    eta_r=rule["eta_r"], clip="own" if rule["clip"] is None else rule["clip"],
-                                    rho=rule["rho"])
+                                    eta_r=rule["eta_r"], clip=rule["clip"], rho=rule["rho"])
                 new_P.append(P_i.detach())
             b_new = float(b_i[0]) if r is not None else self.baseline
         elif r is not None:
