@@ -47,6 +47,8 @@ setup(
         "pyyaml",
     ],
     # fla-core: flash-linear-attention's ops (its naive reference runs on CPU), for the cross-check test
-    extras_require={"dev": ["pytest", "hypothesis", "fla-core==0.6.0"]},
+    # hf: cl_arch.hf (transformers integration and retrofit; written against the 5.24 API: the `cache=` argument);
+    # the core never imports it
+    extras_require={"dev": ["pytest", "hypothesis", "fla-core==0.6.0"], "hf": ["transformers>=5.24,<6"]},
     entry_points={"console_scripts": ["cl-arch=cl_arch.scripts.cli:main"]},
 )
