@@ -1,0 +1,284 @@
+"""Fine-tuning the fast memories retrofitted into a ``transformers`` causal LM, on text episodes.
+
+``finetune_hf(HFFinetuneConfig(hf_model=PATH, ...))`` loads the base model, adds fast-weight
+memories beside the attention of the chosen blocks (:func:`cl_arch.hf.retrofit`, or continues a
+saved retrofit), freezes the base, and trains the added layers with accelerate on text episodes:
+every training sequence of ``seq_len`` tokens is cut into ``episodes`` consecutive episodes joined
+by differentiable retention commits (:func:`cl_arch.train.finetune.episodic_lm_loss`: the trace of
+an episode goes into ``P`` with ``P <- gamma P + eta_s clip(E)``, and ``P`` starts the next episode,
+whose KV cache and fast state are fresh). The loss is next-token cross-entropy over all episodes,
+so the added layers learn to write what the next episode can use.
+
+``trainable``: ``"fast"`` (the added layers, plasticity settings fixed), ``"plasticity"`` (only
+``lam, gamma, eta_s, eta_r``) or ``"all"`` (both). The base model is never trained here.
+
+Text becomes ids with the base's tokenizer when its folder has one, else as bytes (a byte-level
+model: vocab_size >= 256). The corpus is :mod:`cl_arch.train.data`'s (the stdlib source by
+default): nothing is downloaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import corpus_files, iter_span_bytes, split_corpus
+from .finetune import commit_persistent, episode_state, episodic_lm_loss
+
+TRAINABLE = ("fast", "plasticity", "all")
+
+
+@dataclass
+class HFFinetuneConfig:
+    """Settings of :func:`finetune_hf` (every field checked in ``__post_init__``)."""
+
+    hf_model: str  # folder of a transformers causal LM (save_pretrained), or a hub id already cached
+    retrofit_from: Optional[str] = None  # continue a saved retrofit (save_retrofit folder) instead of a new one
+    layers: Optional[List[int]] = None  # blocks to retrofit (None: all)
+    n_heads: int = 4
+    head_k_dim: Optional[int] = None
+    head_v_dim: Optional[int] = None
+    # Retrofit rule settings. eta_s > 0: a retention commit (r = None) writes only eta_s clip(E),
+    # so with the model default eta_s = 0 nothing would carry between text episodes.
+    rule: Dict[str, Any] = field(default_factory=lambda: {"eta_s": 1.0})
+    trainable: str = "all"
+    sources: Any = "stdlib"
+    max_bytes: int = 2_000_000  # corpus bytes read (train and validation spans together)
+    seq_len: int = 512  # tokens per training sequence
+    episodes: int = 4  # episodes per sequence
+    batch_size: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    max_steps: int = 200
+    max_minutes: Optional[float] = None
+    seed: int = 0
+    output_dir: Optional[str] = "runs/finetune_hf"
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"HFFinetuneConfig.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        for name in ("seq_len", "episodes", "batch_size", "max_steps", "max_bytes", "n_heads", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"HFFinetuneConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.episodes > self.seq_len:
+            raise ValueError(f"HFFinetuneConfig.episodes: {self.episodes} episodes do not fit in seq_len={self.seq_len}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"HFFinetuneConfig.lr must be a positive number, got {self.lr!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"HFFinetuneConfig.max_minutes must be > 0 or None, got {self.max_minutes!r}")
+        if not isinstance(self.rule, dict):
+            raise ValueError(f"HFFinetuneConfig.rule must be a dict of retrofit settings, got {self.rule!r}")
+
+
+# ---------------------------------------------------------------------- text -> ids
+def text_encoder(hf_model: str, vocab_size: int) -> Callable[[bytes], List[int]]:
+    """The base's tokenizer when its folder holds one, else bytes (needs ``vocab_size >= 256``)."""
+    tok = None
+    if os.path.isdir(hf_model) and any(os.path.isfile(os.path.join(hf_model, f))
+                                       for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(hf_model)
+    if tok is not None:
+        return lambda data: tok(data.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+    if vocab_size < 256:
+        raise ValueError(f"{hf_model} has no tokenizer and a vocabulary of {vocab_size} < 256: cannot read bytes")
+    return lambda data: list(data)
+
+
+def token_blocks(sources: Any, encode: Callable[[bytes], List[int]], block_len: int, max_bytes: int,
+                 val_fraction: float = 0.05) -> Dict[str, torch.Tensor]:
+    """``{"train", "val"}``: ``[N, block_len]`` int64 blocks of the corpus, cut from the tokens of
+    its files concatenated (train and validation files kept apart, :func:`split_corpus`).
+
+    Raises:
+        ValueError: a split holds fewer tokens than one block.
+    """
+    train_spans, val_spans = split_corpus(corpus_files(sources), val_fraction)
+    out = {}
+    for name, spans, budget in (("train", train_spans, max_bytes), ("val", val_spans, max(block_len * 64, max_bytes // 10))):
+        ids: List[int] = []
+        used = 0
+        for chunk in iter_span_bytes(spans):
+            ids.extend(encode(chunk[:budget - used]))
+            used += min(len(chunk), budget - used)
+            if used >= budget:
+                break
+        n = len(ids) // block_len
+        if n == 0:
+            raise ValueError(f"the {name} split holds {len(ids)} tokens, fewer than one block of {block_len}")
+        out[name] = torch.tensor(ids[:n * block_len], dtype=torch.long).view(n, block_len)
+    return out
+
+
+# ---------------------------------------------------------------------- model
+def select_trainable_hf(model, trainable: str) -> List[str]:
+    """Freeze the base; leave the added layers (``"fast"``), their plasticity settings
+    (``"plasticity"``) or both (``"all"``) trainable. Returns the trainable names."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.fast_layers():
+        plastic = {id(p) for p in layer.plasticity_parameters().values()}
+        for p in layer.parameters():
+            is_plastic = id(p) in plastic
+            p.requires_grad_(trainable == "all" or (trainable == "fast") != is_plastic)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_model(cfg: HFFinetuneConfig):
+    """The base from ``cfg.hf_model`` with a new retrofit (or the one in ``cfg.retrofit_from``)."""
+    from transformers import AutoModelForCausalLM
+
+    from cl_arch.hf import load_retrofit, retrofit
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.hf_model)
+    if cfg.retrofit_from:
+        return load_retrofit(cfg.retrofit_from, base)
+    return retrofit(base, layers=cfg.layers, n_heads=cfg.n_heads, head_k_dim=cfg.head_k_dim,
+                    head_v_dim=cfg.head_v_dim, **cfg.rule)
+
+
+# ---------------------------------------------------------------------- measuring
+@torch.no_grad()
+def episode_losses(model, blocks: torch.Tensor, episodes: int, carry: bool, batch_size: int = 8) -> torch.Tensor:
+    """Mean next-token loss (nats) of every episode of every block: ``[N, episodes]``.
+
+    Each block ``[N, T + 1]`` is read as ``episodes`` consecutive episodes (fresh KV cache and fast
+    state each). ``carry=True`` commits each episode's trace into ``P`` (the retention commit of
+    training) and starts the next episode from it; ``carry=False`` starts every episode at ``P = 0``
+    (the reset control). Episode ``e`` is scored on the same tokens either way, so the rows pair.
+    """
+    was = model.training
+    model.eval()
+    try:
+        out = []
+        for i in range(0, blocks.shape[0], batch_size):
+            block = blocks[i:i + batch_size].to(model.device)
+            x, y = block[:, :-1], block[:, 1:]
+            T = x.shape[1]
+            bounds = [round(k * T / episodes) for k in range(episodes + 1)]
+            P: List[Optional[torch.Tensor]] = [None] * len(model.fast_layers())
+            rows = []
+            for e in range(episodes):
+                lo, hi = bounds[e], bounds[e + 1]
+                logits, state = model(x[:, lo:hi], state=episode_state(model, P) if carry else None)
+                ce = F.cross_entropy(logits.float().transpose(1, 2), y[:, lo:hi], reduction="none").mean(1)
+                rows.append(ce.cpu())
+                if carry:
+                    P = commit_persistent(model, state)
+            out.append(torch.stack(rows, 1))
+        return torch.cat(out).double()
+    finally:
+        model.train(was)
+
+
+# ---------------------------------------------------------------------- the loop
+def finetune_hf(cfg: HFFinetuneConfig, model=None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train the retrofitted layers (see the module docstring).
+
+    Args:
+        model: a :class:`~cl_arch.hf.RetrofitModel` to train instead of building one from ``cfg``
+            (``cfg.hf_model`` is then only where the tokenizer is looked for).
+
+    Returns:
+        ``model`` (trained, eval mode), ``trainable_parameters``, ``steps``, ``seconds``,
+        ``tokens_per_second``, ``curve`` (step, train loss) and ``val_loss`` before and after (nats,
+        the episodic objective on validation blocks); with ``output_dir`` the retrofit is saved in
+        ``<output_dir>/retrofit`` and the figures in ``<output_dir>/results.json``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    if model is None:
+        model = build_model(cfg)
+    lam_none = [i for i, m in enumerate(model.fast_layers()) if m.lam is None]
+    if cfg.episodes > 1 and lam_none:
+        raise ValueError("episodic fine-tuning commits eligibility traces; the retrofit has lam = None (no trace): "
+                         "retrofit with lam set, or use episodes = 1")
+    names = select_trainable_hf(model, cfg.trainable)
+    encode = text_encoder(cfg.hf_model, model.config.vocab_size)
+    data = token_blocks(cfg.sources, encode, cfg.seq_len + 1, cfg.max_bytes)
+    val = data["val"][:32]
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.check_inputs = False  # ids come from the data pipeline: no host read per step
+    model.train()
+    model.base.eval()  # the frozen base keeps its dropout off: only the added layers learn
+    pmodel, opt = accelerator.prepare(model, opt)
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            return float(episode_losses(model, val, cfg.episodes, carry=True).mean())
+
+    before = val_loss()
+    g = torch.Generator().manual_seed(cfg.seed)
+    curve, t0, step, tokens = [], time.perf_counter(), 0, 0
+    deadline = None if cfg.max_minutes is None else t0 + 60.0 * cfg.max_minutes
+    while step < cfg.max_steps and (deadline is None or time.perf_counter() < deadline):
+        # cosine decay over the step budget (or the clock, whichever the run is bounded by)
+        frac = step / cfg.max_steps if deadline is None else max(step / cfg.max_steps,
+                                                                  (time.perf_counter() - t0) / (deadline - t0))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        idx = torch.randint(0, data["train"].shape[0], (cfg.batch_size,), generator=g)
+        block = data["train"][idx].to(accelerator.device)
+        loss = episodic_lm_loss(pmodel, block, cfg.episodes)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        tokens += block.shape[0] * (block.shape[1] - 1)
+        if step % cfg.log_every == 0 or step == 1:
+            curve.append({"step": step, "loss": float(loss.detach())})
+            log(f"finetune_hf step {step} loss {curve[-1]['loss']:.4f} ({time.perf_counter() - t0:.0f} s)")
+    seconds = time.perf_counter() - t0
+    model.check_inputs = True
+    model.eval()
+    results: Dict[str, Any] = {
+        "trainable_parameters": names, "steps": step, "seconds": seconds,
+        "tokens_per_second": tokens / max(seconds, 1e-9), "curve": curve,
+        "val_loss_before": before, "val_loss_after": val_loss(),
+        "config": dataclasses.asdict(cfg),
+    }
+    if cfg.output_dir:
+        from cl_arch.hf import save_retrofit
+        from cl_arch.io import write_json
+
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_retrofit(model, os.path.join(cfg.output_dir, "retrofit"), base_name=cfg.hf_model)
+        write_json(os.path.join(cfg.output_dir, "results.json"), results, sort_keys=True)
+    results["model"] = model
+    return results
+
+
+def config_from_dict(d: Dict[str, Any]) -> HFFinetuneConfig:
+    """Build a config, naming unknown keys."""
+    known = {f.name for f in dataclasses.fields(HFFinetuneConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown finetune_hf settings {unknown}; known: {sorted(known)}")
+    return HFFinetuneConfig(**d)
+
+
+def dump(results: Dict[str, Any]) -> str:
+    """The results without the model, as JSON."""
+    return json.dumps({k: v for k, v in results.items() if k != "model"}, indent=2, sort_keys=True, default=str)
+
+
+__all__ = ["HFFinetuneConfig", "finetune_hf", "episode_losses", "select_trainable_hf", "token_blocks",
+           "text_encoder", "build_model", "config_from_dict", "TRAINABLE"]
