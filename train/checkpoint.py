@@ -8,6 +8,16 @@ Layout of one checkpoint folder (``<output_dir>/checkpoints/step_000123/``)::
                                       time, the run config (torch.save, tensors and plain data)
     rng_state_<rank>.pt               python / numpy / torch (/ cuda) RNG states of each process
 
+Under FSDP (:mod:`cl_arch.train.distributed`) a checkpoint is written in one of two formats
+(``training_state.pt`` records which):
+
+- ``full``: the weights are gathered on process 0 and written as above, and the optimizer state
+  whole, keyed by parameter name (``optimizer_by_name``). It resumes under any number of
+  processes, FSDP or not; a checkpoint of one process or DDP resumes under FSDP as well.
+- ``sharded``: every process writes its own shards of the weights and optimizer state into
+  ``sharded/`` (``torch.distributed.checkpoint``); no gather, no full copy in any process's memory.
+  It resumes under FSDP (DCP re-shards when the number of processes changes).
+
 The folder is first written as ``.tmp-step_...`` and moved into place when complete, under a
 journal (:func:`cl_arch.io.commit_moves`) when it replaces an older folder of the same name: a
 crash at any moment leaves the old checkpoint or the new one, and the loaders (``load_checkpoint``,
@@ -28,6 +38,7 @@ import torch
 from cl_arch.io import fsync_file, commit_moves, recover
 
 TRAINING_STATE = "training_state.pt"
+SHARDED_DIR = "sharded"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -60,18 +71,24 @@ def _as_tuple(x):
 
 
 def save_checkpoint(directory: str, model, optimizer, schedule, training: Dict[str, Any],
-                    accelerator=None) -> str:
+                    accelerator=None, sharded: bool = False) -> str:
     """Write a checkpoint folder (see the module docstring); every process calls this.
 
     Args:
-        model: the (unwrapped) :class:`~cl_arch.PlasticTransformer`.
+        model: the (unwrapped) :class:`~cl_arch.PlasticTransformer`, sharded or not.
         optimizer: a torch optimizer (or accelerate's wrapper).
         schedule: an object with ``state_dict()`` (e.g. :class:`~cl_arch.train.pretrain.WarmupCosine`).
         training: plain data: step, data position, elapsed seconds, config dict, ...
+        sharded: write the ``sharded`` format (the model must be sharded with ``fully_shard``).
 
     Returns:
         ``directory``.
     """
+    from . import distributed as dist_utils
+
+    fsdp = dist_utils.is_sharded(model)
+    if sharded and not fsdp:
+        raise ValueError("save_checkpoint(sharded=True) needs a model sharded with fully_shard")
     rank = accelerator.process_index if accelerator is not None else 0
     is_main = accelerator is None or accelerator.is_main_process
     parent, name = os.path.split(os.path.abspath(directory))
@@ -83,17 +100,28 @@ def save_checkpoint(directory: str, model, optimizer, schedule, training: Dict[s
         os.makedirs(tmp)
     if accelerator is not None:
         accelerator.wait_for_everyone()
+    opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    if sharded:  # every process writes its shards; nothing is gathered
+        dist_utils.sharded_save(os.path.join(tmp, SHARDED_DIR), model, opt)
+        state = {"format": "sharded"}
+    elif fsdp:  # gathered on process 0 (collectives: every process takes part)
+        whole = dist_utils.full_model(model, rank)
+        state = {"format": "full", "optimizer_by_name": dist_utils.optimizer_state_by_name(model, opt, full=True)}
+        if is_main:
+            whole.save_pretrained(tmp)
+    else:
+        state = {"format": "full", "optimizer": opt.state_dict()}
+        if is_main:
+            model.save_pretrained(tmp)
     if is_main:
-        model.save_pretrained(tmp)
-        opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        torch.save({"optimizer": opt.state_dict(), "schedule": schedule.state_dict(), **training},
-                   os.path.join(tmp, TRAINING_STATE))
+        torch.save({**state, "schedule": schedule.state_dict(), **training}, os.path.join(tmp, TRAINING_STATE))
     torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if is_main:
-        for name_ in os.listdir(tmp):  # torch.save does not sync; the journal must only name whole files
-            fsync_file(os.path.join(tmp, name_))
+        for root, _, files in os.walk(tmp):  # torch.save does not sync; the journal must only name whole files
+            for name_ in files:
+                fsync_file(os.path.join(root, name_))
         old = os.path.join(parent, f".old-{name}")
         if os.path.lexists(old):
             shutil.rmtree(old)
@@ -112,26 +140,53 @@ def load_checkpoint(directory: str, model, optimizer=None, schedule=None, rank: 
     Returns:
         the ``training`` dict given to :func:`save_checkpoint` (step, data position, ...).
 
+    Every process calls it; a sharded model (``fully_shard``) receives its own shards. Call it
+    before ``accelerator.prepare`` (DDP) and after :func:`~cl_arch.train.distributed.shard_model`.
+
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
-        ValueError: the weights do not fit ``model``.
+        ValueError: the weights do not fit ``model``, or a sharded checkpoint meets an unsharded model.
     """
+    from . import distributed as dist_utils
+
     recover(directory)  # finish a save_checkpoint that a crash interrupted (no-op otherwise)
     path = os.path.join(directory, TRAINING_STATE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"not a training checkpoint: {path} is missing")
-    load_weights(directory, model)
     state = torch.load(path, map_location="cpu", weights_only=True)
+    fsdp = dist_utils.is_sharded(model)
+    opt = None
     if optimizer is not None:
         opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        opt.load_state_dict(state["optimizer"])
+    if state.get("format", "full") == "sharded":
+        if not fsdp:
+            raise ValueError(f"{directory} is a sharded checkpoint (one file set per FSDP process): resume it "
+                             "under FSDP (train.parallel: fsdp, several processes)")
+        dist_utils.sharded_load(os.path.join(directory, SHARDED_DIR), model, opt)
+    else:
+        if fsdp:
+            from safetensors.torch import load_file
+
+            from cl_arch.model import WEIGHTS_NAME
+
+            dist_utils.load_full_weights(model, load_file(os.path.join(directory, WEIGHTS_NAME)))
+        else:
+            load_weights(directory, model)
+        if opt is not None:
+            if "optimizer_by_name" in state:
+                dist_utils.load_optimizer_state_by_name(model, opt, state["optimizer_by_name"], full=True)
+            elif fsdp:  # written by one process or DDP: numbered parameters, re-keyed by name
+                named = dist_utils.optimizer_state_ids_to_names(model, opt, state["optimizer"])
+                dist_utils.load_optimizer_state_by_name(model, opt, named, full=True)
+            else:
+                opt.load_state_dict(state["optimizer"])
     if schedule is not None:
         schedule.load_state_dict(state["schedule"])
     if restore_rng:
         rng_path = os.path.join(directory, f"rng_state_{rank}.pt")
         if os.path.isfile(rng_path):
             set_rng_state(torch.load(rng_path, weights_only=False))
-    return {k: v for k, v in state.items() if k not in ("optimizer", "schedule")}
+    return {k: v for k, v in state.items() if k not in ("optimizer", "optimizer_by_name", "schedule", "format")}
 
 
 def load_weights(directory: str, model) -> None:

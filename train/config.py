@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from cl_arch import PlasticConfig
 
+from .distributed import CHECKPOINT_FORMATS, PARALLEL
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOG_WITH = ("auto", "tensorboard", "none")
 TRAINABLE = ("all", "plasticity", "fast")
@@ -96,6 +98,11 @@ class TrainConfig:
     init_from: a ``save_pretrained`` folder whose weights start the run (fine-tuning, continuing).
     log_with: accelerate tracker: "auto" = tensorboard when installed; metrics always go to
         ``output_dir/metrics.jsonl`` too.
+    parallel: with several processes, "auto" (FSDP when ``accelerate launch`` got an FSDP config,
+        else DDP), "ddp" or "fsdp" (:mod:`cl_arch.train.distributed`).
+    checkpoint_format: "auto" (sharded under FSDP with ``fsdp_state_dict_type:
+        SHARDED_STATE_DICT``, else full), "full" or "sharded" (FSDP only; see
+        :mod:`cl_arch.train.checkpoint`).
     """
 
     batch_size: int = 16
@@ -116,6 +123,8 @@ class TrainConfig:
     log_with: str = "auto"
     progress: bool = True
     activation_checkpointing: bool = False
+    parallel: str = "auto"
+    checkpoint_format: str = "auto"
 
 
 @dataclass
@@ -360,6 +369,8 @@ def validate_sections(cfg) -> None:
         _positive("train.max_minutes", t.max_minutes)
         _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
         _choice("train.log_with", t.log_with, LOG_WITH)
+        _choice("train.parallel", t.parallel, PARALLEL)
+        _choice("train.checkpoint_format", t.checkpoint_format, CHECKPOINT_FORMATS)
     if hasattr(cfg, "validate_section"):
         cfg.validate_section()  # a run config defined elsewhere (meta) checks its own section
     if hasattr(cfg, "finetune"):

@@ -34,6 +34,12 @@ is kept. Backprop runs through ``meta.tbptt`` episodes at a time (P detached bet
 The Sutton test (:func:`play_preference`) plays fresh games with sampled answers, once with P
 kept across episodes and once with P reset every episode (same cues, same random draws), and
 reports each game's mean expected reward after its first episode under both.
+
+On several processes (``accelerate launch``, DDP or FSDP: :mod:`cl_arch.train.distributed`) every
+process draws the same ``meta.games_per_step`` games and recall rows and plays its contiguous
+share; the losses are scaled so that averaging the gradients over processes gives one process's
+gradient, and a step's logged reward is the mean over all games. So N processes give one
+process's result up to float reduction order (``tests/test_distributed.py``).
 """
 from __future__ import annotations
 
@@ -50,9 +56,11 @@ import torch.nn.functional as F
 
 from cl_arch import PlasticConfig, PlasticTransformer
 
+from . import distributed as dist_utils
 from .config import ConfigError, OptimConfig, TrainConfig, config_to_dict
 from .finetune import commit_persistent, episode_state, select_trainable
-from .pretrain import WarmupCosine, enable_activation_checkpointing, param_groups
+from .pretrain import WarmupCosine, enable_activation_checkpointing, make_accelerator, param_groups
+from .progress import RunProgress
 from .tasks import BOS, PreferenceGame, recall_batch, value_tokens
 
 OBJECTIVES = ("expected", "reinforce")
@@ -331,11 +339,14 @@ def meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer] = None) ->
 def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[str, Any]:
     import copy
 
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     m, t, o = cfg.meta, cfg.train, cfg.optim
-    accelerator = Accelerator(mixed_precision=t.mixed_precision)
+    accelerator = make_accelerator(cfg, t.output_dir)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    plan = dist_utils.resolve_plan(t.parallel, t.checkpoint_format, world)
+    games = dist_utils.split_rows(m.games_per_step, rank, world, "meta.games_per_step")
+    recall_rows = dist_utils.split_rows(m.recall_batch, rank, world, "meta.recall_batch") if m.lm_weight > 0 else None
     set_seed(t.seed)
     log = accelerator.print
     if base is None:
@@ -352,36 +363,43 @@ def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[
     log(f"meta-train: before: reward kept {before['mean_kept']:.3f} vs reset {before['mean_reset']:.3f}, "
         f"Sutton delta {before['sutton_delta']:+.3f} [{before['sutton_ci'][0]:+.3f}, {before['sutton_ci'][1]:+.3f}]")
 
+    # No DDP wrapper: a meta step runs dozens of forwards per backward (DDP expects one), so the
+    # replicated model's gradients are averaged with one all-reduce; FSDP shards it and averages
+    # only the replicated per-head vectors by hand (distributed.py).
+    model = dist_utils.shard_model(model.to(accelerator.device), plan)
+    raw = model
+    synced = dist_utils.replicated_parameters(raw) if plan.fsdp else list(raw.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
     schedule = WarmupCosine(optimizer, o.lr, o.warmup_steps, o.min_lr_ratio)
-    # Forward passes go to the raw model (many per backward: DDP would expect one); with several
-    # processes the gradients are averaged by hand before each step.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(model)
     answers = torch.tensor(value_tokens(m.n_answers), device=accelerator.device)
-    gen = torch.Generator().manual_seed(t.seed * 7919 + accelerator.process_index)
+    # The same generator on every process: all draw the same games, each plays its share.
+    gen = torch.Generator().manual_seed(t.seed * 7919)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=t.max_steps, desc="meta-train", unit="step", disable=not (t.progress and accelerator.is_local_main_process))
+    budget = t.max_minutes * 60 if t.max_minutes else None
+    bar = RunProgress("meta-train", t.max_steps, budget, disable=not (t.progress and accelerator.is_local_main_process))
     rewards: List[float] = []
     start = time.time()
-    budget = t.max_minutes * 60 if t.max_minutes else None
     step = 0
     metrics_path = os.path.join(t.output_dir, "metrics.jsonl")
     if accelerator.is_main_process:
         os.makedirs(t.output_dir, exist_ok=True)
     while step < t.max_steps:
         elapsed = time.time() - start
+        if budget is not None and world > 1:  # one clock for all (it sets the lr and the stop): rank 0's
+            from accelerate.utils import broadcast
+
+            elapsed = float(broadcast(torch.tensor([elapsed], dtype=torch.float64, device=accelerator.device),
+                                      from_process=0)[0])
         if budget is not None and elapsed >= budget:
             break
         progress = step / t.max_steps if budget is None else max(step / t.max_steps, elapsed / budget)
         lr = schedule.set(step, progress)
         seed0 = int(torch.randint(0, 2 ** 30, (1,), generator=gen))  # training games: never the eval seeds
         cues, best = make_games(m.games_per_step, m.n_cues, m.n_answers, m.episodes, seed0 % (m.eval_seed // 2))
-        cues, best = cues.to(accelerator.device), best.to(accelerator.device)
-        u = torch.rand(m.games_per_step, m.episodes, generator=gen).to(accelerator.device)
-        P, b = _zeros_P(raw, m.games_per_step), torch.zeros(m.games_per_step, device=accelerator.device)
+        cues, best = cues[games].to(accelerator.device), best[games].to(accelerator.device)
+        u = torch.rand(m.games_per_step, m.episodes, generator=gen)[games].to(accelerator.device)
+        n_local = cues.shape[0]
+        P, b = _zeros_P(raw, n_local), torch.zeros(n_local, device=accelerator.device)
         optimizer.zero_grad(set_to_none=True)
         step_R = []
         n_windows = math.ceil(m.episodes / m.tbptt)
@@ -392,29 +410,33 @@ def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[
             accelerator.backward(loss / n_windows)
             P, b = [p.detach() for p in P], b.detach()  # truncated backprop between windows
             step_R.append(R)
-        lm = torch.zeros(())
+        lm = torch.zeros((), device=accelerator.device)
         if m.lm_weight > 0:
             x, y, mask = recall_batch(m.recall_batch, m.recall_pairs, seed=gen)
-            x, y, mask = x.to(accelerator.device), y.to(accelerator.device), mask.to(accelerator.device)
+            # Sum over this share's targets divided by the whole batch's count: the processes'
+            # averaged gradients are then exactly the whole batch's mean loss gradient.
+            n_targets = mask.sum().clamp(min=1)
+            x, y, mask = (v[recall_rows].to(accelerator.device) for v in (x, y, mask))
             with accelerator.autocast():
                 logits, _ = raw(x, return_state=False)
-                lm = F.cross_entropy(logits.float()[mask], y[mask])
-            accelerator.backward(m.lm_weight * lm)
-        if accelerator.num_processes > 1:
-            for p in raw.parameters():
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, "mean")
+                lm = F.cross_entropy(logits.float()[mask], y[mask], reduction="sum") / n_targets.to(logits.device)
+            accelerator.backward(m.lm_weight * world * lm)
+        if world > 1:
+            dist_utils.all_reduce_grads(synced, world)
         if o.grad_clip is not None:
-            accelerator.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], o.grad_clip)
+            dist_utils.clip_grad_norm([p for p in raw.parameters() if p.requires_grad], o.grad_clip)
         optimizer.step()
         step += 1
-        R_mean = float(np.mean(step_R))
-        lm = lm.detach()
+        figures = torch.tensor([float(np.mean(step_R)), float(lm.detach())], dtype=torch.float64,
+                               device=accelerator.device)
+        if world > 1:  # equal shares: the mean of the processes' rewards is the mean over all games
+            figures = accelerator.reduce(figures, "mean") * torch.tensor([1.0, world], dtype=torch.float64,
+                                                                          device=accelerator.device)
+        R_mean, lm = float(figures[0]), figures[1]
         if not math.isfinite(R_mean) or not math.isfinite(float(lm)):
             raise FloatingPointError(f"meta-training diverged at step {step}: lower optim.lr")
         rewards.append(R_mean)
-        bar.update(1)
-        bar.set_postfix(reward=f"{R_mean:.3f}", recall_loss=f"{float(lm):.3f}")
+        bar.update(step, time.time() - start, reward=f"{R_mean:.3f}", recall_loss=f"{float(lm):.3f}")
         if accelerator.is_main_process and t.log_every and step % t.log_every == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, "expected_reward": R_mean, "recall_loss": float(lm), "lr": lr,
@@ -427,10 +449,11 @@ def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[
         f"{after['mean_reset']:.3f}, Sutton delta {after['sutton_delta']:+.3f} "
         f"[{after['sutton_ci'][0]:+.3f}, {after['sutton_ci'][1]:+.3f}]")
     results = {"before": before, "after": after, "rewards": rewards, "steps": step, "seconds": seconds,
+               "processes": world, "parallel": plan.mode,
                "plasticity": plasticity_summary(raw), "plasticity_before": plasticity_summary(base),
                "trainable_parameters": trainable, "config": config_to_dict(cfg)}
+    dist_utils.save_final(raw, os.path.join(t.output_dir, "final"), rank)  # gathers under FSDP
     if accelerator.is_main_process:
-        raw.save_pretrained(os.path.join(t.output_dir, "final"))
         with open(os.path.join(t.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     results["model"] = raw

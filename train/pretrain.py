@@ -7,8 +7,9 @@ bits/byte, checkpoints with exact resume (:mod:`cl_arch.train.checkpoint`), acce
 and a tqdm bar. The loop itself (:func:`run_training`) also serves fine-tuning, which passes its
 own loss and parameter choice.
 
-Launch on several processes with ``accelerate launch --num_processes N -m cl_arch.scripts.cli
-pretrain ...``; ``train.batch_size`` is the global batch, split evenly between processes.
+Launch on several processes with ``accelerate launch --config_file configs/accelerate/<ddp|fsdp>.yaml
+-m cl_arch.scripts.cli pretrain ...``; ``train.batch_size`` is the global batch, split evenly
+between processes. Under FSDP the model is sharded by :mod:`cl_arch.train.distributed`.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ import torch.nn.functional as F
 from cl_arch import PlasticConfig, PlasticTransformer
 
 from . import checkpoint as ckpt
+from . import distributed as dist_utils
 from .config import PretrainRunConfig, config_to_dict
 from .data import BlockBatches, corpus_files, dataset_tensor, packed_dataset, split_corpus
+from .progress import RunProgress
 
 LN2 = math.log(2.0)
 
@@ -131,12 +134,15 @@ def evaluate_bpb(model, val: torch.Tensor, batch_size: int, accelerator=None,
     device = accelerator.device if accelerator is not None else val.device
     was_training = model.training
     model.eval()
-    # Evaluation scores whole sequences, so force the chunked path (eval would otherwise switch
-    # to the per-token loop for short inputs only; our rows are long, but be explicit).
     rows = val[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in range(0, rows.shape[0], batch_size):
-        x = rows[i:i + batch_size].to(device)
+    # Every process runs the same number of forwards (FSDP gathers weights inside each one); a
+    # process out of rows scores one row with weight 0.
+    for j in range(dist_utils.padded_batches(val.shape[0], world, batch_size)):
+        x = rows[j * batch_size:(j + 1) * batch_size].to(device)
+        weight = 1.0
+        if x.shape[0] == 0:
+            x, weight = val[:1].to(device), 0.0
         ctx = accelerator.autocast() if accelerator is not None else _null()
         with ctx:
             if loss_fn is None:
@@ -144,8 +150,8 @@ def evaluate_bpb(model, val: torch.Tensor, batch_size: int, accelerator=None,
                 nats = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
             else:
                 nats = loss_fn(model, x).float() * x[:, 1:].numel()
-        total += torch.stack([nats.double(), torch.tensor(float(x[:, 1:].numel()), dtype=torch.float64,
-                                                          device=device)])
+        total += weight * torch.stack([nats.double(), torch.tensor(float(x[:, 1:].numel()), dtype=torch.float64,
+                                                                   device=device)])
     if accelerator is not None and world > 1:
         total = accelerator.reduce(total, "sum")
     model.train(was_training)
@@ -232,15 +238,18 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
 
+    plan = dist_utils.resolve_plan(t.parallel, t.checkpoint_format, world)
     train_ds, val, data_info = load_data(cfg)
     model = setup.model
     if t.activation_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model)  # before sharding: FSDP's hooks then wrap the recompute
+    model = dist_utils.shard_model(model, plan)  # fsdp only; before the optimizer sees the parameters
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=1e-8)
     schedule = WarmupCosine(optimizer, o.lr, o.warmup_steps, o.min_lr_ratio)
 
-    # Resume before prepare(): weights and optimizer state go into the raw objects.
+    # Resume before prepare(): weights and optimizer state go into the raw objects (into each
+    # process's shards under FSDP).
     step, position, elapsed_before = 0, (0, 0), 0.0
     ckpt_root = os.path.join(output_dir, "checkpoints")
     resume = ckpt.find_latest(ckpt_root) if t.resume == "auto" else t.resume
@@ -249,8 +258,12 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
         step, position, elapsed_before = int(info["step"]), tuple(info["data_position"]), float(info["elapsed"])
         if accelerator.is_main_process:
             print(f"resumed from {resume} at step {step}")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
+    if plan.fsdp:  # sharded above; accelerate would wrap it in DDP on CPU (distributed.py says why)
+        raw_model = model
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        raw_model = accelerator.unwrap_model(model)
+    replicated = dist_utils.replicated_parameters(raw_model) if plan.fsdp else []
     raw_model.check_inputs = False  # data-pipeline inputs: no host read per step (restored at the end)
 
     stream = BlockBatches(train_ds, t.batch_size, rank=rank, world_size=world, seed=t.seed,
@@ -260,7 +273,8 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
     if accelerator.is_main_process:
         accelerator.init_trackers(setup.kind, config=_flat_scalars(run_config))
         print(f"{setup.kind}: {raw_model.num_parameters() / 1e6:.2f}M parameters "
-              f"({raw_model.num_parameters(trainable_only=True) / 1e6:.2f}M trainable), {world} process(es), "
+              f"({raw_model.num_parameters(trainable_only=True) / 1e6:.2f}M trainable), {world} process(es) "
+              f"({plan.mode}), "
               f"{data_info['train_files']} train / {data_info['val_files']} val files, "
               f"{len(train_ds) if hasattr(train_ds, '__len__') else 'streaming'} train blocks of "
               f"{cfg.data.seq_len + 1} bytes")
@@ -276,7 +290,8 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
     def save(at: int, elapsed: float) -> None:
         ckpt.save_checkpoint(os.path.join(ckpt_root, f"step_{at:06d}"), raw_model, optimizer, schedule,
                              {"step": at, "data_position": list(stream.state()), "elapsed": elapsed,
-                              "config": json.dumps(run_config)}, accelerator)
+                              "config": json.dumps(run_config)}, accelerator,
+                             sharded=plan.checkpoint_format == "sharded")
         if accelerator.is_main_process:
             ckpt.prune_checkpoints(ckpt_root, t.keep_checkpoints)
 
@@ -287,10 +302,8 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
         val_history.append((0, bpb))
         log({"val_bpb": bpb}, 0)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=t.max_steps, initial=step, desc=setup.kind, unit="step", dynamic_ncols=True,
-               disable=not (t.progress and accelerator.is_local_main_process))
+    bar = RunProgress(setup.kind, t.max_steps, budget, step=step, elapsed=elapsed_before,
+                      disable=not (t.progress and accelerator.is_local_main_process))
     model.train()
     start = time.time()
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
@@ -315,13 +328,22 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
         for _ in range(t.grad_accum):
             block = next(batches).to(accelerator.device)
             with accelerator.accumulate(model):
+                if plan.fsdp:  # reduce-scatter once per optimizer step, not per micro-step
+                    model.set_requires_gradient_sync(accelerator.sync_gradients)
                 with accelerator.autocast():
                     loss = setup.loss_fn(model, block)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and o.grad_clip is not None:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                # (accelerate's prepared optimizer skips non-sync micro-steps itself; FSDP's raw one
+                # needs the guard, which is a no-op for the former)
+                if accelerator.sync_gradients:
+                    if plan.fsdp:
+                        dist_utils.all_reduce_grads(replicated, world)  # FSDP leaves them unreduced
+                        if o.grad_clip is not None:
+                            grad_norm = dist_utils.clip_grad_norm(model.parameters(), o.grad_clip)
+                    elif o.grad_clip is not None:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / t.grad_accum
         step += 1
         mean_loss = float(accelerator.reduce(step_loss, "mean")) if world > 1 else float(step_loss)
@@ -329,8 +351,8 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
             raise FloatingPointError(f"training loss is {mean_loss} at step {step}: lower optim.lr or "
                                      "set optim.grad_clip")
         losses.append(mean_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{mean_loss:.3f}", bpb=f"{mean_loss / LN2:.3f}", lr=f"{lr:.2e}")
+        bar.update(step, elapsed_before + time.time() - start, loss=f"{mean_loss:.3f}", bpb=f"{mean_loss / LN2:.3f}",
+                   lr=f"{lr:.2e}")
         if t.log_every and step % t.log_every == 0:
             entry = {"train_loss": mean_loss, "train_bpb": mean_loss / LN2, "lr": lr}
             if grad_norm is not None:
@@ -350,14 +372,14 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
     val_history.append((step, bpb))
     log({"val_bpb": bpb}, step)
     save(step, elapsed_before + seconds)
-    if accelerator.is_main_process:
-        raw_model.save_pretrained(os.path.join(output_dir, "final"))
+    dist_utils.save_final(raw_model, os.path.join(output_dir, "final"), rank)  # gathers under FSDP
     steps_run = step - first_step
     results = {
         "kind": setup.kind, "final_val_bpb": bpb, "val_history": val_history, "train_losses": losses,
         "steps": step, "steps_this_run": steps_run, "tokens": steps_run * tokens_per_step,
         "seconds": seconds, "tokens_per_s": steps_run * tokens_per_step / max(seconds, 1e-9),
-        "stopped": stopped, "processes": world, "parameters": raw_model.num_parameters(),
+        "stopped": stopped, "processes": world, "parallel": plan.mode,
+        "checkpoint_format": plan.checkpoint_format, "parameters": raw_model.num_parameters(),
         "output_dir": output_dir, **data_info,
     }
     if accelerator.is_main_process:
