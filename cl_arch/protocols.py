@@ -45,10 +45,15 @@ class PlasticModel(Protocol):
     """A network with fast memories: ``logits, state = model(ids [B, T], state=..., modulation=...)``.
 
     ``fast_layers()`` lists its fast memories in state order (one ``P`` each); ``memories()`` maps
-    every slot of ``ModelState.layers`` to its memory (None for an attention cache).
+    every slot of ``ModelState.layers`` to its memory (None for an attention cache, an
+    ``AttnLayerState``; batched decoding groups sessions by position when there is one).
+    ``fingerprint()`` ties saved sessions and consolidation reports to the weights. Satisfied by
+    :class:`~cl_arch.PlasticTransformer` and by ``cl_arch.hf.RetrofitModel`` (a transformers
+    causal LM with fast memories added beside its attention; its slots are one KV cache per
+    decoder block, then the added memories).
     """
 
-    config: object  # has vocab_size
+    config: object  # has vocab_size and baseline_rho (the commit's default baseline step)
 
     @property
     def device(self) -> torch.device: ...

@@ -80,7 +80,7 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
             if p.shape[1]:
                 s._feed(p)
 
-        has_attn = any(t == "attn" for t in model.config.layer_types)
+        has_attn = any(m is None for m in model.memories())  # a None slot is an attention (KV) cache
         out: List[List[int]] = [[] for _ in sessions]
         for _ in range(max_new_tokens):
             toks = [_sample(s._next_logits, float(temperature), top_k, top_p, allowed, g)
