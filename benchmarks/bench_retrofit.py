@@ -1,0 +1,162 @@
+"""Overhead of retrofitted fast memories (issue 15): decode ms/token and training tokens/s of a
+transformers Llama with and without the added layers, in one process, rows interleaved.
+
+Rows:
+- ``decode``: a prompt, then one token per step with the cache carried. ``base``: the Llama alone,
+  a ``DynamicCache`` kept across steps (how transformers decodes). ``retrofit``: the
+  :class:`cl_arch.hf.RetrofitModel` (its KV caches converted to and from the ModelState each step,
+  plus the fast memories' recurrent step).
+- ``train``: forward + backward + AdamW step of the next-token loss on ``[batch, seq]`` blocks.
+  ``base (all)``: every base weight trained; ``retrofit (all)``: the same plus the added layers;
+  ``retrofit (added only)``: the base frozen, as ``cl-arch finetune --hf-model`` trains.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_retrofit.py
+
+Prints the medians and ratios and writes ``benchmarks/out/bench_retrofit.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from cl_arch.hf import retrofit
+from cl_arch.io import write_json
+
+
+def build(d: int, layers: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)).eval()
+
+
+@torch.no_grad()
+def decode_base(base, prompt: torch.Tensor, steps: int) -> float:
+    """Seconds per decoded token, the Llama alone with a DynamicCache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=base.config)
+    out = base(input_ids=prompt, cache=cache, use_cache=True)
+    tok = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = base(input_ids=tok, cache=out.cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - t0) / steps
+
+
+@torch.no_grad()
+def decode_retrofit(model, prompt: torch.Tensor, steps: int) -> float:
+    logits, state = model(prompt)
+    tok = logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits, state = model(tok, state=state)
+        tok = logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - t0) / steps
+
+
+def train_rate(step_fn, block: torch.Tensor, steps: int) -> float:
+    """Tokens per second of ``steps`` training steps (one warm-up step first)."""
+    step_fn(block)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn(block)
+    return steps * block.shape[0] * (block.shape[1] - 1) / (time.perf_counter() - t0)
+
+
+def trainer(forward, params):
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(block):
+        logits = forward(block[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), block[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--fast-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bench_retrofit.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    base = build(args.d_model, args.layers)
+    model = retrofit(build(args.d_model, args.layers), n_heads=args.fast_heads, head_k_dim=args.head_dim,
+                     head_v_dim=args.head_dim)  # a second copy: the base row runs without any hook
+    model.check_inputs = False  # as in training and serving loops: no host read per call
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 256, (1, args.prompt), generator=g)
+    block = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g)
+
+    base.train()
+    model.train()
+    train_base = trainer(lambda x: base(input_ids=x).logits, list(base.parameters()))
+    train_all = trainer(lambda x: model(x, return_state=False)[0], list(model.parameters()))
+    added = [p for n, p in model.named_parameters() if n.startswith("fast.")]
+
+    def frozen_forward(x):
+        return model(x, return_state=False)[0]
+    train_added = trainer(frozen_forward, added)
+
+    rows = {k: [] for k in ("decode base", "decode retrofit", "train base (all)", "train retrofit (all)",
+                            "train retrofit (added only)")}
+    for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit every row alike
+        base.eval()
+        model.eval()
+        rows["decode base"].append(1e3 * decode_base(base, prompt, args.decode_steps))
+        rows["decode retrofit"].append(1e3 * decode_retrofit(model, prompt, args.decode_steps))
+        base.train()
+        model.train()
+        rows["train base (all)"].append(train_rate(train_base, block, args.train_steps))
+        for p in model.base.parameters():
+            p.requires_grad_(True)
+        rows["train retrofit (all)"].append(train_rate(train_all, block, args.train_steps))
+        for p in model.base.parameters():
+            p.requires_grad_(False)
+        rows["train retrofit (added only)"].append(train_rate(train_added, block, args.train_steps))
+        for p in model.base.parameters():
+            p.requires_grad_(True)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    ratios = {"decode retrofit / base (ms per token)": med["decode retrofit"] / med["decode base"],
+              "train retrofit (all) / base (tokens/s)": med["train retrofit (all)"] / med["train base (all)"],
+              "train retrofit (added only) / base (all) (tokens/s)":
+                  med["train retrofit (added only)"] / med["train base (all)"]}
+    n_base = sum(p.numel() for p in base.parameters())
+    n_added = sum(p.numel() for n, p in model.named_parameters() if n.startswith("fast."))
+    print(f"Llama d={args.d_model} x {args.layers} blocks ({n_base / 1e6:.2f} M params); fast memories in every block, "
+          f"{args.fast_heads} heads x {args.head_dim}x{args.head_dim} (+{n_added / 1e6:.2f} M params); "
+          f"{args.threads} thread(s), median of {args.repeats}")
+    print(f"{'row':32s} {'median':>10s}  unit")
+    for k, v in med.items():
+        print(f"{k:32s} {v:10.2f}  {'ms/token' if k.startswith('decode') else 'tokens/s'}")
+    for k, v in ratios.items():
+        print(f"{k:52s} {v:6.2f}x")
+    write_json(args.out, {"args": vars(args), "rows": rows, "median": med, "ratios": ratios,
+                          "params_base": n_base, "params_added": n_added, "torch": torch.__version__})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Does a retrofitted fast memory learn? (issue 15) A tiny Llama, briefly pretrained on CPU, gets
+fast memories beside two of its attentions; they are fine-tuned on text episodes; then:
+
+1. **Text episodes, P carried vs P reset.** Validation blocks (stdlib files never trained on) are
+   read as ``episodes`` consecutive episodes; ``carried`` commits each episode's trace into ``P``
+   (the retention commit of training), ``reset`` starts every episode at ``P = 0``. Per block, the
+   mean loss of the later episodes (2..E) reset minus carried, with a paired bootstrap interval
+   over blocks (eval/metrics.py). Episode 1 is identical by construction and reported as a check.
+2. **Sutton test through Session.** Per seed, a :class:`cl_arch.Session` on the retrofitted model
+   plays the hidden-preference game (``train/tasks.py``) for ``game_episodes`` episodes, one
+   sampled answer and one reward each (``Session(model, eta_s=0)``: reward-only commits); a second
+   session plays another game (the yoked memory). ``R`` = expected reward over all cues of the
+   first game with the first session's ``P`` (kept), no ``P`` (reset), the second's (yoked);
+   ``eval.metrics.sutton_delta`` over seeds.
+
+    OMP_NUM_THREADS=1 python benchmarks/retrofit_learning.py --pretrain-minutes 3 --finetune-minutes 3
+
+Prints a table and writes ``runs/retrofit_learning.json``. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cl_arch import Session
+from cl_arch.eval import metrics as M
+from cl_arch.eval.sutton import expected_score
+from cl_arch.hf import retrofit
+from cl_arch.train.finetune_hf import HFFinetuneConfig, episode_losses, finetune_hf, token_blocks
+from cl_arch.train.tasks import PreferenceGame
+
+
+def tiny_llama(d: int = 128, layers: int = 4, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                        bos_token_id=1, eos_token_id=None, pad_token_id=0))
+
+
+def pretrain_base(path: str, minutes: float, seq_len: int = 256, batch: int = 16, lr: float = 3e-3, seed: int = 0):
+    """A byte-level tiny Llama trained ``minutes`` on the stdlib (cached in ``path``)."""
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return AutoModelForCausalLM.from_pretrained(path), json.load(open(os.path.join(path, "pretrain.json")))
+    model = tiny_llama(seed=seed)
+    data = token_blocks("stdlib", lambda b: list(b), seq_len + 1, 4_000_000)["train"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    t0, step, deadline = time.perf_counter(), 0, time.perf_counter() + 60 * minutes
+    model.train()
+    while time.perf_counter() < deadline:
+        frac = (time.perf_counter() - t0) / (deadline - t0)
+        for grp in opt.param_groups:
+            grp["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        x = data[torch.randint(0, data.shape[0], (batch,), generator=g)]
+        loss = F.cross_entropy(model(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            print(f"pretrain step {step} loss {float(loss):.3f} bits/byte {float(loss) / math.log(2):.3f}", flush=True)
+    info = {"steps": step, "seconds": time.perf_counter() - t0, "final_loss": float(loss)}
+    model.eval().save_pretrained(path)
+    json.dump(info, open(os.path.join(path, "pretrain.json"), "w"))
+    return model, info
+
+
+def carried_vs_reset(model, blocks: torch.Tensor, episodes: int, seed: int = 0):
+    carried = episode_losses(model, blocks, episodes, carry=True).numpy()
+    reset = episode_losses(model, blocks, episodes, carry=False).numpy()
+    later_c, later_r = carried[:, 1:].mean(1), reset[:, 1:].mean(1)
+    delta, ci = M.paired_bootstrap_ci(later_r, later_c, seed=seed)
+    return {"blocks": int(blocks.shape[0]), "episodes": episodes,
+            "loss_carried_per_episode": carried.mean(0).tolist(), "loss_reset_per_episode": reset.mean(0).tolist(),
+            "first_episode_max_abs_diff": float(np.abs(carried[:, 0] - reset[:, 0]).max()),
+            "later_reset_minus_carried_nats": delta, "ci95": list(ci),
+            "later_reset_minus_carried_bits": delta / math.log(2)}
+
+
+def play(session: Session, game: PreferenceGame, episodes: int, seed: int) -> float:
+    cues = game.cue_sequence(episodes, seed=seed)
+    total = 0.0
+    for t, cue in enumerate(cues):
+        tok = session.generate(game.prompt(cue), max_new_tokens=1, temperature=1.0,
+                               allowed_tokens=game.answers, seed=seed * 100_003 + t)[0]
+        r = game.reward(cue, tok)
+        session.reward(r)
+        total += r
+    return total / episodes
+
+
+def sutton_session(model, seeds: int, episodes: int, seed: int = 0):
+    kept, reset, yoked = [], [], []
+    for i in range(seeds):
+        gA, gB = PreferenceGame(8, 8, seed=seed + i), PreferenceGame(8, 8, seed=seed + 1000 + i)
+        sA, sB = Session(model, seed=i, eta_s=0.0), Session(model, seed=1000 + i, eta_s=0.0)
+        play(sA, gA, episodes, seed + 50 + i)
+        play(sB, gB, episodes, seed + 5000 + i)
+        kept.append(expected_score(model, sA.P, gA))
+        reset.append(expected_score(model, [torch.zeros_like(p) for p in sA.P], gA))
+        yoked.append(expected_score(model, sB.P, gA))
+    st = M.sutton_delta(kept, reset, yoked, seed=seed)
+    st.update(kept_mean=float(np.mean(kept)), reset_mean=float(np.mean(reset)), yoked_mean=float(np.mean(yoked)),
+              chance=1 / 8, episodes=episodes)
+    return st
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pretrain-minutes", type=float, default=3.0)
+    ap.add_argument("--finetune-minutes", type=float, default=3.0)
+    ap.add_argument("--base-dir", default="runs/retrofit-llama-base")
+    ap.add_argument("--out", default="runs/retrofit_learning.json")
+    ap.add_argument("--episodes", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-blocks", type=int, default=64)
+    ap.add_argument("--game-seeds", type=int, default=16)
+    ap.add_argument("--game-episodes", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    base, pre = pretrain_base(args.base_dir, args.pretrain_minutes, seed=args.seed)
+    model = retrofit(base, layers=[1, 3], n_heads=4, head_k_dim=32, head_v_dim=32, eta_s=1.0)
+    cfg = HFFinetuneConfig(hf_model=args.base_dir, seq_len=args.seq_len, episodes=args.episodes, batch_size=8,
+                           lr=3e-3, max_steps=10 ** 6, max_minutes=args.finetune_minutes, seed=args.seed,
+                           output_dir=None, log_every=50)
+    ft = finetune_hf(cfg, model=model, log=lambda s: print(s, flush=True))
+    val = token_blocks("stdlib", lambda b: list(b), args.seq_len + 1, 4_000_000)["val"][:args.eval_blocks]
+    text = carried_vs_reset(model, val, args.episodes, args.seed)
+    game = sutton_session(model, args.game_seeds, args.game_episodes, args.seed)
+    report = {"pretrain": pre, "finetune": {k: ft[k] for k in ("steps", "seconds", "tokens_per_second",
+                                                               "val_loss_before", "val_loss_after")},
+              "text_episodes": text, "sutton_session": game, "argv": sys.argv[1:]}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nbase: {pre['steps']} pretraining steps ({pre['seconds']:.0f} s); fine-tune: {ft['steps']} steps "
+          f"({ft['seconds']:.0f} s), val loss {ft['val_loss_before']:.4f} -> {ft['val_loss_after']:.4f} nats")
+    print(f"{'figure':44s} {'value':>10s}  95% interval")
+    print(f"{'later episodes, reset - carried (bits/byte)':44s} {text['later_reset_minus_carried_bits']:+10.4f}  "
+          f"[{text['ci95'][0] / math.log(2):+.4f}, {text['ci95'][1] / math.log(2):+.4f}]  ({text['blocks']} blocks)")
+    print(f"{'episode 1, max |carried - reset| (nats)':44s} {text['first_episode_max_abs_diff']:10.2e}")
+    print(f"{'Sutton delta, preference game (Session)':44s} {game['sutton_delta']:+10.4f}  "
+          f"[{game['sutton_ci'][0]:+.4f}, {game['sutton_ci'][1]:+.4f}]  ({game['n']} seeds)")
+    print(f"{'  kept - yoked':44s} {game['yoked_delta']:+10.4f}  [{game['yoked_ci'][0]:+.4f}, {game['yoked_ci'][1]:+.4f}]")
+    print(f"{'  R kept / reset / yoked (chance 0.125)':44s} {game['kept_mean']:.4f} / {game['reset_mean']:.4f} / "
+          f"{game['yoked_mean']:.4f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
