@@ -130,11 +130,14 @@ def main(argv=None) -> int:
     ap.add_argument("--game-seeds", type=int, default=16)
     ap.add_argument("--game-episodes", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lam", type=float, default=0.5, help="trace decay of the added memories")
+    ap.add_argument("--eta-s", type=float, default=1.0, help="retention commit rate of the added memories")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
     base, pre = pretrain_base(args.base_dir, args.pretrain_minutes, seed=args.seed)
-    model = retrofit(base, layers=[1, 3], n_heads=4, head_k_dim=32, head_v_dim=32, eta_s=1.0)
+    model = retrofit(base, layers=[1, 3], n_heads=4, head_k_dim=32, head_v_dim=32, eta_s=args.eta_s,
+                     lam=args.lam)
     cfg = HFFinetuneConfig(hf_model=args.base_dir, seq_len=args.seq_len, episodes=args.episodes, batch_size=8,
                            lr=3e-3, max_steps=10 ** 6, max_minutes=args.finetune_minutes, seed=args.seed,
                            output_dir=None, log_every=50)
