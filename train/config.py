@@ -408,4 +408,9 @@ def validate(cfg, check_paths: bool = True) -> None:
         if cfg.train.init_from is not None:
             _check_checkpoint_dir("train.init_from", cfg.train.init_from)
         if cfg.train.resume not in (None, "auto"):
-            _check_checkpoint_dir("train.resume", cfg.train.resume)
+            # A training checkpoint is known by its training state (a sharded one has no config.json).
+            if not os.path.isdir(cfg.train.resume):
+                raise ConfigError(f"train.resume: path {cfg.train.resume!r} does not exist")
+            if not os.path.isfile(os.path.join(cfg.train.resume, "training_state.pt")):
+                raise ConfigError(f"train.resume: {cfg.train.resume!r} is not a training checkpoint "
+                                  "(no training_state.pt)")

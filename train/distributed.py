@@ -43,12 +43,14 @@ CHECKPOINT_FORMATS = ("auto", "full", "sharded")
 @dataclass(frozen=True)
 class ParallelPlan:
     """How one run spreads its model: ``mode`` ("single" | "ddp" | "fsdp"), ``world`` processes,
-    the training-checkpoint format ("full" | "sharded") and FSDP's ``reshard_after_forward``."""
+    the training-checkpoint format ("full" | "sharded"), FSDP's ``reshard_after_forward`` and
+    whether the accelerate config asked for activation checkpointing."""
 
     mode: str
     world: int
     checkpoint_format: str = "full"
     reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
 
     @property
     def fsdp(self) -> bool:
@@ -88,7 +90,8 @@ def resolve_plan(parallel: str, checkpoint_format: str, world: int) -> ParallelP
     if checkpoint_format == "sharded" and mode != "fsdp":
         raise ValueError(f"train.checkpoint_format: 'sharded' needs FSDP over several processes, this run is "
                          f"{mode!r} with {world} process(es); use 'full'")
-    return ParallelPlan(mode, world, checkpoint_format, _env_flag("FSDP_RESHARD_AFTER_FORWARD", "true"))
+    return ParallelPlan(mode, world, checkpoint_format, _env_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                        mode == "fsdp" and _env_flag("FSDP_ACTIVATION_CHECKPOINTING"))
 
 
 def replicated_parameters(model) -> List[torch.nn.Parameter]:
@@ -264,7 +267,9 @@ def load_optimizer_state_by_name(model, optimizer, state: Dict[str, Any], full: 
     """Inverse of :func:`optimizer_state_by_name` (``full``: every process passes the whole state)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=full))
+    # strict=False: a trainable parameter that never received a gradient (the readout's lam under
+    # its state commit) has no saved state, and AdamW gives it none until it does.
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=full, strict=False))
 
 
 def optimizer_state_ids_to_names(model, optimizer, state: Dict[str, Any]) -> Dict[str, Any]:
@@ -300,12 +305,20 @@ def sharded_save(directory: str, model, optimizer) -> None:
 def sharded_load(directory: str, model, optimizer=None) -> None:
     """Read :func:`sharded_save`'s shards into an identically sharded model (and optimizer)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     state: Dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
+        # A fresh optimizer's state dict names every trainable parameter, but a parameter that never
+        # got a gradient (the readout's lam under its state commit) has no saved state: that part
+        # may be missing. Every weight must be there.
         state["optimizer"] = optimizer_state_by_name(model, optimizer, False)
-    dcp.load(state, checkpoint_id=directory)
+    saved = FileSystemReader(directory).read_metadata().state_dict_metadata
+    missing = sorted(f"model.{k}" for k in state["model"] if f"model.{k}" not in saved)
+    if missing:
+        raise ValueError(f"sharded checkpoint {directory} does not fit the model: missing {missing[:5]}")
+    dcp.load(state, checkpoint_id=directory, planner=DefaultLoadPlanner(allow_partial_load=True))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         load_optimizer_state_by_name(model, optimizer, state["optimizer"], False)

@@ -356,7 +356,7 @@ def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[
     model.check_inputs = False  # generated games: no host read per step (restored at the end)
     if model.config.lam is None:
         raise ValueError("meta-training commits eligibility traces: the model needs config.lam (not None)")
-    if t.activation_checkpointing:
+    if t.activation_checkpointing or plan.activation_checkpointing:
         enable_activation_checkpointing(model)
     trainable = select_trainable(model, m.trainable)
     before = sutton_test(model, m)

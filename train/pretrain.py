@@ -241,7 +241,7 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
     plan = dist_utils.resolve_plan(t.parallel, t.checkpoint_format, world)
     train_ds, val, data_info = load_data(cfg)
     model = setup.model
-    if t.activation_checkpointing:
+    if t.activation_checkpointing or plan.activation_checkpointing:
         enable_activation_checkpointing(model)  # before sharding: FSDP's hooks then wrap the recompute
     model = dist_utils.shard_model(model, plan)  # fsdp only; before the optimizer sees the parameters
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
@@ -387,7 +387,10 @@ def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
             json.dump({**results, "config": run_config}, f, indent=2)
         print(f"{setup.kind}: {step} steps, {seconds:.0f}s, {results['tokens_per_s']:.0f} tokens/s, "
               f"final validation {bpb:.4f} bits/byte ({stopped})")
-    accelerator.end_training()
+    # Not accelerator.end_training(): it also destroys the process group, and a later run in this
+    # process (a fine-tune after a pretrain, the FSDP test's runs) would then have none.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     raw_model.check_inputs = True
     return results
 

@@ -54,6 +54,8 @@ class RunProgress:
         if self.budget is not None:
             postfix = {"step": f"{step}/{self.max_steps}", **postfix}
         delta = self.position(step, elapsed) - self.bar.n
+        if self.budget is None:
+            delta = int(delta)  # whole steps print as "3/40", not "3.0/40"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(delta)  # tqdm's own rate estimate, hence its ETA, follows these increments
 
