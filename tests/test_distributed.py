@@ -161,6 +161,39 @@ for mode in ("ddp", "fsdp"):
             assert torch.allclose(a, ref[name], atol=1e-5), (mode, name)
 
 
+def test_episodic_finetune_through_the_cli_under_fsdp(corpus, tmp_path):
+    """`accelerate launch ... -m cl_arch.scripts.cli finetune` under FSDP: plasticity-only episodic
+    fine-tuning (3 episodes per row, differentiable commits between them; every sharded weight frozen,
+    only the replicated per-head vectors train) gives one process's losses and plasticity."""
+    from cl_arch import PlasticConfig, PlasticTransformer
+    from cl_arch.train.config import FinetuneRunConfig
+    from cl_arch.train.finetune import finetune
+
+    torch.manual_seed(0)
+    PlasticTransformer(PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2,
+                                     chunk_size=16, eta_s=0.5)).save_pretrained(tmp_path / "base")
+    sets = tiny(corpus, f"train.init_from={tmp_path / 'base'}", "finetune.trainable=plasticity",
+                "finetune.episodes=3", "optim.lr=0.05", "train.max_steps=3")[len(TINY_MODEL):]
+    one = finetune(load_config(FinetuneRunConfig, None, sets + [f"train.output_dir={tmp_path / 'one'}"]))
+    args = [a for kv in sets + [f"train.output_dir={tmp_path / 'two'}"] for a in ("--set", kv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ACCEL, "fsdp.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29575",
+           "-m", "cl_arch.scripts.cli", "finetune", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = results(tmp_path / "two")
+    assert two["parallel"] == "fsdp" and two["processes"] == 2
+    assert torch.allclose(torch.tensor(two["train_losses"]), torch.tensor(one["train_losses"]), rtol=1e-5, atol=1e-5)
+    a = PlasticTransformer.from_pretrained(tmp_path / "one" / "final").state_dict()
+    b = PlasticTransformer.from_pretrained(tmp_path / "two" / "final").state_dict()
+    base = PlasticTransformer.from_pretrained(tmp_path / "base").state_dict()
+    moved = [k for k in a if not torch.equal(a[k], base[k])]
+    assert "blocks.0.mixer.eta_s" in moved  # the commit rates learned
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
 def test_meta_training_refuses_an_uneven_split():
     from cl_arch.train.distributed import split_rows
 
