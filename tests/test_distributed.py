@@ -303,3 +303,36 @@ def test_pretrain_bar_under_a_budget(corpus, tmp_path, capsys):
     assert r["stopped"] == "max_minutes"
     assert "/2 s of budget" in err and "1000000 [" not in err
     assert f"step={r['steps']}/1000000" in err
+
+
+def _scaling_plan():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaling_plan", os.path.join(REPO, "benchmarks", "scaling_plan.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("kw", [
+    dict(d_model=64, n_layers=3, n_heads=2, head_k_dim=16, head_v_dim=24, n_attn_heads=4),
+    dict(d_model=64, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2, use_gate=False,
+         conv_size=0, lam=None, tie_embeddings=False, readout_values="embed"),
+    dict(d_model=32, n_layers=4, readout_heads=0, layer_types=["fast", "fast", "attn", "fast"], attn_window=64),
+])
+def test_scaling_plan_counts_the_instantiated_model(kw, tmp_path):
+    """docs/scaling.md's parameter counts come from benchmarks/scaling_plan.py: its count must equal
+    the built model's for every variant it claims to cover; the script writes its JSON."""
+    from cl_arch import PlasticConfig, PlasticTransformer
+
+    sp = _scaling_plan()
+    c = PlasticConfig(**kw)
+    n = sp.parameter_count(c)
+    assert n["total"] == PlasticTransformer(c).num_parameters()
+    assert n["matmul"] < n["total"]
+    out = tmp_path / "plan.json"
+    assert sp.main(["--batch", "2", "--seq-len", "128", "--out", str(out)]) == 0
+    plans = json.load(open(out))["plans"]
+    assert [p["name"] for p in plans] == ["125M", "350M", "1.3B"]
+    one, eight = plans[2]["runs"]["1x_single"], plans[2]["runs"]["8x_fsdp"]
+    assert eight["model_states_GB"] < one["model_states_GB"] / 4  # sharding divides the model states
