@@ -47,6 +47,16 @@ class PlasticConfig:
     # than readout_commit_span tokens commit nothing. "trace": the same commit as the fast layers.
     readout_commit: str = "state"
     readout_commit_span: float = 4096.0
+    # --- episodic memory (docs/design.md, "The episodic memory"): an output-side memory with sharp wide keys
+    # phi(h) = unit(relu(R unit(h) - theta)), R [episodic_features, d_model] fixed; state commit, so a session's
+    # final state is the next session's start ---
+    episodic_heads: int = 0  # 0 disables it
+    episodic_features: int = 2048  # F, the key width
+    episodic_threshold: float = 1.5  # initial theta (learned); higher: sparser, sharper keys
+    episodic_beta: float = 0.5  # initial write strength
+    episodic_scale: float = 1.0  # initial read scale
+    episodic_span: float = 1e5  # initial memory span in tokens (learned)
+    episodic_seed: int = 0  # seed of the fixed projection R (saved with the model as a buffer)
     # --- MLP / misc ---
     mlp_ratio: float = 4.0
     conv_size: int = 4  # short causal depthwise conv on q/k/v; 0 disables
@@ -88,7 +98,7 @@ class PlasticConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_k_dim", "head_v_dim",
                      "n_attn_heads", "chunk_size"):
             pos_int(name)
-        for name in ("conv_size", "recurrent_threshold", "readout_heads"):
+        for name in ("conv_size", "recurrent_threshold", "readout_heads", "episodic_heads", "episodic_seed"):
             pos_int(name, allow_zero=True)
         if self.conv_size == 1:
             raise _err("conv_size", "must be 0 (disabled) or >= 2")
@@ -141,6 +151,11 @@ class PlasticConfig:
         if self.readout_commit not in ("state", "trace"):
             raise _err("readout_commit", f"must be 'state' or 'trace', got {self.readout_commit!r}")
         num("readout_commit_span", 0.0, math.inf)
+        pos_int("episodic_features")
+        num("episodic_threshold", -math.inf, math.inf)
+        num("episodic_beta", 0.0, 1.0, lo_open=True, hi_open=True)
+        num("episodic_scale", -math.inf, math.inf)
+        num("episodic_span", 1.0, math.inf)
         if self.lam is not None:
             num("lam", 0.0, 1.0)
         num("gamma", 0.0, 1.0, lo_open=True)

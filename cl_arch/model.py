@@ -15,7 +15,7 @@ from cl_arch.kernels.checks import VALUE_CHECKS
 
 from .config import PlasticConfig
 from .io import atomic_write_many, recover, text_writer
-from .layers import CausalSelfAttention, FastWeightLayer, PlasticMemory, ReadoutMemory, RMSNorm, SwiGLU
+from .layers import CausalSelfAttention, EpisodicMemory, FastWeightLayer, PlasticMemory, ReadoutMemory, RMSNorm, SwiGLU
 from .state import AttnLayerState, FastLayerState, LayerState, ModelState, StepContext
 
 WEIGHTS_NAME = "model.safetensors"
@@ -55,10 +55,10 @@ class PlasticTransformer(nn.Module):
     ``logits, state = model(input_ids, state)``; passing the returned state into the next call
     continues the same stream (fast weights, traces, conv and KV caches, position).
 
-    With ``config.readout_heads > 0`` a :class:`ReadoutMemory` sits after the last norm and adds
-    its read to the logits; its state is the last entry of ``state.layers`` (one more than the
-    blocks) and it is the last of :meth:`fast_layers`, so sessions and consolidation treat it like
-    every other fast memory.
+    With ``config.readout_heads > 0`` a :class:`ReadoutMemory`, and with ``config.episodic_heads > 0``
+    an :class:`EpisodicMemory`, sit after the last norm and add their reads to the logits; their
+    states follow the blocks' in ``state.layers`` and they are the last of :meth:`fast_layers`
+    (:meth:`output_memories`), so sessions and consolidation treat them like every other fast memory.
     """
 
     def __init__(self, config: PlasticConfig):
@@ -73,6 +73,7 @@ class PlasticTransformer(nn.Module):
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.readout = ReadoutMemory(config) if config.readout_heads > 0 else None
+        self.episodic = EpisodicMemory(config) if config.episodic_heads > 0 else None
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -97,20 +98,20 @@ class PlasticTransformer(nn.Module):
         """Where the weights live (and where inputs must go)."""
         return self.embed.weight.device
 
+    def output_memories(self) -> List[PlasticMemory]:
+        """The memories after the last block, in state order: the readout, then the episodic memory."""
+        return [m for m in (self.readout, self.episodic) if m is not None]
+
     def fast_layers(self) -> List[PlasticMemory]:
-        """Every fast-weight memory, in state order: the blocks' fast mixers, then the readout."""
+        """Every fast-weight memory, in state order: the blocks' fast mixers, then the output memories."""
         layers: List[PlasticMemory] = [b.mixer for b in self.blocks if isinstance(b.mixer, FastWeightLayer)]
-        if self.readout is not None:
-            layers.append(self.readout)
-        return layers
+        return layers + self.output_memories()
 
     def memories(self) -> List[Optional[PlasticMemory]]:
         """One entry per state slot (``state.layers``): the fast memory there, or None (attention)."""
         mems: List[Optional[PlasticMemory]] = [b.mixer if isinstance(b.mixer, FastWeightLayer) else None
                                                for b in self.blocks]
-        if self.readout is not None:
-            mems.append(self.readout)
-        return mems
+        return mems + self.output_memories()
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (tied weights counted once)."""
@@ -193,7 +194,7 @@ class PlasticTransformer(nn.Module):
             mems = self.memories()
             if len(state.layers) != len(mems):
                 raise ValueError(f"state has {len(state.layers)} layers, the model {len(mems)} "
-                                 f"({self.config.n_layers} blocks{' + the readout memory' if self.readout else ''})")
+                                 f"({self.config.n_layers} blocks{''.join(' + the ' + n + ' memory' for n in ('readout', 'episodic') if getattr(self, n) is not None)})")
             for i, (s, m) in enumerate(zip(state.layers, mems)):
                 want = FastLayerState if m is not None else AttnLayerState
                 if not isinstance(s, want):
@@ -254,9 +255,8 @@ class PlasticTransformer(nn.Module):
             new_layers.append(new_s)
         h = self.norm_f(x)
         logits = self.lm_head(h)
-        if self.readout is not None:
-            read, new_s = self.readout(h, input_ids, self.embed, self.lm_head, layer_states[-1],
-                                       dataclasses.replace(ctx, lam=next(lam_iter)))
+        for mem, s in zip(self.output_memories(), layer_states[len(self.blocks):]):
+            read, new_s = mem(h, input_ids, self.embed, self.lm_head, s, dataclasses.replace(ctx, lam=next(lam_iter)))
             logits = logits + read
             new_layers.append(new_s)
         if not return_state:

@@ -37,7 +37,8 @@ def flops_per_token(model: PlasticTransformer, context: int) -> float:
     ``2 * (weights of every Linear, lm_head included)`` for the matmuls,
     ``+ 10 * H * K * V`` per fast layer (decay, read-before-write, outer-product write,
     read-after-write and trace update on the ``[K, V]`` state of each head; the readout
-    memory's heads alike), ``+ 4 * d_model * context`` per attention layer (scores and weighted sum).
+    memory's heads alike; the episodic memory's plus ``2 F d_model`` for its keys),
+    ``+ 4 * d_model * context`` per attention layer (scores and weighted sum).
     Embedding lookups, norms and activations are ignored (they are O(d), not O(d^2)).
     """
     cfg = model.config
@@ -54,6 +55,9 @@ def flops_per_token(model: PlasticTransformer, context: int) -> float:
         total += 10.0 * r.n_heads * r.head_k_dim * r.head_v_dim
         if cfg.readout_values == "embed":
             total += 2.0 * cfg.d_model * cfg.vocab_size
+    if model.episodic is not None:  # the rule on [F, vocab] per head, plus the key features R h
+        e = model.episodic
+        total += 10.0 * e.n_heads * e.head_k_dim * e.head_v_dim + 2.0 * e.head_k_dim * cfg.d_model
     return total
 
 

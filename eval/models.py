@@ -135,17 +135,29 @@ def stdlib_model(cache_dir: Optional[str] = None, seconds: Optional[float] = Non
     return PlasticTransformer.from_pretrained(cache_dir).eval()
 
 
-def without_readout(model: PlasticTransformer) -> PlasticTransformer:
-    """A copy of ``model`` with its readout memory removed: the network and its in-block fast
-    layers alone (the same weights), to tell the readout memory's share of a gain from theirs."""
-    if model.readout is None:
+def without_memories(model: PlasticTransformer, readout: bool = True, episodic: bool = False) -> PlasticTransformer:
+    """A copy of ``model`` without its readout memory (``readout``) and/or its episodic memory
+    (``episodic``): the same weights otherwise, to tell one memory's share of a gain from the rest's."""
+    drop = [name for name, flag in (("readout", readout), ("episodic", episodic)) if flag and getattr(model, name) is not None]
+    if not drop:
         return model
-    cfg = PlasticConfig.from_dict({**model.config.to_dict(), "readout_heads": 0})
+    cfg = PlasticConfig.from_dict({**model.config.to_dict(), **{f"{name}_heads": 0 for name in drop}})
     m = PlasticTransformer(cfg).to(next(model.parameters()).dtype)
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("readout.")}
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(n + "." for n in drop))}
     m.load_state_dict(sd)
     return m.eval()
 
 
+def without_readout(model: PlasticTransformer) -> PlasticTransformer:
+    """A copy of ``model`` with its readout memory removed: the network, its in-block fast layers
+    (and episodic memory, if any) alone, to tell the readout memory's share of a gain from theirs."""
+    return without_memories(model, readout=True)
+
+
+def without_episodic(model: PlasticTransformer) -> PlasticTransformer:
+    """A copy of ``model`` with its episodic memory removed (everything else the same weights)."""
+    return without_memories(model, readout=False, episodic=True)
+
+
 __all__ = ["demo_config", "DEMO_PRETRAIN_SECONDS", "default_model", "demo_pretrain_overrides", "default_cache_dir",
-           "stdlib_model", "without_readout"]
+           "stdlib_model", "without_readout", "without_episodic", "without_memories"]

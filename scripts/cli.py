@@ -17,6 +17,7 @@ COMMANDS = {
     "pretrain": "pretrain",
     "meta-train": "meta_train",
     "finetune": "finetune",
+    "train-episodic": "train_episodic",
 }
 
 

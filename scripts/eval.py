@@ -61,6 +61,8 @@ def add_parser(sub):
                    "session (S dropped, P kept): what the committed P carries that S cannot")
     p.add_argument("--no-readout", action="store_true", help="codebase/offset: remove the model's readout memory "
                    "(the in-block fast layers alone)")
+    p.add_argument("--no-episodic", action="store_true", help="codebase/offset: remove the model's episodic memory "
+                   "(to tell its share of a gain)")
     p.add_argument("--episodes", type=int, default=None, help="games/sutton/retention: episodes per game or task")
     p.add_argument("--seeds", type=int, default=None, help="games/sutton/retention: independent seeds")
     p.add_argument("--recall-steps", type=int, default=600, help="steps of recall pretraining for the default "
@@ -98,9 +100,11 @@ def run(args):
     if name == "tune-dynamic" and args.source:
         raise SystemExit("tune-dynamic tunes on a held-out stdlib package (--package), not on --source")
     model = _model(args)
-    if args.no_readout:
-        from cl_arch.eval.codebase import stdlib_model, without_readout
-        model = without_readout(model if model is not None else stdlib_model(args.cache_dir, seconds=args.pretrain_seconds))
+    if args.no_readout or args.no_episodic:
+        from cl_arch.eval.codebase import stdlib_model
+        from cl_arch.eval.models import without_memories
+        model = without_memories(model if model is not None else stdlib_model(args.cache_dir, seconds=args.pretrain_seconds),
+                                 readout=args.no_readout, episodic=args.no_episodic)
     if args.package and name not in ("offset", "tune-dynamic"):  # these resolve their own packages
         from cl_arch.eval.codebase import held_out_package
         args.source = held_out_package(args.package)

@@ -1,0 +1,45 @@
+"""``cl-arch train-episodic``: add an episodic memory to a trained model and learn its settings.
+
+    cl-arch train-episodic --output-dir runs/episodic                 # the shipped default model
+    cl-arch train-episodic --init-from runs/pretrain/final --features 4096 --steps 120
+
+Every other weight stays as it is; only the memory's key threshold, span, write strength and read
+scale are trained, on spans of the training corpus (cl_arch.train.episodic). Writes the model
+(``save_pretrained``) and ``episodic.json`` (the loss history and the learned settings).
+"""
+import argparse
+import json
+import os
+
+
+def add_parser(sub):
+    p = sub.add_parser("train-episodic", help="add an episodic memory to a trained model and learn its settings",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init-from", default=None, help="model folder (default: the shipped default model)")
+    p.add_argument("--output-dir", default="runs/episodic", help="where the model and episodic.json go")
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--features", type=int, default=2048, help="key width F (a new memory only)")
+    p.add_argument("--heads", type=int, default=1, help="heads (a new memory only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from cl_arch import PlasticTransformer
+    from cl_arch.eval.models import default_model
+    from cl_arch.io import write_json
+    from cl_arch.train.episodic import EpisodicTrainConfig, train_episodic
+
+    model = default_model() if args.init_from is None else PlasticTransformer.from_pretrained(args.init_from)
+    cfg = EpisodicTrainConfig(steps=args.steps, seed=args.seed,
+                              episodic={"heads": args.heads, "features": args.features})
+    model, record = train_episodic(model, cfg, progress=not args.no_progress)
+    record["command"] = "cl-arch train-episodic " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k in ("init_from", "steps", "features", "heads", "seed") and v is not None)
+    os.makedirs(args.output_dir, exist_ok=True)
+    model.save_pretrained(args.output_dir)
+    write_json(os.path.join(args.output_dir, "episodic.json"), record)
+    print(json.dumps(record["learned"]))
+    return 0

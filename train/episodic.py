@@ -1,0 +1,186 @@
+"""Learn an episodic memory's settings on the training corpus, with the rest of the model frozen.
+
+The episodic memory (:class:`cl_arch.layers.EpisodicMemory`) sits after the last norm and only adds
+to the logits, so adding one to a trained model changes nothing upstream: its inputs (the final
+hidden states) and the logits it adds to can be computed once per training span with the model as
+it is, and only its four settings (key threshold, span, write strength, read scale per head) are
+trained on them. That is what lets the shipped model gain one without pretraining again
+(``scripts/make_default_model.sh``, step 2).
+
+Spans are contiguous ``span_bytes`` windows of training-corpus files (never the held-out packages),
+read with the memory starting empty; the loss is next-byte cross-entropy over random ``seq_len``
+windows of them, so what is learned is how much a memory of this text, written as it is read, is
+worth for predicting its continuation.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from cl_arch import PlasticConfig, PlasticTransformer
+
+from .data import stdlib_files
+
+
+@dataclasses.dataclass
+class EpisodicTrainConfig:
+    """Settings of :func:`train_episodic`.
+
+    steps: optimizer steps. batch_size, seq_len: windows per step and their length in bytes.
+    n_spans, span_bytes: training spans cut from the corpus (hidden states computed once each).
+    lr: Adam's step size. seed: span choice and window order. episodic: overrides of the
+    ``episodic_*`` fields for a model that has no episodic memory yet (e.g. ``{"heads": 1}``).
+    """
+    steps: int = 80
+    batch_size: int = 2
+    seq_len: int = 2048
+    n_spans: int = 48
+    span_bytes: int = 4096
+    lr: float = 1e-2
+    seed: int = 0
+    episodic: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"heads": 1})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "n_spans", "span_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"EpisodicTrainConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.seq_len > self.span_bytes:
+            raise ValueError(f"EpisodicTrainConfig.seq_len ({self.seq_len}) must not exceed span_bytes ({self.span_bytes})")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"EpisodicTrainConfig.lr must be a positive number, got {self.lr!r}")
+
+
+def with_episodic_memory(model: PlasticTransformer, **fields: Any) -> PlasticTransformer:
+    """A copy of ``model`` with an episodic memory added (``fields``: ``episodic_*`` settings without
+    the prefix, e.g. ``heads=1, features=2048``); every other weight is copied unchanged."""
+    cfg = PlasticConfig.from_dict({**model.config.to_dict(), **{"episodic_" + k: v for k, v in fields.items()}})
+    if cfg.episodic_heads < 1:
+        raise ValueError("with_episodic_memory needs episodic heads >= 1")
+    new = PlasticTransformer(cfg).to(model.device)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("episodic.") for k in missing):
+        raise ValueError(f"model does not match its own config plus an episodic memory: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return new.eval()
+
+
+@contextlib.contextmanager
+def _episodic_off(model: PlasticTransformer):
+    saved = model.episodic
+    model.episodic = None
+    try:
+        yield
+    finally:
+        model.episodic = saved
+
+
+def training_spans(n: int, span_bytes: int, seed: int, files: Optional[Sequence[str]] = None) -> List[bytes]:
+    """``n`` contiguous ``span_bytes`` windows of training files (default: the stdlib training split)."""
+    rng = random.Random(seed)
+    big = [f for f in (files if files is not None else stdlib_files("train")) if os.path.getsize(f) >= span_bytes]
+    if not big:
+        raise ValueError(f"no training file holds {span_bytes} bytes")
+    out = []
+    while len(out) < n:
+        with open(rng.choice(big), "rb") as fh:
+            data = fh.read()
+        start = rng.randrange(0, len(data) - span_bytes + 1)
+        out.append(data[start:start + span_bytes])
+    return out
+
+
+@torch.no_grad()
+def frozen_inputs(model: PlasticTransformer, spans: Sequence[bytes], chunk: int = 256
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the episodic memory sees: ``(ids, targets, h, logits)``, each ``[N, L(, ...)]``.
+
+    ``h [N, L, d_model]`` are the final hidden states and ``logits [N, L, vocab]`` the model's own
+    logits without the episodic memory, reading each span from a fresh state in ``chunk``-byte calls
+    (as a session does). ``ids`` are the inputs (a newline, then the span but its last byte).
+    """
+    captured = {}
+    hook = model.norm_f.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
+    ids_all, h_all, lg_all = [], [], []
+    try:
+        with _episodic_off(model):
+            for data in spans:
+                ids = torch.tensor([10] + list(data[:-1]), device=model.device)[None]
+                state, hs, lgs = None, [], []
+                for c in range(0, ids.shape[1], chunk):
+                    lg, state = model(ids[:, c:c + chunk], state=state)
+                    hs.append(captured["h"][0]); lgs.append(lg[0])
+                ids_all.append(ids[0]); h_all.append(torch.cat(hs)); lg_all.append(torch.cat(lgs))
+    finally:
+        hook.remove()
+    targets = torch.stack([torch.tensor(list(d), device=model.device) for d in spans])
+    return torch.stack(ids_all), targets, torch.stack(h_all), torch.stack(lg_all)
+
+
+def train_episodic(model: PlasticTransformer, cfg: EpisodicTrainConfig = EpisodicTrainConfig(),
+                   files: Optional[Sequence[str]] = None, progress: bool = True,
+                   log: Callable[[str], None] = print) -> Tuple[PlasticTransformer, Dict[str, Any]]:
+    """Train the episodic memory's settings with every other weight frozen.
+
+    Args:
+        model: a trained model; one without an episodic memory gets one (``cfg.episodic``).
+        cfg: :class:`EpisodicTrainConfig`.
+        files: training files (default: the stdlib training split; never pass a reported stream).
+
+    Returns:
+        ``(model, record)``: the model with the learned memory (eval mode), and a JSON-ready record
+        (loss history in bits/byte, the learned settings, the loss without the memory, seconds).
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    if model.episodic is None:
+        model = with_episodic_memory(model, **cfg.episodic)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mem = model.episodic
+    params = [mem.key_threshold, mem.A_log, mem.beta_logit, mem.read_scale]
+    for p in params:
+        p.requires_grad_(True)
+    log(f"episodic memory: {cfg.n_spans} spans of {cfg.span_bytes} training bytes, {cfg.steps} steps")
+    ids, tgt, h, base = frozen_inputs(model, training_spans(cfg.n_spans, cfg.span_bytes, cfg.seed, files))
+    to_bits = 1.0 / math.log(2)
+    base_bpb = F.cross_entropy(base.flatten(0, 1), tgt.flatten()).item() * to_bits
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    bar = tqdm(range(cfg.steps), desc="episodic memory", disable=not progress)
+    for step in bar:
+        rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
+        start = int(torch.randint(0, cfg.span_bytes - cfg.seq_len + 1, (1,), generator=gen))
+        sl = slice(start, start + cfg.seq_len)
+        read, _ = mem(h[rows, sl], ids[rows, sl], model.embed, model.lm_head)
+        lo = F.cross_entropy((base[rows, sl] + read).flatten(0, 1), tgt[rows, sl].flatten())
+        ref = F.cross_entropy(base[rows, sl].flatten(0, 1), tgt[rows, sl].flatten())
+        opt.zero_grad(set_to_none=True)
+        lo.backward()
+        opt.step()
+        gain = (ref - lo).item() * to_bits
+        history.append([step, lo.item() * to_bits, gain])
+        bar.set_postfix(gain=f"{gain:+.4f}", scale=f"{mem.read_scale.mean().item():.2f}")
+    for p in params:
+        p.requires_grad_(False)
+    cfg_dict = model.config.to_dict()
+    # The learned values become the config's initial ones too, so the record and a re-built model agree.
+    settings = {"threshold": mem.key_threshold.item(), "span": (1.0 / mem.A_log.exp()).tolist(),
+                "beta": torch.sigmoid(mem.beta_logit).tolist(), "scale": mem.read_scale.tolist()}
+    record = {"config": dataclasses.asdict(cfg), "base_bpb_on_spans": base_bpb, "history": history,
+              "final_gain_last10": sum(g for _, _, g in history[-10:]) / min(10, len(history)),
+              "learned": settings, "seconds": time.time() - t0, "model_config": cfg_dict}
+    log(f"episodic memory learned {settings}; mean gain over the last 10 steps "
+        f"{record['final_gain_last10']:+.4f} bits/byte")
+    return model, record
