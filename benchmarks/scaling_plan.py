@@ -48,6 +48,9 @@ def parameter_count(c: PlasticConfig) -> Dict[str, int]:
     "matmul"}``; ``matmul`` counts the weights a token multiplies (every projection and the head,
     not the embedding lookup, norms or per-head vectors), which sets the FLOPs.
     """
+    if getattr(c, "episodic_heads", 0):
+        # Counting a memory this script does not know would print a wrong figure; refuse instead.
+        raise ValueError("parameter_count: the episodic memory (episodic_heads > 0) is not counted here yet")
     d, V, hid = c.d_model, c.vocab_size, c.mlp_hidden
     H, K, Vh = c.n_heads, c.head_k_dim, c.head_v_dim
     types = c.layer_types

@@ -3,6 +3,7 @@
     cl-arch pretrain                                   # the default 5-minute CPU run
     cl-arch pretrain --config configs/pretrain.yaml --max-minutes 30 --set model.d_model=256
     accelerate launch --multi_gpu --num_processes 2 -m cl_arch.scripts.cli pretrain --config ...
+    accelerate launch --config_file configs/accelerate/fsdp.yaml -m cl_arch.scripts.cli pretrain --config ...
 
 Settings come from the dataclass defaults, then ``--config`` (YAML or JSON), then the flags
 below, then ``--set section.key=value`` (any field; value read as YAML). A bad setting stops the

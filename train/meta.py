@@ -322,7 +322,12 @@ def meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer] = None) ->
     Returns:
         ``{"before": sutton_test, "after": sutton_test, "rewards": [...], "plasticity": {...},
         "steps", "seconds"}``; also written to ``train.output_dir/results.json`` with the final
-        model in ``train.output_dir/final``.
+        model in ``train.output_dir/final``. ``results["model"]`` is the trained module itself (under
+        FSDP each process's sharded copy; ``final/`` holds the gathered weights).
+
+    Raises:
+        ValueError: ``meta.games_per_step`` (or ``meta.recall_batch``) not divisible by the number of
+            processes, or a parallel plan that does not fit (:func:`cl_arch.train.distributed.resolve_plan`).
     """
     validate_meta(cfg)
     from cl_arch.kernels import checks
