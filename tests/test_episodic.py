@@ -165,3 +165,16 @@ def test_train_episodic_learns_only_the_memory_settings():
         assert torch.equal(sd[k], v), k
     assert trained.episodic.key_threshold.item() != PlasticConfig().episodic_threshold
     assert len(record["history"]) == 3 and set(record["learned"]) == {"threshold", "span", "beta", "scale"}
+
+
+def test_cli_adds_and_trains_an_episodic_memory(tmp_path):
+    from cl_arch.scripts.cli import main
+    m = model_with_episodic(dtype=torch.float32, episodic_heads=0)
+    m.save_pretrained(tmp_path / "base")
+    out = tmp_path / "out"
+    assert main(["train-episodic", "--init-from", str(tmp_path / "base"), "--output-dir", str(out), "--steps", "2",
+                 "--features", "64", "--n-spans", "2", "--span-bytes", "128", "--seq-len", "64", "--no-progress"]) == 0
+    loaded = PlasticTransformer.from_pretrained(out)
+    assert loaded.config.episodic_heads == 1 and loaded.config.episodic_features == 64
+    record = __import__("json").load(open(out / "episodic.json"))
+    assert len(record["history"]) == 2 and "--features 64" in record["command"]
