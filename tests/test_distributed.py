@@ -336,3 +336,20 @@ def test_scaling_plan_counts_the_instantiated_model(kw, tmp_path):
     assert [p["name"] for p in plans] == ["125M", "350M", "1.3B"]
     one, eight = plans[2]["runs"]["1x_single"], plans[2]["runs"]["8x_fsdp"]
     assert eight["model_states_GB"] < one["model_states_GB"] / 4  # sharding divides the model states
+
+
+def test_scaling_plan_matmul_weights_are_the_linear_layers_a_token_passes():
+    """The FLOPs' main term, ``6 N_matmul``, counts exactly the nn.Linear weights a forward uses
+    (every projection and the tied head; not the embedding lookup, convs, norms or memories)."""
+    from cl_arch import PlasticConfig, PlasticTransformer
+
+    sp = _scaling_plan()
+    c = PlasticConfig(d_model=64, n_layers=3, n_heads=2, head_k_dim=16, head_v_dim=24, n_attn_heads=4)
+    model = PlasticTransformer(c)
+    used = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: used.__setitem__(id(mod), mod.weight.numel()))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    model(torch.randint(0, 256, (1, 8)), return_state=False)
+    for h in hooks:
+        h.remove()
+    assert sum(used.values()) == sp.parameter_count(c)["matmul"]
