@@ -17,6 +17,7 @@ ended. It is its own module rather than more readout heads because the two want 
 and because a model trained with a readout keeps its readout's weights when an episodic memory is
 added beside it (``scripts/train_episodic.py``).
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -44,9 +45,10 @@ class EpisodicMemory(ReadoutMemory):
         H, Fdim = config.episodic_heads, config.episodic_features
         self._init_memory(config, H, Fdim, config.vocab_size)
         gen = torch.Generator().manual_seed(config.episodic_seed)
-        self.register_buffer("R", torch.randn(Fdim, config.d_model, generator=gen))
+        # drawn on the CPU generator whatever the default device (transformers builds models on "meta")
+        self.register_buffer("R", torch.randn(Fdim, config.d_model, generator=gen, device="cpu"))
         self.key_threshold = nn.Parameter(torch.tensor(float(config.episodic_threshold)))
-        self.A_log = nn.Parameter(torch.full((H,), -torch.log(torch.tensor(float(config.episodic_span))).item()))
+        self.A_log = nn.Parameter(torch.full((H,), -math.log(config.episodic_span)))
         self.beta_logit = nn.Parameter(torch.full((H,), config.episodic_beta).logit())
         self.read_scale = nn.Parameter(torch.full((H,), float(config.episodic_scale)))
         # W0 would hold a learned prior over F x vocab: the readout's job. It stays zero unless a
