@@ -52,6 +52,7 @@ class PlasticConfig:
     # final state is the next session's start ---
     episodic_heads: int = 0  # 0 disables it
     episodic_features: int = 2048  # F, the key width
+    episodic_values: str = "onehot"  # as readout_values: "onehot" (V = vocab_size) or "embed" (V = d_model)
     episodic_threshold: float = 1.5  # initial theta (learned); higher: sparser, sharper keys
     episodic_beta: float = 0.5  # initial write strength
     episodic_scale: float = 1.0  # initial read scale
@@ -152,6 +153,8 @@ class PlasticConfig:
             raise _err("readout_commit", f"must be 'state' or 'trace', got {self.readout_commit!r}")
         num("readout_commit_span", 0.0, math.inf)
         pos_int("episodic_features")
+        if self.episodic_values not in READOUT_VALUES:
+            raise _err("episodic_values", f"must be one of {READOUT_VALUES}, got {self.episodic_values!r}")
         num("episodic_threshold", -math.inf, math.inf)
         num("episodic_beta", 0.0, 1.0, lo_open=True, hi_open=True)
         num("episodic_scale", -math.inf, math.inf)

@@ -58,6 +58,8 @@ def flops_per_token(model: PlasticTransformer, context: int) -> float:
     if model.episodic is not None:  # the rule on [F, vocab] per head, plus the key features R h
         e = model.episodic
         total += 10.0 * e.n_heads * e.head_k_dim * e.head_v_dim + 2.0 * e.head_k_dim * cfg.d_model
+        if cfg.episodic_values == "embed":
+            total += 2.0 * cfg.d_model * cfg.vocab_size
     return total
 
 

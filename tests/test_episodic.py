@@ -107,6 +107,20 @@ def test_a_second_session_starts_better_with_the_committed_p():
         assert again < first - 1.0, (seed, first, again)  # measured 1.62-1.90 nats lower over seeds 0-7
 
 
+def test_embed_values_read_back_through_the_head():
+    """episodic_values="embed": V = d_model, the read goes through the tied output head."""
+    m = model_with_episodic(episodic_values="embed", readout_heads=0)
+    assert m.episodic.W0.shape == (1, 96, 32)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        m.episodic.read_scale.fill_(2.0)
+        on, state = m(ids)
+        assert state.layers[-1].S.shape == (1, 1, 96, 32)
+        m.episodic.read_scale.zero_()
+        off, _ = m(ids)
+    assert not torch.allclose(on, off) and torch.equal(on[:, 0], off[:, 0])  # nothing written before x_0
+
+
 def test_fold_of_an_episodic_p_is_exact():
     m = model_with_episodic()
     g = torch.Generator().manual_seed(3)
@@ -146,7 +160,8 @@ def test_gradients_reach_the_episodic_settings_but_not_w0():
 
 @pytest.mark.parametrize("field,value", [("episodic_heads", -1), ("episodic_features", 0),
                                          ("episodic_beta", 1.0), ("episodic_span", 0.5),
-                                         ("episodic_threshold", float("nan"))])
+                                         ("episodic_threshold", float("nan")),
+                                         ("episodic_values", "dense")])
 def test_bad_episodic_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         PlasticConfig(**{field: value})

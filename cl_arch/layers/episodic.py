@@ -31,8 +31,9 @@ from .readout import ReadoutMemory
 class EpisodicMemory(ReadoutMemory):
     """``forward(h [B, T, d_model], ids [B, T], ...) -> (logit delta [B, T, vocab], FastLayerState)``.
 
-    ``config.episodic_heads`` heads of ``[F, vocab_size]`` (``F = config.episodic_features``),
-    one-hot values, the delta rule with a learned per-head write strength, decay toward the
+    ``config.episodic_heads`` heads of ``[F, V]`` (``F = config.episodic_features``), one-hot
+    values (``episodic_values="onehot"``, ``V = vocab_size``) or unit token embeddings read back
+    through the output head (``"embed"``, ``V = d_model``: for large vocabularies), the delta rule with a learned per-head write strength, decay toward the
     resting state ``W0 + P`` and read scale (as :class:`ReadoutMemory`), and always the state
     commit. Buffers: ``R [F, d_model]`` (the fixed projection, saved with the model so a loaded
     model reads with the keys it wrote). Parameters: ``key_threshold`` (scalar ``theta``). The
@@ -43,7 +44,8 @@ class EpisodicMemory(ReadoutMemory):
         nn.Module.__init__(self)
         self.config = config
         H, Fdim = config.episodic_heads, config.episodic_features
-        self._init_memory(config, H, Fdim, config.vocab_size)
+        self.value_kind = config.episodic_values
+        self._init_memory(config, H, Fdim, config.vocab_size if self.value_kind == "onehot" else config.d_model)
         gen = torch.Generator().manual_seed(config.episodic_seed)
         # drawn on the CPU generator whatever the default device (transformers builds models on "meta")
         self.register_buffer("R", torch.randn(Fdim, config.d_model, generator=gen, device="cpu"))
@@ -80,11 +82,6 @@ class EpisodicMemory(ReadoutMemory):
         k = torch.cat([self.features(prev), q[:, :-1]], dim=1)
         H, Fdim = self.n_heads, self.head_k_dim
         return q.unsqueeze(2).expand(B, T, H, Fdim), k.unsqueeze(2).expand(B, T, H, Fdim), None, hn[:, -1:]
-
-    def values(self, ids: torch.Tensor, embed: nn.Embedding, dtype: torch.dtype) -> torch.Tensor:
-        """``[B, T, H, vocab_size]`` one-hot values of the observed tokens ``ids [B, T]``."""
-        v = F.one_hot(ids, self.head_v_dim).to(dtype)
-        return v.unsqueeze(2).expand(*ids.shape, self.n_heads, self.head_v_dim)
 
     def forward(self, h, ids, embed, head, state=None, ctx=None) -> Tuple[torch.Tensor, Optional[object]]:
         """As :meth:`ReadoutMemory.forward`: ``h [B, T, d_model]``, ``ids [B, T]`` ->

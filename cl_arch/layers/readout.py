@@ -36,7 +36,8 @@ class ReadoutMemory(PlasticMemory):
         super().__init__()
         self.config = config
         H, K = config.readout_heads, config.d_model
-        V = config.vocab_size if config.readout_values == "onehot" else config.d_model
+        self.value_kind = config.readout_values
+        V = config.vocab_size if self.value_kind == "onehot" else config.d_model
         self._init_memory(config, H, K, V)
         # Heads start at different time scales (memory of ~100 to ~10k tokens), like FLA's A init.
         span = torch.logspace(2, 4, H) if H > 1 else torch.tensor([1000.0])
@@ -108,7 +109,7 @@ class ReadoutMemory(PlasticMemory):
 
     def values(self, ids: torch.Tensor, embed: torch.nn.Embedding, dtype: torch.dtype) -> torch.Tensor:
         """``[B, T, H, V]`` values of the observed tokens ``ids [B, T]``."""
-        if self.config.readout_values == "onehot":
+        if self.value_kind == "onehot":
             v = F.one_hot(ids, self.head_v_dim).to(dtype)
         else:
             v = F.normalize(embed(ids).to(dtype), p=2, dim=-1) * math.sqrt(self.head_v_dim)
@@ -148,7 +149,7 @@ class ReadoutMemory(PlasticMemory):
             lam = None  # the trace must follow the memory's own decay (E_T = S_T - M); no override
         o, S_T, E_T = self.run_rule(q, k, v, beta, g, state, lam, output_final_state, scale=1.0)
         read = torch.einsum("bthv,h->btv", o.to(cdt), self.read_scale.to(cdt))
-        if self.config.readout_values != "onehot":
+        if self.value_kind != "onehot":
             read = head(read.to(h.dtype))
         read = read.to(h.dtype)
         if not output_final_state:
