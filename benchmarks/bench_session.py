@@ -4,7 +4,7 @@ Targets (issue 4): decode with adaptation on <= 1.15x the time of adaptation off
 (``Session.reward``: the three-factor step for every fast layer plus the new episode) <= 1% of a
 64-token episode. Prints a table and writes ``benchmarks/out/bench_session.json``.
 
-    python benchmarks/bench_session.py [--threads 1] [--repeats 7]
+    python benchmarks/bench_session.py [--threads 1] [--repeats 7] [--model shipped|random|DIR]
 """
 import argparse
 import os
@@ -33,11 +33,19 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--model", default="random", help="'random' (PlasticConfig(), seed 0), 'shipped' (the default "
+                    "model, with its readout and episodic memories) or a save_pretrained folder")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bench_session.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = PlasticTransformer(PlasticConfig()).eval()  # the default byte model: 4 layers, d=128
+    if args.model == "random":
+        model = PlasticTransformer(PlasticConfig()).eval()  # the default byte model: 4 layers, d=128
+    elif args.model == "shipped":
+        from cl_arch.eval.models import default_model
+        model = default_model(log=lambda *a: None)
+    else:
+        model = PlasticTransformer.from_pretrained(args.model).eval()
     prompt = list(range(40, 40 + args.prompt_len))
     sessions = {"on": Session(model, adapt=True, seed=0), "off": Session(model, adapt=False, seed=0)}
     for s in sessions.values():  # warm-up; gives the adaptive session a non-zero P
@@ -54,8 +62,9 @@ def main():
     com = statistics.median(commits["on"])
     res = {
         "device": "cpu", "threads": args.threads, "torch": torch.__version__, "machine": platform.processor(),
-        "model": {"layers": model.config.layer_types, "d_model": model.config.d_model,
-                  "params": model.num_parameters()},
+        "model": {"source": args.model, "layers": model.config.layer_types, "d_model": model.config.d_model,
+                  "params": model.num_parameters(), "readout_heads": model.config.readout_heads,
+                  "episodic_heads": model.config.episodic_heads, "episodic_features": model.config.episodic_features},
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "episode_s": med,
         "decode_tokens_per_s": {k: args.new_tokens / v for k, v in med.items()},
