@@ -68,8 +68,9 @@ def results(folder):
 
 def test_fsdp_two_processes_match_one_and_checkpoints_resume(corpus, tmp_path):
     """FSDP2 on 2 processes: the per-step losses equal one process's (same global batches; only the
-    order of float reductions differs); a sharded checkpoint resumes bit for bit; a full checkpoint
-    written under FSDP is a save_pretrained folder that resumes in one process."""
+    order of float reductions differs); a sharded and a full checkpoint resume under FSDP bit for bit;
+    a one-process checkpoint resumes under FSDP and a full FSDP checkpoint (a save_pretrained folder)
+    in one process, both to float tolerance."""
     from cl_arch import PlasticTransformer
     from cl_arch.train import checkpoint as ckpt
     from cl_arch.train.pretrain import pretrain
@@ -87,8 +88,15 @@ run(f"train.output_dir={{out}}/straight", "train.save_every=2", "train.keep_chec
 run(f"train.output_dir={{out}}/resumed", f"train.resume={{out}}/straight/checkpoints/step_000002")
 run(f"train.output_dir={{out}}/full", "train.save_every=2", "train.keep_checkpoints=0",
     "train.checkpoint_format=full")
+run(f"train.output_dir={{out}}/from_full", f"train.resume={{out}}/full/checkpoints/step_000002")
+run(f"train.output_dir={{out}}/from_one", f"train.resume={str(tmp_path / 'one')}/checkpoints/step_000002")
 """, port=29571)
     straight, resumed, full = (results(out / n) for n in ("straight", "resumed", "full"))
+    # a full checkpoint (gathered weights, optimizer state by name) resumes under FSDP bit for bit
+    assert results(out / "from_full")["train_losses"] == straight["train_losses"][2:]
+    # a one-process checkpoint (numbered optimizer state) resumes under FSDP: one process's losses
+    assert torch.allclose(torch.tensor(results(out / "from_one")["train_losses"]),
+                          torch.tensor(one["train_losses"][2:]), rtol=1e-5, atol=1e-5)
     assert straight["processes"] == 2 and straight["parallel"] == "fsdp"
     assert straight["checkpoint_format"] == "sharded" and full["checkpoint_format"] == "full"
     # one process vs FSDP: float tolerance (measured max |diff| ~1e-6 nats on ~5.5)

@@ -277,7 +277,8 @@ def optimizer_state_ids_to_names(model, optimizer, state: Dict[str, Any]) -> Dic
     name, so a checkpoint written by one process or DDP resumes under FSDP. ``optimizer`` must have
     been built the same way (same groups, same order), which :func:`~cl_arch.train.pretrain.param_groups`
     guarantees for one model and one set of trainable parameters."""
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    # First name of each tensor (tied lm_head.weight is embed.weight), as the state-dict API keys it.
+    names = {id(p): n for n, p in model.named_parameters()}
     index_to_name: Dict[int, str] = {}
     groups = []
     if len(state["param_groups"]) != len(optimizer.param_groups):
