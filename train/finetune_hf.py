@@ -128,12 +128,23 @@ def select_trainable_hf(model, trainable: str) -> List[str]:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in model.fast_layers():
+    ep = getattr(model, "episodic", None)
+    if ep is not None and trainable in ("fast", "all"):
+        # Its four settings only: W0 [H, F, V] stays zero (the base holds the learned prior; docs/design.md).
+        for p in episodic_parameters(ep):
+            p.requires_grad_(True)
+    for layer in model.block_layers() if hasattr(model, "block_layers") else model.fast_layers():
         plastic = {id(p) for p in layer.plasticity_parameters().values()}
         for p in layer.parameters():
             is_plastic = id(p) in plastic
             p.requires_grad_(trainable == "all" or (trainable == "fast") != is_plastic)
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def episodic_parameters(mem) -> List[torch.nn.Parameter]:
+    """The learned settings of an :class:`~cl_arch.layers.EpisodicMemory`: key threshold ``[]``,
+    ``A_log [H]`` (span), ``beta_logit [H]`` (write strength), ``read_scale [H]``."""
+    return [mem.key_threshold, mem.A_log, mem.beta_logit, mem.read_scale]
 
 
 def build_model(cfg: HFFinetuneConfig):
@@ -151,13 +162,16 @@ def build_model(cfg: HFFinetuneConfig):
 
 # ---------------------------------------------------------------------- measuring
 @torch.no_grad()
-def episode_losses(model, blocks: torch.Tensor, episodes: int, carry: bool, batch_size: int = 8) -> torch.Tensor:
+def episode_losses(model, blocks: torch.Tensor, episodes: int, carry: bool, batch_size: int = 8,
+                   carry_layers: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Mean next-token loss (nats) of every episode of every block: ``[N, episodes]``.
 
     Each block ``[N, T + 1]`` is read as ``episodes`` consecutive episodes (fresh KV cache and fast
-    state each). ``carry=True`` commits each episode's trace into ``P`` (the retention commit of
-    training) and starts the next episode from it; ``carry=False`` starts every episode at ``P = 0``
-    (the reset control). Episode ``e`` is scored on the same tokens either way, so the rows pair.
+    state each). ``carry=True`` commits each episode's trace into ``P`` (each memory's own commit:
+    the retention commit of training, the episodic memory's state commit) and starts the next
+    episode from it; ``carry=False`` starts every episode at ``P = 0`` (the reset control). Episode
+    ``e`` is scored on the same tokens either way, so the rows pair. ``carry_layers``: indices into
+    ``model.fast_layers()`` whose ``P`` is carried (None: all); the others restart at 0.
     """
     was = model.training
     model.eval()
@@ -177,10 +191,127 @@ def episode_losses(model, blocks: torch.Tensor, episodes: int, carry: bool, batc
                 rows.append(ce.cpu())
                 if carry:
                     P = commit_persistent(model, state)
+                    if carry_layers is not None:
+                        P = [p if j in carry_layers else None for j, p in enumerate(P)]
             out.append(torch.stack(rows, 1))
         return torch.cat(out).double()
     finally:
         model.train(was)
+
+
+# ---------------------------------------------------------------------- the episodic memory's settings
+@dataclass
+class HFEpisodicConfig:
+    """Settings of :func:`train_episodic_hf` (as ``train/episodic.py``'s, in tokens).
+
+    steps: Adam steps. batch_size, seq_len: windows per step and their length. lr: Adam's step.
+    chunk: tokens per call when computing the hidden states (as a session reads). seed: window order.
+    """
+    steps: int = 150
+    batch_size: int = 2
+    seq_len: int = 1024
+    lr: float = 2e-2  # the read scale starts at 0 (train/episodic.py's at 1): a larger step reaches ~1 in time
+    chunk: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "chunk"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"HFEpisodicConfig.{name} must be an integer >= 1, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"HFEpisodicConfig.lr must be a positive number, got {self.lr!r}")
+
+
+@torch.no_grad()
+def frozen_inputs_hf(model, spans: torch.Tensor, chunk: int = 256, batch_size: int = 8):
+    """What a retrofit's episodic memory sees on ``spans [N, L + 1]`` (token ids): ``(ids, targets,
+    h, logits)`` with ``ids, targets [N, L]``, ``h [N, L, d_model]`` (the final norm's output) and
+    ``logits [N, L, vocab]`` without the episodic read. Each span is read from a fresh state (block
+    memories at P = 0, as an episode starts) in ``chunk``-token calls, carrying the KV cache and
+    block memory states between calls. The episodic memory adds only to the logits, so none of this
+    depends on its settings: computed once, it serves every training step.
+    """
+    if getattr(model, "episodic", None) is None:
+        raise ValueError("the model has no episodic memory: retrofit(..., episodic_heads=1) or add_episodic_memory()")
+    was = model.training
+    model.eval()
+    try:
+        hs, lgs = [], []
+        for i in range(0, spans.shape[0], batch_size):
+            x = spans[i:i + batch_size, :-1].to(model.device)
+            state, h_rows, lg_rows = None, [], []
+            for c in range(0, x.shape[1], chunk):
+                lg, state, h = model.run(x[:, c:c + chunk], state=state, episodic=False)
+                h_rows.append(h.float()); lg_rows.append(lg.float())
+            hs.append(torch.cat(h_rows, 1)); lgs.append(torch.cat(lg_rows, 1))
+        return spans[:, :-1].to(model.device), spans[:, 1:].to(model.device), torch.cat(hs), torch.cat(lgs)
+    finally:
+        model.train(was)
+
+
+def train_episodic_hf(model, spans: torch.Tensor, cfg: HFEpisodicConfig = HFEpisodicConfig(),
+                      log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Learn the four settings of a retrofit's episodic memory with everything else frozen.
+
+    Args:
+        model: a :class:`~cl_arch.hf.RetrofitModel` with an episodic memory.
+        spans: ``[N, L + 1]`` token ids of *training* text (never a reported stream), ``L >= cfg.seq_len``.
+        cfg: :class:`HFEpisodicConfig`.
+
+    Returns:
+        A JSON-ready record: ``base_bits`` (loss without the memory on the spans, bits/token),
+        ``history`` (step, loss bits, gain over the base on that batch), ``final_gain_last10``,
+        ``learned`` (threshold, span, beta, scale), ``seconds``. The model is changed in place (eval mode).
+    """
+    mem = getattr(model, "episodic", None)
+    if mem is None:
+        raise ValueError("the model has no episodic memory: retrofit(..., episodic_heads=1) or add_episodic_memory()")
+    if spans.dim() != 2 or spans.shape[1] - 1 < cfg.seq_len:
+        raise ValueError(f"spans must be [N, L + 1] with L >= seq_len = {cfg.seq_len}, got {tuple(spans.shape)}")
+    t0 = time.perf_counter()
+    ids, tgt, h, base = frozen_inputs_hf(model, spans, cfg.chunk)
+    L = ids.shape[1]
+    to_bits = 1.0 / math.log(2)
+    base_bits = F.cross_entropy(base.flatten(0, 1), tgt.flatten()).item() * to_bits
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = episodic_parameters(mem)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    embed, head = model.base.get_input_embeddings(), model.base.get_output_embeddings()
+    history = []
+    model.eval()
+    try:
+        for step in range(cfg.steps):
+            rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
+            start = int(torch.randint(0, L - cfg.seq_len + 1, (1,), generator=gen))
+            sl = slice(start, start + cfg.seq_len)
+            # the memory starts empty at each window: what it is worth written as the text is read
+            read, _ = mem(h[rows, sl].to(head.weight.dtype), ids[rows, sl], embed, head)
+            lo = F.cross_entropy((base[rows, sl] + read.float()).flatten(0, 1), tgt[rows, sl].flatten())
+            ref = F.cross_entropy(base[rows, sl].flatten(0, 1), tgt[rows, sl].flatten())
+            opt.zero_grad(set_to_none=True)
+            lo.backward()
+            opt.step()
+            history.append([step, lo.item() * to_bits, (ref - lo).item() * to_bits])
+            if (step + 1) % 20 == 0 or step == 0:
+                log(f"episodic step {step + 1} gain {history[-1][2]:+.4f} bits/token scale "
+                    f"{mem.read_scale.mean().item():.3f} threshold {mem.key_threshold.item():.3f}")
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    learned = {"threshold": mem.key_threshold.item(), "span": (1.0 / mem.A_log.exp()).tolist(),
+               "beta": torch.sigmoid(mem.beta_logit).tolist(), "scale": mem.read_scale.tolist()}
+    n = min(10, len(history))
+    record = {"config": dataclasses.asdict(cfg), "spans": list(spans.shape), "base_bits": base_bits,
+              "history": history, "final_gain_last10": sum(g for _, _, g in history[-n:]) / n,
+              "learned": learned, "seconds": time.perf_counter() - t0}
+    log(f"episodic memory learned {learned}; gain over the last {n} steps {record['final_gain_last10']:+.4f} bits/token")
+    return record
 
 
 # ---------------------------------------------------------------------- the loop
@@ -280,5 +411,6 @@ def dump(results: Dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in results.items() if k != "model"}, indent=2, sort_keys=True, default=str)
 
 
-__all__ = ["HFFinetuneConfig", "finetune_hf", "episode_losses", "select_trainable_hf", "token_blocks",
+__all__ = ["HFFinetuneConfig", "finetune_hf", "HFEpisodicConfig", "train_episodic_hf", "frozen_inputs_hf",
+           "episodic_parameters", "episode_losses", "select_trainable_hf", "token_blocks",
            "text_encoder", "build_model", "config_from_dict", "TRAINABLE"]

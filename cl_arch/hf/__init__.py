@@ -6,7 +6,8 @@
 - :func:`retrofit`: fast-weight memories added beside the attention of a pretrained
   ``transformers`` causal LM (Llama / Qwen2 / Mistral family, GPT-2), giving a
   :class:`RetrofitModel` that satisfies :class:`cl_arch.protocols.PlasticModel`, so
-  :class:`~cl_arch.Session` and :mod:`cl_arch.consolidate` take it.
+  :class:`~cl_arch.Session` and :mod:`cl_arch.consolidate` take it; ``episodic_heads=1`` (or
+  :func:`add_episodic_memory`) also adds an episodic memory after the base's final norm.
 - :func:`save_retrofit` / :func:`load_retrofit`: the added layers in their own safetensors file
   beside a config naming (and fingerprinting) the base model.
 
@@ -21,10 +22,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .files import RETROFIT_CONFIG, RETROFIT_WEIGHTS, load_retrofit, save_retrofit
 from .modeling import ClArchConfig, ClArchForCausalLM, PlasticCache
-from .retrofit import RetrofitConfig, RetrofitModel, retrofit
+from .retrofit import RetrofitConfig, RetrofitModel, add_episodic_memory, retrofit
 
 AutoConfig.register("cl_arch", ClArchConfig, exist_ok=True)
 AutoModelForCausalLM.register(ClArchConfig, ClArchForCausalLM, exist_ok=True)
 
-__all__ = ["ClArchConfig", "ClArchForCausalLM", "PlasticCache", "RetrofitConfig", "RetrofitModel", "retrofit",
+__all__ = ["ClArchConfig", "ClArchForCausalLM", "PlasticCache", "RetrofitConfig", "RetrofitModel", "retrofit", "add_episodic_memory",
            "save_retrofit", "load_retrofit", "RETROFIT_CONFIG", "RETROFIT_WEIGHTS"]

@@ -15,6 +15,16 @@ The result, :class:`RetrofitModel`, satisfies :class:`cl_arch.protocols.PlasticM
 one :class:`~cl_arch.state.AttnLayerState` per decoder block (the base model's KV cache, converted
 to and from a ``DynamicCache`` at every call) followed by one
 :class:`~cl_arch.state.FastLayerState` per added memory, in :meth:`RetrofitModel.fast_layers` order.
+
+``retrofit(..., episodic_heads=1)`` (or :func:`add_episodic_memory`) also adds an
+:class:`~cl_arch.layers.EpisodicMemory` (docs/design.md, "The episodic memory") after the base's
+final norm (Llama / Qwen2 / Mistral ``model.model.norm``, GPT-2 ``transformer.ln_f``, read with a
+forward hook): it writes ``phi(h_{t-1}) -> x_t`` and adds its read to the logits, values read back
+through the base's output head when ``episodic_values="embed"``. Its read scale starts at 0, so the
+logits are still the base's at insertion. It is the last of :meth:`RetrofitModel.fast_layers`, and
+its commit is the state commit (``P <- S_T - W0``): the next episode or session starts where this
+one ended. Why add it: the in-block memories' trace commit did not make a carried ``P`` useful on
+text (README, "Retrofit an existing model"), and on the PlasticTransformer the episodic memory's did.
 """
 from __future__ import annotations
 
@@ -28,8 +38,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..config import FAST_LAYER_FIELDS, FastLayerConfig
-from ..layers import FastWeightLayer
+from ..config import FAST_LAYER_FIELDS, FastLayerConfig, PlasticConfig
+from ..layers import EpisodicMemory, FastWeightLayer
 from ..model import PlasticTransformer
 from ..state import AttnLayerState, FastLayerState, LayerState, ModelState, StepContext
 
@@ -40,7 +50,15 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
     "mistral": ("model.layers", "self_attn"),
     "gpt2": ("transformer.h", "attn"),
 }
+# The final norm whose output (the hidden state the output head reads) the episodic memory keys on.
+FINAL_NORMS: Dict[str, str] = {"llama": "model.norm", "qwen2": "model.norm", "mistral": "model.norm",
+                               "gpt2": "transformer.ln_f"}
 SIZE_FIELDS = ("d_model", "n_heads", "head_k_dim", "head_v_dim")
+# EpisodicMemory settings a retrofit accepts (PlasticConfig's ``episodic_*`` fields without the prefix).
+EPISODIC_FIELDS = ("heads", "features", "values", "threshold", "beta", "scale", "span", "seed")
+# Above this vocabulary a one-hot value state [F, vocab] is impractical (2048 x 32k floats = 256 MB a head):
+# the default value kind is then "embed" (V = d_model, read back through the output head).
+ONEHOT_MAX_VOCAB = 4096
 RULE_FIELDS = tuple(f for f in FAST_LAYER_FIELDS if f not in SIZE_FIELDS)
 
 
@@ -55,25 +73,44 @@ class RetrofitConfig:
     layers: List[int]
     fast: Dict[str, Any]
     vocab_size: int
+    # EpisodicMemory settings (EPISODIC_FIELDS plus d_model) or None: no episodic memory.
+    episodic: Optional[Dict[str, Any]] = None
 
     def fast_layer(self) -> FastLayerConfig:
         return FastLayerConfig(**self.fast)
+
+    def episodic_config(self) -> Optional[PlasticConfig]:
+        """The :class:`PlasticConfig` an :class:`EpisodicMemory` is built from (it reads only
+        ``d_model``, ``vocab_size``, the ``episodic_*`` fields and the rule's kernel settings), or None."""
+        if self.episodic is None:
+            return None
+        e = dict(self.episodic)
+        d_model = int(e.pop("d_model"))
+        fast = self.fast_layer()
+        return PlasticConfig(d_model=d_model, vocab_size=self.vocab_size, n_layers=1, n_heads=1, readout_heads=0,
+                             chunk_size=fast.chunk_size, recurrent_threshold=fast.recurrent_threshold,
+                             baseline_rho=fast.baseline_rho, **{"episodic_" + k: v for k, v in e.items()})
 
     @property
     def baseline_rho(self) -> float:
         return float(self.fast.get("baseline_rho", FastLayerConfig().baseline_rho))
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["episodic"] is None:
+            del d["episodic"]  # a retrofit without one keeps the fingerprint it had before the field existed
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "RetrofitConfig":
         try:
+            ep = d.get("episodic")
             cfg = cls(family=d["family"], layers=[int(i) for i in d["layers"]], fast=dict(d["fast"]),
-                      vocab_size=int(d["vocab_size"]))
+                      vocab_size=int(d["vocab_size"]), episodic=None if ep is None else dict(ep))
+            cfg.fast_layer()  # validates
+            cfg.episodic_config()
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"bad retrofit config {d!r}: {e!r}") from e
-        cfg.fast_layer()  # validates
         return cfg
 
 
@@ -100,6 +137,39 @@ def decoder_blocks(model: nn.Module, family: str) -> List[nn.Module]:
     return list(obj)
 
 
+def final_norm(model: nn.Module, family: str) -> nn.Module:
+    """The norm whose output the base's output head reads (:data:`FINAL_NORMS`)."""
+    obj = model
+    for part in FINAL_NORMS[family].split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ValueError(f"{type(model).__name__} has no {FINAL_NORMS[family]}: is it a *ForCausalLM model?")
+    return obj
+
+
+def episodic_settings(d_model: int, vocab_size: int, heads: int = 1, features: int = 2048,
+                      values: Optional[str] = None, threshold: float = 1.5, beta: float = 0.5, scale: float = 0.0,
+                      span: float = 1e5, seed: int = 0) -> Dict[str, Any]:
+    """The ``RetrofitConfig.episodic`` dict, validated (a :class:`PlasticConfig` is built from it).
+
+    ``values=None`` picks ``"onehot"`` (``V = vocab_size``) up to :data:`ONEHOT_MAX_VOCAB` tokens and
+    ``"embed"`` (``V = d_model``) above. ``scale`` is the initial read scale: 0 (the default) keeps the
+    logits exactly the base's until the settings are learned (:func:`cl_arch.train.finetune_hf.train_episodic_hf`).
+    """
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"episodic_heads must be an integer >= 1 to add an episodic memory, got {heads!r}")
+    if values is None:
+        values = "onehot" if vocab_size <= ONEHOT_MAX_VOCAB else "embed"
+    e = {"d_model": int(d_model), "heads": heads, "features": features, "values": values,
+         "threshold": float(threshold), "beta": float(beta), "scale": float(scale), "span": float(span), "seed": seed}
+    try:
+        PlasticConfig(d_model=int(d_model), vocab_size=int(vocab_size), n_layers=1, n_heads=1, readout_heads=0,
+                      **{"episodic_" + k: v for k, v in e.items() if k != "d_model"})
+    except ValueError as err:
+        raise ValueError(f"bad episodic memory settings: {err}") from err
+    return e
+
+
 class _Call:
     """What one :meth:`RetrofitModel.forward` hands the hooked attention modules: the fast states
     going in, each memory's context, and the states coming out."""
@@ -107,6 +177,7 @@ class _Call:
     def __init__(self, states: Sequence[Optional[FastLayerState]], ctxs: Sequence[StepContext]):
         self.states, self.ctxs = list(states), list(ctxs)
         self.new: List[Optional[FastLayerState]] = [None] * len(self.states)
+        self.h: Optional[torch.Tensor] = None  # [B, T, d_model] output of the final norm (episodic memory's input)
 
 
 class RetrofitModel(nn.Module):
@@ -127,12 +198,19 @@ class RetrofitModel(nn.Module):
         self.n_blocks = len(blocks)
         fcfg = config.fast_layer()
         self.fast = nn.ModuleDict({str(i): FastWeightLayer(fcfg, layer_idx=i) for i in config.layers})
+        # The episodic memory lives in the same ModuleDict (key "episodic"), so saving, loading and the
+        # fingerprint, which read self.fast.state_dict(), carry its R buffer and settings with no special case.
+        ecfg = config.episodic_config()
+        if ecfg is not None:
+            self.fast["episodic"] = EpisodicMemory(ecfg)
         self._call: Optional[_Call] = None
         self._skip = False
         self._fp_cache: Optional[Tuple[Any, str]] = None
         attn_name = FAMILIES[config.family][1]
         self._handles = [getattr(blocks[i], attn_name).register_forward_hook(self._hook(j), with_kwargs=True)
                          for j, i in enumerate(config.layers)]
+        if ecfg is not None:
+            self._handles.append(final_norm(base, config.family).register_forward_hook(self._norm_hook))
 
     # ------------------------------------------------------------------ the hook
     def _hook(self, j: int):
@@ -144,7 +222,7 @@ class RetrofitModel(nn.Module):
                 raise RuntimeError("this attention module carries a retrofitted fast memory: call the RetrofitModel "
                                    "(model(ids, state=...)), not its base (or use `with model.base_only():`)")
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            layer = self.fast_layers()[j]
+            layer = self.block_layers()[j]
             dt = layer.o_proj.weight.dtype
             y, new = layer(x.to(dt), call.states[j], call.ctxs[j])
             call.new[j] = new
@@ -152,6 +230,12 @@ class RetrofitModel(nn.Module):
                 return (output[0] + y.to(output[0].dtype),) + tuple(output[1:])
             return output + y.to(output.dtype)
         return hook
+
+    def _norm_hook(self, module, args, output):
+        # Only records the final hidden states; the read is added to the logits in forward().
+        if not self._skip and self._call is not None:
+            self._call.h = output[0] if isinstance(output, tuple) else output
+        return None
 
     @contextlib.contextmanager
     def base_only(self):
@@ -168,9 +252,20 @@ class RetrofitModel(nn.Module):
         """Where the base model's weights live (and where inputs must go)."""
         return next(self.base.parameters()).device
 
-    def fast_layers(self) -> List[FastWeightLayer]:
-        """The added memories, in the order of ``config.layers`` (and of their state slots)."""
+    @property
+    def episodic(self) -> Optional[EpisodicMemory]:
+        """The episodic memory after the final norm, or None."""
+        return self.fast["episodic"] if "episodic" in self.fast else None
+
+    def block_layers(self) -> List[FastWeightLayer]:
+        """The memories beside the attentions, in the order of ``config.layers``."""
         return [self.fast[str(i)] for i in self.config.layers]
+
+    def fast_layers(self) -> List[Union[FastWeightLayer, EpisodicMemory]]:
+        """The added memories in state order: the block memories (``config.layers`` order), then
+        the episodic memory if there is one."""
+        ep = self.episodic
+        return self.block_layers() + ([ep] if ep is not None else [])
 
     def memories(self) -> List[Optional[FastWeightLayer]]:
         """One entry per state slot: None for each block's KV cache, then the added memories."""
@@ -209,7 +304,7 @@ class RetrofitModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _lams(self, lam) -> List[Optional[float]]:
-        n = len(self.config.layers)
+        n = len(self.fast_layers())
         lams = [lam] * n if lam is None or isinstance(lam, (int, float)) else list(lam)
         if len(lams) != n:
             raise ValueError(f"lam must be a float or have one entry per fast layer ({n}), got {len(lams)}")
@@ -234,7 +329,8 @@ class RetrofitModel(nn.Module):
             mems = self.memories()
             if len(state.layers) != len(mems):
                 raise ValueError(f"state has {len(state.layers)} slots, this retrofit {len(mems)} "
-                                 f"({self.n_blocks} KV caches + {len(self.config.layers)} fast memories)")
+                                 f"({self.n_blocks} KV caches + {len(self.config.layers)} fast memories"
+                                 f"{' + the episodic memory' if self.episodic is not None else ''})")
             for i, (s, m) in enumerate(zip(state.layers, mems)):
                 want = FastLayerState if m is not None else AttnLayerState
                 if not isinstance(s, want):
@@ -263,7 +359,8 @@ class RetrofitModel(nn.Module):
                 modulation: Optional[torch.Tensor] = None, return_state: bool = True,
                 lam: Union[None, float, Sequence[Optional[float]]] = None
                 ) -> Tuple[torch.Tensor, Optional[ModelState]]:
-        """
+        """The protocol's call (see :meth:`run`, which also returns the final hidden states).
+
         Args:
             input_ids: ``[B, T]`` ids in ``[0, vocab_size)``.
             state: from a previous call (continues the stream: KV caches and fast states), from
@@ -275,6 +372,30 @@ class RetrofitModel(nn.Module):
         Returns:
             ``logits [B, T, vocab_size]`` and the new :class:`ModelState` (None if not requested).
         """
+        logits, new_state, _ = self.run(input_ids, state, modulation, return_state, lam)
+        return logits, new_state
+
+    def run(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
+            modulation: Optional[torch.Tensor] = None, return_state: bool = True,
+            lam: Union[None, float, Sequence[Optional[float]]] = None, episodic: bool = True
+            ) -> Tuple[torch.Tensor, Optional[ModelState], Optional[torch.Tensor]]:
+        """
+        Args:
+            input_ids: ``[B, T]`` ids in ``[0, vocab_size)``.
+            state: from a previous call (continues the stream: KV caches and fast states), from
+                :meth:`init_state`, or None (fresh episode without P).
+            modulation: ``[B, T]`` in [0, 1] scaling every added memory's write strength.
+            return_state: False skips the KV cache and the fast final states (training).
+            lam: trace-decay override (a float, or one entry per added memory; None: own).
+            episodic: False skips the episodic memory (its read is not added and its state slot is
+                passed through unchanged): the inputs it sees, computed once to learn its settings
+                (:func:`cl_arch.train.finetune_hf.train_episodic_hf`).
+
+        Returns:
+            ``logits [B, T, vocab_size]``, the new :class:`ModelState` (None if not requested) and
+            the final hidden states ``h [B, T, d_model]`` (the final norm's output; None without an
+            episodic memory, whose hook is what records them).
+        """
         self._check(input_ids, state, modulation)
         lams = self._lams(lam)
         B, T = input_ids.shape
@@ -282,7 +403,10 @@ class RetrofitModel(nn.Module):
         kv = list(state.layers[:self.n_blocks]) if state is not None else [AttnLayerState()] * self.n_blocks
         fast_in = list(state.layers[self.n_blocks:]) if state is not None else [None] * len(lams)
         ctx = StepContext(position=position, modulation=modulation, need_state=return_state)
-        call = _Call(fast_in, [dataclasses.replace(ctx, lam=v) for v in lams])
+        ctxs = [dataclasses.replace(ctx, lam=v) for v in lams]
+        ep = self.episodic
+        n_block = len(self.config.layers)
+        call = _Call(fast_in[:n_block], ctxs[:n_block])
         has_kv = any(s.k is not None for s in kv)
         cache = self._kv_cache(kv) if (has_kv or return_state) else None
         pos_ids = torch.arange(position, position + T, device=input_ids.device).unsqueeze(0).expand(B, T)
@@ -293,9 +417,21 @@ class RetrofitModel(nn.Module):
             out = self.base(input_ids=input_ids, cache=cache, use_cache=cache is not None, position_ids=pos_ids)
         finally:
             self._call = None
-        logits = out.logits
+        logits, h = out.logits, call.h
+        ep_new: List[Optional[FastLayerState]] = []
+        if ep is not None:
+            if h is None:
+                raise RuntimeError("the final-norm hook did not fire: the episodic memory has no hidden states to read")
+            if episodic:
+                # embed/head: the base's own input and output embeddings (values and their read-back).
+                read, s_ep = ep(h, input_ids, self.base.get_input_embeddings(), self.base.get_output_embeddings(),
+                                fast_in[n_block], ctxs[n_block])
+                logits = logits + read.to(logits.dtype)
+            else:
+                s_ep = fast_in[n_block] if fast_in[n_block] is not None else FastLayerState()
+            ep_new.append(s_ep)
         if not return_state:
-            return logits, None
+            return logits, None, h
         new_cache = out.cache if getattr(out, "cache", None) is not None else cache
         layers: List[LayerState] = []
         for i in range(self.n_blocks):
@@ -303,7 +439,8 @@ class RetrofitModel(nn.Module):
             k = getattr(lyr, "keys", None)
             layers.append(AttnLayerState(k, lyr.values) if k is not None and k.numel() else AttnLayerState())
         layers.extend(call.new)
-        return logits, ModelState(layers, position + T)
+        layers.extend(ep_new)
+        return logits, ModelState(layers, position + T), h
 
 
 def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
@@ -314,9 +451,42 @@ def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def add_episodic_memory(model: RetrofitModel, heads: int = 1, features: int = 2048, values: Optional[str] = None,
+                        **settings: Any) -> RetrofitModel:
+    """A new :class:`RetrofitModel` on the same base with an episodic memory added after the final norm.
+
+    The block memories' weights are copied (not shared); the given model's hooks are removed, so the
+    base serves the returned model only. ``settings``: ``threshold, beta, scale, span, seed``
+    (:func:`episodic_settings`; ``scale`` 0 by default, so the logits are unchanged).
+
+    Raises:
+        ValueError: the model already has one; bad settings.
+    """
+    if not isinstance(model, RetrofitModel):
+        raise ValueError(f"add_episodic_memory takes a RetrofitModel, got {type(model).__name__}")
+    if model.episodic is not None:
+        raise ValueError("this retrofit already has an episodic memory")
+    unknown = sorted(set(settings) - set(EPISODIC_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown episodic memory settings {unknown}; known: {list(EPISODIC_FIELDS)}")
+    cfg = dataclasses.replace(model.config, episodic=episodic_settings(
+        int(model.base.config.hidden_size), model.config.vocab_size, heads, features, values, **settings))
+    blocks = {k: v.detach().clone() for k, v in model.fast.state_dict().items()}
+    for h in model._handles:
+        h.remove()
+    model._handles = []
+    out = RetrofitModel(model.base, cfg)
+    missing = out.fast.load_state_dict(blocks, strict=False).missing_keys
+    if any(not k.startswith("episodic.") for k in missing):
+        raise RuntimeError(f"block memory tensors not carried over: {missing}")
+    return out.to(out.device)
+
+
 def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: int = 4,
-             head_k_dim: Optional[int] = None, head_v_dim: Optional[int] = None, **rule: Any) -> RetrofitModel:
-    """Add a fast-weight memory beside the attention of decoder blocks ``layers`` of ``model``.
+             head_k_dim: Optional[int] = None, head_v_dim: Optional[int] = None, episodic_heads: int = 0,
+             episodic_features: int = 2048, episodic_values: Optional[str] = None, **rule: Any) -> RetrofitModel:
+    """Add a fast-weight memory beside the attention of decoder blocks ``layers`` of ``model``
+    (and with ``episodic_heads >= 1`` an episodic memory after its final norm).
 
     Args:
         model: a ``transformers`` causal LM of a family in :data:`FAMILIES` (e.g. ``LlamaForCausalLM``,
@@ -325,12 +495,20 @@ def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: 
         layers: indices of the decoder blocks to extend (None: every block).
         n_heads, head_k_dim, head_v_dim: each memory is ``n_heads`` matrices ``[K, V]``; K and V default
             to ``min(64, hidden_size // n_heads)``.
+            ``layers=[]`` adds none (then ``episodic_heads`` must be >= 1).
+        n_heads, head_k_dim, head_v_dim: each memory is ``n_heads`` matrices ``[K, V]``; K and V default
+            to ``min(64, hidden_size // n_heads)``.
+        episodic_heads: 0 (none) or the heads of an :class:`~cl_arch.layers.EpisodicMemory` of
+            ``[episodic_features, V]`` matrices reading the final hidden states.
+        episodic_values: ``"onehot"`` (``V = vocab_size``) or ``"embed"`` (``V = hidden_size``, read
+            back through the output head); None: onehot up to :data:`ONEHOT_MAX_VOCAB` tokens.
         **rule: any other :class:`~cl_arch.config.FastLayerConfig` field (``lam, gamma, eta_s, eta_r,
-            commit_clip, baseline_rho, rule, conv_size, fast_rest, decay_init, learn_plasticity, ...``).
+            commit_clip, baseline_rho, rule, conv_size, fast_rest, decay_init, learn_plasticity, ...``),
+            or ``episodic_threshold, episodic_beta, episodic_scale, episodic_span, episodic_seed``.
 
     Returns:
         A :class:`RetrofitModel` on the base's device, added layers in float32 (the hook casts),
-        output projections zero: its logits equal the base model's.
+        output projections and the episodic read scale zero: its logits equal the base model's.
 
     Raises:
         ValueError: an unsupported model, a layer index out of range or repeated, an unknown rule
@@ -341,11 +519,13 @@ def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: 
     family = model_family(model)
     n_blocks = len(decoder_blocks(model, family))
     layers = list(range(n_blocks)) if layers is None else list(layers)
-    if not layers:
-        raise ValueError("layers is empty: name at least one decoder block to retrofit")
+    if not layers and not episodic_heads:
+        raise ValueError("layers is empty: name at least one decoder block to retrofit (or add an episodic memory)")
     bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_blocks]
     if bad or len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct block indices in [0, {n_blocks}), got {layers}")
+    ep_kw = {k[len("episodic_"):]: rule.pop(k) for k in list(rule)
+             if k.startswith("episodic_") and k[len("episodic_"):] in EPISODIC_FIELDS}
     unknown = sorted(set(rule) - set(RULE_FIELDS))
     if unknown:
         raise ValueError(f"unknown retrofit settings {unknown}; known: {list(RULE_FIELDS)}")
@@ -353,10 +533,18 @@ def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: 
     default_dim = max(1, min(64, d_model // max(1, n_heads if isinstance(n_heads, int) else 1)))
     fast = FastLayerConfig(d_model=d_model, n_heads=n_heads, head_k_dim=head_k_dim or default_dim,
                            head_v_dim=head_v_dim or default_dim, **rule)
+    if isinstance(episodic_heads, bool) or not isinstance(episodic_heads, int) or episodic_heads < 0:
+        raise ValueError(f"episodic_heads must be an integer >= 0, got {episodic_heads!r}")
+    episodic = None
+    if episodic_heads:
+        episodic = episodic_settings(d_model, int(model.config.vocab_size), episodic_heads, episodic_features,
+                                     episodic_values, **ep_kw)
+    elif ep_kw:
+        raise ValueError(f"episodic settings {sorted(ep_kw)} given with episodic_heads=0")
     cfg = RetrofitConfig(family=family, layers=sorted(layers), fast=fast.to_dict(),
-                         vocab_size=int(model.config.vocab_size))
+                         vocab_size=int(model.config.vocab_size), episodic=episodic)
     out = RetrofitModel(model, cfg)
     with torch.no_grad():
-        for layer in out.fast_layers():
+        for layer in out.block_layers():
             layer.o_proj.weight.zero_()  # logits unchanged at insertion: the read adds exactly 0
     return out.to(out.device)
