@@ -172,7 +172,7 @@ def test_train_episodic_learns_only_the_memory_settings():
     from cl_arch.train.episodic import EpisodicTrainConfig, train_episodic
     m = model_with_episodic(dtype=torch.float32, episodic_heads=0)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    cfg = EpisodicTrainConfig(steps=3, batch_size=1, seq_len=64, n_spans=2, span_bytes=96,
+    cfg = EpisodicTrainConfig(steps=3, batch_size=1, seq_len=64, n_spans=2, span_bytes=128,
                               episodic={"heads": 1, "features": 64})
     trained, record = train_episodic(m, cfg, progress=False, log=lambda *a: None)
     sd = trained.state_dict()
@@ -180,6 +180,11 @@ def test_train_episodic_learns_only_the_memory_settings():
         assert torch.equal(sd[k], v), k
     assert trained.episodic.key_threshold.item() != PlasticConfig().episodic_threshold
     assert len(record["history"]) == 3 and set(record["learned"]) == {"threshold", "span", "beta", "scale"}
+    assert [row[3] for row in record["history"]] == ["fresh", "own", "foreign"]
+    with pytest.raises(ValueError, match="span_bytes >= 2 \\* seq_len"):
+        EpisodicTrainConfig(seq_len=64, span_bytes=100)
+    with pytest.raises(ValueError, match="carry"):
+        EpisodicTrainConfig(carry=("later",))
 
 
 def test_cli_adds_and_trains_an_episodic_memory(tmp_path):

@@ -7,10 +7,14 @@ it is, and only its four settings (key threshold, span, write strength, read sca
 trained on them. That is what lets the shipped model gain one without pretraining again
 (``scripts/make_default_model.sh``, step 2).
 
-Spans are contiguous ``span_bytes`` windows of training-corpus files (never the held-out packages),
-read with the memory starting empty; the loss is next-byte cross-entropy over random ``seq_len``
-windows of them, so what is learned is how much a memory of this text, written as it is read, is
-worth for predicting its continuation.
+Spans are contiguous ``span_bytes`` windows of training-corpus files (never the held-out packages);
+the loss is next-byte cross-entropy over ``seq_len`` windows of them. Steps cycle through the
+situations the memory meets in use (``cfg.carry``): ``"fresh"``, a window read with the memory
+empty (a first session); ``"own"``, the second half of a span read with the P that its first
+half committed (the next session of the same file); ``"foreign"``, a window read with the P that
+*another* span committed (a user's P meeting unrelated text, what the stdlib drift measures). So
+what is learned is how much a memory of the text read so far, and of earlier sessions, is worth,
+and what a stale one costs.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_arch import PlasticConfig, PlasticTransformer
+from cl_arch.state import FastLayerState, StepContext
 
 from .data import stdlib_files
 
@@ -38,6 +43,7 @@ class EpisodicTrainConfig:
     n_spans, span_bytes: training spans cut from the corpus (hidden states computed once each).
     lr: Adam's step size. seed: span choice and window order. episodic: overrides of the
     ``episodic_*`` fields for a model that has no episodic memory yet (e.g. ``{"heads": 1}``).
+    carry: the situations steps cycle through (module docstring): "fresh", "own", "foreign".
     """
     steps: int = 80
     batch_size: int = 2
@@ -46,6 +52,7 @@ class EpisodicTrainConfig:
     span_bytes: int = 4096
     lr: float = 1e-2
     seed: int = 0
+    carry: Tuple[str, ...] = ("fresh", "own", "foreign")
     episodic: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"heads": 1})
 
     def __post_init__(self):
@@ -55,6 +62,12 @@ class EpisodicTrainConfig:
                 raise ValueError(f"EpisodicTrainConfig.{name} must be an integer >= 1, got {v!r}")
         if self.seq_len > self.span_bytes:
             raise ValueError(f"EpisodicTrainConfig.seq_len ({self.seq_len}) must not exceed span_bytes ({self.span_bytes})")
+        self.carry = tuple(self.carry)
+        if not self.carry or any(c not in ("fresh", "own", "foreign") for c in self.carry):
+            raise ValueError(f"EpisodicTrainConfig.carry must list 'fresh', 'own' or 'foreign', got {self.carry!r}")
+        if set(self.carry) & {"own", "foreign"} and 2 * self.seq_len > self.span_bytes:
+            raise ValueError(f"EpisodicTrainConfig: carrying P needs span_bytes >= 2 * seq_len "
+                             f"({self.span_bytes} < 2 * {self.seq_len})")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"EpisodicTrainConfig.lr must be a positive number, got {self.lr!r}")
 
@@ -161,25 +174,40 @@ def train_episodic(model: PlasticTransformer, cfg: EpisodicTrainConfig = Episodi
     bar = tqdm(range(cfg.steps), desc="episodic memory", disable=not progress)
     for step in bar:
         rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
-        start = int(torch.randint(0, cfg.span_bytes - cfg.seq_len + 1, (1,), generator=gen))
+        mode = cfg.carry[step % len(cfg.carry)]
+        state = None
+        if mode == "fresh":
+            start = int(torch.randint(0, cfg.span_bytes - cfg.seq_len + 1, (1,), generator=gen))
+        else:
+            start = cfg.span_bytes - cfg.seq_len
+            n = ids.shape[0]
+            # "foreign": another span's session (any row but this one, when there is another)
+            src = rows if mode == "own" else (rows + 1 + torch.randint(0, max(1, n - 1), rows.shape, generator=gen)) % n
+            with torch.no_grad():  # the earlier session, with the settings as they are now
+                _, prev = mem(h[src, :cfg.seq_len], ids[src, :cfg.seq_len], model.embed, model.lm_head,
+                              ctx=StepContext(need_state=True))
+                P, _ = mem.commit(torch.zeros_like(prev.S), prev.E)  # the memory's own (state) commit
+            state = FastLayerState(P=P)
         sl = slice(start, start + cfg.seq_len)
-        read, _ = mem(h[rows, sl], ids[rows, sl], model.embed, model.lm_head)
+        read, _ = mem(h[rows, sl], ids[rows, sl], model.embed, model.lm_head, state,
+                      StepContext(need_state=False))
         lo = F.cross_entropy((base[rows, sl] + read).flatten(0, 1), tgt[rows, sl].flatten())
         ref = F.cross_entropy(base[rows, sl].flatten(0, 1), tgt[rows, sl].flatten())
         opt.zero_grad(set_to_none=True)
         lo.backward()
         opt.step()
         gain = (ref - lo).item() * to_bits
-        history.append([step, lo.item() * to_bits, gain])
+        history.append([step, lo.item() * to_bits, gain, mode])
         bar.set_postfix(gain=f"{gain:+.4f}", scale=f"{mem.read_scale.mean().item():.2f}")
     for p in params:
         p.requires_grad_(False)
     cfg_dict = model.config.to_dict()
-    # The learned values become the config's initial ones too, so the record and a re-built model agree.
     settings = {"threshold": mem.key_threshold.item(), "span": (1.0 / mem.A_log.exp()).tolist(),
                 "beta": torch.sigmoid(mem.beta_logit).tolist(), "scale": mem.read_scale.tolist()}
     record = {"config": dataclasses.asdict(cfg), "base_bpb_on_spans": base_bpb, "history": history,
-              "final_gain_last10": sum(g for _, _, g in history[-10:]) / min(10, len(history)),
+              "final_gain_last10": sum(row[2] for row in history[-10:]) / min(10, len(history)),
+              "final_gain_by_mode": {m: sum(r[2] for r in history[-30:] if r[3] == m) /
+                                     max(1, sum(1 for r in history[-30:] if r[3] == m)) for m in cfg.carry},
               "learned": settings, "seconds": time.time() - t0, "model_config": cfg_dict}
     log(f"episodic memory learned {settings}; mean gain over the last 10 steps "
         f"{record['final_gain_last10']:+.4f} bits/byte")
