@@ -99,7 +99,7 @@ run(f"train.output_dir={{out}}/from_one", f"train.resume={str(tmp_path / 'one')}
                           torch.tensor(one["train_losses"][2:]), rtol=1e-5, atol=1e-5)
     assert straight["processes"] == 2 and straight["parallel"] == "fsdp"
     assert straight["checkpoint_format"] == "sharded" and full["checkpoint_format"] == "full"
-    # one process vs FSDP: float tolerance (measured max |diff| ~1e-6 nats on ~5.5)
+    # one process vs FSDP: float tolerance (measured: max |diff| 4.8e-7 nats on losses of 3.3-5.1)
     assert torch.allclose(torch.tensor(straight["train_losses"]), torch.tensor(one["train_losses"]),
                           rtol=1e-5, atol=1e-5)
     assert abs(straight["final_val_bpb"] - one["final_val_bpb"]) < 1e-4
