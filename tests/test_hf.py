@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 from cl_arch import PlasticConfig, PlasticTransformer, Session  # noqa: E402
 from cl_arch.consolidate import distill, fold, merge, undo  # noqa: E402
-from cl_arch.hf import (ClArchForCausalLM, RetrofitModel, load_retrofit, retrofit,  # noqa: E402
-                        save_retrofit)
+from cl_arch.hf import (ClArchForCausalLM, RetrofitModel, add_episodic_memory, load_retrofit,  # noqa: E402
+                        retrofit, save_retrofit)
 from cl_arch.hf.files import RETROFIT_CONFIG, RETROFIT_WEIGHTS  # noqa: E402
 from cl_arch.protocols import FastMemory, PlasticModel  # noqa: E402
 
@@ -40,8 +40,10 @@ def perturb(model: RetrofitModel, std: float = 0.2, seed: int = 1) -> None:
     """Give the added read paths weight, so the memories change the logits (as after training)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in model.fast_layers():
+        for m in model.block_layers():
             m.o_proj.weight.copy_(torch.randn(m.o_proj.weight.shape, generator=g) * std)
+        if model.episodic is not None:
+            model.episodic.read_scale.fill_(1.0)
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +237,107 @@ def test_cli_finetune_hf(tmp_path, llama_dir):
     meta = json.loads((tmp_path / "retrofit" / RETROFIT_CONFIG).read_text())
     assert meta["retrofit"]["layers"] == [1] and meta["retrofit"]["fast"]["eta_s"] == 0.5
     assert main(["finetune", "--hf-model", llama_dir, "--fast-rule", "nonsense", "--max-steps", "1"]) == 2
+
+
+# ---------------------------------------------------------------------- the episodic memory (issue 12 into issue 15)
+@pytest.mark.parametrize("family,values", [("llama", "onehot"), ("qwen2", "embed"), ("mistral", "onehot"),
+                                           ("gpt2", "embed")])
+def test_episodic_retrofit_keeps_logits_reads_final_norm_and_streams(family, values):
+    from cl_arch.layers import EpisodicMemory
+
+    base = tiny(family)
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = base(ids).logits
+        model = retrofit(base, layers=[0], n_heads=2, head_k_dim=16, head_v_dim=16, episodic_heads=1,
+                         episodic_features=256, episodic_values=values)
+        assert isinstance(model.fast_layers()[-1], EpisodicMemory) and model.fast_layers()[-1] is model.episodic
+        assert model.memories() == [None, None] + model.fast_layers() and len(model.fast_layers()) == 2
+        assert model.episodic.head_v_dim == (V if values == "onehot" else 64)
+        logits, state, h = model.run(ids)
+        assert (logits - ref).abs().max().item() <= 1e-6  # read scale 0 at insertion
+        # h is what the output head reads: the final norm's output (model.norm / transformer.ln_f)
+        torch.testing.assert_close(model.base.get_output_embeddings()(h), ref, atol=1e-5, rtol=1e-5)
+        assert len(state.layers) == 4 and state.layers[-1].S is not None and float(state.layers[-1].S.norm()) > 0
+        perturb(model)
+        whole, _ = model(ids)
+        skip = model.run(ids, episodic=False)[0]
+        assert (whole - skip).abs().max().item() > 1e-3  # the episodic read reaches the logits
+        a, s1 = model(ids[:, :17])
+        b, s2 = model(ids[:, 17:], state=s1)
+        torch.testing.assert_close(torch.cat([a, b], 1), whole, atol=2e-5, rtol=1e-4)
+
+
+def test_episodic_retrofit_settings_and_errors():
+    from cl_arch.hf.retrofit import episodic_settings
+
+    assert episodic_settings(64, 256)["values"] == "onehot" and episodic_settings(64, 32000)["values"] == "embed"
+    only = retrofit(tiny("llama"), layers=[], episodic_heads=1, episodic_features=128)
+    assert only.block_layers() == [] and only.fast_layers() == [only.episodic]
+    assert only(torch.tensor([[1, 2, 3]]))[1].layers[-1].S is not None
+    with pytest.raises(ValueError, match="layers is empty"):
+        retrofit(tiny("llama"), layers=[])
+    with pytest.raises(ValueError, match="episodic_values"):
+        retrofit(tiny("llama"), layers=[0], episodic_heads=1, episodic_values="sparse")
+    with pytest.raises(ValueError, match="episodic_heads=0"):
+        retrofit(tiny("llama"), layers=[0], episodic_threshold=2.0)
+    with pytest.raises(ValueError, match="already has an episodic"):
+        add_episodic_memory(only)
+    with pytest.raises(ValueError, match="episodic_heads must be"):
+        retrofit(tiny("llama"), layers=[0], episodic_heads=-1)
+
+
+def test_episodic_retrofit_session_commit_save_load_fold(tmp_path, llama_dir):
+    base = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    plain = retrofit(base, layers=[1], n_heads=2, eta_s=1.0)
+    perturb(plain)
+    blocks_before = {k: v.clone() for k, v in plain.fast.state_dict().items()}
+    model = add_episodic_memory(plain, features=256)
+    assert all(torch.equal(model.fast.state_dict()[k], v) for k, v in blocks_before.items())
+    perturb(model)
+    text = list(b"def add(a, b):\n    return a + b\n" * 4)
+    s = Session(model, seed=0)
+    first = s.observe(text)
+    assert s.end_episode()
+    assert float(s.P[-1].norm()) > 0  # the state commit: P <- S_T - W0
+    t = Session.from_bytes(model, s.to_bytes())
+    second = t.observe(text)
+    assert float(second[1:].mean()) < float(first[1:].mean())  # a second session starts where the first ended
+    d = tmp_path / "rf"
+    save_retrofit(model, d, base_name=llama_dir)
+    meta = json.loads((d / RETROFIT_CONFIG).read_text())
+    assert meta["retrofit"]["episodic"]["features"] == 256
+    loaded = load_retrofit(d)
+    assert torch.equal(loaded.episodic.R, model.episodic.R)
+    assert loaded.episodic.read_scale.item() == 1.0 and loaded.fingerprint() == model.fingerprint()
+    ids = torch.tensor([text[:30]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, state=loaded.init_state(1, s.P))[0],
+                                   model(ids, state=model.init_state(1, s.P))[0], atol=0, rtol=0)
+    fp = model.fingerprint()
+    report = fold(model, s)
+    assert float(model.episodic.W0.norm()) > 0  # P written into the episodic memory's W0 too
+    undo(model, report)
+    assert model.fingerprint() == fp
+
+
+def test_train_episodic_hf_learns_only_its_settings():
+    from cl_arch.train.finetune_hf import HFEpisodicConfig, select_trainable_hf, train_episodic_hf
+
+    model = retrofit(tiny("llama"), layers=[1], n_heads=2, episodic_heads=1, episodic_features=256)
+    names = select_trainable_hf(model, "fast")
+    assert "fast.episodic.read_scale" in names and "fast.episodic.W0" not in names
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # spans that repeat a random 48-token phrase: a memory written as it reads predicts the repeats
+    g = torch.Generator().manual_seed(0)
+    spans = torch.stack([torch.randint(0, V, (48,), generator=g).repeat(6)[:257] for _ in range(4)])
+    rec = train_episodic_hf(model, spans, HFEpisodicConfig(steps=25, seq_len=192, chunk=64, lr=5e-2),
+                            log=lambda s: None)
+    assert rec["learned"]["scale"][0] > 0.3 and rec["final_gain_last10"] > 0.05
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed <= {"fast.episodic." + n for n in ("key_threshold", "A_log", "beta_logit", "read_scale")}
+    assert "fast.episodic.read_scale" in changed
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # restored
+    with pytest.raises(ValueError, match="seq_len"):
+        train_episodic_hf(model, spans[:, :100], HFEpisodicConfig(seq_len=192))
