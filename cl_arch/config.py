@@ -188,7 +188,8 @@ class PlasticConfig:
         """A named preset (:data:`PRESETS`), with ``overrides`` on top.
 
         ``"demo"``: the shipped default model's architecture (fast, attn, fast, attn; d=128; a
-        64-byte attention window; a 2-head one-hot readout memory). ``"recall"``: the small
+        64-byte attention window; a 2-head one-hot readout memory; a 1-head episodic memory of 2048
+        features). ``"recall"``: the small
         all-fast-weight model of the recall tests and meta-training (no attention, no readout,
         the first design's decay toward zero; see :func:`cl_arch.train.recall.recall_config`).
 
@@ -283,7 +284,7 @@ class FastLayerConfig:
 PRESETS: Dict[str, Dict[str, Any]] = {
     "demo": dict(d_model=128, n_layers=4, n_heads=4, head_k_dim=32, head_v_dim=32, attn_window=64, chunk_size=64,
                  mlp_ratio=3.0, lam=0.5, eta_s=0.0, eta_r=1.0, commit_clip=10.0, readout_heads=2,
-                 readout_values="onehot"),
+                 readout_values="onehot", episodic_heads=1, episodic_features=2048),
     "recall": dict(vocab_size=256, d_model=64, n_layers=2, layer_types=["fast", "fast"], n_heads=2, head_k_dim=32,
                    head_v_dim=32, mlp_ratio=2.0, conv_size=4, chunk_size=16, recurrent_threshold=16, lam=0.5,
                    gamma=0.98, eta_s=0.0, eta_r=1.0, commit_clip=10.0, readout_heads=0, fast_rest="zero"),
