@@ -6,6 +6,8 @@ Rows:
   a ``DynamicCache`` kept across steps (how transformers decodes). ``retrofit``: the
   :class:`cl_arch.hf.RetrofitModel` (its KV caches converted to and from the ModelState each step,
   plus the fast memories' recurrent step).
+- ``decode retrofit + episodic``: the retrofit with an episodic memory after the final norm too
+  (``--episodic-features`` F, one head, one-hot values over the 256 bytes; 0 skips the row).
 - ``train``: forward + backward + AdamW step of the next-token loss on ``[batch, seq]`` blocks.
   ``base (all)``: every base weight trained; ``retrofit (all)``: the same plus the added layers;
   ``retrofit (added only)``: the base frozen, as ``cl-arch finetune --hf-model`` trains.
@@ -97,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--episodic-features", type=int, default=2048, help="0: no episodic-memory row")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bench_retrofit.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -105,6 +108,11 @@ def main(argv=None) -> int:
     model = retrofit(build(args.d_model, args.layers), n_heads=args.fast_heads, head_k_dim=args.head_dim,
                      head_v_dim=args.head_dim)  # a second copy: the base row runs without any hook
     model.check_inputs = False  # as in training and serving loops: no host read per call
+    model_ep = None
+    if args.episodic_features:
+        model_ep = retrofit(build(args.d_model, args.layers), n_heads=args.fast_heads, head_k_dim=args.head_dim,
+                            head_v_dim=args.head_dim, episodic_heads=1, episodic_features=args.episodic_features)
+        model_ep.check_inputs = False
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 256, (1, args.prompt), generator=g)
     block = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g)
@@ -121,11 +129,15 @@ def main(argv=None) -> int:
 
     rows = {k: [] for k in ("decode base", "decode retrofit", "train base (all)", "train retrofit (all)",
                             "train retrofit (added only)")}
+    if model_ep is not None:
+        rows["decode retrofit + episodic"] = []
     for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit every row alike
         base.eval()
         model.eval()
         rows["decode base"].append(1e3 * decode_base(base, prompt, args.decode_steps))
         rows["decode retrofit"].append(1e3 * decode_retrofit(model, prompt, args.decode_steps))
+        if model_ep is not None:
+            rows["decode retrofit + episodic"].append(1e3 * decode_retrofit(model_ep, prompt, args.decode_steps))
         base.train()
         model.train()
         rows["train base (all)"].append(train_rate(train_base, block, args.train_steps))
@@ -142,6 +154,8 @@ def main(argv=None) -> int:
               "train retrofit (all) / base (tokens/s)": med["train retrofit (all)"] / med["train base (all)"],
               "train retrofit (added only) / base (all) (tokens/s)":
                   med["train retrofit (added only)"] / med["train base (all)"]}
+    if model_ep is not None:
+        ratios["decode retrofit + episodic / base (ms per token)"] = med["decode retrofit + episodic"] / med["decode base"]
     n_base = sum(p.numel() for p in base.parameters())
     n_added = sum(p.numel() for n, p in model.named_parameters() if n.startswith("fast."))
     print(f"Llama d={args.d_model} x {args.layers} blocks ({n_base / 1e6:.2f} M params); fast memories in every block, "
