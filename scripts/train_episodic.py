@@ -24,6 +24,8 @@ def add_parser(sub):
     p.add_argument("--n-spans", type=int, default=48, help="training spans (hidden states computed once each)")
     p.add_argument("--span-bytes", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=2048, help="window per step, bytes")
+    p.add_argument("--carry", default="fresh,own,foreign",
+                   help="situations the steps cycle through (cl_arch.train.episodic): fresh, own, foreign")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -36,12 +38,13 @@ def run(args) -> int:
 
     model = default_model() if args.init_from is None else PlasticTransformer.from_pretrained(args.init_from)
     cfg = EpisodicTrainConfig(steps=args.steps, seed=args.seed, n_spans=args.n_spans, span_bytes=args.span_bytes,
-                              seq_len=args.seq_len,
+                              seq_len=args.seq_len, carry=tuple(c.strip() for c in args.carry.split(",") if c.strip()),
                               episodic={"heads": args.heads, "features": args.features})
     model, record = train_episodic(model, cfg, progress=not args.no_progress)
     record["command"] = "cl-arch train-episodic " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k in ("init_from", "steps", "features", "heads", "seed", "n_spans", "span_bytes", "seq_len") and v is not None)
+        if k in ("init_from", "steps", "features", "heads", "seed", "n_spans", "span_bytes", "seq_len", "carry")
+        and v is not None)
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)
     write_json(os.path.join(args.output_dir, "episodic.json"), record)
