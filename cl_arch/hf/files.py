@@ -2,7 +2,8 @@
 
 A retrofit folder holds two files, committed together (:func:`cl_arch.io.atomic_write_many`):
 
-- ``retrofit_layers.safetensors``: the added memories' tensors (``<block index>.<name>``);
+- ``retrofit_layers.safetensors``: the added memories' tensors (``<block index>.<name>``; an episodic
+  memory's as ``episodic.<name>``, its fixed projection ``R`` included, so keys read back as written);
 - ``retrofit.json``: format, the :class:`RetrofitConfig`, the base model it was made for
   (``name_or_path``, ``model_type``, class, fingerprint over its weights) and the fingerprint of the
   whole retrofit.
