@@ -177,3 +177,50 @@ class ModelState:
                     v=cat(f"layers[{i}].v", [r.v for r in row], zero_fill=False),
                 ))
         return ModelState(layers, states[0].position)
+
+
+def check_step_inputs(input_ids, state: Optional[ModelState], modulation, *, vocab_size: int,
+                      memories: Sequence[object], check_values: bool, layout: str) -> None:
+    """The checks every model's forward runs on what a caller hands it (``PlasticTransformer`` and
+    ``cl_arch.hf.RetrofitModel`` alike), raising ``ValueError`` naming the problem.
+
+    Args:
+        input_ids: must be ``[B, T]`` integers, ``T >= 1``, values in ``[0, vocab_size)``.
+        state: None or a :class:`ModelState` with one entry per slot of ``memories`` (a
+            :class:`FastLayerState` where the slot has a memory, else an :class:`AttnLayerState`)
+            and batch size ``B``.
+        modulation: None or ``[B, T]`` in ``[0, 1]``.
+        memories: the model's ``memories()`` (None for an attention slot).
+        check_values: also check values (one host read each; training loops skip them).
+        layout: how the model's slots read in an error, e.g. ``"4 blocks + the readout memory"``.
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.shape[1] < 1:
+        raise ValueError("input_ids must hold at least one token (T >= 1)")
+    if check_values and input_ids.numel():
+        lo, hi = torch.stack(list(torch.aminmax(input_ids))).tolist()  # one sync for both bounds
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
+    B, T = input_ids.shape
+    if state is not None:
+        if not isinstance(state, ModelState):
+            raise ValueError(f"state must be a ModelState, got {type(state).__name__}")
+        if len(state.layers) != len(memories):
+            raise ValueError(f"state has {len(state.layers)} layers, the model {len(memories)} ({layout})")
+        for i, (s, m) in enumerate(zip(state.layers, memories)):
+            want = FastLayerState if m is not None else AttnLayerState
+            if not isinstance(s, want):
+                raise ValueError(f"state.layers[{i}] is {type(s).__name__}, layer {i} needs {want.__name__}")
+        if state.batch_size is not None and state.batch_size != B:
+            raise ValueError(f"state batch size {state.batch_size} does not match input_ids batch size {B}")
+    if modulation is not None:
+        if not isinstance(modulation, torch.Tensor) or tuple(modulation.shape) != (B, T):
+            shape = tuple(modulation.shape) if isinstance(modulation, torch.Tensor) else type(modulation).__name__
+            raise ValueError(f"modulation must be a [B, T] = {(B, T)} tensor, got {shape}")
+        if check_values and bool((~torch.isfinite(modulation) | (modulation < 0) | (modulation > 1)).any()):
+            raise ValueError("modulation must be finite and in [0, 1]")

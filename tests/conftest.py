@@ -97,3 +97,24 @@ def recall_model(recall_model_base):
     for name, p in model.named_parameters():
         p.requires_grad_(True)
     return model
+
+
+def write_stdlib_corpus(root, max_files: int, bytes_per_file: int, total_bytes: int) -> str:
+    """A small real corpus for training tests: the first ``max_files`` stdlib training files, each cut to
+    ``bytes_per_file``, written under ``root`` until ``total_bytes``; returns the folder."""
+    from cl_arch.train.data import stdlib_files
+
+    total = 0
+    for i, f in enumerate(stdlib_files("train")[:max_files]):
+        data = open(f, "rb").read()[:bytes_per_file]
+        (root / f"f{i}.py").write_bytes(data)
+        total += len(data)
+        if total > total_bytes:
+            break
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def stdlib_corpus():
+    """:func:`write_stdlib_corpus`, for module fixtures: ``stdlib_corpus(root, max_files, bytes_per_file, total)``."""
+    return write_stdlib_corpus

@@ -26,19 +26,9 @@ TINY_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, stdlib_corpus):
     """~30 KB of stdlib Python source."""
-    from cl_arch.train.data import stdlib_files
-
-    root = tmp_path_factory.mktemp("corpus")
-    total = 0
-    for i, f in enumerate(stdlib_files("train")[:30]):
-        data = open(f, "rb").read()[:2000]
-        (root / f"f{i}.py").write_bytes(data)
-        total += len(data)
-        if total > 30_000:
-            break
-    return str(root)
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"), 30, 2000, 30000)
 
 
 def tiny(corpus, *extra):

@@ -18,19 +18,9 @@ TINY_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, stdlib_corpus):
     """~60 KB of real Python source (stdlib files) in a temporary folder."""
-    from cl_arch.train.data import stdlib_files
-
-    root = tmp_path_factory.mktemp("corpus")
-    total = 0
-    for i, f in enumerate(stdlib_files("train")[:40]):
-        data = open(f, "rb").read()[:3000]
-        (root / f"f{i}.py").write_bytes(data)
-        total += len(data)
-        if total > 60_000:
-            break
-    return str(root)
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"), 40, 3000, 60000)
 
 
 def tiny(corpus, out, *extra):

@@ -41,7 +41,7 @@ import torch.nn as nn
 from ..config import FAST_LAYER_FIELDS, FastLayerConfig, PlasticConfig
 from ..layers import EpisodicMemory, FastWeightLayer
 from ..model import PlasticTransformer
-from ..state import AttnLayerState, FastLayerState, LayerState, ModelState, StepContext
+from ..state import AttnLayerState, FastLayerState, LayerState, ModelState, StepContext, check_step_inputs
 
 # (path to the decoder blocks, attribute of a block's attention module) per supported family.
 FAMILIES: Dict[str, Tuple[str, str]] = {
@@ -314,34 +314,10 @@ class RetrofitModel(nn.Module):
         return lams
 
     def _check(self, input_ids, state, modulation) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 or \
-                input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            what = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a [B, T] integer tensor with T >= 1, got {what}")
-        if self.check_inputs and input_ids.numel():
-            lo, hi = torch.stack(list(torch.aminmax(input_ids))).tolist()
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
-        B, T = input_ids.shape
-        if state is not None:
-            if not isinstance(state, ModelState):
-                raise ValueError(f"state must be a ModelState, got {type(state).__name__}")
-            mems = self.memories()
-            if len(state.layers) != len(mems):
-                raise ValueError(f"state has {len(state.layers)} slots, this retrofit {len(mems)} "
-                                 f"({self.n_blocks} KV caches + {len(self.config.layers)} fast memories"
-                                 f"{' + the episodic memory' if self.episodic is not None else ''})")
-            for i, (s, m) in enumerate(zip(state.layers, mems)):
-                want = FastLayerState if m is not None else AttnLayerState
-                if not isinstance(s, want):
-                    raise ValueError(f"state.layers[{i}] is {type(s).__name__}, slot {i} needs {want.__name__}")
-            if state.batch_size is not None and state.batch_size != B:
-                raise ValueError(f"state batch size {state.batch_size} does not match input_ids batch size {B}")
-        if modulation is not None:
-            if not isinstance(modulation, torch.Tensor) or tuple(modulation.shape) != (B, T):
-                raise ValueError(f"modulation must be a [B, T] = {(B, T)} tensor")
-            if self.check_inputs and bool((~torch.isfinite(modulation) | (modulation < 0) | (modulation > 1)).any()):
-                raise ValueError("modulation must be finite and in [0, 1]")
+        episodic = " + the episodic memory" if self.episodic is not None else ""
+        check_step_inputs(input_ids, state, modulation, vocab_size=self.config.vocab_size, memories=self.memories(),
+                          check_values=self.check_inputs,
+                          layout=f"{self.n_blocks} KV caches + {len(self.config.layers)} fast memories{episodic}")
 
     def _kv_cache(self, kv: Sequence[AttnLayerState]):
         from transformers import DynamicCache
@@ -359,19 +335,9 @@ class RetrofitModel(nn.Module):
                 modulation: Optional[torch.Tensor] = None, return_state: bool = True,
                 lam: Union[None, float, Sequence[Optional[float]]] = None
                 ) -> Tuple[torch.Tensor, Optional[ModelState]]:
-        """The protocol's call (see :meth:`run`, which also returns the final hidden states).
-
-        Args:
-            input_ids: ``[B, T]`` ids in ``[0, vocab_size)``.
-            state: from a previous call (continues the stream: KV caches and fast states), from
-                :meth:`init_state`, or None (fresh episode without P).
-            modulation: ``[B, T]`` in [0, 1] scaling every added memory's write strength.
-            return_state: False skips the KV cache and the fast final states (training).
-            lam: trace-decay override (a float, or one entry per added memory; None: own).
-
-        Returns:
-            ``logits [B, T, vocab_size]`` and the new :class:`ModelState` (None if not requested).
-        """
+        """The protocol's call: :meth:`run`'s arguments (``input_ids [B, T]``, ``state``,
+        ``modulation [B, T]``, ``return_state``, ``lam``) and result without the hidden states:
+        ``logits [B, T, vocab_size]`` and the new :class:`ModelState` (None if not requested)."""
         logits, new_state, _ = self.run(input_ids, state, modulation, return_state, lam)
         return logits, new_state
 
