@@ -44,13 +44,10 @@ FP32, BF16 = 4, 2
 def parameter_count(c: PlasticConfig) -> Dict[str, int]:
     """Parameters by component, exactly as :class:`~cl_arch.PlasticTransformer` builds them.
 
-    Returns ``{"embedding", "lm_head", "attention", "fast", "mlp", "norms", "readout", "total",
-    "matmul"}``; ``matmul`` counts the weights a token multiplies (every projection and the head,
+    Returns ``{"embedding", "lm_head", "attention", "fast", "mlp", "norms", "readout", "episodic",
+    "total", "matmul"}``; ``matmul`` counts the weights a token multiplies (every projection and the head,
     not the embedding lookup, norms or per-head vectors), which sets the FLOPs.
     """
-    if getattr(c, "episodic_heads", 0):
-        # Counting a memory this script does not know would print a wrong figure; refuse instead.
-        raise ValueError("parameter_count: the episodic memory (episodic_heads > 0) is not counted here yet")
     d, V, hid = c.d_model, c.vocab_size, c.mlp_hidden
     H, K, Vh = c.n_heads, c.head_k_dim, c.head_v_dim
     types = c.layer_types
@@ -61,10 +58,13 @@ def parameter_count(c: PlasticConfig) -> Dict[str, int]:
     attn_matmul = 4 * d * d
     n = {"embedding": V * d, "lm_head": 0 if c.tie_embeddings else V * d,
          "attention": n_attn * attn_matmul, "fast": n_fast * fast, "mlp": c.n_layers * 3 * d * hid,
-         "norms": 2 * d * c.n_layers + d, "readout": 0}
+         "norms": 2 * d * c.n_layers + d, "readout": 0, "episodic": 0}
     if c.readout_heads > 0:
         Hr, Vr = c.readout_heads, (V if c.readout_values == "onehot" else d)
         n["readout"] = Hr * d * Vr + (plastic + 3) * Hr  # W0; rates, A_log, beta_logit, read_scale
+    if c.episodic_heads > 0:  # W0 [H, F, V]; the same per-head vectors; the key threshold (R is a buffer)
+        He, Ve = c.episodic_heads, (V if c.episodic_values == "onehot" else d)
+        n["episodic"] = He * c.episodic_features * Ve + (plastic + 3) * He + 1
     n["total"] = sum(n.values())
     n["matmul"] = n_attn * attn_matmul + n_fast * fast_matmul + c.n_layers * 3 * d * hid + V * d
     return n
@@ -80,7 +80,10 @@ def flops_per_token(c: PlasticConfig, seq_len: int) -> Dict[str, float]:
     - the fast-weight rule, chunkwise (chunk C, per head and token, forward): intra-chunk ``K K^T``,
       ``Q K^T`` and the WY products ``2 C (2K + 2V)``, state reads by queries and keys and the state
       update ``6 K V``, the eligibility trace ``2 K V``; times 3 for the backward;
-    - the readout memory: the same rule with ``C = 1`` (per-token), K = d, V = vocab (one-hot).
+    - the readout memory: the same rule with ``C = 1`` (per-token), K = d, V = vocab (one-hot) or d
+      (``"embed"``, read back through the head: ``6 d vocab``);
+    - the episodic memory: the same with K = F (``episodic_features``), plus its keys ``R h``
+      (``6 F d``: a fixed ``[F, d]`` buffer, not among the matmul weights).
     """
     d, H, K, Vh, C = c.d_model, c.n_heads, c.head_k_dim, c.head_v_dim, c.chunk_size
     types = c.layer_types
@@ -92,6 +95,14 @@ def flops_per_token(c: PlasticConfig, seq_len: int) -> Dict[str, float]:
     if c.readout_heads > 0:
         Vr = c.vocab_size if c.readout_values == "onehot" else d
         out["readout_rule"] = 3.0 * (8 * d * Vr) * c.readout_heads
+        if c.readout_values == "embed":  # the read goes back through the tied head
+            out["readout_readback"] = 6.0 * d * c.vocab_size
+    if c.episodic_heads > 0:
+        Ve = c.vocab_size if c.episodic_values == "onehot" else d
+        out["episodic_rule"] = 3.0 * (8 * c.episodic_features * Ve) * c.episodic_heads
+        out["episodic_keys"] = 6.0 * c.episodic_features * d
+        if c.episodic_values == "embed":
+            out["episodic_readback"] = 6.0 * d * c.vocab_size
     out["total"] = sum(out.values())
     return out
 
@@ -132,6 +143,10 @@ def fast_state_bytes(c: PlasticConfig, batch: int) -> Dict[str, float]:
         Vr = c.vocab_size if c.readout_values == "onehot" else c.d_model
         out["readout_SEP"] = 3 * batch * c.readout_heads * c.d_model * Vr * FP32
         out["all_layers_SEP"] += out["readout_SEP"]
+    if c.episodic_heads > 0:
+        Ve = c.vocab_size if c.episodic_values == "onehot" else c.d_model
+        out["episodic_SEP"] = 3 * batch * c.episodic_heads * c.episodic_features * Ve * FP32
+        out["all_layers_SEP"] += out["episodic_SEP"]
     return out
 
 

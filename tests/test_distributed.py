@@ -317,6 +317,8 @@ def _scaling_plan():
     dict(d_model=64, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2, use_gate=False,
          conv_size=0, lam=None, tie_embeddings=False, readout_values="embed"),
     dict(d_model=32, n_layers=4, readout_heads=0, layer_types=["fast", "fast", "attn", "fast"], attn_window=64),
+    dict(d_model=32, n_layers=2, episodic_heads=2, episodic_features=96),
+    dict(d_model=32, n_layers=2, episodic_heads=1, episodic_features=64, episodic_values="embed", lam=None),
 ])
 def test_scaling_plan_counts_the_instantiated_model(kw, tmp_path):
     """docs/scaling.md's parameter counts come from benchmarks/scaling_plan.py: its count must equal
