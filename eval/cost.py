@@ -50,15 +50,11 @@ def flops_per_token(model: PlasticTransformer, context: int) -> float:
         else:
             ctx = context if cfg.attn_window is None else min(context, cfg.attn_window)
             total += 4.0 * cfg.d_model * ctx
-    if model.readout is not None:  # the same rule on [d_model, V] per head, plus its read-out
-        r = model.readout
-        total += 10.0 * r.n_heads * r.head_k_dim * r.head_v_dim
-        if cfg.readout_values == "embed":
-            total += 2.0 * cfg.d_model * cfg.vocab_size
-    if model.episodic is not None:  # the rule on [F, vocab] per head, plus the key features R h
-        e = model.episodic
-        total += 10.0 * e.n_heads * e.head_k_dim * e.head_v_dim + 2.0 * e.head_k_dim * cfg.d_model
-        if cfg.episodic_values == "embed":
+    for m in model.output_memories():  # the same rule on [K, V] per head, plus its read-out
+        total += 10.0 * m.n_heads * m.head_k_dim * m.head_v_dim
+        if m is model.episodic:  # its key features R h
+            total += 2.0 * m.head_k_dim * cfg.d_model
+        if m.value_kind == "embed":  # the read goes back through the head
             total += 2.0 * cfg.d_model * cfg.vocab_size
     return total
 

@@ -138,6 +138,79 @@ def frozen_inputs(model: PlasticTransformer, spans: Sequence[bytes], chunk: int 
     return torch.stack(ids_all), targets, torch.stack(h_all), torch.stack(lg_all)
 
 
+def episodic_parameters(mem) -> List[torch.nn.Parameter]:
+    """The learned settings of an :class:`~cl_arch.layers.EpisodicMemory`: key threshold ``[]``,
+    ``A_log [H]`` (span), ``beta_logit [H]`` (write strength), ``read_scale [H]``."""
+    return [mem.key_threshold, mem.A_log, mem.beta_logit, mem.read_scale]
+
+
+def learned_settings(mem) -> Dict[str, Any]:
+    """The memory's settings as plain numbers: threshold, span (tokens), beta and read scale per head."""
+    return {"threshold": mem.key_threshold.item(), "span": (1.0 / mem.A_log.exp()).tolist(),
+            "beta": torch.sigmoid(mem.beta_logit).tolist(), "scale": mem.read_scale.tolist()}
+
+
+def fit_settings(mem, ids: torch.Tensor, tgt: torch.Tensor, h: torch.Tensor, base: torch.Tensor, embed, head, *,
+                 steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
+                 carry: Sequence[str] = ("fresh",), progress: bool = False,
+                 on_step: Optional[Callable[[int, List[Any]], None]] = None) -> List[List[Any]]:
+    """Adam on :func:`episodic_parameters` over random windows of precomputed inputs (the loop of
+    :func:`train_episodic` and of the retrofit's ``train_episodic_hf``).
+
+    Args:
+        mem: the episodic memory; only its four settings get gradients (the caller freezes the rest).
+        ids, tgt: ``[N, L]`` inputs and next-token targets; h: ``[N, L, d_model]`` final hidden
+            states; base: ``[N, L, vocab]`` logits without the memory (:func:`frozen_inputs`).
+        embed, head: the model's input embedding and output head (the memory's values and read-back).
+        steps, batch_size, seq_len, lr, seed: the optimisation; carry: the situations steps cycle
+            through (module docstring); on_step: called with ``(step, history row)``.
+
+    Returns:
+        ``history``: one ``[step, loss bits, gain bits over base, situation]`` per step.
+    """
+    from tqdm.auto import tqdm
+
+    n, span = ids.shape
+    to_bits = 1.0 / math.log(2)
+    params = episodic_parameters(mem)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    history: List[List[Any]] = []
+    bar = tqdm(range(steps), desc="episodic memory", disable=not progress)
+    for step in bar:
+        rows = torch.randint(0, n, (batch_size,), generator=gen)
+        mode = carry[step % len(carry)]
+        state = None
+        if mode == "fresh":
+            start = int(torch.randint(0, span - seq_len + 1, (1,), generator=gen))
+        else:
+            start = span - seq_len
+            # "foreign": another span's session (any row but this one, when there is another)
+            src = rows if mode == "own" else (rows + 1 + torch.randint(0, max(1, n - 1), rows.shape, generator=gen)) % n
+            with torch.no_grad():  # the earlier session, with the settings as they are now
+                _, prev = mem(h[src, :seq_len].to(head.weight.dtype), ids[src, :seq_len], embed, head,
+                              ctx=StepContext(need_state=True))
+                P, _ = mem.commit(torch.zeros_like(prev.S), prev.E)  # the memory's own (state) commit
+            state = FastLayerState(P=P)
+        sl = slice(start, start + seq_len)
+        read, _ = mem(h[rows, sl].to(head.weight.dtype), ids[rows, sl], embed, head, state,
+                      StepContext(need_state=False))
+        lo = F.cross_entropy((base[rows, sl] + read.float()).flatten(0, 1), tgt[rows, sl].flatten())
+        ref = F.cross_entropy(base[rows, sl].flatten(0, 1), tgt[rows, sl].flatten())
+        opt.zero_grad(set_to_none=True)
+        lo.backward()
+        opt.step()
+        history.append([step, lo.item() * to_bits, (ref - lo).item() * to_bits, mode])
+        bar.set_postfix(gain=f"{history[-1][2]:+.4f}", scale=f"{mem.read_scale.mean().item():.2f}")
+        if on_step is not None:
+            on_step(step, history[-1])
+    for p in params:
+        p.requires_grad_(False)
+    return history
+
+
 def train_episodic(model: PlasticTransformer, cfg: EpisodicTrainConfig = EpisodicTrainConfig(),
                    files: Optional[Sequence[str]] = None, progress: bool = True,
                    log: Callable[[str], None] = print) -> Tuple[PlasticTransformer, Dict[str, Any]]:
@@ -152,8 +225,6 @@ def train_episodic(model: PlasticTransformer, cfg: EpisodicTrainConfig = Episodi
         ``(model, record)``: the model with the learned memory (eval mode), and a JSON-ready record
         (loss history in bits/byte, the learned settings, the loss without the memory, seconds).
     """
-    from tqdm.auto import tqdm
-
     t0 = time.time()
     if model.episodic is None:
         model = with_episodic_memory(model, **cfg.episodic)
@@ -161,49 +232,14 @@ def train_episodic(model: PlasticTransformer, cfg: EpisodicTrainConfig = Episodi
     for p in model.parameters():
         p.requires_grad_(False)
     mem = model.episodic
-    params = [mem.key_threshold, mem.A_log, mem.beta_logit, mem.read_scale]
-    for p in params:
-        p.requires_grad_(True)
     log(f"episodic memory: {cfg.n_spans} spans of {cfg.span_bytes} training bytes, {cfg.steps} steps")
     ids, tgt, h, base = frozen_inputs(model, training_spans(cfg.n_spans, cfg.span_bytes, cfg.seed, files))
-    to_bits = 1.0 / math.log(2)
-    base_bpb = F.cross_entropy(base.flatten(0, 1), tgt.flatten()).item() * to_bits
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history = []
-    bar = tqdm(range(cfg.steps), desc="episodic memory", disable=not progress)
-    for step in bar:
-        rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
-        mode = cfg.carry[step % len(cfg.carry)]
-        state = None
-        if mode == "fresh":
-            start = int(torch.randint(0, cfg.span_bytes - cfg.seq_len + 1, (1,), generator=gen))
-        else:
-            start = cfg.span_bytes - cfg.seq_len
-            n = ids.shape[0]
-            # "foreign": another span's session (any row but this one, when there is another)
-            src = rows if mode == "own" else (rows + 1 + torch.randint(0, max(1, n - 1), rows.shape, generator=gen)) % n
-            with torch.no_grad():  # the earlier session, with the settings as they are now
-                _, prev = mem(h[src, :cfg.seq_len], ids[src, :cfg.seq_len], model.embed, model.lm_head,
-                              ctx=StepContext(need_state=True))
-                P, _ = mem.commit(torch.zeros_like(prev.S), prev.E)  # the memory's own (state) commit
-            state = FastLayerState(P=P)
-        sl = slice(start, start + cfg.seq_len)
-        read, _ = mem(h[rows, sl], ids[rows, sl], model.embed, model.lm_head, state,
-                      StepContext(need_state=False))
-        lo = F.cross_entropy((base[rows, sl] + read).flatten(0, 1), tgt[rows, sl].flatten())
-        ref = F.cross_entropy(base[rows, sl].flatten(0, 1), tgt[rows, sl].flatten())
-        opt.zero_grad(set_to_none=True)
-        lo.backward()
-        opt.step()
-        gain = (ref - lo).item() * to_bits
-        history.append([step, lo.item() * to_bits, gain, mode])
-        bar.set_postfix(gain=f"{gain:+.4f}", scale=f"{mem.read_scale.mean().item():.2f}")
-    for p in params:
-        p.requires_grad_(False)
+    base_bpb = F.cross_entropy(base.flatten(0, 1), tgt.flatten()).item() / math.log(2)
+    history = fit_settings(mem, ids, tgt, h, base, model.embed, model.lm_head, steps=cfg.steps,
+                           batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, seed=cfg.seed,
+                           carry=cfg.carry, progress=progress)
     cfg_dict = model.config.to_dict()
-    settings = {"threshold": mem.key_threshold.item(), "span": (1.0 / mem.A_log.exp()).tolist(),
-                "beta": torch.sigmoid(mem.beta_logit).tolist(), "scale": mem.read_scale.tolist()}
+    settings = learned_settings(mem)
     record = {"config": dataclasses.asdict(cfg), "base_bpb_on_spans": base_bpb, "history": history,
               "final_gain_last10": sum(row[2] for row in history[-10:]) / min(10, len(history)),
               "final_gain_by_mode": {m: sum(r[2] for r in history[-30:] if r[3] == m) /

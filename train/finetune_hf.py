@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import corpus_files, iter_span_bytes, split_corpus
+from .episodic import episodic_parameters, fit_settings, learned_settings
 from .finetune import commit_persistent, episode_state, episodic_lm_loss
 
 TRAINABLE = ("fast", "plasticity", "all")
@@ -139,12 +140,6 @@ def select_trainable_hf(model, trainable: str) -> List[str]:
             is_plastic = id(p) in plastic
             p.requires_grad_(trainable == "all" or (trainable == "fast") != is_plastic)
     return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def episodic_parameters(mem) -> List[torch.nn.Parameter]:
-    """The learned settings of an :class:`~cl_arch.layers.EpisodicMemory`: key threshold ``[]``,
-    ``A_log [H]`` (span), ``beta_logit [H]`` (write strength), ``read_scale [H]``."""
-    return [mem.key_threshold, mem.A_log, mem.beta_logit, mem.read_scale]
 
 
 def build_model(cfg: HFFinetuneConfig):
@@ -261,7 +256,7 @@ def train_episodic_hf(model, spans: torch.Tensor, cfg: HFEpisodicConfig = HFEpis
 
     Returns:
         A JSON-ready record: ``base_bits`` (loss without the memory on the spans, bits/token),
-        ``history`` (step, loss bits, gain over the base on that batch), ``final_gain_last10``,
+        ``history`` (step, loss bits, gain over the base on that batch, "fresh"), ``final_gain_last10``,
         ``learned`` (threshold, span, beta, scale), ``seconds``. The model is changed in place (eval mode).
     """
     mem = getattr(model, "episodic", None)
@@ -271,44 +266,30 @@ def train_episodic_hf(model, spans: torch.Tensor, cfg: HFEpisodicConfig = HFEpis
         raise ValueError(f"spans must be [N, L + 1] with L >= seq_len = {cfg.seq_len}, got {tuple(spans.shape)}")
     t0 = time.perf_counter()
     ids, tgt, h, base = frozen_inputs_hf(model, spans, cfg.chunk)
-    L = ids.shape[1]
     to_bits = 1.0 / math.log(2)
     base_bits = F.cross_entropy(base.flatten(0, 1), tgt.flatten()).item() * to_bits
     flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    params = episodic_parameters(mem)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
     embed, head = model.base.get_input_embeddings(), model.base.get_output_embeddings()
-    history = []
     model.eval()
+
+    def report(step, row):
+        if (step + 1) % 20 == 0 or step == 0:
+            log(f"episodic step {step + 1} gain {row[2]:+.4f} bits/token scale "
+                f"{mem.read_scale.mean().item():.3f} threshold {mem.key_threshold.item():.3f}")
+
     try:
-        for step in range(cfg.steps):
-            rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen)
-            start = int(torch.randint(0, L - cfg.seq_len + 1, (1,), generator=gen))
-            sl = slice(start, start + cfg.seq_len)
-            # the memory starts empty at each window: what it is worth written as the text is read
-            read, _ = mem(h[rows, sl].to(head.weight.dtype), ids[rows, sl], embed, head)
-            lo = F.cross_entropy((base[rows, sl] + read.float()).flatten(0, 1), tgt[rows, sl].flatten())
-            ref = F.cross_entropy(base[rows, sl].flatten(0, 1), tgt[rows, sl].flatten())
-            opt.zero_grad(set_to_none=True)
-            lo.backward()
-            opt.step()
-            history.append([step, lo.item() * to_bits, (ref - lo).item() * to_bits])
-            if (step + 1) % 20 == 0 or step == 0:
-                log(f"episodic step {step + 1} gain {history[-1][2]:+.4f} bits/token scale "
-                    f"{mem.read_scale.mean().item():.3f} threshold {mem.key_threshold.item():.3f}")
+        # the memory starts empty at each window: what it is worth written as the text is read
+        history = fit_settings(mem, ids, tgt, h, base, embed, head, steps=cfg.steps, batch_size=cfg.batch_size,
+                               seq_len=cfg.seq_len, lr=cfg.lr, seed=cfg.seed, on_step=report)
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
-    learned = {"threshold": mem.key_threshold.item(), "span": (1.0 / mem.A_log.exp()).tolist(),
-               "beta": torch.sigmoid(mem.beta_logit).tolist(), "scale": mem.read_scale.tolist()}
+    learned = learned_settings(mem)
     n = min(10, len(history))
     record = {"config": dataclasses.asdict(cfg), "spans": list(spans.shape), "base_bits": base_bits,
-              "history": history, "final_gain_last10": sum(g for _, _, g in history[-n:]) / n,
+              "history": history, "final_gain_last10": sum(row[2] for row in history[-n:]) / n,
               "learned": learned, "seconds": time.perf_counter() - t0}
     log(f"episodic memory learned {learned}; gain over the last {n} steps {record['final_gain_last10']:+.4f} bits/token")
     return record

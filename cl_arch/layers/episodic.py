@@ -18,7 +18,7 @@ and because a model trained with a readout keeps its readout's weights when an e
 added beside it (``scripts/train_episodic.py``).
 """
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -33,9 +33,9 @@ class EpisodicMemory(ReadoutMemory):
 
     ``config.episodic_heads`` heads of ``[F, V]`` (``F = config.episodic_features``), one-hot
     values (``episodic_values="onehot"``, ``V = vocab_size``) or unit token embeddings read back
-    through the output head (``"embed"``, ``V = d_model``: for large vocabularies), the delta rule with a learned per-head write strength, decay toward the
-    resting state ``W0 + P`` and read scale (as :class:`ReadoutMemory`), and always the state
-    commit. Buffers: ``R [F, d_model]`` (the fixed projection, saved with the model so a loaded
+    through the output head (``"embed"``, ``V = d_model``: for large vocabularies), the delta rule
+    with a learned per-head write strength, decay toward the resting state ``W0 + P`` and read
+    scale (as :class:`ReadoutMemory`, whose ``forward`` it runs), and always the state commit. Buffers: ``R [F, d_model]`` (the fixed projection, saved with the model so a loaded
     model reads with the keys it wrote). Parameters: ``key_threshold`` (scalar ``theta``). The
     state's ``conv`` slot carries ``unit(h)`` of the last position, ``[B, 1, d_model]``.
     """
@@ -82,8 +82,3 @@ class EpisodicMemory(ReadoutMemory):
         k = torch.cat([self.features(prev), q[:, :-1]], dim=1)
         H, Fdim = self.n_heads, self.head_k_dim
         return q.unsqueeze(2).expand(B, T, H, Fdim), k.unsqueeze(2).expand(B, T, H, Fdim), None, hn[:, -1:]
-
-    def forward(self, h, ids, embed, head, state=None, ctx=None) -> Tuple[torch.Tensor, Optional[object]]:
-        """As :meth:`ReadoutMemory.forward`: ``h [B, T, d_model]``, ``ids [B, T]`` ->
-        ``([B, T, vocab_size] to add to the logits, FastLayerState or None)``."""
-        return super().forward(h, ids, embed, head, state, ctx)
