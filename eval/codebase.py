@@ -44,7 +44,7 @@ from .cost import flops_per_token, state_bytes
 from .models import (DEMO_PRETRAIN_SECONDS, default_cache_dir, default_model, demo_config,  # noqa: F401
                      demo_pretrain_overrides, stdlib_model, without_readout)
 from .report import curve, format_table, write_report
-from .streams import NEWLINE, base_windows, held_out_package, line_acceptance, segment_stream, window_bpb  # noqa: F401
+from .streams import NEWLINE, anchor_windows, base_windows, held_out_package, line_acceptance, segment_stream, window_bpb  # noqa: F401
 from .tune_dynamic import load_or_tune
 
 POINTS = (1_000, 10_000, 100_000)
@@ -232,15 +232,37 @@ def _short(n: int) -> str:
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
 
 
+def guarded_fold_drift(model: PlasticTransformer, P: Sequence[torch.Tensor], anchor: torch.Tensor,
+                       budget: float, base: torch.Tensor, base_before: Sequence[float]) -> Dict[str, Any]:
+    """What a budgeted ``fold`` of one row's ``P`` (one ``[H, K, V]`` per fast layer) would do.
+
+    The fold fraction ``c`` is chosen on ``anchor`` windows ``[n, L+1]`` (training corpus,
+    :func:`~cl_arch.consolidate.fold.fold_fraction`); the drift is then measured with ``c P`` in
+    place on the held-out ``base`` windows, the same figure as ``drift_bpb`` for the whole P.
+    """
+    from cl_arch.consolidate.common import to_batches
+    from cl_arch.consolidate.fold import fold_fraction
+
+    c, guard = fold_fraction(model, P, to_batches(anchor, 16, "anchor"), budget)
+    cP = [c * p for p in P]
+    st = model.init_state(1, [p.unsqueeze(0) for p in cP])
+    d = M.base_drift(base_before, window_bpb(model, base, st))
+    return {"fold_budget": budget, "fold_fraction": c, "fold_anchor_bits_full": guard["forgetting_bits_full"],
+            "fold_anchor_bits": guard["forgetting_bits"], "folded_drift_bpb": d["drift_bpb"],
+            "folded_drift_ci": d["drift_ci"]}
+
+
 def summarize(out: Dict[str, Any], model: PlasticTransformer, chunk: int, episode_bytes: int,
-              base: Optional[torch.Tensor], cost: Optional[Dict[str, Dict[str, float]]] = None
-              ) -> Dict[str, Dict[str, Any]]:
+              base: Optional[torch.Tensor], cost: Optional[Dict[str, Dict[str, float]]] = None,
+              fold_guard: Optional[Tuple[torch.Tensor, float]] = None) -> Dict[str, Dict[str, Any]]:
     """Per-method curve and summary figures from :func:`run_stream`'s output.
 
     Curves are the gain over ``frozen`` (bits/byte, local mean, :func:`M.gain_curve`) at
     log-spaced byte counts, each point with its 95% block-bootstrap interval (``lo``, ``hi``).
     ``cost``: :func:`time_rows`' per-row figures (batch 1); without it the cost columns are the
     stream's own wall time (batched rows share one batch, so theirs is divided by the batch).
+    ``fold_guard = (anchor windows, budget)``: every row that commits P also reports
+    :func:`guarded_fold_drift` (needs ``base``).
     """
     bits = out["bits"]
     N = len(bits["frozen"])
@@ -299,6 +321,9 @@ def summarize(out: Dict[str, Any], model: PlasticTransformer, chunk: int, episod
             s["P_norm"] = learner.persistent_norm()[i]
             if base is not None:
                 s.update(M.base_drift(base_before, window_bpb(model, base, learner.row_state(i))))
+                if fold_guard is not None and learner.policies[i].persist:
+                    s.update(guarded_fold_drift(model, [P[i] for P in learner.P], fold_guard[0], fold_guard[1],
+                                                base, base_before))
         band = {n: gain_interval(bits["frozen"], b, n) for n in pts}
         crv = curve(pts, [frozen_at[n] - M.window_mean(b, n) for n in pts])
         for p_, n in zip(crv, pts):
@@ -323,7 +348,7 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         pretrain_seconds: Optional[float] = None, seed: int = 0, lam: Optional[float] = None,
         second_session: bool = False, dyn_tuned: bool = False, dyn_tune_package: str = "asyncio",
         full_context_window: Optional[int] = 4096, timing_episodes: int = 3,
-        timing_repeats: int = 3) -> Dict[str, Any]:
+        timing_repeats: int = 3, fold_budget: Optional[float] = None) -> Dict[str, Any]:
     """Run the codebase benchmark and (with ``out_dir``) write ``<name>.json`` and ``<name>.png``.
 
     Args:
@@ -350,6 +375,9 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         calib_batches: training-corpus windows ``[1, chunk + 1]`` (the step's own shape) that
             estimate dynamic evaluation's mean squared gradients.
         drift_windows: stdlib validation windows (512 bytes) for the base-drift figure (0: skip).
+        fold_budget: also report, for every row that commits P, the drift after a ``fold`` guarded
+            by this forgetting budget (bits/byte, measured on 16 training-corpus windows,
+            :func:`guarded_fold_drift`): ``fold_fraction`` and ``folded_drift_bpb``.
         second_session: read the stream a second time as a new session of the same user
             (:meth:`EpisodeLearner.new_session`: ``S`` dropped, ``P`` kept); its rows are in
             ``report["second_session"]``, each also against its own first session.
@@ -407,7 +435,8 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
                      lam=lam, solo={n: f() for n, f in makers.items()})
     cost = (time_rows(model, segments[:timing_episodes], policies, makers, chunk, timing_repeats, lam)
             if timing_episodes else None)
-    methods_out = summarize(out, model, chunk, episode_bytes, base, cost)
+    guard = (anchor_windows(16, 512, seed), float(fold_budget)) if fold_budget is not None and base is not None else None
+    methods_out = summarize(out, model, chunk, episode_bytes, base, cost, guard)
     second = None
     if second_session:
         learner = out["learner"]
@@ -441,13 +470,21 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
                             "and thread count (%d); FLOPs counted by torch.utils.flop_counter on one chunk"
                             % (timing_episodes, timing_repeats, torch.get_num_threads())) if cost else
                            "stream wall time (batched rows: divided by the batch)",
-                   "drift_windows": drift_windows,
+                   "drift_windows": drift_windows, "fold_budget": fold_budget,
                    "model_fingerprint": model.fingerprint(), "model_parameters": model.num_parameters(),
                    "model_config": model.config.to_dict(), "seed": seed},
         "x_label": "bytes read", "y_label": "gain over frozen (bits/byte, local mean, 95% band)", "log_x": True,
         "methods": methods_out,
     }
     report["table"] = table(report)
+    folded = [[n, f"{m['summary']['drift_bpb']:+.3f}", f"{m['summary']['fold_fraction']:.3f}",
+               f"{m['summary']['fold_anchor_bits']:+.4f}",
+               f"{m['summary']['folded_drift_bpb']:+.3f} [{m['summary']['folded_drift_ci'][0]:+.3f}, "
+               f"{m['summary']['folded_drift_ci'][1]:+.3f}]"]
+              for n, m in methods_out.items() if "fold_fraction" in m["summary"]]
+    if folded:
+        report["fold_table"] = format_table(folded, ["method", "drift, all of P", f"fold fraction (budget {fold_budget})",
+                                                     "anchor forgetting at it", "held-out drift after the fold"])
     if second is not None:
         report["second_session"] = second
         report["second_session_table"] = table({"methods": second})

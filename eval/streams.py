@@ -87,6 +87,16 @@ def base_windows(n: int = 8, length: int = 512, seed: int = 0) -> torch.Tensor:
     return torch.cat([x, y[:, -1:]], dim=1)
 
 
+def anchor_windows(n: int = 16, length: int = 512, seed: int = 0) -> torch.Tensor:
+    """``[n, length + 1]`` byte windows of the stdlib *training* files: the anchor a guarded
+    ``fold`` measures forgetting on. Disjoint from :func:`base_windows` (validation files), which
+    report the drift, and from every held-out package."""
+    train_files, _ = split_files(stdlib_files("train"))
+    data = bytes_to_tensor(read_bytes(train_files, 2_000_000))
+    x, y = random_windows(data, n, length, torch.Generator().manual_seed(seed + 31))
+    return torch.cat([x, y[:, -1:]], dim=1)
+
+
 @torch.no_grad()
 def window_bpb(model: PlasticTransformer, windows: torch.Tensor, state: Optional[ModelState] = None) -> List[float]:
     """Bits/byte of each window ``[W, L+1]``, starting from ``state`` (batch 1, broadcast) or fresh."""
@@ -97,4 +107,4 @@ def window_bpb(model: PlasticTransformer, windows: torch.Tensor, state: Optional
     return (nll / math.log(2)).tolist()
 
 
-__all__ = ["NEWLINE", "held_out_package", "segment_stream", "line_acceptance", "base_windows", "window_bpb"]
+__all__ = ["NEWLINE", "held_out_package", "segment_stream", "line_acceptance", "base_windows", "anchor_windows", "window_bpb"]

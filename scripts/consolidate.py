@@ -33,7 +33,9 @@ def add_parser(sub):
                                     "other file read as bytes (default: held-out stdlib source for byte models)")
     g.add_argument("--anchor-seqs", type=int, default=64, help="windows cut from a byte anchor")
     g.add_argument("--seq-len", type=int, default=128, help="window length for a byte anchor")
-    g.add_argument("--budget", type=float, default=None, help="max forgetting on the anchor, bits/token")
+    g.add_argument("--budget", type=float, default=None,
+                   help="max forgetting on the anchor, bits/token (distill; fold: folds the largest fraction of P "
+                        "within it and saves the rest of each session under OUT/sessions/)")
     g.add_argument("--steps", type=int, default=200)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--rank", type=int, default=None, help="train rank-r deltas instead of full weights")
@@ -98,7 +100,11 @@ def run(args):
         # Load every session before changing anything: a wrong fingerprint or a NaN refuses all.
         sessions = [Session.load(model, p) for p in args.sessions]
         if args.method == "fold":
-            report = fold(model, sessions)
+            anchor = None
+            if args.budget is not None:
+                anchor = (load_tokens(args.anchor, model.config.vocab_size, args.anchor_seqs, args.seq_len, args.seed)
+                          if args.anchor else default_anchor(model, args))
+            report = fold(model, sessions, anchor=anchor, budget=args.budget)
         elif args.method == "merge":
             weights = args.weights
             if weights not in (None, "count", "reward"):
@@ -124,9 +130,19 @@ def run(args):
             report["sessions"][i]["name"] = p
     report["sessions_files"] = list(args.sessions)
     model.save_pretrained(args.out)
+    if args.method == "fold" and report.get("fold_fraction", 1.0) < 1.0:
+        # The part of each P the budget kept out of W0 is still the user's: saved against the new weights.
+        kept_dir = os.path.join(args.out, "sessions")
+        os.makedirs(kept_dir, exist_ok=True)
+        report["sessions_kept"] = []
+        for p, s in zip(args.sessions, sessions):
+            path = os.path.join(kept_dir, os.path.basename(p))
+            s.save(path)
+            report["sessions_kept"].append(path)
     write_report(report, report_path)
     summary = {k: report.get(k) for k in ("method", "fingerprint_before", "fingerprint_after", "rolled_back",
-                                          "gain_retained", "forgetting_bits", "min_gain_retained", "max_rounding")
+                                          "gain_retained", "forgetting_bits", "forgetting_bits_full", "fold_fraction",
+                                          "min_gain_retained", "max_rounding")
                if report.get(k) is not None}
     print(json.dumps(summary, indent=2))
     print(f"model -> {args.out}; report -> {report_path}")

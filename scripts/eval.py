@@ -59,6 +59,8 @@ def add_parser(sub):
                    "full_context, sparse_dynamic_eval, dynamic_eval (one at a time)")
     p.add_argument("--second-session", action="store_true", help="codebase: read the stream again as a new "
                    "session (S dropped, P kept): what the committed P carries that S cannot")
+    p.add_argument("--fold-budget", type=float, default=None, help="codebase: also report the held-out drift "
+                   "after a fold guarded by this forgetting budget (bits/byte on training-corpus windows)")
     p.add_argument("--no-readout", action="store_true", help="codebase/offset: remove the model's readout memory "
                    "(the in-block fast layers alone)")
     p.add_argument("--no-episodic", action="store_true", help="codebase/offset: remove the model's episodic memory "
@@ -121,7 +123,8 @@ def run(args):
                            with_dynamic_eval=not args.no_dynamic_eval, lam=args.lam,
                            out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
                            pretrain_seconds=args.pretrain_seconds, seed=args.seed,
-                           second_session=args.second_session, methods=tuple(methods))
+                           second_session=args.second_session, methods=tuple(methods),
+                           fold_budget=args.fold_budget)
     elif name == "tabcomplete":
         from cl_arch.eval import tabcomplete
         rep = tabcomplete.run(source=args.source, model=model, max_bytes=args.max_bytes,
@@ -162,6 +165,9 @@ def run(args):
         rep = cost.run(model=model, out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
                        seed=args.seed)
     print(rep.get("table", ""))
+    if "fold_table" in rep:
+        print("\nfold guarded by a forgetting budget (fraction chosen on training-corpus windows):")
+        print(rep["fold_table"])
     if "second_session_table" in rep:
         print("\nsecond session over the same stream (S dropped, P kept):")
         print(rep["second_session_table"])

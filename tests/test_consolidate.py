@@ -105,6 +105,66 @@ def test_fold_is_exact_and_undo_is_bitwise(recall_model, tmp_path):
         undo(model, report)  # already undone: the model is no longer the one the report left
 
 
+def test_fold_within_a_forgetting_budget_keeps_the_rest_in_the_session(recall_model, tmp_path):
+    """A guarded fold moves only the fraction of P whose forgetting on the anchor fits the budget;
+    the session keeps the rest, so it computes what it computed before, and undo restores both."""
+    from cl_arch.consolidate.common import mean_nll, to_batches
+
+    model = copy.deepcopy(recall_model)
+    keys = list(KEYS[:8])
+    s = learned_session(model, association(keys, 1), episodes=4, seed=0)
+    P_before = [p.clone() for p in s.P]
+    # The anchor is a *conflicting* map on the same keys: what P stores is wrong there.
+    g = torch.Generator().manual_seed(7)
+    anchor = torch.tensor([association_episode(association(keys, 2), 12, g) for _ in range(8)])
+    batches = to_batches(anchor, 16, "anchor")
+    base = mean_nll(model, batches)
+    full = (mean_nll(model, batches, P=[p[0] for p in P_before]) - base) / 0.6931471805599453
+    assert full > 0.5  # folding all of P would cost this much: the guard has something to do
+    ids = torch.randint(32, 160, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_P, _ = model(ids, state=model.init_state(2, [p[0] for p in P_before]))
+    original, fp0 = weights_of(model), model.fingerprint()
+
+    budget = 0.25 * full
+    report = fold(model, s, anchor=anchor, budget=budget)
+    c = report["fold_fraction"]
+    assert 0.0 < c < 1.0 and report["forgetting_bits_full"] == pytest.approx(full, rel=1e-5)
+    forgot = (mean_nll(model, batches) - base) / 0.6931471805599453  # measured anew on the folded model
+    assert forgot <= budget + 1e-5 and forgot == pytest.approx(report["forgetting_bits"], abs=1e-5)
+    for p, p0 in zip(s.P, P_before):
+        torch.testing.assert_close(p, (1 - c) * p0, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        kept, _ = model(ids, state=model.init_state(2, [p[0] for p in s.P]))
+    torch.testing.assert_close(kept, with_P, rtol=1e-4, atol=1e-4)  # c P + (1 - c) P, rounded once
+
+    path = write_report(report, tmp_path / "fold.json")
+    undo(model, load_report(path), sessions=[s])
+    assert model.fingerprint() == fp0
+    assert_bitwise(model, original)
+    assert all(torch.equal(a, b) for a, b in zip(s.P, P_before))
+
+    # A budget the whole P fits in folds all of it, exactly as an unguarded fold.
+    report = fold(model, s, anchor=anchor, budget=2 * full)
+    assert report["fold_fraction"] == 1.0 and all(bool((p == 0).all()) for p in s.P)
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], with_P)
+
+
+def test_guarded_fold_refuses_bad_budgets_without_changing_anything(recall_model):
+    model = recall_model
+    s = learned_session(model, association(list(KEYS[:4]), 3), episodes=2, seed=2)
+    P_before = [p.clone() for p in s.P]
+    original = weights_of(model)
+    for kw, match in ((dict(budget=0.1), "anchor"), (dict(budget=-1.0, anchor=torch.randint(32, 96, (2, 9))), "budget"),
+                      (dict(budget=float("nan"), anchor=torch.randint(32, 96, (2, 9))), "budget"),
+                      (dict(budget=0.1, anchor=torch.full((2, 9), 10_000)), "token ids")):
+        with pytest.raises(ValueError, match=match):
+            fold(model, s, **kw)
+    assert_bitwise(model, original)
+    assert all(torch.equal(a, b) for a, b in zip(s.P, P_before))
+
+
 def test_refuses_nan_and_foreign_states_without_changing_anything(recall_model, tmp_path):
     model = recall_model
     original, fp0 = weights_of(model), model.fingerprint()
@@ -288,3 +348,19 @@ def test_cli_fold_then_undo(recall_model, tmp_path):
     assert main(["consolidate", "--model", str(tmp_path / "folded"), "--undo",
                  str(tmp_path / "folded" / "report.json"), "--out", str(tmp_path / "restored")]) == 0
     assert PlasticTransformer.from_pretrained(tmp_path / "restored").fingerprint() == fp0
+
+    # With a budget the CLI folds part of P and saves the rest of the session against the new weights.
+    keys = list(KEYS[:4])
+    g = torch.Generator().manual_seed(5)
+    torch.save({"input_ids": torch.tensor([association_episode(association(keys, 9), 8, g) for _ in range(4)])},
+               tmp_path / "anchor.pt")
+    assert main(["consolidate", "--model", str(tmp_path / "base"), "--sessions", str(tmp_path / "user.safetensors"),
+                 "--method", "fold", "--budget", "0", "--anchor", str(tmp_path / "anchor.pt"),
+                 "--out", str(tmp_path / "guarded")]) == 0
+    report = json.load(open(tmp_path / "guarded" / "report.json"))
+    assert report["fold_fraction"] < 1.0 and report["forgetting_bits"] <= 1e-6
+    guarded = PlasticTransformer.from_pretrained(tmp_path / "guarded")
+    rest = Session.load(guarded, report["sessions_kept"][0])  # loads: tied to the new fingerprint
+    with torch.no_grad():
+        again, _ = guarded(ids, state=guarded.init_state(2, [p[0] for p in rest.P]))
+    torch.testing.assert_close(again, with_P, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,6 @@
 """Consolidation: compile what sessions' fast weights learned into the model's slow weights.
 
-- :func:`fold`: ``W0 <- W0 + P``, exact.
+- :func:`fold`: ``W0 <- W0 + P``, exact; with a forgetting budget, ``W0 <- W0 + c P`` and the session keeps ``(1 - c) P``.
 - :func:`merge`: many sessions into W0 at once (weighted mean or TIES sign consensus), with each
   session's gain before and after (interference).
 - :func:`distill`: teacher (with P) -> student (P reset) on replayed tokens, anchored to the
