@@ -67,12 +67,31 @@ def add_parser(sub):
                    "(to tell its share of a gain)")
     p.add_argument("--episodes", type=int, default=None, help="games/sutton/retention: episodes per game or task")
     p.add_argument("--seeds", type=int, default=None, help="games/sutton/retention: independent seeds")
+    p.add_argument("--reward-memory", action="store_true", help="games: add a reward memory to the model, its "
+                   "settings fitted on the training token sets (cl_arch.train.reward_memory; cached in runs/)")
+    p.add_argument("--tokens", choices=["default", "held_out"], default="default", help="games: play on the "
+                   "default token sets or on those reward-memory fitting never sees")
+    p.add_argument("--no-yoked", action="store_true", help="games: leave out the yoked control rows")
     p.add_argument("--recall-steps", type=int, default=600, help="steps of recall pretraining for the default "
                    "games model (cached in runs/recall-model-<steps>)")
     p.add_argument("--max-file-bytes", type=int, default=4096, help="offset: bytes read from the start of each file")
     p.add_argument("--min-file-bytes", type=int, default=1024, help="offset: shorter files are skipped")
     p.add_argument("--bucket", type=int, default=128, help="offset: bucket width in bytes of file offset")
     p.add_argument("--max-files", type=int, default=None, help="offset: at most this many files (a seeded sample)")
+    p.add_argument("--users", type=int, default=8, help="tabcomplete: simulated users, each with a drawn style "
+                   "and file order (kept/reset/yoked rows, cl_arch.eval.tabcomplete.run_users); 0: one stream as "
+                   "written, adapt on vs off")
+    p.add_argument("--suggestions", type=int, default=500, help="tabcomplete: suggestions (non-blank lines) per user")
+    p.add_argument("--window", type=int, default=100, help="tabcomplete: the last window of suggestions reported")
+    p.add_argument("--style", default=None, help="tabcomplete: one style for every user, e.g. "
+                   "'indent=2,quotes=double,naming=camel' (default: drawn per user)")
+    p.add_argument("--reward", choices=["binary", "signed", "fraction"], default="binary", help="tabcomplete: per "
+                   "suggestion 1/0, 1/-1 or the accepted share of the line")
+    p.add_argument("--min-chars", type=int, default=4, help="tabcomplete: a suggestion is accepted when right "
+                   "through the indentation and this many characters (or the whole line)")
+    p.add_argument("--rows", default="kept,reset,yoked,unrewarded", help="tabcomplete: rows from kept, reset, "
+                   "yoked, unrewarded, static")
+    p.add_argument("--user-episode-bytes", type=int, default=256, help="tabcomplete (users): longest episode")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -127,14 +146,27 @@ def run(args):
                            fold_budget=args.fold_budget)
     elif name == "tabcomplete":
         from cl_arch.eval import tabcomplete
-        rep = tabcomplete.run(source=args.source, model=model, max_bytes=args.max_bytes,
-                              episode_bytes=args.episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r,
-                              out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
-                              pretrain_seconds=args.pretrain_seconds, seed=args.seed)
+        from cl_arch.eval.user_style import Style
+        if args.users > 0:
+            rep = tabcomplete.run_users(source=args.source, model=model, users=args.users,
+                                        suggestions=args.suggestions, window=args.window,
+                                        style=Style.parse(args.style) if args.style else None, reward=args.reward,
+                                        min_chars=args.min_chars, rows=[r.strip() for r in args.rows.split(",")],
+                                        episode_bytes=args.user_episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r,
+                                        gamma=args.gamma, lam=args.lam, out_dir=args.out, name=args.report_name,
+                                        cache_dir=args.cache_dir, pretrain_seconds=args.pretrain_seconds,
+                                        seed=args.seed)
+        else:
+            rep = tabcomplete.run(source=args.source, model=model, max_bytes=args.max_bytes,
+                                  episode_bytes=args.episode_bytes, eta_s=args.eta_s, eta_r=args.eta_r,
+                                  out_dir=args.out, name=args.report_name, cache_dir=args.cache_dir,
+                                  pretrain_seconds=args.pretrain_seconds, seed=args.seed)
     elif name in ("games", "sutton", "retention"):
         import importlib
         mod = importlib.import_module(f"cl_arch.eval.{name}")
         kw = {k: v for k, v in (("episodes", args.episodes), ("seeds", args.seeds)) if v is not None}
+        if name == "games":
+            kw.update(reward_memory=args.reward_memory, tokens=args.tokens, yoked=not args.no_yoked)
         if name == "sutton":
             kw.update(source=args.source, cache_dir=args.cache_dir, pretrain_seconds=args.pretrain_seconds,
                       max_bytes=min(args.max_bytes, 40_000), episode_bytes=args.episode_bytes)
