@@ -72,6 +72,12 @@ class PreferenceEnv:
         pref = self.game.preferred[self.cues[t]]
         return float(probs[self.game.answers.index(pref)])
 
+    def best(self) -> float:
+        return 1.0
+
+    def chance(self) -> float:
+        return 1.0 / len(self.actions)
+
 
 class BanditEnv:
     """A :class:`Bandit` as an environment; expected reward = ``sum_a pi(a) mu_a``."""
@@ -89,16 +95,25 @@ class BanditEnv:
     def expected(self, t: int, probs: np.ndarray) -> float:
         return float(np.dot(probs, self.bandit.probs))
 
+    def best(self) -> float:
+        return max(self.bandit.probs)
+
+    def chance(self) -> float:
+        return float(np.mean(self.bandit.probs))
+
 
 @torch.no_grad()
 def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowPolicy], episodes: int,
          temperature: float = 1.0, seed: int = 0, switch: Optional[Dict[int, Sequence[Any]]] = None,
-         desc: str = "play") -> Dict[str, np.ndarray]:
+         desc: str = "play", yoke: Optional[Sequence[Optional[int]]] = None) -> Dict[str, np.ndarray]:
     """Play ``episodes`` episodes; row ``i`` plays ``envs[i]`` with ``policies[i]``, all in one batch.
 
     Args:
         switch: ``{episode: new_envs}``: from that episode on, rows play the new environments
             (the rule shift); memories are kept.
+        yoke: per row, None or the index of a partner row: a yoked row's commit gets the reward
+            its partner earned in the same episode, not its own (the yoked control: as much
+            reward, none of it contingent on what the row did). Its reported reward is its own.
     Returns:
         ``reward``, ``expected`` ``[B, episodes]`` floats, ``action [B, episodes]`` action indices.
     """
@@ -116,16 +131,21 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
         if len({len(c) for c in ctx}) != 1:
             raise ValueError("all rows' prompts must have one length (they are batched)")
         logits = learner.step(torch.tensor(ctx))[:, -1]  # [B, V]
-        acts = torch.tensor([e.actions for e in envs])  # [B, A]
-        probs = torch.softmax(logits.gather(1, acts).float() / temperature, -1)  # [B, A]
+        # Rows may have different action counts: pad with the first action, masked out of the softmax.
+        A = max(len(e.actions) for e in envs)
+        acts = torch.tensor([list(e.actions) + [e.actions[0]] * (A - len(e.actions)) for e in envs])  # [B, A]
+        legal = torch.tensor([[j < len(e.actions) for j in range(A)] for e in envs])
+        z = (logits.gather(1, acts).float() / temperature).masked_fill(~legal, float("-inf"))
+        probs = torch.softmax(z, -1)  # [B, A]
         pick = torch.multinomial(probs, 1, generator=g).squeeze(1)  # [B]
         tokens = acts.gather(1, pick[:, None])  # [B, 1]
         rewards = [envs[i].reward(t, int(tokens[i, 0])) for i in range(B)]
         learner.step(tokens)  # the answer is written: the trace now holds prompt -> answer
-        learner.end_episode(rewards)
+        given = rewards if yoke is None else [rewards[i if j is None else j] for i, j in enumerate(yoke)]
+        learner.end_episode(given)
         pn = probs.numpy()
         out["reward"][:, t] = rewards
-        out["expected"][:, t] = [envs[i].expected(t, pn[i]) for i in range(B)]
+        out["expected"][:, t] = [envs[i].expected(t, pn[i, :len(envs[i].actions)]) for i in range(B)]
         out["action"][:, t] = pick.numpy()
     return out
 
@@ -160,9 +180,14 @@ def thompson(bandit_probs: Sequence[float], episodes: int, seed: int) -> List[in
 
 
 # ---------------------------------------------------------------------------- the benchmark
-def _policies(seeds: int, eta_r: Optional[float], gamma: Optional[float]) -> List[RowPolicy]:
+def _policies(seeds: int, eta_r: Optional[float], gamma: Optional[float], yoked: bool) -> List[RowPolicy]:
     adapt = RowPolicy("adapt", persist=True, use_reward=True, eta_s=0.0, eta_r=eta_r, gamma=gamma)
-    return [adapt] * seeds + [RowPolicy("reset")] * seeds
+    return [adapt] * seeds + [RowPolicy("reset")] * seeds + ([adapt] * seeds if yoked else [])
+
+
+def _yoke(seeds: int, yoked: bool) -> Optional[List[Optional[int]]]:
+    """Row ``2S + i`` (yoked) gets the reward of row ``i`` (kept) of the same game."""
+    return [None] * (2 * seeds) + list(range(seeds)) if yoked else None
 
 
 def _smooth_curve(expected: np.ndarray, window: int, points: int = 40):
@@ -171,50 +196,106 @@ def _smooth_curve(expected: np.ndarray, window: int, points: int = 40):
     return xs.tolist(), mean[xs - 1].tolist()
 
 
+def reward_memory_model(base: PlasticTransformer, cache_root: str = "runs", fit_seed: int = 0,
+                        log=None) -> PlasticTransformer:
+    """``base`` with a reward memory (:func:`cl_arch.train.reward_memory.with_reward_memory`) whose
+    settings :func:`~cl_arch.train.reward_memory.fit_reward_memory` chose on the training token sets,
+    cached per base model in ``<cache_root>/reward-memory-<fingerprint>.json``."""
+    import json
+
+    from cl_arch.train.reward_memory import RewardMemorySettings, fit_reward_memory, with_reward_memory
+
+    path = os.path.join(cache_root, f"reward-memory-{base.fingerprint()}-{fit_seed}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            fit = json.load(f)
+    else:
+        fit = fit_reward_memory(base, seed=fit_seed, log=log or (lambda s: tqdm.write(s)))
+        os.makedirs(cache_root, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(fit, f, indent=1)
+        os.replace(tmp, path)
+    model = with_reward_memory(base, RewardMemorySettings(**fit["best"]))
+    model.reward_memory_fit = fit  # recorded in the report
+    return model
+
+
 def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: int = 8, n_cues: int = 8,
         n_answers: int = 8, k_arms: int = 4, temperature: float = 1.0, eta_r: Optional[float] = None,
         gamma: Optional[float] = None, recall_steps: int = 600, out_dir: Optional[str] = "runs/eval",
         name: Optional[str] = None, seed: int = 0, games: Sequence[str] = ("bandit", "preference", "cue_reward", "shift"),
+        reward_memory: bool = False, tokens: str = "default", yoked: bool = True, cache_root: str = "runs",
         ) -> Dict[str, Any]:
-    """Run the games for ``seeds`` independent instances each; returns (and writes) the report."""
-    model = model if model is not None else recall_model(recall_steps)
+    """Run the games for ``seeds`` independent instances each; returns (and writes) the report.
+
+    Args:
+        reward_memory: play with a reward memory added to ``model`` (:func:`reward_memory_model`,
+            settings fitted on the training token sets, cached in ``cache_root``).
+        tokens: ``"default"`` (arms ``ARMS``, cues ``KEYS``, answers ``VALUES``, as the recall
+            model was trained on) or ``"held_out"`` (the token sets reward-memory fitting never
+            plays: :data:`cl_arch.train.reward_memory.HELD_OUT_TOKENS`).
+        yoked: add the yoked control rows (each gets its kept partner's rewards).
+    """
+    from cl_arch.train.reward_memory import HELD_OUT_TOKENS
+
+    if tokens not in ("default", "held_out"):
+        raise ValueError(f"tokens must be 'default' or 'held_out', got {tokens!r}")
+    model = model if model is not None else recall_model(recall_steps, cache_root)
+    if reward_memory:
+        model = reward_memory_model(model, cache_root)
     model.eval()
+    held = tokens == "held_out"
+    tok = {"arm_tokens": HELD_OUT_TOKENS["arms"]} if held else {}
+    ptok = ({"cue_tokens": HELD_OUT_TOKENS["cues"], "answer_tokens": HELD_OUT_TOKENS["answers"]} if held else {})
     S, E = seeds, episodes
-    pols = _policies(S, eta_r, gamma)
+    pols = _policies(S, eta_r, gamma, yoked)
+    yoke = _yoke(S, yoked)
+    groups = ("adapt", "reset", "yoked") if yoked else ("adapt", "reset")
     window = max(5, E // 10)
     methods: Dict[str, Any] = {}
     extra: Dict[str, Any] = {}
     rows = []
 
     def add(game: str, res: Dict[str, np.ndarray], chance: float) -> None:
-        for j, label in enumerate(("adapt", "reset")):
+        for j, label in enumerate(groups):
             ex = res["expected"][j * S:(j + 1) * S]
             xs, ys = _smooth_curve(ex, window)
             first, last = ex[:, :window].mean(), ex[:, -window:].mean()
             methods[f"{game}/{label}"] = {"curve": curve(xs, ys), "summary": {
                 "reward_first": float(first), "reward_last": float(last), "chance": chance,
                 "aulc": M.aulc(ex.mean(0)[np.linspace(0, E - 1, 10).astype(int)], lo=chance, hi=1.0)}}
-        kept, reset = res["expected"][:S, -window:].mean(1), res["expected"][S:, -window:].mean(1)
+        kept, reset = res["expected"][:S, -window:].mean(1), res["expected"][S:2 * S, -window:].mean(1)
         st = M.sutton_delta(kept, reset, seed=seed)
         methods[f"{game}/adapt"]["summary"].update(sutton_delta=st["sutton_delta"], sutton_ci=st["sutton_ci"])
         s = methods[f"{game}/adapt"]["summary"]
-        rows.append([game, f"{chance:.3f}", f"{s['reward_first']:.3f}", f"{s['reward_last']:.3f}",
-                     f"{methods[f'{game}/reset']['summary']['reward_last']:.3f}",
-                     f"{st['sutton_delta']:+.3f} [{st['sutton_ci'][0]:+.3f}, {st['sutton_ci'][1]:+.3f}]"])
+        row = [game, f"{chance:.3f}", f"{s['reward_first']:.3f}", f"{s['reward_last']:.3f}",
+               f"{methods[f'{game}/reset']['summary']['reward_last']:.3f}",
+               f"{st['sutton_delta']:+.3f} [{st['sutton_ci'][0]:+.3f}, {st['sutton_ci'][1]:+.3f}]"]
+        if yoked:
+            yk = M.sutton_delta(res["expected"][2 * S:, -window:].mean(1), reset, seed=seed)
+            methods[f"{game}/yoked"]["summary"].update(yoked_delta=yk["sutton_delta"], yoked_ci=yk["sutton_ci"])
+            row += [f"{methods[f'{game}/yoked']['summary']['reward_last']:.3f}",
+                    f"{yk['sutton_delta']:+.3f} [{yk['sutton_ci'][0]:+.3f}, {yk['sutton_ci'][1]:+.3f}]"]
+        rows.append(row)
 
+    n_groups = len(groups)
     if "bandit" in games:
-        bandits = [Bandit(k=k_arms, seed=seed + i) for i in range(S)]
-        res = play(model, [BanditEnv(b) for b in bandits] + [BanditEnv(Bandit(k=k_arms, seed=seed + i)) for i in range(S)],
-                   pols, E, temperature, seed, desc="bandit")
+        bandits = [Bandit(k=k_arms, seed=seed + i, **tok) for i in range(S)]
+        # every group plays its own copy (same pay-outs, same pay-out stream)
+        res = play(model, [BanditEnv(Bandit(k=k_arms, seed=seed + i, **tok)) for _ in range(n_groups) for i in range(S)],
+                   pols, E, temperature, seed, desc="bandit", yoke=yoke)
         best = np.array([max(b.probs) for b in bandits])
         add("bandit", res, chance=float(np.mean([np.mean(b.probs) for b in bandits])))
         # regret: the model's expected per-step regret is max mu - E_pi[mu]
         reg = {"adapt": np.cumsum(best[:, None] - res["expected"][:S], 1),
-               "reset": np.cumsum(best[:, None] - res["expected"][S:], 1),
+               "reset": np.cumsum(best[:, None] - res["expected"][S:2 * S], 1),
                "ucb1": np.array([M.cumulative_regret(b.probs, ucb1(b.probs, E, seed + 10 + i)) for i, b in enumerate(bandits)]),
                "thompson": np.array([M.cumulative_regret(b.probs, thompson(b.probs, E, seed + 20 + i))
                                      for i, b in enumerate(bandits)]),
                "random": np.cumsum(np.repeat((best - np.array([np.mean(b.probs) for b in bandits]))[:, None], E, 1), 1)}
+        if yoked:
+            reg["yoked"] = np.cumsum(best[:, None] - res["expected"][2 * S:], 1)
         xs = np.unique(np.linspace(1, E, 30).astype(int))
         for k_, r in reg.items():
             methods[f"regret/{k_}"] = {"curve": curve(xs, r.mean(0)[xs - 1]),
@@ -222,22 +303,24 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
                                                    "regret_final_sd": float(r[:, -1].std())}}
         extra["regret_vs_thompson"] = float(reg["adapt"][:, -1].mean() / max(reg["thompson"][:, -1].mean(), 1e-9))
     if "preference" in games:
-        envs = [PreferenceEnv(PreferenceGame(n_cues, n_answers, seed=seed + i), E, seed=seed + 100 + i) for i in range(S)]
-        res = play(model, envs + envs, pols, E, temperature, seed + 1, desc="preference")
+        envs = [PreferenceEnv(PreferenceGame(n_cues, n_answers, seed=seed + i, **ptok), E, seed=seed + 100 + i)
+                for i in range(S)]
+        res = play(model, envs * n_groups, pols, E, temperature, seed + 1, desc="preference", yoke=yoke)
         add("preference", res, chance=1.0 / n_answers)
     if "cue_reward" in games:
-        envs = [PreferenceEnv(PreferenceGame(16, 2, seed=seed + 200 + i), E, seed=seed + 300 + i, answer_tokens=[POS, NEG])
-                for i in range(S)]
-        res = play(model, envs + envs, pols, E, temperature, seed + 2, desc="cue_reward")
+        cue_tok = {"cue_tokens": HELD_OUT_TOKENS["cues"]} if held else {}
+        envs = [PreferenceEnv(PreferenceGame(16, 2, seed=seed + 200 + i, **cue_tok), E, seed=seed + 300 + i,
+                              answer_tokens=[POS, NEG]) for i in range(S)]
+        res = play(model, envs * n_groups, pols, E, temperature, seed + 2, desc="cue_reward", yoke=yoke)
         add("cue_reward", res, chance=0.5)
     if "shift" in games:
-        old = [PreferenceGame(n_cues, n_answers, seed=seed + 400 + i) for i in range(S)]
-        new = [PreferenceGame(n_cues, n_answers, seed=seed + 500 + i) for i in range(S)]
+        old = [PreferenceGame(n_cues, n_answers, seed=seed + 400 + i, **ptok) for i in range(S)]
+        new = [PreferenceGame(n_cues, n_answers, seed=seed + 500 + i, **ptok) for i in range(S)]
         envs_old = [PreferenceEnv(g_, E, seed=seed + 600 + i) for i, g_ in enumerate(old)]
         envs_new = [PreferenceEnv(g_, E, seed=seed + 600 + i) for i, g_ in enumerate(new)]
         half = E // 2
-        res = play(model, envs_old + envs_old, pols, E, temperature, seed + 3,
-                   switch={half: envs_new + envs_new}, desc="shift")
+        res = play(model, envs_old * n_groups, pols, E, temperature, seed + 3,
+                   switch={half: envs_new * n_groups}, desc="shift", yoke=yoke)
         add("shift", res, chance=1.0 / n_answers)
         # how often the old preferred answer is still chosen after the shift (where the rules differ)
         acts = res["action"][:S]
@@ -256,12 +339,15 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
     report = {"benchmark": "games",
               "config": {"episodes": E, "seeds": S, "n_cues": n_cues, "n_answers": n_answers, "k_arms": k_arms,
                          "temperature": temperature, "eta_r": eta_r, "gamma": gamma, "games": list(games),
+                         "tokens": tokens, "yoked": yoked,
+                         "reward_memory": getattr(model, "reward_memory_fit", None),
                          "smoothing_window": window, "model_fingerprint": model.fingerprint(), "seed": seed},
               "x_label": "episodes", "y_label": "expected reward", "log_x": False,
               "y_labels": {"regret": "cumulative expected regret"},
               "methods": methods, **extra}
     report["table"] = format_table(rows, ["game", "chance", "adapt first", "adapt last", "reset last",
-                                          "Sutton delta (last window) [95% CI]"])
+                                          "Sutton delta (last window) [95% CI]"] +
+                                   (["yoked last", "yoked - reset [95% CI]"] if yoked else []))
     if "regret_vs_thompson" in extra:
         report["table"] += "\n\n" + format_table(
             [[k.split("/")[1], f"{v['summary']['regret_final']:.1f}"] for k, v in methods.items() if k.startswith("regret/")],
@@ -271,4 +357,4 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
     return report
 
 
-__all__ = ["recall_model", "PreferenceEnv", "BanditEnv", "play", "ucb1", "thompson", "run"]
+__all__ = ["recall_model", "reward_memory_model", "PreferenceEnv", "BanditEnv", "play", "ucb1", "thompson", "run"]

@@ -67,6 +67,11 @@ def add_parser(sub):
                    "(to tell its share of a gain)")
     p.add_argument("--episodes", type=int, default=None, help="games/sutton/retention: episodes per game or task")
     p.add_argument("--seeds", type=int, default=None, help="games/sutton/retention: independent seeds")
+    p.add_argument("--reward-memory", action="store_true", help="games: add a reward memory to the model, its "
+                   "settings fitted on the training token sets (cl_arch.train.reward_memory; cached in runs/)")
+    p.add_argument("--tokens", choices=["default", "held_out"], default="default", help="games: play on the "
+                   "default token sets or on those reward-memory fitting never sees")
+    p.add_argument("--no-yoked", action="store_true", help="games: leave out the yoked control rows")
     p.add_argument("--recall-steps", type=int, default=600, help="steps of recall pretraining for the default "
                    "games model (cached in runs/recall-model-<steps>)")
     p.add_argument("--max-file-bytes", type=int, default=4096, help="offset: bytes read from the start of each file")
@@ -160,6 +165,8 @@ def run(args):
         import importlib
         mod = importlib.import_module(f"cl_arch.eval.{name}")
         kw = {k: v for k, v in (("episodes", args.episodes), ("seeds", args.seeds)) if v is not None}
+        if name == "games":
+            kw.update(reward_memory=args.reward_memory, tokens=args.tokens, yoked=not args.no_yoked)
         if name == "sutton":
             kw.update(source=args.source, cache_dir=args.cache_dir, pretrain_seconds=args.pretrain_seconds,
                       max_bytes=min(args.max_bytes, 40_000), episode_bytes=args.episode_bytes)

@@ -60,6 +60,13 @@ def _check_count(name: str, n: int, hi: int) -> None:
         raise ValueError(f"{name} must be an integer in [1, {hi}], got {n!r}")
 
 
+def _distinct_tokens(name: str, tokens: Sequence[int]) -> List[int]:
+    out = [int(t) for t in tokens]
+    if len(set(out)) != len(out) or not all(0 <= t < VOCAB_SIZE for t in out):
+        raise ValueError(f"{name} must be distinct token ids in [0, {VOCAB_SIZE}), got {list(tokens)}")
+    return out
+
+
 def key_tokens(n: int) -> List[int]:
     """The first ``n`` key tokens (cues)."""
     _check_count("n_keys", n, len(KEYS))
@@ -197,19 +204,26 @@ class PreferenceGame:
     one hidden preferred answer, drawn from ``seed``. An episode shows ``prompt(cue) = [BOS, cue]``,
     the player answers one token, and :meth:`reward` pays 1.0 for the preferred answer, else 0.0.
     Nothing in the token stream reveals the preference: only reward can teach it. Chance level is
-    ``1 / n_answers``.
+    ``1 / n_answers``. ``cue_tokens`` / ``answer_tokens`` play the game on other tokens (default
+    the first keys and values), e.g. token sets held out from meta-training.
     """
 
     n_cues: int = 8
     n_answers: int = 8
     seed: int = 0
+    cue_tokens: Optional[Sequence[int]] = None
+    answer_tokens: Optional[Sequence[int]] = None
 
     def __post_init__(self) -> None:
-        _check_count("n_cues", self.n_cues, len(KEYS))
-        _check_count("n_answers", self.n_answers, len(VALUES))
+        _check_count("n_cues", self.n_cues, len(KEYS) if self.cue_tokens is None else len(self.cue_tokens))
+        _check_count("n_answers", self.n_answers, len(VALUES) if self.answer_tokens is None else len(self.answer_tokens))
         g = _gen(self.seed)
-        self.cues: List[int] = key_tokens(self.n_cues)
-        self.answers: List[int] = value_tokens(self.n_answers)
+        self.cues: List[int] = key_tokens(self.n_cues) if self.cue_tokens is None else \
+            _distinct_tokens("cue_tokens", self.cue_tokens)[:self.n_cues]
+        self.answers: List[int] = value_tokens(self.n_answers) if self.answer_tokens is None else \
+            _distinct_tokens("answer_tokens", self.answer_tokens)[:self.n_answers]
+        if set(self.cues) & set(self.answers) or {BOS} & set(self.cues) | {BOS} & set(self.answers):
+            raise ValueError("cue and answer tokens must be distinct from each other and from BOS")
         pref = torch.randint(0, self.n_answers, (self.n_cues,), generator=g)
         self.preferred = {c: self.answers[int(i)] for c, i in zip(self.cues, pref)}
 
@@ -279,7 +293,7 @@ def cue_reward_batch(
 class Bandit:
     """Bernoulli k-armed bandit over the arm tokens.
 
-    Arm ``i`` (token ``ARMS[i]``) pays 1 with probability ``probs[i]``, drawn uniformly in
+    Arm ``i`` (token ``ARMS[i]``, or ``arm_tokens[i]``) pays 1 with probability ``probs[i]``, drawn uniformly in
     [0, 1] from ``seed`` unless given. An episode is ``prompt() = [BOS, ASK]``, one arm token,
     then :meth:`pull`.
     """
@@ -287,15 +301,19 @@ class Bandit:
     k: int = 4
     seed: int = 0
     probs: Optional[Sequence[float]] = None
+    arm_tokens: Optional[Sequence[int]] = None
 
     def __post_init__(self) -> None:
-        _check_count("k", self.k, len(ARMS))
+        _check_count("k", self.k, len(ARMS) if self.arm_tokens is None else len(self.arm_tokens))
         if self.probs is None:
             self.probs = torch.rand(self.k, generator=_gen(self.seed)).tolist()
         self.probs = [float(p) for p in self.probs]
         if len(self.probs) != self.k or not all(0.0 <= p <= 1.0 for p in self.probs):
             raise ValueError(f"probs must be {self.k} probabilities in [0, 1], got {self.probs}")
-        self.arms: List[int] = list(ARMS[:self.k])
+        self.arms: List[int] = list(ARMS[:self.k]) if self.arm_tokens is None else \
+            _distinct_tokens("arm_tokens", self.arm_tokens)[:self.k]
+        if {BOS, ASK} & set(self.arms):
+            raise ValueError("arm tokens must differ from BOS and ASK (the prompt)")
         # Pay-out draws have their own stream, so pulls are reproducible from ``seed`` alone.
         self._rng = torch.Generator().manual_seed(int(self.seed) + 1_000_003)
 

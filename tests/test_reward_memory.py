@@ -1,0 +1,164 @@
+"""The reward memory (train/reward_memory.py): credit to the action taken, scaled by the reward's
+surprise, on any tokens; its settings fitted on a task distribution; the games' yoked control."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cl_arch.eval import games
+from cl_arch.eval.baselines import EpisodeLearner, RowPolicy
+from cl_arch.train.reward_memory import (HELD_OUT_TOKENS, TRAIN_TOKENS, RewardMemorySettings, draw_reward_tasks,
+                                         fit_reward_memory, normalised_score, with_reward_memory)
+from cl_arch.train.tasks import ASK, BOS, Bandit, PreferenceGame
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_with_reward_memory_adds_a_trace_commit_readout_and_keeps_every_other_weight(recall_model):
+    st = RewardMemorySettings(scale=6.0, eta_r=0.3, lam=0.01, gamma=0.99)
+    m = with_reward_memory(recall_model, st)
+    assert m.config.readout_heads == 1 and m.config.readout_commit == "trace"
+    base = recall_model.state_dict()
+    for k, v in m.state_dict().items():
+        if k in base and not k.endswith((".eta_r",)):
+            assert torch.equal(v, base[k]), k
+    r = m.readout
+    r = r.requires_grad_(False)
+    assert float(r.read_scale) == 6.0 and float(r.eta_r) == pytest.approx(0.3) and float(r.eta_s) == 0.0
+    assert float(r.lam) == pytest.approx(0.01) and float(r.gamma) == pytest.approx(0.99)
+    assert all(float(l.eta_r.abs().max()) == 0.0 for l in m.fast_layers() if l is not r)
+    kept = with_reward_memory(recall_model, st, in_block_reward=True)
+    assert any(float(l.eta_r.abs().max()) > 0 for l in kept.fast_layers() if l is not kept.readout)
+    with pytest.raises(ValueError, match="already has a readout"):
+        with_reward_memory(m, st)
+    for bad in (dict(scale=0.0), dict(eta_r=float("nan")), dict(lam=1.0), dict(gamma=0.0), dict(beta=1.5)):
+        with pytest.raises(ValueError, match="RewardMemorySettings"):
+            RewardMemorySettings(**bad)
+
+
+@pytest.mark.parametrize("arm_tokens", [[16, 17, 18], [200, 230, 250]], ids=["arms-trained", "arms-unseen"])
+def test_commit_credits_the_action_taken_by_its_surprise_on_any_tokens(recall_model, arm_tokens):
+    """One episode ``BOS ASK a``, then commits with reward above / below the baseline: the logit
+    of ``a`` at the prompt rises / falls against the other arms; with P reset nothing moves."""
+    m = with_reward_memory(recall_model, RewardMemorySettings(scale=8.0, eta_r=0.5))
+    a, others = arm_tokens[0], arm_tokens[1:]
+    pols = [RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)] * 2 + [RowPolicy("reset")]
+    learner = EpisodeLearner(m, pols)
+    prompt = torch.tensor([[BOS, ASK]] * 3)
+    before = learner.step(prompt)[:, -1]
+    learner.step(torch.tensor([[a]] * 3))
+    learner.end_episode([1.0, 0.0, 1.0])  # the baseline starts at 0: r = 0 is no surprise
+    learner.step(prompt)
+    learner.step(torch.tensor([[a]] * 3))
+    learner.end_episode([1.0, 0.0, 1.0])
+    after = learner.step(prompt)[:, -1]
+
+    def margin(z):
+        return z[..., a] - z[..., others].mean(-1)
+
+    d = margin(after) - margin(before)
+    assert float(d[0]) > 0.5  # paid above the baseline twice: a is preferred now
+    assert float(d[2]) == pytest.approx(0.0, abs=1e-5)  # reset row: no P, nothing learned
+    # The surprise matters: after a baseline near 1, a reward of 0 pushes the action down.
+    learner2 = EpisodeLearner(m, [RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)])
+    p1 = torch.tensor([[BOS, ASK]])
+    z0 = learner2.step(p1)[:, -1]
+    for r in [1.0] * 30 + [0.0] * 3:
+        learner2.step(torch.tensor([[others[0]]]) if r == 1.0 else torch.tensor([[a]]))
+        learner2.end_episode([r])
+        learner2.step(p1)
+    z1 = learner2.step(p1)[:, -1]
+    assert float(margin(z1) - margin(z0)) < -0.2
+
+
+def test_reward_memory_learns_a_bandit_on_unseen_arm_tokens_and_the_yoked_control_does_not(recall_model):
+    """k = 4 with one good arm, on arm tokens the recall model never saw, 4 seeds: kept climbs well
+    above reset; the yoked rows (their partners' rewards) stay near reset."""
+    m = with_reward_memory(recall_model, RewardMemorySettings(scale=8.0, eta_r=0.3))
+    S, E = 4, 100
+    probs = [0.1, 0.1, 0.9, 0.1]
+    envs = [games.BanditEnv(Bandit(k=4, seed=s, probs=probs, arm_tokens=HELD_OUT_TOKENS["arms"][:4]))
+            for _ in range(3) for s in range(S)]
+    pols = games._policies(S, None, None, yoked=True)
+    res = games.play(m, envs, pols, E, seed=3, yoke=games._yoke(S, True), desc="test bandit")
+    last = res["expected"][:, -25:].mean(1)
+    kept, reset, yoked = last[:S].mean(), last[S:2 * S].mean(), last[2 * S:].mean()
+    assert reset == pytest.approx(0.3, abs=0.05)  # uniform play over the 4 arms
+    assert kept > 0.6, (kept, reset, yoked)
+    assert yoked < kept - 0.2, (kept, reset, yoked)
+
+
+def test_play_gives_yoked_rows_their_partners_rewards(recall_model, monkeypatch):
+    seen = []
+    real = EpisodeLearner.end_episode
+
+    def spy(self, rewards=None, *a, **k):
+        seen.append(list(rewards))
+        return real(self, rewards, *a, **k)
+
+    monkeypatch.setattr(EpisodeLearner, "end_episode", spy)
+    m = with_reward_memory(recall_model)
+    envs = [games.BanditEnv(Bandit(k=3, seed=i, probs=[0.5, 0.5, 0.5])) for i in range(3)]
+    pols = [RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)] * 3
+    res = games.play(m, envs, pols, 12, seed=0, yoke=[None, None, 0], desc="spy")
+    assert len(seen) == 12
+    for t, given in enumerate(seen):
+        assert given[2] == given[0] == res["reward"][0, t]  # row 2 committed row 0's reward
+        assert given[1] == res["reward"][1, t]
+
+
+def test_token_sets_and_task_distribution_are_disjoint_and_seeded():
+    for k in ("cues", "answers", "arms"):
+        assert not set(TRAIN_TOKENS[k]) & set(HELD_OUT_TOKENS[k])
+    a = draw_reward_tasks(8, 20, seed=1)
+    b = draw_reward_tasks(8, 20, seed=1)
+    for x, y in zip(a, b):
+        assert x.actions == y.actions and x.context(0) == y.context(0) and x.best() == y.best()
+    used = {t for e in a for t in e.actions}
+    assert used <= set(TRAIN_TOKENS["answers"]) | set(TRAIN_TOKENS["arms"])
+    assert {len(e.actions) for e in a} <= set(range(2, 9))
+    assert normalised_score(np.array([[e.chance() for _ in range(3)] for e in a]), a) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="family"):
+        draw_reward_tasks(2, 5, seed=0, families=("poker",))
+
+
+def test_games_take_other_token_sets_and_refuse_bad_ones():
+    g = PreferenceGame(3, 2, seed=4, cue_tokens=[170, 171, 172, 173], answer_tokens=[200, 201])
+    assert g.cues == [170, 171, 172] and g.answers == [200, 201] and set(g.preferred.values()) <= {200, 201}
+    assert g.prompt(171) == [BOS, 171]
+    assert Bandit(k=2, seed=0, arm_tokens=[40, 41, 42]).arms == [40, 41]
+    with pytest.raises(ValueError, match="distinct"):
+        PreferenceGame(2, 2, cue_tokens=[170, 170], answer_tokens=[200, 201])
+    with pytest.raises(ValueError, match="distinct"):
+        PreferenceGame(2, 2, cue_tokens=[170, 171], answer_tokens=[171, 201])
+    with pytest.raises(ValueError, match="n_answers"):
+        PreferenceGame(2, 3, cue_tokens=[170, 171], answer_tokens=[200, 201])
+    with pytest.raises(ValueError, match="BOS and ASK"):
+        Bandit(k=2, arm_tokens=[ASK, 40])
+
+
+def test_fit_then_games_report_with_held_out_tokens_and_yoked_rows(recall_model, tmp_path):
+    grid = [RewardMemorySettings(scale=4.0, eta_r=0.1), RewardMemorySettings(scale=8.0, eta_r=0.3)]
+    fit = fit_reward_memory(recall_model, grid=grid, n_tasks=4, episodes=6, seed=0, log=lambda s: None)
+    assert len(fit["candidates"]) == 2 and fit["best"] in [c["settings"] for c in fit["candidates"]]
+    assert all(math.isfinite(c["score"]) for c in fit["candidates"])
+    # the games read the fitted settings from the cache (written here by hand: fitting is measured above)
+    path = tmp_path / f"reward-memory-{recall_model.fingerprint()}-0.json"
+    path.write_text(json.dumps(fit))
+    rep = games.run(model=recall_model, episodes=12, seeds=2, games=("bandit", "cue_reward"), reward_memory=True,
+                    tokens="held_out", cache_root=str(tmp_path), out_dir=str(tmp_path), name="g")
+    assert rep["config"]["reward_memory"]["best"] == fit["best"] and rep["config"]["tokens"] == "held_out"
+    for key in ("bandit/adapt", "bandit/reset", "bandit/yoked", "cue_reward/yoked", "regret/yoked", "regret/thompson"):
+        assert key in rep["methods"], key
+    assert "yoked_delta" in rep["methods"]["cue_reward/yoked"]["summary"]
+    assert (tmp_path / "g.json").is_file() and (tmp_path / "g.png").is_file()
+    with pytest.raises(ValueError, match="tokens"):
+        games.run(model=recall_model, episodes=2, seeds=1, games=("bandit",), tokens="mine", out_dir=None)
