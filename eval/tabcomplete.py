@@ -370,7 +370,8 @@ def table(report: Dict[str, Any]) -> str:
             continue
         pair, part = key.split("/")
         diff.append([pair, "all" if part == "all" else f"last {W}", f"{st['delta']:+.4f}",
-                     f"[{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}]", f"[{st['ci_users'][0]:+.4f}, {st['ci_users'][1]:+.4f}]",
+                     f"[{st['ci'][0]:+.4f}, {st['ci'][1]:+.4f}]",
+                     f"[{st['ci_users'][0]:+.4f}, {st['ci_users'][1]:+.4f}]",
                      f"{st['users_positive']}/{st['n_users']}"])
     return out + "\n\n" + format_table(diff, ["pair", "suggestions", "difference", "95% CI (user x episode clusters)",
                                               "95% CI (users)", "users where a > b"])
