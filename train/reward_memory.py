@@ -191,7 +191,7 @@ def default_grid() -> List[RewardMemorySettings]:
     """Candidate settings: read scale x step (their product sets how far one surprise moves a
     logit) x trace decay (the generated answer only, or every write of the episode)."""
     return [RewardMemorySettings(scale=a, eta_r=e, lam=lam)
-            for lam in (1e-3, 0.999) for a in (4.0, 8.0, 16.0) for e in (0.1, 0.2, 0.4)]
+            for lam in (1e-3, 0.999) for a in (4.0, 8.0, 16.0) for e in (0.2, 0.4)]
 
 
 def fit_reward_memory(model: PlasticTransformer, grid: Optional[Sequence[RewardMemorySettings]] = None,
