@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 LAYER_TYPES = ("attn", "fast")
 READOUT_VALUES = ("onehot", "embed")
+READOUT_KEYS = ("hidden", "hidden+token")
 RULES = ("delta", "hebb")
 
 
@@ -47,6 +48,9 @@ class PlasticConfig:
     # than readout_commit_span tokens commit nothing. "trace": the same commit as the fast layers.
     readout_commit: str = "state"
     readout_commit_span: float = 4096.0
+    # "hidden": keys unit(h); "hidden+token": [unit(h), one-hot(x)] / sqrt(2) (K = d_model + vocab_size), for
+    # models whose final hidden state does not tell the last token apart (a recall model after a cue).
+    readout_keys: str = "hidden"
     # --- episodic memory (docs/design.md, "The episodic memory"): an output-side memory with sharp wide keys
     # phi(h) = unit(relu(R unit(h) - theta)), R [episodic_features, d_model] fixed; state commit, so a session's
     # final state is the next session's start ---
@@ -147,6 +151,8 @@ class PlasticConfig:
         self.decay_spans = [float(x) for x in spans]
         if self.readout_values not in READOUT_VALUES:
             raise _err("readout_values", f"must be one of {READOUT_VALUES}, got {self.readout_values!r}")
+        if self.readout_keys not in READOUT_KEYS:
+            raise _err("readout_keys", f"must be one of {READOUT_KEYS}, got {self.readout_keys!r}")
         num("readout_beta", 0.0, 1.0, lo_open=True, hi_open=True)
         num("readout_scale", -math.inf, math.inf)
         if self.readout_commit not in ("state", "trace"):

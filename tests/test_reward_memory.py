@@ -162,3 +162,104 @@ def test_fit_then_games_report_with_held_out_tokens_and_yoked_rows(recall_model,
     assert (tmp_path / "g.json").is_file() and (tmp_path / "g.png").is_file()
     with pytest.raises(ValueError, match="tokens"):
         games.run(model=recall_model, episodes=2, seeds=1, games=("bandit",), tokens="mine", out_dir=None)
+
+
+# ---------------------------------------------------------------------- keys that tell the last token apart
+def tiny_model(seed=0, **kw):
+    from cl_arch import PlasticConfig, PlasticTransformer
+
+    base = dict(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, n_attn_heads=2, mlp_ratio=2.0,
+                chunk_size=8, recurrent_threshold=4, readout_heads=1, readout_keys="hidden+token")
+    base.update(kw)
+    torch.manual_seed(seed)
+    return PlasticTransformer(PlasticConfig(**base)).to(torch.float64).eval()
+
+
+def test_hidden_plus_token_keys_are_the_rule_written_out():
+    """k_t = [unit(h_{t-1}), one-hot(x_{t-1})] / sqrt(2) (zero at t = 0), q_t the same at t."""
+    import torch.nn.functional as F
+
+    from cl_arch.kernels.plastic import naive_plastic_rule
+    from cl_arch.state import StepContext
+
+    m = tiny_model(seed=1)
+    ro = m.readout
+    assert ro.head_k_dim == 32 + 256 and m.init_state(2).layers[-1].P is None
+    with torch.no_grad():
+        ro.W0.normal_(0, 0.1)
+        ro.read_scale.fill_(2.0)
+    ids = torch.randint(0, 256, (1, 19), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, _ = m(ids)
+        saved, m.readout = m.readout, None
+        base, _ = m(ids)
+        m.readout = saved
+        x = m.embed(ids)
+        for blk in m.blocks:
+            x, _ = blk(x, None, StepContext(need_state=False))
+        q = torch.cat([F.normalize(m.norm_f(x), dim=-1), F.one_hot(ids, 256).double()], -1) / 2 ** 0.5
+        k = torch.cat([torch.zeros_like(q[:, :1]), q[:, :-1]], 1).unsqueeze(2)
+        v = F.one_hot(ids, 256).double().unsqueeze(2)
+        beta = torch.sigmoid(ro.beta_logit).expand(1, 19, 1)
+        g = (-ro.A_log.exp()).expand(1, 19, 1)
+        o, _, _ = naive_plastic_rule(q.unsqueeze(2), k, v, beta, g, scale=1.0, resting_state=ro.W0)
+    assert torch.allclose(logits, base + 2.0 * o[:, :, 0], atol=1e-10)
+
+
+@pytest.mark.parametrize("T,cut", [(37, 18), (20, 1)], ids=["T37-cut18", "T20-cut1"])
+def test_hidden_plus_token_keys_read_in_pieces_like_one_call(T, cut):
+    m = tiny_model(seed=T)
+    ids = torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        whole, s_whole = m(ids)
+        a, s = m(ids[:, :cut])
+        b, s = m(ids[:, cut:], state=s)
+    assert torch.allclose(whole, torch.cat([a, b], 1), atol=1e-10)
+    assert torch.allclose(s_whole.layers[-1].S, s.layers[-1].S, atol=1e-10)
+
+
+def test_readout_keys_config_is_checked():
+    from cl_arch import PlasticConfig
+
+    with pytest.raises(ValueError, match="readout_keys"):
+        PlasticConfig(readout_keys="token")
+    with pytest.raises(ValueError, match="RewardMemorySettings.keys"):
+        RewardMemorySettings(keys="cue")
+
+
+def test_regmean_merge_reads_the_output_memories_queries():
+    """regmean's read statistics hook every fast memory, the output memories included (their forward
+    takes (h, ids, embed, head, state, ctx), not a block's (x, state, ctx))."""
+    from cl_arch.consolidate import merge
+
+    m = tiny_model(seed=3, episodic_heads=1, episodic_features=48)
+    g = torch.Generator().manual_seed(3)
+    sessions = [[0.01 * torch.randn(l.n_heads, l.head_k_dim, l.head_v_dim, generator=g, dtype=torch.float64)
+                 for l in m.fast_layers()] for _ in range(2)]
+    data = torch.randint(0, 256, (3, 17), generator=g)
+    before = [l.W0.detach().clone() for l in m.fast_layers()]
+    merge(m, sessions, method="regmean", data=[data, data.flip(1)])
+    moved = [float((l.W0.detach() - b).abs().max()) for l, b in zip(m.fast_layers(), before)]
+    assert all(np.isfinite(x) and x > 0 for x in moved), moved
+
+
+def test_reward_memory_learns_which_cue_pays_what_on_unseen_tokens(recall_model):
+    """Cue -> two answers with opposite preferences for alternate cues: a cue-blind policy earns 0.5
+    at best. With token-aware keys the kept rows climb well above it; with hidden-state keys alone
+    (identical for every cue after BOS on this model) they cannot."""
+    cues, answers = HELD_OUT_TOKENS["cues"][:4], HELD_OUT_TOKENS["reward_answers"]
+    S, E = 4, 160
+
+    def kept_last(keys):
+        m = with_reward_memory(recall_model, RewardMemorySettings(scale=8.0, eta_r=0.4, keys=keys))
+        envs = []
+        for s in range(S):
+            game = PreferenceGame(4, 2, seed=s, cue_tokens=cues, answer_tokens=answers)
+            game.preferred = {c: answers[i % 2] for i, c in enumerate(game.cues)}
+            envs.append(games.PreferenceEnv(game, E, seed=50 + s))
+        pols = [RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)] * S
+        return games.play(m, envs, pols, E, seed=5, desc=keys)["expected"][:, -40:].mean()
+
+    tok, hid = kept_last("hidden+token"), kept_last("hidden")
+    assert tok > 0.75
+    assert hid < 0.62

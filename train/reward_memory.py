@@ -58,6 +58,11 @@ class RewardMemorySettings:
         lam: trace decay; near 0 the trace holds the generated answer's write only, 1 every write.
         gamma: retention of P per commit (1: a stationary world; < 1 forgets old rewards).
         span: memory span in tokens within an episode (long: episodes are a few tokens).
+        keys: ``"hidden+token"`` (default) keys a write by the final hidden state *and* the
+            embedding of the token it follows; ``"hidden"`` by the hidden state alone. A model
+            trained on recall ends ``BOS cue`` in the same hidden state for every cue (cosine
+            0.999-1.000 on the games' recall model), so hidden-state keys cannot tell cues apart
+            and the memory learns one cue-blind preference.
     """
 
     scale: float = 8.0
@@ -66,8 +71,11 @@ class RewardMemorySettings:
     lam: float = 1e-3
     gamma: float = 0.9999
     span: float = 1e6
+    keys: str = "hidden+token"
 
     def __post_init__(self) -> None:
+        if self.keys not in ("hidden", "hidden+token"):
+            raise ValueError(f"RewardMemorySettings.keys must be 'hidden' or 'hidden+token', got {self.keys!r}")
         for name, lo, hi in (("beta", 0.0, 1.0), ("lam", 0.0, 1.0), ("gamma", 0.0, 1.0)):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and lo < v < hi):
@@ -100,7 +108,8 @@ def with_reward_memory(model: PlasticTransformer, settings: Optional[RewardMemor
         raise ValueError("with_reward_memory: the model already has a readout memory (readout_heads > 0); "
                          "a second one would need its own module")
     cfg = PlasticConfig.from_dict({**model.config.to_dict(), "readout_heads": 1, "readout_commit": "trace",
-                                   "readout_scale": float(settings.scale), "readout_beta": float(settings.beta)})
+                                   "readout_scale": float(settings.scale), "readout_beta": float(settings.beta),
+                                   "readout_keys": settings.keys})
     new = PlasticTransformer(cfg).to(model.device)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("readout.") for k in missing):
@@ -148,12 +157,14 @@ class NoisyReward:
 
 
 def draw_reward_tasks(n: int, episodes: int, seed: int, tokens: Optional[Dict[str, Sequence[int]]] = None,
-                      families: Sequence[str] = ("bandit", "preference"), noise: Sequence[float] = (0.0, 0.1)):
+                      families: Sequence[str] = ("bandit", "preference", "cue_reward"),
+                      noise: Sequence[float] = (0.0, 0.1)):
     """``n`` reward tasks drawn from a distribution, as environments for :func:`cl_arch.eval.games.play`.
 
     Bandits draw ``k`` in 2..8 arms from ``tokens["arms"]`` and uniform pay-outs; preference games
     draw 2..8 cues and 2..8 answers from ``tokens["cues"]`` / ``tokens["answers"]`` (random
-    subsets, so token identity carries nothing); each task's reward is flipped with a probability
+    subsets, so token identity carries nothing); cue-reward games draw 4..16 cues and two answer
+    tokens (the evaluation's are POS/NEG, never drawn here); each task's reward is flipped with a probability
     drawn from ``noise``. Every environment has ``best()`` and ``chance()`` (expected reward of the
     best and of uniform play), for normalised scores.
     """
@@ -172,8 +183,13 @@ def draw_reward_tasks(n: int, episodes: int, seed: int, tokens: Optional[Dict[st
             game = PreferenceGame(nc, na, seed=seed * 1000 + i, cue_tokens=rng.sample(list(tokens["cues"]), nc),
                                   answer_tokens=rng.sample(list(tokens["answers"]), na))
             env = PreferenceEnv(game, episodes, seed=seed * 1000 + 500 + i)
+        elif fam == "cue_reward":
+            nc = rng.randint(4, 16)
+            game = PreferenceGame(nc, 2, seed=seed * 1000 + i, cue_tokens=rng.sample(list(tokens["cues"]), nc),
+                                  answer_tokens=rng.sample(list(tokens["answers"]), 2))
+            env = PreferenceEnv(game, episodes, seed=seed * 1000 + 500 + i)
         else:
-            raise ValueError(f"unknown task family {fam!r}; known: bandit, preference")
+            raise ValueError(f"unknown task family {fam!r}; known: bandit, preference, cue_reward")
         p = rng.choice(list(noise))
         out.append(NoisyReward(env, p, seed * 1000 + 700 + i) if p > 0 else env)
     return out
@@ -189,13 +205,17 @@ def normalised_score(expected: np.ndarray, envs: Sequence[Any]) -> np.ndarray:
 
 def default_grid() -> List[RewardMemorySettings]:
     """Candidate settings: read scale x step (their product sets how far one surprise moves a
-    logit) x trace decay (the generated answer only, or every write of the episode)."""
-    return [RewardMemorySettings(scale=a, eta_r=e, lam=lam)
-            for lam in (1e-3, 0.999) for a in (4.0, 8.0, 16.0) for e in (0.2, 0.4)]
+    logit) with the trace on the generated answer only; then, at three of them, the trace over
+    every write of the episode (``lam`` 0.999), and hidden-state keys alone."""
+    grid = [RewardMemorySettings(scale=a, eta_r=e) for a in (4.0, 8.0, 16.0, 32.0) for e in (0.1, 0.2, 0.4)]
+    for a, e in ((8.0, 0.2), (8.0, 0.4), (16.0, 0.2)):
+        grid.append(RewardMemorySettings(scale=a, eta_r=e, lam=0.999))
+        grid.append(RewardMemorySettings(scale=a, eta_r=e, keys="hidden"))
+    return grid
 
 
 def fit_reward_memory(model: PlasticTransformer, grid: Optional[Sequence[RewardMemorySettings]] = None,
-                      n_tasks: int = 16, episodes: int = 150, seed: int = 0, log=print) -> Dict[str, Any]:
+                      n_tasks: int = 16, episodes: int = 300, seed: int = 0, log=print) -> Dict[str, Any]:
     """Choose the reward memory's settings on the training distribution of reward tasks.
 
     Every candidate of ``grid`` (default :func:`default_grid`) plays the same ``n_tasks`` tasks of
@@ -217,7 +237,8 @@ def fit_reward_memory(model: PlasticTransformer, grid: Optional[Sequence[RewardM
         res = play(m, envs, [pol] * len(envs), episodes, seed=seed, desc=f"fit {i + 1}/{len(grid)}")
         score = float(normalised_score(res["expected"], envs).mean())
         rows.append({"settings": dataclasses.asdict(st), "score": score})
-        log(f"fit {i + 1}/{len(grid)}: scale {st.scale:g} eta_r {st.eta_r:g} lam {st.lam:g}: score {score:.4f}")
+        log(f"fit {i + 1}/{len(grid)}: scale {st.scale:g} eta_r {st.eta_r:g} lam {st.lam:g} keys {st.keys}: "
+            f"score {score:.4f}")
     best = max(rows, key=lambda r: r["score"])
     return {"best": best["settings"], "candidates": rows, "n_tasks": n_tasks, "episodes": episodes, "seed": seed,
             "tokens": "train"}

@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..layers.readout import ReadoutMemory
 from .common import as_sources, check_storable, check_vocab, forward_logits, gain_figures, mean_nll, to_batches
 from .report import all_or_nothing, new_report, save_w0_and_sessions, write_report
 
@@ -87,8 +88,12 @@ def read_grams(model, batches, P) -> List[torch.Tensor]:
     weight: Dict[str, torch.Tensor] = {}
 
     def hook(mod, args):
-        x, state = args[0], (args[1] if len(args) > 1 else None)
-        q = mod.project_qkv(x, None if state is None else state.conv)[0].double()
+        if isinstance(mod, ReadoutMemory):  # called as (h, ids, embed, head, state, ctx)
+            x, state = args[0], (args[4] if len(args) > 4 else None)
+            q = mod.project_qkv(x, None if state is None else state.conv, ids=args[1], embed=args[2])[0].double()
+        else:  # a block's fast layer: (x, state, ctx)
+            x, state = args[0], (args[1] if len(args) > 1 else None)
+            q = mod.project_qkv(x, None if state is None else state.conv)[0].double()
         grams[layers.index(mod)] += torch.einsum("bt,bthk,bthl->hkl", weight["w"].to(q.device), q, q)
 
     handles = [m.register_forward_pre_hook(hook) for m in layers]

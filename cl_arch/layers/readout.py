@@ -35,7 +35,9 @@ class ReadoutMemory(PlasticMemory):
     def __init__(self, config: PlasticConfig):
         super().__init__()
         self.config = config
-        H, K = config.readout_heads, config.d_model
+        H = config.readout_heads
+        self.key_kind = config.readout_keys
+        K = config.d_model if self.key_kind == "hidden" else config.d_model + config.vocab_size
         self.value_kind = config.readout_values
         V = config.vocab_size if self.value_kind == "onehot" else config.d_model
         self._init_memory(config, H, K, V)
@@ -95,13 +97,28 @@ class ReadoutMemory(PlasticMemory):
         """``[B, 1, d_model]``: ``unit(h)`` of the last position read (zeros: nothing written yet)."""
         return (batch_size, 1, self.head_k_dim)
 
-    def project_qkv(self, h: torch.Tensor, cache: Optional[torch.Tensor] = None):
+    def project_qkv(self, h: torch.Tensor, cache: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None,
+                    embed: Optional[torch.nn.Embedding] = None):
         """Read and write keys of ``h [B, T, d_model]``: ``q_t = unit(h_t)``, ``k_t = unit(h_{t-1})``.
+
+        With ``readout_keys="hidden+token"`` the key is ``[unit(h_t), one-hot(x_t)] / sqrt(2)``
+        (``K = d_model + vocab_size``; ``ids [B, T]`` required): contexts whose hidden states agree
+        but whose last tokens differ (a recall model after ``BOS cue``: cosine 0.999 across cues)
+        get keys at most 0.5 alike. Meant for small vocabularies (the state is ``K x V``).
 
         Returns ``q, k [B, T, H, K]``, None (the values come from the tokens) and the new cache.
         """
-        B, T, K = h.shape
-        hn = F.normalize(h.to(torch.promote_types(h.dtype, torch.float32)), p=2, dim=-1)
+        B, T, _ = h.shape
+        cdt = torch.promote_types(h.dtype, torch.float32)
+        hn = F.normalize(h.to(cdt), p=2, dim=-1)
+        if self.key_kind == "hidden+token":
+            if ids is None:
+                raise ValueError("readout_keys='hidden+token' needs the input ids")
+            # One-hot, not the embedding: a recall model's key embeddings are themselves nearly
+            # parallel (cosine 0.99), and one-hot token parts make any two tokens' keys 0.5 apart at most.
+            en = F.one_hot(ids, self.config.vocab_size).to(cdt)
+            hn = torch.cat([hn, en], dim=-1) / math.sqrt(2.0)
+        K = hn.shape[-1]
         prev = hn.new_zeros(B, 1, K) if cache is None else cache.to(hn.dtype)
         k = torch.cat([prev, hn[:, :-1]], dim=1)
         H = self.n_heads
@@ -139,7 +156,7 @@ class ReadoutMemory(PlasticMemory):
         B, T, _ = h.shape
         state = state if state is not None else FastLayerState()
         cdt = torch.promote_types(h.dtype, torch.float32)
-        q, k, _, cache = self.project_qkv(h, state.conv)
+        q, k, _, cache = self.project_qkv(h, state.conv, ids=ids, embed=embed)
         v = self.values(ids, embed, cdt)
         beta = torch.sigmoid(self.beta_logit.to(cdt)).expand(B, T, self.n_heads)
         if modulation is not None:
