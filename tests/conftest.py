@@ -60,6 +60,29 @@ def _sources_digest() -> str:
     return h.hexdigest()[:16]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    its ops are tiny, and on a loaded two-core machine two OpenMP threads spin-wait on each other
+    (steps 10-50x slower were measured). The previous setting is restored."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A tiny byte model (random weights): plumbing and exactness checks only, no figure depends on
+    what it learns."""
+    from cl_arch import PlasticConfig, PlasticTransformer
+
+    torch.manual_seed(0)
+    cfg = PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2,
+                        attn_window=64, chunk_size=16, mlp_ratio=2.0)
+    return PlasticTransformer(cfg).eval()
+
+
 @pytest.fixture(scope="session")
 def recall_model_base(request):
     from cl_arch import PlasticTransformer

@@ -34,13 +34,7 @@ from cl_arch.train.tasks import association_probes as probes
 SEED = int(os.environ.get("CL_ARCH_TEST_SEED", "0"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a loaded two-core machine spin on each other (10x slower steps).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------- synthetic associations

@@ -7,18 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cl_arch import PlasticConfig, PlasticTransformer
+from cl_arch import PlasticConfig
 from cl_arch.eval import codebase, cost, games, report, retention, sutton, tabcomplete
-from cl_arch.eval.baselines import DynamicEval, EpisodeLearner, RowPolicy
-
-
-@pytest.fixture(scope="module")
-def tiny_lm():
-    """A tiny byte model (random weights): enough for plumbing and exactness checks, not for learning."""
-    torch.manual_seed(0)
-    cfg = PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2,
-                        attn_window=64, chunk_size=16, mlp_ratio=2.0)
-    return PlasticTransformer(cfg).eval()
+from cl_arch.eval.baselines import DynamicEval, EpisodeLearner
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ merge_mod = importlib.import_module("cl_arch.consolidate.merge")
 CFG = dict(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a loaded two-core machine spin on each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0):

@@ -14,12 +14,7 @@ from cl_arch.train.reward_memory import (HELD_OUT_TOKENS, TRAIN_TOKENS, RewardMe
 from cl_arch.train.tasks import ASK, BOS, Bandit, PreferenceGame
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_with_reward_memory_adds_a_trace_commit_readout_and_keeps_every_other_weight(recall_model):

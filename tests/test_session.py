@@ -19,14 +19,7 @@ from cl_arch.train.tasks import PreferenceGame
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one intra-op thread is faster, and on a loaded machine two OpenMP threads
-    spin-wait on each other (a 50x slowdown was measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0, dtype=torch.float32, **kw):

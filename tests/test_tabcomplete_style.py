@@ -6,9 +6,7 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
-from cl_arch import PlasticConfig, PlasticTransformer
 from cl_arch.eval import tabcomplete as T
 from cl_arch.eval import user_style as U
 from cl_arch.eval.streams import held_out_package
@@ -158,15 +156,6 @@ def test_user_segments_count_suggestions_and_keep_lines(tmp_path):
 
 
 # ---------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def tiny_lm():
-    """A tiny byte model (random weights): plumbing only, no figure depends on what it learns."""
-    torch.manual_seed(0)
-    cfg = PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2,
-                        attn_window=64, chunk_size=16, mlp_ratio=2.0)
-    return PlasticTransformer(cfg).eval()
-
-
 @pytest.fixture()
 def tiny_tree(tmp_path):
     d = tmp_path / "pkg"
