@@ -26,7 +26,8 @@ from cl_arch.train.tasks import PreferenceGame
 
 from . import metrics as M
 from .baselines import EpisodeLearner, RowPolicy
-from .games import PreferenceEnv, recall_model
+from .games import recall_model
+from .play import PreferenceEnv
 from .report import curve, format_table, write_report
 from .sutton import expected_score
 

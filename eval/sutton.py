@@ -30,7 +30,8 @@ from cl_arch.train.tasks import PreferenceGame
 from . import metrics as M
 from .baselines import EpisodeLearner, RowPolicy
 from .codebase import held_out_package, line_acceptance, segment_stream, stdlib_model
-from .games import PreferenceEnv, recall_model
+from .games import recall_model
+from .play import PreferenceEnv
 from .report import curve, format_table, write_report
 
 

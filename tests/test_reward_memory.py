@@ -9,8 +9,8 @@ import torch
 
 from cl_arch.eval import games
 from cl_arch.eval.baselines import EpisodeLearner, RowPolicy
-from cl_arch.train.reward_memory import (HELD_OUT_TOKENS, TRAIN_TOKENS, RewardMemorySettings, draw_reward_tasks,
-                                         fit_reward_memory, normalised_score, with_reward_memory)
+from cl_arch.eval.reward_fit import draw_reward_tasks, fit_reward_memory, normalised_score
+from cl_arch.train.reward_memory import HELD_OUT_TOKENS, TRAIN_TOKENS, RewardMemorySettings, with_reward_memory
 from cl_arch.train.tasks import ASK, BOS, Bandit, PreferenceGame
 
 

@@ -21,25 +21,22 @@ written under its prompt's key, ``beta k (e_a - S^T k)``. The read at that key t
 surprising the reward was. On a fixed prompt this is a gradient bandit on the logits (a numpy
 model of it is within 10% of Thompson sampling at k = 4 with a good step size).
 
-:func:`fit_reward_memory` chooses the memory's settings (read scale, step ``eta_r``, trace decay)
-by playing a distribution of reward tasks (:func:`draw_reward_tasks`: bandits with drawn arm counts
+:func:`cl_arch.eval.reward_fit.fit_reward_memory` chooses the memory's settings (read scale, step ``eta_r``, trace decay)
+by playing a distribution of reward tasks (``draw_reward_tasks``: bandits with drawn arm counts
 and pay-outs, preference games with drawn sizes, reward noise) on the *training* token sets and
 keeping the setting with the highest mean normalised reward. It is a search, not a gradient: the
 few settings are scalars, and every candidate is scored on whole learning curves.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Optional
 
-import numpy as np
 import torch
 
 from cl_arch import PlasticConfig, PlasticTransformer
-from cl_arch.train.tasks import ARMS, KEYS, NEG, POS, VALUES, Bandit, PreferenceGame
+from cl_arch.train.tasks import ARMS, KEYS, NEG, POS, VALUES
 
 # Token sets: fitting (meta-training) plays only the first; evaluations report the second.
 TRAIN_TOKENS = {"cues": list(KEYS[:32]), "answers": list(VALUES[:32]), "arms": list(ARMS[:8])}
@@ -131,118 +128,4 @@ def with_reward_memory(model: PlasticTransformer, settings: Optional[RewardMemor
     return new.eval()
 
 
-# ---------------------------------------------------------------------------- the task distribution
-class NoisyReward:
-    """An environment whose reward is flipped (``1 - r``) with probability ``p`` (seeded)."""
-
-    def __init__(self, env: Any, p: float, seed: int):
-        self.env, self.p, self.actions = env, p, env.actions
-        self._rng = random.Random(seed)
-
-    def context(self, t: int) -> List[int]:
-        return self.env.context(t)
-
-    def reward(self, t: int, action: int) -> float:
-        r = self.env.reward(t, action)
-        return 1.0 - r if self._rng.random() < self.p else r
-
-    def expected(self, t: int, probs: np.ndarray) -> float:
-        return self.env.expected(t, probs)
-
-    def best(self) -> float:
-        return self.env.best()
-
-    def chance(self) -> float:
-        return self.env.chance()
-
-
-def draw_reward_tasks(n: int, episodes: int, seed: int, tokens: Optional[Dict[str, Sequence[int]]] = None,
-                      families: Sequence[str] = ("bandit", "preference", "cue_reward"),
-                      noise: Sequence[float] = (0.0, 0.1)):
-    """``n`` reward tasks drawn from a distribution, as environments for :func:`cl_arch.eval.games.play`.
-
-    Bandits draw ``k`` in 2..8 arms from ``tokens["arms"]`` and uniform pay-outs; preference games
-    draw 2..8 cues and 2..8 answers from ``tokens["cues"]`` / ``tokens["answers"]`` (random
-    subsets, so token identity carries nothing); cue-reward games draw 4..16 cues and two answer
-    tokens (the evaluation's are POS/NEG, never drawn here); each task's reward is flipped with a probability
-    drawn from ``noise``. Every environment has ``best()`` and ``chance()`` (expected reward of the
-    best and of uniform play), for normalised scores.
-    """
-    from cl_arch.eval.games import BanditEnv, PreferenceEnv
-
-    tokens = tokens or TRAIN_TOKENS
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        fam = families[i % len(families)]
-        if fam == "bandit":
-            k = rng.randint(2, min(8, len(tokens["arms"])))
-            env = BanditEnv(Bandit(k=k, seed=seed * 1000 + i, arm_tokens=rng.sample(list(tokens["arms"]), k)))
-        elif fam == "preference":
-            nc, na = rng.randint(2, 8), rng.randint(2, 8)
-            game = PreferenceGame(nc, na, seed=seed * 1000 + i, cue_tokens=rng.sample(list(tokens["cues"]), nc),
-                                  answer_tokens=rng.sample(list(tokens["answers"]), na))
-            env = PreferenceEnv(game, episodes, seed=seed * 1000 + 500 + i)
-        elif fam == "cue_reward":
-            nc = rng.randint(4, 16)
-            game = PreferenceGame(nc, 2, seed=seed * 1000 + i, cue_tokens=rng.sample(list(tokens["cues"]), nc),
-                                  answer_tokens=rng.sample(list(tokens["answers"]), 2))
-            env = PreferenceEnv(game, episodes, seed=seed * 1000 + 500 + i)
-        else:
-            raise ValueError(f"unknown task family {fam!r}; known: bandit, preference, cue_reward")
-        p = rng.choice(list(noise))
-        out.append(NoisyReward(env, p, seed * 1000 + 700 + i) if p > 0 else env)
-    return out
-
-
-def normalised_score(expected: np.ndarray, envs: Sequence[Any]) -> np.ndarray:
-    """Per task, the mean over episodes of ``(E[r] - chance) / (best - chance)``: 0 is uniform play,
-    1 is the best action from the first episode. ``expected [n, episodes]``."""
-    lo = np.array([e.chance() for e in envs])[:, None]
-    hi = np.array([e.best() for e in envs])[:, None]
-    return ((expected - lo) / np.maximum(hi - lo, 1e-6)).mean(1)
-
-
-def default_grid() -> List[RewardMemorySettings]:
-    """Candidate settings: read scale x step (their product sets how far one surprise moves a
-    logit) with the trace on the generated answer only; then, at three of them, the trace over
-    every write of the episode (``lam`` 0.999), and hidden-state keys alone."""
-    grid = [RewardMemorySettings(scale=a, eta_r=e) for a in (4.0, 8.0, 16.0, 32.0) for e in (0.1, 0.2, 0.4)]
-    for a, e in ((8.0, 0.2), (8.0, 0.4), (16.0, 0.2)):
-        grid.append(RewardMemorySettings(scale=a, eta_r=e, lam=0.999))
-        grid.append(RewardMemorySettings(scale=a, eta_r=e, keys="hidden"))
-    return grid
-
-
-def fit_reward_memory(model: PlasticTransformer, grid: Optional[Sequence[RewardMemorySettings]] = None,
-                      n_tasks: int = 16, episodes: int = 300, seed: int = 0, log=print) -> Dict[str, Any]:
-    """Choose the reward memory's settings on the training distribution of reward tasks.
-
-    Every candidate of ``grid`` (default :func:`default_grid`) plays the same ``n_tasks`` tasks of
-    :func:`draw_reward_tasks` on :data:`TRAIN_TOKENS` for ``episodes`` episodes (P kept, reward
-    only); the score is the mean :func:`normalised_score`.
-
-    Returns:
-        ``{"best": settings dict, "candidates": [{"settings", "score"}], "n_tasks", "episodes", "seed"}``.
-    """
-    from cl_arch.eval.baselines import RowPolicy
-    from cl_arch.eval.games import play
-
-    grid = list(grid) if grid is not None else default_grid()
-    rows = []
-    for i, st in enumerate(grid):
-        envs = draw_reward_tasks(n_tasks, episodes, seed)
-        m = with_reward_memory(model, st)
-        pol = RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)
-        res = play(m, envs, [pol] * len(envs), episodes, seed=seed, desc=f"fit {i + 1}/{len(grid)}")
-        score = float(normalised_score(res["expected"], envs).mean())
-        rows.append({"settings": dataclasses.asdict(st), "score": score})
-        log(f"fit {i + 1}/{len(grid)}: scale {st.scale:g} eta_r {st.eta_r:g} lam {st.lam:g} keys {st.keys}: "
-            f"score {score:.4f}")
-    best = max(rows, key=lambda r: r["score"])
-    return {"best": best["settings"], "candidates": rows, "n_tasks": n_tasks, "episodes": episodes, "seed": seed,
-            "tokens": "train"}
-
-
-__all__ = ["TRAIN_TOKENS", "HELD_OUT_TOKENS", "RewardMemorySettings", "with_reward_memory", "NoisyReward",
-           "draw_reward_tasks", "normalised_score", "default_grid", "fit_reward_memory"]
+__all__ = ["TRAIN_TOKENS", "HELD_OUT_TOKENS", "RewardMemorySettings", "with_reward_memory"]

@@ -1,0 +1,121 @@
+"""Playing reward games: the environments and the batched play loop shared by ``games``, the
+Sutton test, retention and the reward-memory fit (:mod:`cl_arch.eval.reward_fit`).
+
+Every episode shows a prompt, the model answers one token sampled from its softmax restricted to
+the legal actions, the answer is fed back (so the fast layers write it and the eligibility trace
+holds ``prompt -> answer``), and the episode's reward goes to the commit.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cl_arch import PlasticTransformer
+from cl_arch.train.tasks import Bandit, PreferenceGame
+
+from .baselines import EpisodeLearner, RowPolicy
+
+
+class PreferenceEnv:
+    """One :class:`PreferenceGame` with a seeded cue sequence; ``answer_map`` renames answers."""
+
+    def __init__(self, game: PreferenceGame, episodes: int, seed: int, answer_tokens: Optional[List[int]] = None):
+        self.game = game
+        self.cues = game.cue_sequence(episodes, seed=seed)
+        # the game speaks value tokens; a renamed game (cue-reward) answers with other tokens
+        self.actions = list(answer_tokens) if answer_tokens is not None else list(game.answers)
+        self._to_game = dict(zip(self.actions, game.answers))
+
+    def context(self, t: int) -> List[int]:
+        return self.game.prompt(self.cues[t])
+
+    def reward(self, t: int, action: int) -> float:
+        return self.game.reward(self.cues[t], self._to_game[action])
+
+    def expected(self, t: int, probs: np.ndarray) -> float:
+        pref = self.game.preferred[self.cues[t]]
+        return float(probs[self.game.answers.index(pref)])
+
+    def best(self) -> float:
+        return 1.0
+
+    def chance(self) -> float:
+        return 1.0 / len(self.actions)
+
+
+class BanditEnv:
+    """A :class:`Bandit` as an environment; expected reward = ``sum_a pi(a) mu_a``."""
+
+    def __init__(self, bandit: Bandit):
+        self.bandit = bandit
+        self.actions = list(bandit.arms)
+
+    def context(self, t: int) -> List[int]:
+        return self.bandit.prompt()
+
+    def reward(self, t: int, action: int) -> float:
+        return self.bandit.pull(action)
+
+    def expected(self, t: int, probs: np.ndarray) -> float:
+        return float(np.dot(probs, self.bandit.probs))
+
+    def best(self) -> float:
+        return max(self.bandit.probs)
+
+    def chance(self) -> float:
+        return float(np.mean(self.bandit.probs))
+
+
+@torch.no_grad()
+def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowPolicy], episodes: int,
+         temperature: float = 1.0, seed: int = 0, switch: Optional[Dict[int, Sequence[Any]]] = None,
+         desc: str = "play", yoke: Optional[Sequence[Optional[int]]] = None) -> Dict[str, np.ndarray]:
+    """Play ``episodes`` episodes; row ``i`` plays ``envs[i]`` with ``policies[i]``, all in one batch.
+
+    Args:
+        switch: ``{episode: new_envs}``: from that episode on, rows play the new environments
+            (the rule shift); memories are kept.
+        yoke: per row, None or the index of a partner row: a yoked row's commit gets the reward
+            its partner earned in the same episode, not its own (the yoked control: as much
+            reward, none of it contingent on what the row did). Its reported reward is its own.
+    Returns:
+        ``reward``, ``expected`` ``[B, episodes]`` floats, ``action [B, episodes]`` action indices.
+    """
+    if len(envs) != len(policies):
+        raise ValueError(f"{len(envs)} environments but {len(policies)} policies")
+    learner = EpisodeLearner(model, policies)
+    g = torch.Generator().manual_seed(seed)
+    B = len(envs)
+    out = {k: np.zeros((B, episodes)) for k in ("reward", "expected", "action")}
+    envs = list(envs)
+    for t in tqdm(range(episodes), desc=desc, unit="ep", mininterval=2.0):
+        if switch and t in switch:
+            envs = list(switch[t])
+        ctx = [e.context(t) for e in envs]
+        if len({len(c) for c in ctx}) != 1:
+            raise ValueError("all rows' prompts must have one length (they are batched)")
+        logits = learner.step(torch.tensor(ctx))[:, -1]  # [B, V]
+        # Rows may have different action counts: pad with the first action, masked out of the softmax.
+        A = max(len(e.actions) for e in envs)
+        acts = torch.tensor([list(e.actions) + [e.actions[0]] * (A - len(e.actions)) for e in envs])  # [B, A]
+        legal = torch.tensor([[j < len(e.actions) for j in range(A)] for e in envs])
+        z = (logits.gather(1, acts).float() / temperature).masked_fill(~legal, float("-inf"))
+        probs = torch.softmax(z, -1)  # [B, A]
+        pick = torch.multinomial(probs, 1, generator=g).squeeze(1)  # [B]
+        tokens = acts.gather(1, pick[:, None])  # [B, 1]
+        rewards = [envs[i].reward(t, int(tokens[i, 0])) for i in range(B)]
+        learner.step(tokens)  # the answer is written: the trace now holds prompt -> answer
+        given = rewards if yoke is None else [rewards[i if j is None else j] for i, j in enumerate(yoke)]
+        learner.end_episode(given)
+        pn = probs.numpy()
+        out["reward"][:, t] = rewards
+        out["expected"][:, t] = [envs[i].expected(t, pn[i, :len(envs[i].actions)]) for i in range(B)]
+        out["action"][:, t] = pick.numpy()
+    return out
+
+
+
+__all__ = ["PreferenceEnv", "BanditEnv", "play"]
