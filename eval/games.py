@@ -98,29 +98,40 @@ def _smooth_curve(expected: np.ndarray, window: int, points: int = 40):
 
 
 def reward_memory_model(base: PlasticTransformer, cache_root: str = "runs", fit_seed: int = 0,
-                        log=None) -> PlasticTransformer:
+                        log=None, fit: str = "search") -> PlasticTransformer:
     """``base`` with a reward memory (:func:`cl_arch.train.reward_memory.with_reward_memory`) whose
-    settings :func:`~cl_arch.eval.reward_fit.fit_reward_memory` chose on the training token sets,
-    cached per base model in ``<cache_root>/reward-memory-<fingerprint>.json``."""
+    settings were chosen on the training token sets, cached per base model in ``cache_root``.
+
+    Args:
+        fit: ``"search"`` (:func:`~cl_arch.eval.reward_fit.fit_reward_memory`, cached as
+            ``reward-memory-<fingerprint>-<seed>.json``) or ``"meta"``
+            (:func:`~cl_arch.eval.reward_fit.meta_train_reward_memory`, gradient through the
+            commits, ``reward-memory-meta-<fingerprint>-<seed>.json``).
+    """
     import json
 
     from cl_arch.train.reward_memory import RewardMemorySettings, with_reward_memory
 
-    from .reward_fit import fit_reward_memory
+    from .reward_fit import fit_reward_memory, meta_train_reward_memory
 
-    path = os.path.join(cache_root, f"reward-memory-{base.fingerprint()}-{fit_seed}.json")
+    if fit not in ("search", "meta"):
+        raise ValueError(f"fit must be 'search' or 'meta', got {fit!r}")
+    tag = "" if fit == "search" else "meta-"
+    path = os.path.join(cache_root, f"reward-memory-{tag}{base.fingerprint()}-{fit_seed}.json")
     if os.path.isfile(path):
         with open(path) as f:
-            fit = json.load(f)
+            result = json.load(f)
     else:
-        fit = fit_reward_memory(base, seed=fit_seed, log=log or (lambda s: tqdm.write(s)))
+        logger = log or (lambda s: tqdm.write(s))
+        result = (fit_reward_memory(base, seed=fit_seed, log=logger) if fit == "search"
+                  else meta_train_reward_memory(base, seed=fit_seed, log=logger))
         os.makedirs(cache_root, exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(fit, f, indent=1)
+            json.dump(result, f, indent=1)
         os.replace(tmp, path)
-    model = with_reward_memory(base, RewardMemorySettings(**fit["best"]))
-    model.reward_memory_fit = fit  # recorded in the report
+    model = with_reward_memory(base, RewardMemorySettings(**result["best"]))
+    model.reward_memory_fit = result  # recorded in the report
     return model
 
 
@@ -129,12 +140,13 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
         gamma: Optional[float] = None, recall_steps: int = 600, out_dir: Optional[str] = "runs/eval",
         name: Optional[str] = None, seed: int = 0, games: Sequence[str] = ("bandit", "preference", "cue_reward", "shift"),
         reward_memory: bool = False, tokens: str = "default", yoked: bool = True, cache_root: str = "runs",
-        ) -> Dict[str, Any]:
+        reward_fit: str = "search") -> Dict[str, Any]:
     """Run the games for ``seeds`` independent instances each; returns (and writes) the report.
 
     Args:
         reward_memory: play with a reward memory added to ``model`` (:func:`reward_memory_model`,
-            settings fitted on the training token sets, cached in ``cache_root``).
+            settings fitted on the training token sets by ``reward_fit`` (``"search"`` or ``"meta"``),
+            cached in ``cache_root``).
         tokens: ``"default"`` (arms ``ARMS``, cues ``KEYS``, answers ``VALUES``, as the recall
             model was trained on) or ``"held_out"`` (the token sets reward-memory fitting never
             plays: :data:`cl_arch.train.reward_memory.HELD_OUT_TOKENS`).
@@ -146,7 +158,7 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
         raise ValueError(f"tokens must be 'default' or 'held_out', got {tokens!r}")
     model = model if model is not None else recall_model(recall_steps, cache_root)
     if reward_memory:
-        model = reward_memory_model(model, cache_root)
+        model = reward_memory_model(model, cache_root, fit=reward_fit)
     model.eval()
     held = tokens == "held_out"
     tok = {"arm_tokens": HELD_OUT_TOKENS["arms"]} if held else {}

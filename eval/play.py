@@ -39,6 +39,11 @@ class PreferenceEnv:
         pref = self.game.preferred[self.cues[t]]
         return float(probs[self.game.answers.index(pref)])
 
+    def payoffs(self, t: int) -> np.ndarray:
+        """Expected reward of each action at episode ``t`` ``[A]``."""
+        pref = self.game.preferred[self.cues[t]]
+        return np.array([1.0 if a == pref else 0.0 for a in self.game.answers])
+
     def best(self) -> float:
         return 1.0
 
@@ -61,6 +66,10 @@ class BanditEnv:
 
     def expected(self, t: int, probs: np.ndarray) -> float:
         return float(np.dot(probs, self.bandit.probs))
+
+    def payoffs(self, t: int) -> np.ndarray:
+        """Expected reward of each arm ``[A]``."""
+        return np.asarray(self.bandit.probs, dtype=float)
 
     def best(self) -> float:
         return max(self.bandit.probs)

@@ -12,6 +12,8 @@ import random
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from cl_arch import PlasticTransformer
 from cl_arch.train.reward_memory import TRAIN_TOKENS, RewardMemorySettings, with_reward_memory
@@ -37,6 +39,9 @@ class NoisyReward:
 
     def expected(self, t: int, probs: np.ndarray) -> float:
         return self.env.expected(t, probs)
+
+    def payoffs(self, t: int) -> np.ndarray:
+        return self.env.payoffs(t)
 
     def best(self) -> float:
         return self.env.best()
@@ -128,4 +133,90 @@ def fit_reward_memory(model: PlasticTransformer, grid: Optional[Sequence[RewardM
             "tokens": "train"}
 
 
-__all__ = ["NoisyReward", "draw_reward_tasks", "normalised_score", "default_grid", "fit_reward_memory"]
+def _rollout(model: PlasticTransformer, envs: Sequence[Any], episodes: int, generator: torch.Generator,
+             temperature: float = 1.0) -> torch.Tensor:
+    """Play ``envs`` (one row each) for ``episodes`` episodes keeping the autograd graph of the reward
+    memory's commits; returns the normalised expected reward ``[B, episodes]`` (differentiable).
+
+    Actions are sampled (no gradient through the choice, as in ``train/meta.py``); the expected
+    reward of each episode, ``sum_a pi(a) payoff(a)``, depends on the settings through the read
+    scale and through every earlier commit ``P <- gamma P + eta_r (r - b) clip(E)``.
+    """
+    mem = model.readout
+    B = len(envs)
+    A = max(len(e.actions) for e in envs)
+    acts = torch.tensor([list(e.actions) + [e.actions[0]] * (A - len(e.actions)) for e in envs])
+    legal = torch.tensor([[j < len(e.actions) for j in range(A)] for e in envs])
+    lo = torch.tensor([e.chance() for e in envs])
+    span = torch.tensor([max(e.best() - e.chance(), 1e-6) for e in envs])
+    n_fast = len(model.fast_layers())
+    P = torch.zeros(B, mem.n_heads, mem.head_k_dim, mem.head_v_dim)
+    b = torch.zeros(B)
+    out = []
+    for t in range(episodes):
+        state = model.init_state(B, [None] * (n_fast - 1) + [P])
+        logits, state = model(torch.tensor([e.context(t) for e in envs]), state=state)
+        z = (logits[:, -1].gather(1, acts) / temperature).masked_fill(~legal, float("-inf"))
+        probs = torch.softmax(z, -1)
+        pay = torch.tensor(np.stack([np.pad(e.payoffs(t), (0, A - len(e.actions))) for e in envs]), dtype=probs.dtype)
+        out.append(((probs * pay).sum(-1) - lo) / span)
+        pick = torch.multinomial(probs.detach(), 1, generator=generator).squeeze(1)
+        tokens = acts.gather(1, pick[:, None])
+        r = torch.tensor([envs[i].reward(t, int(tokens[i, 0])) for i in range(B)])
+        _, state = model(tokens, state=state)
+        P, b = mem.commit(P, state.layers[-1].E, r, b, backend="naive")
+    return torch.stack(out, 1)
+
+
+def meta_train_reward_memory(model: PlasticTransformer, settings: Optional[RewardMemorySettings] = None,
+                             steps: int = 30, n_tasks: int = 16, episodes: int = 100, lr: float = 0.05,
+                             seed: int = 0, log=print) -> Dict[str, Any]:
+    """Meta-train the reward memory's settings through its commits on the training task distribution.
+
+    Every step draws ``n_tasks`` new tasks (:func:`draw_reward_tasks`, training token sets), plays
+    them for ``episodes`` episodes with the graph of every commit kept (:func:`_rollout`), and takes
+    an Adam step on the memory's read scale, write strength, ``eta_r`` and ``gamma`` to raise the
+    mean normalised expected reward. The network and the keys are frozen.
+
+    Args:
+        model: the base model (no readout memory); ``settings`` start the search (default
+            :class:`~cl_arch.train.reward_memory.RewardMemorySettings`).
+    Returns:
+        ``{"best": learned settings dict, "start": settings dict, "curve": [score per step], ...}``.
+    """
+    start = settings or RewardMemorySettings()
+    m = with_reward_memory(model, start)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    mem = m.readout
+    params = [mem.read_scale, mem.beta_logit, mem.eta_r, mem.gamma_logit]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    curve = []
+    for step in tqdm(range(steps), desc="meta-train reward memory", unit="step"):
+        envs = draw_reward_tasks(n_tasks, episodes, seed * 100_000 + step)
+        score = _rollout(m, envs, episodes, g).mean()
+        opt.zero_grad()
+        (-score).backward()
+        opt.step()
+        with torch.no_grad():  # projected: a step and a read scale stay positive (a settings' invariant)
+            mem.eta_r.clamp_(min=1e-3)
+            mem.read_scale.clamp_(min=1e-2)
+        curve.append(score.item())
+        if step % 5 == 0 or step == steps - 1:
+            with torch.no_grad():
+                log(f"meta step {step}: score {score.item():.4f} scale {mem.read_scale.item():.2f} "
+                    f"beta {torch.sigmoid(mem.beta_logit).item():.3f} eta_r {mem.eta_r.item():.3f} "
+                    f"gamma {torch.sigmoid(mem.gamma_logit).item():.5f}")
+    with torch.no_grad():
+        learned = dataclasses.replace(start, scale=mem.read_scale.item(), beta=torch.sigmoid(mem.beta_logit).item(),
+                                      eta_r=mem.eta_r.item(), gamma=min(torch.sigmoid(mem.gamma_logit).item(), 0.999999))
+    return {"best": dataclasses.asdict(learned), "start": dataclasses.asdict(start), "curve": curve,
+            "steps": steps, "n_tasks": n_tasks, "episodes": episodes, "lr": lr, "seed": seed, "tokens": "train",
+            "method": "meta-gradient through the commits"}
+
+
+__all__ = ["NoisyReward", "draw_reward_tasks", "normalised_score", "default_grid", "fit_reward_memory",
+           "meta_train_reward_memory"]

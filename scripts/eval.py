@@ -71,6 +71,9 @@ def add_parser(sub):
                    "settings fitted on the training token sets (cl_arch.train.reward_memory; cached in runs/)")
     p.add_argument("--tokens", choices=["default", "held_out"], default="default", help="games: play on the "
                    "default token sets or on those reward-memory fitting never sees")
+    p.add_argument("--reward-fit", choices=["search", "meta"], default="search", help="games: how the reward "
+                   "memory's settings are chosen on the training token sets: grid search, or meta-gradient through "
+                   "the commits")
     p.add_argument("--no-yoked", action="store_true", help="games: leave out the yoked control rows")
     p.add_argument("--recall-steps", type=int, default=600, help="steps of recall pretraining for the default "
                    "games model (cached in runs/recall-model-<steps>)")
@@ -166,7 +169,8 @@ def run(args):
         mod = importlib.import_module(f"cl_arch.eval.{name}")
         kw = {k: v for k, v in (("episodes", args.episodes), ("seeds", args.seeds)) if v is not None}
         if name == "games":
-            kw.update(reward_memory=args.reward_memory, tokens=args.tokens, yoked=not args.no_yoked)
+            kw.update(reward_memory=args.reward_memory, tokens=args.tokens, yoked=not args.no_yoked,
+                      reward_fit=args.reward_fit)
         if name == "sutton":
             kw.update(source=args.source, cache_dir=args.cache_dir, pretrain_seconds=args.pretrain_seconds,
                       max_bytes=min(args.max_bytes, 40_000), episode_bytes=args.episode_bytes)
