@@ -84,6 +84,29 @@ def tiny_lm():
 
 
 @pytest.fixture(scope="session")
+def output_memory_parts():
+    """``parts(model, ids, name) -> (logits, logits without the output memory `name`, h)``: what a
+    test writing an output memory's rule out needs; ``h [B, T, d_model]`` are the final normed
+    hidden states (no grad)."""
+    from cl_arch.state import StepContext
+
+    @torch.no_grad()
+    def parts(model, ids, name):
+        logits, _ = model(ids)
+        saved = getattr(model, name)
+        setattr(model, name, None)
+        try:
+            base, _ = model(ids)
+        finally:
+            setattr(model, name, saved)
+        x = model.embed(ids)
+        for blk in model.blocks:
+            x, _ = blk(x, None, StepContext(need_state=False))
+        return logits, base, model.norm_f(x)
+    return parts
+
+
+@pytest.fixture(scope="session")
 def recall_model_base(request):
     from cl_arch import PlasticTransformer
     from cl_arch.train.recall import train_gated_recall_model

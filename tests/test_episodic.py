@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from cl_arch import PlasticConfig, PlasticTransformer, Session
 from cl_arch.consolidate import fold
 from cl_arch.kernels.plastic import naive_plastic_rule
-from cl_arch.state import ModelState, StepContext
+from cl_arch.state import ModelState
 
 
 def model_with_episodic(seed=0, dtype=torch.float64, **kw):
@@ -28,7 +28,7 @@ def test_episodic_is_the_last_fast_memory_and_state_slot():
         m(torch.randint(0, 256, (2, 3)), state=ModelState(state.layers[:-1], state.position))
 
 
-def test_episodic_matches_the_rule_written_out():
+def test_episodic_matches_the_rule_written_out(output_memory_parts):
     """q_t = phi(h_t), k_t = phi(h_{t-1}) (zero at t = 0), phi(h) = unit(relu(R unit(h) - theta)),
     v_t = one-hot(x_t); the read, times the read scale, is added to the logits."""
     m = model_with_episodic(episodic_threshold=0.5)
@@ -36,15 +36,10 @@ def test_episodic_matches_the_rule_written_out():
         m.episodic.W0.normal_(0, 0.1)
         m.episodic.read_scale.fill_(3.0)
     ids = torch.randint(0, 256, (1, 23), generator=torch.Generator().manual_seed(1))
+    logits, base, h = output_memory_parts(m, ids, "episodic")
+    ep = m.episodic
     with torch.no_grad():
-        logits, _ = m(ids)
-        ep, m.episodic = m.episodic, None
-        base, _ = m(ids)
-        m.episodic = ep
-        x = m.embed(ids)
-        for blk in m.blocks:
-            x, _ = blk(x, None, StepContext(need_state=False))
-        hn = F.normalize(m.norm_f(x), dim=-1)
+        hn = F.normalize(h, dim=-1)
         phi = F.normalize(torch.relu(hn @ ep.R.T - ep.key_threshold), dim=-1)
         assert ((phi > 0).double().mean() < 0.6) and (phi > 0).any()  # the threshold makes keys sparse
         k = torch.cat([torch.zeros_like(phi[:, :1]), phi[:, :-1]], 1).unsqueeze(2)

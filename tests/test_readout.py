@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from cl_arch import PlasticConfig, PlasticTransformer
 from cl_arch.consolidate import fold
 from cl_arch.kernels.plastic import naive_plastic_rule
-from cl_arch.state import StepContext
 
 
 def model_with_readout(seed=0, **kw):
@@ -31,22 +30,16 @@ def test_readout_is_the_last_fast_memory_and_state_slot():
         m(torch.randint(0, 256, (2, 3)), state=ModelState(state.layers[:-1], state.position))
 
 
-def test_readout_matches_the_rule_written_out():
+def test_readout_matches_the_rule_written_out(output_memory_parts):
     """k_t = unit(h_{t-1}) (zeros at t = 0), q_t = unit(h_t), v_t = one-hot(x_t), read added to the logits."""
     m = model_with_readout(readout_heads=1)
     with torch.no_grad():
         m.readout.W0.normal_(0, 0.1)
     ids = torch.randint(0, 256, (1, 19), generator=torch.Generator().manual_seed(1))
+    logits, base, h = output_memory_parts(m, ids, "readout")  # base: the network without the readout
+    ro = m.readout
     with torch.no_grad():
-        logits, _ = m(ids)
-        # the network without the readout
-        ro, m.readout = m.readout, None
-        base, _ = m(ids)
-        m.readout = ro
-        x = m.embed(ids)
-        for blk in m.blocks:
-            x, _ = blk(x, None, StepContext(need_state=False))
-        h = F.normalize(m.norm_f(x), dim=-1)
+        h = F.normalize(h, dim=-1)
         k = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1).unsqueeze(2)
         v = F.one_hot(ids, 256).double().unsqueeze(2)
         beta = torch.sigmoid(ro.beta_logit).expand(1, 19, 1)

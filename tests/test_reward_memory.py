@@ -170,12 +170,11 @@ def tiny_model(seed=0, **kw):
     return PlasticTransformer(PlasticConfig(**base)).to(torch.float64).eval()
 
 
-def test_hidden_plus_token_keys_are_the_rule_written_out():
+def test_hidden_plus_token_keys_are_the_rule_written_out(output_memory_parts):
     """k_t = [unit(h_{t-1}), one-hot(x_{t-1})] / sqrt(2) (zero at t = 0), q_t the same at t."""
     import torch.nn.functional as F
 
     from cl_arch.kernels.plastic import naive_plastic_rule
-    from cl_arch.state import StepContext
 
     m = tiny_model(seed=1)
     ro = m.readout
@@ -184,15 +183,9 @@ def test_hidden_plus_token_keys_are_the_rule_written_out():
         ro.W0.normal_(0, 0.1)
         ro.read_scale.fill_(2.0)
     ids = torch.randint(0, 256, (1, 19), generator=torch.Generator().manual_seed(2))
+    logits, base, h = output_memory_parts(m, ids, "readout")
     with torch.no_grad():
-        logits, _ = m(ids)
-        saved, m.readout = m.readout, None
-        base, _ = m(ids)
-        m.readout = saved
-        x = m.embed(ids)
-        for blk in m.blocks:
-            x, _ = blk(x, None, StepContext(need_state=False))
-        q = torch.cat([F.normalize(m.norm_f(x), dim=-1), F.one_hot(ids, 256).double()], -1) / 2 ** 0.5
+        q = torch.cat([F.normalize(h, dim=-1), F.one_hot(ids, 256).double()], -1) / 2 ** 0.5
         k = torch.cat([torch.zeros_like(q[:, :1]), q[:, :-1]], 1).unsqueeze(2)
         v = F.one_hot(ids, 256).double().unsqueeze(2)
         beta = torch.sigmoid(ro.beta_logit).expand(1, 19, 1)
