@@ -123,10 +123,22 @@ class EpisodeLearner:
         logits, self.state = self.model(ids, state=self.state, modulation=modulation, lam=self.lam)
         return logits
 
+    def traces(self) -> List[torch.Tensor]:
+        """A copy of the current episode's eligibility traces, one ``[B, H, K, V]`` per fast layer
+        (to commit later, when a delayed reward for this episode arrives)."""
+        return [s.E.clone() for s in self.state.layers if isinstance(s, FastLayerState)]
+
     @torch.no_grad()
-    def end_episode(self, rewards: Optional[Sequence[Optional[float]]] = None) -> None:
-        """Close the episode; ``rewards[i]`` (float or None) is used by rows with ``use_reward``."""
+    def end_episode(self, rewards: Optional[Sequence[Optional[float]]] = None,
+                    traces: Optional[Sequence[torch.Tensor]] = None) -> None:
+        """Close the episode; ``rewards[i]`` (float or None) is used by rows with ``use_reward``.
+
+        ``traces``: commit these (from :meth:`traces` of an earlier episode, one per fast layer)
+        instead of this episode's own: a delayed reward credits the episode that earned it.
+        """
         fast_states = [s for s in self.state.layers if isinstance(s, FastLayerState)]
+        if traces is not None and len(traces) != len(fast_states):
+            raise ValueError(f"traces must hold one tensor per fast layer ({len(fast_states)}), got {len(traces)}")
         for i, pol in enumerate(self.policies):
             if not pol.persist:
                 continue
@@ -138,7 +150,8 @@ class EpisodeLearner:
                 if s.E is None:
                     raise RuntimeError("the model keeps no eligibility trace (config.lam is None); "
                                        "a persisting row cannot commit")
-                P_new, b_new = m.commit(self.P[li][i:i + 1], s.E[i:i + 1], r, self.baseline[i:i + 1],
+                E = s.E if traces is None else traces[li]
+                P_new, b_new = m.commit(self.P[li][i:i + 1], E[i:i + 1], r, self.baseline[i:i + 1],
                                         gamma=pol.gamma, eta_s=pol.eta_s, eta_r=pol.eta_r)
                 self.P[li][i] = P_new[0]
             self.baseline[i] = b_new[0]

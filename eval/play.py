@@ -81,7 +81,8 @@ class BanditEnv:
 @torch.no_grad()
 def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowPolicy], episodes: int,
          temperature: float = 1.0, seed: int = 0, switch: Optional[Dict[int, Sequence[Any]]] = None,
-         desc: str = "play", yoke: Optional[Sequence[Optional[int]]] = None) -> Dict[str, np.ndarray]:
+         desc: str = "play", yoke: Optional[Sequence[Optional[int]]] = None, delay: int = 0,
+         credit: str = "stored") -> Dict[str, np.ndarray]:
     """Play ``episodes`` episodes; row ``i`` plays ``envs[i]`` with ``policies[i]``, all in one batch.
 
     Args:
@@ -90,11 +91,21 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
         yoke: per row, None or the index of a partner row: a yoked row's commit gets the reward
             its partner earned in the same episode, not its own (the yoked control: as much
             reward, none of it contingent on what the row did). Its reported reward is its own.
+        delay: the reward of episode ``t`` reaches the learner at the end of episode ``t + delay``
+            (the first ``delay`` episodes commit without one).
+        credit: with a delay, ``"stored"`` commits the reward with the trace of the episode that
+            earned it (kept until the reward arrives); ``"current"`` with the trace of the episode
+            that just ended (the misattribution a learner without stored traces makes).
     Returns:
         ``reward``, ``expected`` ``[B, episodes]`` floats, ``action [B, episodes]`` action indices.
     """
     if len(envs) != len(policies):
         raise ValueError(f"{len(envs)} environments but {len(policies)} policies")
+    if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
+        raise ValueError(f"delay must be an integer >= 0 (episodes), got {delay!r}")
+    if credit not in ("stored", "current"):
+        raise ValueError(f"credit must be 'stored' or 'current', got {credit!r}")
+    pending: List[Any] = []  # (traces or None, rewards) of episodes whose reward has not arrived
     learner = EpisodeLearner(model, policies)
     g = torch.Generator().manual_seed(seed)
     B = len(envs)
@@ -118,7 +129,15 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
         rewards = [envs[i].reward(t, int(tokens[i, 0])) for i in range(B)]
         learner.step(tokens)  # the answer is written: the trace now holds prompt -> answer
         given = rewards if yoke is None else [rewards[i if j is None else j] for i, j in enumerate(yoke)]
-        learner.end_episode(given)
+        if delay == 0:
+            learner.end_episode(given)
+        else:
+            pending.append((learner.traces() if credit == "stored" else None, given))
+            if len(pending) > delay:
+                traces, arrived = pending.pop(0)
+                learner.end_episode(arrived, traces=traces)
+            else:
+                learner.end_episode(None)
         pn = probs.numpy()
         out["reward"][:, t] = rewards
         out["expected"][:, t] = [envs[i].expected(t, pn[i, :len(envs[i].actions)]) for i in range(B)]

@@ -74,6 +74,9 @@ def add_parser(sub):
     p.add_argument("--reward-fit", choices=["search", "meta"], default="search", help="games: how the reward "
                    "memory's settings are chosen on the training token sets: grid search, or meta-gradient through "
                    "the commits")
+    p.add_argument("--reward-delay", type=int, default=0, help="games: rewards arrive this many episodes late")
+    p.add_argument("--credit", choices=["stored", "current"], default="stored", help="games: a late reward is "
+                   "committed with the trace of the episode that earned it (stored) or of the one just ended")
     p.add_argument("--no-yoked", action="store_true", help="games: leave out the yoked control rows")
     p.add_argument("--recall-steps", type=int, default=600, help="steps of recall pretraining for the default "
                    "games model (cached in runs/recall-model-<steps>)")
@@ -170,7 +173,7 @@ def run(args):
         kw = {k: v for k, v in (("episodes", args.episodes), ("seeds", args.seeds)) if v is not None}
         if name == "games":
             kw.update(reward_memory=args.reward_memory, tokens=args.tokens, yoked=not args.no_yoked,
-                      reward_fit=args.reward_fit)
+                      reward_fit=args.reward_fit, delay=args.reward_delay, credit=args.credit)
         if name == "sutton":
             kw.update(source=args.source, cache_dir=args.cache_dir, pretrain_seconds=args.pretrain_seconds,
                       max_bytes=min(args.max_bytes, 40_000), episode_bytes=args.episode_bytes)

@@ -281,3 +281,29 @@ def test_meta_training_moves_the_settings_through_the_commits(recall_model):
     assert best.scale != start.scale and best.eta_r != start.eta_r  # the gradient reached both
     assert rep["best"]["keys"] == start.keys and rep["best"]["lam"] == start.lam
     assert all(torch.equal(v, before[k]) for k, v in recall_model.state_dict().items())  # the base is untouched
+
+
+def test_a_late_reward_credits_the_episode_that_earned_it(recall_model):
+    """Rewards 3 episodes late in a 4 x 4 preference game on unseen tokens: committed with the stored
+    trace of the episode that earned them, the preferences are learned; committed with the trace of
+    the episode just ended (another cue, another answer), they are not. (A bandit does not tell the
+    two apart: its prompt never changes, so crediting a later pull of the now popular arm still
+    climbs.)"""
+    m = with_reward_memory(recall_model, RewardMemorySettings(scale=8.0, eta_r=0.4))
+    S, E = 4, 160
+    cues, answers = HELD_OUT_TOKENS["cues"][:4], HELD_OUT_TOKENS["answers"][:4]
+
+    def last(credit):
+        envs = [games.PreferenceEnv(PreferenceGame(4, 4, seed=s, cue_tokens=cues, answer_tokens=answers), E,
+                                    seed=70 + s) for s in range(S)]
+        pols = [RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)] * S
+        res = games.play(m, envs, pols, E, seed=3, delay=3, credit=credit, desc=credit)
+        return res["expected"][:, -40:].mean()
+
+    stored, current = last("stored"), last("current")
+    assert stored > 0.6 and current < 0.4, (stored, current)
+    with pytest.raises(ValueError, match="delay"):
+        games.play(m, [games.BanditEnv(Bandit(k=2))], [RowPolicy("kept", persist=True, use_reward=True)], 2,
+                   delay=-1)
+    with pytest.raises(ValueError, match="traces"):
+        EpisodeLearner(m, [RowPolicy("kept", persist=True)]).end_episode(None, traces=[torch.zeros(1)])
