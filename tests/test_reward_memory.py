@@ -307,3 +307,30 @@ def test_a_late_reward_credits_the_episode_that_earned_it(recall_model):
                    delay=-1)
     with pytest.raises(ValueError, match="traces"):
         EpisodeLearner(m, [RowPolicy("kept", persist=True)]).end_episode(None, traces=[torch.zeros(1)])
+
+
+def test_a_session_learns_what_pays_with_the_reward_memory(recall_model):
+    """The user-facing path: Session.generate an answer among allowed tokens, Session.reward it, and
+    the next episodes choose better; a session whose P is reset each episode does not."""
+    from cl_arch import Session
+
+    m = with_reward_memory(recall_model, RewardMemorySettings(scale=8.0, eta_r=0.4))
+    cues, answers = HELD_OUT_TOKENS["cues"][:3], HELD_OUT_TOKENS["answers"][:3]
+    best = {c: answers[i] for i, c in enumerate(cues)}
+    g = torch.Generator().manual_seed(0)
+
+    def paid(keep):
+        s = Session(m, seed=11)
+        wins = []
+        for t in range(120):
+            c = cues[int(torch.randint(0, 3, (1,), generator=g))]
+            a = s.generate([BOS, c], max_new_tokens=1, allowed_tokens=answers)[0]
+            r = 1.0 if a == best[c] else 0.0
+            s.reward(r)
+            if not keep:
+                s.reset()
+            wins.append(r)
+        return float(np.mean(wins[-40:]))
+
+    kept, reset = paid(True), paid(False)
+    assert kept > 0.75 and reset < 0.55, (kept, reset)
