@@ -36,8 +36,8 @@ class PreferenceEnv:
         return self.game.reward(self.cues[t], self._to_game[action])
 
     def expected(self, t: int, probs: np.ndarray) -> float:
-        pref = self.game.preferred[self.cues[t]]
-        return float(probs[self.game.answers.index(pref)])
+        """Expected reward of the policy ``probs [A]`` at episode ``t``."""
+        return float(np.dot(probs, self.payoffs(t)))
 
     def payoffs(self, t: int) -> np.ndarray:
         """Expected reward of each action at episode ``t`` ``[A]``."""
@@ -65,7 +65,7 @@ class BanditEnv:
         return self.bandit.pull(action)
 
     def expected(self, t: int, probs: np.ndarray) -> float:
-        return float(np.dot(probs, self.bandit.probs))
+        return float(np.dot(probs, self.payoffs(t)))
 
     def payoffs(self, t: int) -> np.ndarray:
         """Expected reward of each arm ``[A]``."""
@@ -76,6 +76,21 @@ class BanditEnv:
 
     def chance(self) -> float:
         return float(np.mean(self.bandit.probs))
+
+
+def action_table(envs: Sequence[Any]):
+    """``acts [B, A]`` token ids of each row's actions and ``legal [B, A]`` bool: rows may have
+    different action counts, padded with their first action and masked out of the softmax."""
+    A = max(len(e.actions) for e in envs)
+    acts = torch.tensor([list(e.actions) + [e.actions[0]] * (A - len(e.actions)) for e in envs])
+    legal = torch.tensor([[j < len(e.actions) for j in range(A)] for e in envs])
+    return acts, legal
+
+
+def action_probs(logits: torch.Tensor, acts: torch.Tensor, legal: torch.Tensor, temperature: float = 1.0):
+    """The policy ``[B, A]``: softmax of ``logits [B, V]`` over each row's legal actions."""
+    z = (logits.gather(1, acts).float() / temperature).masked_fill(~legal, float("-inf"))
+    return torch.softmax(z, -1)
 
 
 @torch.no_grad()
@@ -111,19 +126,16 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
     B = len(envs)
     out = {k: np.zeros((B, episodes)) for k in ("reward", "expected", "action")}
     envs = list(envs)
+    acts, legal = action_table(envs)
     for t in tqdm(range(episodes), desc=desc, unit="ep", mininterval=2.0):
         if switch and t in switch:
             envs = list(switch[t])
+            acts, legal = action_table(envs)
         ctx = [e.context(t) for e in envs]
         if len({len(c) for c in ctx}) != 1:
             raise ValueError("all rows' prompts must have one length (they are batched)")
         logits = learner.step(torch.tensor(ctx))[:, -1]  # [B, V]
-        # Rows may have different action counts: pad with the first action, masked out of the softmax.
-        A = max(len(e.actions) for e in envs)
-        acts = torch.tensor([list(e.actions) + [e.actions[0]] * (A - len(e.actions)) for e in envs])  # [B, A]
-        legal = torch.tensor([[j < len(e.actions) for j in range(A)] for e in envs])
-        z = (logits.gather(1, acts).float() / temperature).masked_fill(~legal, float("-inf"))
-        probs = torch.softmax(z, -1)  # [B, A]
+        probs = action_probs(logits, acts, legal, temperature)  # [B, A]
         pick = torch.multinomial(probs, 1, generator=g).squeeze(1)  # [B]
         tokens = acts.gather(1, pick[:, None])  # [B, 1]
         rewards = [envs[i].reward(t, int(tokens[i, 0])) for i in range(B)]
@@ -145,5 +157,4 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
     return out
 
 
-
-__all__ = ["PreferenceEnv", "BanditEnv", "play"]
+__all__ = ["PreferenceEnv", "BanditEnv", "action_table", "action_probs", "play"]

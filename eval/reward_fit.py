@@ -20,7 +20,7 @@ from cl_arch.train.reward_memory import TRAIN_TOKENS, RewardMemorySettings, with
 from cl_arch.train.tasks import Bandit, PreferenceGame
 
 from .baselines import RowPolicy
-from .play import BanditEnv, PreferenceEnv, play
+from .play import BanditEnv, PreferenceEnv, action_probs, action_table, play
 
 
 class NoisyReward:
@@ -144,9 +144,8 @@ def _rollout(model: PlasticTransformer, envs: Sequence[Any], episodes: int, gene
     """
     mem = model.readout
     B = len(envs)
-    A = max(len(e.actions) for e in envs)
-    acts = torch.tensor([list(e.actions) + [e.actions[0]] * (A - len(e.actions)) for e in envs])
-    legal = torch.tensor([[j < len(e.actions) for j in range(A)] for e in envs])
+    acts, legal = action_table(envs)
+    A = acts.shape[1]
     lo = torch.tensor([e.chance() for e in envs])
     span = torch.tensor([max(e.best() - e.chance(), 1e-6) for e in envs])
     n_fast = len(model.fast_layers())
@@ -156,8 +155,7 @@ def _rollout(model: PlasticTransformer, envs: Sequence[Any], episodes: int, gene
     for t in range(episodes):
         state = model.init_state(B, [None] * (n_fast - 1) + [P])
         logits, state = model(torch.tensor([e.context(t) for e in envs]), state=state)
-        z = (logits[:, -1].gather(1, acts) / temperature).masked_fill(~legal, float("-inf"))
-        probs = torch.softmax(z, -1)
+        probs = action_probs(logits[:, -1], acts, legal, temperature)
         pay = torch.tensor(np.stack([np.pad(e.payoffs(t), (0, A - len(e.actions))) for e in envs]), dtype=probs.dtype)
         out.append(((probs * pay).sum(-1) - lo) / span)
         pick = torch.multinomial(probs.detach(), 1, generator=generator).squeeze(1)

@@ -79,22 +79,24 @@ def line_acceptance(correct: np.ndarray, seg: bytes) -> List[Tuple[np.ndarray, i
     return out
 
 
-def base_windows(n: int = 8, length: int = 512, seed: int = 0) -> torch.Tensor:
-    """``[n, length + 1]`` byte windows of the stdlib validation files (never trained on)."""
-    _, val_files = split_files(stdlib_files("train"))
-    data = bytes_to_tensor(read_bytes(val_files, 2_000_000))
+def _stdlib_windows(split: str, n: int, length: int, seed: int) -> torch.Tensor:
+    """``[n, length + 1]`` random byte windows of the stdlib training split's ``"train"`` or ``"val"`` files."""
+    train_files, val_files = split_files(stdlib_files("train"))
+    data = bytes_to_tensor(read_bytes(train_files if split == "train" else val_files, 2_000_000))
     x, y = random_windows(data, n, length, torch.Generator().manual_seed(seed))
     return torch.cat([x, y[:, -1:]], dim=1)
+
+
+def base_windows(n: int = 8, length: int = 512, seed: int = 0) -> torch.Tensor:
+    """``[n, length + 1]`` byte windows of the stdlib validation files (never trained on)."""
+    return _stdlib_windows("val", n, length, seed)
 
 
 def anchor_windows(n: int = 16, length: int = 512, seed: int = 0) -> torch.Tensor:
     """``[n, length + 1]`` byte windows of the stdlib *training* files: the anchor a guarded
     ``fold`` measures forgetting on. Disjoint from :func:`base_windows` (validation files), which
     report the drift, and from every held-out package."""
-    train_files, _ = split_files(stdlib_files("train"))
-    data = bytes_to_tensor(read_bytes(train_files, 2_000_000))
-    x, y = random_windows(data, n, length, torch.Generator().manual_seed(seed + 31))
-    return torch.cat([x, y[:, -1:]], dim=1)
+    return _stdlib_windows("train", n, length, seed + 31)
 
 
 @torch.no_grad()

@@ -36,7 +36,6 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..layers.readout import ReadoutMemory
 from .common import as_sources, check_storable, check_vocab, forward_logits, gain_figures, mean_nll, to_batches
 from .report import all_or_nothing, new_report, save_w0_and_sessions, write_report
 
@@ -87,16 +86,18 @@ def read_grams(model, batches, P) -> List[torch.Tensor]:
              for m in layers]
     weight: Dict[str, torch.Tensor] = {}
 
-    def hook(mod, args):
-        if isinstance(mod, ReadoutMemory):  # called as (h, ids, embed, head, state, ctx)
-            x, state = args[0], (args[4] if len(args) > 4 else None)
-            q = mod.project_qkv(x, None if state is None else state.conv, ids=args[1], embed=args[2])[0].double()
-        else:  # a block's fast layer: (x, state, ctx)
-            x, state = args[0], (args[1] if len(args) > 1 else None)
-            q = mod.project_qkv(x, None if state is None else state.conv)[0].double()
-        grams[layers.index(mod)] += torch.einsum("bt,bthk,bthl->hkl", weight["w"].to(q.device), q, q)
+    def recording(j, project):
+        # The queries each memory reads with, taken from its own projection as its forward runs:
+        # nothing recomputed, and no knowledge of how each kind of memory is called.
+        def wrapped(*args, **kwargs):
+            out = project(*args, **kwargs)
+            q = out[0].double()
+            grams[j] += torch.einsum("bt,bthk,bthl->hkl", weight["w"].to(q.device), q, q)
+            return out
+        return wrapped
 
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    for j, m in enumerate(layers):
+        m.project_qkv = recording(j, m.project_qkv)  # an instance attribute, deleted below
     try:
         with torch.no_grad():
             for b in batches:
@@ -105,8 +106,8 @@ def read_grams(model, batches, P) -> List[torch.Tensor]:
                 weight["w"] = w
                 forward_logits(model, b, P)
     finally:
-        for h in handles:
-            h.remove()
+        for m in layers:
+            del m.project_qkv
     return grams
 
 

@@ -72,9 +72,9 @@ class EpisodicMemory(ReadoutMemory):
         """``[B, 1, d_model]``: ``unit(h)`` of the last position read (zeros: nothing written yet)."""
         return (batch_size, 1, self.config.d_model)
 
-    def project_qkv(self, h: torch.Tensor, cache: Optional[torch.Tensor] = None, ids=None, embed=None):
+    def project_qkv(self, h: torch.Tensor, cache: Optional[torch.Tensor] = None, ids=None):
         """``q_t = phi(h_t)``, ``k_t = phi(h_{t-1})`` as ``[B, T, H, F]``; None; the new cache
-        (``ids``, ``embed``: unused, the keys are the hidden states')."""
+        (``ids``: unused, the keys are the hidden states')."""
         B, T, D = h.shape
         hn = F.normalize(h.to(torch.promote_types(h.dtype, torch.float32)), p=2, dim=-1)
         prev = hn.new_zeros(B, 1, D) if cache is None else cache.to(hn.dtype)

@@ -97,8 +97,7 @@ class ReadoutMemory(PlasticMemory):
         """``[B, 1, d_model]``: ``unit(h)`` of the last position read (zeros: nothing written yet)."""
         return (batch_size, 1, self.head_k_dim)
 
-    def project_qkv(self, h: torch.Tensor, cache: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None,
-                    embed: Optional[torch.nn.Embedding] = None):
+    def project_qkv(self, h: torch.Tensor, cache: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None):
         """Read and write keys of ``h [B, T, d_model]``: ``q_t = unit(h_t)``, ``k_t = unit(h_{t-1})``.
 
         With ``readout_keys="hidden+token"`` the key is ``[unit(h_t), one-hot(x_t)] / sqrt(2)``
@@ -156,7 +155,7 @@ class ReadoutMemory(PlasticMemory):
         B, T, _ = h.shape
         state = state if state is not None else FastLayerState()
         cdt = torch.promote_types(h.dtype, torch.float32)
-        q, k, _, cache = self.project_qkv(h, state.conv, ids=ids, embed=embed)
+        q, k, _, cache = self.project_qkv(h, state.conv, ids=ids)
         v = self.values(ids, embed, cdt)
         beta = torch.sigmoid(self.beta_logit.to(cdt)).expand(B, T, self.n_heads)
         if modulation is not None:
