@@ -1,29 +1,24 @@
-"""Install cl_arch: five source folders under one import root (see docs/design.md, "Layout")."""
+"""Install cl_arch: five source folders under one import root (see docs/design.md, "Layout").
+
+``kernels/``, ``train/``, ``eval/`` and ``scripts/`` are linked into ``cl_arch/`` (``cl_arch/kernels ->
+../kernels``) and have no ``__init__.py`` of their own: they install as ``cl_arch.kernels`` etc., and Python
+started in the repository root (``python -m pytest``, ``python -c``), which puts the root on ``sys.path``, sees
+them only as namespace folders, which never win over an installed distribution of the same name (Hugging
+Face's ``kernels``, which transformers imports).
+"""
 import os
 
 from setuptools import setup
 
-# Generic top-level names (kernels, train, eval) would collide with other
-# distributions, so every source folder is mapped under the cl_arch root.
-ROOTS = {
-    "cl_arch": "cl_arch",
-    "cl_arch.kernels": "kernels",
-    "cl_arch.train": "train",
-    "cl_arch.eval": "eval",
-    "cl_arch.scripts": "scripts",
-}
-
 
 def _packages():
-    """Every folder with an __init__.py under the mapped roots, named under cl_arch."""
+    """Every folder under cl_arch/ (links followed) that holds Python modules, named under cl_arch."""
     found = []
-    for pkg, folder in ROOTS.items():
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
-            if "__init__.py" in filenames:
-                rel = os.path.relpath(dirpath, folder)
-                found.append(pkg if rel == "." else pkg + "." + rel.replace(os.sep, "."))
-    return found
+    for dirpath, dirnames, filenames in os.walk("cl_arch", followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
+        if any(f.endswith(".py") for f in filenames):
+            found.append(dirpath.replace(os.sep, "."))
+    return sorted(found)
 
 
 setup(
@@ -32,7 +27,6 @@ setup(
     description="Transformers with reward-modulated fast-weight memories that keep learning while used",
     python_requires=">=3.9",
     packages=_packages(),
-    package_dir=ROOTS,
     # the shipped default model (scripts/make_default_model.sh): safetensors, config and training record
     package_data={"cl_arch": ["assets/default_model/*.safetensors", "assets/default_model/*.json"]},
     install_requires=[

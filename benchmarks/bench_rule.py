@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_arch.io import write_json
-from cl_arch.kernels import plastic_rule
+from cl_arch.kernels.plastic import plastic_rule
 
 
 def make(B, T, H, K, V, seed=0):

@@ -1,10 +1,12 @@
 """cl_arch: transformers whose fast-weight memories keep learning while they are used."""
 from .version import __version__
+from .kernels.commit import reward_commit
+from .kernels.plastic import plastic_rule
 from .config import FastLayerConfig, PlasticConfig
 from .model import PlasticTransformer
 from .state import AttnLayerState, FastLayerState, ModelState
 from .session import Session, SessionStore
 
 __all__ = ["PlasticConfig", "FastLayerConfig", "PlasticTransformer", "ModelState", "FastLayerState", "AttnLayerState",
-           "Session", "SessionStore",
+           "Session", "SessionStore", "plastic_rule", "reward_commit",
            "__version__"]

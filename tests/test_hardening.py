@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 
 from cl_arch import PlasticConfig, PlasticTransformer, Session, SessionStore
 from cl_arch.consolidate import distill, fold, load_report, merge, undo, write_report
-from cl_arch.kernels import reward_commit
+from cl_arch.kernels.commit import reward_commit
 from cl_arch.session import ReplayRecord, _sample, _tensors_digest
 
 from test_consolidate import assert_bitwise, weights_of
@@ -457,7 +457,7 @@ def test_non_finite_logits_raise_before_the_session_changes():
 def test_plastic_rule_names_an_input_on_another_device(name):
     """Every tensor input must share q's device; one on another device (here 'meta', which needs no
     second accelerator) is named before any backend runs, instead of failing deep in a kernel."""
-    from cl_arch.kernels import plastic_rule
+    from cl_arch.kernels.plastic import plastic_rule
     B, T, H, K, V = 1, 5, 2, 4, 4
     x = dict(q=torch.randn(B, T, H, K), k=torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1),
              v=torch.randn(B, T, H, V), beta=torch.rand(B, T, H), g=-torch.rand(B, T, H),
@@ -471,7 +471,7 @@ def test_plastic_rule_names_an_input_on_another_device(name):
 def test_delta_rule_refuses_keys_that_make_it_diverge():
     """beta |k|^2 > 2 makes the delta step expand the state; it is named instead of returning inf. The
     Hebbian rule has no such bound and still runs; keys at the bound run."""
-    from cl_arch.kernels import plastic_rule
+    from cl_arch.kernels.plastic import plastic_rule
     B, T, H, K, V = 1, 7, 2, 4, 4
     k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1)
     x = dict(q=torch.randn(B, T, H, K), v=torch.randn(B, T, H, V), beta=torch.ones(B, T, H))

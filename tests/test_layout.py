@@ -97,3 +97,43 @@ def test_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 40  # the walk found the project
     assert cycles(graph) == []
+
+
+# ---- Python started in the repository root (python -m pytest, python -c, accelerate launch -m) ----
+
+def test_no_root_folder_is_a_regular_package_but_cl_arch():
+    """The root is on sys.path there, and a regular package in it beats any installed distribution of
+    the same name (transformers imports Hugging Face's ``kernels``); a folder with no ``__init__.py``
+    is a namespace portion, which never does."""
+    packages = sorted(d for d in os.listdir(ROOT)
+                      if os.path.isfile(os.path.join(ROOT, d, "__init__.py")) and not d.startswith("."))
+    assert packages == ["cl_arch"]
+    for pkg, folder in PACKAGES.items():
+        if folder != "cl_arch":  # each source folder reaches the import root through its link
+            assert os.path.realpath(os.path.join(ROOT, "cl_arch", folder)) == os.path.join(ROOT, folder)
+
+
+def _run_in_root(args):
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    exe = [sys.executable] if args[0] == "python" else [os.path.join(os.path.dirname(sys.executable), args[0])]
+    return subprocess.run(exe + args[1:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_transformers_and_cl_arch_import_from_the_repository_root():
+    pytest.importorskip("transformers")
+    code = ("import sys, importlib.util, transformers; from transformers import LlamaForCausalLM; import cl_arch.hf; "
+            "import cl_arch.kernels.plastic, cl_arch.train.checkpoint, cl_arch.eval.codebase, cl_arch.scripts.cli; "
+            "spec = importlib.util.find_spec('kernels'); "
+            "print('kernels:', 'namespace' if spec.origin in (None, 'namespace') else spec.origin)")
+    out = _run_in_root(["python", "-c", code])
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [s for s in out.stdout.splitlines() if s.startswith("kernels:")][0]
+    assert not line.startswith("kernels: " + os.path.join(ROOT, "kernels")), line  # never the repository's folder
+
+
+def test_console_script_help_from_the_repository_root():
+    out = _run_in_root(["cl-arch", "--help"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "consolidate" in out.stdout

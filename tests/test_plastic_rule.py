@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cl_arch.kernels import plastic_rule
+from cl_arch.kernels.plastic import plastic_rule
 from cl_arch.kernels.plastic import naive_plastic_rule
 
 FAST_BACKENDS = ["torch_chunk", "torch_recurrent"]
@@ -162,7 +162,7 @@ def test_auto_picks_recurrent_for_short_and_chunk_for_long(monkeypatch):
 
 
 def test_env_forces_backend(monkeypatch):
-    from cl_arch.kernels import resolve_backend
+    from cl_arch.kernels.plastic import resolve_backend
     monkeypatch.setenv("CL_ARCH_BACKEND", "naive")
     assert resolve_backend("chunk", "cpu") == "naive"
     monkeypatch.setenv("CL_ARCH_BACKEND", "bogus")

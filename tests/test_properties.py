@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cl_arch import PlasticConfig, PlasticTransformer, Session
-from cl_arch.kernels import plastic_rule
+from cl_arch.kernels.plastic import plastic_rule
 
 ARGS = ("q", "k", "v", "beta", "g", "lam", "scale", "initial_state", "initial_trace", "resting_state", "rule",
         "backend", "chunk_size")

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cl_arch.kernels import BACKENDS, plastic_rule  # noqa: E402
+from cl_arch.kernels.plastic import BACKENDS, plastic_rule  # noqa: E402
 from cl_arch.kernels.plastic import naive_plastic_rule  # noqa: E402
 
 from test_plastic_rule import make_inputs, rel_err  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cl_arch import FastLayerState, PlasticConfig, PlasticTransformer, Session, SessionStore
-from cl_arch.kernels import reward_commit
+from cl_arch.kernels.commit import reward_commit
 from cl_arch.train.tasks import PreferenceGame
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,7 +21,7 @@ if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set and there is no GPU",
                 allow_module_level=True)
 
-from cl_arch.kernels import plastic_rule  # noqa: E402
+from cl_arch.kernels.plastic import plastic_rule  # noqa: E402
 from cl_arch.kernels.plastic import chunk_triton as chunk  # noqa: E402
 from cl_arch.kernels.plastic import fused_recurrent, naive_plastic_rule, triton_utils  # noqa: E402
 
@@ -331,7 +331,7 @@ def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- reward commit
-from cl_arch.kernels import reward_commit  # noqa: E402
+from cl_arch.kernels.commit import reward_commit  # noqa: E402
 from cl_arch.kernels.commit import naive_reward_commit  # noqa: E402
 from cl_arch.kernels.commit.fused import fused_reward_commit  # noqa: E402
 

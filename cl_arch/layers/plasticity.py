@@ -6,7 +6,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from cl_arch.kernels import plastic_rule, resolve_backend, reward_commit
+from cl_arch.kernels.commit import reward_commit
+from cl_arch.kernels.plastic import plastic_rule, resolve_backend
 
 from ..config import FastLayerConfig, PlasticConfig
 from ..state import FastLayerState

@@ -1,1 +1,0 @@
-"""Console entry points (``cl-arch ...``): thin wrappers over the packages."""

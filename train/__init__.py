@@ -1,1 +1,0 @@
-"""cl_arch.train: data pipelines, pretraining, meta-training and fine-tuning loops."""
