@@ -161,7 +161,9 @@ class PlasticConfig:
         pos_int("episodic_features")
         if self.episodic_values not in READOUT_VALUES:
             raise _err("episodic_values", f"must be one of {READOUT_VALUES}, got {self.episodic_values!r}")
-        num("episodic_threshold", -math.inf, math.inf)
+        # theta < 0 would make phi(0) = unit(relu(-theta)) != 0: every episode's first key (the zero cache)
+        # one shared write that accumulates into P
+        num("episodic_threshold", 0.0, math.inf)
         num("episodic_beta", 0.0, 1.0, lo_open=True, hi_open=True)
         num("episodic_scale", -math.inf, math.inf)
         num("episodic_span", 1.0, math.inf)

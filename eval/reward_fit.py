@@ -50,6 +50,22 @@ class NoisyReward:
         return self.env.chance()
 
 
+# The evaluations (eval/games.py, sutton, retention) seed their environments with small integers
+# (``seed + i``); the fit once used ``seed * 1000 + i``, so its bandits 0, 3, 6 were the evaluated bandits
+# 0, 3, 6 (same pay-outs, same pull streams). Fit environments now draw from seeds at 2**31 and above, which
+# no evaluation reaches. Not higher: torch's CPU generator keeps only the low 32 bits of a seed, so
+# 2**40 + i would draw exactly what seed i draws.
+FIT_SEED_OFFSET = 1 << 31
+
+
+def fit_seed_base(seed: int) -> int:
+    """First environment seed of the fit's draw ``seed``: ``2**31 + 1000 seed`` (disjoint from evaluations)."""
+    base = FIT_SEED_OFFSET + 1000 * int(seed)
+    if not (0 <= int(seed) and base + 1000 <= 1 << 32):
+        raise ValueError(f"fit seed must be in [0, {((1 << 31) - 1000) // 1000}], got {seed}")
+    return base
+
+
 def draw_reward_tasks(n: int, episodes: int, seed: int, tokens: Optional[Dict[str, Sequence[int]]] = None,
                       families: Sequence[str] = ("bandit", "preference", "cue_reward"),
                       noise: Sequence[float] = (0.0, 0.1)):
@@ -64,26 +80,27 @@ def draw_reward_tasks(n: int, episodes: int, seed: int, tokens: Optional[Dict[st
     """
     tokens = tokens or TRAIN_TOKENS
     rng = random.Random(seed)
+    base = fit_seed_base(seed)
     out = []
     for i in range(n):
         fam = families[i % len(families)]
         if fam == "bandit":
             k = rng.randint(2, min(8, len(tokens["arms"])))
-            env = BanditEnv(Bandit(k=k, seed=seed * 1000 + i, arm_tokens=rng.sample(list(tokens["arms"]), k)))
+            env = BanditEnv(Bandit(k=k, seed=base + i, arm_tokens=rng.sample(list(tokens["arms"]), k)))
         elif fam == "preference":
             nc, na = rng.randint(2, 8), rng.randint(2, 8)
-            game = PreferenceGame(nc, na, seed=seed * 1000 + i, cue_tokens=rng.sample(list(tokens["cues"]), nc),
+            game = PreferenceGame(nc, na, seed=base + i, cue_tokens=rng.sample(list(tokens["cues"]), nc),
                                   answer_tokens=rng.sample(list(tokens["answers"]), na))
-            env = PreferenceEnv(game, episodes, seed=seed * 1000 + 500 + i)
+            env = PreferenceEnv(game, episodes, seed=base + 500 + i)
         elif fam == "cue_reward":
             nc = rng.randint(4, 16)
-            game = PreferenceGame(nc, 2, seed=seed * 1000 + i, cue_tokens=rng.sample(list(tokens["cues"]), nc),
+            game = PreferenceGame(nc, 2, seed=base + i, cue_tokens=rng.sample(list(tokens["cues"]), nc),
                                   answer_tokens=rng.sample(list(tokens["answers"]), 2))
-            env = PreferenceEnv(game, episodes, seed=seed * 1000 + 500 + i)
+            env = PreferenceEnv(game, episodes, seed=base + 500 + i)
         else:
             raise ValueError(f"unknown task family {fam!r}; known: bandit, preference, cue_reward")
         p = rng.choice(list(noise))
-        out.append(NoisyReward(env, p, seed * 1000 + 700 + i) if p > 0 else env)
+        out.append(NoisyReward(env, p, base + 700 + i) if p > 0 else env)
     return out
 
 

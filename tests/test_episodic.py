@@ -155,7 +155,7 @@ def test_gradients_reach_the_episodic_settings_but_not_w0():
 
 @pytest.mark.parametrize("field,value", [("episodic_heads", -1), ("episodic_features", 0),
                                          ("episodic_beta", 1.0), ("episodic_span", 0.5),
-                                         ("episodic_threshold", float("nan")),
+                                         ("episodic_threshold", float("nan")), ("episodic_threshold", -0.5),
                                          ("episodic_values", "dense")])
 def test_bad_episodic_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -193,3 +193,16 @@ def test_cli_adds_and_trains_an_episodic_memory(tmp_path):
     assert loaded.config.episodic_heads == 1 and loaded.config.episodic_features == 64
     record = __import__("json").load(open(out / "episodic.json"))
     assert len(record["history"]) == 2 and "--features 64" in record["command"]
+
+
+def test_a_negative_threshold_never_writes_under_the_zero_key():
+    """theta below 0 (reached by training or set in a loaded file; the config refuses it) must not give
+    the zero cache of every episode's first token a key: phi(0) = 0 whatever theta holds."""
+    m = model_with_episodic(episodic_threshold=0.5)
+    with torch.no_grad():
+        m.episodic.key_threshold.fill_(-0.7)
+    assert float(m.episodic.features(torch.zeros(3, 32)).abs().max()) == 0.0
+    ids = torch.randint(0, 256, (2, 1), generator=torch.Generator().manual_seed(0))
+    _, state = m(ids)
+    S = state.layers[-1].S  # one token read: the only write is under k_0 = phi(zero cache)
+    assert torch.equal(S, torch.zeros_like(S) + m.episodic.W0.to(S.dtype))

@@ -335,3 +335,15 @@ def test_a_session_learns_what_pays_with_the_reward_memory(recall_model):
 
     kept, reset = paid(True), paid(False)  # seeds 0-4: kept 0.90-1.00, reset 0.20-0.38
     assert kept > 0.75 and reset < 0.55, (kept, reset)
+
+
+def test_the_fit_never_plays_an_evaluated_environment():
+    """The fit's bandits once drew pay-outs from seeds the games evaluation uses (fit tasks 0, 3, 6 were
+    evaluated bandits 0, 3, 6); every fit environment's seed now lies where no evaluation reaches."""
+    from cl_arch.train.tasks import Bandit
+    evaluated = {tuple(Bandit(k=8, seed=s).probs) for s in range(2000)}
+    for fit_seed in range(3):
+        for env in draw_reward_tasks(12, 5, seed=fit_seed, families=("bandit",)):
+            bandit = getattr(env, "bandit", None) or getattr(getattr(env, "env", None), "bandit", None)
+            assert bandit is not None and 1 << 31 <= bandit.seed < 1 << 32
+            assert not any(p[:bandit.k] == tuple(bandit.probs) for p in evaluated)

@@ -64,8 +64,12 @@ class EpisodicMemory(ReadoutMemory):
         return True
 
     def features(self, hn: torch.Tensor) -> torch.Tensor:
-        """``phi [..., F]`` of unit hidden states ``hn [..., d_model]``; ``phi(0) = 0`` (no write)."""
-        z = hn @ self.R.to(hn.dtype).T - self.key_threshold.to(hn.dtype)
+        """``phi [..., F]`` of unit hidden states ``hn [..., d_model]``; ``phi(0) = 0`` (no write).
+
+        ``theta`` is used clamped at 0: the config refuses a negative one, but training (or a loaded
+        file) can take the parameter below 0, where ``phi(0)`` would fire every feature and the
+        zero cache of each episode's first token would write under one shared key."""
+        z = hn @ self.R.to(hn.dtype).T - self.key_threshold.clamp(min=0).to(hn.dtype)
         return F.normalize(F.relu(z), p=2, dim=-1)
 
     def cache_shape(self, batch_size: int):
