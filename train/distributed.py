@@ -57,6 +57,29 @@ class ParallelPlan:
         return self.mode == "fsdp"
 
 
+_TEARDOWN_REGISTERED = False
+
+
+def destroy_group_at_exit() -> None:
+    """Destroy the default process group when the interpreter exits, once per process.
+
+    A gloo group left to interpreter teardown can abort a rank with "terminate called without an
+    active exception" (SIGABRT; seen with torch 2.13 and accelerate 1.16 on 2 CPU processes under
+    load), failing a run that finished. The loops do not destroy the group themselves: a later run
+    in the same process (a fine-tune after a pretrain) needs it."""
+    global _TEARDOWN_REGISTERED
+    if _TEARDOWN_REGISTERED:
+        return
+    import atexit
+
+    def teardown():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(teardown)
+    _TEARDOWN_REGISTERED = True
+
+
 def _env_flag(name: str, default: str = "false") -> bool:
     return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import corpus_files, iter_span_bytes, split_corpus
+from .distributed import destroy_group_at_exit
 from .episodic import episodic_parameters, fit_settings, learned_settings
 from .finetune import commit_persistent, episode_state, episodic_lm_loss
 
@@ -324,6 +325,7 @@ def finetune_hf(cfg: HFFinetuneConfig, model=None, log: Callable[[str], None] = 
     data = token_blocks(cfg.sources, encode, cfg.seq_len + 1, cfg.max_bytes)
     val = data["val"][:32]
 
+    destroy_group_at_exit()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -202,6 +202,7 @@ def make_accelerator(cfg, output_dir: str):
     # multi-process CPU group (gloo) when told it runs on CPU, and `--cpu` alone would start a
     # single process (it expects mpirun). So a distributed launch without CUDA means CPU.
     cpu = torch.cuda.is_available() is False and os.environ.get("LOCAL_RANK") is not None
+    dist_utils.destroy_group_at_exit()
     return Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
                        log_with=log_with, project_dir=output_dir, kwargs_handlers=[ddp], cpu=cpu)
 
