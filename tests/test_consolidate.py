@@ -195,6 +195,39 @@ def test_refuses_nan_and_foreign_states_without_changing_anything(recall_model, 
     assert all(torch.equal(a, b) for a, b in zip(s.P, good_P))  # the good session was not reset
 
 
+def test_the_same_session_twice_is_refused_without_changing_anything(recall_model, tmp_path):
+    """fold and merge would add one P twice into W0 (and zero it once): the same object, file (also by
+    another spelling of its path) or P tensors given twice is refused, naming both positions."""
+    model = recall_model
+    original = weights_of(model)
+    s = learned_session(model, association(list(KEYS[:4]), 2), episodes=1, seed=3)
+    P_before = [p.clone() for p in s.P]
+    s.save(tmp_path / "alice.safetensors")
+    other = tmp_path / "x" / ".." / "alice.safetensors"
+    (tmp_path / "x").mkdir()
+    for args in ([s, s], [str(tmp_path / "alice.safetensors"), str(other)], [[p for p in s.P], list(s.P)]):
+        for call in (fold, merge):
+            with pytest.raises(ValueError, match="session 1 is session 0 again"):
+                call(model, args)
+    assert_bitwise(model, original)
+    assert all(torch.equal(a, b) for a, b in zip(s.P, P_before))
+
+
+def test_a_guarded_fold_of_a_session_file_is_refused_before_it_drops_the_rest(recall_model, tmp_path):
+    """A session given as a path is read into a copy the call drops; a guarded fold leaves (1 - c) P in
+    the session, which would be lost. It is refused up front; the file and the model are untouched."""
+    model = recall_model
+    original = weights_of(model)
+    s = learned_session(model, association(list(KEYS[:4]), 2), episodes=1, seed=4)
+    path = tmp_path / "bob.safetensors"
+    s.save(path)
+    data = path.read_bytes()
+    with pytest.raises(ValueError, match="a copy this call would drop"):
+        fold(model, [str(path)], anchor=torch.randint(32, 96, (2, 9)), budget=0.01)
+    assert_bitwise(model, original)
+    assert path.read_bytes() == data
+
+
 # ---------------------------------------------------------------------- distill
 def test_distill_keeps_the_gain_within_budget(recall_model, tmp_path):
     model = recall_model

@@ -52,9 +52,10 @@ class Source:
         self.name = f"session {index}"
         self.episodes: Optional[int] = None
         self.reward: Optional[float] = None
+        self.loaded_from: Optional[str] = None  # the file a path argument was read from (a copy: see above)
         other_model = None
         if isinstance(obj, (str, os.PathLike)):
-            self.name = os.fspath(obj)
+            self.name = self.loaded_from = os.fspath(obj)
             obj = Session.load(model, obj)  # checks fingerprint, shapes and finiteness itself
         self.obj = obj
         layers = model.fast_layers()
@@ -194,7 +195,33 @@ def as_sources(model, sessions: Any, check_fingerprint: bool = True) -> List[Sou
 
     ``sessions``: see :func:`session_items`.
     """
-    return [as_source(model, s, i, check_fingerprint) for i, s in enumerate(session_items(sessions))]
+    items = session_items(sessions)
+    seen: Dict[Any, int] = {}
+    for i, s in enumerate(items):
+        key = _identity(s)
+        if key in seen:
+            # folding or merging one P twice would add it twice into W0 and then zero it once
+            raise ValueError(f"session {i} is session {seen[key]} again ({_describe(s)}); each session may be "
+                             "consolidated once per call")
+        seen[key] = i
+    return [as_source(model, s, i, check_fingerprint) for i, s in enumerate(items)]
+
+
+def _identity(obj: Any) -> Any:
+    """What makes two session arguments the same session: one file (by real path), one object, or one
+    list of P tensors (by their storage)."""
+    if isinstance(obj, Source):
+        return _identity(obj.obj if obj.loaded_from is None else obj.loaded_from)
+    if isinstance(obj, (str, os.PathLike)):
+        return ("path", os.path.realpath(os.fspath(obj)))
+    if isinstance(obj, (list, tuple)):
+        ptrs = tuple((t.untyped_storage().data_ptr(), t.storage_offset()) for t in obj if isinstance(t, Tensor))
+        return ("tensors", ptrs) if ptrs else ("object", id(obj))
+    return ("object", id(obj))
+
+
+def _describe(obj: Any) -> str:
+    return os.fspath(obj) if isinstance(obj, (str, os.PathLike)) else f"the same {type(obj).__name__}"
 
 
 def check_storable(name: str, value: Tensor, stored: Tensor) -> None:

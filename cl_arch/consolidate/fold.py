@@ -108,6 +108,14 @@ def fold(model, sessions: Any, out: Optional[str] = None, reset: bool = True, an
                                    and budget >= 0 and math.isfinite(budget)):
         raise ValueError(f"budget must be None or a finite number >= 0 (bits/token), got {budget!r}")
     sources = as_sources(model, sessions)  # all checked before anything changes
+    if budget is not None and reset:
+        paths = [s.loaded_from for s in sources if s.loaded_from is not None]
+        if paths:
+            # A path is read into a copy that this call drops: the (1 - c) P the guarded fold leaves to
+            # the session would be lost, and the file, still tied to the old weights, no longer loads.
+            raise ValueError(f"fold with a budget keeps (1 - c) P in each session, and a session given as a path "
+                             f"({paths[0]}) is a copy this call would drop; pass Session.load(model, path) and "
+                             "save it after the fold (cl-arch consolidate does), or fold without a budget")
     anchor_b = to_batches(anchor, batch_size, "anchor")
     if budget is not None and not anchor_b:
         raise ValueError("a forgetting budget needs anchor data to measure forgetting on (anchor=...)")
