@@ -5,12 +5,14 @@ A retrofit folder holds two files, committed together (:func:`cl_arch.io.atomic_
 - ``retrofit_layers.safetensors``: the added memories' tensors (``<block index>.<name>``; an episodic
   memory's as ``episodic.<name>``, its fixed projection ``R`` included, so keys read back as written);
 - ``retrofit.json``: format, the :class:`RetrofitConfig`, the base model it was made for
-  (``name_or_path``, ``model_type``, class, fingerprint over its weights) and the fingerprint of the
-  whole retrofit.
+  (``name_or_path`` as given, ``path``: its folder resolved to an absolute path when it was a local
+  folder, ``model_type``, class, fingerprint over its weights) and the fingerprint of the whole retrofit.
 
-Loading rebuilds the hooks on a base model given (or loaded from the recorded ``name_or_path``) and
-refuses a base whose weights differ from the recorded fingerprint: the added layers were trained
-on that base's hidden states and mean nothing on another's.
+Loading checks the added tensors against the config and the base's weights against the recorded
+fingerprint before it attaches anything, so a refused load leaves the caller's base as it was: the
+added layers were trained on that base's hidden states and mean nothing on another's. Without an
+explicit base it loads the recorded folder (``path``) or, for a hub id, the local Hugging Face
+cache only: a name read from a file is untrusted and never causes a download.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch.nn as nn
 
 from ..io import atomic_write_many, recover, text_writer
 from ..version import __version__
-from .retrofit import RetrofitConfig, RetrofitModel, model_family
+from .retrofit import (RetrofitConfig, RetrofitModel, base_fingerprint, build_fast, check_base, model_family,
+                       retrofit_fingerprint)
 
 RETROFIT_CONFIG = "retrofit.json"
 RETROFIT_WEIGHTS = "retrofit_layers.safetensors"
@@ -34,7 +37,8 @@ def save_retrofit(model: RetrofitModel, directory: Union[str, os.PathLike], base
 
     Args:
         base_name: how to find the base again (a path or hub id); default the base config's
-            ``name_or_path`` (what ``from_pretrained`` recorded).
+            ``name_or_path`` (what ``from_pretrained`` recorded). A local folder is also recorded
+            as its absolute resolved path, so loading does not depend on the current folder.
 
     Returns:
         the path of ``retrofit.json``.
@@ -47,13 +51,14 @@ def save_retrofit(model: RetrofitModel, directory: Union[str, os.PathLike], base
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.fast.state_dict().items()}
     base = model.base
+    name = os.fspath(base_name) if base_name is not None else getattr(base.config, "_name_or_path", "") or ""
+    base_fp = model.base_fingerprint()  # hashed once: the base's weights are most of the bytes
     meta = {
         "format": FORMAT, "cl_arch_version": __version__,
         "retrofit": model.config.to_dict(),
-        "base": {"name_or_path": base_name if base_name is not None else getattr(base.config, "_name_or_path", "") or "",
-                 "model_type": base.config.model_type, "class": type(base).__name__,
-                 "fingerprint": model.base_fingerprint()},
-        "fingerprint": model.fingerprint(),
+        "base": {"name_or_path": name, "path": os.path.realpath(name) if name and os.path.isdir(name) else None,
+                 "model_type": base.config.model_type, "class": type(base).__name__, "fingerprint": base_fp},
+        "fingerprint": retrofit_fingerprint(model.config, base_fp, model.fast),
     }
     cfg_path = os.path.join(directory, RETROFIT_CONFIG)
     atomic_write_many([
@@ -88,54 +93,120 @@ def load_retrofit(directory: Union[str, os.PathLike], base: Union[None, str, os.
                   map_location: str = "cpu") -> RetrofitModel:
     """Rebuild a retrofit saved by :func:`save_retrofit` on its base model.
 
+    Everything is checked before the base is touched (the added tensors against the config, the base
+    against the config and the recorded fingerprint, the whole against the retrofit's fingerprint),
+    so on any error the base is left exactly as it was.
+
     Args:
         base: the base model (a ``transformers`` causal LM), a path/hub id to load it from with
-            ``AutoModelForCausalLM.from_pretrained``, or None (the recorded ``name_or_path``).
+            ``AutoModelForCausalLM.from_pretrained``, or None: the recorded folder (``path``), or a
+            recorded hub id from the local Hugging Face cache only (never downloaded).
+        map_location: where the added tensors are read to; the loaded model's memories sit on the base's device.
 
     Raises:
-        FileNotFoundError: a file of the retrofit is missing.
-        ValueError: a corrupt file; a base of another family; a base whose weights differ from the
-            ones the layers were trained on (fingerprints named); added tensors that do not fit.
+        FileNotFoundError: a file of the retrofit is missing; with ``base=None``, the recorded base
+            folder (or hub id in the local cache) is not there (the path and fingerprint named).
+        ValueError: a corrupt file; added tensors that do not fit; a base of another family or size,
+            or one that already carries a retrofit; a base whose weights differ from the ones the
+            layers were trained on (both fingerprints named).
     """
-    from safetensors.torch import load_file
-
     directory = os.fspath(directory)
     meta = read_retrofit_config(directory)
     cfg = RetrofitConfig.from_dict(meta["retrofit"])
     want = meta["base"]
+    fast = _load_fast(directory, cfg, map_location)
+    source = "given"
     if base is None:
-        base = want.get("name_or_path") or None
-        if base is None:
-            raise ValueError(f"retrofit {directory} records no base path: pass base=")
-    if not isinstance(base, nn.Module):
+        base, source = _load_recorded_base(directory, want)
+    elif not isinstance(base, nn.Module):
         from transformers import AutoModelForCausalLM
 
+        source = f"loaded from {os.fspath(base)!r}"
         base = AutoModelForCausalLM.from_pretrained(os.fspath(base))
     family = model_family(base)
     if family != cfg.family:
         raise ValueError(f"retrofit {directory} was made for a {cfg.family} model ({want.get('class')}), "
                          f"the base given is {family} ({type(base).__name__})")
-    model = RetrofitModel(base, cfg)
-    have = model.base_fingerprint()
+    try:
+        check_base(base, cfg)
+    except ValueError as e:
+        raise ValueError(f"retrofit {directory} does not fit the base {source}: {e}") from e
+    have = base_fingerprint(base)
     if have != want["fingerprint"]:
-        for h in model._handles:  # leave the caller's base as it was
-            h.remove()
-        raise ValueError(f"retrofit {directory} was trained on base {want.get('name_or_path')!r} with weights "
-                         f"fingerprint {want['fingerprint']}; the base given has fingerprint {have} (other or "
-                         "modified weights): its added layers would mean nothing on it, refusing to load")
+        raise ValueError(f"retrofit {directory} was trained on the base {_recorded(want)} with weights fingerprint "
+                         f"{want['fingerprint']}; the base {source} has fingerprint {have} (other or modified "
+                         "weights): its added layers would mean nothing on it, refusing to load")
+    fp = retrofit_fingerprint(cfg, have, fast)
+    if meta.get("fingerprint") not in (None, fp):
+        raise ValueError(f"retrofit {directory}: fingerprint {fp} differs from the recorded "
+                         f"{meta['fingerprint']} (files modified or mixed up)")
+    model = RetrofitModel(base, cfg, fast=fast)
+    try:
+        model.fast.to(model.device)
+    except BaseException:
+        model.unload()
+        raise
+    return model
+
+
+def _load_fast(directory: str, cfg: RetrofitConfig, map_location: str) -> nn.ModuleDict:
+    # The added memories built and filled apart from any base: a bad file fails here, before a hook exists.
+    from safetensors.torch import load_file
+
     try:
         tensors = load_file(os.path.join(directory, RETROFIT_WEIGHTS), device=str(map_location))
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"corrupt retrofit weights in {directory}: {e}") from e
-    expected = model.fast.state_dict()
+    fast = build_fast(cfg)
+    expected = fast.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    bad = [n for n in tensors if n in expected and tensors[n].shape != expected[n].shape]
+    bad = sorted(n for n in tensors if n in expected and tensors[n].shape != expected[n].shape)
     if missing or unexpected or bad:
         raise ValueError(f"retrofit weights in {directory} do not fit its config: missing {missing}, "
                          f"unexpected {unexpected}, wrong shapes {bad}")
-    model.fast.load_state_dict(tensors)
-    model.to(model.device)
-    if meta.get("fingerprint") not in (None, model.fingerprint()):
-        raise ValueError(f"retrofit {directory}: fingerprint {model.fingerprint()} differs from the recorded "
-                         f"{meta['fingerprint']} (files modified or mixed up)")
-    return model
+    fast.load_state_dict(tensors)
+    return fast
+
+
+def _recorded(want: dict) -> str:
+    where = want.get("path") or want.get("name_or_path") or ""
+    return repr(where) if where else "(no path recorded)"
+
+
+def _load_recorded_base(directory: str, want: dict):
+    """The base a retrofit file names, read from this machine only, and how it was found.
+
+    The recorded path and name are untrusted input: ``local_files_only`` (no download) and
+    ``trust_remote_code=False``; nothing is written there.
+    """
+    from transformers import AutoModelForCausalLM
+
+    fp = want.get("fingerprint")
+    name, path = want.get("name_or_path") or "", want.get("path")
+    pass_base = f"pass the base explicitly: load_retrofit({directory!r}, base=<the model or its folder>)"
+    if not isinstance(name, str) or not (path is None or isinstance(path, str)):
+        raise ValueError(f"corrupt retrofit config in {directory}: base name_or_path {name!r} / path {path!r} "
+                         "are not strings")
+    if path is not None:
+        if not os.path.isabs(path):
+            raise ValueError(f"corrupt retrofit config in {directory}: the recorded base path {path!r} is not "
+                             f"absolute; {pass_base}")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"retrofit {directory} was made on the base model in {path} (weights "
+                                    f"fingerprint {fp}), which is not there: {pass_base}")
+        source = path
+    elif name:
+        # Written before paths were recorded (a folder, relative to the current one) or a hub id.
+        source = name
+    else:
+        raise ValueError(f"retrofit {directory} records no base path (weights fingerprint {fp}): {pass_base}")
+    try:
+        base = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises OSError, ValueError, ... by cause
+        if path is None and not os.path.isdir(source):
+            raise FileNotFoundError(f"retrofit {directory} was made on the base {name!r} (weights fingerprint {fp}), "
+                                    "which is neither a local folder nor in the local Hugging Face cache (a name "
+                                    f"read from a retrofit file is never downloaded): {pass_base}") from e
+        raise ValueError(f"retrofit {directory}: the recorded base folder {source} (weights fingerprint {fp}) "
+                         f"could not be loaded ({type(e).__name__}: {e}); {pass_base}") from e
+    return base, f"loaded from {source!r}"

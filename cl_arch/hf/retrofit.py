@@ -189,31 +189,61 @@ class RetrofitModel(nn.Module):
     except inside ``with model.base_only():``, where the added layers are skipped.
     """
 
-    def __init__(self, base: nn.Module, config: RetrofitConfig):
+    def __init__(self, base: nn.Module, config: RetrofitConfig, fast: Optional[nn.ModuleDict] = None):
+        """Hook the memories of ``config`` onto ``base``.
+
+        Args:
+            fast: the added memories already built (and loaded) with :func:`build_fast`; None builds new ones.
+
+        Raises:
+            ValueError: ``base`` does not fit ``config`` (:func:`check_base`), including a base that
+                already carries a retrofit. Nothing is attached to ``base`` then.
+        """
         super().__init__()
+        blocks = check_base(base, config)
         self.base = base
         self.config = config
         self.check_inputs = True
-        blocks = decoder_blocks(base, config.family)
         self.n_blocks = len(blocks)
-        fcfg = config.fast_layer()
-        self.fast = nn.ModuleDict({str(i): FastWeightLayer(fcfg, layer_idx=i) for i in config.layers})
         # The episodic memory lives in the same ModuleDict (key "episodic"), so saving, loading and the
         # fingerprint, which read self.fast.state_dict(), carry its R buffer and settings with no special case.
-        ecfg = config.episodic_config()
-        if ecfg is not None:
-            self.fast["episodic"] = EpisodicMemory(ecfg)
+        self.fast = build_fast(config) if fast is None else fast
         self._call: Optional[_Call] = None
         self._skip = False
-        self._fp_cache: Optional[Tuple[Any, str]] = None
-        attn_name = FAMILIES[config.family][1]
-        self._handles = [getattr(blocks[i], attn_name).register_forward_hook(self._hook(j), with_kwargs=True)
-                         for j, i in enumerate(config.layers)]
-        if ecfg is not None:
-            self._handles.append(final_norm(base, config.family).register_forward_hook(self._norm_hook))
+        self._handles: List[Any] = []
+        self._unloaded = True
+        self._attach()
+
+    def _attach(self) -> None:
+        attn_name = FAMILIES[self.config.family][1]
+        blocks = decoder_blocks(self.base, self.config.family)
+        try:
+            for j, i in enumerate(self.config.layers):
+                self._handles.append(getattr(blocks[i], attn_name).register_forward_hook(self._hook(j),
+                                                                                         with_kwargs=True))
+            if self.episodic is not None:
+                self._handles.append(final_norm(self.base, self.config.family).register_forward_hook(
+                    _mark(self._norm_hook)))
+        except BaseException:
+            self._detach()  # half a retrofit would make the caller's base raise on every call
+            raise
+        self._unloaded = False
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._unloaded = True
+
+    def unload(self) -> nn.Module:
+        """Remove this retrofit's hooks and give back the base model, exactly as it was before
+        :func:`retrofit` (its weights are not touched). This model cannot be called afterwards."""
+        self._detach()
+        return self.base
 
     # ------------------------------------------------------------------ the hook
     def _hook(self, j: int):
+        @_mark
         def hook(module, args, kwargs, output):
             if self._skip:
                 return output
@@ -283,24 +313,12 @@ class RetrofitModel(nn.Module):
 
     def base_fingerprint(self) -> str:
         """16 hex of sha256 over the base model's class and every tensor of its ``state_dict``
-        (name, dtype, shape, bytes). Cached until a base parameter changes in place (distill)."""
-        key = tuple((id(p), p._version) for p in self.base.parameters())
-        if self._fp_cache is not None and self._fp_cache[0] == key:
-            return self._fp_cache[1]
-        h = hashlib.sha256(type(self.base).__name__.encode())
-        for name, t in sorted(self.base.state_dict().items()):
-            _hash_tensor(h, name, t)
-        fp = h.hexdigest()[:16]
-        self._fp_cache = (key, fp)
-        return fp
+        (:func:`base_fingerprint`), computed afresh on every call."""
+        return base_fingerprint(self.base)
 
     def fingerprint(self) -> str:
         """16 hex of sha256 over the retrofit config, the base fingerprint and the added tensors."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        h.update(self.base_fingerprint().encode())
-        for name, t in sorted(self.fast.state_dict().items()):
-            _hash_tensor(h, name, t)
-        return h.hexdigest()[:16]
+        return retrofit_fingerprint(self.config, self.base_fingerprint(), self.fast)
 
     # ------------------------------------------------------------------ forward
     def _lams(self, lam) -> List[Optional[float]]:
@@ -362,6 +380,9 @@ class RetrofitModel(nn.Module):
             the final hidden states ``h [B, T, d_model]`` (the final norm's output; None without an
             episodic memory, whose hook is what records them).
         """
+        if self._unloaded:
+            raise RuntimeError("this RetrofitModel was unloaded (its hooks removed from the base): retrofit the "
+                               "base again, or load_retrofit() it")
         self._check(input_ids, state, modulation)
         lams = self._lams(lam)
         B, T = input_ids.shape
@@ -414,7 +435,92 @@ def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
     h.update(name.encode())
     h.update(str(t.dtype).encode())
     h.update(str(tuple(t.shape)).encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no bytes copy
+
+
+def base_fingerprint(base: nn.Module) -> str:
+    """16 hex of sha256 over ``base``'s class and every tensor of its ``state_dict`` (name, dtype,
+    shape, bytes).
+
+    Why no cache: an edit through ``p.data`` (``p.data.add_(1)``) bumps no version counter and keeps
+    ``data_ptr``, so no key short of the bytes themselves notices it, and sessions, saved retrofits and
+    ``undo`` trust this value. Hashing runs at memory-copy plus sha256 speed (docs/design.md, the
+    retrofit section, gives the measured cost).
+    """
+    h = hashlib.sha256(type(base).__name__.encode())
+    for name, t in sorted(base.state_dict().items()):
+        _hash_tensor(h, name, t)
+    return h.hexdigest()[:16]
+
+
+def retrofit_fingerprint(config: RetrofitConfig, base_fp: str, fast: nn.Module) -> str:
+    """16 hex of sha256 over the retrofit config, the base fingerprint and the added tensors
+    (``fast.state_dict()``): :meth:`RetrofitModel.fingerprint` of a retrofit not yet attached."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    h.update(base_fp.encode())
+    for name, t in sorted(fast.state_dict().items()):
+        _hash_tensor(h, name, t)
+    return h.hexdigest()[:16]
+
+
+def _mark(hook):
+    # A retrofit's hooks carry this mark so that a second retrofit of the same base is seen and refused.
+    def marked(*args, **kwargs):
+        return hook(*args, **kwargs)
+    marked._cl_arch_retrofit = True
+    return marked
+
+
+def is_retrofitted(base: nn.Module) -> bool:
+    """Whether some module of ``base`` carries a hook of a live :class:`RetrofitModel`."""
+    return any(getattr(fn, "_cl_arch_retrofit", False) for m in base.modules() for fn in m._forward_hooks.values())
+
+
+def build_fast(config: RetrofitConfig) -> nn.ModuleDict:
+    """The memories a retrofit adds, not yet attached to any base: one :class:`FastWeightLayer` per
+    block of ``config.layers`` (key ``str(i)``), then the :class:`EpisodicMemory` (key ``"episodic"``)
+    if the config has one. Float32, on the CPU."""
+    fcfg = config.fast_layer()
+    fast = nn.ModuleDict({str(i): FastWeightLayer(fcfg, layer_idx=i) for i in config.layers})
+    ecfg = config.episodic_config()
+    if ecfg is not None:
+        fast["episodic"] = EpisodicMemory(ecfg)
+    return fast
+
+
+def check_base(base: nn.Module, config: RetrofitConfig) -> List[nn.Module]:
+    """The decoder blocks of ``base`` once it is known to take the memories of ``config``.
+
+    Raises:
+        ValueError: ``base`` is of another family, lacks a block of ``config.layers``, has another
+            hidden size or vocabulary, or already carries a retrofit.
+    """
+    family = model_family(base)
+    if family != config.family:
+        raise ValueError(f"the retrofit is for a {config.family} model, the base is {family} ({type(base).__name__})")
+    blocks = decoder_blocks(base, family)
+    missing = [i for i in config.layers if not 0 <= i < len(blocks)]
+    if missing:
+        raise ValueError(f"the retrofit hooks block {missing[0]} (layers {config.layers}) but the base has "
+                         f"{len(blocks)} decoder blocks")
+    hidden, vocab = int(base.config.hidden_size), int(base.config.vocab_size)
+    d_model = int(config.fast.get("d_model", hidden))
+    ep_d = int(config.episodic["d_model"]) if config.episodic is not None else hidden
+    if d_model != hidden or ep_d != hidden:
+        raise ValueError(f"the retrofit's memories read d_model {d_model if d_model != hidden else ep_d}, "
+                         f"the base's hidden size is {hidden}")
+    if config.vocab_size != vocab:
+        raise ValueError(f"the retrofit is for a vocabulary of {config.vocab_size} tokens, the base has {vocab}")
+    _refuse_retrofitted(base)
+    return blocks
+
+
+def _refuse_retrofitted(base: nn.Module) -> None:
+    # Two retrofits' hooks on one base would each add a memory the other's call does not expect.
+    if is_retrofitted(base):
+        raise ValueError(f"this {type(base).__name__} already carries a retrofit (fast-memory hooks on its modules): "
+                         "call .unload() on the RetrofitModel that holds it first, or keep using that one "
+                         "(retrofit a base once, with all the layers you want)")
 
 
 def add_episodic_memory(model: RetrofitModel, heads: int = 1, features: int = 2048, values: Optional[str] = None,
@@ -438,14 +544,18 @@ def add_episodic_memory(model: RetrofitModel, heads: int = 1, features: int = 20
     cfg = dataclasses.replace(model.config, episodic=episodic_settings(
         int(model.base.config.hidden_size), model.config.vocab_size, heads, features, values, **settings))
     blocks = {k: v.detach().clone() for k, v in model.fast.state_dict().items()}
-    for h in model._handles:
-        h.remove()
-    model._handles = []
-    out = RetrofitModel(model.base, cfg)
-    missing = out.fast.load_state_dict(blocks, strict=False).missing_keys
+    fast = build_fast(cfg)
+    missing = fast.load_state_dict(blocks, strict=False).missing_keys
     if any(not k.startswith("episodic.") for k in missing):
         raise RuntimeError(f"block memory tensors not carried over: {missing}")
-    return out.to(out.device)
+    model._detach()
+    try:
+        out = RetrofitModel(model.base, cfg, fast=fast)
+    except BaseException:
+        model._attach()  # the given model keeps working if the new one cannot be built
+        raise
+    out.fast.to(out.device)
+    return out
 
 
 def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: int = 4,
@@ -483,6 +593,7 @@ def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: 
     if isinstance(model, RetrofitModel):
         raise ValueError("model is already a RetrofitModel; retrofit its .base with all the layers you want at once")
     family = model_family(model)
+    _refuse_retrofitted(model)  # before anything is built
     n_blocks = len(decoder_blocks(model, family))
     layers = list(range(n_blocks)) if layers is None else list(layers)
     if not layers and not episodic_heads:
@@ -513,4 +624,5 @@ def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: 
     with torch.no_grad():
         for layer in out.block_layers():
             layer.o_proj.weight.zero_()  # logits unchanged at insertion: the read adds exactly 0
-    return out.to(out.device)
+    out.fast.to(out.device)  # the base stays where (and as) it is
+    return out
