@@ -5,6 +5,7 @@ the resolved path and fingerprint it recorded (never by a download). Tiny random
 (2 layers, hidden 32, vocabulary 64) built here: nothing is downloaded."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -200,3 +201,123 @@ def test_base_fingerprint_each_edit_in_turn():
     model.base.to(torch.float32)  # float32 -> float64 -> float32 is exact for the other weights
     p.data.copy_(original)  # back to the first weights: the first fingerprint
     assert model.base_fingerprint() == seen[0]
+
+
+# ---------------------------------------------------------------------- the base, found by resolved path and fingerprint
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to open a connection, recorded and refused: a recorded name must never be downloaded."""
+    import socket
+
+    attempts = []
+
+    def refuse(self, address, *a, **k):
+        attempts.append(address)
+        raise OSError(f"test: no network ({address})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
+
+
+def _save_from(folder, out):
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = retrofit(base, layers=[1], n_heads=2, head_k_dim=8, head_v_dim=8)
+    perturb(model)
+    save_retrofit(model, out)
+    return model
+
+
+def _edit_meta(d, **base_fields):
+    meta = json.loads((d / RETROFIT_CONFIG).read_text())
+    meta["base"].update(base_fields)
+    (d / RETROFIT_CONFIG).write_text(json.dumps(meta))
+    return meta
+
+
+def test_base_path_recorded_resolved_and_found_from_another_folder(tmp_path, monkeypatch, no_network):
+    real = tmp_path / "models" / "llama-v1"
+    tiny_llama().save_pretrained(real)
+    (tmp_path / "current").symlink_to(real, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    model = _save_from("current", tmp_path / "rf")  # a relative path through a symlink, as users type it
+    meta = json.loads((tmp_path / "rf" / RETROFIT_CONFIG).read_text())
+    assert meta["base"]["name_or_path"] == "current" and meta["base"]["path"] == os.path.realpath(real)
+    assert meta["base"]["fingerprint"] == model.base_fingerprint()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_retrofit(tmp_path / "rf")
+    assert loaded.fingerprint() == model.fingerprint()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS)[0], model(IDS)[0], atol=0, rtol=0)
+    assert no_network == []
+
+
+def test_missing_recorded_base_names_path_and_fingerprint(tmp_path, no_network):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = _save_from(str(tmp_path / "base"), tmp_path / "rf")
+    (tmp_path / "base").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError) as e:
+        load_retrofit(tmp_path / "rf")
+    msg = str(e.value)
+    assert str(tmp_path / "base") in msg and model.base_fingerprint() in msg and "pass the base explicitly" in msg
+    assert load_retrofit(tmp_path / "rf", tmp_path / "moved").fingerprint() == model.fingerprint()
+    assert no_network == []
+
+
+def test_recorded_base_folder_with_other_weights_names_both_fingerprints(tmp_path, no_network):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = _save_from(str(tmp_path / "base"), tmp_path / "rf")
+    tiny_llama(seed=1).save_pretrained(tmp_path / "base")  # the folder now holds another model
+    other_fp = retrofit(tiny_llama(seed=1), layers=[0], n_heads=2).base_fingerprint()
+    with pytest.raises(ValueError) as e:
+        load_retrofit(tmp_path / "rf")
+    msg = str(e.value)
+    assert model.base_fingerprint() in msg and other_fp in msg
+    assert f"the base loaded from {str(tmp_path / 'base')!r} has fingerprint {other_fp}" in msg
+    assert no_network == []
+
+
+def test_explicit_base_with_other_weights_names_both_fingerprints(saved):
+    d, model = saved
+    other = tiny_llama(seed=1)
+    other_fp = retrofit(tiny_llama(seed=1), layers=[0], n_heads=2).base_fingerprint()
+    with pytest.raises(ValueError, match=f"fingerprint {model.base_fingerprint()}.*the base given has "
+                                         f"fingerprint {other_fp}"):
+        load_retrofit(d, other)
+
+
+def test_recorded_hub_id_is_never_downloaded(saved, no_network):
+    d, model = saved
+    _edit_meta(d, name_or_path="some-org/some-model-not-in-any-cache", path=None)
+    with pytest.raises(FileNotFoundError, match=r"'some-org/some-model-not-in-any-cache' \(weights fingerprint "
+                                                rf"{model.base_fingerprint()}\).*never downloaded.*pass the base"):
+        load_retrofit(d)
+    assert no_network == []
+
+
+def test_recorded_path_is_untrusted_input(saved, tmp_path, no_network):
+    d, _ = saved
+    _edit_meta(d, path="../../some/where")
+    with pytest.raises(ValueError, match=r"recorded base path '../../some/where' is not absolute"):
+        load_retrofit(d)
+    target = tmp_path / "not-a-model"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    before = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in target.iterdir())
+    _edit_meta(d, path=str(target))
+    with pytest.raises(ValueError, match=f"recorded base folder {re.escape(str(target))} .*could not be loaded"):
+        load_retrofit(d)
+    assert sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in target.iterdir()) == before
+    assert no_network == []
+
+
+def test_retrofit_saved_before_paths_were_recorded_still_loads(saved, llama_dir, no_network):
+    d, model = saved
+    meta = json.loads((d / RETROFIT_CONFIG).read_text())
+    del meta["base"]["path"]  # the file format before this field: name_or_path only
+    meta["base"]["name_or_path"] = llama_dir
+    (d / RETROFIT_CONFIG).write_text(json.dumps(meta))
+    assert load_retrofit(d).fingerprint() == model.fingerprint()
+    assert no_network == []
