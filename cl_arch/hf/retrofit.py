@@ -186,7 +186,8 @@ class RetrofitModel(nn.Module):
     ``logits, state = model(input_ids [B, T], state=None, modulation=None, return_state=True, lam=None)``,
     as :meth:`PlasticTransformer.forward`; see the module docstring for the state's layout. Build it
     with :func:`retrofit`. Calling ``self.base`` directly raises (its hooks need this model's call),
-    except inside ``with model.base_only():``, where the added layers are skipped.
+    except inside ``with model.base_only():``, where the added layers are skipped; :meth:`unload`
+    removes the hooks for good.
     """
 
     def __init__(self, base: nn.Module, config: RetrofitConfig, fast: Optional[nn.ModuleDict] = None):
@@ -568,10 +569,8 @@ def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: 
         model: a ``transformers`` causal LM of a family in :data:`FAMILIES` (e.g. ``LlamaForCausalLM``,
             ``Qwen2ForCausalLM``, ``MistralForCausalLM``, ``GPT2LMHeadModel``). It becomes
             ``result.base``; its modules and weights are not changed.
-        layers: indices of the decoder blocks to extend (None: every block).
-        n_heads, head_k_dim, head_v_dim: each memory is ``n_heads`` matrices ``[K, V]``; K and V default
-            to ``min(64, hidden_size // n_heads)``.
-            ``layers=[]`` adds none (then ``episodic_heads`` must be >= 1).
+        layers: indices of the decoder blocks to extend (None: every block; ``layers=[]`` adds none,
+            then ``episodic_heads`` must be >= 1).
         n_heads, head_k_dim, head_v_dim: each memory is ``n_heads`` matrices ``[K, V]``; K and V default
             to ``min(64, hidden_size // n_heads)``.
         episodic_heads: 0 (none) or the heads of an :class:`~cl_arch.layers.EpisodicMemory` of
@@ -588,7 +587,8 @@ def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: 
 
     Raises:
         ValueError: an unsupported model, a layer index out of range or repeated, an unknown rule
-            setting, or a bad value (the message names the FastLayerConfig field).
+            setting, or a bad value (the message names the FastLayerConfig field); a model that already
+            carries a retrofit (:meth:`RetrofitModel.unload` the one it has first).
     """
     if isinstance(model, RetrofitModel):
         raise ValueError("model is already a RetrofitModel; retrofit its .base with all the layers you want at once")
