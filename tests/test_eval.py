@@ -106,6 +106,40 @@ def test_codebase_end_to_end(tiny_lm, tree, tmp_path):
     assert saved["benchmark"] == "codebase" and os.path.isfile(saved["plot"])
 
 
+def test_guarded_fold_drift_keeps_the_anchor_within_budget_and_reports_the_held_out_drift(tiny_lm):
+    """The fraction c is chosen on the anchor (forgetting there <= budget); the drift reported is the
+    held-out windows' with c P in place; a budget the whole P fits folds c = 1 and reports all of P's drift."""
+    from cl_arch.eval.codebase import guarded_fold_drift
+    from cl_arch.eval.streams import window_bpb
+    from cl_arch.eval import metrics as M
+
+    g = torch.Generator().manual_seed(0)
+    P = [torch.randn(m.n_heads, m.head_k_dim, m.head_v_dim, generator=g) for m in tiny_lm.fast_layers()]
+    anchor = torch.randint(0, 256, (4, 49), generator=g)
+    base = torch.randint(0, 256, (3, 49), generator=g)
+    before = window_bpb(tiny_lm, base)
+    whole = M.base_drift(before, window_bpb(tiny_lm, base, tiny_lm.init_state(1, [p.unsqueeze(0) for p in P])))
+    tight = guarded_fold_drift(tiny_lm, P, anchor, 0.01, base, before)
+    assert tight["fold_anchor_bits_full"] > 0.05  # all of P costs the anchor more than the budget: the guard acts
+    assert 0.0 <= tight["fold_fraction"] < 1.0 and tight["fold_anchor_bits"] <= 0.01
+    cP = tiny_lm.init_state(1, [tight["fold_fraction"] * p.unsqueeze(0) for p in P])
+    assert tight["folded_drift_bpb"] == pytest.approx(M.base_drift(before, window_bpb(tiny_lm, base, cP))["drift_bpb"])
+    loose = guarded_fold_drift(tiny_lm, P, anchor, 1e3, base, before)
+    assert loose["fold_fraction"] == 1.0 and loose["folded_drift_bpb"] == pytest.approx(whole["drift_bpb"])
+
+
+def test_codebase_fold_budget_adds_the_guarded_fold_to_rows_that_keep_P(tiny_lm, tree, tmp_path):
+    rep = codebase.run(source=tree, model=tiny_lm, max_bytes=1500, episode_bytes=512, chunk=128,
+                       calib_batches=1, drift_windows=2, fold_budget=0.0, out_dir=str(tmp_path))
+    m = rep["methods"]
+    kept = [n for n, v in m.items() if "fold_fraction" in v["summary"]]
+    assert "adapt" in kept and "frozen" not in kept and "no_persist" not in kept and "dynamic_eval" not in kept
+    for n in kept:
+        s = m[n]["summary"]
+        assert s["fold_budget"] == 0.0 and 0.0 <= s["fold_fraction"] <= 1.0 and s["fold_anchor_bits"] <= 1e-9
+    assert rep["config"]["fold_budget"] == 0.0 and "held-out drift after the fold" in rep["fold_table"]
+
+
 def test_codebase_rows_are_prequential_and_differ_only_where_they_should(tiny_lm, tree):
     """Every row scores a byte before learning from it (changing the stream's last byte changes no
     earlier loss), all episode-level rows are identical inside the first episode (nothing has crossed
