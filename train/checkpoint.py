@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from cl_arch.io import fsync_file, commit_moves, recover
+from cl_arch.io import commit_moves, fsync_file, reading, recover
 
 TRAINING_STATE = "training_state.pt"
 SHARDED_DIR = "sharded"
@@ -143,50 +143,96 @@ def load_checkpoint(directory: str, model, optimizer=None, schedule=None, rank: 
     Every process calls it; a sharded model (``fully_shard``) receives its own shards. Call it
     before ``accelerator.prepare`` (DDP) and after :func:`~cl_arch.train.distributed.shard_model`.
 
+    The files are read holding the folder's lock shared (:func:`cl_arch.io.reading`), so a
+    concurrent ``save_checkpoint`` of the same folder is seen whole or not at all, and
+    ``training_state.pt`` / ``rng_state_<rank>.pt`` are read with ``weights_only=True``: tensors
+    and plain data only, never pickled code.
+
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
-        ValueError: the weights do not fit ``model``, or a sharded checkpoint meets an unsharded model.
+        ValueError: the weights do not fit ``model``, a sharded checkpoint meets an unsharded model,
+            or a ``.pt`` file holds anything but tensors and plain data (the file is named).
     """
     from . import distributed as dist_utils
 
-    recover(directory)  # finish a save_checkpoint that a crash interrupted (no-op otherwise)
-    path = os.path.join(directory, TRAINING_STATE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"not a training checkpoint: {path} is missing")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    fsdp = dist_utils.is_sharded(model)
-    opt = None
-    if optimizer is not None:
-        opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    if state.get("format", "full") == "sharded":
-        if not fsdp:
-            raise ValueError(f"{directory} is a sharded checkpoint (one file set per FSDP process): resume it "
-                             "under FSDP (train.parallel: fsdp, several processes)")
-        dist_utils.sharded_load(os.path.join(directory, SHARDED_DIR), model, opt)
-    else:
-        if fsdp:
-            from safetensors.torch import load_file
-
-            from cl_arch.model import WEIGHTS_NAME
-
-            dist_utils.load_full_weights(model, load_file(os.path.join(directory, WEIGHTS_NAME)))
+    # One hold of the folder's lock (shared: every rank reads at once) for all its files, after
+    # finishing a save_checkpoint that a crash interrupted, so every file is of one checkpoint.
+    with reading(directory):
+        path = os.path.join(directory, TRAINING_STATE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"not a training checkpoint: {path} is missing")
+        state = _load_plain(path, "training state")
+        fsdp = dist_utils.is_sharded(model)
+        opt = None
+        if optimizer is not None:
+            opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        if state.get("format", "full") == "sharded":
+            if not fsdp:
+                raise ValueError(f"{directory} is a sharded checkpoint (one file set per FSDP process): resume it "
+                                 "under FSDP (train.parallel: fsdp, several processes)")
+            dist_utils.sharded_load(os.path.join(directory, SHARDED_DIR), model, opt)
         else:
-            load_weights(directory, model)
-        if opt is not None:
-            if "optimizer_by_name" in state:
-                dist_utils.load_optimizer_state_by_name(model, opt, state["optimizer_by_name"], full=True)
-            elif fsdp:  # written by one process or DDP: numbered parameters, re-keyed by name
-                named = dist_utils.optimizer_state_ids_to_names(model, opt, state["optimizer"])
-                dist_utils.load_optimizer_state_by_name(model, opt, named, full=True)
+            if fsdp:
+                from cl_arch.model import WEIGHTS_NAME
+
+                dist_utils.load_full_weights(model, _load_safetensors(os.path.join(directory, WEIGHTS_NAME)))
             else:
-                opt.load_state_dict(state["optimizer"])
-    if schedule is not None:
-        schedule.load_state_dict(state["schedule"])
-    if restore_rng:
-        rng_path = os.path.join(directory, f"rng_state_{rank}.pt")
-        if os.path.isfile(rng_path):
-            set_rng_state(torch.load(rng_path, weights_only=False))
+                load_weights(directory, model)
+            if opt is not None:
+                if "optimizer_by_name" in state:
+                    dist_utils.load_optimizer_state_by_name(model, opt, state["optimizer_by_name"], full=True)
+                elif fsdp:  # written by one process or DDP: numbered parameters, re-keyed by name
+                    named = dist_utils.optimizer_state_ids_to_names(model, opt, state["optimizer"])
+                    dist_utils.load_optimizer_state_by_name(model, opt, named, full=True)
+                else:
+                    opt.load_state_dict(state["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
+        if restore_rng:
+            rng_path = os.path.join(directory, f"rng_state_{rank}.pt")
+            if os.path.isfile(rng_path):
+                rng = _load_plain(rng_path, "RNG state")
+                try:
+                    set_rng_state(rng)
+                except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+                    raise ValueError(f"corrupt RNG state {rng_path}: {e!r}") from e
     return {k: v for k, v in state.items() if k not in ("optimizer", "optimizer_by_name", "schedule", "format")}
+
+
+def _load_plain(path: str, what: str) -> Any:
+    """``torch.load`` of tensors and plain data only: a checkpoint file never runs code when read.
+
+    Raises:
+        ValueError: the file holds anything else (a pickled object, e.g. one that reduces to
+            ``os.system``), or is not a torch file; the file is named.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page long and suggests weights_only=False; keep only the line that
+        # says what the file holds ("unsupported GLOBAL posix.system ...").
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        what_held = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else repr(e))
+        raise ValueError(f"refusing to load the {what} {path}: it holds more than tensors and plain data, "
+                         f"which could run code when unpickled ({what_held})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"corrupt {what} {path}: {e}") from e
+
+
+def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """A safetensors file's tensors, with an error that names the file."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"not a cl_arch checkpoint: {path} is missing")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError type
+        raise ValueError(f"corrupt checkpoint weights {path}: {e}") from e
 
 
 def load_weights(directory: str, model) -> None:
@@ -195,14 +241,10 @@ def load_weights(directory: str, model) -> None:
     Raises:
         FileNotFoundError / ValueError: missing file, or tensors that do not match the model.
     """
-    from safetensors.torch import load_file
-
     from cl_arch.model import WEIGHTS_NAME
 
     w_path = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(w_path):
-        raise FileNotFoundError(f"not a cl_arch checkpoint: {w_path} is missing")
-    tensors = load_file(w_path)
+    tensors = _load_safetensors(w_path)
     expected = model._export_tensors()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -211,7 +253,7 @@ def load_weights(directory: str, model) -> None:
         for name, p in model.state_dict(keep_vars=True).items():
             if name in tensors:
                 if tensors[name].shape != p.shape:
-                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensors[name].shape)}, "
+                    raise ValueError(f"checkpoint {w_path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                                      f"the model {tuple(p.shape)}")
                 p.copy_(tensors[name])
 

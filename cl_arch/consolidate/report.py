@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import time
 import uuid
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Sequence, Union
 
 import torch
 
-from ..io import atomic_write_many, recover, text_writer
+from ..io import atomic_write_many, reading, text_writer
 
 UNDO_KEY = "_undo"
 PARAM_PREFIX = "param/"
@@ -127,33 +128,59 @@ def write_report(report: Dict[str, Any], path: Union[str, os.PathLike]) -> str:
 
 
 def load_report(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Read a report written by :func:`write_report`, with its undo tensors under ``"_undo"``."""
-    from safetensors.torch import load_file
+    """Read a report written by :func:`write_report`, with its undo tensors under ``"_undo"``.
+
+    Both files are read in one hold of the report's lock (:func:`cl_arch.io.reading`, after
+    finishing a write_report that a crash interrupted), and the undo file once, its pair id and
+    tensors from the same bytes: a concurrent ``write_report`` is seen whole or not at all.
+
+    Raises:
+        FileNotFoundError: the report or its undo weights are missing.
+        ValueError: not a report, corrupt undo weights, or a report and undo weights of two
+            different writes (the files are named).
+    """
+    from safetensors.torch import load as load_tensors
 
     path = os.fspath(path)
-    recover(path)  # finish a write_report that a crash interrupted (no-op otherwise)
-    with open(path) as f:
-        report = json.load(f)
-    if not isinstance(report, dict) or "fingerprint_before" not in report:
-        raise ValueError(f"{path} is not a consolidation report")
-    undo_file = report.get("undo_file")
-    if undo_file is None:
-        raise ValueError(f"report {path} names no undo file")
-    undo_file = os.path.join(os.path.dirname(os.path.abspath(path)), undo_file)
-    if not os.path.isfile(undo_file):
-        raise FileNotFoundError(f"undo weights of report {path} are missing: {undo_file}")
+    with reading(path):
+        with open(path) as f:
+            report = json.load(f)
+        if not isinstance(report, dict) or "fingerprint_before" not in report:
+            raise ValueError(f"{path} is not a consolidation report")
+        undo_file = report.get("undo_file")
+        if undo_file is None:
+            raise ValueError(f"report {path} names no undo file")
+        undo_file = os.path.join(os.path.dirname(os.path.abspath(path)), undo_file)
+        if not os.path.isfile(undo_file):
+            raise FileNotFoundError(f"undo weights of report {path} are missing: {undo_file}")
+        with open(undo_file, "rb") as f:
+            data = f.read()
     pair = report.get("undo_pair_id")
     if pair is not None:  # reports written before the pair id have none to check
-        from safetensors import safe_open
-
-        with safe_open(undo_file, framework="pt") as f:
-            found = (f.metadata() or {}).get("undo_pair_id")
+        found = _safetensors_metadata(data, undo_file).get("undo_pair_id")
         if found != pair:
             raise ValueError(f"report {path} and its undo weights {undo_file} come from different writes "
                              f"(pair id {pair} vs {found}; a crash between their two renames?): refusing "
                              "to undo with weights that are not this report's")
-    report[UNDO_KEY] = load_file(undo_file)
+    try:
+        report[UNDO_KEY] = load_tensors(data)
+    except Exception as e:  # safetensors raises its own error type
+        raise ValueError(f"corrupt undo weights {undo_file}: {e}") from e
     return report
+
+
+def _safetensors_metadata(data: bytes, source: str) -> Dict[str, str]:
+    """The ``__metadata__`` map of a safetensors file's bytes."""
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        if n > len(data) - 8:
+            raise ValueError(f"header of {n} bytes in a file of {len(data)}")
+        meta = json.loads(data[8:8 + n].decode("utf-8")).get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise TypeError("__metadata__ is not an object")
+        return meta
+    except (struct.error, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"corrupt undo weights {source}: unreadable safetensors header ({e})") from e
 
 
 def restore_params(model, report: Dict[str, Any]) -> None:

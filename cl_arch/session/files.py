@@ -13,7 +13,8 @@ vocabulary). The file is written to a temporary name in the same folder, fsynced
 renamed, so a crash leaves either the old or the new file whole.
 
 :func:`_encode_state` makes the bytes, :func:`_decode_state` checks them before a session is
-built from them, :func:`_read_metadata` parses the header alone, and :func:`_atomic_write`
+built from them, :func:`_read_metadata` parses the header alone, :func:`_read_file` reads a file (under its
+lock, after any interrupted journaled write of it is finished), and :func:`_atomic_write`
 (through :func:`_bytes_writer`, which writes in ``_WRITE_CHUNK`` pieces via the test seam
 :func:`_write_chunk`) puts them on disk.
 """
@@ -26,7 +27,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from ..io import atomic_write
+from ..io import atomic_write, reading
 from .records import REPLAY_FIELDS
 
 SCHEMA = "cl_arch.session/2"
@@ -150,11 +151,27 @@ def _bytes_writer(data: bytes):
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    The rename happens under the file's lock, after finishing any journaled multi-file write of it
+    that a crash interrupted (``undo`` writes session files that way): otherwise that stale
+    journal could later replay the older content over this newer file."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"folder {directory} does not exist")
-    atomic_write(path, _bytes_writer(data), sync_dir=True)
+    atomic_write(path, _bytes_writer(data), sync_dir=True, lock=True)
+
+
+def _read_file(path: str) -> bytes:
+    """A state file's bytes, read under its lock after finishing any journaled write of it that a
+    crash interrupted (:func:`cl_arch.io.reading`), so a reader sees the version that write left.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    with reading(path):
+        with open(path, "rb") as f:
+            return f.read()
 
 
 def _encode_state(tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> bytes:

@@ -3,7 +3,9 @@ import os
 import re
 from typing import List, Union
 
+from ..io import writing
 from .core import Session
+from .files import _read_file
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -32,6 +34,7 @@ class SessionStore:
         return p
 
     def exists(self, uid: str) -> bool:
+        """Whether ``uid`` has a saved session."""
         return os.path.isfile(self.path(uid))
 
     def ids(self) -> List[str]:
@@ -50,9 +53,13 @@ class SessionStore:
         (saved again as it is) but does not use it.
         """
         p = self.path(uid)
-        if os.path.isfile(p):
-            return Session.load(model, p, **kwargs)
-        return Session(model, **kwargs)
+        try:
+            # Read under the file's lock, after finishing an interrupted multi-file write of it
+            # (undo writes session files that way), so a returning user gets the version it left.
+            data = _read_file(p)
+        except FileNotFoundError:
+            return Session(model, **kwargs)
+        return Session.from_bytes(model, data, source=p, **kwargs)
 
     def save(self, session: Session, uid: str) -> str:
         """Save atomically; returns the file path."""
@@ -61,8 +68,13 @@ class SessionStore:
         return p
 
     def delete(self, uid: str) -> bool:
+        """Remove ``uid``'s saved session; False if there was none.
+
+        Under the file's lock, after finishing an interrupted multi-file write of it, so that no
+        stale journal can bring the file back later."""
         p = self.path(uid)
-        if os.path.isfile(p):
-            os.remove(p)
-            return True
+        with writing([p]):
+            if os.path.isfile(p):
+                os.remove(p)
+                return True
         return False
