@@ -18,9 +18,12 @@ def add_parser(sub):
                                        "tune-dynamic"])
     p.add_argument("--out", default="runs/eval", help="folder for the JSON and PNG")
     p.add_argument("--report-name", default=None, help="file stem of the report (default: NAME)")
-    p.add_argument("--model", default=None, help="checkpoint folder (save_pretrained); default: the "
-                   "stdlib model in --cache-dir (codebase, tabcomplete, cost, offset) or a recall-trained model (games, "
+    p.add_argument("--model", default=None, help="checkpoint folder (save_pretrained), or 'default' for the shipped "
+                   "model; default: the shipped model (codebase, tabcomplete, cost, offset, tune-dynamic; with "
+                   "--cache-dir or --pretrain-seconds the cached stdlib model) or a recall-trained model (games, "
                    "sutton, retention)")
+    p.add_argument("--in-place", action="store_true", help="allow --out to be the --model folder (the report "
+                   "files are written among the model's)")
     p.add_argument("--cache-dir", default=None, help="where the default stdlib model is cached (default: "
                    "~/.cache/cl_arch/demo-<hash of the recipe>, shared with cl-arch demo)")
     p.add_argument("--pretrain-seconds", type=float, default=None, help="pretrain a model for this many seconds "
@@ -114,8 +117,18 @@ def _float_or_model(text: str):
 
 
 def _model(args):
-    from cl_arch import PlasticTransformer
-    return None if args.model is None else PlasticTransformer.from_pretrained(args.model).eval()
+    from .common import load_model
+    return None if args.model is None else load_model(args.model, log=print).eval()
+
+
+def _check_out(args):
+    """Refuse, before the benchmark runs, an --out that is the model folder or cannot be written."""
+    from .common import check_writable_folder, default_model_dir, refuse_overwrite
+
+    # None runs the shipped model unless a recipe (--cache-dir/--pretrain-seconds) or a recall model is asked for.
+    model = default_model_dir() if args.model in (None, "default") else args.model
+    refuse_overwrite([("--out", args.out)], [("--model", model)], args.in_place)
+    check_writable_folder("--out", args.out)
 
 
 def run(args):
@@ -125,7 +138,8 @@ def run(args):
     if args.max_bytes is None:
         args.max_bytes = 30_000 if name == "tune-dynamic" else 100_000
     if name == "tune-dynamic" and args.source:
-        raise SystemExit("tune-dynamic tunes on a held-out stdlib package (--package), not on --source")
+        raise ValueError("tune-dynamic tunes on a held-out stdlib package (--package), not on --source")
+    _check_out(args)
     model = _model(args)
     if args.no_readout or args.no_episodic:
         from cl_arch.eval.codebase import stdlib_model

@@ -9,6 +9,7 @@ The base model's weights are never trained or written; the added layers are save
 (the added layers), ``plasticity`` (their lam/gamma/eta_s/eta_r) or ``all`` (both; the default).
 """
 import json
+import os
 from typing import Dict
 
 
@@ -56,14 +57,33 @@ def config_from_args(args):
     return config_from_dict(d)
 
 
+def _cached_on_hub(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except (ImportError, ValueError):  # HFValidationError (a ValueError): not even a valid repo id
+        return False
+
+
 def run_hf(args) -> int:
     from cl_arch.train.finetune_hf import dump, finetune_hf
 
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        print(f"cl-arch finetune --hf-model: {e}")
-        return 2
+    from .common import check_writable_folder, refuse_overwrite
+
+    # A hub id is read from the local cache only: a mistyped folder fails at once instead of after
+    # minutes of retries against an unreachable hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = config_from_args(args)  # ValueError naming the setting: one line from cli.py, exit 2
+    if not os.path.exists(cfg.hf_model) and not _cached_on_hub(cfg.hf_model):
+        raise FileNotFoundError(f"--hf-model {cfg.hf_model}: no such folder, nor a hub model in the local cache")
+    if cfg.output_dir:
+        # The run replaces <output-dir>/retrofit: a base or retrofit read from there would be lost.
+        refuse_overwrite([("--output-dir", cfg.output_dir)],
+                         [("--hf-model", cfg.hf_model if os.path.exists(cfg.hf_model) else None),
+                          ("--retrofit-from", cfg.retrofit_from)], args.in_place, contain=True)
+        if not args.print_config:
+            check_writable_folder("--output-dir", cfg.output_dir)
     if args.print_config:
         import dataclasses
 

@@ -12,8 +12,9 @@ run before any work with a message naming the field.
 import argparse
 import json
 import os
-import sys
 from typing import Dict, List
+
+from .common import add_in_place_arg, check_writable_folder, refuse_overwrite
 
 # Shortcut flags -> dotted config keys (shared by pretrain, finetune and meta-train).
 COMMON_FLAGS: Dict[str, str] = {
@@ -46,6 +47,7 @@ def add_common_args(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_in_place_arg(p)
     if data:
         p.add_argument("--sources", nargs="+", help="'stdlib', folders, files or globs of text/code")
         p.add_argument("--seq-len", type=int, help="bytes per training sequence")
@@ -69,14 +71,17 @@ def overrides_from_args(args: argparse.Namespace, flags: Dict[str, str]) -> List
 
 
 def config_from_args(cls, args: argparse.Namespace, flags: Dict[str, str]):
-    """Load and validate the run config; on a bad setting print it and exit with status 2."""
-    from cl_arch.train.config import ConfigError, load_config
+    """Load and validate the run config (ConfigError naming a bad setting; cli.py prints it as one
+    line and exits 2), then refuse a run folder that holds its own ``--init-from`` model: the run
+    writes ``final/`` and prunes ``checkpoints/`` there, so the input could be overwritten."""
+    from cl_arch.train.config import load_config
 
-    try:
-        return load_config(cls, args.config, overrides_from_args(args, flags))
-    except ConfigError as e:
-        print(f"cl-arch: config error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    cfg = load_config(cls, args.config, overrides_from_args(args, flags))
+    refuse_overwrite([("--output-dir", cfg.train.output_dir)], [("--init-from", cfg.train.init_from)],
+                     getattr(args, "in_place", False), contain=True)
+    if not getattr(args, "print_config", False):
+        check_writable_folder("--output-dir", cfg.train.output_dir)  # not after the first epoch
+    return cfg
 
 
 def add_parser(sub):

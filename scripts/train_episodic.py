@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 
+from .common import add_in_place_arg, check_writable_folder, load_model, model_dir, refuse_overwrite
+
 
 def add_parser(sub):
     p = sub.add_parser("train-episodic", help="add an episodic memory to a trained model and learn its settings",
@@ -27,16 +29,19 @@ def add_parser(sub):
     p.add_argument("--carry", default="fresh,own,foreign",
                    help="situations the steps cycle through (cl_arch.train.episodic): fresh, own, foreign")
     p.add_argument("--no-progress", action="store_true")
+    add_in_place_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from cl_arch import PlasticTransformer
-    from cl_arch.eval.models import default_model
     from cl_arch.io import write_json
     from cl_arch.train.episodic import EpisodicTrainConfig, train_episodic
 
-    model = default_model() if args.init_from is None else PlasticTransformer.from_pretrained(args.init_from)
+    # The model is saved into --output-dir: one that is (or holds) the input folder would lose it.
+    refuse_overwrite([("--output-dir", args.output_dir)], [("--init-from", model_dir(args.init_from))],
+                     args.in_place, contain=True)
+    check_writable_folder("--output-dir", args.output_dir)
+    model = load_model(args.init_from, log=print, flag="--init-from")
     cfg = EpisodicTrainConfig(steps=args.steps, seed=args.seed, n_spans=args.n_spans, span_bytes=args.span_bytes,
                               seq_len=args.seq_len, carry=tuple(c.strip() for c in args.carry.split(",") if c.strip()),
                               episodic={"heads": args.heads, "features": args.features})
