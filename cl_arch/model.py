@@ -330,8 +330,11 @@ class PlasticTransformer(nn.Module):
                              f"missing {missing}, unexpected {unexpected}")
         for name, t in tensors.items():
             if t.shape != expected[name].shape:
-                raise ValueError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, "
+                raise ValueError(f"checkpoint {w_path}: tensor {name} has shape {tuple(t.shape)}, "
                                  f"the config implies {tuple(expected[name].shape)}")
+            if not t.is_floating_point():  # a tampered header's dtype; load_state_dict would fail unnamed
+                raise ValueError(f"checkpoint {w_path}: tensor {name} has dtype {t.dtype}, "
+                                 "weights are floating point")
         # assign=True keeps the saved dtype and device (a float64 checkpoint stays float64).
         model.load_state_dict(tensors, strict=False, assign=True)
         if config.tie_embeddings:
