@@ -108,6 +108,7 @@ BAD = {
         (["codebase", "--model", "notmodel", "--out", "out"], "notmodel"),
         (["codebase", "--model", "m", "--out", "m"], "--in-place"),
         (["codebase", "--model", "m", "--out", "link_to_m"], "--in-place"),
+        (["codebase", "--model", "m", "--out", "junk.bin"], "junk.bin"),
     ],
     "pretrain": [
         (["--init-from", "missing", "--sources", "corpus.py", "--output-dir", "out", "--max-steps", "1"], "missing"),
@@ -118,6 +119,7 @@ BAD = {
         (["--init-from", "m", "--sources", "corpus.py", "--output-dir", "m", "--max-steps", "1"], "--in-place"),
         (["--init-from", "m/", "--sources", "corpus.py", "--output-dir", ".", "--max-steps", "1"], "--in-place"),
         (["--sources", "corpus.py", "--output-dir", "junk.bin", "--max-steps", "1"], "junk.bin"),
+        (["--sources", "missing", "--output-dir", "out"], "missing"),
     ],
     "finetune": [
         (["--init-from", "missing", "--sources", "corpus.py", "--output-dir", "out", "--max-steps", "1"], "missing"),
@@ -126,6 +128,8 @@ BAD = {
         (["--init-from", "m", "--sources", "corpus.py", "--output-dir", "m", "--max-steps", "1"], "--in-place"),
         (["--init-from", "m", "--sources", "corpus.py", "--output-dir", "junk.bin", "--max-steps", "1"],
          "junk.bin"),
+        (["--sources", "corpus.py", "--output-dir", "out", "--max-steps", "1"], "needs a checkpoint"),
+        (["--hf-model", "missing", "--output-dir", "out", "--max-steps", "1"], "missing"),
     ],
 }
 
