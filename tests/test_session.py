@@ -521,15 +521,15 @@ def test_cli_adapt_reads_prompts_and_rewards_and_saves(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "cl_arch.scripts.cli", "adapt", "--model", str(tmp_path / "model"),
            "--session", str(state), "--max-new-tokens", "5", "--seed", "0"]
-    stdin = "hello\n+\nsecond prompt\n-\n+\nthird\n0.25\nnan\nfourth\n"
+    stdin = "hello\n/reward +\nsecond prompt\n/reward -\n/reward +\nthird\n/reward 0.25\n/reward nan\nfourth\n"
     res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, timeout=120)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 2, res.stderr  # two lines were refused: the run says so in its status
     assert res.stdout.count("\n") >= 4  # four completions, one print each
     assert "no episode" in res.stderr and "finite" in res.stderr  # the bad lines were reported
     s = Session.load(model, state)
     assert s.episodes == 3 and s.rewards == 3 and s.reward_sum == pytest.approx(0.25)
     assert any(torch.count_nonzero(p) > 0 for p in s.P)
-    res = subprocess.run(cmd, input="again\n+\n", capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run(cmd, input="again\n/reward +\n", capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and "loaded" in res.stderr
     assert Session.load(model, state).episodes == 4
 
