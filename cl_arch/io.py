@@ -359,7 +359,7 @@ def _read_journal(journal: str) -> Optional[_Journal]:
     except FileNotFoundError:
         return None
     if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"commit journal {journal} is not a regular file (a link, folder or device); "
+        raise ValueError(f"commit journal {journal} is not a regular file (a link, folder, FIFO or device); "
                          "refusing it: nothing was moved or deleted")
     if st.st_size > _MAX_JOURNAL_BYTES:
         raise ValueError(f"commit journal {journal} is {st.st_size} bytes, not one this library wrote; "

@@ -186,6 +186,16 @@ def _rename(h):
     h["evil." + k] = h.pop(k)
 
 
+def _swap_data(h):
+    """A valid header: two tensors of one shape and dtype trade their data (only the fingerprint can tell)."""
+    by_shape = {}
+    for k, v in h.items():
+        if k != "__metadata__":
+            by_shape.setdefault((v["dtype"], tuple(v["shape"])), []).append(k)
+    a, b = next(names for names in by_shape.values() if len(names) > 1)[:2]
+    h[a]["data_offsets"], h[b]["data_offsets"] = h[b]["data_offsets"], h[a]["data_offsets"]
+
+
 def _corrupt_json(path):
     with open(path, "r+b") as f:
         f.seek(9)
@@ -198,6 +208,7 @@ TAMPERED = {
     "dtype F32 -> I32": (_as_int, "tensor .* has dtype torch.int32, weights are floating point"),
     "shape beyond the data": (_grow, "corrupt checkpoint weights .*invalid shape, data type, or offset"),
     "tensor renamed": (_rename, "does not match its config: missing"),
+    "two tensors' data swapped": (_swap_data, "weights fingerprint .* does not match the recorded"),
 }
 
 
@@ -214,7 +225,7 @@ def test_tampered_safetensors_header_is_refused_with_the_file_named(tmp_path, cl
         _rewrite_header(w_path, edit)
     with pytest.raises(ValueError, match=match) as e:
         PlasticTransformer.from_pretrained(folder)
-    assert w_path in str(e.value), str(e.value)
+    assert (folder if edit is _swap_data else w_path) in str(e.value), str(e.value)
 
 
 def test_session_of_another_model_is_refused(tmp_path):
