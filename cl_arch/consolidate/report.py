@@ -235,7 +235,7 @@ def undo(model, report: Union[Dict[str, Any], str, os.PathLike], sessions: Any =
             files are as they were.
     """
     from ..session import Session
-    from ..session.files import _bytes_writer, _read_metadata
+    from ..session.files import _bytes_writer, _read_file, _read_metadata
     from .common import as_source, session_items
 
     if not isinstance(report, dict):
@@ -279,8 +279,7 @@ def undo(model, report: Union[Dict[str, Any], str, os.PathLike], sessions: Any =
             if key in seen:
                 raise ValueError(f"undo: session file {path} is given twice")
             seen.add(key)
-            with open(path, "rb") as f:
-                data = f.read()
+            data = _read_file(path)  # after finishing an interrupted earlier undo of this file
             fp = _read_metadata(data, path).get("fingerprint")
             if fp == current:
                 files.append((path, Session.from_bytes(model, data, source=path), P))
