@@ -19,7 +19,7 @@
    cost per token of each row alone, drift on held-out stdlib) and writes ``<out>/demo.json``
    and ``<out>/demo.png``.
 
-With the shipped model no pretraining runs: a few minutes on 2 CPU cores (measured in the README).
+With the shipped model no pretraining runs: a few minutes on 2 CPU cores (measured in docs/results/reading.md).
 """
 import argparse
 import time

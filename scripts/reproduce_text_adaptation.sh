@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The figures of issue 12 (README, "Does it get better as it reads?") on the shipped default model.
+# The figures of issue 12 (docs/results/reading.md, "Does it get better as it reads?") on the shipped default model.
 # Settings are chosen on the held-out stdlib package asyncio, which is never a reported stream;
 # json, email and xml are reported. Run from the repository root after `pip install -e .`.
 set -euo pipefail
