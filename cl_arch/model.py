@@ -20,6 +20,12 @@ from .state import AttnLayerState, FastLayerState, LayerState, ModelState, StepC
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+# The names transformers reads in a checkpoint folder; `import cl_arch.hf` registers them with
+# AutoConfig / AutoModelForCausalLM / AutoTokenizer (the core writes them as plain JSON).
+HF_MODEL_TYPE = "cl_arch"
+HF_ARCHITECTURE = "ClArchForCausalLM"
+TOKENIZER_CLASS = "ClArchByteTokenizer"
 # What W0 means. 2: the fast memory decays toward its resting state W0 + P (docs/design.md, "The rule").
 # Checkpoints without it were trained when the memory decayed toward zero and W0 was only the
 # episode's starting point: loading them under the new rule would silently change the model.
@@ -257,37 +263,51 @@ class PlasticTransformer(nn.Module):
         return h.hexdigest()[:16]
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """Write ``model.safetensors`` and ``config.json`` (config, fingerprint, cl_arch_version).
+        """Write a checkpoint folder that every loader reads (docs/design.md, "State, sessions and files"):
 
-        Both files are written under temporary names and moved into place as one journaled commit
+        - ``model.safetensors``: the tensors under the model's own names (the tied ``lm_head`` once);
+        - ``config.json``: the config (``"config"``), fingerprint, ``cl_arch_version``,
+          ``fast_memory_format``, and for ``transformers`` ``model_type: "cl_arch"`` and
+          ``architectures``;
+        - ``tokenizer_config.json``: the byte tokenizer (``ClArchByteTokenizer``, its ``vocab_size``).
+
+        :meth:`from_pretrained` reads it, and after ``import cl_arch.hf`` so do
+        ``AutoConfig`` / ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` and
+        ``pipeline``; this module writes the JSON itself and never imports ``transformers``.
+        The files are written under temporary names and moved into place as one journaled commit
         (:func:`cl_arch.io.atomic_write_many`): a crash at any moment leaves the previous checkpoint
         or this one, never this one's weights beside the previous config.
         """
         from safetensors.torch import save_file
 
-        from . import __version__
-
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._export_tensors().items()}
-        meta = {"config": self.config.to_dict(), "fingerprint": self.fingerprint(),
-                "cl_arch_version": __version__, "fast_memory_format": FAST_MEMORY_FORMAT}
+        meta = checkpoint_meta(self.config, self.fingerprint())
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        tok_text = json.dumps(tokenizer_config(self.config), indent=2, sort_keys=True) + "\n"
 
         atomic_write_many([
             (os.path.join(directory, WEIGHTS_NAME),
-             lambda p: save_file(tensors, p, metadata={"fingerprint": meta["fingerprint"]})),
+             lambda p: save_file(tensors, p, metadata={"format": "pt", "fingerprint": meta["fingerprint"]})),
+            (os.path.join(directory, TOKENIZER_CONFIG_NAME), text_writer(tok_text)),
             (os.path.join(directory, CONFIG_NAME), text_writer(text)),  # last: the commit is named after it
         ])
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike],
                         map_location: Union[str, torch.device] = "cpu") -> "PlasticTransformer":
-        """Load a checkpoint written by :meth:`save_pretrained`; weights keep their saved dtype.
+        """Load a checkpoint folder; weights keep their saved dtype.
+
+        Reads what :meth:`save_pretrained` writes now and wrote before (``config.json`` without
+        ``model_type``, as the shipped model's was), and what ``ClArchForCausalLM.save_pretrained``
+        (``cl_arch.hf``) writes now and wrote before (the config under ``"plastic"``, tensors named
+        ``model.<name>``). Only JSON and safetensors are read: nothing in the folder runs code.
 
         Raises:
             FileNotFoundError: the directory or one of its two files is missing.
-            ValueError: a file is corrupt, the tensors do not fit the config, or the weights'
+            ValueError: a file is corrupt, ``config.json`` is not a cl_arch config (the message says
+                which keys it lacks), the tensors do not fit the config, or the weights'
                 fingerprint differs from the one recorded at save time.
         """
         from safetensors.torch import load_file
@@ -302,17 +322,10 @@ class PlasticTransformer(nn.Module):
         try:
             with open(cfg_path) as f:
                 meta = json.load(f)
-            cfg_dict = meta["config"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"corrupt checkpoint config {cfg_path}: {e}") from e
-        fmt = meta.get("fast_memory_format", 1)
-        if fmt != FAST_MEMORY_FORMAT:
-            raise ValueError(
-                f"checkpoint {directory} has fast_memory_format {fmt}, this cl_arch reads {FAST_MEMORY_FORMAT}: "
-                "it was trained when the fast memory decayed toward zero and W0 was only each episode's "
-                "starting point; the current rule decays toward the resting state W0 + P "
-                "(docs/design.md, 'The rule'), under which those weights compute something else. "
-                "Retrain it with this version.")
+        cfg_dict, fmt = read_checkpoint_meta(meta, cfg_path)
+        check_fast_memory_format(fmt, directory)
         try:
             config = PlasticConfig.from_dict(cfg_dict)
         except TypeError as e:
@@ -321,6 +334,7 @@ class PlasticTransformer(nn.Module):
             tensors = load_file(w_path, device=str(torch.device(map_location)))
         except Exception as e:  # safetensors raises its own SafetensorError (and OSError) types
             raise ValueError(f"corrupt checkpoint weights {w_path}: {e}") from e
+        tensors = _own_names(tensors, config)
 
         model = cls(config)
         expected = model._export_tensors()
@@ -347,3 +361,103 @@ class PlasticTransformer(nn.Module):
             raise ValueError(f"checkpoint {directory}: weights fingerprint {actual} does not match "
                              f"the recorded {stored} (files modified or mixed up)")
         return model
+
+
+# ---------------------------------------------------------------------- the checkpoint folder's JSON
+# One folder format for every writer and reader: PlasticTransformer.save_pretrained and
+# ClArchForCausalLM.save_pretrained (cl_arch.hf) write it; PlasticTransformer.from_pretrained and,
+# after `import cl_arch.hf`, AutoConfig / AutoModelForCausalLM / AutoTokenizer read it.
+
+def checkpoint_meta(config: PlasticConfig, fingerprint: Optional[str]) -> dict:
+    """``config.json`` of a checkpoint folder: the config under ``"config"``, the weights'
+    ``fingerprint`` (None: not recorded), ``cl_arch_version``, ``fast_memory_format``, and
+    ``model_type`` / ``architectures`` for ``transformers``."""
+    from .version import __version__
+
+    return {"architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE, "config": config.to_dict(),
+            "fingerprint": fingerprint, "cl_arch_version": __version__, "fast_memory_format": FAST_MEMORY_FORMAT}
+
+
+def tokenizer_config(config: PlasticConfig) -> dict:
+    """``tokenizer_config.json`` of a checkpoint folder: the byte tokenizer
+    (``cl_arch.hf.ClArchByteTokenizer``, ids 0-255 = bytes) for ``config.vocab_size`` ids."""
+    return {"tokenizer_class": TOKENIZER_CLASS, "vocab_size": config.vocab_size,
+            "clean_up_tokenization_spaces": False}
+
+
+def read_checkpoint_meta(meta: object, cfg_path: str = CONFIG_NAME) -> Tuple[dict, int]:
+    """``(PlasticConfig dict, fast_memory_format)`` of a checkpoint's ``config.json`` in any layout.
+
+    Layouts: ``"config"`` (what :meth:`PlasticTransformer.save_pretrained` writes, with or without
+    ``model_type``; no ``fast_memory_format`` means 1), or ``model_type: "cl_arch"`` with
+    ``"plastic"`` (``ClArchForCausalLM.save_pretrained`` before the two were one format; the
+    transformers integration came after format 2, so a missing one means 2).
+
+    Raises:
+        ValueError: not a dict; another model type; neither layout (the message names the keys).
+    """
+    if not isinstance(meta, dict):
+        raise ValueError(f"corrupt checkpoint config {cfg_path}: a JSON object is expected, got "
+                         f"{type(meta).__name__}")
+    model_type = meta.get("model_type")
+    if model_type is not None and model_type != HF_MODEL_TYPE:
+        raise ValueError(f"not a cl_arch checkpoint: {cfg_path} has model_type {model_type!r}, "
+                         f"expected {HF_MODEL_TYPE!r}")
+    if "config" in meta:
+        cfg, default_fmt = meta["config"], 1
+    elif model_type == HF_MODEL_TYPE and "plastic" in meta:
+        cfg, default_fmt = meta["plastic"], FAST_MEMORY_FORMAT
+    else:
+        raise ValueError(f"not a cl_arch checkpoint: {cfg_path} has no 'config' key (the PlasticConfig, "
+                         f"written by PlasticTransformer.save_pretrained) and no model_type "
+                         f"{HF_MODEL_TYPE!r} with a 'plastic' key (written by ClArchForCausalLM.save_pretrained); "
+                         f"its keys: {sorted(meta)[:12]}")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"corrupt checkpoint config {cfg_path}: the model config is a {type(cfg).__name__}, "
+                         "not a JSON object")
+    return cfg, meta.get("fast_memory_format", default_fmt)
+
+
+def check_fast_memory_format(fmt: object, where: str) -> None:
+    """Refuse a checkpoint trained under another meaning of W0 (:data:`FAST_MEMORY_FORMAT`)."""
+    if fmt != FAST_MEMORY_FORMAT:
+        raise ValueError(
+            f"checkpoint {where} has fast_memory_format {fmt}, this cl_arch reads {FAST_MEMORY_FORMAT}: "
+            "it was trained when the fast memory decayed toward zero and W0 was only each episode's "
+            "starting point; the current rule decays toward the resting state W0 + P "
+            "(docs/design.md, 'The rule'), under which those weights compute something else. "
+            "Retrain it with this version.")
+
+
+def _own_names(tensors: Dict[str, torch.Tensor], config: PlasticConfig) -> Dict[str, torch.Tensor]:
+    # The transformers wrapper names every tensor model.<name> (its base_model_prefix); the model's
+    # own names never start with "model.", so a file whose names all do is the wrapper's.
+    if tensors and all(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model."):]: v for k, v in tensors.items()}
+    if config.tie_embeddings and "lm_head.weight" in tensors and "embed.weight" in tensors \
+            and torch.equal(tensors["lm_head.weight"], tensors["embed.weight"]):
+        del tensors["lm_head.weight"]  # a writer that stored the tied copy as well
+    return tensors
+
+
+def default_model_dir() -> str:
+    """The folder of the shipped model, ``cl_arch/assets/default_model`` (it may be absent if the
+    package was installed without its assets)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_model")
+
+
+def load_default(map_location: Union[str, torch.device] = "cpu") -> PlasticTransformer:
+    """The shipped model (a byte-level model pretrained on the Python standard library; see
+    ``configs/default_model.yaml`` and ``pretrain.json`` beside it), in eval mode.
+
+    ``PlasticTransformer.from_pretrained(default_model_dir())``; after ``import cl_arch.hf``,
+    ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(default_model_dir())`` read the same folder.
+
+    Raises:
+        FileNotFoundError: the package was installed without it.
+    """
+    folder = default_model_dir()
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        raise FileNotFoundError(f"no shipped default model in {folder} (the package was installed without "
+                                "cl_arch/assets/default_model)")
+    return PlasticTransformer.from_pretrained(folder, map_location=map_location).eval()

@@ -21,16 +21,17 @@ DEMO_PRETRAIN_SECONDS = 150.0
 
 
 def default_model(log=print) -> PlasticTransformer:
-    """The model shipped in ``cl_arch/assets/default_model`` (see ``configs/default_model.yaml``).
+    """The model shipped in ``cl_arch/assets/default_model`` (:func:`cl_arch.load_default`), after
+    logging where it comes from (its ``pretrain.json``: steps, validation bits/byte).
 
     Raises:
         FileNotFoundError: the package was installed without it.
     """
     import json
 
-    import cl_arch
+    from cl_arch import default_model_dir, load_default
 
-    folder = os.path.join(os.path.dirname(os.path.abspath(cl_arch.__file__)), "assets", "default_model")
+    folder = default_model_dir()
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"no shipped default model in {folder}")
     info_path = os.path.join(folder, "pretrain.json")
@@ -40,7 +41,7 @@ def default_model(log=print) -> PlasticTransformer:
             info = json.load(f)
         extra = f" ({info['steps']} steps, validation {info['final_val_bpb']:.3f} bits/byte)"
     log(f"loading the shipped default model from {folder}{extra}")
-    return PlasticTransformer.from_pretrained(folder).eval()
+    return load_default()
 
 
 def demo_pretrain_overrides(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,

@@ -3,6 +3,10 @@
 - :class:`ClArchConfig` / :class:`ClArchForCausalLM`: a PlasticTransformer as a ``transformers``
   model, registered with ``AutoConfig`` and ``AutoModelForCausalLM`` (model_type ``"cl_arch"``)
   when this package is imported; ``generate`` carries the fast state in a :class:`PlasticCache`.
+- :class:`ClArchByteTokenizer`: UTF-8 bytes as ids 0-255, registered with ``AutoTokenizer`` for
+  model_type ``"cl_arch"``; with the two above, ``AutoConfig`` / ``AutoModelForCausalLM`` /
+  ``AutoTokenizer.from_pretrained(dir)`` and ``pipeline("text-generation", model=dir)`` read any
+  folder :meth:`cl_arch.PlasticTransformer.save_pretrained` writes (the shipped model's included).
 - :func:`retrofit`: fast-weight memories added beside the attention of a pretrained
   ``transformers`` causal LM (Llama / Qwen2 / Mistral family, GPT-2), giving a
   :class:`RetrofitModel` that satisfies :class:`cl_arch.protocols.PlasticModel`, so
@@ -18,14 +22,16 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("cl_arch.hf needs the 'transformers' package: pip install -e \".[hf]\"") from e
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .files import RETROFIT_CONFIG, RETROFIT_WEIGHTS, load_retrofit, save_retrofit
 from .modeling import ClArchConfig, ClArchForCausalLM, PlasticCache
 from .retrofit import RetrofitConfig, RetrofitModel, add_episodic_memory, retrofit
+from .tokenizer import ClArchByteTokenizer
 
 AutoConfig.register("cl_arch", ClArchConfig, exist_ok=True)
 AutoModelForCausalLM.register(ClArchConfig, ClArchForCausalLM, exist_ok=True)
+AutoTokenizer.register(ClArchConfig, ClArchByteTokenizer, exist_ok=True)
 
-__all__ = ["ClArchConfig", "ClArchForCausalLM", "PlasticCache", "RetrofitConfig", "RetrofitModel", "retrofit", "add_episodic_memory",
+__all__ = ["ClArchConfig", "ClArchForCausalLM", "ClArchByteTokenizer", "PlasticCache", "RetrofitConfig", "RetrofitModel", "retrofit", "add_episodic_memory",
            "save_retrofit", "load_retrofit", "RETROFIT_CONFIG", "RETROFIT_WEIGHTS"]

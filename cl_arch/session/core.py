@@ -32,8 +32,9 @@ class Session:
     """One user's adaptive copy of a model's fast memory.
 
     Args:
-        model: a :class:`~cl_arch.protocols.PlasticModel` (e.g. a PlasticTransformer) with at least one fast layer. It is
-            only read: its weights are never changed by the session.
+        model: a :class:`~cl_arch.protocols.PlasticModel` (e.g. a PlasticTransformer) with at least one fast layer, or
+            the ``transformers`` wrapper ``cl_arch.hf.ClArchForCausalLM``, whose PlasticTransformer (``.plastic_model``)
+            the session then holds as :attr:`model`. It is only read: its weights are never changed by the session.
         adapt: False freezes ``P`` (at zero) and resets the state every episode, so outputs equal
             the frozen model's exactly (the "state reset" control of the Sutton test).
         seed: seeds the session's sampling generator (None: from torch's global RNG).
@@ -52,8 +53,13 @@ class Session:
 
     def __init__(self, model, adapt: bool = True, *, seed: Optional[int] = None, replay_size: int = 64,
                  **rule_overrides: Optional[float]):
+        if not isinstance(model, PlasticModel) and isinstance(getattr(model, "plastic_model", None), PlasticModel):
+            # A wrapper that says what it wraps (cl_arch.hf.ClArchForCausalLM: .plastic_model is its
+            # PlasticTransformer, the same weights): the session reads the model inside.
+            model = model.plastic_model
         if not isinstance(model, PlasticModel):
-            raise ValueError(f"model must be a PlasticModel (cl_arch.protocols; e.g. a PlasticTransformer), "
+            raise ValueError(f"model must be a PlasticModel (cl_arch.protocols; e.g. a PlasticTransformer, or "
+                             f"a transformers ClArchForCausalLM, whose .plastic_model is one), "
                              f"got {type(model).__name__}")
         if not model.fast_layers():
             raise ValueError("model has no fast-weight layer: a session has nothing to adapt")
