@@ -4,7 +4,8 @@ A model trained on associative recall (``train_recall_model``, or ``--model DIR`
 ``--episodes`` episodes per seed with adaptation on and, on the same seeds and cue sequences,
 with the state reset every episode (``adapt=False``). Sutton delta (a variant of the one in
 docs/design.md, "Measuring learning") = mean reward over the last quarter of episodes, adapted
-minus reset, paired by seed; 95% interval by bootstrap over seeds. Prints a table, writes ``benchmarks/out/bench_sutton.json``.
+minus reset, paired by seed; 95% interval by the paired bootstrap over seeds (``cl_arch.stats``, 10,000
+resamples). Prints a table, writes ``benchmarks/out/bench_sutton.json``.
 
     python benchmarks/bench_sutton.py --seeds 8 --episodes 200
 """
@@ -17,7 +18,9 @@ import torch
 from cl_arch import PlasticTransformer, Session
 from cl_arch.io import write_json
 from cl_arch.state import FastLayerState
+from cl_arch.stats import sutton_delta
 from cl_arch.train.recall import train_recall_model
+from cl_arch.train.session_play import play_sessions
 from cl_arch.train.tasks import PreferenceGame
 
 
@@ -26,25 +29,14 @@ def play(model, adapt, seeds, n_episodes, rule, n_cues, n_answers):
     games = [PreferenceGame(n_cues, n_answers, seed=s) for s in seeds]
     sessions = [Session(model, adapt=adapt, seed=1000 + s, **rule) for s in seeds]
     cues = [g.cue_sequence(n_episodes, seed=2000 + s) for g, s in zip(games, seeds)]
-    R = torch.zeros(len(seeds), n_episodes)
     norms = []
-    for e in range(n_episodes):
-        outs = Session.batch_generate(sessions, [g.prompt(c[e]) for g, c in zip(games, cues)],
-                                      max_new_tokens=1, allowed_tokens=games[0].answers)
+
+    def first_trace_norms(e, sessions):
         if e == 0:
-            norms = [float(torch.linalg.vector_norm(st.E, dim=(-2, -1)).max())
-                     for s in sessions for st in s.state.layers if isinstance(st, FastLayerState)]
-        for i, (s, g, c, o) in enumerate(zip(sessions, games, cues, outs)):
-            R[i, e] = g.reward(c[e], o[0])
-            s.reward(R[i, e].item())
-    return R, norms
+            norms.extend(float(torch.linalg.vector_norm(st.E, dim=(-2, -1)).max())
+                         for s in sessions for st in s.state.layers if isinstance(st, FastLayerState))
 
-
-def bootstrap_ci(x, n=10000, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(x), (n, len(x)), generator=g)
-    means = x[idx].mean(1)
-    return float(means.quantile(0.025)), float(means.quantile(0.975))
+    return play_sessions(sessions, games, cues, on_answer=first_trace_norms), norms
 
 
 def main():
@@ -82,14 +74,15 @@ def main():
     first, last = R_on[:, :q].mean(1), R_on[:, -q:].mean(1)
     reset_last, flip_last = R_off[:, -q:].mean(1), R_flip[:, -q:].mean(1)
     delta = last - reset_last
-    lo, hi = bootstrap_ci(delta)
+    st = sutton_delta(last.double().numpy(), reset_last.double().numpy(), n_boot=10_000)
+    lo, hi = st["sutton_ci"]
     res = {
         "seeds": args.seeds, "episodes": args.episodes, "cues": args.cues, "answers": args.answers,
         "chance": 1 / args.answers, "rule": rule, "trace_norm_first_episode_median": float(torch.tensor(norms).median()),
         "reward_first_quarter": float(first.mean()), "reward_last_quarter": float(last.mean()),
         "reward_last_quarter_reset": float(reset_last.mean()),
         "reward_last_quarter_eta_r_flipped": float(flip_last.mean()),
-        "sutton_delta": float(delta.mean()), "sutton_delta_ci95": [lo, hi],
+        "sutton_delta": st["sutton_delta"], "sutton_delta_ci95": [lo, hi],
         "per_seed_delta": delta.tolist(),
         "curve_adapt": R_on.mean(0).tolist(), "curve_reset": R_off.mean(0).tolist(),
         "train_s": t_train, "play_s": t_play, "threads": args.threads,

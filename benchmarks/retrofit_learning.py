@@ -5,13 +5,13 @@ fast memories beside two of its attentions; they are fine-tuned on text episodes
    read as ``episodes`` consecutive episodes; ``carried`` commits each episode's trace into ``P``
    (the retention commit of training), ``reset`` starts every episode at ``P = 0``. Per block, the
    mean loss of the later episodes (2..E) reset minus carried, with a paired bootstrap interval
-   over blocks (eval/metrics.py). Episode 1 is identical by construction and reported as a check.
+   over blocks (cl_arch/stats.py). Episode 1 is identical by construction and reported as a check.
 2. **Sutton test through Session.** Per seed, a :class:`cl_arch.Session` on the retrofitted model
    plays the hidden-preference game (``train/tasks.py``) for ``game_episodes`` episodes, one
    sampled answer and one reward each (``Session(model, eta_s=0)``: reward-only commits); a second
    session plays another game (the yoked memory). ``R`` = expected reward over all cues of the
    first game with the first session's ``P`` (kept), no ``P`` (reset), the second's (yoked);
-   ``eval.metrics.sutton_delta`` over seeds.
+   ``cl_arch.stats.sutton_delta`` over seeds.
 
 With ``--episodic`` the fine-tuned retrofit then gains an episodic memory after the final norm
 (:func:`cl_arch.hf.add_episodic_memory`) whose four settings are learned on training-corpus spans
@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as F
 
 from cl_arch import Session
-from cl_arch.eval import metrics as M
-from cl_arch.eval.sutton import expected_score
+from cl_arch.eval.sutton import sutton_scores
 from cl_arch.hf import add_episodic_memory, load_retrofit, retrofit, save_retrofit
+from cl_arch.stats import paired_bootstrap_ci, sutton_delta
 from cl_arch.train.finetune_hf import (HFEpisodicConfig, HFFinetuneConfig, episode_losses, finetune_hf,
                                        token_blocks, train_episodic_hf)
+from cl_arch.train.session_play import play_sessions
 from cl_arch.train.tasks import PreferenceGame
 
 
@@ -97,7 +98,7 @@ def carried_vs_reset(model, blocks: torch.Tensor, episodes: int, seed: int = 0, 
     carried = episode_losses(model, blocks, episodes, carry=True, carry_layers=carry_layers).numpy()
     reset = episode_losses(model, blocks, episodes, carry=False).numpy()
     later_c, later_r = carried[:, 1:].mean(1), reset[:, 1:].mean(1)
-    delta, ci = M.paired_bootstrap_ci(later_r, later_c, seed=seed)
+    delta, ci = paired_bootstrap_ci(later_r, later_c, seed=seed)
     return {"blocks": int(blocks.shape[0]), "episodes": episodes,
             "loss_carried_per_episode": carried.mean(0).tolist(), "loss_reset_per_episode": reset.mean(0).tolist(),
             "first_episode_max_abs_diff": float(np.abs(carried[:, 0] - reset[:, 0]).max()),
@@ -126,22 +127,18 @@ def second_session(model, blocks: torch.Tensor, episodes: int, seed: int = 0):
         first.append(float(np.nanmean(torch.cat(nll1).numpy())))
         second.append(float(np.nanmean(torch.cat(nll2).numpy())))
     first, second = np.array(first), np.array(second)
-    delta, ci = M.paired_bootstrap_ci(first, second, seed=seed)
+    delta, ci = paired_bootstrap_ci(first, second, seed=seed)
     return {"blocks": int(blocks.shape[0]), "episodes": episodes, "loss_first_nats": float(first.mean()),
             "loss_second_nats": float(second.mean()), "first_minus_second_nats": delta, "ci95": list(ci),
             "first_minus_second_bits": delta / math.log(2)}
 
 
 def play(session: Session, game: PreferenceGame, episodes: int, seed: int) -> float:
+    """One session plays ``game`` for ``episodes`` episodes (answer ``t`` drawn with seed
+    ``seed * 100_003 + t``); returns its mean reward."""
     cues = game.cue_sequence(episodes, seed=seed)
-    total = 0.0
-    for t, cue in enumerate(cues):
-        tok = session.generate(game.prompt(cue), max_new_tokens=1, temperature=1.0,
-                               allowed_tokens=game.answers, seed=seed * 100_003 + t)[0]
-        r = game.reward(cue, tok)
-        session.reward(r)
-        total += r
-    return total / episodes
+    R = play_sessions([session], [game], [cues], seeds=lambda i, t: seed * 100_003 + t)
+    return float(R.double().mean())
 
 
 def sutton_session(model, seeds: int, episodes: int, seed: int = 0, **rule):
@@ -152,10 +149,11 @@ def sutton_session(model, seeds: int, episodes: int, seed: int = 0, **rule):
         sA, sB = Session(model, seed=i, **rule), Session(model, seed=1000 + i, **rule)
         play(sA, gA, episodes, seed + 50 + i)
         play(sB, gB, episodes, seed + 5000 + i)
-        kept.append(expected_score(model, sA.P, gA))
-        reset.append(expected_score(model, [torch.zeros_like(p) for p in sA.P], gA))
-        yoked.append(expected_score(model, sB.P, gA))
-    st = M.sutton_delta(kept, reset, yoked, seed=seed)
+        k, r, y = sutton_scores(model, sA.P, sB.P, gA)
+        kept.append(k)
+        reset.append(r)
+        yoked.append(y)
+    st = sutton_delta(kept, reset, yoked, seed=seed)
     st.update(kept_mean=float(np.mean(kept)), reset_mean=float(np.mean(reset)), yoked_mean=float(np.mean(yoked)),
               chance=1 / 8, episodes=episodes)
     return st

@@ -13,20 +13,15 @@ reports serialise to JSON directly. Conventions:
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+# The bootstrap and the Sutton delta live in cl_arch.stats (train imports them too); re-exported here.
+from cl_arch.stats import as_1d as _arr
+from cl_arch.stats import paired_bootstrap_ci, sutton_delta  # noqa: F401
+
 LN2 = math.log(2.0)
-
-
-def _arr(x: Iterable[float], name: str) -> np.ndarray:
-    a = np.asarray(list(x) if not isinstance(x, np.ndarray) else x, dtype=np.float64)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
-    if a.size == 0:
-        raise ValueError(f"{name} is empty")
-    return a
 
 
 def nats_to_bits(x: float) -> float:
@@ -96,48 +91,8 @@ def aulc(scores: Sequence[float], lo: float = 0.0, hi: float = 1.0) -> float:
     return float(z.mean())
 
 
-# ---------------------------------------------------------------------------- bootstrap / Sutton
-def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, alpha: float = 0.05,
-                        seed: int = 0) -> Tuple[float, Tuple[float, float]]:
-    """Mean paired difference and its percentile-bootstrap interval.
-
-    ``d_i = a_i - b_i``; ``delta = mean(d)``; the interval is the ``alpha/2`` and ``1 - alpha/2``
-    quantiles of ``mean(d[idx])`` over ``n_boot`` resamples ``idx`` of the pairs with replacement.
-    With one pair the interval collapses to the point.
-    """
-    x, y = _arr(a, "a"), _arr(b, "b")
-    if x.size != y.size:
-        raise ValueError(f"paired samples differ in length: {x.size} vs {y.size}")
-    d = x - y
-    delta = float(d.mean())
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, d.size, size=(n_boot, d.size))
-    boots = d[idx].mean(axis=1)
-    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return delta, (float(lo), float(hi))
-
-
-def sutton_delta(kept: Sequence[float], reset: Sequence[float], yoked: Optional[Sequence[float]] = None,
-                 n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Dict[str, object]:
-    """The Sutton test: does carrying state from attempt k improve attempt k + 1?
-
-    ``delta = E[R_{k+1} | state kept from attempt k] - E[R_{k+1} | state reset]`` over paired
-    samples (same seed / task / episode, only the carried state differs), with a paired bootstrap
-    interval (:func:`paired_bootstrap_ci`). The *yoked* control carries a state of the same age
-    learned on a different task: ``delta_yoked = E[R | kept] - E[R | yoked]`` separates learning
-    *this* task from merely having a non-empty memory.
-
-    Returns:
-        ``{"sutton_delta", "sutton_ci", "n"}`` and, with ``yoked``, ``{"yoked_delta", "yoked_ci"}``.
-    """
-    d, ci = paired_bootstrap_ci(kept, reset, n_boot, alpha, seed)
-    out: Dict[str, object] = {"sutton_delta": d, "sutton_ci": list(ci), "n": len(list(kept))}
-    if yoked is not None:
-        dy, ciy = paired_bootstrap_ci(kept, yoked, n_boot, alpha, seed + 1)
-        out.update(yoked_delta=dy, yoked_ci=list(ciy))
-    return out
-
-
+# ---------------------------------------------------------------------------- Sutton / shots
+# paired_bootstrap_ci, sutton_delta: imported from cl_arch.stats above.
 def shot_gap(acc_many: float, acc_few: float) -> float:
     """``acc(50 shots) - acc(5 shots)`` on held-out tasks: what more examples buy."""
     return float(acc_many) - float(acc_few)

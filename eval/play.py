@@ -7,7 +7,7 @@ holds ``prompt -> answer``), and the episode's reward goes to the commit.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -97,7 +97,8 @@ def action_probs(logits: torch.Tensor, acts: torch.Tensor, legal: torch.Tensor, 
 def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowPolicy], episodes: int,
          temperature: float = 1.0, seed: int = 0, switch: Optional[Dict[int, Sequence[Any]]] = None,
          desc: str = "play", yoke: Optional[Sequence[Optional[int]]] = None, delay: int = 0,
-         credit: str = "stored") -> Dict[str, np.ndarray]:
+         credit: str = "stored", probe: Optional[Callable[[int, EpisodeLearner], None]] = None
+         ) -> Dict[str, np.ndarray]:
     """Play ``episodes`` episodes; row ``i`` plays ``envs[i]`` with ``policies[i]``, all in one batch.
 
     Args:
@@ -111,6 +112,9 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
         credit: with a delay, ``"stored"`` commits the reward with the trace of the episode that
             earned it (kept until the reward arrives); ``"current"`` with the trace of the episode
             that just ended (the misattribution a learner without stored traces makes).
+        probe: called as ``probe(episodes_done, learner)`` before the first episode (0) and after
+            every episode's commit, e.g. to score the rows' memories (``learner.P``) at checkpoints
+            (the Sutton test). It must not draw from torch's or the play's generators.
     Returns:
         ``reward``, ``expected`` ``[B, episodes]`` floats, ``action [B, episodes]`` action indices.
     """
@@ -127,6 +131,8 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
     out = {k: np.zeros((B, episodes)) for k in ("reward", "expected", "action")}
     envs = list(envs)
     acts, legal = action_table(envs)
+    if probe is not None:
+        probe(0, learner)
     for t in tqdm(range(episodes), desc=desc, unit="ep", mininterval=2.0):
         if switch and t in switch:
             envs = list(switch[t])
@@ -154,6 +160,8 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
         out["reward"][:, t] = rewards
         out["expected"][:, t] = [envs[i].expected(t, pn[i, :len(envs[i].actions)]) for i in range(B)]
         out["action"][:, t] = pick.numpy()
+        if probe is not None:
+            probe(t + 1, learner)
     return out
 
 

@@ -17,7 +17,7 @@ but not yoked, the gain is from having a memory, not from learning this task.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from . import metrics as M
 from .baselines import EpisodeLearner, RowPolicy
 from .codebase import held_out_package, line_acceptance, segment_stream, stdlib_model
 from .games import recall_model
-from .play import PreferenceEnv
+from .play import PreferenceEnv, play
 from .report import curve, format_table, write_report
 
 
@@ -47,34 +47,39 @@ def expected_score(model: PlasticTransformer, P: List[torch.Tensor], game: Prefe
     return float(probs.gather(1, idx[:, None]).mean())
 
 
+def sutton_scores(model: PlasticTransformer, P_kept: List[torch.Tensor], P_yoked: List[torch.Tensor],
+                  game: PreferenceGame) -> Tuple[float, float, float]:
+    """Attempt k + 1 of ``game`` scored three ways (:func:`expected_score`): with the memory learned
+    on it (``P_kept``), with none (zeros: reset) and with one of the same age learned on another
+    game (``P_yoked``). Returns ``(kept, reset, yoked)``."""
+    zero = [torch.zeros_like(p) for p in P_kept]
+    return expected_score(model, P_kept, game), expected_score(model, zero, game), expected_score(model, P_yoked, game)
+
+
 def games_test(model: PlasticTransformer, episodes: int, seeds: int, seed: int = 0) -> Dict[str, Any]:
-    """The Sutton test on the hidden-preference game; returns curves and the delta figures."""
+    """The Sutton test on the hidden-preference game; returns curves and the delta figures.
+
+    Games A and B of every seed are played in one batch by :func:`cl_arch.eval.play.play`; at each
+    checkpoint the memories are probed with :func:`sutton_scores`."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
     gA = [PreferenceGame(8, 8, seed=seed + i) for i in range(seeds)]
     gB = [PreferenceGame(8, 8, seed=seed + 1000 + i) for i in range(seeds)]
     envs = [PreferenceEnv(g, episodes, seed=seed + 50 + i) for i, g in enumerate(gA + gB)]
     pol = RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)
     checkpoints = sorted({max(1, episodes // 8), episodes // 4, episodes // 2, episodes})
-    kept, reset, yoked = {}, {}, {}
-    # play in segments so the memories can be probed at each checkpoint
-    learner = EpisodeLearner(model, [pol] * (2 * seeds))
-    g = torch.Generator().manual_seed(seed)
-    done = 0
-    for cp in tqdm(checkpoints, desc="sutton games", unit="cp"):
-        for t in range(done, cp):
-            ctx = torch.tensor([e.context(t) for e in envs])
-            logits = learner.step(ctx)[:, -1]
-            acts = torch.tensor([e.actions for e in envs])
-            probs = torch.softmax(logits.gather(1, acts).float(), -1)
-            tok = acts.gather(1, torch.multinomial(probs, 1, generator=g))
-            r = [envs[i].reward(t, int(tok[i, 0])) for i in range(len(envs))]
-            learner.step(tok)
-            learner.end_episode(r)
-        done = cp
+    kept: Dict[int, List[float]] = {}
+    reset: Dict[int, List[float]] = {}
+    yoked: Dict[int, List[float]] = {}
+
+    def probe(done: int, learner: EpisodeLearner) -> None:
+        if done not in checkpoints:
+            return
         P_rows = [[P[i] for P in learner.P] for i in range(2 * seeds)]
-        zero = [torch.zeros_like(p) for p in P_rows[0]]
-        kept[cp] = [expected_score(model, P_rows[i], gA[i]) for i in range(seeds)]
-        reset[cp] = [expected_score(model, zero, gA[i]) for i in range(seeds)]
-        yoked[cp] = [expected_score(model, P_rows[seeds + i], gA[i]) for i in range(seeds)]
+        scores = [sutton_scores(model, P_rows[i], P_rows[seeds + i], gA[i]) for i in range(seeds)]
+        kept[done], reset[done], yoked[done] = ([s[j] for s in scores] for j in range(3))
+
+    play(model, envs, [pol] * (2 * seeds), episodes, temperature=1.0, seed=seed, desc="sutton games", probe=probe)
     st = M.sutton_delta(kept[episodes], reset[episodes], yoked[episodes], seed=seed)
     curves = {k: [float(np.mean(d[c])) for c in checkpoints] for k, d in (("kept", kept), ("reset", reset), ("yoked", yoked))}
     return {"checkpoints": checkpoints, "curves": curves, "stats": st}
@@ -156,4 +161,4 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 200, seeds: 
     return report
 
 
-__all__ = ["expected_score", "games_test", "tab_test", "run"]
+__all__ = ["expected_score", "sutton_scores", "games_test", "tab_test", "run"]

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from cl_arch import PlasticTransformer
+from cl_arch.stats import cluster_bootstrap_ci  # re-exported: the cluster bootstrap lives with the others
 from cl_arch.train.data import resolve_sources
 
 from . import metrics as M
@@ -176,18 +177,6 @@ def read_episode(learner: EpisodeLearner, seg: bytes, prev: int, chunk: int = 25
             for c in range(0, len(seg), chunk)]
     learner.step(y[-1:].expand(B, -1))
     return np.concatenate(corr, axis=1)
-
-
-def cluster_bootstrap_ci(d: np.ndarray, clusters: np.ndarray, n_boot: int = 2000, seed: int = 0
-                         ) -> Tuple[float, Tuple[float, float]]:
-    """Mean of ``d [N]`` and its 95% percentile interval, resampling whole ``clusters [N]`` (e.g.
-    one user's episode: suggestions in it share a memory state, so they are not independent)."""
-    ids, inv = np.unique(clusters, return_inverse=True)
-    sums, counts = np.bincount(inv, weights=d), np.bincount(inv).astype(float)
-    idx = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
-    boots = sums[idx].sum(1) / counts[idx].sum(1)
-    lo, hi = np.quantile(boots, [0.025, 0.975])
-    return float(d.mean()), (float(lo), float(hi))
 
 
 def paired_intervals(per_user: Dict[str, List[np.ndarray]], episode: List[np.ndarray], a: str, b: str,

@@ -97,3 +97,116 @@ def test_base_drift_regret_running_mean():
         M.cumulative_regret([0.1, 0.5], [2])
     assert M.running_mean([1, 2, 3, 4], window=2) == pytest.approx([1.0, 1.5, 2.5, 3.5])
     assert M.nats_to_bits(math.log(2) * 3) == pytest.approx(3.0)
+
+
+# ---------------------------------------------------------------------- one bootstrap (cl_arch.stats)
+# Inputs and figures pinned from the copies before they were merged into cl_arch/stats.py:
+# eval/metrics.paired_bootstrap_ci and sutton_delta, train/meta.paired_bootstrap (np.percentile,
+# identical on these inputs) and eval/tabcomplete.cluster_bootstrap_ci.
+_A = [1.328857, 1.94192, 1.44672, -0.67318, -1.0928, 0.367196, 1.161351, 0.809187, 2.110286, 1.050843, 0.93976, -0.431323]
+_B = [-0.25229, -0.221862, 0.418139, -0.431255, 0.272261, 0.056819, 0.424569, 0.224943, 1.657684, -0.663676, 1.199187,
+      -0.402612]
+_Y = [0.861728, -0.16179, 0.117464, 1.435271, 1.365452, 0.809978, -0.766401, 0.046324, 0.702917, -0.111866, -0.510018,
+      -0.665389]
+_CL = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4]
+
+
+def _same(x, y):
+    return x == pytest.approx(y, rel=1e-12, abs=1e-15)
+
+
+def test_bootstrap_figures_did_not_move():
+    from cl_arch import stats as S
+
+    d, ci = S.paired_bootstrap_ci(_A, _B)
+    assert _same(d, 0.5564091666666667) and _same(ci, (0.04595292916666677, 1.0672841937500002))
+    _, ci = S.paired_bootstrap_ci(_A, _B, n_boot=500, alpha=0.1, seed=7)
+    assert _same(ci, (0.08978257916666675, 0.9990236291666665))
+    _, ci = S.paired_bootstrap_ci(_A, _B, n_boot=1000, seed=5)  # train/meta's former paired_bootstrap
+    assert _same(ci, (0.057963741666666735, 1.08540123125))
+    st = S.sutton_delta(_A, _B, _Y, seed=3)
+    assert st["n"] == 12 and _same(st["sutton_delta"], 0.5564091666666667)
+    assert _same(st["sutton_ci"], [0.03626872708333342, 1.0966845499999993])
+    assert _same(st["yoked_delta"], 0.48626225000000006) and _same(st["yoked_ci"], [-0.3552820270833334, 1.1988381124999996])
+    d = np.array(_A) - np.array(_B)
+    m, ci = S.cluster_bootstrap_ci(d, np.array(_CL))
+    assert _same(m, 0.5564091666666667) and _same(ci, (-0.2306365555555555, 1.2942181428571427))
+    _, ci = S.cluster_bootstrap_ci(d, np.array(_CL), n_boot=300, seed=4)
+    assert _same(ci, (-0.31776017708333315, 1.268792))
+    with pytest.raises(ValueError):
+        S.cluster_bootstrap_ci(d, np.array(_CL[:-1]))
+
+
+def test_one_bootstrap_and_one_sutton_delta():
+    """Every layer uses cl_arch.stats: the names elsewhere are the same objects, and no other module
+    of the project (benchmarks included) defines a bootstrap or a Sutton delta of its own."""
+    import ast
+    import os
+
+    from cl_arch import stats as S
+    from cl_arch.eval import tabcomplete
+    from cl_arch.train import meta
+
+    assert M.paired_bootstrap_ci is S.paired_bootstrap_ci and M.sutton_delta is S.sutton_delta
+    assert tabcomplete.cluster_bootstrap_ci is S.cluster_bootstrap_ci
+    assert meta.sutton_delta is S.sutton_delta and not hasattr(meta, "paired_bootstrap")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = []
+    for folder in ("cl_arch", "kernels", "train", "eval", "scripts", "benchmarks"):
+        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+            for f in files:
+                if not f.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, f)
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                            "bootstrap" in node.name or node.name == "sutton_delta"):
+                        found.append((os.path.relpath(path, root), node.name))
+    assert sorted(found) == [("cl_arch/stats.py", "cluster_bootstrap_ci"), ("cl_arch/stats.py", "paired_bootstrap_ci"),
+                             ("cl_arch/stats.py", "sutton_delta")], found
+
+
+def test_play_sessions_is_the_session_loop():
+    """cl_arch.train.session_play.play_sessions (bench_sutton, retrofit_learning) gives the rewards and
+    memories of the loop it replaced: generate one answer, pay the reward, per session."""
+    import torch
+
+    from cl_arch import PlasticTransformer, Session
+    from cl_arch.train.recall import recall_config
+    from cl_arch.train.session_play import play_sessions
+    from cl_arch.train.tasks import PreferenceGame
+
+    torch.manual_seed(0)
+    model = PlasticTransformer(recall_config(d_model=32, head_k_dim=16, head_v_dim=16, eta_s=0.0, eta_r=1.0)).eval()
+    with torch.no_grad():
+        for layer in model.fast_layers():
+            layer.eta_r.fill_(20.0)
+            layer.W0.normal_()
+    games = [PreferenceGame(4, 4, seed=s) for s in range(2)]
+    cues = [g.cue_sequence(6, seed=10 + s) for s, g in enumerate(games)]
+    rule = {"eta_s": 0.0, "eta_r": 20.0}
+    # seeded answers, one session at a time (benchmarks/retrofit_learning.py's former loop)
+    for s, (g, c) in enumerate(zip(games, cues)):
+        a, b = Session(model, seed=s, **rule), Session(model, seed=s, **rule)
+        R = play_sessions([a], [g], [c], seeds=lambda i, t: 7 * 100_003 + t)
+        for t, cue in enumerate(c):
+            tok = b.generate(g.prompt(cue), max_new_tokens=1, temperature=1.0, allowed_tokens=g.answers,
+                             seed=7 * 100_003 + t)[0]
+            assert float(R[0, t]) == g.reward(cue, tok)
+            b.reward(g.reward(cue, tok))
+        assert all(torch.equal(p, q) for p, q in zip(a.P, b.P)) and a.baseline == b.baseline
+    # batched, each session drawing from its own generator (benchmarks/bench_sutton.py's former loop)
+    ours = [Session(model, seed=1000 + s, **rule) for s in range(2)]
+    R = play_sessions(ours, games, cues)
+    theirs = [Session(model, seed=1000 + s, **rule) for s in range(2)]
+    for e in range(6):
+        outs = Session.batch_generate(theirs, [g.prompt(c[e]) for g, c in zip(games, cues)], max_new_tokens=1,
+                                      allowed_tokens=games[0].answers)
+        for i, (s, g, c, o) in enumerate(zip(theirs, games, cues, outs)):
+            assert float(R[i, e]) == g.reward(c[e], o[0])
+            s.reward(g.reward(c[e], o[0]))
+    assert all(torch.equal(p, q) for a, b in zip(ours, theirs) for p, q in zip(a.P, b.P))
+    with pytest.raises(ValueError):  # one session, two games
+        play_sessions([Session(model)], games, cues)
+    with pytest.raises(ValueError):  # sampling is restricted to one answer set
+        play_sessions([Session(model), Session(model)], [games[0], PreferenceGame(4, 3)], cues)

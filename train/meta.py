@@ -48,13 +48,14 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cl_arch import PlasticConfig, PlasticTransformer
+from cl_arch.stats import sutton_delta
 
 from . import distributed as dist_utils
 from .config import ConfigError, OptimConfig, TrainConfig, config_to_dict
@@ -256,19 +257,12 @@ def play_preference(model: PlasticTransformer, n_games: int, episodes: int, n_cu
             "chance": 1.0 / n_answers}
 
 
-def paired_bootstrap(kept: Sequence[float], reset: Sequence[float], n_boot: int = 2000, seed: int = 0):
-    """Mean of ``kept - reset`` and its percentile bootstrap 95% interval (resampling games)."""
-    d = np.asarray(kept, dtype=np.float64) - np.asarray(reset, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    return float(d.mean()), (float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)))
-
-
 def sutton_test(model: PlasticTransformer, m: MetaSection) -> Dict[str, Any]:
-    """:func:`play_preference` with the config's sizes plus the delta and its bootstrap interval."""
+    """:func:`play_preference` with the config's sizes plus the delta and its paired bootstrap interval
+    over games (:func:`cl_arch.stats.sutton_delta`, the one the evaluations use)."""
     out = play_preference(model, m.eval_games, m.eval_episodes, m.n_cues, m.n_answers, m.eval_seed, m.temperature)
-    delta, ci = paired_bootstrap(out["kept"], out["reset"])
-    out.update(sutton_delta=delta, sutton_ci=list(ci), mean_kept=float(np.mean(out["kept"])),
+    st = sutton_delta(out["kept"], out["reset"])
+    out.update(sutton_delta=st["sutton_delta"], sutton_ci=st["sutton_ci"], mean_kept=float(np.mean(out["kept"])),
                mean_reset=float(np.mean(out["reset"])))
     return out
 
