@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from cl_arch.kernels.checks import VALUE_CHECKS
 
+from .commit import commit_episode
 from .config import PlasticConfig
 from .io import atomic_write_many, recover, text_writer
 from .layers import CausalSelfAttention, EpisodicMemory, FastWeightLayer, PlasticMemory, ReadoutMemory, RMSNorm, SwiGLU
@@ -151,6 +152,11 @@ class PlasticTransformer(nn.Module):
             layers.append(FastLayerState(P=p))
             i += 1
         return ModelState(layers, 0)
+
+    def commit(self, state, P=None, reward=None, baseline=None, **kwargs):
+        """The episode-end commit of every fast memory (:func:`cl_arch.commit.commit_episode`):
+        ``(new P per fast layer [B, H, K, V], new baseline [B] or None)``."""
+        return commit_episode(self, state, P, reward, baseline, **kwargs)
 
     def materialize_state(self, state: ModelState, batch_size: Optional[int] = None) -> ModelState:
         """Fill the implicit parts of ``state``: ``S = W0 + P``, ``E = 0``, conv cache = 0.

@@ -68,6 +68,10 @@ class PlasticModel(Protocol):
 
     def fingerprint(self) -> str: ...
 
+    def commit(self, state: Union[ModelState, Sequence[Optional[torch.Tensor]]],
+               P: Optional[Sequence[Optional[torch.Tensor]]] = None, reward=None, baseline=None, **kwargs
+               ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]: ...
+
     def __call__(self, input_ids: torch.Tensor, state: Optional[ModelState] = None,
                  modulation: Optional[torch.Tensor] = None, return_state: bool = True,
                  lam: Union[None, float, Sequence[Optional[float]]] = None

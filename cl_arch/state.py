@@ -105,9 +105,17 @@ class ModelState:
             layers.append(FastLayerState(P=s.P) if isinstance(s, FastLayerState) else AttnLayerState())
         return ModelState(layers, 0)
 
+    def fast(self) -> List["FastLayerState"]:
+        """The fast-weight memories' states, in the order of ``model.fast_layers()`` (attention slots skipped)."""
+        return [s for s in self.layers if isinstance(s, FastLayerState)]
+
     def persistent(self) -> List[Optional[Tensor]]:
         """``P`` of every fast-weight layer, in layer order."""
-        return [s.P for s in self.layers if isinstance(s, FastLayerState)]
+        return [s.P for s in self.fast()]
+
+    def traces(self) -> List[Optional[Tensor]]:
+        """``E`` (the episode's eligibility trace, ``[B, H, K, V]`` or None) of every fast-weight layer."""
+        return [s.E for s in self.fast()]
 
     @property
     def batch_size(self) -> Optional[int]:

@@ -126,7 +126,7 @@ class EpisodeLearner:
     def traces(self) -> List[torch.Tensor]:
         """A copy of the current episode's eligibility traces, one ``[B, H, K, V]`` per fast layer
         (to commit later, when a delayed reward for this episode arrives)."""
-        return [s.E.clone() for s in self.state.layers if isinstance(s, FastLayerState)]
+        return [s.E.clone() for s in self.state.fast()]
 
     @torch.no_grad()
     def end_episode(self, rewards: Optional[Sequence[Optional[float]]] = None,
@@ -136,25 +136,23 @@ class EpisodeLearner:
         ``traces``: commit these (from :meth:`traces` of an earlier episode, one per fast layer)
         instead of this episode's own: a delayed reward credits the episode that earned it.
         """
-        fast_states = [s for s in self.state.layers if isinstance(s, FastLayerState)]
+        fast_states = self.state.fast()
         if traces is not None and len(traces) != len(fast_states):
             raise ValueError(f"traces must hold one tensor per fast layer ({len(fast_states)}), got {len(traces)}")
+        E = self.state.traces() if traces is None else list(traces)
         for i, pol in enumerate(self.policies):
             if not pol.persist:
                 continue
             r = None
             if pol.use_reward and rewards is not None and rewards[i] is not None:
                 r = torch.tensor([float(rewards[i])], dtype=self.P[0].dtype)
-            b_new = self.baseline[i:i + 1]
-            for li, (m, s) in enumerate(zip(self.layers, fast_states)):
-                if s.E is None:
-                    raise RuntimeError("the model keeps no eligibility trace (config.lam is None); "
-                                       "a persisting row cannot commit")
-                E = s.E if traces is None else traces[li]
-                P_new, b_new = m.commit(self.P[li][i:i + 1], E[i:i + 1], r, self.baseline[i:i + 1],
-                                        gamma=pol.gamma, eta_s=pol.eta_s, eta_r=pol.eta_r)
-                self.P[li][i] = P_new[0]
-            self.baseline[i] = b_new[0]
+            rows = [None if e is None else e[i:i + 1] for e in E]
+            P_new, b_new = self.model.commit(rows, [p[i:i + 1] for p in self.P], r, self.baseline[i:i + 1],
+                                             gamma=pol.gamma, eta_s=pol.eta_s, eta_r=pol.eta_r)
+            for li, p in enumerate(P_new):
+                self.P[li][i] = p[0]
+            if b_new is not None:
+                self.baseline[i] = b_new[0]
         self._carry = [FastLayerState(S=s.S.clone(), conv=None if s.conv is None else s.conv.clone())
                        for s in fast_states]
         self.episodes += 1

@@ -54,6 +54,8 @@ LAYOUT = {
     "checkpoint": ("step_000001", ["step_000001/model.safetensors", "step_000001/config.json",
                                    "step_000001/training_state.pt", "step_000001/rng_state_0.pt"]),
 }
+# Files written identically by both versions (so they cannot tell versions apart), but expected there.
+SAME_IN_BOTH = {"pretrained": ["model/tokenizer_config.json"], "checkpoint": ["step_000001/tokenizer_config.json"]}
 # The path whose os.replace completes a new version (the deterministic kill happens just before it).
 FINAL_RENAME = {"session": "session.safetensors", "pretrained": "model/config.json",
                 "report": "report.json", "checkpoint": "step_000001"}
@@ -388,6 +390,7 @@ def inspect(work, fmt, refs):
         versions[rel] = refs.files[rel][d][0]
         checked += 1
     expected = {os.path.normpath(r) for r in LAYOUT[fmt][1]} | {os.path.dirname(r) for r in LAYOUT[fmt][1]}
+    expected |= {os.path.normpath(r) for r in SAME_IN_BOTH.get(fmt, [])}
     leftovers = []
     for root, dirs, files in os.walk(live):
         for n in dirs + files:

@@ -295,8 +295,6 @@ def test_stale_journal_never_replays_over_a_newer_session_file(tmp_path, layout)
         assert left == [], left
 
 
-@pytest.mark.xfail(strict=True, reason="Session.load (cl_arch/session/core.py) reads with open(); it needs "
-                                       "to read through cl_arch.session.files._read_file")
 def test_session_load_finishes_an_interrupted_undo_write_before_reading(tmp_path):
     model = _tiny(0)
     paths = [str(tmp_path / "alice.safetensors"), str(tmp_path / "bob.safetensors")]

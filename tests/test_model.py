@@ -127,7 +127,7 @@ def test_save_load_identical(tmp_path):
     model = make_model().eval()
     ids = torch.randint(0, 256, (2, 10))
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temp files left
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "tokenizer_config.json"]  # no temp files
     loaded = PlasticTransformer.from_pretrained(tmp_path).eval()
     assert loaded.fingerprint() == model.fingerprint()
     assert loaded.lm_head.weight is loaded.embed.weight
@@ -314,3 +314,32 @@ def test_sessions_need_the_protocol_not_the_class():
     assert s.episodes == 1 and any(float(p.abs().sum()) > 0 for p in s.P)
     with pytest.raises(ValueError, match="PlasticModel"):
         Session(object())
+
+
+def test_model_commit_is_each_memory_commit_paired_by_state_slot():
+    """model.commit pairs the state's fast slots with fast_layers() and applies each memory's own commit
+    (overrides for all); a missing trace raises or commits zeros as asked; unknown overrides are refused."""
+    from cl_arch import PlasticConfig, PlasticTransformer
+
+    torch.manual_seed(0)
+    m = PlasticTransformer(PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8,
+                                         n_attn_heads=2, chunk_size=8)).eval()
+    _, state = m(torch.randint(0, 256, (2, 9)), state=m.materialize_state(m.init_state(2), 2))
+    P = [torch.randn(2, f.n_heads, f.head_k_dim, f.head_v_dim) for f in m.fast_layers()]
+    r, b = torch.tensor([1.0, -0.5]), torch.tensor([0.2, 0.1])
+    got, b_new = m.commit(state, P, r, b, eta_r=0.7)
+    for f, p, E, g in zip(m.fast_layers(), P, state.traces(), got):
+        want, b_want = f.commit(p, E, r, b, eta_r=0.7)
+        assert torch.equal(g, want)
+    assert torch.equal(b_new, b_want)
+    retention, none = m.commit(state.traces(), P)  # traces given directly, no reward: baseline untouched
+    assert none is None and all(torch.equal(a, f.commit(p, E)[0])
+                                for a, f, p, E in zip(retention, m.fast_layers(), P, state.traces()))
+    for s in state.fast():
+        s.E = None
+    with pytest.raises(ValueError, match="no eligibility trace"):
+        m.commit(state, P, r, b)
+    decayed, _ = m.commit(state, P, missing_trace="zeros", gamma=0.5)
+    assert all(torch.allclose(d, 0.5 * p) for d, p in zip(decayed, P))
+    with pytest.raises(ValueError, match="unknown overrides"):
+        m.commit(state, P, lamda=0.3)

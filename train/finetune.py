@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_arch import PlasticTransformer
-from cl_arch.state import FastLayerState, ModelState
+from cl_arch.state import ModelState
 
 from .config import ConfigError, FinetuneRunConfig
 from .pretrain import TrainingSetup, lm_loss, run_training
@@ -83,21 +83,8 @@ def commit_persistent(model: PlasticTransformer, state: ModelState, reward: Opti
     Returns:
         the new ``P`` of each fast layer, ``[B, H, K, V]``.
     """
-    fast = [s for s in state.layers if isinstance(s, FastLayerState)]
-    layers = model.fast_layers()
-    out = []
-    for layer, s in zip(layers, fast):
-        if s.E is None:
-            raise ValueError("commit_persistent: the state holds no eligibility trace (config.lam is None "
-                             "or the forward ran with return_state=False)")
-        P = s.P if s.P is not None else torch.zeros_like(s.E)
-        if advantage is not None:
-            # r - b = advantage with b = 0: the kernel's formula, the advantage precomputed.
-            P_new, _ = layer.commit(P, s.E, advantage.to(P.dtype), None, backend="naive")
-        else:
-            P_new, _ = layer.commit(P, s.E, reward, baseline, backend="naive")
-        out.append(P_new)
-    return out
+    P_new, _ = model.commit(state, reward=reward, baseline=baseline, advantage=advantage, backend="naive")
+    return P_new
 
 
 def episode_state(model: PlasticTransformer, P: List[Optional[torch.Tensor]]) -> ModelState:

@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..commit import commit_episode
 from ..config import FAST_LAYER_FIELDS, FastLayerConfig, PlasticConfig
 from ..layers import EpisodicMemory, FastWeightLayer
 from ..model import PlasticTransformer
@@ -311,6 +312,10 @@ class RetrofitModel(nn.Module):
     def materialize_state(self, state: ModelState, batch_size: Optional[int] = None) -> ModelState:
         """``S = W0 + P``, ``E = 0``, conv caches 0 made explicit (as :meth:`PlasticTransformer.materialize_state`)."""
         return PlasticTransformer.materialize_state(self, state, batch_size)
+
+    def commit(self, state, P=None, reward=None, baseline=None, **kwargs):
+        """The episode-end commit of the added memories (:func:`cl_arch.commit.commit_episode`)."""
+        return commit_episode(self, state, P, reward, baseline, **kwargs)
 
     def base_fingerprint(self) -> str:
         """16 hex of sha256 over the base model's class and every tensor of its ``state_dict``

@@ -18,11 +18,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import torch
 
 from ..protocols import PlasticModel
-from ..state import FastLayerState, ModelState
+from ..state import ModelState
 from ..version import __version__
 from . import batching
 from .batching import _eval_mode
-from .files import SCHEMA, _atomic_write, _decode_state, _encode_state
+from .files import SCHEMA, _atomic_write, _decode_state, _encode_state, _read_file
 from .inputs import RULE_KEYS, _as_ids, _as_reward, _check_logits, _check_rule, _check_sampling
 from .records import REPLAY_FIELDS, ReplayRecord, SessionSnapshot
 from .sampling import _sample
@@ -265,18 +265,14 @@ class Session:
         new_P = self.P
         b_new = self.baseline
         advantage = None if r is None else r - self.baseline
-        layers = self.model.fast_layers()
         if self.adapt:
-            fast_states = [s for s in self.state.layers if isinstance(s, FastLayerState)]
             rule = self.rule
-            new_P = []
-            for i, (m, s) in enumerate(zip(layers, fast_states)):
-                E = s.E if s.E is not None else torch.zeros_like(self.P[i])
-                # overrides given to the Session apply to every memory; None keeps each memory's own
-                P_i, b_i = m.commit(self.P[i], E, r, self.baseline, gamma=rule["gamma"], eta_s=rule["eta_s"],
-                                    eta_r=rule["eta_r"], clip=rule["clip"], rho=rule["rho"])
-                new_P.append(P_i.detach())
-            b_new = float(b_i[0]) if r is not None else self.baseline
+            # overrides given to the Session apply to every memory; None keeps each memory's own
+            new_P, b = self.model.commit(self.state, self.P, r, self.baseline, missing_trace="zeros",
+                                         gamma=rule["gamma"], eta_s=rule["eta_s"], eta_r=rule["eta_r"],
+                                         clip=rule["clip"], rho=rule["rho"])
+            new_P = [p.detach() for p in new_P]
+            b_new = float(b[0]) if r is not None else self.baseline
         elif r is not None:
             rho = self.rule_settings()[0]["rho"]
             b_new = self.baseline + rho * (r - self.baseline)
@@ -438,8 +434,7 @@ class Session:
                 with another fingerprint (other weights or config).
         """
         path = os.fspath(path)
-        with open(path, "rb") as f:
-            data = f.read()
+        data = _read_file(path)  # under the file's lock, after finishing an interrupted multi-file write of it
         return cls.from_bytes(model, data, source=path, seed=seed, adapt=adapt, replay_size=replay_size,
                               **rule_overrides)
 
