@@ -535,44 +535,103 @@ def test_cli_adapt_reads_prompts_and_rewards_and_saves(tmp_path):
 
 
 # ---------------------------------------------------------------------- the Sutton test
-def play_preference_game(model, adapt, seeds, n_episodes, rule, n_cues=8, n_answers=8):
-    """Reward-only hidden-preference game for several seeds at once (batched decoding).
+# Every game episode ends with a closing token: a key (the last of train.tasks' 16) that no cue
+# uses, so it tells nothing about the preference. It is there because recall models store a pair
+# in one of two places and the fixture cannot choose which: at the value token, or one token
+# later, when the next key arrives (the conv over the last 4 tokens still sees the pair). Both
+# recall equally well inside an episode (recall_accuracy cannot tell them apart) and training
+# never shows which one a model uses (its episodes stop at a key: the last value is only a
+# target), but a game episode [BOS, cue, answer] ends on the value: a model of the second kind
+# then commits a trace that holds no cue -> answer (a +1 commit left p(answer) where it was, to
+# 0.005; 20x larger it moved answers at random) and its games stay at chance whatever the rule
+# (fixture seed 1000 on a 2-core machine: reward 0.110 -> 0.110, reset 0.105). Of the five models
+# of the fixture's recipe that passed its accuracy bar there (seeds 1000, 2000, 3000, 8000, 9000),
+# only seed 2000 recalled the pair an episode ended on from the next episode (carried state: 1.00;
+# the others 0.06-0.09, chance); with one more key token after the pair all of them did (0.91-1.00).
+SUTTON_CLOSE = 47  # train.tasks.key_tokens(16)[-1]; the games use the first 8 keys as cues
 
-    Returns rewards ``[len(seeds), n_episodes]`` and the per-head trace norms |E_T| of the first
-    episode of every seed, ``[len(seeds), n_fast_layers, H]``."""
+
+def play_preference_game(model, adapt, seeds, n_episodes, rule, n_cues=8, n_answers=8, close=SUTTON_CLOSE):
+    """Reward-only hidden-preference game for several seeds at once (batched decoding); every
+    episode is ``[BOS, cue, answer, close]`` (``close=None``: no closing token).
+
+    Returns rewards ``[len(seeds), n_episodes]`` and the per-head norms |E_T| of the trace that
+    each episode commits, ``[len(seeds), n_episodes, n_fast_layers, H]``."""
     games = [PreferenceGame(n_cues, n_answers, seed=s) for s in seeds]
+    assert close is None or all(close not in g.cues + g.answers for g in games)
     sessions = [Session(model, adapt=adapt, seed=1000 + s, **rule) for s in seeds]
     cues = [g.cue_sequence(n_episodes, seed=2000 + s) for g, s in zip(games, seeds)]
     R = torch.zeros(len(seeds), n_episodes)
-    norms = None
+    norms = []
     for e in range(n_episodes):
         outs = Session.batch_generate(sessions, [g.prompt(c[e]) for g, c in zip(games, cues)],
                                       max_new_tokens=1, allowed_tokens=games[0].answers)
-        if e == 0:
-            norms = torch.stack([torch.stack([torch.linalg.vector_norm(st.E[0], dim=(-2, -1))
-                                              for st in _fast_E(s)]) for s in sessions])
+        if close is not None:
+            for s in sessions:
+                s.observe([close])
+        norms.append(torch.stack([torch.stack([torch.linalg.vector_norm(st.E[0], dim=(-2, -1))
+                                               for st in _fast_E(s)]) for s in sessions]))
         for i, (s, g, c, o) in enumerate(zip(sessions, games, cues, outs)):
             R[i, e] = g.reward(c[e], o[0])
             s.reward(R[i, e].item())
-    return R, norms
+    return R, torch.stack(norms, 1)
 
 
-SUTTON_RULE = dict(lam=0.5, gamma=0.98, eta_s=0.0, eta_r=1.0, clip=2.0, rho=0.1)
+SUTTON_RULE = dict(lam=0.5, gamma=0.98, eta_s=0.0, eta_r=1.0, rho=0.1)  # clip: sutton_clip
+SUTTON_CLIP_QUANTILE = 0.9
+
+
+def sutton_clip(model, seeds):
+    """The commit clip, set from the model's own trace scale: the 0.9 quantile of the per-head
+    trace norms of every seed's first episode (P = 0 then, so these do not depend on the clip).
+    Trace norms differ 5x between recall models of one recipe (layer-1 median 1.1 to 6.9), so a
+    constant clip sits far above one model's traces and throttles another's."""
+    _, norms = play_preference_game(model, True, seeds, 1, dict(SUTTON_RULE, clip=1.0))
+    return float(norms.flatten().quantile(SUTTON_CLIP_QUANTILE))
+
+
+def sutton_figures(model, seeds, n, **rule):
+    """Play the game with adaptation on and off (state reset); returns the reward over the first and
+    last quarter of episodes, the reset control's last quarter, the clip and the share of head
+    commits it bound. ``rule`` overrides SUTTON_RULE (e.g. a flipped ``eta_r``)."""
+    clip = sutton_clip(model, seeds)
+    rule = dict(SUTTON_RULE, clip=clip, **rule)
+    R_on, norms = play_preference_game(model, True, seeds, n, rule)
+    R_off, _ = play_preference_game(model, False, seeds, n, rule)
+    q = n // 4
+    return dict(first=R_on[:, :q].mean().item(), last=R_on[:, -q:].mean().item(),
+                reset=R_off[:, -q:].mean().item(), clip=clip, binds=(norms > clip).float().mean().item())
 
 
 def test_sutton_in_miniature(recall_model):
     """A recall-trained model learns a hidden preference from reward alone: reward over the
-    last episodes beats the first ones and beats the same seeds with the state reset."""
-    seeds, n = list(range(8)), 100
-    R_on, norms = play_preference_game(recall_model, True, seeds, n, SUTTON_RULE)
-    R_off, _ = play_preference_game(recall_model, False, seeds, n, SUTTON_RULE)
-    q = n // 4
-    first, last, reset_last = R_on[:, :q].mean().item(), R_on[:, -q:].mean().item(), R_off[:, -q:].mean().item()
-    print(f"sutton miniature: trace norm median {float(norms.median()):.3f}, reward first {first:.3f} "
-          f"last {last:.3f}, reset {reset_last:.3f}")
-    # The clip is sized to the trace's natural norm: it must bind, not sit far above it.
-    assert float(norms.median()) > SUTTON_RULE["clip"]
-    assert float(norms.median()) < 20 * SUTTON_RULE["clip"]
-    assert last > first + 0.1, (first, last)
-    assert last > reset_last + 0.15, (last, reset_last)
-    assert reset_last < 0.25  # the frozen model stays near chance (1/8)
+    last episodes beats the first ones and beats the same seeds with the state reset.
+
+    The fixture's model differs between machines (conftest: which seed first reaches the accuracy
+    bar depends on the CPU's arithmetic), so the thresholds are checked over the five models of its
+    recipe that passed the bar on one 2-core machine, 16 game seeds x 100 episodes each, game seeds
+    0-15 (the test's) and 16-31; reward first quarter -> last quarter, state reset, clip, share of
+    head commits clipped:
+
+    ============  ======================================  ======================================
+    recall seed   game seeds 0-15                         game seeds 16-31
+    ============  ======================================  ======================================
+    1000          0.257 -> 0.382, reset 0.110; 2.77, 0.13  0.273 -> 0.435, reset 0.127; 3.38, 0.11
+    2000          0.218 -> 0.357, reset 0.120; 3.23, 0.09  0.185 -> 0.415, reset 0.132; 2.96, 0.10
+    3000          0.310 -> 0.543, reset 0.112; 5.62, 0.12  0.278 -> 0.603, reset 0.127; 6.33, 0.10
+    8000          0.270 -> 0.442, reset 0.125; 7.25, 0.13  0.295 -> 0.480, reset 0.125; 7.99, 0.11
+    9000          0.252 -> 0.433, reset 0.127; 4.24, 0.14  0.273 -> 0.412, reset 0.123; 4.21, 0.14
+    ============  ======================================  ======================================
+
+    Smallest gains: last - first +0.125, last - reset +0.237 (8 game seeds instead of 16 went
+    down to +0.08 and +0.17). Controls on game seeds 0-15, which fail: eta_r flipped to -1
+    (models 1000, 2000, 8000): last - first -0.038 to -0.047, last - reset -0.023 to -0.050;
+    eta_r = 0 (no reward commit) plays exactly the reset control (last - reset 0.000).
+    """
+    f = sutton_figures(recall_model, list(range(16)), 100)
+    print("sutton miniature: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()))
+    # The clip binds on the largest commits, not on none of them and not on most.
+    assert 0.02 < f["binds"] < 0.5, f
+    assert f["last"] > f["first"] + 0.08, f
+    assert f["last"] > f["reset"] + 0.15, f
+    assert f["reset"] < 0.25, f  # the frozen model stays near chance (1/8)
