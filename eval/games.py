@@ -140,7 +140,8 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
         gamma: Optional[float] = None, recall_steps: int = 600, out_dir: Optional[str] = "runs/eval",
         name: Optional[str] = None, seed: int = 0, games: Sequence[str] = ("bandit", "preference", "cue_reward", "shift"),
         reward_memory: bool = False, tokens: str = "default", yoked: bool = True, cache_root: str = "runs",
-        reward_fit: str = "search", delay: int = 0, credit: str = "stored") -> Dict[str, Any]:
+        reward_fit: str = "search", delay: int = 0, credit: str = "stored", close: Optional[int] = None
+        ) -> Dict[str, Any]:
     """Run the games for ``seeds`` independent instances each; returns (and writes) the report.
 
     Args:
@@ -154,6 +155,8 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
         delay, credit: rewards arrive ``delay`` episodes late, committed with the trace of the
             episode that earned them (``"stored"``) or of the one just ended (``"current"``); see
             :func:`~cl_arch.eval.play.play`.
+        close: a token read after every answer before the commit (None: episodes end on the answer;
+            see :func:`~cl_arch.eval.play.play`).
     """
     from cl_arch.train.reward_memory import HELD_OUT_TOKENS
 
@@ -202,7 +205,7 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
         bandits = [Bandit(k=k_arms, seed=seed + i, **tok) for i in range(S)]
         # every group plays its own copy (same pay-outs, same pay-out stream)
         res = play(model, [BanditEnv(Bandit(k=k_arms, seed=seed + i, **tok)) for _ in range(n_groups) for i in range(S)],
-                   pols, E, temperature, seed, desc="bandit", yoke=yoke, delay=delay, credit=credit)
+                   pols, E, temperature, seed, desc="bandit", yoke=yoke, delay=delay, credit=credit, close=close)
         best = np.array([max(b.probs) for b in bandits])
         add("bandit", res, chance=float(np.mean([np.mean(b.probs) for b in bandits])))
         # regret: the model's expected per-step regret is max mu - E_pi[mu]
@@ -223,13 +226,13 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
     if "preference" in games:
         envs = [PreferenceEnv(PreferenceGame(n_cues, n_answers, seed=seed + i, **ptok), E, seed=seed + 100 + i)
                 for i in range(S)]
-        res = play(model, envs * n_groups, pols, E, temperature, seed + 1, desc="preference", yoke=yoke, delay=delay, credit=credit)
+        res = play(model, envs * n_groups, pols, E, temperature, seed + 1, desc="preference", yoke=yoke, delay=delay, credit=credit, close=close)
         add("preference", res, chance=1.0 / n_answers)
     if "cue_reward" in games:
         cue_tok = {"cue_tokens": HELD_OUT_TOKENS["cues"]} if held else {}
         envs = [PreferenceEnv(PreferenceGame(16, 2, seed=seed + 200 + i, **cue_tok), E, seed=seed + 300 + i,
                               answer_tokens=[POS, NEG]) for i in range(S)]
-        res = play(model, envs * n_groups, pols, E, temperature, seed + 2, desc="cue_reward", yoke=yoke, delay=delay, credit=credit)
+        res = play(model, envs * n_groups, pols, E, temperature, seed + 2, desc="cue_reward", yoke=yoke, delay=delay, credit=credit, close=close)
         add("cue_reward", res, chance=0.5)
     if "shift" in games:
         old = [PreferenceGame(n_cues, n_answers, seed=seed + 400 + i, **ptok) for i in range(S)]
@@ -238,7 +241,7 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
         envs_new = [PreferenceEnv(g_, E, seed=seed + 600 + i) for i, g_ in enumerate(new)]
         half = E // 2
         res = play(model, envs_old * n_groups, pols, E, temperature, seed + 3,
-                   switch={half: envs_new * n_groups}, desc="shift", yoke=yoke, delay=delay, credit=credit)
+                   switch={half: envs_new * n_groups}, desc="shift", yoke=yoke, delay=delay, credit=credit, close=close)
         add("shift", res, chance=1.0 / n_answers)
         # how often the old preferred answer is still chosen after the shift (where the rules differ)
         acts = res["action"][:S]
@@ -257,7 +260,7 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
     report = {"benchmark": "games",
               "config": {"episodes": E, "seeds": S, "n_cues": n_cues, "n_answers": n_answers, "k_arms": k_arms,
                          "temperature": temperature, "eta_r": eta_r, "gamma": gamma, "games": list(games),
-                         "tokens": tokens, "yoked": yoked, "delay": delay, "credit": credit,
+                         "tokens": tokens, "yoked": yoked, "delay": delay, "credit": credit, "close": close,
                          "reward_memory": getattr(model, "reward_memory_fit", None),
                          "smoothing_window": window, "model_fingerprint": model.fingerprint(), "seed": seed},
               "x_label": "episodes", "y_label": "expected reward", "log_x": False,

@@ -97,8 +97,8 @@ def action_probs(logits: torch.Tensor, acts: torch.Tensor, legal: torch.Tensor, 
 def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowPolicy], episodes: int,
          temperature: float = 1.0, seed: int = 0, switch: Optional[Dict[int, Sequence[Any]]] = None,
          desc: str = "play", yoke: Optional[Sequence[Optional[int]]] = None, delay: int = 0,
-         credit: str = "stored", probe: Optional[Callable[[int, EpisodeLearner], None]] = None
-         ) -> Dict[str, np.ndarray]:
+         credit: str = "stored", probe: Optional[Callable[[int, EpisodeLearner], None]] = None,
+         close: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Play ``episodes`` episodes; row ``i`` plays ``envs[i]`` with ``policies[i]``, all in one batch.
 
     Args:
@@ -115,6 +115,10 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
         probe: called as ``probe(episodes_done, learner)`` before the first episode (0) and after
             every episode's commit, e.g. to score the rows' memories (``learner.P``) at checkpoints
             (the Sutton test). It must not draw from torch's or the play's generators.
+        close: a token every row reads after its answer, before the commit (None: the episode ends on
+            the answer). Some recall models write a pair when the token after it arrives (their
+            short convolution sees the pair behind it); an episode ending on the answer then commits
+            a trace holding no prompt -> answer, and such a model learns nothing from its rewards.
     Returns:
         ``reward``, ``expected`` ``[B, episodes]`` floats, ``action [B, episodes]`` action indices.
     """
@@ -146,6 +150,8 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
         tokens = acts.gather(1, pick[:, None])  # [B, 1]
         rewards = [envs[i].reward(t, int(tokens[i, 0])) for i in range(B)]
         learner.step(tokens)  # the answer is written: the trace now holds prompt -> answer
+        if close is not None:
+            learner.step(torch.full_like(tokens, close))
         given = rewards if yoke is None else [rewards[i if j is None else j] for i, j in enumerate(yoke)]
         if delay == 0:
             learner.end_episode(given)

@@ -265,7 +265,12 @@ def test_bandit_baselines_beat_random():
 
 
 def test_games_reward_teaches_preferences(learner_model, tmp_path):
-    rep = games.run(learner_model, episodes=60, seeds=4, games=("preference", "bandit"), out_dir=str(tmp_path))
+    """With a closing token after each answer (47: a key no game here uses), so a recall model that writes
+    a pair when the next token arrives still commits cue -> answer (see tests/test_session.py, the
+    Sutton test: without it such a model, which the fixture may pick on another machine, learns nothing)."""
+    rep = games.run(learner_model, episodes=60, seeds=4, games=("preference", "bandit"), out_dir=str(tmp_path),
+                    close=47)
+    assert rep["config"]["close"] == 47
     s = rep["methods"]["preference/adapt"]["summary"]
     assert s["reward_last"] > rep["methods"]["preference/reset"]["summary"]["reward_last"]
     assert "regret_vs_thompson" in rep and os.path.isfile(rep["plot"])
