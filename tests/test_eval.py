@@ -267,7 +267,9 @@ def test_bandit_baselines_beat_random():
 def test_games_reward_teaches_preferences(learner_model, tmp_path):
     """With a closing token after each answer (47: a key no game here uses), so a recall model that writes
     a pair when the next token arrives still commits cue -> answer (see tests/test_session.py, the
-    Sutton test: without it such a model, which the fixture may pick on another machine, learns nothing)."""
+    Sutton test: without it such a model, which the fixture may pick on another machine, learns nothing).
+    Preference reward_last adapt vs reset, 4 seeds x 60 episodes, recall models of the fixture's recipe:
+    seed 2000 0.391 vs 0.124 (without close 0.572), seed 3000 0.638 vs 0.133 (without close 0.133 vs 0.133)."""
     rep = games.run(learner_model, episodes=60, seeds=4, games=("preference", "bandit"), out_dir=str(tmp_path),
                     close=47)
     assert rep["config"]["close"] == 47
