@@ -88,7 +88,8 @@ def run(args) -> int:
     check_writable_file("--session", args.session)
     model = load_model(args.model)
     if os.path.exists(args.session):
-        session = Session.load(model, args.session, seed=args.seed)
+        # the file records adapt; --no-adapt (the frozen control) must win over it
+        session = Session.load(model, args.session, seed=args.seed, adapt=False if args.no_adapt else None)
         print(f"[loaded {args.session}: {session.episodes} episodes, baseline {session.baseline:.3f}]",
               file=sys.stderr)
     else:

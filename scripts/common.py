@@ -13,6 +13,18 @@ from typing import Iterable, Optional, Sequence, Tuple
 DEFAULT_MODEL = "default"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (thread counts, window counts), refused as a usage error otherwise."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def default_model_dir() -> str:
     """Folder of the shipped model (``cl_arch/assets/default_model``), as cl_arch.eval.models reads it."""
     import cl_arch

@@ -14,7 +14,7 @@ import os
 import torch
 
 from .common import (add_in_place_arg, add_model_arg, check_input_files, check_writable_folder, load_model, model_dir,
-                     refuse_duplicates, refuse_overwrite)
+                     positive_int, refuse_duplicates, refuse_overwrite)
 
 
 def add_parser(sub):
@@ -37,8 +37,8 @@ def add_parser(sub):
     g.add_argument("--anchor", help="token data file: .safetensors/.pt with input_ids (+ loss_mask), or any "
                                     "other file read as bytes (default for byte models: the training corpus, the "
                                     "stdlib's training split without its held-out evaluation packages)")
-    g.add_argument("--anchor-seqs", type=int, default=64, help="windows cut from a byte anchor")
-    g.add_argument("--seq-len", type=int, default=128, help="window length for a byte anchor")
+    g.add_argument("--anchor-seqs", type=positive_int, default=64, help="windows cut from a byte anchor")
+    g.add_argument("--seq-len", type=positive_int, default=128, help="window length for a byte anchor")
     g.add_argument("--budget", type=float, default=None,
                    help="max forgetting on the anchor, bits/token (distill; fold: folds the largest fraction of P "
                         "within it and saves the rest of each session under OUT/sessions/, at its path relative "

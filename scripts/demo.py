@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from .common import positive_int
+
 
 def add_parser(sub):
     p = sub.add_parser("demo", help="pretrain (or load) a small model, adapt it on an unseen package, "
@@ -46,7 +48,7 @@ def add_parser(sub):
     p.add_argument("--dyn-decay", type=float, default=1e-3, help="dynamic evaluation's pull toward the "
                    "pretrained weights per step")
     p.add_argument("--out", default="runs/demo", help="folder for demo.json and demo.png")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 

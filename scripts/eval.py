@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
+from .common import positive_int
+
 
 def _float_or_model(text: str):
     """A float, or 'model' (None: each fast memory's own learned value)."""
@@ -119,7 +121,7 @@ OPTIONS: Dict[str, Dict[str, Any]] = {
     "--rows": dict(default="kept,reset,yoked,unrewarded", help="tabcomplete: rows from kept, reset, "
                    "yoked, unrewarded, static"),
     "--user-episode-bytes": dict(type=int, default=256, help="tabcomplete (users): longest episode"),
-    "--threads": dict(type=int, default=None, help="torch threads (default: torch's choice)"),
+    "--threads": dict(type=positive_int, default=None, help="torch threads (default: torch's choice)"),
     "--seed": dict(type=int, default=0),
 }
 

@@ -297,3 +297,37 @@ def test_eval_model_default_is_the_shipped_model():
 
     model = eval_cli._model(type("Args", (), {"model": "default"})())
     assert model.fingerprint() == default_model(log=lambda s: None).fingerprint()
+
+
+# ---------------------------------------------------------------------- review findings
+def test_adapt_no_adapt_wins_over_the_session_file(ws, capsys, monkeypatch):
+    """A session saved with adaptation on, resumed with --no-adapt (the frozen control): P must not move."""
+    model = PlasticTransformer.from_pretrained(ws / "m")
+    rewarded_session(model, b"def f(x):", seed=0).save(ws / "s.safetensors")
+    before = [p.clone() for p in Session.load(model, ws / "s.safetensors").P]
+    code, _, err = adapt(capsys, monkeypatch, "def g(y):\n/reward 1\n", "--no-adapt")
+    assert code == 0, err
+    after = Session.load(model, ws / "s.safetensors")
+    assert after.rewards == 2 and all(torch.equal(a, b) for a, b in zip(after.P, before))
+
+
+@pytest.mark.parametrize("argv,contains", [
+    (["eval", "codebase", "--threads", "-1"], "--threads"),
+    (["demo", "--threads", "0"], "--threads"),
+    (["consolidate", "--model", "m", "--sessions", "s.safetensors", "--budget", "0.1", "--anchor", "corpus.py",
+      "--anchor-seqs", "0", "--out", "o"], "--anchor-seqs"),
+])
+def test_counts_below_one_are_usage_errors(ws, capsys, monkeypatch, argv, contains):
+    Session(PlasticTransformer.from_pretrained(ws / "m")).save(ws / "s.safetensors")
+    before = snapshot(ws)
+    code, _, err = run_cli(capsys, argv, monkeypatch=monkeypatch)
+    last = err.strip().splitlines()[-1]  # argparse's usage lines, then its one error line
+    assert code == 2 and "Traceback" not in err and last.startswith(f"cl-arch {argv[0]}") and contains in last, err
+    assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("undo_file", [5, "../outside.undo.safetensors", "/etc/passwd"])
+def test_a_report_naming_an_undo_file_elsewhere_is_refused(ws, capsys, undo_file):
+    (ws / "r.json").write_text(json.dumps({"fingerprint_before": "x", "undo_file": undo_file}))
+    assert_user_error(run_cli(capsys, ["consolidate", "--model", "m", "--undo", "r.json", "--out", "u"]),
+                      "consolidate", "undo_file must be a file name beside the report")

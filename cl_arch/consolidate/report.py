@@ -150,6 +150,9 @@ def load_report(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         undo_file = report.get("undo_file")
         if undo_file is None:
             raise ValueError(f"report {path} names no undo file")
+        if not isinstance(undo_file, str) or os.path.basename(undo_file) != undo_file or undo_file in ("", ".", ".."):
+            # the report is untrusted input: its undo weights sit beside it, nowhere else
+            raise ValueError(f"report {path}: undo_file must be a file name beside the report, got {undo_file!r}")
         undo_file = os.path.join(os.path.dirname(os.path.abspath(path)), undo_file)
         if not os.path.isfile(undo_file):
             raise FileNotFoundError(f"undo weights of report {path} are missing: {undo_file}")
