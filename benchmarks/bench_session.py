@@ -63,8 +63,7 @@ def main():
     res = {
         "device": "cpu", "threads": args.threads, "torch": torch.__version__, "machine": platform.processor(),
         "model": {"source": args.model, "layers": model.config.layer_types, "d_model": model.config.d_model,
-                  "params": model.num_parameters(), "readout_heads": model.config.readout_heads,
-                  "episodic_heads": model.config.episodic_heads, "episodic_features": model.config.episodic_features},
+                  "params": model.num_parameters(), "memories": [m.to_dict() for m in model.config.memories]},
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "episode_s": med,
         "decode_tokens_per_s": {k: args.new_tokens / v for k, v in med.items()},

@@ -20,7 +20,7 @@ import math
 import os
 from typing import Any, Dict
 
-from cl_arch import PlasticConfig
+from cl_arch import EpisodicConfig, PlasticConfig, ReadoutConfig
 
 # Nominal shapes of GPT-3 Small / Medium / XL with a byte vocabulary; fast and attention layers
 # alternate (PlasticConfig's default), fast heads of K = V = 128.
@@ -41,6 +41,13 @@ FP32, BF16 = 4, 2
 
 
 # ============================================================================ parameters
+
+def _output_memories(c: PlasticConfig):
+    """(the readout memory's config or None, the episodic memory's or None)."""
+    ro = next((m for m in c.memories if isinstance(m, ReadoutConfig)), None)
+    ep = next((m for m in c.memories if isinstance(m, EpisodicConfig)), None)
+    return ro, ep
+
 def parameter_count(c: PlasticConfig) -> Dict[str, int]:
     """Parameters by component, exactly as :class:`~cl_arch.PlasticTransformer` builds them.
 
@@ -59,12 +66,13 @@ def parameter_count(c: PlasticConfig) -> Dict[str, int]:
     n = {"embedding": V * d, "lm_head": 0 if c.tie_embeddings else V * d,
          "attention": n_attn * attn_matmul, "fast": n_fast * fast, "mlp": c.n_layers * 3 * d * hid,
          "norms": 2 * d * c.n_layers + d, "readout": 0, "episodic": 0}
-    if c.readout_heads > 0:
-        Hr, Vr = c.readout_heads, (V if c.readout_values == "onehot" else d)
+    ro, ep = _output_memories(c)
+    if ro is not None:
+        Hr, Vr = ro.heads, (V if ro.values == "onehot" else d)
         n["readout"] = Hr * d * Vr + (plastic + 3) * Hr  # W0; rates, A_log, beta_logit, read_scale
-    if c.episodic_heads > 0:  # W0 [H, F, V]; the same per-head vectors; the key threshold (R is a buffer)
-        He, Ve = c.episodic_heads, (V if c.episodic_values == "onehot" else d)
-        n["episodic"] = He * c.episodic_features * Ve + (plastic + 3) * He + 1
+    if ep is not None:  # W0 [H, F, V]; the same per-head vectors; the key threshold (R is a buffer)
+        He, Ve = ep.heads, (V if ep.values == "onehot" else d)
+        n["episodic"] = He * ep.features * Ve + (plastic + 3) * He + 1
     n["total"] = sum(n.values())
     n["matmul"] = n_attn * attn_matmul + n_fast * fast_matmul + c.n_layers * 3 * d * hid + V * d
     return n
@@ -92,16 +100,17 @@ def flops_per_token(c: PlasticConfig, seq_len: int) -> Dict[str, float]:
     out = {"matmul": 6.0 * p["matmul"], "attention": 3 * 2.0 * ctx * d * types.count("attn")}
     rule = 2 * C * (2 * K + 2 * Vh) + 6 * K * Vh + (2 * K * Vh if c.lam is not None else 0)
     out["fast_rule"] = 3.0 * rule * H * types.count("fast")
-    if c.readout_heads > 0:
-        Vr = c.vocab_size if c.readout_values == "onehot" else d
-        out["readout_rule"] = 3.0 * (8 * d * Vr) * c.readout_heads
-        if c.readout_values == "embed":  # the read goes back through the tied head
+    ro, ep = _output_memories(c)
+    if ro is not None:
+        Vr = c.vocab_size if ro.values == "onehot" else d
+        out["readout_rule"] = 3.0 * (8 * d * Vr) * ro.heads
+        if ro.values == "embed":  # the read goes back through the tied head
             out["readout_readback"] = 6.0 * d * c.vocab_size
-    if c.episodic_heads > 0:
-        Ve = c.vocab_size if c.episodic_values == "onehot" else d
-        out["episodic_rule"] = 3.0 * (8 * c.episodic_features * Ve) * c.episodic_heads
-        out["episodic_keys"] = 6.0 * c.episodic_features * d
-        if c.episodic_values == "embed":
+    if ep is not None:
+        Ve = c.vocab_size if ep.values == "onehot" else d
+        out["episodic_rule"] = 3.0 * (8 * ep.features * Ve) * ep.heads
+        out["episodic_keys"] = 6.0 * ep.features * d
+        if ep.values == "embed":
             out["episodic_readback"] = 6.0 * d * c.vocab_size
     out["total"] = sum(out.values())
     return out
@@ -139,13 +148,14 @@ def fast_state_bytes(c: PlasticConfig, batch: int) -> Dict[str, float]:
     per = batch * c.n_heads * c.head_k_dim * c.head_v_dim * FP32
     out = {"S_per_layer": per, "E_per_layer": per if c.lam is not None else 0, "P_per_layer": per}
     out["all_layers_SEP"] = c.layer_types.count("fast") * (out["S_per_layer"] + out["E_per_layer"] + out["P_per_layer"])
-    if c.readout_heads > 0:
-        Vr = c.vocab_size if c.readout_values == "onehot" else c.d_model
-        out["readout_SEP"] = 3 * batch * c.readout_heads * c.d_model * Vr * FP32
+    ro, ep = _output_memories(c)
+    if ro is not None:
+        Vr = c.vocab_size if ro.values == "onehot" else c.d_model
+        out["readout_SEP"] = 3 * batch * ro.heads * c.d_model * Vr * FP32
         out["all_layers_SEP"] += out["readout_SEP"]
-    if c.episodic_heads > 0:
-        Ve = c.vocab_size if c.episodic_values == "onehot" else c.d_model
-        out["episodic_SEP"] = 3 * batch * c.episodic_heads * c.episodic_features * Ve * FP32
+    if ep is not None:
+        Ve = c.vocab_size if ep.values == "onehot" else c.d_model
+        out["episodic_SEP"] = 3 * batch * ep.heads * ep.features * Ve * FP32
         out["all_layers_SEP"] += out["episodic_SEP"]
     return out
 

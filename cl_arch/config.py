@@ -1,16 +1,24 @@
-"""Model configuration: one dataclass, validated on construction, JSON round-trippable."""
+"""Model configuration: one dataclass, validated on construction, JSON round-trippable.
+
+:class:`PlasticConfig` holds the backbone (sizes, layer types, attention, MLP), the settings of its
+in-block fast layers (inherited from :class:`~cl_arch.memory.FastLayerConfig`) and the list of its
+output memories (``memories``: a :class:`~cl_arch.memory.MemoryConfig` per memory). Configs written
+before the memories were listed (``readout_*`` / ``episodic_*`` fields) are read through
+:func:`migrate_legacy`.
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from .memory import EpisodicConfig, FastLayerConfig, MemoryConfig, ReadoutConfig
+from .memory.base import check_int, check_number
+
 LAYER_TYPES = ("attn", "fast")
-READOUT_VALUES = ("onehot", "embed")
-READOUT_KEYS = ("hidden", "hidden+token")
-RULES = ("delta", "hebb")
 
 
 def _err(name: str, msg: str) -> ValueError:
@@ -18,96 +26,39 @@ def _err(name: str, msg: str) -> ValueError:
 
 
 @dataclass
-class PlasticConfig:
+class PlasticConfig(FastLayerConfig):
     """Hyper-parameters of a :class:`~cl_arch.model.PlasticTransformer`.
 
-    Defaults give a tiny byte-level model that trains on CPU. Every field is checked in
-    ``__post_init__``; an invalid value raises ``ValueError`` whose message names the field.
+    The fields of :class:`~cl_arch.memory.FastLayerConfig` (``d_model``, ``n_heads`` ... the
+    plasticity settings) configure the in-block fast layers, and are the rule settings the output
+    memories start from. Defaults give a tiny byte-level model that trains on CPU. Every field is
+    checked in ``__post_init__``; an invalid value raises ``ValueError`` whose message names the field.
     """
 
     # --- backbone ---
     vocab_size: int = 256
-    d_model: int = 128
     n_layers: int = 4
     layer_types: Optional[List[str]] = None  # "attn" | "fast" per layer; None: fast, attn, fast, ...
-    # --- fast-weight mixer ---
-    n_heads: int = 4
-    head_k_dim: int = 32
-    head_v_dim: int = 32
     # --- attention mixer ---
     n_attn_heads: int = 4
     attn_window: Optional[int] = None  # sliding window (tokens, including the current one)
     rope_theta: float = 10000.0
-    # --- readout memory (docs/design.md, "The readout memory"): a fast-weight head after the last block ---
-    readout_heads: int = 2  # 0 disables it
-    readout_values: str = "onehot"  # "onehot" (V = vocab_size) or "embed" (V = d_model, tied head)
-    readout_beta: float = 0.5  # initial write strength
-    readout_scale: float = 2.0  # initial read scale (logits added per unit read)
-    # "state": a commit keeps what the readout's slow heads hold (trace decays with the memory, so
-    # E_T = S_T - M; gamma 1, eta_s 1, no clip, no reward term); heads whose memory span is shorter
-    # than readout_commit_span tokens commit nothing. "trace": the same commit as the fast layers.
-    readout_commit: str = "state"
-    readout_commit_span: float = 4096.0
-    # "hidden": keys unit(h); "hidden+token": [unit(h), one-hot(x)] / sqrt(2) (K = d_model + vocab_size), for
-    # models whose final hidden state does not tell the last token apart (a recall model after a cue).
-    readout_keys: str = "hidden"
-    # --- episodic memory (docs/design.md, "The episodic memory"): an output-side memory with sharp wide keys
-    # phi(h) = unit(relu(R unit(h) - theta)), R [episodic_features, d_model] fixed; state commit, so a session's
-    # final state is the next session's start ---
-    episodic_heads: int = 0  # 0 disables it
-    episodic_features: int = 2048  # F, the key width
-    episodic_values: str = "onehot"  # as readout_values: "onehot" (V = vocab_size) or "embed" (V = d_model)
-    episodic_threshold: float = 1.5  # initial theta (learned); higher: sparser, sharper keys
-    episodic_beta: float = 0.5  # initial write strength
-    episodic_scale: float = 1.0  # initial read scale
-    episodic_span: float = 1e5  # initial memory span in tokens (learned)
-    episodic_seed: int = 0  # seed of the fixed projection R (saved with the model as a buffer)
     # --- MLP / misc ---
     mlp_ratio: float = 4.0
-    conv_size: int = 4  # short causal depthwise conv on q/k/v; 0 disables
-    fast_rest: str = "resting"  # fast layers decay toward W0 + P ("resting") or toward 0 from S0 = W0 + P ("zero")
-    decay_init: str = "fla"  # fast-layer decay at init: "fla" (random, as GatedDeltaNet) or "spread" (decay_spans)
-    decay_spans: List[float] = dataclasses.field(default_factory=lambda: [4.0, 4096.0])  # tokens, first/last head
-    rule: str = "delta"
-    use_gate: bool = True
-    chunk_size: int = 64
-    recurrent_threshold: int = 16
-    norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = True
     dropout: float = 0.0
-    # --- plasticity (initial values of the learnable per-head parameters, fixed settings) ---
-    lam: Optional[float] = 0.5  # eligibility-trace decay; None disables the trace (the readout's state commit keeps its own)
-    gamma: float = 0.98  # persistent-memory retention per commit
-    eta_s: float = 0.0  # self-supervised commit rate
-    eta_r: float = 1.0  # reward-modulated commit rate
-    commit_clip: float = 10.0  # Frobenius-norm bound per head on the committed trace
-    baseline_rho: float = 0.1  # running reward-baseline rate
-    learn_plasticity: bool = True
+    # --- the memories after the last block, in state order (docs/design.md, "Memories") ---
+    memories: List[MemoryConfig] = dataclasses.field(default_factory=lambda: [ReadoutConfig()])
 
     def __post_init__(self) -> None:
-        def pos_int(name: str, allow_zero: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-                raise _err(name, f"must be an integer {'>= 0' if allow_zero else '>= 1'}, got {v!r}")
+        super().__post_init__()
 
-        def num(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise _err(name, f"must be a finite number, got {v!r}")
-            if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
-                lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
-                raise _err(name, f"must be in {lb}{lo}, {hi}{hb}, got {v!r}")
-            setattr(self, name, float(v))
+        def num(name: str, lo: float, hi: float, **kw: bool) -> None:
+            setattr(self, name, check_number("PlasticConfig", name, getattr(self, name), lo, hi, **kw))
 
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_k_dim", "head_v_dim",
-                     "n_attn_heads", "chunk_size"):
-            pos_int(name)
-        for name in ("conv_size", "recurrent_threshold", "readout_heads", "episodic_heads", "episodic_seed"):
-            pos_int(name, allow_zero=True)
-        if self.conv_size == 1:
-            raise _err("conv_size", "must be 0 (disabled) or >= 2")
-
+        for name in ("vocab_size", "n_layers", "n_attn_heads"):
+            check_int("PlasticConfig", name, getattr(self, name))
         if self.layer_types is None:
             self.layer_types = ["fast" if i % 2 == 0 else "attn" for i in range(self.n_layers)]
         if not isinstance(self.layer_types, (list, tuple)):
@@ -125,55 +76,15 @@ class PlasticConfig:
             if (self.d_model // self.n_attn_heads) % 2 != 0:
                 raise _err("n_attn_heads", "d_model / n_attn_heads must be even for rotary embeddings")
         if self.attn_window is not None:
-            pos_int("attn_window")
+            check_int("PlasticConfig", "attn_window", self.attn_window)
 
         num("rope_theta", 0.0, math.inf, lo_open=True)
         num("mlp_ratio", 0.0, math.inf, lo_open=True)
-        num("norm_eps", 0.0, 1.0, lo_open=True)
         num("init_std", 0.0, math.inf, lo_open=True)
         num("dropout", 0.0, 1.0, hi_open=True)
-        if self.rule not in RULES:
-            raise _err("rule", f"must be one of {RULES}, got {self.rule!r}")
-        for name in ("use_gate", "tie_embeddings", "learn_plasticity"):
-            if not isinstance(getattr(self, name), bool):
-                raise _err(name, f"must be a bool, got {getattr(self, name)!r}")
-
-        if self.fast_rest not in ("resting", "zero"):
-            raise _err("fast_rest", f"must be 'resting' or 'zero', got {self.fast_rest!r}")
-        if self.decay_init not in ("spread", "fla"):
-            raise _err("decay_init", f"must be 'spread' or 'fla', got {self.decay_init!r}")
-        spans = self.decay_spans
-        if (not isinstance(spans, (list, tuple)) or len(spans) != 2 or
-                any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 1.0 <= x < math.inf for x in spans)
-                or spans[0] > spans[1]):
-            raise _err("decay_spans", f"must be [shortest, longest] time scales in tokens, 1 <= shortest <= "
-                       f"longest, got {spans!r}")
-        self.decay_spans = [float(x) for x in spans]
-        if self.readout_values not in READOUT_VALUES:
-            raise _err("readout_values", f"must be one of {READOUT_VALUES}, got {self.readout_values!r}")
-        if self.readout_keys not in READOUT_KEYS:
-            raise _err("readout_keys", f"must be one of {READOUT_KEYS}, got {self.readout_keys!r}")
-        num("readout_beta", 0.0, 1.0, lo_open=True, hi_open=True)
-        num("readout_scale", -math.inf, math.inf)
-        if self.readout_commit not in ("state", "trace"):
-            raise _err("readout_commit", f"must be 'state' or 'trace', got {self.readout_commit!r}")
-        num("readout_commit_span", 0.0, math.inf)
-        pos_int("episodic_features")
-        if self.episodic_values not in READOUT_VALUES:
-            raise _err("episodic_values", f"must be one of {READOUT_VALUES}, got {self.episodic_values!r}")
-        # theta < 0 would make phi(0) = unit(relu(-theta)) != 0: every episode's first key (the zero cache)
-        # one shared write that accumulates into P
-        num("episodic_threshold", 0.0, math.inf)
-        num("episodic_beta", 0.0, 1.0, lo_open=True, hi_open=True)
-        num("episodic_scale", -math.inf, math.inf)
-        num("episodic_span", 1.0, math.inf)
-        if self.lam is not None:
-            num("lam", 0.0, 1.0)
-        num("gamma", 0.0, 1.0, lo_open=True)
-        num("eta_s", -math.inf, math.inf)
-        num("eta_r", -math.inf, math.inf)
-        num("commit_clip", 0.0, math.inf, lo_open=True)
-        num("baseline_rho", 0.0, 1.0)
+        if not isinstance(self.tie_embeddings, bool):
+            raise _err("tie_embeddings", f"must be a bool, got {self.tie_embeddings!r}")
+        self.memories = check_memories(self.memories)
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -185,10 +96,6 @@ class PlasticConfig:
     @property
     def attn_head_dim(self) -> int:
         return self.d_model // self.n_attn_heads
-
-    def fast_layer(self) -> "FastLayerConfig":
-        """The :class:`FastLayerConfig` of this model's fast-weight layers."""
-        return FastLayerConfig(**{f: getattr(self, f) for f in FAST_LAYER_FIELDS})
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -206,20 +113,23 @@ class PlasticConfig:
         """
         if name not in PRESETS:
             raise ValueError(f"unknown PlasticConfig preset {name!r}; known: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> Dict[str, Any]:
-        """Plain dict of every field (JSON-serialisable)."""
-        d = dataclasses.asdict(self)
+        """Plain dict of every field (JSON-serialisable); ``memories`` as ``[{"kind": ..., ...}]``."""
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "memories"}
         d["layer_types"] = list(self.layer_types)
+        d["memories"] = [m.to_dict() for m in self.memories]
         return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "PlasticConfig":
-        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError`` naming them."""
+        """Build from :meth:`to_dict` output, or from a config written before the memories were listed
+        (:func:`migrate_legacy`); unknown keys raise ``ValueError`` naming them."""
         if not isinstance(d, dict):
             raise ValueError(f"PlasticConfig.from_dict expects a dict, got {type(d).__name__}")
+        d = migrate_legacy(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -227,73 +137,118 @@ class PlasticConfig:
         return cls(**d)
 
     def to_diff_dict(self) -> Dict[str, Any]:
-        """The fields that differ from the defaults: a field added later with a default that keeps
-        the old behaviour leaves it, and so the model fingerprint, unchanged."""
+        """The fields that differ from the defaults, in the form the model fingerprint hashes.
+
+        A config whose memories the flat layout of earlier versions can say (at most a readout
+        named ``readout`` and an episodic memory named ``episodic``) is given in that layout
+        (:func:`legacy_dict`), so every fingerprint recorded in checkpoints and session files before
+        the memories were listed still names the same model. A field added later with a default
+        that keeps the old behaviour leaves it, and so the fingerprint, unchanged."""
+        legacy = legacy_dict(self)
+        if legacy is not None:
+            default = legacy_dict(PlasticConfig())
+            return {k: v for k, v in legacy.items() if k not in default or v != default[k]}
         default = PlasticConfig().to_dict()
         return {k: v for k, v in self.to_dict().items() if k not in default or v != default[k]}
 
     def to_json(self) -> str:
-        """Canonical JSON (sorted keys); also what :meth:`PlasticTransformer.fingerprint` hashes."""
+        """Canonical JSON (sorted keys)."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, s: str) -> "PlasticConfig":
         return cls.from_dict(json.loads(s))
 
+    # ------------------------------------------------------------------ memories
+    def memory(self, name: str) -> MemoryConfig:
+        """The config of the memory called ``name`` (``KeyError`` listing the names if none)."""
+        for m in self.memories:
+            if m.name == name:
+                return m
+        raise KeyError(f"no memory named {name!r}; this config's: {[m.name for m in self.memories]}")
 
-# The fields one fast-weight layer reads (FastWeightLayer and its PlasticMemory base).
-FAST_LAYER_FIELDS = ("d_model", "n_heads", "head_k_dim", "head_v_dim", "conv_size", "rule", "use_gate", "chunk_size",
-                     "recurrent_threshold", "norm_eps", "fast_rest", "decay_init", "decay_spans", "lam", "gamma",
-                     "eta_s", "eta_r", "commit_clip", "baseline_rho", "learn_plasticity")
+
+def check_memories(memories: Any) -> List[MemoryConfig]:
+    """``memories`` as a list of :class:`MemoryConfig` (dicts are parsed), names unique identifiers."""
+    if not isinstance(memories, (list, tuple)):
+        raise _err("memories", f"must be a list of memory configs, got {type(memories).__name__}")
+    out = [MemoryConfig.from_dict(m) if isinstance(m, dict) else m for m in memories]
+    for m in out:
+        if not isinstance(m, MemoryConfig):
+            raise _err("memories", f"entries must be memory configs (e.g. ReadoutConfig), got {type(m).__name__}")
+        if not isinstance(m.name, str) or not m.name.isidentifier() or m.name.startswith("_"):
+            raise _err("memories", f"a memory's name must be a Python identifier not starting with '_', got {m.name!r}")
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise _err("memories", f"names must be unique, got {names}")
+    return out
 
 
-@dataclass
-class FastLayerConfig:
-    """What one fast-weight layer needs, on its own: a retrofit into another network builds
-    ``FastWeightLayer(FastLayerConfig(d_model=4096, n_heads=16, ...))`` with no model config.
+# ---------------------------------------------------------------------- configs before `memories`
+# The flat fields that described the output memories (and their defaults) until the memories were
+# listed: readout_<field> and episodic_<field>, one readout_commit_span shared by both.
+LEGACY_READOUT = {"heads": 2, "values": "onehot", "beta": 0.5, "scale": 2.0, "commit": "state",
+                  "commit_span": 4096.0, "keys": "hidden"}
+LEGACY_EPISODIC = {"heads": 0, "features": 2048, "values": "onehot", "threshold": 1.5, "beta": 0.5, "scale": 1.0,
+                   "span": 1e5, "seed": 0}
 
-    The fields and defaults are :class:`PlasticConfig`'s of the same names
-    (:data:`FAST_LAYER_FIELDS`); :meth:`PlasticConfig.fast_layer` gives the one a model's layers
-    use. Checked on construction with the same rules; errors name ``FastLayerConfig.<field>``.
-    """
 
-    d_model: int = 128
-    n_heads: int = 4
-    head_k_dim: int = 32
-    head_v_dim: int = 32
-    conv_size: int = 4
-    rule: str = "delta"
-    use_gate: bool = True
-    chunk_size: int = 64
-    recurrent_threshold: int = 16
-    norm_eps: float = 1e-6
-    fast_rest: str = "resting"
-    decay_init: str = "fla"
-    decay_spans: List[float] = dataclasses.field(default_factory=lambda: [4.0, 4096.0])
-    lam: Optional[float] = 0.5
-    gamma: float = 0.98
-    eta_s: float = 0.0
-    eta_r: float = 1.0
-    commit_clip: float = 10.0
-    baseline_rho: float = 0.1
-    learn_plasticity: bool = True
+def migrate_legacy(d: Dict[str, Any]) -> Dict[str, Any]:
+    """A config dict in the current layout. One with ``readout_*`` / ``episodic_*`` fields (written
+    before the memories were listed, e.g. the shipped model's) becomes ``memories``: a
+    :class:`ReadoutConfig` named ``readout`` when ``readout_heads`` (default 2) > 0, then an
+    :class:`EpisodicConfig` named ``episodic`` when ``episodic_heads`` (default 0) > 0, with the same
+    settings (the episodic memory takes ``readout_commit_span``, as it did)."""
+    legacy = {k for k in d if k.startswith(("readout_", "episodic_"))}
+    if not legacy:
+        return d
+    if "memories" in d:
+        raise ValueError(f"PlasticConfig: both 'memories' and the earlier flat fields {sorted(legacy)}")
+    ro = {k: d.get("readout_" + k, v) for k, v in LEGACY_READOUT.items()}
+    ep = {k: d.get("episodic_" + k, v) for k, v in LEGACY_EPISODIC.items()}
+    unknown = sorted(legacy - {"readout_" + k for k in ro} - {"episodic_" + k for k in ep})
+    if unknown:
+        raise ValueError(f"PlasticConfig.from_dict: unknown keys {unknown}")
+    memories: List[MemoryConfig] = []
+    for cls, fields, extra in ((ReadoutConfig, ro, {}), (EpisodicConfig, ep, {"commit_span": ro["commit_span"]})):
+        heads = fields["heads"]
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 0:
+            raise ValueError(f"{cls.__name__}.heads: must be an integer >= 0 in a flat config "
+                             f"({cls.kind}_heads), got {heads!r}")
+        if heads > 0:
+            memories.append(cls(**fields, **extra))
+    return {**{k: v for k, v in d.items() if k not in legacy}, "memories": memories}
 
-    def __post_init__(self) -> None:
-        try:  # one rule set: PlasticConfig's checks on a one-layer model made of this layer
-            checked = PlasticConfig(**dataclasses.asdict(self), n_layers=1, layer_types=["fast"], readout_heads=0)
-        except ValueError as e:
-            raise ValueError(str(e).replace("PlasticConfig.", "FastLayerConfig.", 1)) from None
-        self.decay_spans = checked.decay_spans
 
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+def legacy_dict(config: PlasticConfig) -> Optional[Dict[str, Any]]:
+    """``config`` in the flat layout of earlier versions, or None when its memories do not fit it
+    (other kinds or names, a readout with a fixed span, more than one of a kind, or an episodic
+    memory whose commit span differs from the readout's)."""
+    ro = ep = None
+    for m in config.memories:
+        if type(m) is ReadoutConfig and m.name == "readout" and m.span is None and ro is None and ep is None:
+            ro = m
+        elif type(m) is EpisodicConfig and m.name == "episodic" and ep is None:
+            ep = m
+        else:
+            return None
+    span = ro.commit_span if ro is not None else LEGACY_READOUT["commit_span"]
+    if ep is not None and ep.commit_span != span:
+        return None
+    d = {k: v for k, v in config.to_dict().items() if k != "memories"}
+    for k, v in LEGACY_READOUT.items():
+        d["readout_" + k] = getattr(ro, k) if ro is not None else (0 if k == "heads" else v)
+    d["readout_commit_span"] = span
+    for k, v in LEGACY_EPISODIC.items():
+        d["episodic_" + k] = getattr(ep, k) if ep is not None else v
+    return d
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "demo": dict(d_model=128, n_layers=4, n_heads=4, head_k_dim=32, head_v_dim=32, attn_window=64, chunk_size=64,
-                 mlp_ratio=3.0, lam=0.5, eta_s=0.0, eta_r=1.0, commit_clip=10.0, readout_heads=2,
-                 readout_values="onehot", episodic_heads=1, episodic_features=2048),
+                 mlp_ratio=3.0, lam=0.5, eta_s=0.0, eta_r=1.0, commit_clip=10.0,
+                 memories=[ReadoutConfig(heads=2, values="onehot"), EpisodicConfig(heads=1, features=2048)]),
     "recall": dict(vocab_size=256, d_model=64, n_layers=2, layer_types=["fast", "fast"], n_heads=2, head_k_dim=32,
                    head_v_dim=32, mlp_ratio=2.0, conv_size=4, chunk_size=16, recurrent_threshold=16, lam=0.5,
-                   gamma=0.98, eta_s=0.0, eta_r=1.0, commit_clip=10.0, readout_heads=0, fast_rest="zero"),
+                   gamma=0.98, eta_s=0.0, eta_r=1.0, commit_clip=10.0, memories=[], fast_rest="zero"),
 }

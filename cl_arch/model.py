@@ -1,12 +1,13 @@
 """PlasticTransformer: a decoder whose mixers are fast-weight memories and/or attention."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,9 +15,10 @@ import torch.nn as nn
 from cl_arch.kernels.checks import VALUE_CHECKS
 
 from .commit import commit_episode
-from .config import PlasticConfig
+from .config import PlasticConfig, check_memories
 from .io import atomic_write_many, recover, text_writer
-from .layers import CausalSelfAttention, EpisodicMemory, FastWeightLayer, PlasticMemory, ReadoutMemory, RMSNorm, SwiGLU
+from .layers import CausalSelfAttention, RMSNorm, SwiGLU
+from .memory import FastWeightLayer, MemoryConfig, OutputContext, OutputMemory, PlasticMemory
 from .state import AttnLayerState, FastLayerState, LayerState, ModelState, StepContext, check_step_inputs
 
 WEIGHTS_NAME = "model.safetensors"
@@ -62,10 +64,12 @@ class PlasticTransformer(nn.Module):
     ``logits, state = model(input_ids, state)``; passing the returned state into the next call
     continues the same stream (fast weights, traces, conv and KV caches, position).
 
-    With ``config.readout_heads > 0`` a :class:`ReadoutMemory`, and with ``config.episodic_heads > 0``
-    an :class:`EpisodicMemory`, sit after the last norm and add their reads to the logits; their
-    states follow the blocks' in ``state.layers`` and they are the last of :meth:`fast_layers`
-    (:meth:`output_memories`), so sessions and consolidation treat them like every other fast memory.
+    The memories of ``config.memories`` (e.g. a :class:`~cl_arch.memory.ReadoutMemory` and an
+    :class:`~cl_arch.memory.EpisodicMemory`) sit after the last norm, each an attribute under its
+    name (``model.readout``), and add their reads to the logits; their states follow the blocks' in
+    ``state.layers`` and they are the last of :meth:`fast_layers` (:meth:`output_memories`), so
+    sessions and consolidation treat them like every other fast memory. :meth:`add_memory` and
+    :meth:`remove_memory` change them on a trained model.
     """
 
     def __init__(self, config: PlasticConfig):
@@ -79,8 +83,8 @@ class PlasticTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.readout = ReadoutMemory(config) if config.readout_heads > 0 else None
-        self.episodic = EpisodicMemory(config) if config.episodic_heads > 0 else None
+        for mem in config.memories:
+            self._register_memory(mem)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -105,9 +109,76 @@ class PlasticTransformer(nn.Module):
         """Where the weights live (and where inputs must go)."""
         return self.embed.weight.device
 
-    def output_memories(self) -> List[PlasticMemory]:
-        """The memories after the last block, in state order: the readout, then the episodic memory."""
-        return [m for m in (self.readout, self.episodic) if m is not None]
+    def output_memories(self) -> List[OutputMemory]:
+        """The memories after the last block, in state order (``config.memories``' order)."""
+        return [self._modules[m.name] for m in self.config.memories]
+
+    def memory(self, name: str) -> Optional[OutputMemory]:
+        """The output memory called ``name`` (``"readout"``, ``"episodic"``, ...), or None."""
+        return self._modules[name] if any(m.name == name for m in self.config.memories) else None
+
+    def fast_layer_names(self) -> List[str]:
+        """A name per :meth:`fast_layers` entry: ``blocks.<i>`` for a block's fast mixer, the
+        memory's name for an output memory."""
+        blocks = [f"blocks.{i}" for i, b in enumerate(self.blocks) if isinstance(b.mixer, FastWeightLayer)]
+        return blocks + [m.name for m in self.config.memories]
+
+    # ------------------------------------------------------------------ surgery
+    def _register_memory(self, cfg: MemoryConfig) -> OutputMemory:
+        if cfg.name in self._modules or hasattr(type(self), cfg.name) or cfg.name in self.__dict__:
+            raise ValueError(f"a memory cannot be named {cfg.name!r}: the model already has an attribute of that name")
+        module = cfg.build(self.config)
+        if not isinstance(module, OutputMemory):
+            raise ValueError(f"{type(cfg).__name__}.build must return an OutputMemory, got {type(module).__name__}")
+        self.add_module(cfg.name, module)
+        return module
+
+    def add_memory(self, cfg: MemoryConfig) -> OutputMemory:
+        """Add an output memory after the existing ones, in place; every other weight is unchanged.
+
+        The new memory is built from ``cfg`` (its parameters at their initial values) on the
+        model's device and dtype, and ``config.memories`` lists it: :meth:`save_pretrained` writes it
+        and :meth:`from_pretrained` builds it again. States from before the call have one slot too
+        few (start new ones with :meth:`init_state`).
+
+        Returns:
+            The new memory module (also ``getattr(model, cfg.name)``).
+
+        Raises:
+            ValueError: ``cfg`` is not a memory config, or its name is taken.
+        """
+        if not isinstance(cfg, MemoryConfig):
+            raise ValueError(f"add_memory takes a memory config (e.g. EpisodicConfig(...)), got {type(cfg).__name__}")
+        memories = check_memories(list(self.config.memories) + [cfg])
+        module = self._register_memory(cfg)
+        module.to(device=self.device, dtype=self.embed.weight.dtype)
+        module.train(self.training)
+        self.config = dataclasses.replace(self.config, memories=memories)
+        return module
+
+    def remove_memory(self, name: str) -> OutputMemory:
+        """Remove the output memory called ``name``, in place; returns it (``KeyError`` if none)."""
+        if self.memory(name) is None:
+            raise KeyError(f"no memory named {name!r}; this model's: {[m.name for m in self.config.memories]}")
+        module = self._modules.pop(name)
+        self.config = dataclasses.replace(self.config, memories=[m for m in self.config.memories if m.name != name])
+        return module
+
+    @contextlib.contextmanager
+    def memories_off(self, *names: str) -> Iterator["PlasticTransformer"]:
+        """Within the block the model reads as if the named output memories were removed (their state
+        slots too); they come back, in their places, on exit. For an ablation or for the inputs a
+        memory sees, without copying the model."""
+        config, saved = self.config, [(n, self.remove_memory(n)) for n in names]
+        try:
+            yield self
+        finally:
+            modules = dict(saved)
+            for m in self.config.memories:  # re-insert in state order: pop the later ones, then re-add all
+                modules[m.name] = self._modules.pop(m.name)
+            for m in config.memories:
+                self.add_module(m.name, modules[m.name])
+            self.config = config
 
     def fast_layers(self) -> List[PlasticMemory]:
         """Every fast-weight memory, in state order: the blocks' fast mixers, then the output memories."""
@@ -186,7 +257,7 @@ class PlasticTransformer(nn.Module):
         # Value checks read tensors back to the host (a device sync each): they guard calls whose ids
         # and modulation come from a user. The training loops set ``check_inputs = False`` (their
         # inputs come from the data pipeline), as does CL_ARCH_VALUE_CHECKS=0 for every call.
-        outputs = "".join(f" + the {n} memory" for n in ("readout", "episodic") if getattr(self, n) is not None)
+        outputs = "".join(f" + the {m.name} memory" for m in self.config.memories)
         check_step_inputs(input_ids, state, modulation, vocab_size=self.config.vocab_size, memories=self.memories(),
                           check_values=VALUE_CHECKS and self.check_inputs,
                           layout=f"{self.config.n_layers} blocks{outputs}")
@@ -238,8 +309,9 @@ class PlasticTransformer(nn.Module):
             new_layers.append(new_s)
         h = self.norm_f(x)
         logits = self.lm_head(h)
+        out = OutputContext(h, input_ids, self.embed, self.lm_head)
         for mem, s in zip(self.output_memories(), layer_states[len(self.blocks):]):
-            read, new_s = mem(h, input_ids, self.embed, self.lm_head, s, dataclasses.replace(ctx, lam=next(lam_iter)))
+            read, new_s = mem(out, s, dataclasses.replace(ctx, lam=next(lam_iter)))
             logits = logits + read
             new_layers.append(new_s)
         if not return_state:

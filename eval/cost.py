@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from cl_arch import PlasticConfig, PlasticTransformer
+from cl_arch.memory import EpisodicMemory
 from cl_arch.state import AttnLayerState, FastLayerState, ModelState
 
 from .models import stdlib_model
@@ -52,7 +53,7 @@ def flops_per_token(model: PlasticTransformer, context: int) -> float:
             total += 4.0 * cfg.d_model * ctx
     for m in model.output_memories():  # the same rule on [K, V] per head, plus its read-out
         total += 10.0 * m.n_heads * m.head_k_dim * m.head_v_dim
-        if m is model.episodic:  # its key features R h
+        if isinstance(m, EpisodicMemory):  # its key features R h
             total += 2.0 * m.head_k_dim * cfg.d_model
         if m.value_kind == "embed":  # the read goes back through the head
             total += 2.0 * cfg.d_model * cfg.vocab_size

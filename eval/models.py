@@ -2,6 +2,7 @@
 pretraining recipe, and the same model without its readout memory."""
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, List, Optional, Tuple
 
@@ -138,14 +139,14 @@ def stdlib_model(cache_dir: Optional[str] = None, seconds: Optional[float] = Non
 
 def without_memories(model: PlasticTransformer, readout: bool = True, episodic: bool = False) -> PlasticTransformer:
     """A copy of ``model`` without its readout memory (``readout``) and/or its episodic memory
-    (``episodic``): the same weights otherwise, to tell one memory's share of a gain from the rest's."""
-    drop = [name for name, flag in (("readout", readout), ("episodic", episodic)) if flag and getattr(model, name) is not None]
+    (``episodic``) (``model.remove_memory`` on a copy): the same weights otherwise, to tell one
+    memory's share of a gain from the rest's."""
+    drop = [name for name, flag in (("readout", readout), ("episodic", episodic)) if flag and model.memory(name) is not None]
     if not drop:
         return model
-    cfg = PlasticConfig.from_dict({**model.config.to_dict(), **{f"{name}_heads": 0 for name in drop}})
-    m = PlasticTransformer(cfg).to(next(model.parameters()).dtype)
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(n + "." for n in drop))}
-    m.load_state_dict(sd)
+    m = copy.deepcopy(model)
+    for name in drop:
+        m.remove_memory(name)
     return m.eval()
 
 

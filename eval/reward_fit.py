@@ -159,7 +159,7 @@ def _rollout(model: PlasticTransformer, envs: Sequence[Any], episodes: int, gene
     reward of each episode, ``sum_a pi(a) payoff(a)``, depends on the settings through the read
     scale and through every earlier commit ``P <- gamma P + eta_r (r - b) clip(E)``.
     """
-    mem = model.readout
+    mem = model.reward
     B = len(envs)
     acts, legal = action_table(envs)
     A = acts.shape[1]
@@ -203,7 +203,7 @@ def meta_train_reward_memory(model: PlasticTransformer, settings: Optional[Rewar
     m = with_reward_memory(model, start)
     for p in m.parameters():
         p.requires_grad_(False)
-    mem = m.readout
+    mem = m.reward
     params = [mem.read_scale, mem.beta_logit, mem.eta_r, mem.gamma_logit]
     for p in params:
         p.requires_grad_(True)

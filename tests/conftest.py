@@ -99,12 +99,8 @@ def output_memory_parts():
     @torch.no_grad()
     def parts(model, ids, name):
         logits, _ = model(ids)
-        saved = getattr(model, name)
-        setattr(model, name, None)
-        try:
+        with model.memories_off(name):
             base, _ = model(ids)
-        finally:
-            setattr(model, name, saved)
         x = model.embed(ids)
         for blk in model.blocks:
             x, _ = blk(x, None, StepContext(need_state=False))

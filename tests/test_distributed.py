@@ -17,6 +17,7 @@ import torch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from cl_arch.memory import EpisodicConfig, ReadoutConfig  # noqa: E402
 from cl_arch.train.config import PretrainRunConfig, load_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,7 +234,7 @@ def test_replicated_parameters_are_what_the_commit_reads(monkeypatch):
 
     monkeypatch.setattr(checks, "VALUE_CHECKS", False)  # let a NaN through to the result
     model = PlasticTransformer(PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16,
-                                             n_attn_heads=2, readout_heads=2))
+                                             n_attn_heads=2))
     assert all(p.dim() <= 1 for p in replicated_parameters(model))
 
     def commit(m, i):
@@ -315,10 +316,10 @@ def _scaling_plan():
 @pytest.mark.parametrize("kw", [
     dict(d_model=64, n_layers=3, n_heads=2, head_k_dim=16, head_v_dim=24, n_attn_heads=4),
     dict(d_model=64, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2, use_gate=False,
-         conv_size=0, lam=None, tie_embeddings=False, readout_values="embed"),
-    dict(d_model=32, n_layers=4, readout_heads=0, layer_types=["fast", "fast", "attn", "fast"], attn_window=64),
-    dict(d_model=32, n_layers=2, episodic_heads=2, episodic_features=96),
-    dict(d_model=32, n_layers=2, episodic_heads=1, episodic_features=64, episodic_values="embed", lam=None),
+         conv_size=0, lam=None, tie_embeddings=False, memories=[ReadoutConfig(values="embed")]),
+    dict(d_model=32, n_layers=4, memories=[], layer_types=["fast", "fast", "attn", "fast"], attn_window=64),
+    dict(d_model=32, n_layers=2, memories=[ReadoutConfig(), EpisodicConfig(heads=2, features=96)]),
+    dict(d_model=32, n_layers=2, lam=None, memories=[ReadoutConfig(), EpisodicConfig(features=64, values="embed")]),
 ])
 def test_scaling_plan_counts_the_instantiated_model(kw, tmp_path):
     """docs/scaling.md's parameter counts come from benchmarks/scaling_plan.py: its count must equal

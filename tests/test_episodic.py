@@ -3,15 +3,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cl_arch import PlasticConfig, PlasticTransformer, Session
+from cl_arch import EpisodicConfig, PlasticConfig, PlasticTransformer, ReadoutConfig, Session
 from cl_arch.consolidate import fold
 from cl_arch.kernels.plastic import naive_plastic_rule
 from cl_arch.state import ModelState
 
 
-def model_with_episodic(seed=0, dtype=torch.float64, **kw):
+def model_with_episodic(seed=0, dtype=torch.float64, readout=True, episodic=None, **kw):
+    """A tiny model with a one-head readout (``readout=False``: none) and an episodic memory of 96
+    features updated by ``episodic`` (``episodic=False``: none)."""
+    memories = [ReadoutConfig(heads=1)] if readout else []
+    if episodic is not False:
+        memories.append(EpisodicConfig(**{"heads": 1, "features": 96, **(episodic or {})}))
     base = dict(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, n_attn_heads=2, mlp_ratio=2.0,
-                chunk_size=8, recurrent_threshold=4, readout_heads=1, episodic_heads=1, episodic_features=96)
+                chunk_size=8, recurrent_threshold=4, memories=memories)
     base.update(kw)
     torch.manual_seed(seed)
     return PlasticTransformer(PlasticConfig(**base)).to(dtype).eval()
@@ -31,7 +36,7 @@ def test_episodic_is_the_last_fast_memory_and_state_slot():
 def test_episodic_matches_the_rule_written_out(output_memory_parts):
     """q_t = phi(h_t), k_t = phi(h_{t-1}) (zero at t = 0), phi(h) = unit(relu(R unit(h) - theta)),
     v_t = one-hot(x_t); the read, times the read scale, is added to the logits."""
-    m = model_with_episodic(episodic_threshold=0.5)
+    m = model_with_episodic(episodic=dict(threshold=0.5))
     with torch.no_grad():
         m.episodic.W0.normal_(0, 0.1)
         m.episodic.read_scale.fill_(3.0)
@@ -81,7 +86,7 @@ def test_a_second_session_starts_better_with_the_committed_p():
     (P reset) it predicts it exactly as the first did. Fails if the commit, the resting state or the
     keys' sharpness is wrong."""
     for seed in range(3):
-        m = model_with_episodic(seed=seed, readout_heads=0, episodic_features=512, episodic_threshold=1.0)
+        m = model_with_episodic(seed=seed, readout=False, episodic=dict(features=512, threshold=1.0))
         with torch.no_grad():
             m.episodic.read_scale.fill_(6.0)
             m.episodic.beta_logit.fill_(3.0)
@@ -104,7 +109,7 @@ def test_a_second_session_starts_better_with_the_committed_p():
 
 def test_embed_values_read_back_through_the_head():
     """episodic_values="embed": V = d_model, the read goes through the tied output head."""
-    m = model_with_episodic(episodic_values="embed", readout_heads=0)
+    m = model_with_episodic(episodic=dict(values="embed"), readout=False)
     assert m.episodic.W0.shape == (1, 96, 32)
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -131,7 +136,7 @@ def test_fold_of_an_episodic_p_is_exact():
 
 
 def test_save_and_load_keep_the_projection(tmp_path):
-    m = model_with_episodic(dtype=torch.float32, episodic_seed=7)
+    m = model_with_episodic(dtype=torch.float32, episodic=dict(seed=7))
     with torch.no_grad():
         m.episodic.read_scale.fill_(2.0)
     m.save_pretrained(tmp_path / "m")
@@ -153,19 +158,19 @@ def test_gradients_reach_the_episodic_settings_but_not_w0():
     assert ep.W0.grad is None  # the readout holds the learned prior; this memory's W0 only takes folds
 
 
-@pytest.mark.parametrize("field,value", [("episodic_heads", -1), ("episodic_features", 0),
-                                         ("episodic_beta", 1.0), ("episodic_span", 0.5),
-                                         ("episodic_threshold", float("nan")), ("episodic_threshold", -0.5),
-                                         ("episodic_values", "dense")])
+@pytest.mark.parametrize("field,value", [("heads", -1), ("features", 0), ("beta", 1.0), ("span", 0.5),
+                                         ("threshold", float("nan")), ("threshold", -0.5), ("values", "dense")])
 def test_bad_episodic_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        PlasticConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"EpisodicConfig.{field}"):
+        EpisodicConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"EpisodicConfig.{field}"):  # a config file's memories list
+        PlasticConfig.from_dict({"memories": [{"kind": "episodic", field: value}]})
 
 
 def test_train_episodic_learns_only_the_memory_settings():
     """A few steps on training spans: the memory's settings move, every other weight stays bitwise."""
     from cl_arch.train.episodic import EpisodicTrainConfig, train_episodic
-    m = model_with_episodic(dtype=torch.float32, episodic_heads=0)
+    m = model_with_episodic(dtype=torch.float32, episodic=False)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     cfg = EpisodicTrainConfig(steps=3, batch_size=1, seq_len=64, n_spans=2, span_bytes=128,
                               episodic={"heads": 1, "features": 64})
@@ -173,7 +178,7 @@ def test_train_episodic_learns_only_the_memory_settings():
     sd = trained.state_dict()
     for k, v in before.items():
         assert torch.equal(sd[k], v), k
-    assert trained.episodic.key_threshold.item() != PlasticConfig().episodic_threshold
+    assert trained.episodic.key_threshold.item() != EpisodicConfig().threshold
     assert len(record["history"]) == 3 and set(record["learned"]) == {"threshold", "span", "beta", "scale"}
     assert [row[3] for row in record["history"]] == ["fresh", "own", "foreign"]
     with pytest.raises(ValueError, match="span_bytes >= 2 \\* seq_len"):
@@ -184,13 +189,13 @@ def test_train_episodic_learns_only_the_memory_settings():
 
 def test_cli_adds_and_trains_an_episodic_memory(tmp_path):
     from cl_arch.scripts.cli import main
-    m = model_with_episodic(dtype=torch.float32, episodic_heads=0)
+    m = model_with_episodic(dtype=torch.float32, episodic=False)
     m.save_pretrained(tmp_path / "base")
     out = tmp_path / "out"
     assert main(["train-episodic", "--init-from", str(tmp_path / "base"), "--output-dir", str(out), "--steps", "2",
                  "--features", "64", "--n-spans", "2", "--span-bytes", "128", "--seq-len", "64", "--no-progress"]) == 0
     loaded = PlasticTransformer.from_pretrained(out)
-    assert loaded.config.episodic_heads == 1 and loaded.config.episodic_features == 64
+    assert loaded.config.memory("episodic").heads == 1 and loaded.config.memory("episodic").features == 64
     record = __import__("json").load(open(out / "episodic.json"))
     assert len(record["history"]) == 2 and "--features 64" in record["command"]
 
@@ -198,7 +203,7 @@ def test_cli_adds_and_trains_an_episodic_memory(tmp_path):
 def test_a_negative_threshold_never_writes_under_the_zero_key():
     """theta below 0 (reached by training or set in a loaded file; the config refuses it) must not give
     the zero cache of every episode's first token a key: phi(0) = 0 whatever theta holds."""
-    m = model_with_episodic(episodic_threshold=0.5)
+    m = model_with_episodic(episodic=dict(threshold=0.5))
     with torch.no_grad():
         m.episodic.key_threshold.fill_(-0.7)
     assert float(m.episodic.features(torch.zeros(3, 32)).abs().max()) == 0.0

@@ -41,7 +41,7 @@ from cl_arch.io import recover
 pytestmark = pytest.mark.skipif(os.name != "posix" or not hasattr(os, "fork"),
                                 reason="fault injection needs POSIX signals and os.fork")
 
-CFG = dict(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, n_attn_heads=2, readout_heads=1)
+CFG = dict(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, n_attn_heads=2, memories=[{"kind": "readout", "heads": 1}])
 KILLS_PER_FORMAT = 15
 DELAY_RANGE_S = (0.005, 0.200)
 

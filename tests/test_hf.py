@@ -87,7 +87,7 @@ def test_retrofit_keeps_logits_at_insertion_and_streams(family):
 def test_protocol_and_bad_input():
     model = retrofit(tiny("llama"), layers=[0, 1], n_heads=2)
     assert isinstance(model, PlasticModel) and all(isinstance(m, FastMemory) for m in model.fast_layers())
-    assert isinstance(PlasticTransformer(PlasticConfig(d_model=32, n_layers=2, readout_heads=0)), PlasticModel)
+    assert isinstance(PlasticTransformer(PlasticConfig(d_model=32, n_layers=2, memories=[])), PlasticModel)
     assert model.memories()[:2] == [None, None] and len(model.fast_layers()) == 2
     with pytest.raises(ValueError, match="families"):
         retrofit(torch.nn.Linear(2, 2))
@@ -243,7 +243,7 @@ def test_cli_finetune_hf(tmp_path, llama_dir):
 @pytest.mark.parametrize("family,values", [("llama", "onehot"), ("qwen2", "embed"), ("mistral", "onehot"),
                                            ("gpt2", "embed")])
 def test_episodic_retrofit_keeps_logits_reads_final_norm_and_streams(family, values):
-    from cl_arch.layers import EpisodicMemory
+    from cl_arch.memory import EpisodicMemory
 
     base = tiny(family)
     ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -277,7 +277,7 @@ def test_episodic_retrofit_settings_and_errors():
     assert only(torch.tensor([[1, 2, 3]]))[1].layers[-1].S is not None
     with pytest.raises(ValueError, match="layers is empty"):
         retrofit(tiny("llama"), layers=[])
-    with pytest.raises(ValueError, match="episodic_values"):
+    with pytest.raises(ValueError, match="EpisodicConfig.values"):
         retrofit(tiny("llama"), layers=[0], episodic_heads=1, episodic_values="sparse")
     with pytest.raises(ValueError, match="episodic_heads=0"):
         retrofit(tiny("llama"), layers=[0], episodic_threshold=2.0)

@@ -26,13 +26,13 @@ import time
 import pytest
 import torch
 
-from cl_arch import PlasticConfig, PlasticTransformer, Session, SessionStore
+from cl_arch import PlasticConfig, PlasticTransformer, ReadoutConfig, Session, SessionStore
 from cl_arch import io
 from cl_arch.consolidate.report import UNDO_KEY, load_report, write_report
 from cl_arch.session.files import _bytes_writer
 from cl_arch.train import checkpoint as ckpt
 
-CFG = dict(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, n_attn_heads=2, readout_heads=1)
+CFG = dict(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, n_attn_heads=2, memories=[ReadoutConfig(heads=1)])
 RANKS = 4
 TRIALS = 40
 REPORT_SECONDS = 10.0

@@ -77,7 +77,7 @@ def test_window_cache_is_bounded_and_window_changes_outputs():
         torch.testing.assert_close(windowed(ids)[0][:, :4], full(ids)[0][:, :4])
     # Exactly what the window promises: with one attention layer only, the output at t is the output of
     # the unwindowed model reading just the last 4 tokens (rotary scores depend on offsets only).
-    kw = dict(n_layers=1, layer_types=["attn"], readout_heads=0)  # one layer: the receptive field is the window
+    kw = dict(n_layers=1, layer_types=["attn"], memories=[])  # one layer: the receptive field is the window
     w_attn, f_attn = make_model(attn_window=4, **kw).eval(), make_model(**kw).eval()
     with torch.no_grad():
         out = w_attn(ids)[0]

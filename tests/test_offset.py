@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cl_arch import PlasticConfig, PlasticTransformer
+from cl_arch import PlasticConfig, PlasticTransformer, ReadoutConfig
 from cl_arch.eval import offset
 from cl_arch.state import AttnLayerState, FastLayerState
 
@@ -17,7 +17,7 @@ W = 16
 def _tiny(attn_window=W) -> PlasticTransformer:
     torch.manual_seed(0)
     cfg = PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2,
-                        attn_window=attn_window, readout_heads=1)
+                        attn_window=attn_window, memories=[ReadoutConfig(heads=1)])
     return PlasticTransformer(cfg).eval()
 
 

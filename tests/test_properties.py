@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cl_arch import PlasticConfig, PlasticTransformer, Session
+from cl_arch import PlasticConfig, PlasticTransformer, ReadoutConfig, Session
 from cl_arch.kernels.plastic import plastic_rule
 
 ARGS = ("q", "k", "v", "beta", "g", "lam", "scale", "initial_state", "initial_trace", "resting_state", "rule",
@@ -76,7 +76,7 @@ def test_plastic_rule_any_input_gives_a_finite_result_or_a_named_error(x):
 def tiny():
     torch.manual_seed(0)
     return PlasticTransformer(PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8,
-                                            n_attn_heads=2, readout_heads=1)).eval()
+                                            n_attn_heads=2, memories=[ReadoutConfig(heads=1)])).eval()
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,

@@ -5,14 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cl_arch import PlasticConfig, PlasticTransformer
+from cl_arch import PlasticConfig, PlasticTransformer, ReadoutConfig
 from cl_arch.consolidate import fold
 from cl_arch.kernels.plastic import naive_plastic_rule
 
 
-def model_with_readout(seed=0, **kw):
+def model_with_readout(seed=0, readout=None, **kw):
     base = dict(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, n_attn_heads=2, mlp_ratio=2.0,
-                chunk_size=8, recurrent_threshold=4, readout_heads=2)
+                chunk_size=8, recurrent_threshold=4, memories=[ReadoutConfig(**{"heads": 2, **(readout or {})})])
     base.update(kw)
     torch.manual_seed(seed)
     return PlasticTransformer(PlasticConfig(**base)).double().eval()
@@ -32,7 +32,7 @@ def test_readout_is_the_last_fast_memory_and_state_slot():
 
 def test_readout_matches_the_rule_written_out(output_memory_parts):
     """k_t = unit(h_{t-1}) (zeros at t = 0), q_t = unit(h_t), v_t = one-hot(x_t), read added to the logits."""
-    m = model_with_readout(readout_heads=1)
+    m = model_with_readout(readout=dict(heads=1))
     with torch.no_grad():
         m.readout.W0.normal_(0, 0.1)
     ids = torch.randint(0, 256, (1, 19), generator=torch.Generator().manual_seed(1))
@@ -54,7 +54,7 @@ def test_readout_lowers_the_loss_of_repeated_text_with_no_training():
     what followed that context the last time: the second and third pass of a random byte string
     get lower loss with the readout than without. Fails if the write, the read or the key shift is wrong."""
     for seed in range(3):
-        m = model_with_readout(seed=seed, readout_heads=1)
+        m = model_with_readout(seed=seed, readout=dict(heads=1))
         with torch.no_grad():
             m.readout.read_scale.fill_(8.0)
             m.readout.beta_logit.fill_(4.0)
@@ -94,7 +94,7 @@ def test_gradients_reach_the_readout_settings():
 
 
 def test_embed_values_read_back_through_the_head():
-    m = model_with_readout(readout_values="embed")
+    m = model_with_readout(readout=dict(values="embed"))
     assert m.readout.head_v_dim == 32
     ids = torch.randint(0, 256, (1, 30))
     full, _ = m(ids)
@@ -154,10 +154,10 @@ def test_state_commit_trace_is_what_the_episode_changed():
 
 
 def test_state_commit_keeps_the_slow_heads_and_drops_the_fast_ones():
-    """A session's commit makes P of a slow head (span >= readout_commit_span) equal to S_T - W0, so
+    """A session's commit makes P of a slow head (span >= commit_span) equal to S_T - W0, so
     the next episode starts where that head ended; a fast head commits nothing."""
     from cl_arch import Session
-    m = model_with_readout(readout_commit_span=1000.0)
+    m = model_with_readout(readout=dict(commit_span=1000.0))
     _spans(m, [50.0, 10_000.0])
     s = Session(m)
     s.observe(list(b"def f(x):\n    return x + 1\n"))
@@ -175,9 +175,9 @@ def test_state_commit_keeps_the_slow_heads_and_drops_the_fast_ones():
 
 
 def test_trace_commit_is_the_fast_layers_commit():
-    """readout_commit="trace": the readout commits like any fast layer (own lam, clip, gamma, eta_s)."""
+    """commit="trace": the readout commits like any fast layer (own lam, clip, gamma, eta_s)."""
     from cl_arch import Session
-    m = model_with_readout(readout_commit="trace", eta_s=0.5)
+    m = model_with_readout(readout=dict(commit="trace"), eta_s=0.5)
     s = Session(m)
     s.observe(list(b"abcabcabc"))
     E = s.state.layers[-1].E.clone()
@@ -189,9 +189,11 @@ def test_trace_commit_is_the_fast_layers_commit():
     assert s.rule_settings()[-1]["lam"] == pytest.approx([0.5, 0.5])
 
 
-@pytest.mark.parametrize("field,value", [("readout_heads", -1), ("readout_values", "logits"),
-                                         ("readout_beta", 1.0), ("readout_scale", float("nan")),
-                                         ("readout_commit", "weights"), ("readout_commit_span", -1.0)])
+@pytest.mark.parametrize("field,value", [("heads", -1), ("values", "logits"), ("beta", 1.0), ("scale", float("nan")),
+                                         ("commit", "weights"), ("commit_span", -1.0), ("keys", "token")])
 def test_bad_readout_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        PlasticConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"ReadoutConfig.{field}"):
+        ReadoutConfig(**{field: value})
+    # a config written before the memories were listed names the same field through the migration
+    with pytest.raises(ValueError, match=f"ReadoutConfig.{field}"):
+        PlasticConfig.from_dict({f"readout_{field}": value})

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cl_arch.eval import games
+from cl_arch.memory import TraceCommit
 from cl_arch.eval.baselines import EpisodeLearner, RowPolicy
 from cl_arch.eval.reward_fit import draw_reward_tasks, fit_reward_memory, normalised_score
 from cl_arch.train.reward_memory import HELD_OUT_TOKENS, TRAIN_TOKENS, RewardMemorySettings, with_reward_memory
@@ -20,19 +21,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_with_reward_memory_adds_a_trace_commit_readout_and_keeps_every_other_weight(recall_model):
     st = RewardMemorySettings(scale=6.0, eta_r=0.3, lam=0.01, gamma=0.99)
     m = with_reward_memory(recall_model, st)
-    assert m.config.readout_heads == 1 and m.config.readout_commit == "trace"
+    assert m.config.memories[-1].kind == "reward" and m.reward.commit_strategy == TraceCommit()
+    assert recall_model.memory("reward") is None  # the given model is left as it was
     base = recall_model.state_dict()
     for k, v in m.state_dict().items():
         if k in base and not k.endswith((".eta_r",)):
             assert torch.equal(v, base[k]), k
-    r = m.readout
+    r = m.reward
     r = r.requires_grad_(False)
     assert float(r.read_scale) == 6.0 and float(r.eta_r) == pytest.approx(0.3) and float(r.eta_s) == 0.0
     assert float(r.lam) == pytest.approx(0.01) and float(r.gamma) == pytest.approx(0.99)
     assert all(float(l.eta_r.abs().max()) == 0.0 for l in m.fast_layers() if l is not r)
     kept = with_reward_memory(recall_model, st, in_block_reward=True)
-    assert any(float(l.eta_r.abs().max()) > 0 for l in kept.fast_layers() if l is not kept.readout)
-    with pytest.raises(ValueError, match="already has a readout"):
+    assert any(float(l.eta_r.abs().max()) > 0 for l in kept.fast_layers() if l is not kept.reward)
+    with pytest.raises(ValueError, match="'reward'"):  # the name is taken
         with_reward_memory(m, st)
     for bad in (dict(scale=0.0), dict(eta_r=float("nan")), dict(lam=1.0), dict(gamma=0.0), dict(beta=1.5)):
         with pytest.raises(ValueError, match="RewardMemorySettings"):
@@ -164,10 +166,10 @@ def test_fit_then_games_report_with_held_out_tokens_and_yoked_rows(recall_model,
 
 # ---------------------------------------------------------------------- keys that tell the last token apart
 def tiny_model(seed=0, **kw):
-    from cl_arch import PlasticConfig, PlasticTransformer
+    from cl_arch import PlasticConfig, PlasticTransformer, ReadoutConfig
 
     base = dict(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, n_attn_heads=2, mlp_ratio=2.0,
-                chunk_size=8, recurrent_threshold=4, readout_heads=1, readout_keys="hidden+token")
+                chunk_size=8, recurrent_threshold=4, memories=[ReadoutConfig(heads=1, keys="hidden+token")])
     base.update(kw)
     torch.manual_seed(seed)
     return PlasticTransformer(PlasticConfig(**base)).to(torch.float64).eval()
@@ -210,20 +212,22 @@ def test_hidden_plus_token_keys_read_in_pieces_like_one_call(T, cut):
 
 
 def test_readout_keys_config_is_checked():
-    from cl_arch import PlasticConfig
+    from cl_arch import ReadoutConfig
 
-    with pytest.raises(ValueError, match="readout_keys"):
-        PlasticConfig(readout_keys="token")
+    with pytest.raises(ValueError, match="ReadoutConfig.keys"):
+        ReadoutConfig(keys="token")
     with pytest.raises(ValueError, match="RewardMemorySettings.keys"):
         RewardMemorySettings(keys="cue")
 
 
 def test_regmean_merge_reads_the_output_memories_queries():
     """regmean's read statistics hook every fast memory, the output memories included (their forward
-    takes (h, ids, embed, head, state, ctx), not a block's (x, state, ctx))."""
+    takes (OutputContext, state, ctx), not a block's (x, state, ctx))."""
     from cl_arch.consolidate import merge
 
-    m = tiny_model(seed=3, episodic_heads=1, episodic_features=48)
+    from cl_arch import EpisodicConfig, ReadoutConfig
+
+    m = tiny_model(seed=3, memories=[ReadoutConfig(heads=1, keys="hidden+token"), EpisodicConfig(features=48)])
     g = torch.Generator().manual_seed(3)
     sessions = [[0.01 * torch.randn(l.n_heads, l.head_k_dim, l.head_v_dim, generator=g, dtype=torch.float64)
                  for l in m.fast_layers()] for _ in range(2)]

@@ -141,12 +141,13 @@ def test_schedule_warmup_then_cosine():
 
 @pytest.mark.parametrize("readout_commit", ["state", "trace"])
 def test_finetune_plasticity_only_changes_plasticity(corpus, tmp_path, readout_commit):
-    from cl_arch import PlasticConfig, PlasticTransformer
+    from cl_arch import PlasticConfig, PlasticTransformer, ReadoutConfig
     from cl_arch.train.finetune import finetune
 
     torch.manual_seed(0)
     base = PlasticTransformer(PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16,
-                                            n_attn_heads=2, chunk_size=16, eta_s=0.5, readout_commit=readout_commit))
+                                            n_attn_heads=2, chunk_size=16, eta_s=0.5,
+                                            memories=[ReadoutConfig(commit=readout_commit)]))
     # the readout's state commit has no rates to learn (fixed by construction; its span is trained
     # with the network); under the trace commit it learns like the block's fast layer
     memories = ("blocks.0.mixer",) if readout_commit == "state" else ("blocks.0.mixer", "readout")

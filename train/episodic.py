@@ -1,6 +1,6 @@
 """Learn an episodic memory's settings on the training corpus, with the rest of the model frozen.
 
-The episodic memory (:class:`cl_arch.layers.EpisodicMemory`) sits after the last norm and only adds
+The episodic memory (:class:`cl_arch.memory.EpisodicMemory`) sits after the last norm and only adds
 to the logits, so adding one to a trained model changes nothing upstream: its inputs (the final
 hidden states) and the logits it adds to can be computed once per training span with the model as
 it is, and only its four settings (key threshold, span, write strength, read scale per head) are
@@ -18,7 +18,6 @@ and what a stale one costs.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -29,7 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from cl_arch import PlasticConfig, PlasticTransformer
+from cl_arch import PlasticTransformer
+from cl_arch.memory import EpisodicConfig, OutputContext
 from cl_arch.state import FastLayerState, StepContext
 
 from .data import stdlib_files
@@ -41,8 +41,9 @@ class EpisodicTrainConfig:
 
     steps: optimizer steps. batch_size, seq_len: windows per step and their length in bytes.
     n_spans, span_bytes: training spans cut from the corpus (hidden states computed once each).
-    lr: Adam's step size. seed: span choice and window order. episodic: overrides of the
-    ``episodic_*`` fields for a model that has no episodic memory yet (e.g. ``{"heads": 1}``).
+    lr: Adam's step size. seed: span choice and window order. episodic: the
+    :class:`~cl_arch.memory.EpisodicConfig` fields of the memory added to a model that has none yet
+    (e.g. ``{"heads": 1}``).
     carry: the situations steps cycle through (module docstring): "fresh", "own", "foreign".
     """
     steps: int = 80
@@ -70,30 +71,6 @@ class EpisodicTrainConfig:
                              f"({self.span_bytes} < 2 * {self.seq_len})")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"EpisodicTrainConfig.lr must be a positive number, got {self.lr!r}")
-
-
-def with_episodic_memory(model: PlasticTransformer, **fields: Any) -> PlasticTransformer:
-    """A copy of ``model`` with an episodic memory added (``fields``: ``episodic_*`` settings without
-    the prefix, e.g. ``heads=1, features=2048``); every other weight is copied unchanged."""
-    cfg = PlasticConfig.from_dict({**model.config.to_dict(), **{"episodic_" + k: v for k, v in fields.items()}})
-    if cfg.episodic_heads < 1:
-        raise ValueError("with_episodic_memory needs episodic heads >= 1")
-    new = PlasticTransformer(cfg).to(model.device)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("episodic.") for k in missing):
-        raise ValueError(f"model does not match its own config plus an episodic memory: missing {missing}, "
-                         f"unexpected {unexpected}")
-    return new.eval()
-
-
-@contextlib.contextmanager
-def _episodic_off(model: PlasticTransformer):
-    saved = model.episodic
-    model.episodic = None
-    try:
-        yield
-    finally:
-        model.episodic = saved
 
 
 def training_spans(n: int, span_bytes: int, seed: int, files: Optional[Sequence[str]] = None) -> List[bytes]:
@@ -124,7 +101,7 @@ def frozen_inputs(model: PlasticTransformer, spans: Sequence[bytes], chunk: int 
     hook = model.norm_f.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
     ids_all, h_all, lg_all = [], [], []
     try:
-        with _episodic_off(model):
+        with model.memories_off("episodic"):
             for data in spans:
                 ids = torch.tensor([10] + list(data[:-1]), device=model.device)[None]
                 state, hs, lgs = None, [], []
@@ -190,12 +167,12 @@ def fit_settings(mem, ids: torch.Tensor, tgt: torch.Tensor, h: torch.Tensor, bas
             # "foreign": another span's session (any row but this one, when there is another)
             src = rows if mode == "own" else (rows + 1 + torch.randint(0, max(1, n - 1), rows.shape, generator=gen)) % n
             with torch.no_grad():  # the earlier session, with the settings as they are now
-                _, prev = mem(h[src, :seq_len].to(head.weight.dtype), ids[src, :seq_len], embed, head,
+                _, prev = mem(OutputContext(h[src, :seq_len].to(head.weight.dtype), ids[src, :seq_len], embed, head),
                               ctx=StepContext(need_state=True))
                 P, _ = mem.commit(torch.zeros_like(prev.S), prev.E)  # the memory's own (state) commit
             state = FastLayerState(P=P)
         sl = slice(start, start + seq_len)
-        read, _ = mem(h[rows, sl].to(head.weight.dtype), ids[rows, sl], embed, head, state,
+        read, _ = mem(OutputContext(h[rows, sl].to(head.weight.dtype), ids[rows, sl], embed, head), state,
                       StepContext(need_state=False))
         lo = F.cross_entropy((base[rows, sl] + read.float()).flatten(0, 1), tgt[rows, sl].flatten())
         ref = F.cross_entropy(base[rows, sl].flatten(0, 1), tgt[rows, sl].flatten())
@@ -217,7 +194,8 @@ def train_episodic(model: PlasticTransformer, cfg: EpisodicTrainConfig = Episodi
     """Train the episodic memory's settings with every other weight frozen.
 
     Args:
-        model: a trained model; one without an episodic memory gets one (``cfg.episodic``).
+        model: a trained model; one without an episodic memory gets one, in place
+            (``model.add_memory(EpisodicConfig(**cfg.episodic))``).
         cfg: :class:`EpisodicTrainConfig`.
         files: training files (default: the stdlib training split; never pass a reported stream).
 
@@ -226,8 +204,8 @@ def train_episodic(model: PlasticTransformer, cfg: EpisodicTrainConfig = Episodi
         (loss history in bits/byte, the learned settings, the loss without the memory, seconds).
     """
     t0 = time.time()
-    if model.episodic is None:
-        model = with_episodic_memory(model, **cfg.episodic)
+    if model.memory("episodic") is None:
+        model.add_memory(EpisodicConfig(**cfg.episodic))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -6,7 +6,7 @@ values were trained on (key and value token ranges). A reward-modulated commit o
 writes arm or POS/NEG tokens that those layers never learned to write or read, so a bandit played
 by them is at chance (regret 64.8 after 300 pulls against uniform play's 67.3).
 
-The reward memory is a readout memory (``cl_arch/layers/readout.py``) in ``trace`` commit mode: a
+The reward memory (:class:`cl_arch.memory.RewardMemoryConfig`) is a readout memory in ``trace`` commit mode: a
 fast-weight head after the last block whose keys are the unit final hidden states and whose
 values are one-hot tokens read straight into the logits. Its values therefore mean "this token",
 whatever the token, and nothing about it depends on the token ids a pretraining task used. Each
@@ -29,13 +29,15 @@ few settings are scalars, and every candidate is scored on whole learning curves
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from cl_arch import PlasticConfig, PlasticTransformer
+from cl_arch import PlasticTransformer
+from cl_arch.memory import RewardMemoryConfig
 from cl_arch.train.tasks import ARMS, KEYS, NEG, POS, VALUES
 
 # Token sets: fitting (meta-training) plays only the first; evaluations report the second.
@@ -82,17 +84,19 @@ class RewardMemorySettings:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"RewardMemorySettings.{name} must be a positive number, got {v!r}")
 
-
-def _logit(p: float) -> float:
-    return math.log(p / (1.0 - p))
+    def memory_config(self, name: str = "reward") -> RewardMemoryConfig:
+        """The :class:`~cl_arch.memory.RewardMemoryConfig` of a memory with these settings."""
+        return RewardMemoryConfig(name=name, scale=float(self.scale), eta_r=float(self.eta_r), beta=float(self.beta),
+                                  lam=float(self.lam), gamma=float(self.gamma), span=float(self.span), keys=self.keys)
 
 
 def with_reward_memory(model: PlasticTransformer, settings: Optional[RewardMemorySettings] = None,
                        in_block_reward: bool = False) -> PlasticTransformer:
-    """A copy of ``model`` with a reward memory added after its last block.
+    """A copy of ``model`` with a reward memory (``model.add_memory(settings.memory_config())``, named
+    ``reward``) after its other memories.
 
     Args:
-        model: a trained model without a readout memory (``config.readout_heads == 0``).
+        model: a trained model (left unchanged).
         settings: the memory's settings (default :class:`RewardMemorySettings`).
         in_block_reward: keep the in-block fast layers' own ``eta_r``. False (default) sets it to
             0: their reward commit writes tokens they were never trained to store (see the module
@@ -101,29 +105,12 @@ def with_reward_memory(model: PlasticTransformer, settings: Optional[RewardMemor
         The new model (eval mode); every other weight is copied unchanged.
     """
     settings = settings or RewardMemorySettings()
-    if model.readout is not None:
-        raise ValueError("with_reward_memory: the model already has a readout memory (readout_heads > 0); "
-                         "a second one would need its own module")
-    cfg = PlasticConfig.from_dict({**model.config.to_dict(), "readout_heads": 1, "readout_commit": "trace",
-                                   "readout_scale": float(settings.scale), "readout_beta": float(settings.beta),
-                                   "readout_keys": settings.keys})
-    new = PlasticTransformer(cfg).to(model.device)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("readout.") for k in missing):
-        raise ValueError(f"model does not match its own config plus a readout memory: missing {missing}, "
-                         f"unexpected {unexpected}")
-    r = new.readout
-    with torch.no_grad():
-        r.A_log.fill_(-math.log(settings.span))
-        if r.lam_logit is None:
-            raise ValueError("the reward memory needs an eligibility trace: the model's config has lam=None")
-        r.lam_logit.fill_(_logit(settings.lam))
-        r.gamma_logit.fill_(_logit(settings.gamma))
-        r.eta_s.fill_(0.0)
-        r.eta_r.fill_(float(settings.eta_r))
-        if not in_block_reward:
+    new = copy.deepcopy(model)
+    mem = new.add_memory(settings.memory_config())
+    if not in_block_reward:
+        with torch.no_grad():
             for m in new.fast_layers():
-                if m is not r:
+                if m is not mem:
                     m.eta_r.fill_(0.0)
     return new.eval()
 

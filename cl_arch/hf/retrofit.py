@@ -1,7 +1,7 @@
 """Fast-weight memories added beside the attention of a pretrained ``transformers`` causal LM.
 
 ``retrofit(model, layers=[...], n_heads=..., head_k_dim=..., head_v_dim=..., **rule)`` builds one
-:class:`~cl_arch.layers.FastWeightLayer` (from a :class:`~cl_arch.config.FastLayerConfig`) per
+:class:`~cl_arch.memory.FastWeightLayer` (from a :class:`~cl_arch.config.FastLayerConfig`) per
 chosen decoder block and hooks it onto that block's attention module: the block then computes
 ``x + attn(norm(x)) + fast(norm(x))``, the fast layer reading the same normalised input as the
 attention. Its output projection starts at zero, so the logits are unchanged at insertion.
@@ -17,7 +17,7 @@ to and from a ``DynamicCache`` at every call) followed by one
 :class:`~cl_arch.state.FastLayerState` per added memory, in :meth:`RetrofitModel.fast_layers` order.
 
 ``retrofit(..., episodic_heads=1)`` (or :func:`add_episodic_memory`) also adds an
-:class:`~cl_arch.layers.EpisodicMemory` (docs/design.md, "The episodic memory") after the base's
+:class:`~cl_arch.memory.EpisodicMemory` (docs/design.md, "The episodic memory") after the base's
 final norm (Llama / Qwen2 / Mistral ``model.model.norm``, GPT-2 ``transformer.ln_f``, read with a
 forward hook): it writes ``phi(h_{t-1}) -> x_t`` and adds its read to the logits, values read back
 through the base's output head when ``episodic_values="embed"``. Its read scale starts at 0, so the
@@ -39,8 +39,7 @@ import torch
 import torch.nn as nn
 
 from ..commit import commit_episode
-from ..config import FAST_LAYER_FIELDS, FastLayerConfig, PlasticConfig
-from ..layers import EpisodicMemory, FastWeightLayer
+from ..memory import FAST_LAYER_FIELDS, EpisodicConfig, EpisodicMemory, FastLayerConfig, FastWeightLayer, OutputContext
 from ..model import PlasticTransformer
 from ..state import AttnLayerState, FastLayerState, LayerState, ModelState, StepContext, check_step_inputs
 
@@ -55,7 +54,7 @@ FAMILIES: Dict[str, Tuple[str, str]] = {
 FINAL_NORMS: Dict[str, str] = {"llama": "model.norm", "qwen2": "model.norm", "mistral": "model.norm",
                                "gpt2": "transformer.ln_f"}
 SIZE_FIELDS = ("d_model", "n_heads", "head_k_dim", "head_v_dim")
-# EpisodicMemory settings a retrofit accepts (PlasticConfig's ``episodic_*`` fields without the prefix).
+# EpisodicMemory settings a retrofit accepts (EpisodicConfig's fields).
 EPISODIC_FIELDS = ("heads", "features", "values", "threshold", "beta", "scale", "span", "seed")
 # Above this vocabulary a one-hot value state [F, vocab] is impractical (2048 x 32k floats = 256 MB a head):
 # the default value kind is then "embed" (V = d_model, read back through the output head).
@@ -80,17 +79,22 @@ class RetrofitConfig:
     def fast_layer(self) -> FastLayerConfig:
         return FastLayerConfig(**self.fast)
 
-    def episodic_config(self) -> Optional[PlasticConfig]:
-        """The :class:`PlasticConfig` an :class:`EpisodicMemory` is built from (it reads only
-        ``d_model``, ``vocab_size``, the ``episodic_*`` fields and the rule's kernel settings), or None."""
+    def episodic_config(self) -> Optional[EpisodicConfig]:
+        """The :class:`EpisodicConfig` of the episodic memory, or None."""
         if self.episodic is None:
             return None
-        e = dict(self.episodic)
-        d_model = int(e.pop("d_model"))
-        fast = self.fast_layer()
-        return PlasticConfig(d_model=d_model, vocab_size=self.vocab_size, n_layers=1, n_heads=1, readout_heads=0,
-                             chunk_size=fast.chunk_size, recurrent_threshold=fast.recurrent_threshold,
-                             baseline_rho=fast.baseline_rho, **{"episodic_" + k: v for k, v in e.items()})
+        return EpisodicConfig(**{k: v for k, v in self.episodic.items() if k != "d_model"})
+
+    def build_episodic(self) -> Optional[EpisodicMemory]:
+        """The episodic memory (its rule settings: the block memories' ``FastLayerConfig``), or None."""
+        ecfg = self.episodic_config()
+        if ecfg is None:
+            return None
+        # PlasticConfig defaults for the plasticity settings the state commit does not read (lam,
+        # gamma, eta), as the memory was built before its config was its own
+        rule = dataclasses.replace(FastLayerConfig(), **{k: getattr(self.fast_layer(), k) for k in
+                                                         ("chunk_size", "recurrent_threshold", "baseline_rho")})
+        return EpisodicMemory(ecfg, int(self.episodic["d_model"]), self.vocab_size, rule)
 
     @property
     def baseline_rho(self) -> float:
@@ -151,7 +155,7 @@ def final_norm(model: nn.Module, family: str) -> nn.Module:
 def episodic_settings(d_model: int, vocab_size: int, heads: int = 1, features: int = 2048,
                       values: Optional[str] = None, threshold: float = 1.5, beta: float = 0.5, scale: float = 0.0,
                       span: float = 1e5, seed: int = 0) -> Dict[str, Any]:
-    """The ``RetrofitConfig.episodic`` dict, validated (a :class:`PlasticConfig` is built from it).
+    """The ``RetrofitConfig.episodic`` dict, validated (an :class:`EpisodicConfig` is built from it).
 
     ``values=None`` picks ``"onehot"`` (``V = vocab_size``) up to :data:`ONEHOT_MAX_VOCAB` tokens and
     ``"embed"`` (``V = d_model``) above. ``scale`` is the initial read scale: 0 (the default) keeps the
@@ -164,8 +168,7 @@ def episodic_settings(d_model: int, vocab_size: int, heads: int = 1, features: i
     e = {"d_model": int(d_model), "heads": heads, "features": features, "values": values,
          "threshold": float(threshold), "beta": float(beta), "scale": float(scale), "span": float(span), "seed": seed}
     try:
-        PlasticConfig(d_model=int(d_model), vocab_size=int(vocab_size), n_layers=1, n_heads=1, readout_heads=0,
-                      **{"episodic_" + k: v for k, v in e.items() if k != "d_model"})
+        EpisodicConfig(**{k: v for k, v in e.items() if k != "d_model"})
     except ValueError as err:
         raise ValueError(f"bad episodic memory settings: {err}") from err
     return e
@@ -417,8 +420,9 @@ class RetrofitModel(nn.Module):
                 raise RuntimeError("the final-norm hook did not fire: the episodic memory has no hidden states to read")
             if episodic:
                 # embed/head: the base's own input and output embeddings (values and their read-back).
-                read, s_ep = ep(h, input_ids, self.base.get_input_embeddings(), self.base.get_output_embeddings(),
-                                fast_in[n_block], ctxs[n_block])
+                out_ctx = OutputContext(h, input_ids, self.base.get_input_embeddings(),
+                                        self.base.get_output_embeddings())
+                read, s_ep = ep(out_ctx, fast_in[n_block], ctxs[n_block])
                 logits = logits + read.to(logits.dtype)
             else:
                 s_ep = fast_in[n_block] if fast_in[n_block] is not None else FastLayerState()
@@ -488,9 +492,9 @@ def build_fast(config: RetrofitConfig) -> nn.ModuleDict:
     if the config has one. Float32, on the CPU."""
     fcfg = config.fast_layer()
     fast = nn.ModuleDict({str(i): FastWeightLayer(fcfg, layer_idx=i) for i in config.layers})
-    ecfg = config.episodic_config()
-    if ecfg is not None:
-        fast["episodic"] = EpisodicMemory(ecfg)
+    ep = config.build_episodic()
+    if ep is not None:
+        fast["episodic"] = ep
     return fast
 
 
@@ -578,7 +582,7 @@ def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: 
             then ``episodic_heads`` must be >= 1).
         n_heads, head_k_dim, head_v_dim: each memory is ``n_heads`` matrices ``[K, V]``; K and V default
             to ``min(64, hidden_size // n_heads)``.
-        episodic_heads: 0 (none) or the heads of an :class:`~cl_arch.layers.EpisodicMemory` of
+        episodic_heads: 0 (none) or the heads of an :class:`~cl_arch.memory.EpisodicMemory` of
             ``[episodic_features, V]`` matrices reading the final hidden states.
         episodic_values: ``"onehot"`` (``V = vocab_size``) or ``"embed"`` (``V = hidden_size``, read
             back through the output head); None: onehot up to :data:`ONEHOT_MAX_VOCAB` tokens.

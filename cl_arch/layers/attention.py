@@ -1,13 +1,15 @@
 """Causal multi-head self-attention with a KV cache and an optional sliding window."""
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import PlasticConfig
 from ..state import AttnLayerState, StepContext
 from .rotary import RotaryEmbedding
+
+if TYPE_CHECKING:  # the config module builds the memories, which use this package's norms
+    from ..config import PlasticConfig
 
 
 class CausalSelfAttention(nn.Module):
@@ -18,7 +20,7 @@ class CausalSelfAttention(nn.Module):
     ``p <= position + t`` and, with ``attn_window = W``, ``p > position + t - W``.
     """
 
-    def __init__(self, config: PlasticConfig, layer_idx: int = 0):
+    def __init__(self, config: "PlasticConfig", layer_idx: int = 0):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads = config.n_attn_heads

@@ -1,16 +1,99 @@
-"""Fast-weight mixer: a gated delta-rule (or Hebbian) memory with a learned base W0 and a
-persistent memory P, read and written by :func:`cl_arch.kernels.plastic_rule`."""
+"""The in-block fast-weight memory: a token mixer whose gated delta-rule (or Hebbian) memory has a
+learned base W0 and a persistent memory P, read and written by :func:`cl_arch.kernels.plastic_rule`;
+and :class:`FastLayerConfig`, its settings (which are also every memory's rule settings)."""
+import dataclasses
 import math
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import FastLayerConfig, PlasticConfig
+from ..layers.norm import GatedRMSNorm, RMSNorm
 from ..state import FastLayerState, StepContext
-from .norm import GatedRMSNorm, RMSNorm
-from .plasticity import PlasticMemory
+from .base import PlasticMemory, check_choice, check_int, check_number
+
+RULES = ("delta", "hebb")
+
+
+@dataclass
+class FastLayerConfig:
+    """What one fast-weight layer needs, on its own: a retrofit into another network builds
+    ``FastWeightLayer(FastLayerConfig(d_model=4096, n_heads=16, ...))`` with no model config.
+
+    A model's :class:`~cl_arch.config.PlasticConfig` extends it: its fields are the settings of the
+    model's in-block fast layers, and the plasticity and kernel settings (``lam`` ... ``baseline_rho``,
+    ``chunk_size``, ``recurrent_threshold``) are also the initial values of its output memories'.
+    Checked on construction; an invalid value raises ``ValueError`` naming ``<class>.<field>``.
+    """
+
+    d_model: int = 128
+    n_heads: int = 4
+    head_k_dim: int = 32
+    head_v_dim: int = 32
+    conv_size: int = 4  # short causal depthwise conv on q/k/v; 0 disables
+    rule: str = "delta"
+    use_gate: bool = True
+    chunk_size: int = 64
+    recurrent_threshold: int = 16
+    norm_eps: float = 1e-6
+    fast_rest: str = "resting"  # decay toward W0 + P ("resting") or toward 0 from S0 = W0 + P ("zero")
+    decay_init: str = "fla"  # decay at init: "fla" (random, as GatedDeltaNet) or "spread" (decay_spans)
+    decay_spans: List[float] = dataclasses.field(default_factory=lambda: [4.0, 4096.0])  # tokens, first/last head
+    # --- plasticity (initial values of the learnable per-head parameters, fixed settings) ---
+    lam: Optional[float] = 0.5  # eligibility-trace decay; None disables the trace
+    gamma: float = 0.98  # persistent-memory retention per commit
+    eta_s: float = 0.0  # self-supervised commit rate
+    eta_r: float = 1.0  # reward-modulated commit rate
+    commit_clip: float = 10.0  # Frobenius-norm bound per head on the committed trace
+    baseline_rho: float = 0.1  # running reward-baseline rate
+    learn_plasticity: bool = True
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+
+        def num(name: str, lo: float, hi: float, **kw: bool) -> None:
+            setattr(self, name, check_number(owner, name, getattr(self, name), lo, hi, **kw))
+
+        for name in ("d_model", "n_heads", "head_k_dim", "head_v_dim", "chunk_size"):
+            check_int(owner, name, getattr(self, name))
+        for name in ("conv_size", "recurrent_threshold"):
+            check_int(owner, name, getattr(self, name), lo=0)
+        if self.conv_size == 1:
+            raise ValueError(f"{owner}.conv_size: must be 0 (disabled) or >= 2")
+        num("norm_eps", 0.0, 1.0, lo_open=True)
+        check_choice(owner, "rule", self.rule, RULES)
+        for name in ("use_gate", "learn_plasticity"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{owner}.{name}: must be a bool, got {getattr(self, name)!r}")
+        check_choice(owner, "fast_rest", self.fast_rest, ("resting", "zero"))
+        check_choice(owner, "decay_init", self.decay_init, ("spread", "fla"))
+        spans = self.decay_spans
+        if (not isinstance(spans, (list, tuple)) or len(spans) != 2 or
+                any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 1.0 <= x < math.inf for x in spans)
+                or spans[0] > spans[1]):
+            raise ValueError(f"{owner}.decay_spans: must be [shortest, longest] time scales in tokens, "
+                             f"1 <= shortest <= longest, got {spans!r}")
+        self.decay_spans = [float(x) for x in spans]
+        if self.lam is not None:
+            num("lam", 0.0, 1.0)
+        num("gamma", 0.0, 1.0, lo_open=True)
+        num("eta_s", -math.inf, math.inf)
+        num("eta_r", -math.inf, math.inf)
+        num("commit_clip", 0.0, math.inf, lo_open=True)
+        num("baseline_rho", 0.0, 1.0)
+
+    def fast_layer(self) -> "FastLayerConfig":
+        """The :class:`FastLayerConfig` part alone (for a model's config: its blocks' layers' settings)."""
+        return FastLayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FastLayerConfig)})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The fields one fast-weight layer reads.
+FAST_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(FastLayerConfig))
 
 
 class ShortConv(nn.Module):
@@ -44,18 +127,16 @@ class FastWeightLayer(PlasticMemory):
         A_log, dt_bias ``[H]``: decay ``g = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` (FLA's GatedDeltaNet).
     """
 
-    def __init__(self, config: Union[PlasticConfig, FastLayerConfig], layer_idx: int = 0):
-        """``config``: a model's :class:`PlasticConfig` (its fast-layer fields are used) or a
-        :class:`FastLayerConfig` alone, e.g. for a layer inserted into another network."""
-        super().__init__()
-        self.layer_idx = layer_idx
-        if isinstance(config, PlasticConfig):
-            config = config.fast_layer()
+    def __init__(self, config: FastLayerConfig, layer_idx: int = 0):
+        """``config``: a :class:`FastLayerConfig` (a model's :class:`~cl_arch.config.PlasticConfig`
+        is one: its fast-layer fields are used), e.g. alone for a layer inserted into another network."""
         if not isinstance(config, FastLayerConfig):
             raise ValueError(f"FastWeightLayer needs a PlasticConfig or FastLayerConfig, got {type(config).__name__}")
+        config = config.fast_layer()
+        super().__init__(config, config.n_heads, config.head_k_dim, config.head_v_dim)
+        self.layer_idx = layer_idx
         self.config = config
         H, K, V = config.n_heads, config.head_k_dim, config.head_v_dim
-        self._init_memory(config, H, K, V)
         d = config.d_model
 
         self.q_proj = nn.Linear(d, H * K, bias=False)
