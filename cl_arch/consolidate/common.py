@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..state import FastLayerState, ModelState
+from ..state import ModelState
 
 Tensor = torch.Tensor
 
@@ -122,7 +122,7 @@ class Source:
             obj.P = [p.detach().to(old.dtype).reshape(old.shape).clone() for p, old in zip(P, obj.P)]
             obj.reset(persistent=False)
         elif isinstance(obj, ModelState):
-            fast = [s for s in obj.layers if isinstance(s, FastLayerState)]
+            fast = obj.fast()
             for s, p in zip(fast, P):
                 old = s.P
                 if old is not None and old.dim() == 4:
@@ -145,7 +145,7 @@ class Source:
             return obj.snapshot()  # the episode in progress too: set_P starts a new one
         if isinstance(obj, ModelState):
             # set_P rebinds each layer's P to a new tensor: keeping the old references suffices.
-            return [(s, s.P) for s in obj.layers if isinstance(s, FastLayerState)]
+            return [(s, s.P) for s in obj.fast()]
         return [None if t is None else t.detach().clone() for t in obj]
 
     def restore(self, snap: Any) -> None:
