@@ -151,13 +151,17 @@ def fit_reward_memory(model: PlasticTransformer, grid: Optional[Sequence[RewardM
 
 
 def _rollout(model: PlasticTransformer, envs: Sequence[Any], episodes: int, generator: torch.Generator,
-             temperature: float = 1.0) -> torch.Tensor:
+             temperature: float = 1.0, picks: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
     """Play ``envs`` (one row each) for ``episodes`` episodes keeping the autograd graph of the reward
     memory's commits; returns the normalised expected reward ``[B, episodes]`` (differentiable).
 
     Actions are sampled (no gradient through the choice, as in ``train/meta.py``); the expected
     reward of each episode, ``sum_a pi(a) payoff(a)``, depends on the settings through the read
     scale and through every earlier commit ``P <- gamma P + eta_r (r - b) clip(E)``.
+
+    ``picks`` (a list) records the sampled action index of each episode (``[B]`` per entry) or, for the
+    episodes it already holds, replays them: the score along a fixed action path is the smooth function
+    whose gradient the meta step follows, so a replay isolates the step from sampling flips.
     """
     mem = model.reward
     B = len(envs)
@@ -175,7 +179,12 @@ def _rollout(model: PlasticTransformer, envs: Sequence[Any], episodes: int, gene
         probs = action_probs(logits[:, -1], acts, legal, temperature)
         pay = torch.tensor(np.stack([np.pad(e.payoffs(t), (0, A - len(e.actions))) for e in envs]), dtype=probs.dtype)
         out.append(((probs * pay).sum(-1) - lo) / span)
-        pick = torch.multinomial(probs.detach(), 1, generator=generator).squeeze(1)
+        if picks is not None and t < len(picks):
+            pick = picks[t]
+        else:
+            pick = torch.multinomial(probs.detach(), 1, generator=generator).squeeze(1)
+            if picks is not None:
+                picks.append(pick)
         tokens = acts.gather(1, pick[:, None])
         r = torch.tensor([envs[i].reward(t, int(tokens[i, 0])) for i in range(B)])
         _, state = model(tokens, state=state)
