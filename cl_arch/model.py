@@ -123,6 +123,16 @@ class PlasticTransformer(nn.Module):
         blocks = [f"blocks.{i}" for i, b in enumerate(self.blocks) if isinstance(b.mixer, FastWeightLayer)]
         return blocks + [m.name for m in self.config.memories]
 
+    def memory_states(self, state: ModelState) -> Dict[str, FastLayerState]:
+        """The fast slots of ``state`` by memory name (:meth:`fast_layer_names`): e.g.
+        ``model.memory_states(state)["readout"].P``, with no slot positions or type checks."""
+        slots = state.fast()
+        names = self.fast_layer_names()
+        if len(slots) != len(names):
+            raise ValueError(f"the state has {len(slots)} fast slots, the model {len(names)} memories {names}: a "
+                             "state from before add_memory/remove_memory? start one with init_state")
+        return dict(zip(names, slots))
+
     # ------------------------------------------------------------------ surgery
     def _register_memory(self, cfg: MemoryConfig) -> OutputMemory:
         if cfg.name in self._modules or hasattr(type(self), cfg.name) or cfg.name in self.__dict__:

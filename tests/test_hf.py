@@ -341,3 +341,35 @@ def test_train_episodic_hf_learns_only_its_settings():
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # restored
     with pytest.raises(ValueError, match="seq_len"):
         train_episodic_hf(model, spans[:, :100], HFEpisodicConfig(seq_len=192))
+
+
+def test_retrofit_add_and_remove_memory_in_place():
+    """RetrofitModel.add_memory(EpisodicConfig) adds the episodic memory in place (blocks and base
+    unchanged, read scale 0 keeps the logits), memory_states names the slots, remove_memory undoes it."""
+    from cl_arch import EpisodicConfig
+
+    model = retrofit(tiny("llama"), layers=[0, 1], n_heads=2)
+    perturb(model)
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
+    with torch.no_grad():
+        before = model(ids)[0]
+    blocks = {k: v.clone() for k, v in model.fast.state_dict().items()}
+    with pytest.raises(ValueError, match="EpisodicConfig"):
+        model.add_memory(object())
+    with pytest.raises(ValueError, match="named 'episodic'"):
+        model.add_memory(EpisodicConfig(name="cache", features=64))
+    mem = model.add_memory(EpisodicConfig(features=64, scale=0.0))
+    assert model.episodic is mem and model.fast_layer_names() == ["blocks.0", "blocks.1", "episodic"]
+    assert all(torch.equal(model.fast.state_dict()[k], v) for k, v in blocks.items())
+    with torch.no_grad():
+        logits, state = model(ids)
+    torch.testing.assert_close(logits, before, atol=0, rtol=0)
+    slots = model.memory_states(state)
+    assert slots["episodic"].S is not None and slots["episodic"] is state.fast()[-1]
+    with pytest.raises(ValueError, match="already has"):
+        model.add_memory(EpisodicConfig(features=64))
+    assert model.remove_memory("episodic") is mem and model.episodic is None
+    with pytest.raises(KeyError, match="no memory named"):
+        model.remove_memory("episodic")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], before, atol=0, rtol=0)

@@ -197,3 +197,17 @@ def test_the_shipped_model_migrates_bitwise(tmp_path):
     with torch.no_grad():
         assert torch.equal(old(ids)[0], new(ids)[0])
     assert new.fingerprint() == old.fingerprint()
+
+
+def test_memory_states_name_every_fast_slot():
+    from cl_arch import PlasticConfig, PlasticTransformer
+
+    torch.manual_seed(0)
+    model = PlasticTransformer(PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8,
+                                             layer_types=["attn", "fast"]))
+    _, state = model(torch.tensor([[1, 2, 3, 4]]))
+    slots = model.memory_states(state)
+    assert list(slots) == ["blocks.1", "readout"] and slots["readout"] is state.fast()[-1]
+    model.remove_memory("readout")
+    with pytest.raises(ValueError, match="fast slots"):
+        model.memory_states(state)

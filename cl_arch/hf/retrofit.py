@@ -306,6 +306,59 @@ class RetrofitModel(nn.Module):
         """One entry per state slot: None for each block's KV cache, then the added memories."""
         return [None] * self.n_blocks + self.fast_layers()
 
+    def fast_layer_names(self) -> List[str]:
+        """A name per :meth:`fast_layers` entry: ``blocks.<i>`` per block memory, ``"episodic"``."""
+        return [f"blocks.{i}" for i in self.config.layers] + (["episodic"] if self.episodic is not None else [])
+
+    def memory_states(self, state: ModelState) -> Dict[str, FastLayerState]:
+        """The fast slots of ``state`` by memory name (:meth:`fast_layer_names`)."""
+        return PlasticTransformer.memory_states(self, state)
+
+    # ------------------------------------------------------------------ surgery
+    def add_memory(self, cfg: EpisodicConfig) -> EpisodicMemory:
+        """Add the episodic memory after the base's final norm, in place (the one output memory a
+        retrofit carries); the block memories and the base are unchanged. The memory is built from
+        ``cfg`` and the block memories' rule settings, on the base's device, float32; the
+        retrofit config records it, so :func:`save_retrofit` / :func:`load_retrofit` carry it. States
+        from before the call have one slot too few.
+
+        Raises:
+            ValueError: ``cfg`` is not an :class:`EpisodicConfig`, or the model already has one.
+        """
+        if not isinstance(cfg, EpisodicConfig):
+            raise ValueError(f"a retrofit's output memory is an EpisodicConfig, got {type(cfg).__name__}")
+        if self.episodic is not None:
+            raise ValueError("this retrofit already has an episodic memory")
+        if cfg.name != "episodic":
+            raise ValueError(f"a retrofit's episodic memory is named 'episodic', got EpisodicConfig.name={cfg.name!r}")
+        d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in EPISODIC_FIELDS}
+        if cfg.commit_span != EpisodicConfig.commit_span:  # only when set: older retrofits hash without the key
+            d["commit_span"] = cfg.commit_span
+        config = dataclasses.replace(self.config, episodic={"d_model": int(self.base.config.hidden_size), **d})
+        memory = config.build_episodic().to(self.device)
+        self._detach()
+        self.config = config
+        self.fast["episodic"] = memory
+        try:
+            self._attach()
+        except BaseException:
+            del self.fast["episodic"]
+            self.config = dataclasses.replace(config, episodic=None)
+            self._attach()
+            raise
+        return memory
+
+    def remove_memory(self, name: str) -> EpisodicMemory:
+        """Remove the episodic memory (``name == "episodic"``), in place; returns it."""
+        if name != "episodic" or self.episodic is None:
+            raise KeyError(f"no memory named {name!r}; this retrofit's: {['episodic'] if self.episodic else []}")
+        self._detach()
+        memory = self.fast["episodic"]
+        del self.fast["episodic"]
+        self.config = dataclasses.replace(self.config, episodic=None)
+        self._attach()
+        return memory
+
     # The state helpers only read memories() and fast_layers(): PlasticTransformer's apply as they are.
     def init_state(self, batch_size: int, P: Optional[Sequence[Optional[torch.Tensor]]] = None) -> ModelState:
         """Start-of-episode state for ``batch_size`` streams; ``P``: one ``[B, H, K, V]`` /
@@ -535,37 +588,22 @@ def _refuse_retrofitted(base: nn.Module) -> None:
 
 def add_episodic_memory(model: RetrofitModel, heads: int = 1, features: int = 2048, values: Optional[str] = None,
                         **settings: Any) -> RetrofitModel:
-    """A new :class:`RetrofitModel` on the same base with an episodic memory added after the final norm.
-
-    The block memories' weights are copied (not shared); the given model's hooks are removed, so the
-    base serves the returned model only. ``settings``: ``threshold, beta, scale, span, seed``
-    (:func:`episodic_settings`; ``scale`` 0 by default, so the logits are unchanged).
+    """Shortcut for ``model.add_memory(EpisodicConfig(...))`` with the retrofit's defaults
+    (:func:`episodic_settings`: ``values`` by vocabulary size, read scale 0 so the logits stay the
+    base's); returns ``model``, changed in place. ``settings``: ``threshold, beta, scale, span, seed``.
 
     Raises:
         ValueError: the model already has one; bad settings.
     """
     if not isinstance(model, RetrofitModel):
         raise ValueError(f"add_episodic_memory takes a RetrofitModel, got {type(model).__name__}")
-    if model.episodic is not None:
-        raise ValueError("this retrofit already has an episodic memory")
     unknown = sorted(set(settings) - set(EPISODIC_FIELDS))
     if unknown:
         raise ValueError(f"unknown episodic memory settings {unknown}; known: {list(EPISODIC_FIELDS)}")
-    cfg = dataclasses.replace(model.config, episodic=episodic_settings(
-        int(model.base.config.hidden_size), model.config.vocab_size, heads, features, values, **settings))
-    blocks = {k: v.detach().clone() for k, v in model.fast.state_dict().items()}
-    fast = build_fast(cfg)
-    missing = fast.load_state_dict(blocks, strict=False).missing_keys
-    if any(not k.startswith("episodic.") for k in missing):
-        raise RuntimeError(f"block memory tensors not carried over: {missing}")
-    model._detach()
-    try:
-        out = RetrofitModel(model.base, cfg, fast=fast)
-    except BaseException:
-        model._attach()  # the given model keeps working if the new one cannot be built
-        raise
-    out.fast.to(out.device)
-    return out
+    e = episodic_settings(int(model.base.config.hidden_size), model.config.vocab_size, heads, features, values,
+                          **settings)
+    model.add_memory(EpisodicConfig(**{k: v for k, v in e.items() if k != "d_model"}))
+    return model
 
 
 def retrofit(model: nn.Module, layers: Optional[Sequence[int]] = None, n_heads: int = 4,
