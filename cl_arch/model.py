@@ -321,7 +321,7 @@ class PlasticTransformer(nn.Module):
         logits = self.lm_head(h)
         out = OutputContext(h, input_ids, self.embed, self.lm_head)
         for mem, s in zip(self.output_memories(), layer_states[len(self.blocks):]):
-            read, new_s = mem(out, s, dataclasses.replace(ctx, lam=next(lam_iter)))
+            read, new_s = mem(dataclasses.replace(out, logits=logits), s, dataclasses.replace(ctx, lam=next(lam_iter)))
             logits = logits + read
             new_layers.append(new_s)
         if not return_state:

@@ -474,7 +474,7 @@ class RetrofitModel(nn.Module):
             if episodic:
                 # embed/head: the base's own input and output embeddings (values and their read-back).
                 out_ctx = OutputContext(h, input_ids, self.base.get_input_embeddings(),
-                                        self.base.get_output_embeddings())
+                                        self.base.get_output_embeddings(), logits=logits)
                 read, s_ep = ep(out_ctx, fast_in[n_block], ctxs[n_block])
                 logits = logits + read.to(logits.dtype)
             else:

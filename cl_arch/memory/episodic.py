@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .base import MemoryConfig, check_choice, check_int, check_number
 from .commit import StateCommit
 from .output import VALUE_KINDS, OutputMemory, shifted_keys
+from .write import check_write
 
 
 @dataclass
@@ -44,6 +45,8 @@ class EpisodicConfig(MemoryConfig):
         span: initial memory span in tokens (learned).
         seed: seed of the fixed projection ``R`` (saved with the model as a buffer).
         commit_span: heads whose memory span is shorter commit nothing (the state commit's).
+        write: ``"delta"`` (the delta rule on the token's value) or ``"error"`` (the model's own
+            prediction error, one-hot values only: :class:`~cl_arch.memory.write.ErrorWrite`).
     """
 
     kind = "episodic"
@@ -57,11 +60,13 @@ class EpisodicConfig(MemoryConfig):
     span: float = 1e5
     seed: int = 0
     commit_span: float = 4096.0
+    write: str = "delta"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_int(owner, "heads", self.heads)
         check_int(owner, "features", self.features)
+        check_write(owner, self.write, self.values)
         check_int(owner, "seed", self.seed, lo=0)
         check_choice(owner, "values", self.values, VALUE_KINDS)
         # theta < 0 would make phi(0) = unit(relu(-theta)) != 0: every episode's first key (the zero
@@ -90,7 +95,7 @@ class EpisodicMemory(OutputMemory):
         """``rule``: the plasticity and kernel settings (a :class:`~cl_arch.memory.fast_layer.FastLayerConfig`)."""
         H, Fdim = config.heads, config.features
         V = vocab_size if config.values == "onehot" else d_model
-        super().__init__(rule, H, Fdim, V, config.values, StateCommit(config.commit_span))
+        super().__init__(rule, H, Fdim, V, config.values, StateCommit(config.commit_span), write=config.write)
         self.config, self.d_model = config, d_model
         gen = torch.Generator().manual_seed(config.seed)
         # drawn on the CPU generator whatever the default device (transformers builds models on "meta")
@@ -118,8 +123,9 @@ class EpisodicMemory(OutputMemory):
         return F.normalize(F.relu(z), p=2, dim=-1)
 
     def cache_shape(self, batch_size: int):
-        """``[B, 1, d_model]``: ``unit(h)`` of the last position read (zeros: nothing written yet)."""
-        return (batch_size, 1, self.d_model)
+        """``[B, 1, d_model]``: ``unit(h)`` of the last position read (zeros: nothing written yet);
+        error writes append that position's prediction (``[B, 1, d_model + vocab]``)."""
+        return (batch_size, 1, self.d_model + self.write.cache_extra(self))
 
     def project_qkv(self, h: torch.Tensor, cache: Optional[torch.Tensor] = None, ids=None):
         """``q_t = phi(h_t)``, ``k_t = phi(h_{t-1})`` as ``[B, T, H, F]``; None; the new cache

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..state import FastLayerState, StepContext
 from .base import PlasticMemory
+from .write import make_write
 
 VALUE_KINDS = ("onehot", "embed")
 
@@ -31,12 +32,15 @@ class OutputContext:
         ids: ``[B, T]`` the input tokens (``x_t`` is what ``h_{t-1}`` should have predicted).
         embed: the model's input embedding (``[vocab, d_model]``; values of ``"embed"`` memories).
         head: the model's output head (reads ``"embed"`` values back into logits).
+        logits: ``[B, T, vocab]`` the logits before this memory's read (the head's and every earlier
+            memory's); what an error-driven write's prediction is made of. None where no caller gave them.
     """
 
     h: torch.Tensor
     ids: torch.Tensor
     embed: nn.Module
     head: nn.Module
+    logits: Optional[torch.Tensor] = None
 
 
 class OutputMemory(PlasticMemory):
@@ -48,13 +52,16 @@ class OutputMemory(PlasticMemory):
     :meth:`project_qkv` and :meth:`cache_shape`. Values are one-hot tokens (``"onehot"``,
     ``V = vocab_size``) or unit token embeddings read back through the head (``"embed"``, ``V = d_model``).
     The state's ``conv`` slot carries ``unit(h)`` of the last position (the next call's first write key).
+    How it writes is a strategy (:mod:`cl_arch.memory.write`): the delta rule on the token's value, or
+    the model's own prediction error.
     """
 
     value_kind = "onehot"
 
-    def __init__(self, rule, H: int, K: int, V: int, value_kind: str, commit) -> None:
+    def __init__(self, rule, H: int, K: int, V: int, value_kind: str, commit, write: str = "delta") -> None:
         super().__init__(rule, H, K, V, commit=commit)
         self.value_kind = value_kind
+        self.write = make_write(write)
 
     @property
     def decay(self) -> torch.Tensor:
@@ -82,33 +89,16 @@ class OutputMemory(PlasticMemory):
                 ctx: Optional[StepContext] = None) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
         """
         Args:
-            out: the call's :class:`OutputContext` (``h [B, T, d_model]``, ``ids [B, T]``, embed, head).
+            out: the call's :class:`OutputContext` (``h [B, T, d_model]``, ``ids [B, T]``, embed, head,
+                ``logits [B, T, vocab]`` before this memory).
             state, ctx: as :class:`~cl_arch.memory.fast_layer.FastWeightLayer`.
 
         Returns:
             ``[B, T, vocab_size]`` to add to the logits, and the new state (None when ``ctx.need_state`` is False).
         """
         ctx = ctx if ctx is not None else StepContext()
-        h, ids = out.h, out.ids
-        B, T, _ = h.shape
         state = state if state is not None else FastLayerState()
-        cdt = torch.promote_types(h.dtype, torch.float32)
-        q, k, _, cache = self.project_qkv(h, state.conv, ids=ids)
-        v = self.values(ids, out.embed, cdt)
-        beta = torch.sigmoid(self.beta_logit.to(cdt)).expand(B, T, self.n_heads)
-        if ctx.modulation is not None:
-            beta = beta * ctx.modulation.to(cdt).unsqueeze(-1)
-        g = (-self.A_log.to(cdt).exp()).expand(B, T, self.n_heads)
-        # under the state commit the trace must follow the memory's own decay (E_T = S_T - M): no override
-        lam = None if self.trace_follows_state else ctx.lam
-        o, S_T, E_T = self.run_rule(q, k, v, beta, g, state, lam, ctx.need_state, scale=1.0)
-        read = torch.einsum("bthv,h->btv", o.to(cdt), self.read_scale.to(cdt))
-        if self.value_kind != "onehot":
-            read = out.head(read.to(h.dtype))
-        read = read.to(h.dtype)
-        if not ctx.need_state:
-            return read, None
-        return read, FastLayerState(S=S_T, E=E_T, P=state.P, conv=cache)
+        return self.write.forward(self, out, state, ctx)
 
 
 def shifted_keys(hn: torch.Tensor, cache: Optional[torch.Tensor]) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .base import MemoryConfig, check_choice, check_int, check_number
 from .commit import StateCommit, TraceCommit
 from .output import VALUE_KINDS, OutputMemory, shifted_keys
+from .write import check_write
 
 KEY_KINDS = ("hidden", "hidden+token")
 COMMITS = ("state", "trace")
@@ -41,6 +42,8 @@ class ReadoutConfig(MemoryConfig):
         commit_span: under the state commit, heads whose memory span is shorter commit nothing.
         span: initial memory span of the heads in tokens; None spreads them over 100 to 10k tokens
             (one head: 1000), like FLA's ``A`` init.
+        write: ``"delta"`` or ``"error"`` (the model's own prediction error; one-hot values and the
+            state commit only: :class:`~cl_arch.memory.write.ErrorWrite`).
     """
 
     kind = "readout"
@@ -53,6 +56,7 @@ class ReadoutConfig(MemoryConfig):
     commit: str = "state"
     commit_span: float = 4096.0
     span: Optional[float] = None
+    write: str = "delta"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -60,6 +64,10 @@ class ReadoutConfig(MemoryConfig):
         check_choice(owner, "values", self.values, VALUE_KINDS)
         check_choice(owner, "keys", self.keys, KEY_KINDS)
         check_choice(owner, "commit", self.commit, COMMITS)
+        check_write(owner, self.write, self.values)
+        if self.write == "error" and self.commit != "state":
+            raise ValueError(f"{owner}.write: 'error' keeps its trace as S_T - M and needs commit='state', "
+                             f"got commit={self.commit!r}")
         self.beta = check_number(owner, "beta", self.beta, 0.0, 1.0, lo_open=True, hi_open=True)
         self.scale = check_number(owner, "scale", self.scale, -math.inf, math.inf)
         self.commit_span = check_number(owner, "commit_span", self.commit_span, 0.0, math.inf)
@@ -84,7 +92,7 @@ class ReadoutMemory(OutputMemory):
         K = d_model if config.keys == "hidden" else d_model + vocab_size
         V = vocab_size if config.values == "onehot" else d_model
         commit = StateCommit(config.commit_span) if config.commit == "state" else TraceCommit()
-        super().__init__(rule, H, K, V, config.values, commit)
+        super().__init__(rule, H, K, V, config.values, commit, write=config.write)
         self.config = config
         self.key_kind, self.vocab_size = config.keys, vocab_size
         if config.span is not None:
@@ -101,8 +109,9 @@ class ReadoutMemory(OutputMemory):
         return isinstance(self.commit_strategy, StateCommit)
 
     def cache_shape(self, batch_size: int):
-        """``[B, 1, K]``: the key part of the last position read (zeros: nothing written yet)."""
-        return (batch_size, 1, self.head_k_dim)
+        """``[B, 1, K]``: the key part of the last position read (zeros: nothing written yet); error
+        writes append that position's prediction (``[B, 1, K + vocab]``)."""
+        return (batch_size, 1, self.head_k_dim + self.write.cache_extra(self))
 
     def project_qkv(self, h: torch.Tensor, cache: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None):
         """Read and write keys of ``h [B, T, d_model]``: ``q_t = unit(h_t)``, ``k_t = unit(h_{t-1})``.

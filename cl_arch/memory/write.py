@@ -1,0 +1,112 @@
+"""How an output memory writes: strategy objects, one per write rule (docs/design.md, "The readout
+memory", "Error-driven writes").
+
+* :class:`DeltaWrite`: the delta rule on the observed token's value, ``S += beta k (v(x_t) - S^T k)^T``;
+  the memory regresses the next token by squared error on its own read and never sees what the model
+  already predicted (a cache).
+* :class:`ErrorWrite`: the model's own prediction error, ``S += beta k (e(x_t) - softmax(z_{t-1}))^T``
+  with ``z`` the full logits including this memory's read: ``-beta`` times the gradient of the
+  previous token's cross-entropy with respect to ``S``, so the memory is online gradient descent on
+  an additive logit correction (Clark et al.'s fast weight layers, without their training). Only
+  ``beta * read_scale`` matters. The state's ``conv`` slot carries the write key's cache followed by
+  ``p`` of the last position (``[B, 1, K_cache + vocab]``), so a stream split over calls, or decoded
+  token by token, writes exactly what one call over the whole stream writes.
+
+A memory holds one of these (its config's ``write`` field) instead of branching on the rule.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from cl_arch.kernels.error_write import error_write
+
+from ..state import FastLayerState
+
+WRITES = ("delta", "error")
+
+
+class DeltaWrite:
+    """The delta rule on the token's value (one-hot or unit embedding)."""
+
+    name = "delta"
+
+    def cache_extra(self, memory) -> int:
+        return 0
+
+    def forward(self, memory, out, state: FastLayerState, ctx) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
+        h, ids = out.h, out.ids
+        B, T, _ = h.shape
+        cdt = torch.promote_types(h.dtype, torch.float32)
+        q, k, _, cache = memory.project_qkv(h, state.conv, ids=ids)
+        v = memory.values(ids, out.embed, cdt)
+        beta = torch.sigmoid(memory.beta_logit.to(cdt)).expand(B, T, memory.n_heads)
+        if ctx.modulation is not None:
+            beta = beta * ctx.modulation.to(cdt).unsqueeze(-1)
+        g = (-memory.A_log.to(cdt).exp()).expand(B, T, memory.n_heads)
+        # under the state commit the trace must follow the memory's own decay (E_T = S_T - M): no override
+        lam = None if memory.trace_follows_state else ctx.lam
+        o, S_T, E_T = memory.run_rule(q, k, v, beta, g, state, lam, ctx.need_state, scale=1.0)
+        read = torch.einsum("bthv,h->btv", o.to(cdt), memory.read_scale.to(cdt))
+        if memory.value_kind != "onehot":
+            read = out.head(read.to(h.dtype))
+        read = read.to(h.dtype)
+        if not ctx.need_state:
+            return read, None
+        return read, FastLayerState(S=S_T, E=E_T, P=state.P, conv=cache)
+
+
+class ErrorWrite:
+    """The previous prediction's error, ``e(x_t) - softmax(z_{t-1})``, as the value (one-hot values,
+    state commit). Needs ``out.logits`` (the logits before this memory's read)."""
+
+    name = "error"
+
+    def cache_extra(self, memory) -> int:
+        return memory.head_v_dim  # p of the last position
+
+    def forward(self, memory, out, state: FastLayerState, ctx) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
+        if out.logits is None:
+            raise ValueError(f"{type(memory).__name__} with write='error' needs OutputContext.logits (the logits "
+                             "before its read); the model's forward passes them")
+        h, ids = out.h, out.ids
+        B, T, _ = h.shape
+        V = memory.head_v_dim
+        cdt = memory.state_dtype
+        key_cache, p_prev = (None, None) if state.conv is None else (state.conv[..., :-V], state.conv[:, 0, -V:])
+        q, k, _, cache = memory.project_qkv(h, key_cache, ids=ids)
+        eta = torch.sigmoid(memory.beta_logit.to(cdt)).expand(B, T, memory.n_heads)
+        if ctx.modulation is not None:
+            eta = eta * ctx.modulation.to(cdt).unsqueeze(-1)
+        g = (-memory.A_log.to(cdt).exp()).expand(B, T, memory.n_heads)
+        M = memory.resting_state(B, state.P)
+        S0 = memory.initial_state(B, state.P) if state.S is None else state.S.to(cdt)
+        read, S_T, p = error_write(q, k, ids, out.logits, eta, g, memory.read_scale.to(cdt), S0, M, p_prev)
+        read = read.to(h.dtype)
+        if not ctx.need_state:
+            return read, None
+        # E follows S's own recurrence (the state commit), so E_T = (S_T - M) + prod(decay) (E_0 - (S_0 - M))
+        Mb = M.expand_as(S0)
+        E0 = torch.zeros_like(S0) if state.E is None else state.E.to(cdt)
+        carry = torch.exp(g.sum(1))[..., None, None]  # [B, H, 1, 1]
+        E_T = (S_T - Mb) + carry * (E0 - (S0 - Mb))
+        conv = torch.cat([cache.to(cdt), p[:, None].to(cdt)], dim=-1)
+        return read, FastLayerState(S=S_T, E=E_T, P=state.P, conv=conv)
+
+
+def check_write(owner: str, write: str, values: str) -> None:
+    """``write`` is a known rule, and error writes go with one-hot values (the error lives over the vocabulary)."""
+    if write not in WRITES:
+        raise ValueError(f"{owner}.write: must be one of {WRITES}, got {write!r}")
+    if write == "error" and values != "onehot":
+        raise ValueError(f"{owner}.write: 'error' writes the prediction error over the vocabulary and needs "
+                         f"values='onehot', got values={values!r}")
+
+
+def make_write(name: str):
+    """The write strategy called ``name`` (:data:`WRITES`)."""
+    return {"delta": DeltaWrite, "error": ErrorWrite}[name]()
+
+
+__all__ = ["WRITES", "DeltaWrite", "ErrorWrite", "check_write", "make_write"]
