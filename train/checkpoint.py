@@ -71,7 +71,7 @@ def _as_tuple(x):
 
 
 def save_checkpoint(directory: str, model, optimizer, schedule, training: Dict[str, Any],
-                    accelerator=None, sharded: bool = False) -> str:
+                    accelerator=None, sharded: bool = False, write_weights=None) -> str:
     """Write a checkpoint folder (see the module docstring); every process calls this.
 
     Args:
@@ -80,6 +80,8 @@ def save_checkpoint(directory: str, model, optimizer, schedule, training: Dict[s
         schedule: an object with ``state_dict()`` (e.g. :class:`~cl_arch.train.pretrain.WarmupCosine`).
         training: plain data: step, data position, elapsed seconds, config dict, ...
         sharded: write the ``sharded`` format (the model must be sharded with ``fully_shard``).
+        write_weights: ``write(model, folder)`` for a model without ``save_pretrained`` (a
+            retrofit writes its added layers); read back by ``load_checkpoint(read_weights=...)``.
 
     Returns:
         ``directory``.
@@ -112,7 +114,7 @@ def save_checkpoint(directory: str, model, optimizer, schedule, training: Dict[s
     else:
         state = {"format": "full", "optimizer": opt.state_dict()}
         if is_main:
-            model.save_pretrained(tmp)
+            (write_weights or type(model).save_pretrained)(model, tmp)
     if is_main:
         torch.save({**state, "schedule": schedule.state_dict(), **training}, os.path.join(tmp, TRAINING_STATE))
     torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
@@ -134,11 +136,13 @@ def save_checkpoint(directory: str, model, optimizer, schedule, training: Dict[s
 
 
 def load_checkpoint(directory: str, model, optimizer=None, schedule=None, rank: int = 0,
-                    restore_rng: bool = True) -> Dict[str, Any]:
+                    restore_rng: bool = True, read_weights=None) -> Dict[str, Any]:
     """Restore weights (in place, keeping the model's dtype/device), optimizer, schedule and RNG.
 
     Returns:
         the ``training`` dict given to :func:`save_checkpoint` (step, data position, ...).
+
+    ``read_weights(folder, model)`` reads what ``save_checkpoint(write_weights=...)`` wrote.
 
     Every process calls it; a sharded model (``fully_shard``) receives its own shards. Call it
     before ``accelerator.prepare`` (DDP) and after :func:`~cl_arch.train.distributed.shard_model`.
@@ -177,7 +181,7 @@ def load_checkpoint(directory: str, model, optimizer=None, schedule=None, rank: 
 
                 dist_utils.load_full_weights(model, _load_safetensors(os.path.join(directory, WEIGHTS_NAME)))
             else:
-                load_weights(directory, model)
+                (read_weights or load_weights)(directory, model)
             if opt is not None:
                 if "optimizer_by_name" in state:
                     dist_utils.load_optimizer_state_by_name(model, opt, state["optimizer_by_name"], full=True)

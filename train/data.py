@@ -312,6 +312,10 @@ class BlockBatches:
         """``(epoch, batches consumed in this epoch)``: pass back as ``start`` to resume."""
         return self.epoch, self.batch_in_epoch
 
+    def load_state(self, position) -> None:
+        """Continue from a :meth:`state` (before iterating): what ``start`` does at construction."""
+        self.epoch, self.batch_in_epoch = (int(v) for v in position)
+
     def _rows(self, batch: torch.Tensor) -> torch.Tensor:
         return batch[self.rank * self.local:(self.rank + 1) * self.local].long()
 

@@ -14,81 +14,24 @@ between processes. Under FSDP the model is sharded by :mod:`cl_arch.train.distri
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
 from cl_arch import PlasticConfig, PlasticTransformer
 
-from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from .config import PretrainRunConfig, config_to_dict
 from .data import BlockBatches, corpus_files, dataset_tensor, packed_dataset, split_corpus
-from .progress import RunProgress
+from .trainer import Checkpointer, MetricsLog, Parallel, Trainer, WarmupCosine, param_groups
 
+logger = logging.getLogger(__name__)
 LN2 = math.log(2.0)
-
-
-# ============================================================================ schedule
-class WarmupCosine:
-    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``min_lr_ratio * lr``.
-
-    The cosine runs over a progress fraction in [0, 1] that the loop supplies (steps done over
-    max steps, or the share of a wall-clock budget, whichever is further); ``state_dict`` keeps
-    the last step and progress so a resumed run continues the same curve.
-    """
-
-    def __init__(self, optimizer, lr: float, warmup_steps: int, min_lr_ratio: float):
-        self.optimizer, self.lr, self.warmup, self.min_ratio = optimizer, lr, warmup_steps, min_lr_ratio
-        self.step_num, self.progress = 0, 0.0
-
-    def lr_at(self, step: int, progress: float) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        # The cosine spans the whole run's progress; warmup only overrides its first steps.
-        p = min(max(progress, 0.0), 1.0)
-        return self.lr * (self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
-
-    def set(self, step: int, progress: float) -> float:
-        """Set every parameter group's lr for optimizer step ``step``; returns it."""
-        self.step_num, self.progress = step, progress
-        lr = self.lr_at(step, progress)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        return lr
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"step": self.step_num, "progress": self.progress, "lr": self.lr, "warmup": self.warmup,
-                "min_ratio": self.min_ratio}
-
-    def load_state_dict(self, d: Dict[str, Any]) -> None:
-        self.step_num, self.progress = int(d["step"]), float(d["progress"])
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """AdamW groups: decay matrices (dim >= 2), not gains, biases, gates or ``_no_weight_decay``.
-
-    Only parameters with ``requires_grad`` are included (fine-tuning freezes the rest).
-    """
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) else no_decay).append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    if not groups:
-        raise ValueError("no trainable parameters")
-    return groups
 
 
 def enable_activation_checkpointing(model: PlasticTransformer) -> None:
@@ -223,177 +166,126 @@ def load_data(cfg, accelerator=None):
 def run_training(cfg, setup: TrainingSetup) -> Dict[str, Any]:
     """Train ``setup.model`` on the config's corpus; returns (and writes) a results dict.
 
+    Builds the parts of a :class:`~cl_arch.train.trainer.Trainer` (the packed-block stream, AdamW
+    and the warmup-cosine schedule, DDP or FSDP, checkpoints, metrics) and runs it, then scores
+    the validation set and writes ``final/`` and ``results.json``.
+
     Results: ``final_val_bpb``, ``val_history`` [(step, bpb)], ``train_losses`` (mean over
     processes, nats, one per optimizer step of this invocation), ``steps``, ``tokens``,
     ``seconds``, ``tokens_per_s``, ``stopped`` ("max_steps" | "max_minutes").
     """
-    t, o = cfg.train, cfg.optim
+    t = cfg.train
     output_dir = t.output_dir
     accelerator = make_accelerator(cfg, output_dir)
-    from accelerate.utils import broadcast, set_seed
+    from accelerate.utils import set_seed
 
     set_seed(t.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     if t.batch_size % world != 0:
         raise ValueError(f"train.batch_size={t.batch_size} is not divisible by {world} processes")
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
-
     plan = dist_utils.resolve_plan(t.parallel, t.checkpoint_format, world)
     train_ds, val, data_info = load_data(cfg)
-    model = setup.model
-    if t.activation_checkpointing or plan.activation_checkpointing:
-        enable_activation_checkpointing(model)  # before sharding: FSDP's hooks then wrap the recompute
-    model = dist_utils.shard_model(model, plan)  # fsdp only; before the optimizer sees the parameters
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=1e-8)
-    schedule = WarmupCosine(optimizer, o.lr, o.warmup_steps, o.min_lr_ratio)
-
-    # Resume before prepare(): weights and optimizer state go into the raw objects (into each
-    # process's shards under FSDP).
-    step, position, elapsed_before = 0, (0, 0), 0.0
-    ckpt_root = os.path.join(output_dir, "checkpoints")
-    resume = ckpt.find_latest(ckpt_root) if t.resume == "auto" else t.resume
-    if resume:
-        info = ckpt.load_checkpoint(resume, model, optimizer, schedule, rank=rank)
-        step, position, elapsed_before = int(info["step"]), tuple(info["data_position"]), float(info["elapsed"])
-        if accelerator.is_main_process:
-            print(f"resumed from {resume} at step {step}")
-    if plan.fsdp:  # sharded above; accelerate would wrap it in DDP on CPU (distributed.py says why)
-        raw_model = model
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-        raw_model = accelerator.unwrap_model(model)
-    replicated = dist_utils.replicated_parameters(raw_model) if plan.fsdp else []
-    raw_model.check_inputs = False  # data-pipeline inputs: no host read per step (restored at the end)
-
-    stream = BlockBatches(train_ds, t.batch_size, rank=rank, world_size=world, seed=t.seed,
-                          shuffle_buffer=cfg.data.shuffle_buffer, start=position)
-    batches = iter(stream)
     run_config = config_to_dict(cfg)
+    trainer = _build_trainer(cfg, setup, accelerator, plan, train_ds, val, run_config)
+    raw_model = trainer.model_to_save
     if accelerator.is_main_process:
         accelerator.init_trackers(setup.kind, config=_flat_scalars(run_config))
-        print(f"{setup.kind}: {raw_model.num_parameters() / 1e6:.2f}M parameters "
-              f"({raw_model.num_parameters(trainable_only=True) / 1e6:.2f}M trainable), {world} process(es) "
-              f"({plan.mode}), "
-              f"{data_info['train_files']} train / {data_info['val_files']} val files, "
-              f"{len(train_ds) if hasattr(train_ds, '__len__') else 'streaming'} train blocks of "
-              f"{cfg.data.seq_len + 1} bytes")
-
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
-
-    def log(d: Dict[str, Any], at: int) -> None:
-        if accelerator.is_main_process:
-            accelerator.log(d, step=at)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": at, **d}) + "\n")
-
-    def save(at: int, elapsed: float) -> None:
-        ckpt.save_checkpoint(os.path.join(ckpt_root, f"step_{at:06d}"), raw_model, optimizer, schedule,
-                             {"step": at, "data_position": list(stream.state()), "elapsed": elapsed,
-                              "config": json.dumps(run_config)}, accelerator,
-                             sharded=plan.checkpoint_format == "sharded")
-        if accelerator.is_main_process:
-            ckpt.prune_checkpoints(ckpt_root, t.keep_checkpoints)
-
-    budget = t.max_minutes * 60.0 if t.max_minutes else None
-    val_history: List = []
-    if t.eval_at_start and step == 0:
-        bpb = evaluate_bpb(model, val, t.batch_size // world, accelerator, setup.val_loss_fn)
-        val_history.append((0, bpb))
-        log({"val_bpb": bpb}, 0)
-
-    bar = RunProgress(setup.kind, t.max_steps, budget, step=step, elapsed=elapsed_before,
-                      disable=not (t.progress and accelerator.is_local_main_process))
-    model.train()
-    start = time.time()
+        logger.info(f"{setup.kind}: {raw_model.num_parameters() / 1e6:.2f}M parameters "
+                    f"({raw_model.num_parameters(trainable_only=True) / 1e6:.2f}M trainable), {world} process(es) "
+                    f"({plan.mode}), {data_info['train_files']} train / {data_info['val_files']} val files, "
+                    f"{len(train_ds) if hasattr(train_ds, '__len__') else 'streaming'} train blocks of "
+                    f"{cfg.data.seq_len + 1} bytes")
+    if t.eval_at_start and trainer.step == 0:
+        trainer.evaluate(0, batch_size=t.batch_size // world)
+    run = trainer.train()
+    seconds, step = run["seconds"], trainer.step
+    bpb = trainer.evaluate(step, announce=False)
+    trainer.save()
+    dist_utils.save_final(raw_model, os.path.join(output_dir, "final"), accelerator.process_index)  # gathers under FSDP
+    steps_run = run["steps_this_run"]
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
-    losses: List[float] = []
-    stopped = "max_steps"
-    first_step = step
-    while step < t.max_steps:
-        elapsed = elapsed_before + time.time() - start
-        if budget is not None:
-            # All processes must agree on the clock (it sets the lr and the stop), so rank 0's wins.
-            if world > 1:
-                elapsed = float(broadcast(torch.tensor([elapsed], dtype=torch.float64,
-                                                       device=accelerator.device), from_process=0)[0])
-            if elapsed >= budget:
-                stopped = "max_minutes"
-                break
-        progress = step / t.max_steps if budget is None else max(step / t.max_steps, elapsed / budget)
-        lr = schedule.set(step, progress)
-
-        step_loss = torch.zeros((), device=accelerator.device)
-        grad_norm = None
-        for _ in range(t.grad_accum):
-            block = next(batches).to(accelerator.device)
-            with accelerator.accumulate(model):
-                if plan.fsdp:  # reduce-scatter once per optimizer step, not per micro-step
-                    model.set_requires_gradient_sync(accelerator.sync_gradients)
-                with accelerator.autocast():
-                    loss = setup.loss_fn(model, block)
-                accelerator.backward(loss)
-                # (accelerate's prepared optimizer skips non-sync micro-steps itself; FSDP's raw one
-                # needs the guard, which is a no-op for the former)
-                if accelerator.sync_gradients:
-                    if plan.fsdp:
-                        dist_utils.all_reduce_grads(replicated, world)  # FSDP leaves them unreduced
-                        if o.grad_clip is not None:
-                            grad_norm = dist_utils.clip_grad_norm(model.parameters(), o.grad_clip)
-                    elif o.grad_clip is not None:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach() / t.grad_accum
-        step += 1
-        mean_loss = float(accelerator.reduce(step_loss, "mean")) if world > 1 else float(step_loss)
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"training loss is {mean_loss} at step {step}: lower optim.lr or "
-                                     "set optim.grad_clip")
-        losses.append(mean_loss)
-        bar.update(step, elapsed_before + time.time() - start, loss=f"{mean_loss:.3f}", bpb=f"{mean_loss / LN2:.3f}",
-                   lr=f"{lr:.2e}")
-        if t.log_every and step % t.log_every == 0:
-            entry = {"train_loss": mean_loss, "train_bpb": mean_loss / LN2, "lr": lr}
-            if grad_norm is not None:
-                entry["grad_norm"] = float(grad_norm)
-            log(entry, step)
-        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-            bpb = evaluate_bpb(model, val, max(1, t.batch_size // world), accelerator, setup.val_loss_fn)
-            val_history.append((step, bpb))
-            log({"val_bpb": bpb}, step)
-            if accelerator.is_main_process:
-                bar.write(f"step {step}: validation {bpb:.4f} bits/byte")
-        if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-            save(step, elapsed_before + time.time() - start)
-    bar.close()
-    seconds = time.time() - start
-    bpb = evaluate_bpb(model, val, max(1, t.batch_size // world), accelerator, setup.val_loss_fn)
-    val_history.append((step, bpb))
-    log({"val_bpb": bpb}, step)
-    save(step, elapsed_before + seconds)
-    dist_utils.save_final(raw_model, os.path.join(output_dir, "final"), rank)  # gathers under FSDP
-    steps_run = step - first_step
     results = {
-        "kind": setup.kind, "final_val_bpb": bpb, "val_history": val_history, "train_losses": losses,
-        "steps": step, "steps_this_run": steps_run, "tokens": steps_run * tokens_per_step,
-        "seconds": seconds, "tokens_per_s": steps_run * tokens_per_step / max(seconds, 1e-9),
-        "stopped": stopped, "processes": world, "parallel": plan.mode,
-        "checkpoint_format": plan.checkpoint_format, "parameters": raw_model.num_parameters(),
-        "output_dir": output_dir, **data_info,
+        "kind": setup.kind, "final_val_bpb": bpb, "val_history": trainer.val_history,
+        "train_losses": [h["loss"] for h in run["history"]], "steps": step, "steps_this_run": steps_run,
+        "tokens": steps_run * tokens_per_step, "seconds": seconds,
+        "tokens_per_s": steps_run * tokens_per_step / max(seconds, 1e-9), "stopped": run["stopped"],
+        "processes": world, "parallel": plan.mode, "checkpoint_format": plan.checkpoint_format,
+        "parameters": raw_model.num_parameters(), "output_dir": output_dir, **data_info,
     }
     if accelerator.is_main_process:
         with open(os.path.join(output_dir, "results.json"), "w") as f:
             json.dump({**results, "config": run_config}, f, indent=2)
-        print(f"{setup.kind}: {step} steps, {seconds:.0f}s, {results['tokens_per_s']:.0f} tokens/s, "
-              f"final validation {bpb:.4f} bits/byte ({stopped})")
+        logger.info(f"{setup.kind}: {step} steps, {seconds:.0f}s, {results['tokens_per_s']:.0f} tokens/s, "
+                    f"final validation {bpb:.4f} bits/byte ({run['stopped']})")
     # Not accelerator.end_training(): it also destroys the process group, and a later run in this
     # process (a fine-tune after a pretrain, the FSDP test's runs) would then have none.
     for tracker in accelerator.trackers:
         tracker.finish()
     raw_model.check_inputs = True
     return results
+
+
+def _build_trainer(cfg, setup: TrainingSetup, accelerator, plan, train_ds, val, run_config) -> Trainer:
+    """The parts of a pretraining / fine-tuning run, resumed from its checkpoint if asked, with the
+    model and optimizer prepared by accelerate (or sharded by FSDP)."""
+    t, o = cfg.train, cfg.optim
+    world, rank = accelerator.num_processes, accelerator.process_index
+    model = setup.model
+    if t.activation_checkpointing or plan.activation_checkpointing:
+        enable_activation_checkpointing(model)  # before sharding: FSDP's hooks then wrap the recompute
+    model = dist_utils.shard_model(model, plan)  # fsdp only; before the optimizer sees the parameters
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                  eps=1e-8)
+    parallel = Parallel(accelerator, plan)
+    stream = BlockBatches(train_ds, t.batch_size, rank=rank, world_size=world, seed=t.seed,
+                          shuffle_buffer=cfg.data.shuffle_buffer)
+    checkpointer = Checkpointer(os.path.join(t.output_dir, "checkpoints"), every=t.save_every,
+                                keep=t.keep_checkpoints, resume=t.resume or None,
+                                sharded=plan.checkpoint_format == "sharded", extra={"config": json.dumps(run_config)})
+
+    def entry(m, lr, norm):
+        out = {"train_loss": m["loss"], "train_bpb": m["loss"] / LN2, "lr": lr}
+        return out if norm is None else {**out, "grad_norm": float(norm)}
+
+    trainer = Trainer(model, optimizer, stream, lambda m, block: (setup.loss_fn(m, block), {}),
+                      schedule=WarmupCosine(optimizer, o.lr, o.warmup_steps, o.min_lr_ratio), parallel=parallel,
+                      grad_accum=t.grad_accum, grad_clip=o.grad_clip, max_steps=t.max_steps,
+                      budget_s=t.max_minutes * 60.0 if t.max_minutes else None, checkpointer=checkpointer,
+                      metrics_log=MetricsLog(t.output_dir, parallel, trackers=True), log_every=t.log_every,
+                      log_entry=entry, eval_every=t.eval_every, name=setup.kind, progress=t.progress,
+                      postfix=lambda m, lr: {"loss": f"{m['loss']:.3f}", "bpb": f"{m['loss'] / LN2:.3f}",
+                                             "lr": f"{lr:.2e}"},
+                      diverged_hint="lower optim.lr or set optim.grad_clip")
+    # Resume before prepare(): weights and optimizer state go into the raw objects (into each
+    # process's shards under FSDP).
+    trainer.resume()
+    if plan.fsdp:  # sharded above; accelerate would wrap it in DDP on CPU (distributed.py says why)
+        parallel.synced = dist_utils.replicated_parameters(model)
+    else:
+        trainer.model, trainer.optimizer = accelerator.prepare(model, optimizer)
+        trainer.model_to_save = accelerator.unwrap_model(trainer.model)
+        parallel.wrapped = True
+    trainer.model_to_save.check_inputs = False  # data-pipeline inputs: no host read per step (restored at the end)
+    _attach_validation(trainer, val, max(1, t.batch_size // world), setup.val_loss_fn)
+    return trainer
+
+
+def _attach_validation(trainer: Trainer, val: torch.Tensor, batch_size: int, loss_fn) -> None:
+    """``trainer.evaluate(step)``: validation bits/byte, logged and kept in ``trainer.val_history``."""
+    trainer.val_history = []
+
+    def evaluate(step: int, batch_size: int = batch_size, announce: bool = True) -> float:
+        par = trainer.parallel
+        bpb = evaluate_bpb(trainer.model, val, batch_size, par.accelerator, loss_fn)
+        trainer.val_history.append((step, bpb))
+        trainer.metrics_log.log({"val_bpb": bpb}, step)
+        if announce and par.is_main:
+            logger.info(f"step {step}: validation {bpb:.4f} bits/byte")
+        return bpb
+
+    trainer.evaluate = evaluate
 
 
 def _flat_scalars(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
