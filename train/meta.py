@@ -44,11 +44,11 @@ process's result up to float reduction order (``tests/test_distributed.py``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -60,9 +60,11 @@ from cl_arch.stats import sutton_delta
 from . import distributed as dist_utils
 from .config import ConfigError, OptimConfig, TrainConfig, config_to_dict
 from .finetune import commit_persistent, episode_state, select_trainable
-from .pretrain import WarmupCosine, enable_activation_checkpointing, make_accelerator, param_groups
-from .progress import RunProgress
+from .pretrain import enable_activation_checkpointing, make_accelerator
 from .tasks import BOS, PreferenceGame, recall_batch, value_tokens
+from .trainer import MetricsLog, Parallel, Trainer, WarmupCosine, param_groups
+
+logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("expected", "reinforce")
 
@@ -147,6 +149,9 @@ def validate_meta(cfg: MetaRunConfig) -> None:
         raise ConfigError(f"meta.temperature: must be > 0, got {m.temperature}")
     if m.base_recall_steps < 0:
         raise ConfigError(f"meta.base_recall_steps: must be >= 0, got {m.base_recall_steps}")
+    if cfg.train.grad_accum != 1:
+        raise ConfigError(f"train.grad_accum: meta-training takes one optimizer step per batch of games (raise "
+                          f"meta.games_per_step instead), got {cfg.train.grad_accum}")
 
 
 MetaRunConfig.validate_section = validate_meta  # called by config.validate (config never imports meta)
@@ -293,7 +298,7 @@ def meta_loss_window(model, P, b, cues, best, answers, m: MetaSection, u: Option
     return loss, float(Rs_t.detach().mean()), P, b
 
 
-def build_base_model(cfg: MetaRunConfig, log=print) -> PlasticTransformer:
+def build_base_model(cfg: MetaRunConfig, log: Optional[Callable[[str], None]] = None) -> PlasticTransformer:
     """``train.init_from`` if given, else a recall-pretrained model (``meta.base_recall_steps``)."""
     if cfg.train.init_from:
         return PlasticTransformer.from_pretrained(cfg.train.init_from)
@@ -303,7 +308,7 @@ def build_base_model(cfg: MetaRunConfig, log=print) -> PlasticTransformer:
     if cfg.meta.base_recall_steps == 0:
         torch.manual_seed(cfg.train.seed)
         return PlasticTransformer(config)
-    return train_recall_model(config, steps=cfg.meta.base_recall_steps, seed=cfg.train.seed, log=log)
+    return train_recall_model(config, steps=cfg.meta.base_recall_steps, seed=cfg.train.seed, log=log or logger.info)
 
 
 def meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
@@ -347,7 +352,7 @@ def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[
     games = dist_utils.split_rows(m.games_per_step, rank, world, "meta.games_per_step")
     recall_rows = dist_utils.split_rows(m.recall_batch, rank, world, "meta.recall_batch") if m.lm_weight > 0 else None
     set_seed(t.seed)
-    log = accelerator.print
+    log = _main_info(accelerator)
     if base is None:
         base = build_base_model(cfg, log=log)
     model = copy.deepcopy(base).float()
@@ -367,88 +372,34 @@ def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[
     # only the replicated per-head vectors by hand (distributed.py).
     model = dist_utils.shard_model(model.to(accelerator.device), plan)
     raw = model
-    synced = dist_utils.replicated_parameters(raw) if plan.fsdp else list(raw.parameters())
+    parallel = Parallel(accelerator, plan, wrapped=False,
+                        synced=dist_utils.replicated_parameters(raw) if plan.fsdp else list(raw.parameters()))
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
-    schedule = WarmupCosine(optimizer, o.lr, o.warmup_steps, o.min_lr_ratio)
     answers = torch.tensor(value_tokens(m.n_answers), device=accelerator.device)
-    # The same generator on every process: all draw the same games, each plays its share.
-    gen = torch.Generator().manual_seed(t.seed * 7919)
-
-    budget = t.max_minutes * 60 if t.max_minutes else None
-    bar = RunProgress("meta-train", t.max_steps, budget, disable=not (t.progress and accelerator.is_local_main_process))
-    rewards: List[float] = []
-    start = time.time()
-    step = 0
-    metrics_path = os.path.join(t.output_dir, "metrics.jsonl")
     if accelerator.is_main_process:
         os.makedirs(t.output_dir, exist_ok=True)
-    while step < t.max_steps:
-        elapsed = time.time() - start
-        if budget is not None and world > 1:  # one clock for all (it sets the lr and the stop): rank 0's
-            from accelerate.utils import broadcast
 
-            elapsed = float(broadcast(torch.tensor([elapsed], dtype=torch.float64, device=accelerator.device),
-                                      from_process=0)[0])
-        if budget is not None and elapsed >= budget:
-            break
-        progress = step / t.max_steps if budget is None else max(step / t.max_steps, elapsed / budget)
-        lr = schedule.set(step, progress)
-        seed0 = int(torch.randint(0, 2 ** 30, (1,), generator=gen))  # training games: never the eval seeds
-        cues, best = make_games(m.games_per_step, m.n_cues, m.n_answers, m.episodes, seed0 % (m.eval_seed // 2))
-        cues, best = cues[games].to(accelerator.device), best[games].to(accelerator.device)
-        u = torch.rand(m.games_per_step, m.episodes, generator=gen)[games].to(accelerator.device)
-        n_local = cues.shape[0]
-        P, b = _zeros_P(raw, n_local), torch.zeros(n_local, device=accelerator.device)
-        optimizer.zero_grad(set_to_none=True)
-        step_R = []
-        n_windows = math.ceil(m.episodes / m.tbptt)
-        for w0 in range(0, m.episodes, m.tbptt):
-            sl = slice(w0, w0 + m.tbptt)
-            with accelerator.autocast():
-                loss, R, P, b = meta_loss_window(raw, P, b, cues[:, sl], best[:, sl], answers, m, u[:, sl])
-            accelerator.backward(loss / n_windows)
-            P, b = [p.detach() for p in P], b.detach()  # truncated backprop between windows
-            step_R.append(R)
-        lm = torch.zeros((), device=accelerator.device)
-        if m.lm_weight > 0:
-            x, y, mask = recall_batch(m.recall_batch, m.recall_pairs, seed=gen)
-            # Sum over this share's targets divided by the whole batch's count: the processes'
-            # averaged gradients are then exactly the whole batch's mean loss gradient.
-            n_targets = mask.sum().clamp(min=1)
-            x, y, mask = (v[recall_rows].to(accelerator.device) for v in (x, y, mask))
-            with accelerator.autocast():
-                logits, _ = raw(x, return_state=False)
-                lm = F.cross_entropy(logits.float()[mask], y[mask], reduction="sum") / n_targets.to(logits.device)
-            accelerator.backward(m.lm_weight * world * lm)
-        if world > 1:
-            dist_utils.all_reduce_grads(synced, world)
-        if o.grad_clip is not None:
-            dist_utils.clip_grad_norm([p for p in raw.parameters() if p.requires_grad], o.grad_clip)
-        optimizer.step()
-        step += 1
-        figures = torch.tensor([float(np.mean(step_R)), float(lm.detach())], dtype=torch.float64,
-                               device=accelerator.device)
-        if world > 1:  # equal shares: the mean of the processes' rewards is the mean over all games
-            figures = accelerator.reduce(figures, "mean") * torch.tensor([1.0, world], dtype=torch.float64,
-                                                                          device=accelerator.device)
-        R_mean, lm = float(figures[0]), figures[1]
-        if not math.isfinite(R_mean) or not math.isfinite(float(lm)):
-            raise FloatingPointError(f"meta-training diverged at step {step}: lower optim.lr")
-        rewards.append(R_mean)
-        bar.update(step, time.time() - start, reward=f"{R_mean:.3f}", recall_loss=f"{float(lm):.3f}")
-        if accelerator.is_main_process and t.log_every and step % t.log_every == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, "expected_reward": R_mean, "recall_loss": float(lm), "lr": lr,
-                                    **plasticity_summary(raw)}) + "\n")
-    bar.close()
-    seconds = time.time() - start
+    trainer = Trainer(raw, optimizer, MetaGames(m, t.seed, games, recall_rows), meta_step_loss(raw, m, answers, parallel),
+                      schedule=WarmupCosine(optimizer, o.lr, o.warmup_steps, o.min_lr_ratio), parallel=parallel,
+                      grad_clip=o.grad_clip, clip_params=[p for p in raw.parameters() if p.requires_grad],
+                      max_steps=t.max_steps, budget_s=t.max_minutes * 60 if t.max_minutes else None,
+                      metrics_log=MetricsLog(t.output_dir, parallel), log_every=t.log_every,
+                      log_entry=lambda mt, lr, norm: {"expected_reward": mt["expected_reward"],
+                                                      "recall_loss": mt["recall_loss"], "lr": lr,
+                                                      **plasticity_summary(raw)},
+                      name="meta-train", progress=t.progress, autocast=False, reduce_sum=("recall_loss",),
+                      postfix=lambda mt, lr: {"reward": f"{mt['expected_reward']:.3f}",
+                                              "recall_loss": f"{mt['recall_loss']:.3f}"},
+                      diverged_hint="lower optim.lr")
+    run = trainer.train()
+    step, seconds = run["steps"], run["seconds"]
     raw.eval()
     after = sutton_test(raw, m)
     log(f"meta-train: after {step} steps ({seconds:.0f}s): reward kept {after['mean_kept']:.3f} vs reset "
         f"{after['mean_reset']:.3f}, Sutton delta {after['sutton_delta']:+.3f} "
         f"[{after['sutton_ci'][0]:+.3f}, {after['sutton_ci'][1]:+.3f}]")
-    results = {"before": before, "after": after, "rewards": rewards, "steps": step, "seconds": seconds,
-               "processes": world, "parallel": plan.mode,
+    results = {"before": before, "after": after, "rewards": [h["expected_reward"] for h in run["history"]],
+               "steps": step, "seconds": seconds, "processes": world, "parallel": plan.mode,
                "plasticity": plasticity_summary(raw), "plasticity_before": plasticity_summary(base),
                "trainable_parameters": trainable, "config": config_to_dict(cfg)}
     dist_utils.save_final(raw, os.path.join(t.output_dir, "final"), rank)  # gathers under FSDP
@@ -458,6 +409,72 @@ def _meta_train(cfg: MetaRunConfig, base: Optional[PlasticTransformer]) -> Dict[
     results["model"] = raw
     model.check_inputs = True
     return results
+
+
+def _main_info(accelerator) -> Callable[[str], None]:
+    """``logger.info`` on the main process only (the others would repeat every line)."""
+    def info(text: str) -> None:
+        if accelerator.is_main_process:
+            logger.info(text)
+    return info
+
+
+class MetaGames:
+    """The data part of meta-training: per step, ``games_per_step`` fresh games (this process's
+    ``games`` rows of them: ``cues, best [G, episodes]``, sampling draws ``u [G, episodes]``) and,
+    with ``lm_weight > 0``, a recall batch (its ``recall_rows``: ``x, y, mask [b, T]`` and
+    ``n_targets``, the whole batch's count). One generator seeded from ``seed`` on every process,
+    so all draw the same games; training seeds never reach the Sutton test's ``eval_seed`` range."""
+
+    def __init__(self, m: MetaSection, seed: int, games: slice, recall_rows: Optional[slice]):
+        self.m, self.seed, self.games, self.recall_rows = m, seed, games, recall_rows
+
+    def __iter__(self):
+        m = self.m
+        gen = torch.Generator().manual_seed(self.seed * 7919)
+        while True:
+            seed0 = int(torch.randint(0, 2 ** 30, (1,), generator=gen))
+            cues, best = make_games(m.games_per_step, m.n_cues, m.n_answers, m.episodes, seed0 % (m.eval_seed // 2))
+            u = torch.rand(m.games_per_step, m.episodes, generator=gen)[self.games]
+            batch = {"cues": cues[self.games], "best": best[self.games], "u": u}
+            if m.lm_weight > 0:
+                x, y, mask = recall_batch(m.recall_batch, m.recall_pairs, seed=gen)
+                batch.update(x=x[self.recall_rows], y=y[self.recall_rows], mask=mask[self.recall_rows],
+                             n_targets=mask.sum().clamp(min=1))
+            yield batch
+
+
+def meta_step_loss(raw, m: MetaSection, answers: torch.Tensor, parallel: Parallel):
+    """The loss part of meta-training: ``(model, batch) -> (None, metrics)``; it runs its own
+    backward passes (one per TBPTT window, then the recall loss) through ``parallel``.
+
+    The recall loss is this share's sum over its targets divided by the whole batch's count, so the
+    processes' averaged gradients are exactly the whole batch's mean-loss gradient; its metric is
+    summed over processes (``Trainer(reduce_sum=("recall_loss",))``).
+    """
+    def loss_fn(model, batch):
+        cues, best, u = batch["cues"], batch["best"], batch["u"]
+        n_local = cues.shape[0]
+        P, b = _zeros_P(raw, n_local), torch.zeros(n_local, device=parallel.device)
+        step_R = []
+        n_windows = math.ceil(m.episodes / m.tbptt)
+        for w0 in range(0, m.episodes, m.tbptt):
+            sl = slice(w0, w0 + m.tbptt)
+            with parallel.autocast():
+                loss, R, P, b = meta_loss_window(raw, P, b, cues[:, sl], best[:, sl], answers, m, u[:, sl])
+            parallel.backward(loss / n_windows)
+            P, b = [p.detach() for p in P], b.detach()  # truncated backprop between windows
+            step_R.append(R)
+        lm = torch.zeros((), device=parallel.device)
+        if m.lm_weight > 0:
+            x, y, mask = batch["x"], batch["y"], batch["mask"]
+            with parallel.autocast():
+                logits, _ = raw(x, return_state=False)
+                lm = F.cross_entropy(logits.float()[mask], y[mask], reduction="sum") / batch["n_targets"].to(logits.device)
+            parallel.backward(m.lm_weight * parallel.world * lm)
+        return None, {"expected_reward": float(np.mean(step_R)), "recall_loss": lm.detach()}
+
+    return loss_fn
 
 
 def plasticity_summary(model: PlasticTransformer) -> Dict[str, List[float]]:
