@@ -29,7 +29,8 @@ def add_hf_args(p) -> None:
 FLAGS: Dict[str, str] = {"output_dir": "output_dir", "max_steps": "max_steps", "max_minutes": "max_minutes",
                          "batch_size": "batch_size", "lr": "lr", "seed": "seed", "sources": "sources",
                          "seq_len": "seq_len", "trainable": "trainable", "episodes": "episodes",
-                         "retrofit_from": "retrofit_from", "retrofit_layers": "layers", "fast_heads": "n_heads"}
+                         "retrofit_from": "retrofit_from", "retrofit_layers": "layers", "fast_heads": "n_heads",
+                         "resume": "resume"}
 
 
 def config_from_args(args):
@@ -37,7 +38,7 @@ def config_from_args(args):
     from cl_arch.train.config import parse_override
     from cl_arch.train.finetune_hf import HFFinetuneConfig, config_from_dict
 
-    for flag in ("config", "resume", "init_from"):
+    for flag in ("config", "init_from"):
         if getattr(args, flag, None):
             raise ValueError(f"--{flag.replace('_', '-')} does not apply to --hf-model runs")
     d = {"hf_model": args.hf_model}
@@ -89,6 +90,6 @@ def run_hf(args) -> int:
 
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
-    results = finetune_hf(cfg, log=print if not args.no_progress else (lambda s: None))
+    results = finetune_hf(cfg, log=None if not args.no_progress else (lambda s: None))
     print(dump({k: results[k] for k in ("steps", "seconds", "tokens_per_second", "val_loss_before", "val_loss_after")}))
     return 0

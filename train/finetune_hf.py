@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -29,10 +30,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import distributed as dist_utils
 from .data import corpus_files, iter_span_bytes, split_corpus
 from .distributed import destroy_group_at_exit
 from .episodic import episodic_parameters, fit_settings, learned_settings
 from .finetune import commit_persistent, episode_state, episodic_lm_loss
+from .trainer import Checkpointer, Parallel, RandomRows, Trainer, WarmupCosine
+
+logger = logging.getLogger(__name__)
 
 TRAINABLE = ("fast", "plasticity", "all")
 
@@ -63,6 +68,9 @@ class HFFinetuneConfig:
     seed: int = 0
     output_dir: Optional[str] = "runs/finetune_hf"
     log_every: int = 20
+    save_every: int = 0  # training checkpoint every N steps into <output_dir>/checkpoints (0: at the end only)
+    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
+    resume: Optional[str] = None  # a checkpoint folder, or "auto" (the newest in <output_dir>/checkpoints)
 
     def __post_init__(self) -> None:
         if self.trainable not in TRAINABLE:
@@ -77,6 +85,12 @@ class HFFinetuneConfig:
             raise ValueError(f"HFFinetuneConfig.lr must be a positive number, got {self.lr!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"HFFinetuneConfig.max_minutes must be > 0 or None, got {self.max_minutes!r}")
+        for name in ("save_every", "keep_checkpoints"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"HFFinetuneConfig.{name} must be an integer >= 0, got {v!r}")
+        if (self.resume or self.save_every) and not self.output_dir:
+            raise ValueError("HFFinetuneConfig: checkpoints (save_every, resume) need an output_dir")
         if not isinstance(self.rule, dict):
             raise ValueError(f"HFFinetuneConfig.rule must be a dict of retrofit settings, got {self.rule!r}")
 
@@ -297,20 +311,73 @@ def train_episodic_hf(model, spans: torch.Tensor, cfg: HFEpisodicConfig = HFEpis
 
 
 # ---------------------------------------------------------------------- the loop
-def finetune_hf(cfg: HFFinetuneConfig, model=None, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Train the retrofitted layers (see the module docstring).
+def _write_retrofit_weights(base_name: str):
+    """A checkpoint's weights: the added layers as :func:`~cl_arch.hf.save_retrofit` writes them."""
+    def write(model, folder: str) -> None:
+        from cl_arch.hf import save_retrofit
+
+        save_retrofit(model, folder, base_name=base_name)
+    return write
+
+
+def _read_retrofit_weights(folder: str, model) -> None:
+    """Inverse of :func:`_write_retrofit_weights` into ``model`` in place; the checkpoint must have
+    been written over the same base (its fingerprint) and fit the added layers."""
+    from safetensors.torch import load_file
+
+    from cl_arch.hf import RETROFIT_WEIGHTS
+    from cl_arch.hf.files import read_retrofit_config
+
+    meta = read_retrofit_config(folder)
+    if meta["base"]["fingerprint"] != model.base_fingerprint():
+        raise ValueError(f"checkpoint {folder} was trained over another base model (fingerprint "
+                         f"{meta['base']['fingerprint']}, this one {model.base_fingerprint()})")
+    path = os.path.join(folder, RETROFIT_WEIGHTS)
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"corrupt checkpoint weights {path}: {e}") from e
+    expected = model.fast.state_dict()
+    bad = sorted(set(expected) ^ set(tensors)) + sorted(n for n in tensors if n in expected
+                                                        and tensors[n].shape != expected[n].shape)
+    if bad:
+        raise ValueError(f"checkpoint {path} does not fit the model's added layers: {bad[:5]}")
+    with torch.no_grad():
+        for n, t in expected.items():
+            t.copy_(tensors[n])
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    destroy_group_at_exit()
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def finetune_hf(cfg: HFFinetuneConfig, model=None, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """Train the retrofitted layers (see the module docstring) on the :class:`~cl_arch.train.trainer.Trainer`.
 
     Args:
         model: a :class:`~cl_arch.hf.RetrofitModel` to train instead of building one from ``cfg``
             (``cfg.hf_model`` is then only where the tokenizer is looked for).
+        log: called with each progress line (default: ``logging``, on the main process).
+
+    Under ``accelerate launch`` (DDP, several processes) every process draws the same batch rows and
+    trains on its equal share; the trainable gradients are averaged with one all-reduce, so N
+    processes take one process's steps up to float reduction order. With ``save_every`` /
+    ``resume`` a run writes and continues :mod:`cl_arch.train.checkpoint` folders (the added
+    layers, optimizer, schedule, data position, RNG) exactly.
 
     Returns:
         ``model`` (trained, eval mode), ``trainable_parameters``, ``steps``, ``seconds``,
         ``tokens_per_second``, ``curve`` (step, train loss) and ``val_loss`` before and after (nats,
         the episodic objective on validation blocks); with ``output_dir`` the retrofit is saved in
         ``<output_dir>/retrofit`` and the figures in ``<output_dir>/results.json``.
+
+    Raises:
+        ValueError: a retrofit without traces for ``episodes > 1``, ``batch_size`` not divisible by
+            the number of processes, an FSDP launch, or a checkpoint of another run.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -324,52 +391,38 @@ def finetune_hf(cfg: HFFinetuneConfig, model=None, log: Callable[[str], None] = 
     encode = text_encoder(cfg.hf_model, model.config.vocab_size)
     data = token_blocks(cfg.sources, encode, cfg.seq_len + 1, cfg.max_bytes)
     val = data["val"][:32]
-
-    destroy_group_at_exit()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = _accelerator()
+    plan = dist_utils.resolve_plan("auto", "full", accelerator.num_processes)
+    if plan.fsdp:
+        raise ValueError("finetune_hf runs one process or DDP (the base is frozen and the added layers are small): "
+                         "launch without an FSDP config")
     params = [p for p in model.parameters() if p.requires_grad]
+    parallel = Parallel(accelerator, plan, synced=params)  # no DDP wrapper: E forwards per backward
+    main_log = log or (lambda text: logger.info(text) if parallel.is_main else None)
+    model.to(accelerator.device)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainer = _trainer(cfg, model, opt, data["train"], parallel, main_log)
+    trainer.resume()
     model.check_inputs = False  # ids come from the data pipeline: no host read per step
-    model.train()
-    model.base.eval()  # the frozen base keeps its dropout off: only the added layers learn
-    pmodel, opt = accelerator.prepare(model, opt)
 
     def val_loss() -> float:
         with torch.no_grad():
             return float(episode_losses(model, val, cfg.episodes, carry=True).mean())
 
     before = val_loss()
-    g = torch.Generator().manual_seed(cfg.seed)
-    curve, t0, step, tokens = [], time.perf_counter(), 0, 0
-    deadline = None if cfg.max_minutes is None else t0 + 60.0 * cfg.max_minutes
-    while step < cfg.max_steps and (deadline is None or time.perf_counter() < deadline):
-        # cosine decay over the step budget (or the clock, whichever the run is bounded by)
-        frac = step / cfg.max_steps if deadline is None else max(step / cfg.max_steps,
-                                                                  (time.perf_counter() - t0) / (deadline - t0))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        idx = torch.randint(0, data["train"].shape[0], (cfg.batch_size,), generator=g)
-        block = data["train"][idx].to(accelerator.device)
-        loss = episodic_lm_loss(pmodel, block, cfg.episodes)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        tokens += block.shape[0] * (block.shape[1] - 1)
-        if step % cfg.log_every == 0 or step == 1:
-            curve.append({"step": step, "loss": float(loss.detach())})
-            log(f"finetune_hf step {step} loss {curve[-1]['loss']:.4f} ({time.perf_counter() - t0:.0f} s)")
-    seconds = time.perf_counter() - t0
+    run = trainer.train()
+    if cfg.output_dir:
+        trainer.save()
     model.check_inputs = True
     model.eval()
+    steps_run = run["steps_this_run"]
     results: Dict[str, Any] = {
-        "trainable_parameters": names, "steps": step, "seconds": seconds,
-        "tokens_per_second": tokens / max(seconds, 1e-9), "curve": curve,
-        "val_loss_before": before, "val_loss_after": val_loss(),
-        "config": dataclasses.asdict(cfg),
+        "trainable_parameters": names, "steps": run["steps"], "seconds": run["seconds"],
+        "tokens_per_second": steps_run * cfg.batch_size * cfg.seq_len / max(run["seconds"], 1e-9),
+        "curve": trainer.curve, "val_loss_before": before, "val_loss_after": val_loss(),
+        "processes": parallel.world, "config": dataclasses.asdict(cfg),
     }
-    if cfg.output_dir:
+    if cfg.output_dir and parallel.is_main:
         from cl_arch.hf import save_retrofit
         from cl_arch.io import write_json
 
@@ -378,6 +431,40 @@ def finetune_hf(cfg: HFFinetuneConfig, model=None, log: Callable[[str], None] = 
         write_json(os.path.join(cfg.output_dir, "results.json"), results, sort_keys=True)
     results["model"] = model
     return results
+
+
+def _train_added_layers(model) -> None:
+    model.train()
+    model.base.eval()  # the frozen base keeps its dropout off: only the added layers learn
+
+
+def _trainer(cfg: HFFinetuneConfig, model, opt, rows: torch.Tensor, parallel: Parallel, log) -> Trainer:
+    """The parts of :func:`finetune_hf`'s run: random training rows, the episodic loss, cosine decay
+    (no warmup) over the steps or the clock, clipping at 1, checkpoints of the added layers."""
+    checkpointer = None
+    if cfg.output_dir:
+        checkpointer = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), every=cfg.save_every,
+                                    keep=cfg.keep_checkpoints, resume=cfg.resume,
+                                    extra={"config": json.dumps(dataclasses.asdict(cfg), default=str)},
+                                    weights=(_write_retrofit_weights(cfg.hf_model), _read_retrofit_weights))
+
+    def loss_fn(m, block):
+        return episodic_lm_loss(m, block, cfg.episodes), {}
+
+    def report(trainer: Trainer) -> None:
+        step = trainer.step
+        if step % cfg.log_every == 0 or step == 1:
+            trainer.curve.append({"step": step, "loss": trainer.history[-1]["loss"]})
+            log(f"finetune_hf step {step} loss {trainer.curve[-1]['loss']:.4f} ({trainer.elapsed():.0f} s)")
+
+    trainer = Trainer(model, opt, RandomRows(rows, cfg.batch_size, cfg.seed, parallel.rank, parallel.world), loss_fn,
+                      schedule=WarmupCosine(opt, cfg.lr, 0, 0.0), parallel=parallel, grad_clip=1.0,
+                      clip_params=[p for p in model.parameters() if p.requires_grad], max_steps=cfg.max_steps,
+                      budget_s=None if cfg.max_minutes is None else 60.0 * cfg.max_minutes,
+                      checkpointer=checkpointer, after_step=report, name="finetune_hf", autocast=False,
+                      train_mode=_train_added_layers)
+    trainer.curve = []
+    return trainer
 
 
 def config_from_dict(d: Dict[str, Any]) -> HFFinetuneConfig:

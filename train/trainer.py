@@ -342,6 +342,8 @@ class Trainer:
         reduce_sum: metrics summed over processes instead of averaged (a share of a global sum).
         model_to_save: the unwrapped model that checkpoints read and write (default ``model``).
         diverged_hint: what the error on a non-finite metric advises.
+        train_mode: puts the model in training mode before the loop (default ``model.train()``; a
+            retrofit keeps its frozen base in eval mode).
     """
 
     def __init__(self, model, optimizer, data: Iterable, loss_fn: LossFn, *, schedule=None,
@@ -353,7 +355,8 @@ class Trainer:
                  after_step: Optional[Callable[["Trainer"], None]] = None, name: str = "train",
                  progress: bool = False, postfix: Callable = _default_postfix, autocast: bool = True,
                  reduce_sum: Sequence[str] = (), model_to_save=None,
-                 diverged_hint: str = "lower the learning rate or clip the gradients"):
+                 diverged_hint: str = "lower the learning rate or clip the gradients",
+                 train_mode: Optional[Callable[[Any], None]] = None):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if max_steps < 1:
@@ -367,6 +370,7 @@ class Trainer:
         self.evaluate, self.eval_every, self.after_step = evaluate, eval_every, after_step
         self.name, self.show_progress, self.postfix, self.use_autocast = name, progress, postfix, autocast
         self.reduce_sum, self.diverged_hint = set(reduce_sum), diverged_hint
+        self.train_mode = train_mode or (lambda m: m.train())
         self.model_to_save = model if model_to_save is None else model_to_save
         self.step, self.elapsed_before, self.first_step = 0, 0.0, 0
         self.history: List[Dict[str, float]] = []
@@ -444,10 +448,10 @@ class Trainer:
         if bad:
             raise FloatingPointError(f"training {', '.join(f'{k} is {v}' for k, v in bad.items())} at step "
                                      f"{self.step}: {self.diverged_hint}")
-        if self.after_step is not None:
-            self.after_step(self)
         self.last_lr = lr
         self.history.append(out)
+        if self.after_step is not None:
+            self.after_step(self)
         return out
 
     def _reduce(self, step_loss: Optional[torch.Tensor], sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -473,7 +477,7 @@ class Trainer:
 
         bar = RunProgress(self.name, self.max_steps, self.budget, step=self.step, elapsed=self.elapsed_before,
                           disable=not (self.show_progress and self.parallel.is_local_main))
-        self.model.train()
+        self.train_mode(self.model)
         self._start = time.time()
         stopped = "max_steps"
         while self.step < self.max_steps:
