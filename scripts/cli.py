@@ -11,9 +11,16 @@ traceback instead. Ctrl-C exits 130. Anything else is a bug and keeps its traceb
 
 Called in-process, :func:`main` returns that 2, except for errors in the command line itself
 (argparse's, and a run config's settings), which raise ``SystemExit(2)`` as argparse does.
+
+Output: the library reports progress through ``logging`` (logger ``cl_arch``); while a command
+runs, :func:`console_logging` shows those lines as the commands always printed them (the message
+alone: progress on stdout, warnings and errors on stderr, kept clear of a progress bar). A level
+set on ``logging.getLogger("cl_arch")`` beforehand is kept, so an in-process caller can silence it.
 """
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
 from typing import List, Optional
 
@@ -56,8 +63,44 @@ def error_message(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+class ConsoleHandler(logging.Handler):
+    """A library record as the command line printed it: the message alone, INFO on stdout and
+    WARNING and above on stderr, through ``tqdm.write`` so an open progress bar is redrawn below."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+            tqdm.write(self.format(record), file=stream)
+        except Exception:  # logging's contract: a failing handler reports, never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def console_logging():
+    """The library's ``logging`` output on the console for one command (INFO and up unless the
+    ``cl_arch`` logger already has a level); handler and level are restored afterwards."""
+    lib = logging.getLogger("cl_arch")
+    handler, level = ConsoleHandler(), lib.level
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    lib.addHandler(handler)
+    if level == logging.NOTSET:
+        lib.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        lib.removeHandler(handler)
+        lib.setLevel(level)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    with console_logging():
+        return _run(args)
+
+
+def _run(args) -> int:
     # Every sub-command runs training or inference steps on the CPU at some point; without this
     # glibc unmaps and re-faults each step's activations (5-15x slower steps on VMs).
     from cl_arch.train.runtime import keep_freed_memory

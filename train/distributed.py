@@ -32,7 +32,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List
 
 import torch
 

@@ -19,6 +19,7 @@ and what a stale one costs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -33,6 +34,9 @@ from cl_arch.memory import EpisodicConfig, OutputContext
 from cl_arch.state import FastLayerState, StepContext
 
 from .data import stdlib_files
+from .trainer import Trainer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -127,6 +131,54 @@ def learned_settings(mem) -> Dict[str, Any]:
             "beta": torch.sigmoid(mem.beta_logit).tolist(), "scale": mem.read_scale.tolist()}
 
 
+class SettingsWindows:
+    """The data part of :func:`fit_settings`: per step ``(rows [batch_size], situation, start, src)``
+    (module docstring: the situation cycles through ``carry``; ``src`` the rows whose earlier
+    session the P comes from, None when fresh), drawn from one generator seeded ``seed``."""
+
+    def __init__(self, n: int, span: int, seq_len: int, batch_size: int, carry: Sequence[str], seed: int):
+        self.n, self.span, self.seq_len, self.batch_size, self.carry, self.seed = n, span, seq_len, batch_size, carry, seed
+
+    def __iter__(self):
+        n, gen, step = self.n, torch.Generator().manual_seed(self.seed), 0
+        while True:
+            rows = torch.randint(0, n, (self.batch_size,), generator=gen)
+            mode = self.carry[step % len(self.carry)]
+            if mode == "fresh":
+                yield rows, mode, int(torch.randint(0, self.span - self.seq_len + 1, (1,), generator=gen)), None
+            else:
+                # "foreign": another span's session (any row but this one, when there is another)
+                src = rows if mode == "own" else (rows + 1 + torch.randint(0, max(1, n - 1), rows.shape,
+                                                                          generator=gen)) % n
+                yield rows, mode, self.span - self.seq_len, src
+            step += 1
+
+
+def settings_loss(mem, ids, tgt, h, base, embed, head, seq_len: int, history: List[List[Any]]):
+    """The loss part of :func:`fit_settings`: next-token loss of the base logits plus the memory's
+    read on a :class:`SettingsWindows` batch; appends ``[step, loss bits, gain bits, situation]``."""
+    to_bits = 1.0 / math.log(2)
+
+    def loss_fn(_, batch):
+        rows, mode, start, src = batch
+        state = None
+        if src is not None:
+            with torch.no_grad():  # the earlier session, with the settings as they are now
+                _, prev = mem(OutputContext(h[src, :seq_len].to(head.weight.dtype), ids[src, :seq_len], embed, head),
+                              ctx=StepContext(need_state=True))
+                P, _ = mem.commit(torch.zeros_like(prev.S), prev.E)  # the memory's own (state) commit
+            state = FastLayerState(P=P)
+        sl = slice(start, start + seq_len)
+        read, _ = mem(OutputContext(h[rows, sl].to(head.weight.dtype), ids[rows, sl], embed, head), state,
+                      StepContext(need_state=False))
+        lo = F.cross_entropy((base[rows, sl] + read.float()).flatten(0, 1), tgt[rows, sl].flatten())
+        ref = F.cross_entropy(base[rows, sl].flatten(0, 1), tgt[rows, sl].flatten())
+        history.append([len(history), lo.item() * to_bits, (ref - lo).item() * to_bits, mode])
+        return lo, {}
+
+    return loss_fn
+
+
 def fit_settings(mem, ids: torch.Tensor, tgt: torch.Tensor, h: torch.Tensor, base: torch.Tensor, embed, head, *,
                  steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
                  carry: Sequence[str] = ("fresh",), progress: bool = False,
@@ -145,44 +197,21 @@ def fit_settings(mem, ids: torch.Tensor, tgt: torch.Tensor, h: torch.Tensor, bas
     Returns:
         ``history``: one ``[step, loss bits, gain bits over base, situation]`` per step.
     """
-    from tqdm.auto import tqdm
-
     n, span = ids.shape
-    to_bits = 1.0 / math.log(2)
     params = episodic_parameters(mem)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
     history: List[List[Any]] = []
-    bar = tqdm(range(steps), desc="episodic memory", disable=not progress)
-    for step in bar:
-        rows = torch.randint(0, n, (batch_size,), generator=gen)
-        mode = carry[step % len(carry)]
-        state = None
-        if mode == "fresh":
-            start = int(torch.randint(0, span - seq_len + 1, (1,), generator=gen))
-        else:
-            start = span - seq_len
-            # "foreign": another span's session (any row but this one, when there is another)
-            src = rows if mode == "own" else (rows + 1 + torch.randint(0, max(1, n - 1), rows.shape, generator=gen)) % n
-            with torch.no_grad():  # the earlier session, with the settings as they are now
-                _, prev = mem(OutputContext(h[src, :seq_len].to(head.weight.dtype), ids[src, :seq_len], embed, head),
-                              ctx=StepContext(need_state=True))
-                P, _ = mem.commit(torch.zeros_like(prev.S), prev.E)  # the memory's own (state) commit
-            state = FastLayerState(P=P)
-        sl = slice(start, start + seq_len)
-        read, _ = mem(OutputContext(h[rows, sl].to(head.weight.dtype), ids[rows, sl], embed, head), state,
-                      StepContext(need_state=False))
-        lo = F.cross_entropy((base[rows, sl] + read.float()).flatten(0, 1), tgt[rows, sl].flatten())
-        ref = F.cross_entropy(base[rows, sl].flatten(0, 1), tgt[rows, sl].flatten())
-        opt.zero_grad(set_to_none=True)
-        lo.backward()
-        opt.step()
-        history.append([step, lo.item() * to_bits, (ref - lo).item() * to_bits, mode])
-        bar.set_postfix(gain=f"{history[-1][2]:+.4f}", scale=f"{mem.read_scale.mean().item():.2f}")
+
+    def after(trainer: Trainer) -> None:
         if on_step is not None:
-            on_step(step, history[-1])
+            on_step(trainer.step - 1, history[-1])
+
+    Trainer(mem, torch.optim.Adam(params, lr=lr), SettingsWindows(n, span, seq_len, batch_size, carry, seed),
+            settings_loss(mem, ids, tgt, h, base, embed, head, seq_len, history), max_steps=steps,
+            after_step=after, name="episodic memory", progress=progress, train_mode=lambda m: None,
+            postfix=lambda mt, lr: {"gain": f"{history[-1][2]:+.4f}", "scale": f"{mem.read_scale.mean().item():.2f}"},
+            ).train()
     for p in params:
         p.requires_grad_(False)
     return history
@@ -190,7 +219,7 @@ def fit_settings(mem, ids: torch.Tensor, tgt: torch.Tensor, h: torch.Tensor, bas
 
 def train_episodic(model: PlasticTransformer, cfg: EpisodicTrainConfig = EpisodicTrainConfig(),
                    files: Optional[Sequence[str]] = None, progress: bool = True,
-                   log: Callable[[str], None] = print) -> Tuple[PlasticTransformer, Dict[str, Any]]:
+                   log: Optional[Callable[[str], None]] = None) -> Tuple[PlasticTransformer, Dict[str, Any]]:
     """Train the episodic memory's settings with every other weight frozen.
 
     Args:
@@ -198,11 +227,13 @@ def train_episodic(model: PlasticTransformer, cfg: EpisodicTrainConfig = Episodi
             (``model.add_memory(EpisodicConfig(**cfg.episodic))``).
         cfg: :class:`EpisodicTrainConfig`.
         files: training files (default: the stdlib training split; never pass a reported stream).
+        log: called with each progress line (default: ``logging``).
 
     Returns:
         ``(model, record)``: the model with the learned memory (eval mode), and a JSON-ready record
         (loss history in bits/byte, the learned settings, the loss without the memory, seconds).
     """
+    log = log or logger.info
     t0 = time.time()
     if model.memory("episodic") is None:
         model.add_memory(EpisodicConfig(**cfg.episodic))

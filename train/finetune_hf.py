@@ -261,19 +261,21 @@ def frozen_inputs_hf(model, spans: torch.Tensor, chunk: int = 256, batch_size: i
 
 
 def train_episodic_hf(model, spans: torch.Tensor, cfg: HFEpisodicConfig = HFEpisodicConfig(),
-                      log: Callable[[str], None] = print) -> Dict[str, Any]:
+                      log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Learn the four settings of a retrofit's episodic memory with everything else frozen.
 
     Args:
         model: a :class:`~cl_arch.hf.RetrofitModel` with an episodic memory.
         spans: ``[N, L + 1]`` token ids of *training* text (never a reported stream), ``L >= cfg.seq_len``.
         cfg: :class:`HFEpisodicConfig`.
+        log: called with each progress line (default: ``logging``).
 
     Returns:
         A JSON-ready record: ``base_bits`` (loss without the memory on the spans, bits/token),
         ``history`` (step, loss bits, gain over the base on that batch, "fresh"), ``final_gain_last10``,
         ``learned`` (threshold, span, beta, scale), ``seconds``. The model is changed in place (eval mode).
     """
+    log = log or logger.info
     mem = getattr(model, "episodic", None)
     if mem is None:
         raise ValueError("the model has no episodic memory: retrofit(..., episodic_heads=1) or add_episodic_memory()")

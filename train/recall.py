@@ -7,7 +7,6 @@ on two CPU cores and is deterministic for a given seed and step count.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Optional
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from cl_arch import AttnLayerState, FastLayerState, ModelState, PlasticConfig, PlasticTransformer
 
 from .tasks import KEYS, recall_batch, recall_episodes
+from .trainer import Trainer
 
 
 def recall_config(**overrides) -> PlasticConfig:
@@ -87,6 +87,72 @@ def _key_positions(x: torch.Tensor) -> torch.Tensor:
     return (x >= KEYS.start) & (x < KEYS.stop)
 
 
+class RecallBatches:
+    """The data part of :func:`train_recall_model`: one-episode recall batches ``("one", x, y, m)``
+    for the first ``warmup_steps`` steps, then two-episode batches ``("two", (x1, y1, m1), (x2, y2, m2))``,
+    all drawn from one generator seeded ``seed``."""
+
+    def __init__(self, batch_size: int, n_pairs: int, n_keys: int, n_values: int, seed: int, warmup_steps: int):
+        self.args, self.seed, self.warmup_steps = (batch_size, n_pairs, n_keys, n_values), seed, warmup_steps
+
+    def __iter__(self):
+        batch_size, n_pairs, n_keys, n_values = self.args
+        g = torch.Generator().manual_seed(self.seed)
+        step = 0
+        while True:
+            if step < self.warmup_steps:
+                yield ("one", *recall_batch(batch_size, n_pairs, n_keys, n_values, seed=g))
+            else:
+                yield ("two", *recall_episodes(batch_size, 2, n_pairs // 2, n_keys, n_values, seed=g))
+            step += 1
+
+
+class RecallCosine:
+    """``lr * (0.1 + 0.9 * cosine)`` over ``total`` steps (as ``LambdaLR`` computed it): settles the
+    key -> value map in few steps."""
+
+    def __init__(self, optimizer, lr: float, total: int):
+        self.optimizer, self.lr, self.total, self.step_num = optimizer, lr, total, 0
+
+    def set(self, step: int, progress: float) -> float:
+        self.step_num = step
+        f = 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(min(step / self.total, 1.0) * 3.14159265)).item())
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * f
+        return self.lr * f
+
+    def state_dict(self):
+        return {"step": self.step_num}
+
+    def load_state_dict(self, d) -> None:
+        self.step_num = int(d["step"])
+
+
+def recall_loss(model: PlasticTransformer, batch, first_weight: float) -> torch.Tensor:
+    """The loss part of :func:`train_recall_model` on a :class:`RecallBatches` batch (a scalar)."""
+    if batch[0] == "one":
+        # Phase 1: in-context recall in one episode, loss only where the value is
+        # recallable: the key->value circuit forms fastest this way.
+        _, x, y, m = batch
+        logits, _ = model(x, return_state=False)
+        return F.cross_entropy(logits[m], y[m])
+    # Phase 2: two episodes sharing one key->value map; the second starts from the
+    # first's fast weights with fresh caches, as an episode starts from W0 + P: the model
+    # learns to read a memory it did not write in this episode, right after BOS.
+    _, (x1, y1, m1), (x2, y2, m2) = batch
+    logits1, st = model(x1)
+    carried = ModelState([FastLayerState(S=s.S) if isinstance(s, FastLayerState) else AttnLayerState()
+                          for s in st.layers], 0)
+    logits2, _ = model(x2, state=carried, return_state=False)
+    # Loss at every key position: recallable values teach recall; first occurrences (a
+    # uniformly random value) teach a flat prior over values, so a player samples every
+    # answer of a game at first instead of always the same one.
+    k1, k2 = _key_positions(x1), _key_positions(x2)
+    w = torch.cat([m1[k1].float(), m2[k2].float()]) * (1 - first_weight) + first_weight
+    ce = F.cross_entropy(torch.cat([logits1[k1], logits2[k2]]), torch.cat([y1[k1], y2[k2]]), reduction="none")
+    return (ce * w).sum() / w.sum()
+
+
 def train_recall_model(
     config: Optional[PlasticConfig] = None,
     seconds: Optional[float] = None,
@@ -129,49 +195,20 @@ def train_recall_model(
     model = PlasticTransformer(config or recall_config())
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    total = steps if steps is not None else 10 ** 9
-    # Cosine decay to 10% over the step budget settles the key->value map in few steps.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(min(s / total, 1.0) * 3.14159265)).item())
-        if steps is not None else 1.0)
-    g = torch.Generator().manual_seed(seed)
     if seconds is not None and steps is None:
         raise ValueError("train_recall_model: a time budget needs a step count too (phases are in steps)")
-    warmup_steps = int(warmup_fraction * steps)
-    start, step, ema = time.perf_counter(), 0, None
-    while (steps is None or step < steps) and (seconds is None or time.perf_counter() - start < seconds):
-        if step < warmup_steps:
-            # Phase 1: in-context recall in one episode, loss only where the value is
-            # recallable: the key->value circuit forms fastest this way.
-            x, y, m = recall_batch(batch_size, n_pairs, n_keys, n_values, seed=g)
-            logits, _ = model(x, return_state=False)
-            loss = F.cross_entropy(logits[m], y[m])
-        else:
-            # Phase 2: two episodes sharing one key->value map; the second starts from the
-            # first's fast weights with fresh caches, as an episode starts from W0 + P: the model
-            # learns to read a memory it did not write in this episode, right after BOS.
-            (x1, y1, m1), (x2, y2, m2) = recall_episodes(batch_size, 2, n_pairs // 2, n_keys, n_values, seed=g)
-            logits1, st = model(x1)
-            carried = ModelState([FastLayerState(S=s.S) if isinstance(s, FastLayerState) else AttnLayerState()
-                                  for s in st.layers], 0)
-            logits2, _ = model(x2, state=carried, return_state=False)
-            # Loss at every key position: recallable values teach recall; first occurrences (a
-            # uniformly random value) teach a flat prior over values, so a player samples every
-            # answer of a game at first instead of always the same one.
-            k1, k2 = _key_positions(x1), _key_positions(x2)
-            w = torch.cat([m1[k1].float(), m2[k2].float()]) * (1 - first_weight) + first_weight
-            ce = F.cross_entropy(torch.cat([logits1[k1], logits2[k2]]), torch.cat([y1[k1], y2[k2]]),
-                                 reduction="none")
-            loss = (ce * w).sum() / w.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if log is not None and step % 50 == 0:
-            log(f"recall step {step}: loss {ema:.3f} ({time.perf_counter() - start:.1f}s)")
+    data = RecallBatches(batch_size, n_pairs, n_keys, n_values, seed, int(warmup_fraction * steps))
+    ema = [None]
+
+    def report(trainer: Trainer) -> None:
+        loss = trainer.history[-1]["loss"]
+        ema[0] = loss if ema[0] is None else 0.95 * ema[0] + 0.05 * loss
+        if log is not None and trainer.step % 50 == 0:
+            log(f"recall step {trainer.step}: loss {ema[0]:.3f} ({trainer.elapsed():.1f}s)")
+
+    Trainer(model, opt, data, lambda m, batch: (recall_loss(m, batch, first_weight), {}),
+            schedule=RecallCosine(opt, lr, steps), grad_clip=1.0, max_steps=steps, budget_s=seconds,
+            after_step=report, name="recall").train()
     model.eval()
     return model
 
