@@ -42,7 +42,7 @@ def main():
     if args.model == "random":
         model = PlasticTransformer(PlasticConfig()).eval()  # the default byte model: 4 layers, d=128
     elif args.model == "shipped":
-        from cl_arch.eval.models import default_model
+        from cl_arch.eval.lib.models import default_model
         model = default_model(log=lambda *a: None)
     else:
         model = PlasticTransformer.from_pretrained(args.model).eval()

@@ -9,7 +9,7 @@ import sys, torch, numpy as np
 torch.set_num_threads(1)
 from cl_arch import PlasticTransformer, Session
 from cl_arch.eval import games
-from cl_arch.eval.baselines import RowPolicy
+from cl_arch.eval.lib.learners import RowPolicy
 from cl_arch.train.reward_memory import HELD_OUT_TOKENS, RewardMemorySettings, with_reward_memory
 from cl_arch.train.tasks import BOS, Bandit, PreferenceGame
 base = PlasticTransformer.from_pretrained(sys.argv[1]).eval()

@@ -1,7 +1,7 @@
 """Bootstrap intervals and the Sutton delta: the one implementation every layer imports.
 
 Pure numpy, no model knowledge, so ``train`` (the meta-training Sutton test), ``eval`` (through
-:mod:`cl_arch.eval.metrics`, which re-exports these) and ``benchmarks`` all use the same
+:mod:`cl_arch.eval.lib.metrics`, which re-exports these) and ``benchmarks`` all use the same
 resampling. Every function takes plain sequences or numpy arrays and returns Python floats.
 
 All intervals are percentile-bootstrap intervals: ``n_boot`` resamples of the units (pairs, or

@@ -17,198 +17,38 @@ methods differ only in what survives an episode boundary:
 ``dynamic_eval``   Krause-style online gradient steps on all weights after each chunk
 =================  ==========================================================================
 
-The first four run as rows of one batch (:class:`~cl_arch.eval.baselines.EpisodeLearner`), so
+The first four run as rows of one batch (:class:`~cl_arch.eval.lib.learners.EpisodeLearner`), so
 the comparison is exactly paired. Reported: gain over frozen at 1k/10k/100k bytes (local window,
-:func:`~cl_arch.eval.metrics.gain_curve`), AULC of the relative gain, compute per token (measured
+:func:`~cl_arch.eval.lib.metrics.gain_curve`), AULC of the relative gain, compute per token (measured
 seconds and estimated FLOPs) and the drift of held-out stdlib bits/byte after the stream.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
-import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cl_arch import PlasticTransformer
 from cl_arch.train.data import resolve_sources
 
-from . import metrics as M
-from .baselines import DynamicEval, EpisodeLearner, RowPolicy, calibration_batches
-from .context import FullContext
-from .cost import flops_per_token, state_bytes
-# re-exported: the model and stream helpers lived here before eval/models.py and eval/streams.py
-from .models import (DEMO_PRETRAIN_SECONDS, default_cache_dir, default_model, demo_config,  # noqa: F401
-                     demo_pretrain_overrides, stdlib_model, without_readout)
-from .report import curve, format_table, write_report
-from .streams import NEWLINE, anchor_windows, base_windows, held_out_package, line_acceptance, segment_stream, window_bpb  # noqa: F401
-from .tune_dynamic import load_or_tune
+from .lib import metrics as M
+from .lib.compute import flops_per_token, state_bytes, time_rows
+from .lib.context import FullContext
+from .lib.dyntune import load_or_tune
+from .lib.learners import DynamicEval, calibration_batches
+from .lib.models import text_model
+from .lib.options import add_model_options, add_rate_options, add_stream_options, comma_list, source_from_args
+from .lib.options import config_from_args as options_config
+from .lib.reading import default_policies, log_points, run_stream
+from .lib.report import curve, format_table, write_report
+from .lib.streams import anchor_windows, base_windows, held_out_package, segment_stream, window_bpb
 
 POINTS = (1_000, 10_000, 100_000)
-
-
-def default_policies(eta_s: Optional[float] = None, eta_r: Optional[float] = None, gamma: Optional[float] = None,
-                     methods: Sequence[str] = ("frozen", "adapt", "adapt+reward", "no_persist")) -> List[RowPolicy]:
-    """The batched methods of this benchmark (dynamic evaluation runs separately)."""
-    table = {
-        "frozen": RowPolicy("frozen"),
-        "static": RowPolicy("static", writes=False),
-        "adapt": RowPolicy("adapt", persist=True, eta_s=eta_s, eta_r=0.0, gamma=gamma),
-        "adapt+reward": RowPolicy("adapt+reward", persist=True, use_reward=True, eta_s=eta_s, eta_r=eta_r,
-                                  gamma=gamma),
-        "no_persist": RowPolicy("no_persist", carry_context=True),
-    }
-    unknown = [m for m in methods if m not in table]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {list(table)} (+ dynamic_eval)")
-    if "frozen" not in methods:
-        raise ValueError("methods must include 'frozen': every gain is measured against it")
-    return [table[m] for m in methods]
-
-
-def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]], policies: Sequence[RowPolicy],
-               dyn: Optional[DynamicEval] = None, chunk: int = 256, desc: str = "stream",
-               lam: Optional[float] = None, learner: Optional[EpisodeLearner] = None,
-               solo: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Read ``segments`` prequentially with every row of ``policies`` (batched) and every reader of
-    ``solo`` (one at a time: ``name -> reader`` with ``step(ids [1, T], targets [1, T]) -> logits``
-    and ``new_episode()``, e.g. :class:`DynamicEval` or :class:`~cl_arch.eval.context.FullContext`;
-    ``dyn`` is the same as ``solo={"dynamic_eval": dyn}``).
-
-    Returns per method: ``bits [N]`` (loss of every byte in bits), ``lines`` (list of
-    ``(accepted, length)`` per non-blank line), ``seconds`` (wall time: ``"batched"`` for all
-    policy rows together, and one entry per solo reader), ``rewards`` (per episode, the reward each
-    batched row was given: its mean line acceptance, None for an episode without a non-blank
-    line); plus the :class:`EpisodeLearner` (its ``P``; None when ``policies`` is empty: solo
-    readers only) and the solo readers. ``learner``: go on
-    with this one (e.g. a second session over the same stream) instead of a fresh one.
-    """
-    solo = dict(solo or {})
-    if dyn is not None:
-        solo["dynamic_eval"] = dyn
-    if learner is None and policies:
-        learner = EpisodeLearner(model, policies, lam=lam)
-    names = [p.name for p in policies] + list(solo)
-    bits: Dict[str, List[np.ndarray]] = {n: [] for n in names}
-    lines: Dict[str, List[Tuple[int, int]]] = {n: [] for n in names}
-    secs = {"batched": 0.0, **{n: 0.0 for n in solo}}
-    ep_rewards: List[List[Optional[float]]] = []
-    B = learner.B if learner is not None else 0
-    for seg, prev in tqdm(segments, desc=desc, unit="ep", mininterval=2.0):
-        x = torch.tensor([prev] + list(seg[:-1]), dtype=torch.long)
-        y = torch.tensor(list(seg), dtype=torch.long)
-        ep_bits, ep_corr = [], []
-        solo_bits: Dict[str, List[np.ndarray]] = {n: [] for n in solo}
-        solo_corr: Dict[str, List[np.ndarray]] = {n: [] for n in solo}
-        for c0 in range(0, len(seg), chunk):
-            xi, yi = x[c0:c0 + chunk], y[c0:c0 + chunk]
-            if learner is not None:
-                t0 = time.perf_counter()
-                logits = learner.step(xi.unsqueeze(0).expand(B, -1))
-                lp = torch.log_softmax(logits.float(), -1)
-                ep_bits.append((-lp.gather(-1, yi.expand(B, -1).unsqueeze(-1)).squeeze(-1) / math.log(2)).numpy())
-                ep_corr.append((logits.argmax(-1) == yi).numpy())
-                secs["batched"] += time.perf_counter() - t0
-            for n, reader in solo.items():
-                t0 = time.perf_counter()
-                dl = reader.step(xi.unsqueeze(0), yi.unsqueeze(0))
-                lp = torch.log_softmax(dl.float(), -1)
-                solo_bits[n].append((-lp[0].gather(-1, yi.unsqueeze(-1)).squeeze(-1) / math.log(2)).numpy())
-                solo_corr[n].append((dl[0].argmax(-1) == yi).numpy())
-                secs[n] += time.perf_counter() - t0
-        if learner is not None:
-            # The episode's last byte was only a target so far; a user's session observes (writes) it
-            # too before the episode closes, so the learner does the same (its logits score nothing).
-            t0 = time.perf_counter()
-            learner.step(y[-1:].unsqueeze(0).expand(B, -1))
-            secs["batched"] += time.perf_counter() - t0
-            corr = np.concatenate(ep_corr, axis=1)
-            b = np.concatenate(ep_bits, axis=1)
-            acc = line_acceptance(corr, seg)
-            rewards = []
-            for i, p in enumerate(policies):
-                bits[p.name].append(b[i])
-                lines[p.name].extend((int(a[i]), n) for a, n in acc)
-                rewards.append(float(np.mean([a[i] / n for a, n in acc])) if acc else None)
-            ep_rewards.append(rewards)
-            t0 = time.perf_counter()
-            learner.end_episode(rewards)
-            secs["batched"] += time.perf_counter() - t0
-        for n, reader in solo.items():
-            bits[n].append(np.concatenate(solo_bits[n]))
-            sacc = line_acceptance(np.concatenate(solo_corr[n])[None], seg)
-            lines[n].extend((int(a[0]), k) for a, k in sacc)
-            reader.new_episode()
-    return {"bits": {n: np.concatenate(v) for n, v in bits.items()}, "lines": lines, "seconds": secs,
-            "learner": learner, "dyn": solo.get("dynamic_eval"), "solo": solo, "names": names,
-            "rewards": ep_rewards}
-
-
-def _cache_len(state) -> int:
-    """Keys in the first attention cache of ``state`` (0 for none)."""
-    for s in (state.layers if state is not None else []):
-        if getattr(s, "k", None) is not None:
-            return int(s.k.shape[2])
-    return 0
-
-
-def _attention_flops(cfg, cache: int, T: int) -> float:
-    """``softmax(q k^T) v`` FLOPs of ``T`` new tokens over ``cache`` cached keys, all attention
-    layers: ``4 * heads * head_dim`` per (query, key) pair inside the window. Counted from the
-    cache length because ``torch.utils.flop_counter`` does not see the CPU SDPA kernel."""
-    n_attn = sum(1 for t in cfg.layer_types if t == "attn")
-    W = cfg.attn_window
-    pairs = sum(min(cache + t + 1, W) if W is not None else cache + t + 1 for t in range(T))
-    return 4.0 * cfg.d_model * pairs * n_attn
-
-
-def time_rows(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]], policies: Sequence[RowPolicy],
-              make_solo: Dict[str, Any], chunk: int = 256, repeats: int = 3, lam: Optional[float] = None
-              ) -> Dict[str, Dict[str, float]]:
-    """Per-row cost at batch 1, in this process and thread count: every row reads ``segments``
-    (a few episodes) alone, ``repeats`` times from a fresh start; returns per row the median
-    ``sec_per_token`` and the FLOPs per token counted by ``torch.utils.flop_counter`` on one chunk
-    (forward, plus backward and update for a reader that learns by gradient).
-
-    ``make_solo``: ``name -> callable`` returning a fresh solo reader (as for :func:`run_stream`).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    n_bytes = sum(len(s) for s, _ in segments)
-    out: Dict[str, Dict[str, float]] = {}
-    rows: List[Tuple[str, Any]] = [(p.name, p) for p in policies] + list(make_solo.items())
-    ids = torch.tensor(list(segments[-1][0][:chunk]), dtype=torch.long)[None]
-    for name, what in rows:
-        times = []
-        for _ in range(repeats):
-            solo, pols = ({}, [what]) if isinstance(what, RowPolicy) else ({name: what()}, [])
-            res = run_stream(model, segments, pols, chunk=chunk, desc=f"timing {name}", lam=lam, solo=solo)
-            times.append(res["seconds"][name] if solo else res["seconds"]["batched"])
-        # FLOPs of one more chunk read after the timed episodes (a growing context costs more)
-        reader = solo[name] if solo else res["learner"]
-        attn = _attention_flops(reader.model.config, _cache_len(reader.state), ids.shape[1])
-        counter = FlopCounterMode(display=False)
-        with counter:
-            if solo:
-                reader.step(ids, ids)
-            else:
-                reader.step(ids)
-        grad = 3 if isinstance(reader, DynamicEval) else 1  # its backward pass repeats attention twice
-        out[name] = {"sec_per_token": float(np.median(times)) / n_bytes,
-                     "flops_per_token": (counter.get_total_flops() + grad * attn) / ids.shape[1]}
-    return out
-
-
-def log_points(n: int, lo: int = 100, per_decade: int = 4) -> List[int]:
-    """Log-spaced interaction counts ``lo .. n`` (always ending at n)."""
-    if n < lo:
-        return [n]
-    k = int(math.floor(math.log10(n / lo) * per_decade)) + 1
-    pts = sorted({int(round(lo * 10 ** (i / per_decade))) for i in range(k)} | {n})
-    return [p for p in pts if p <= n]
 
 
 def gain_interval(frozen: np.ndarray, adapted: np.ndarray, n: int, block: int = 256,
@@ -339,30 +179,21 @@ REWARD_DEFINITION = ("mean over the episode's non-blank lines of the accepted fr
                      "episodes_without_reward")
 
 
-def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None, max_bytes: int = 100_000,
-        episode_bytes: int = 2048, chunk: int = 256, eta_s: Optional[float] = None, eta_r: Optional[float] = None,
-        gamma: Optional[float] = None, dyn_lr: float = 3e-4, dyn_rule: str = "rms", dyn_eps: float = 1e-3,
-        dyn_decay: float = 1e-3, sparse_lr: float = 3e-3, sparse_decay: float = 1e-2, calib_batches: int = 32, with_dynamic_eval: bool = True, drift_windows: int = 8,
-        methods: Sequence[str] = ("frozen", "adapt", "adapt+reward", "no_persist"),
-        out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, cache_dir: Optional[str] = None,
-        pretrain_seconds: Optional[float] = None, seed: int = 0, lam: Optional[float] = None,
-        second_session: bool = False, dyn_tuned: bool = False, dyn_tune_package: str = "asyncio",
-        full_context_window: Optional[int] = 4096, timing_episodes: int = 3,
-        timing_repeats: int = 3, fold_budget: Optional[float] = None) -> Dict[str, Any]:
-    """Run the codebase benchmark and (with ``out_dir``) write ``<name>.json`` and ``<name>.png``.
+@dataclass
+class CodebaseConfig:
+    """Every setting of one codebase run (:func:`run`).
 
-    Args:
+    Attributes:
         source: a folder of .py files, a file or a glob; default the held-out stdlib ``json``
             package. Any unseen tree works (an installed site-packages package, a project).
-        model: a trained model; default :func:`stdlib_model` (the shipped model, or with
-            ``cache_dir``/``pretrain_seconds`` one loaded from or trained into the cache).
         max_bytes: bytes of the stream to read (gains are reported at 1k/10k/100k when reached).
         episode_bytes: longest episode; each file is split at line ends into episodes this long.
+        chunk: bytes per step of every reader.
         eta_s, eta_r, gamma: commit settings for the adapting rows (None: each memory's own).
         lam: eligibility-trace decay override (None: the model's own, 0.5 by default). It decides
             how much of an episode a commit stores: ``E_T = sum_t lam^(T-t) D_t``.
-        methods: batched rows (:func:`default_policies`) and rows read one at a time:
-            ``full_context`` (:class:`~cl_arch.eval.context.FullContext`, window
+        methods: batched rows (:func:`~cl_arch.eval.lib.reading.default_policies`) and rows read one
+            at a time: ``full_context`` (:class:`~cl_arch.eval.lib.context.FullContext`, window
             ``full_context_window``), ``dynamic_eval`` (all weights) and ``sparse_dynamic_eval``
             (only the fast memories' ``W0``). ``with_dynamic_eval`` adds (True) or removes (False)
             ``dynamic_eval``.
@@ -370,7 +201,7 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
             defaults are the best of ``cl-arch eval tune-dynamic`` on asyncio for the shipped model.
         sparse_lr, sparse_decay: the same for ``sparse_dynamic_eval`` (its own sweep's best).
         dyn_tuned: take both dynamic evaluations' step size and decay from the sweep on the
-            held-out package ``dyn_tune_package`` (:func:`cl_arch.eval.tune_dynamic.load_or_tune`,
+            held-out package ``dyn_tune_package`` (:func:`cl_arch.eval.lib.dyntune.load_or_tune`,
             cached per model); the report's config records what was used and where it was tuned.
         calib_batches: training-corpus windows ``[1, chunk + 1]`` (the step's own shape) that
             estimate dynamic evaluation's mean squared gradients.
@@ -381,98 +212,199 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
         second_session: read the stream a second time as a new session of the same user
             (:meth:`EpisodeLearner.new_session`: ``S`` dropped, ``P`` kept); its rows are in
             ``report["second_session"]``, each also against its own first session.
-        timing_episodes, timing_repeats: the per-row cost columns come from :func:`time_rows`
-            (every row alone at batch 1 on the stream's first ``timing_episodes`` episodes,
-            median of ``timing_repeats``); 0 episodes: the stream's own wall time instead.
+        timing_episodes, timing_repeats: the per-row cost columns come from
+            :func:`~cl_arch.eval.lib.compute.time_rows` (every row alone at batch 1 on the stream's
+            first ``timing_episodes`` episodes, median of ``timing_repeats``); 0 episodes: the
+            stream's own wall time instead.
+        cache_dir, pretrain_seconds, no_readout, no_episodic: the default model
+            (:func:`~cl_arch.eval.lib.models.text_model`) and the memories removed from the model.
+        out_dir, name, seed: with ``out_dir``, ``<name>.json`` and ``<name>.png`` are written there.
     """
-    torch.manual_seed(seed)
-    src = source or held_out_package("json")
-    if os.path.basename(os.path.normpath(src)) == dyn_tune_package and dyn_tuned:
-        raise ValueError(f"the reported stream {src} is the package dynamic evaluation is tuned on "
-                         f"({dyn_tune_package}); report another one")
-    files = resolve_sources(src)
-    model = model if model is not None else stdlib_model(cache_dir, seconds=pretrain_seconds)
-    model.eval()
-    segments = segment_stream(files, max_bytes, episode_bytes)
-    n_bytes = sum(len(s) for s, _ in segments)
-    methods = [m for m in methods if m != "dynamic_eval" or with_dynamic_eval]
-    if with_dynamic_eval and "dynamic_eval" not in methods:
-        methods.append("dynamic_eval")
-    solo_names = [m for m in methods if m in SOLO_METHODS]
-    policies = default_policies(eta_s, eta_r, gamma, [m for m in methods if m not in SOLO_METHODS])
-    dyn_settings = {"dynamic_eval": {"params": "all", "lr": dyn_lr, "decay": dyn_decay, "tuned_on": None},
-                    "sparse_dynamic_eval": {"params": "fast_W0", "lr": sparse_lr, "decay": sparse_decay,
-                                            "tuned_on": None}}
+    source: Optional[str] = None
+    max_bytes: Optional[int] = 100_000
+    episode_bytes: int = 2048
+    chunk: int = 256
+    eta_s: Optional[float] = None
+    eta_r: Optional[float] = None
+    gamma: Optional[float] = None
+    lam: Optional[float] = None
+    methods: Tuple[str, ...] = ("frozen", "adapt", "adapt+reward", "no_persist")
+    with_dynamic_eval: bool = True
+    dyn_lr: float = 3e-4
+    dyn_rule: str = "rms"
+    dyn_eps: float = 1e-3
+    dyn_decay: float = 1e-3
+    sparse_lr: float = 3e-3
+    sparse_decay: float = 1e-2
+    dyn_tuned: bool = False
+    dyn_tune_package: str = "asyncio"
+    calib_batches: int = 32
+    full_context_window: Optional[int] = 4096
+    drift_windows: int = 8
+    fold_budget: Optional[float] = None
+    second_session: bool = False
+    timing_episodes: int = 3
+    timing_repeats: int = 3
+    cache_dir: Optional[str] = None
+    pretrain_seconds: Optional[float] = None
+    no_readout: bool = False
+    no_episodic: bool = False
+    out_dir: Optional[str] = "runs/eval"
+    name: Optional[str] = None
+    seed: int = 0
+
+
+HELP = "bits/byte reading an unseen source tree: memories off, adapting, committing, dynamic evaluation"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``cl-arch eval codebase``'s options (defaults: :class:`CodebaseConfig`'s)."""
+    add_model_options(p)
+    add_stream_options(p)
+    add_rate_options(p)
+    p.add_argument("--dyn-lr", type=float, default=3e-4, help="dynamic evaluation step size (default: the best "
+                   "of tune-dynamic on asyncio for the shipped model)")
+    p.add_argument("--dyn-rule", choices=["rms", "sgd"], default="rms")
+    p.add_argument("--dyn-decay", type=float, default=1e-3, help="dynamic evaluation's pull toward the "
+                   "pretrained weights per step (default: tune-dynamic's best on asyncio for the shipped model)")
+    p.add_argument("--full-context-window", type=int, default=4096, help="attention window of the full_context "
+                   "row (bytes)")
+    p.add_argument("--dyn-params", choices=["all", "fast_W0"], default=None, help="also run that dynamic "
+                   "evaluation (all: dynamic_eval, fast_W0: sparse_dynamic_eval)")
+    p.add_argument("--dyn-tuned", action="store_true", help="take dynamic evaluation's step size and decay from "
+                   "the sweep on asyncio (cl-arch eval tune-dynamic; cached per model, run if missing)")
+    p.add_argument("--no-dynamic-eval", action="store_true", help="skip dynamic evaluation")
+    p.add_argument("--methods", default="frozen,adapt,adapt+reward,no_persist", help="rows, comma-separated, from "
+                   "static, frozen, adapt, adapt+reward, no_persist (batched) and full_context, sparse_dynamic_eval, "
+                   "dynamic_eval (one at a time)")
+    p.add_argument("--second-session", action="store_true", help="read the stream again as a new session "
+                   "(S dropped, P kept): what the committed P carries that S cannot")
+    p.add_argument("--fold-budget", type=float, default=None, help="also report the held-out drift after a fold "
+                   "guarded by this forgetting budget (bits/byte on training-corpus windows)")
+
+
+def config_from_args(args: argparse.Namespace) -> CodebaseConfig:
+    """The parsed options of :func:`add_arguments` as a :class:`CodebaseConfig`."""
+    methods = comma_list(args.methods)
+    extra = {"all": "dynamic_eval", "fast_W0": "sparse_dynamic_eval"}.get(args.dyn_params)
+    if extra and extra not in methods:
+        methods.append(extra)
+    return options_config(CodebaseConfig, args, source=source_from_args(args), methods=tuple(methods),
+                          with_dynamic_eval=not args.no_dynamic_eval)
+
+
+def describe(report: Dict[str, Any]) -> str:
+    """The tables the command line prints: the rows, the guarded fold and the second session."""
+    text = report.get("table", "")
+    if "fold_table" in report:
+        text += ("\n\nfold guarded by a forgetting budget (fraction chosen on training-corpus windows):\n"
+                 + report["fold_table"])
+    if "second_session_table" in report:
+        text += ("\n\nsecond session over the same stream (S dropped, P kept):\n" + report["second_session_table"]
+                 + "\n\neach row's second session against its own first (what the saved P is worth):\n"
+                 + report["second_session_vs_first_table"])
+    return text
+
+
+def _dynamic_settings(cfg: CodebaseConfig, model: PlasticTransformer, solo_names: Sequence[str]
+                      ) -> Dict[str, Dict[str, Any]]:
+    """Each dynamic evaluation's params, step size and decay: the config's, or the sweep's with ``dyn_tuned``."""
+    settings = {"dynamic_eval": {"params": "all", "lr": cfg.dyn_lr, "decay": cfg.dyn_decay, "tuned_on": None},
+                "sparse_dynamic_eval": {"params": "fast_W0", "lr": cfg.sparse_lr, "decay": cfg.sparse_decay,
+                                        "tuned_on": None}}
     for n in solo_names:
-        if n in dyn_settings and dyn_tuned:
-            best = load_or_tune(model, package=dyn_tune_package, params=dyn_settings[n]["params"])
-            dyn_settings[n].update(lr=best["best"]["lr"], decay=best["best"]["decay"], tuned_on=best["tuned_on"])
-    calib: Dict[str, Any] = {}
+        if n in settings and cfg.dyn_tuned:
+            best = load_or_tune(model, package=cfg.dyn_tune_package, params=settings[n]["params"])
+            settings[n].update(lr=best["best"]["lr"], decay=best["best"]["decay"], tuned_on=best["tuned_on"])
+    return settings
+
+
+def _solo_makers(cfg: CodebaseConfig, model: PlasticTransformer, solo_names: Sequence[str],
+                 dyn_settings: Dict[str, Dict[str, Any]], calib: Dict[str, Any]) -> Dict[str, Any]:
+    """``name -> callable`` building a fresh reader for every row read one at a time; dynamic
+    evaluation calibrates on the first build (recorded in ``calib``) and the later builds reuse it."""
     calib_set = None
-    if any(n in dyn_settings for n in solo_names) and dyn_rule == "rms":
-        calib_set = list(calibration_batches(calib_batches, chunk, seed + 7))
+    if any(n in dyn_settings for n in solo_names) and cfg.dyn_rule == "rms":
+        calib_set = list(calibration_batches(cfg.calib_batches, cfg.chunk, cfg.seed + 7))
 
     def make(n: str):
         if n == "full_context":
-            return lambda: FullContext(model, full_context_window)
-        cfg = dyn_settings[n]
-
+            return lambda: FullContext(model, cfg.full_context_window)
+        s = dyn_settings[n]
         ms: List[torch.Tensor] = []  # calibrated once per row; the timing repeats reuse it
 
         def build():
-            d = DynamicEval(model, lr=cfg["lr"], rule=dyn_rule, eps=dyn_eps, decay=cfg["decay"], params=cfg["params"])
-            if dyn_rule == "rms" and ms:
+            d = DynamicEval(model, lr=s["lr"], rule=cfg.dyn_rule, eps=cfg.dyn_eps, decay=s["decay"], params=s["params"])
+            if cfg.dyn_rule == "rms" and ms:
                 d.load_calibration(ms)
-            elif dyn_rule == "rms":
+            elif cfg.dyn_rule == "rms":
                 calib[n] = d.calibrate(iter(calib_set))
                 ms.extend(d.ms)
             return d
         return build
 
-    makers = {n: make(n) for n in solo_names}
-    base = base_windows(drift_windows, 512, seed) if drift_windows else None
-    out = run_stream(model, segments, policies, None, chunk, desc=f"codebase {os.path.basename(src.rstrip('/'))}",
-                     lam=lam, solo={n: f() for n, f in makers.items()})
-    cost = (time_rows(model, segments[:timing_episodes], policies, makers, chunk, timing_repeats, lam)
-            if timing_episodes else None)
-    guard = (anchor_windows(16, 512, seed), float(fold_budget)) if fold_budget is not None and base is not None else None
-    methods_out = summarize(out, model, chunk, episode_bytes, base, cost, guard)
-    second = None
-    if second_session:
-        learner = out["learner"]
-        learner.new_session()
-        out2 = run_stream(model, segments, policies, None, chunk, desc="second session", lam=lam, learner=learner)
-        second = summarize(out2, model, chunk, episode_bytes, None, cost)
-        # What P is worth: each row's second pass against its own first pass, which started
-        # without P (a new session that adapts from scratch). Frozen and no_persist read the
-        # second pass exactly like the first (nothing survives a session), so their figure is 0.
-        for row in second:
-            a, b = out["bits"][row], out2["bits"][row]
-            gains = M.gain_curve(a, b, POINTS)
-            s2 = second[row]["summary"]
-            for n in POINTS:
-                if n in gains:
-                    s2[f"gain_over_first_session_{_short(n)}"] = gains[n]
-                    s2[f"gain_over_first_session_ci_{_short(n)}"] = list(gain_interval(a, b, n))
+    return {n: make(n) for n in solo_names}
+
+
+def _second_session(cfg: CodebaseConfig, model: PlasticTransformer, segments, policies, out: Dict[str, Any],
+                    cost) -> Dict[str, Any]:
+    """The stream read again by the same learner as a new session, each row against its own first pass."""
+    learner = out["learner"]
+    learner.new_session()
+    out2 = run_stream(model, segments, policies, None, cfg.chunk, desc="second session", lam=cfg.lam, learner=learner)
+    second = summarize(out2, model, cfg.chunk, cfg.episode_bytes, None, cost)
+    # What P is worth: each row's second pass against its own first pass, which started
+    # without P (a new session that adapts from scratch). Frozen and no_persist read the
+    # second pass exactly like the first (nothing survives a session), so their figure is 0.
+    for row in second:
+        a, b = out["bits"][row], out2["bits"][row]
+        gains = M.gain_curve(a, b, POINTS)
+        s2 = second[row]["summary"]
+        for n in POINTS:
+            if n in gains:
+                s2[f"gain_over_first_session_{_short(n)}"] = gains[n]
+                s2[f"gain_over_first_session_ci_{_short(n)}"] = list(gain_interval(a, b, n))
+    return second
+
+
+def run(cfg: Optional[CodebaseConfig] = None, model: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
+    """Run the codebase benchmark (settings: ``cfg``, default :class:`CodebaseConfig`) on ``model``
+    (default :func:`~cl_arch.eval.lib.models.text_model`: the shipped model, or with ``cache_dir`` /
+    ``pretrain_seconds`` one loaded from or trained into the cache) and, with ``cfg.out_dir``, write
+    ``<name>.json`` and ``<name>.png``. Returns the report (schema: :mod:`cl_arch.eval.lib.report`)."""
+    cfg = cfg or CodebaseConfig()
+    torch.manual_seed(cfg.seed)
+    src = cfg.source or held_out_package("json")
+    if os.path.basename(os.path.normpath(src)) == cfg.dyn_tune_package and cfg.dyn_tuned:
+        raise ValueError(f"the reported stream {src} is the package dynamic evaluation is tuned on "
+                         f"({cfg.dyn_tune_package}); report another one")
+    files = resolve_sources(src)
+    model = text_model(model, cfg.cache_dir, cfg.pretrain_seconds, cfg.no_readout, cfg.no_episodic)
+    model.eval()
+    segments = segment_stream(files, cfg.max_bytes, cfg.episode_bytes)
+    methods = [m for m in cfg.methods if m != "dynamic_eval" or cfg.with_dynamic_eval]
+    if cfg.with_dynamic_eval and "dynamic_eval" not in methods:
+        methods.append("dynamic_eval")
+    solo_names = [m for m in methods if m in SOLO_METHODS]
+    policies = default_policies(cfg.eta_s, cfg.eta_r, cfg.gamma, [m for m in methods if m not in SOLO_METHODS])
+    dyn_settings = _dynamic_settings(cfg, model, solo_names)
+    calib: Dict[str, Any] = {}
+    makers = _solo_makers(cfg, model, solo_names, dyn_settings, calib)
+    base = base_windows(cfg.drift_windows, 512, cfg.seed) if cfg.drift_windows else None
+    out = run_stream(model, segments, policies, None, cfg.chunk, desc=f"codebase {os.path.basename(src.rstrip('/'))}",
+                     lam=cfg.lam, solo={n: f() for n, f in makers.items()})
+    cost = (time_rows(model, segments[:cfg.timing_episodes], policies, makers, cfg.chunk, cfg.timing_repeats, cfg.lam)
+            if cfg.timing_episodes else None)
+    guard = ((anchor_windows(16, 512, cfg.seed), float(cfg.fold_budget))
+             if cfg.fold_budget is not None and base is not None else None)
+    methods_out = summarize(out, model, cfg.chunk, cfg.episode_bytes, base, cost, guard)
+    second = _second_session(cfg, model, segments, policies, out, cost) if cfg.second_session else None
     without_reward = {p.name: sum(1 for ep in out["rewards"] if ep[i] is None)
                       for i, p in enumerate(policies) if p.use_reward}
     report = {
         "benchmark": "codebase",
-        "config": {"source": os.path.abspath(src), "files": len(files), "bytes": n_bytes,
-                   "episodes": len(segments), "episode_bytes": episode_bytes, "chunk": chunk, "eta_s": eta_s,
-                   "eta_r": eta_r, "gamma": gamma, "lam": lam, "dyn_rule": dyn_rule, "dyn_eps": dyn_eps,
-                   "dyn_lr": dyn_settings["dynamic_eval"]["lr"], "dyn_decay": dyn_settings["dynamic_eval"]["decay"],
-                   "dyn_tuned_on": dyn_settings["dynamic_eval"]["tuned_on"],
-                   "dynamic_evaluations": {n: dyn_settings[n] for n in solo_names if n in dyn_settings},
-                   "calibration": calib, "calib_batches": calib_batches, "full_context_window": full_context_window,
-                   "reward": REWARD_DEFINITION, "episodes_without_reward": without_reward,
-                   "cost": ("every row alone at batch 1 on the first %d episodes, median of %d repeats, this process "
-                            "and thread count (%d); FLOPs counted by torch.utils.flop_counter on one chunk"
-                            % (timing_episodes, timing_repeats, torch.get_num_threads())) if cost else
-                           "stream wall time (batched rows: divided by the batch)",
-                   "drift_windows": drift_windows, "fold_budget": fold_budget,
-                   "model_fingerprint": model.fingerprint(), "model_parameters": model.num_parameters(),
-                   "model_config": model.config.to_dict(), "seed": seed},
+        "config": _config_record(cfg, model, src, files, segments, solo_names, dyn_settings, calib, without_reward,
+                                 cost is not None),
         "x_label": "bytes read", "y_label": "gain over frozen (bits/byte, local mean, 95% band)", "log_x": True,
         "methods": methods_out,
     }
@@ -483,15 +415,36 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
                f"{m['summary']['folded_drift_ci'][1]:+.3f}]"]
               for n, m in methods_out.items() if "fold_fraction" in m["summary"]]
     if folded:
-        report["fold_table"] = format_table(folded, ["method", "drift, all of P", f"fold fraction (budget {fold_budget})",
+        report["fold_table"] = format_table(folded, ["method", "drift, all of P",
+                                                     f"fold fraction (budget {cfg.fold_budget})",
                                                      "anchor forgetting at it", "held-out drift after the fold"])
     if second is not None:
         report["second_session"] = second
         report["second_session_table"] = table({"methods": second})
         report["second_session_vs_first_table"] = table_vs_first(second)
-    if out_dir:
-        write_report(report, out_dir, name or "codebase")
+    if cfg.out_dir:
+        write_report(report, cfg.out_dir, cfg.name or "codebase")
     return report
+
+
+def _config_record(cfg: CodebaseConfig, model: PlasticTransformer, src: str, files, segments, solo_names,
+                   dyn_settings, calib, without_reward, timed: bool) -> Dict[str, Any]:
+    """The report's ``config``: what was read, with which settings, by which model."""
+    return {"source": os.path.abspath(src), "files": len(files), "bytes": sum(len(s) for s, _ in segments),
+            "episodes": len(segments), "episode_bytes": cfg.episode_bytes, "chunk": cfg.chunk, "eta_s": cfg.eta_s,
+            "eta_r": cfg.eta_r, "gamma": cfg.gamma, "lam": cfg.lam, "dyn_rule": cfg.dyn_rule, "dyn_eps": cfg.dyn_eps,
+            "dyn_lr": dyn_settings["dynamic_eval"]["lr"], "dyn_decay": dyn_settings["dynamic_eval"]["decay"],
+            "dyn_tuned_on": dyn_settings["dynamic_eval"]["tuned_on"],
+            "dynamic_evaluations": {n: dyn_settings[n] for n in solo_names if n in dyn_settings},
+            "calibration": calib, "calib_batches": cfg.calib_batches, "full_context_window": cfg.full_context_window,
+            "reward": REWARD_DEFINITION, "episodes_without_reward": without_reward,
+            "cost": ("every row alone at batch 1 on the first %d episodes, median of %d repeats, this process "
+                     "and thread count (%d); FLOPs counted by torch.utils.flop_counter on one chunk"
+                     % (cfg.timing_episodes, cfg.timing_repeats, torch.get_num_threads())) if timed else
+                    "stream wall time (batched rows: divided by the batch)",
+            "drift_windows": cfg.drift_windows, "fold_budget": cfg.fold_budget,
+            "model_fingerprint": model.fingerprint(), "model_parameters": model.num_parameters(),
+            "model_config": model.config.to_dict(), "seed": cfg.seed}
 
 
 def table(report: Dict[str, Any]) -> str:
@@ -527,6 +480,5 @@ def table_vs_first(second: Dict[str, Any]) -> str:
     return format_table(rows, ["method", "2nd vs 1st session @1k", "@10k", "@100k"])
 
 
-__all__ = ["table_vs_first", "demo_config", "default_model", "without_readout", "demo_pretrain_overrides",
-           "default_cache_dir", "stdlib_model", "held_out_package", "segment_stream", "line_acceptance",
-           "base_windows", "window_bpb", "default_policies", "run_stream", "summarize", "run", "table", "POINTS"]
+__all__ = ["HELP", "POINTS", "SOLO_METHODS", "CodebaseConfig", "add_arguments", "config_from_args", "describe",
+           "gain_interval", "guarded_fold_drift", "run", "summarize", "table", "table_vs_first"]

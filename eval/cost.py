@@ -16,58 +16,24 @@ depend on their values, and building a 32k-token cache by prefill would cost min
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
-from typing import Any, Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from cl_arch import PlasticConfig, PlasticTransformer
-from cl_arch.memory import EpisodicMemory
 from cl_arch.state import AttnLayerState, FastLayerState, ModelState
 
-from .models import stdlib_model
-from .report import curve, format_table, write_report
-
-
-def flops_per_token(model: PlasticTransformer, context: int) -> float:
-    """Estimated forward FLOPs per token with ``context`` attended positions.
-
-    ``2 * (weights of every Linear, lm_head included)`` for the matmuls,
-    ``+ 10 * H * K * V`` per fast layer (decay, read-before-write, outer-product write,
-    read-after-write and trace update on the ``[K, V]`` state of each head; the readout
-    memory's heads alike; the episodic memory's plus ``2 F d_model`` for its keys),
-    ``+ 4 * d_model * context`` per attention layer (scores and weighted sum).
-    Embedding lookups, norms and activations are ignored (they are O(d), not O(d^2)).
-    """
-    cfg = model.config
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    total = 2.0 * matmul
-    for t in cfg.layer_types:
-        if t == "fast":
-            total += 10.0 * cfg.n_heads * cfg.head_k_dim * cfg.head_v_dim
-        else:
-            ctx = context if cfg.attn_window is None else min(context, cfg.attn_window)
-            total += 4.0 * cfg.d_model * ctx
-    for m in model.output_memories():  # the same rule on [K, V] per head, plus its read-out
-        total += 10.0 * m.n_heads * m.head_k_dim * m.head_v_dim
-        if isinstance(m, EpisodicMemory):  # its key features R h
-            total += 2.0 * m.head_k_dim * cfg.d_model
-        if m.value_kind == "embed":  # the read goes back through the head
-            total += 2.0 * cfg.d_model * cfg.vocab_size
-    return total
-
-
-def state_bytes(state: ModelState) -> int:
-    """Bytes of every tensor a :class:`ModelState` holds."""
-    n = 0
-    for s in state.layers:
-        for t in (vars(s).values()):
-            if isinstance(t, torch.Tensor):
-                n += t.numel() * t.element_size()
-    return n
+from .lib.compute import flops_per_token, state_bytes
+from .lib.models import text_model
+from .lib.options import add_model_options
+from .lib.options import config_from_args as options_config
+from .lib.report import curve, format_table, write_report
 
 
 def _full_context(model: PlasticTransformer) -> PlasticTransformer:
@@ -105,16 +71,45 @@ def _time_forward(model, ids, state, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(model: Optional[PlasticTransformer] = None, interactions: Sequence[int] = (1, 10, 100, 1000),
-        interaction_tokens: int = 32, repeats: int = 5, out_dir: Optional[str] = "runs/eval",
-        name: Optional[str] = None, cache_dir: Optional[str] = None, seed: int = 0) -> Dict[str, Any]:
+@dataclass
+class CostConfig:
+    """Every setting of one cost run (:func:`run`): one interaction of ``interaction_tokens`` timed
+    (median of ``repeats``) after each count of ``interactions``; ``cache_dir``, ``pretrain_seconds``,
+    ``no_readout``, ``no_episodic``: the default model (:func:`~cl_arch.eval.lib.models.text_model`)."""
+    interactions: Tuple[int, ...] = (1, 10, 100, 1000)
+    interaction_tokens: int = 32
+    repeats: int = 5
+    cache_dir: Optional[str] = None
+    pretrain_seconds: Optional[float] = None
+    no_readout: bool = False
+    no_episodic: bool = False
+    out_dir: Optional[str] = "runs/eval"
+    name: Optional[str] = None
+    seed: int = 0
+
+
+HELP = "what remembering costs per token as interactions accumulate, against a growing context"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``cl-arch eval cost``'s options (defaults: :class:`CostConfig`'s)."""
+    add_model_options(p)
+
+
+def config_from_args(args: argparse.Namespace) -> CostConfig:
+    """The parsed options of :func:`add_arguments` as a :class:`CostConfig`."""
+    return options_config(CostConfig, args)
+
+
+def run(cfg: Optional[CostConfig] = None, model: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
     """Time one interaction of ``interaction_tokens`` after ``n`` earlier ones, for each ``n``.
 
     Returns the report (methods ``adapted`` and ``in_context``; curves of ms/token vs ``n``;
     summaries with bytes of state and FLOPs per token at the largest ``n``).
     """
-    if model is None:
-        model = stdlib_model(cache_dir)
+    cfg = cfg or CostConfig()
+    interactions, interaction_tokens, repeats, seed = cfg.interactions, cfg.interaction_tokens, cfg.repeats, cfg.seed
+    model = text_model(model, cfg.cache_dir, cfg.pretrain_seconds, cfg.no_readout, cfg.no_episodic)
     model.eval()
     full = _full_context(model)
     gen = torch.Generator().manual_seed(seed)
@@ -158,9 +153,9 @@ def run(model: Optional[PlasticTransformer] = None, interactions: Sequence[int] 
          for i, n in enumerate(xs)],
         ["interactions", "adapted ms/tok", "in-context ms/tok", "adapted state KiB", "in-context state KiB",
          "adapted MFLOP/tok", "in-context MFLOP/tok"])
-    if out_dir:
-        write_report(report, out_dir, name or "cost")
+    if cfg.out_dir:
+        write_report(report, cfg.out_dir, cfg.name or "cost")
     return report
 
 
-__all__ = ["flops_per_token", "state_bytes", "run"]
+__all__ = ["HELP", "CostConfig", "add_arguments", "config_from_args", "run"]

@@ -20,35 +20,27 @@ of the paying action under the policy), averaged over seeds, smoothed over a tra
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from cl_arch import PlasticTransformer
 from cl_arch.train.tasks import NEG, POS, Bandit, PreferenceGame
 
-from . import metrics as M
-from .baselines import RowPolicy
-from .play import BanditEnv, PreferenceEnv, play  # noqa: F401  (re-exported: the games' environments)
-from .report import curve, format_table, write_report
+from .lib import metrics as M
+from .lib.learners import RowPolicy
+from .lib.models import recall_model
+from .lib.options import add_recall_options
+from .lib.options import config_from_args as options_config
+from .lib.play import BanditEnv, PreferenceEnv, play
+from .lib.report import curve, format_table, write_report
 
-
-# ---------------------------------------------------------------------------- model
-def recall_model(steps: int = 600, cache_root: str = "runs", seed: int = 0) -> PlasticTransformer:
-    """A model trained on associative recall (:func:`cl_arch.train.recall.train_recall_model`),
-    cached in ``<cache_root>/recall-model-<steps>-<seed>`` (docs/design.md, "Measuring learning":
-    never test learning on a fresh model)."""
-    from cl_arch.train.recall import train_recall_model
-
-    path = os.path.join(cache_root, f"recall-model-{steps}-{seed}")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return PlasticTransformer.from_pretrained(path).eval()
-    model = train_recall_model(steps=steps, seed=seed, log=lambda s: tqdm.write(s))
-    model.save_pretrained(path)
-    return model.eval()
+_log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- bandit baselines
@@ -122,7 +114,7 @@ def reward_memory_model(base: PlasticTransformer, cache_root: str = "runs", fit_
         with open(path) as f:
             result = json.load(f)
     else:
-        logger = log or (lambda s: tqdm.write(s))
+        logger = log or _log.info
         result = (fit_reward_memory(base, seed=fit_seed, log=logger) if fit == "search"
                   else meta_train_reward_memory(base, seed=fit_seed, log=logger))
         os.makedirs(cache_root, exist_ok=True)
@@ -135,13 +127,57 @@ def reward_memory_model(base: PlasticTransformer, cache_root: str = "runs", fit_
     return model
 
 
-def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: int = 8, n_cues: int = 8,
-        n_answers: int = 8, k_arms: int = 4, temperature: float = 1.0, eta_r: Optional[float] = None,
-        gamma: Optional[float] = None, recall_steps: int = 600, out_dir: Optional[str] = "runs/eval",
-        name: Optional[str] = None, seed: int = 0, games: Sequence[str] = ("bandit", "preference", "cue_reward", "shift"),
-        reward_memory: bool = False, tokens: str = "default", yoked: bool = True, cache_root: str = "runs",
-        reward_fit: str = "search", delay: int = 0, credit: str = "stored", close: Optional[int] = None
-        ) -> Dict[str, Any]:
+@dataclass
+class GamesConfig:
+    """Every setting of one games run (:func:`run`): ``seeds`` independent instances of each game of
+    ``games``, ``episodes`` episodes each; the other fields as :func:`run` describes."""
+    episodes: int = 300
+    seeds: int = 8
+    games: Tuple[str, ...] = ("bandit", "preference", "cue_reward", "shift")
+    n_cues: int = 8
+    n_answers: int = 8
+    k_arms: int = 4
+    temperature: float = 1.0
+    eta_r: Optional[float] = None
+    gamma: Optional[float] = None
+    reward_memory: bool = False
+    reward_fit: str = "search"
+    tokens: str = "default"
+    yoked: bool = True
+    delay: int = 0
+    credit: str = "stored"
+    close: Optional[int] = None
+    recall_steps: int = 600
+    cache_root: str = "runs"
+    out_dir: Optional[str] = "runs/eval"
+    name: Optional[str] = None
+    seed: int = 0
+
+
+HELP = "reward-only learning in synthetic games"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``cl-arch eval games``'s options (defaults: :class:`GamesConfig`'s)."""
+    add_recall_options(p, episodes=300, seeds=8)
+    p.add_argument("--reward-memory", action="store_true", help="add a reward memory to the model, its settings "
+                   "fitted on the training token sets (cl_arch.train.reward_memory; cached in runs/)")
+    p.add_argument("--tokens", choices=["default", "held_out"], default="default", help="play on the default "
+                   "token sets or on those reward-memory fitting never sees")
+    p.add_argument("--reward-fit", choices=["search", "meta"], default="search", help="how the reward memory's "
+                   "settings are chosen on the training token sets: grid search, or meta-gradient through the commits")
+    p.add_argument("--reward-delay", type=int, default=0, help="rewards arrive this many episodes late")
+    p.add_argument("--credit", choices=["stored", "current"], default="stored", help="a late reward is committed "
+                   "with the trace of the episode that earned it (stored) or of the one just ended")
+    p.add_argument("--no-yoked", action="store_true", help="leave out the yoked control rows")
+
+
+def config_from_args(args: argparse.Namespace) -> GamesConfig:
+    """The parsed options of :func:`add_arguments` as a :class:`GamesConfig`."""
+    return options_config(GamesConfig, args, delay=args.reward_delay, yoked=not args.no_yoked)
+
+
+def run(cfg: Optional[GamesConfig] = None, model: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
     """Run the games for ``seeds`` independent instances each; returns (and writes) the report.
 
     Args:
@@ -154,17 +190,24 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
         yoked: add the yoked control rows (each gets its kept partner's rewards).
         delay, credit: rewards arrive ``delay`` episodes late, committed with the trace of the
             episode that earned them (``"stored"``) or of the one just ended (``"current"``); see
-            :func:`~cl_arch.eval.play.play`.
+            :func:`~cl_arch.eval.lib.play.play`.
         close: a token read after every answer before the commit (None: episodes end on the answer;
-            see :func:`~cl_arch.eval.play.play`).
+            see :func:`~cl_arch.eval.lib.play.play`).
     """
     from cl_arch.train.reward_memory import HELD_OUT_TOKENS
 
+    cfg = cfg or GamesConfig()
+    episodes, seeds, games, n_cues, n_answers, k_arms = (cfg.episodes, cfg.seeds, cfg.games, cfg.n_cues,
+                                                         cfg.n_answers, cfg.k_arms)
+    temperature, eta_r, gamma, tokens, yoked, delay, credit, close = (cfg.temperature, cfg.eta_r, cfg.gamma,
+                                                                      cfg.tokens, cfg.yoked, cfg.delay,
+                                                                      cfg.credit, cfg.close)
+    cache_root, seed = cfg.cache_root, cfg.seed
     if tokens not in ("default", "held_out"):
         raise ValueError(f"tokens must be 'default' or 'held_out', got {tokens!r}")
-    model = model if model is not None else recall_model(recall_steps, cache_root)
-    if reward_memory:
-        model = reward_memory_model(model, cache_root, fit=reward_fit)
+    model = model if model is not None else recall_model(cfg.recall_steps, cache_root)
+    if cfg.reward_memory:
+        model = reward_memory_model(model, cache_root, fit=cfg.reward_fit)
     model.eval()
     held = tokens == "held_out"
     tok = {"arm_tokens": HELD_OUT_TOKENS["arms"]} if held else {}
@@ -273,9 +316,10 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 300, seeds: 
         report["table"] += "\n\n" + format_table(
             [[k.split("/")[1], f"{v['summary']['regret_final']:.1f}"] for k, v in methods.items() if k.startswith("regret/")],
             [f"bandit policy (k={k_arms}, {E} pulls)", "final cumulative regret"])
-    if out_dir:
-        write_report(report, out_dir, name or "games")
+    if cfg.out_dir:
+        write_report(report, cfg.out_dir, cfg.name or "games")
     return report
 
 
-__all__ = ["recall_model", "reward_memory_model", "PreferenceEnv", "BanditEnv", "play", "ucb1", "thompson", "run"]
+__all__ = ["HELP", "GamesConfig", "add_arguments", "config_from_args", "reward_memory_model", "ucb1", "thompson",
+           "run"]

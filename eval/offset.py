@@ -25,15 +25,17 @@ model's context; the difference is a lower bound on what the fast path carries.
 Statistics: per file, the per-byte losses (bits) are averaged within buckets of ``bucket`` bytes
 of offset; per bucket, the two curves are the means over the files that reach it, and the paired
 difference ``reset - model`` gets a 95% percentile-bootstrap interval over files
-(:func:`cl_arch.eval.metrics.paired_bootstrap_ci`, 2000 resamples). The headline figure is the
+(:func:`cl_arch.eval.lib.metrics.paired_bootstrap_ci`, 2000 resamples). The headline figure is the
 difference averaged over every offset ``>= W`` (per file first, then over files) with the same
 bootstrap interval.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import random
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -41,11 +43,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cl_arch import PlasticTransformer
 from cl_arch.io import write_json
 from cl_arch.state import FastLayerState, ModelState
 
-from . import metrics as M
-from .report import curve, format_table, validate
+from .lib import metrics as M
+from .lib.models import text_model
+from .lib.options import add_model_options, comma_list
+from .lib.options import config_from_args as options_config
+from .lib.report import curve, format_table, validate
 
 DEFAULT_SOURCES: Tuple[str, ...] = ("json", "email", "xml")
 VARIANTS: Tuple[str, ...] = ("model", "reset_every_window")
@@ -128,11 +134,11 @@ def file_losses(model, data: bytes, window: int, modulation: Optional[float] = N
 # ---------------------------------------------------------------------------- files
 def resolve_offset_sources(sources: Union[str, Sequence[str]]) -> List[str]:
     """Files of ``sources``: each entry an existing folder / file / glob (:func:`resolve_sources`)
-    or the name of a stdlib package (:func:`~cl_arch.eval.codebase.held_out_package`). Sorted per
+    or the name of a stdlib package (:func:`~cl_arch.eval.lib.streams.held_out_package`). Sorted per
     entry, duplicates dropped."""
     from cl_arch.train.data import resolve_sources
 
-    from .streams import held_out_package
+    from .lib.streams import held_out_package
 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -274,9 +280,47 @@ def table(report: Dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- benchmark
-def run(model, sources: Union[str, Sequence[str]] = DEFAULT_SOURCES, max_file_bytes: int = 4096,
-        min_file_bytes: int = 1024, bucket: int = 128, max_files: Optional[int] = None,
-        out_dir: Optional[str] = "runs/eval", name: str = "offset", seed: int = 0,
+@dataclass
+class OffsetConfig:
+    """Every setting of one offset run (:func:`run`, whose docstring says what each means);
+    ``cache_dir``, ``pretrain_seconds``, ``no_readout``, ``no_episodic``: the default model
+    (:func:`~cl_arch.eval.lib.models.text_model`)."""
+    sources: Tuple[str, ...] = DEFAULT_SOURCES
+    max_file_bytes: int = 4096
+    min_file_bytes: int = 1024
+    bucket: int = 128
+    max_files: Optional[int] = None
+    cache_dir: Optional[str] = None
+    pretrain_seconds: Optional[float] = None
+    no_readout: bool = False
+    no_episodic: bool = False
+    out_dir: Optional[str] = "runs/eval"
+    name: str = "offset"
+    seed: int = 0
+
+
+HELP = "loss by byte offset within held-out files: does the fast memory carry past the attention window"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``cl-arch eval offset``'s options (defaults: :class:`OffsetConfig`'s)."""
+    add_model_options(p)
+    p.add_argument("--source", default=None, help="folder, file or glob of .py files (default: the held-out "
+                   "stdlib packages json, email and xml)")
+    p.add_argument("--package", default=None, help="held-out stdlib packages, comma-separated (e.g. json,email,xml)")
+    p.add_argument("--max-file-bytes", type=int, default=4096, help="bytes read from the start of each file")
+    p.add_argument("--min-file-bytes", type=int, default=1024, help="shorter files are skipped")
+    p.add_argument("--bucket", type=int, default=128, help="bucket width in bytes of file offset")
+    p.add_argument("--max-files", type=int, default=None, help="at most this many files (a seeded sample)")
+
+
+def config_from_args(args: argparse.Namespace) -> OffsetConfig:
+    """The parsed options of :func:`add_arguments` as an :class:`OffsetConfig`."""
+    sources = (comma_list(args.package) if args.package else [args.source] if args.source else DEFAULT_SOURCES)
+    return options_config(OffsetConfig, args, sources=tuple(sources), name=args.report_name or "offset")
+
+
+def run(cfg: Optional[OffsetConfig] = None, model: Optional[PlasticTransformer] = None,
         _modulation: Optional[float] = None) -> Dict[str, Any]:
     """Per-offset bits/byte with and without the fast memories' reach past the attention window.
 
@@ -288,6 +332,8 @@ def run(model, sources: Union[str, Sequence[str]] = DEFAULT_SOURCES, max_file_by
     Args:
         model: a :class:`~cl_arch.PlasticTransformer` with a sliding attention window
             (``config.attn_window``); put in eval mode for the run (its mode is restored after).
+            None: :func:`~cl_arch.eval.lib.models.text_model` of ``cfg``.
+        cfg: the settings (:class:`OffsetConfig`), each below:
         sources: stdlib package names (default the held-out ``json``, ``email``, ``xml``) and/or
             folders, files or globs of ``.py`` files (:func:`resolve_offset_sources`).
         max_file_bytes: bytes read from the start of each file.
@@ -301,7 +347,7 @@ def run(model, sources: Union[str, Sequence[str]] = DEFAULT_SOURCES, max_file_by
             (0.0: fast memories write nothing, so the reset must change nothing).
 
     Returns:
-        The report dict (schema of :mod:`cl_arch.eval.report`): ``methods`` holds both curves
+        The report dict (schema of :mod:`cl_arch.eval.lib.report`): ``methods`` holds both curves
         (x = bucket centre offset, y = mean bits/byte over files); ``difference`` holds per
         bucket ``reset - model`` with its 95% bootstrap interval over files and the same over all
         offsets ``>= W`` (``beyond_window``); ``config`` the sources, files, bytes, window, bucket
@@ -311,6 +357,10 @@ def run(model, sources: Union[str, Sequence[str]] = DEFAULT_SOURCES, max_file_by
         ValueError: the model has no attention window (``config.attn_window`` is None), no file
             is long enough, or a size argument is not positive.
     """
+    cfg = cfg or OffsetConfig()
+    sources, max_file_bytes, min_file_bytes, bucket = cfg.sources, cfg.max_file_bytes, cfg.min_file_bytes, cfg.bucket
+    max_files, out_dir, name, seed = cfg.max_files, cfg.out_dir, cfg.name, cfg.seed
+    model = text_model(model, cfg.cache_dir, cfg.pretrain_seconds, cfg.no_readout, cfg.no_episodic)
     W = getattr(model.config, "attn_window", None)
     if W is None:
         raise ValueError("offset: config.attn_window is None; the reset_every_window variant needs a sliding "
@@ -389,5 +439,5 @@ def _finite(o: Any) -> Any:
     return o
 
 
-__all__ = ["run", "stream_losses", "file_losses", "reset_fast_states", "resolve_offset_sources", "summarize",
+__all__ = ["HELP", "OffsetConfig", "add_arguments", "config_from_args", "run", "stream_losses", "file_losses", "reset_fast_states", "resolve_offset_sources", "summarize",
            "plot", "table", "DEFAULT_SOURCES", "VARIANTS"]

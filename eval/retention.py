@@ -3,7 +3,7 @@
 Tasks are hidden-preference games with different preferences (8 cues x 8 answers, reward only).
 One learner plays task 0 for ``episodes`` episodes, then task 1, ... Its persistent memory ``P``
 carries across tasks. After each task ``i`` every task ``j`` is scored without learning
-(:func:`cl_arch.eval.sutton.expected_score`: mean probability of the preferred answer over j's
+(:func:`cl_arch.eval.lib.play.expected_score`: mean probability of the preferred answer over j's
 cues): ``R[i, j]``. ``b_j`` is the score before any learning (for FWT).
 
 Consolidation (docs/design.md, "Public API"): after each task, ``fold`` (``W0 <- W0 + P,
@@ -14,8 +14,10 @@ consolidation that raises is recorded in the report, not fatal.
 """
 from __future__ import annotations
 
+import argparse
 import copy
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,12 +26,13 @@ from tqdm import tqdm
 from cl_arch import PlasticTransformer
 from cl_arch.train.tasks import PreferenceGame
 
-from . import metrics as M
-from .baselines import EpisodeLearner, RowPolicy
-from .games import recall_model
-from .play import PreferenceEnv
-from .report import curve, format_table, write_report
-from .sutton import expected_score
+from .lib import metrics as M
+from .lib.learners import EpisodeLearner, RowPolicy
+from .lib.models import recall_model
+from .lib.options import add_recall_options
+from .lib.options import config_from_args as options_config
+from .lib.play import PreferenceEnv, expected_score
+from .lib.report import curve, format_table, write_report
 
 
 def _consolidation_available() -> Optional[str]:
@@ -149,13 +152,41 @@ def _gem(R: np.ndarray, b: List[float]) -> Tuple[Dict[str, float], List[float]]:
     return gem, [M.gem_metrics(R[s])["bwt"] for s in range(R.shape[0])]
 
 
-def run(model: Optional[PlasticTransformer] = None, tasks: int = 4, episodes: int = 150, seeds: int = 4,
-        recall_steps: int = 600, out_dir: Optional[str] = "runs/eval", name: Optional[str] = None,
-        seed: int = 0, consolidation: Sequence[str] = ("fold", "distill"), distill_steps: int = 60
-        ) -> Dict[str, Any]:
+@dataclass
+class RetentionConfig:
+    """Every setting of one retention run (:func:`run`): ``tasks`` preference games learned one after
+    another, ``episodes`` each, ``seeds`` learners; each method of ``consolidation`` applied after every
+    task (``distill_steps`` for distill); the default model is recall-trained for ``recall_steps``."""
+    tasks: int = 4
+    episodes: int = 150
+    seeds: int = 4
+    consolidation: Tuple[str, ...] = ("fold", "distill")
+    distill_steps: int = 60
+    recall_steps: int = 600
+    out_dir: Optional[str] = "runs/eval"
+    name: Optional[str] = None
+    seed: int = 0
+
+
+HELP = "tasks learned one after another: what is kept (R matrix, ACC, BWT, FWT)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``cl-arch eval retention``'s options (defaults: :class:`RetentionConfig`'s)."""
+    add_recall_options(p, episodes=150, seeds=4)
+
+
+def config_from_args(args: argparse.Namespace) -> RetentionConfig:
+    """The parsed options of :func:`add_arguments` as a :class:`RetentionConfig`."""
+    return options_config(RetentionConfig, args)
+
+
+def run(cfg: Optional[RetentionConfig] = None, model: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
     """Sequential preference games; returns (and writes) the report with R, ACC, BWT, FWT, forgetting,
     without consolidation and with each method of ``consolidation`` applied after every task."""
-    model = (model if model is not None else recall_model(recall_steps)).eval()
+    cfg = cfg or RetentionConfig()
+    tasks, episodes, seeds, seed, distill_steps = cfg.tasks, cfg.episodes, cfg.seeds, cfg.seed, cfg.distill_steps
+    model = (model if model is not None else recall_model(cfg.recall_steps)).eval()
     games = [PreferenceGame(8, 8, seed=seed + 7000 + i) for i in range(tasks)]
     zero = [torch.zeros(m.n_heads, m.head_k_dim, m.head_v_dim) for m in model.fast_layers()]
     b = [expected_score(model, zero, g) for g in games]
@@ -167,7 +198,7 @@ def run(model: Optional[PlasticTransformer] = None, tasks: int = 4, episodes: in
     methods["task 0"]["summary"].update(gem)
     why_not = _consolidation_available()
     consolidated: Dict[str, Any] = {}
-    for method in (() if why_not else consolidation):
+    for method in (() if why_not else cfg.consolidation):
         Rc, events = learn_sequence_consolidated(model, games, episodes, seeds, method, seed, distill_steps)
         gc, bwt_c = _gem(Rc, b)
         failed = [e for e in events if not e["ok"]]
@@ -194,9 +225,9 @@ def run(model: Optional[PlasticTransformer] = None, tasks: int = 4, episodes: in
         lines.append(f"consolidation: {why_not}")
     report["table"] = (format_table(rows, ["R (no consolidation)"] + [f"task {j}" for j in range(tasks)]) +
                        "\n\nconsolidation after each task (chance 0.125):\n" + "\n".join(lines))
-    if out_dir:
-        write_report(report, out_dir, name or "retention")
+    if cfg.out_dir:
+        write_report(report, cfg.out_dir, cfg.name or "retention")
     return report
 
 
-__all__ = ["learn_sequence", "learn_sequence_consolidated", "run"]
+__all__ = ["HELP", "RetentionConfig", "add_arguments", "config_from_args", "learn_sequence", "learn_sequence_consolidated", "run"]

@@ -19,8 +19,8 @@ from cl_arch import PlasticTransformer
 from cl_arch.train.reward_memory import TRAIN_TOKENS, RewardMemorySettings, with_reward_memory
 from cl_arch.train.tasks import Bandit, PreferenceGame
 
-from .baselines import RowPolicy
-from .play import BanditEnv, PreferenceEnv, action_probs, action_table, play
+from .lib.learners import RowPolicy
+from .lib.play import BanditEnv, PreferenceEnv, action_probs, action_table, play
 
 
 class NoisyReward:

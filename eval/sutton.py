@@ -16,7 +16,9 @@ but not yoked, the gain is from having a memory, not from learning this task.
 """
 from __future__ import annotations
 
+import argparse
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -27,24 +29,14 @@ from cl_arch import PlasticTransformer
 from cl_arch.train.data import resolve_sources
 from cl_arch.train.tasks import PreferenceGame
 
-from . import metrics as M
-from .baselines import EpisodeLearner, RowPolicy
-from .codebase import held_out_package, line_acceptance, segment_stream, stdlib_model
-from .games import recall_model
-from .play import PreferenceEnv, play
-from .report import curve, format_table, write_report
-
-
-@torch.no_grad()
-def expected_score(model: PlasticTransformer, P: List[torch.Tensor], game: PreferenceGame) -> float:
-    """Mean probability of the preferred answer over all of ``game``'s cues, with persistent memory
-    ``P`` (one ``[H, K, V]`` per fast layer), no learning: ``mean_c pi(pref(c) | c)``."""
-    C = game.n_cues
-    st = model.materialize_state(model.init_state(C, [p.expand(C, *p.shape[-3:]) for p in P]), C)
-    logits, _ = model(torch.tensor([game.prompt(c) for c in game.cues]), state=st)
-    probs = torch.softmax(logits[:, -1, game.answers].float(), -1)
-    idx = torch.tensor([game.answers.index(game.preferred[c]) for c in game.cues])
-    return float(probs.gather(1, idx[:, None]).mean())
+from .lib import metrics as M
+from .lib.learners import EpisodeLearner, RowPolicy
+from .lib.models import recall_model, stdlib_model
+from .lib.options import add_model_options, add_recall_options, add_stream_options, source_from_args
+from .lib.options import config_from_args as options_config
+from .lib.play import PreferenceEnv, expected_score, play
+from .lib.report import curve, format_table, write_report
+from .lib.streams import held_out_package, line_acceptance, segment_stream
 
 
 def sutton_scores(model: PlasticTransformer, P_kept: List[torch.Tensor], P_yoked: List[torch.Tensor],
@@ -59,7 +51,7 @@ def sutton_scores(model: PlasticTransformer, P_kept: List[torch.Tensor], P_yoked
 def games_test(model: PlasticTransformer, episodes: int, seeds: int, seed: int = 0) -> Dict[str, Any]:
     """The Sutton test on the hidden-preference game; returns curves and the delta figures.
 
-    Games A and B of every seed are played in one batch by :func:`cl_arch.eval.play.play`; at each
+    Games A and B of every seed are played in one batch by :func:`cl_arch.eval.lib.play.play`; at each
     checkpoint the memories are probed with :func:`sutton_scores`."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -120,19 +112,56 @@ def tab_test(model: PlasticTransformer, source: str, other: str, max_bytes: int,
     return {"acceptance": acc, "stats": st, "episodes": n}
 
 
-def run(model: Optional[PlasticTransformer] = None, episodes: int = 200, seeds: int = 8, source: Optional[str] = None,
-        other: Optional[str] = None, max_bytes: int = 40_000, episode_bytes: int = 2048, recall_steps: int = 600,
-        cache_dir: Optional[str] = None, pretrain_seconds: Optional[float] = None, text_model: Optional[PlasticTransformer] = None,
-        out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, seed: int = 0,
-        parts: tuple = ("games", "tabcomplete")) -> Dict[str, Any]:
-    """Both Sutton tests. ``model`` plays the games (default: recall-trained); ``text_model`` reads
-    the code (default: the stdlib model); ``source``/``other``: the tree and the yoked tree
-    (default: held-out stdlib ``json`` and ``tomllib``)."""
+@dataclass
+class SuttonConfig:
+    """Every setting of one Sutton run (:func:`run`). ``parts``: which tests (``games``,
+    ``tabcomplete``); games: ``episodes`` x ``seeds`` on the recall model (``recall_steps``);
+    tabcomplete: ``source`` and the yoked tree ``other`` (default held-out stdlib ``json`` and
+    ``tomllib``), the first ``max_bytes`` in episodes of ``episode_bytes``, read by the text model
+    (``cache_dir``, ``pretrain_seconds``: :func:`~cl_arch.eval.lib.models.stdlib_model`)."""
+    episodes: int = 200
+    seeds: int = 8
+    parts: Tuple[str, ...] = ("games", "tabcomplete")
+    source: Optional[str] = None
+    other: Optional[str] = None
+    max_bytes: int = 40_000
+    episode_bytes: int = 2048
+    recall_steps: int = 600
+    cache_dir: Optional[str] = None
+    pretrain_seconds: Optional[float] = None
+    out_dir: Optional[str] = "runs/eval"
+    name: Optional[str] = None
+    seed: int = 0
+
+
+HELP = "the Sutton test: does the state kept from attempt k improve attempt k + 1"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``cl-arch eval sutton``'s options (defaults: :class:`SuttonConfig`'s)."""
+    add_recall_options(p, episodes=200, seeds=8)
+    add_model_options(p, memories=False)
+    add_stream_options(p, max_bytes=40_000)
+
+
+def config_from_args(args: argparse.Namespace) -> SuttonConfig:
+    """The parsed options of :func:`add_arguments` as a :class:`SuttonConfig`."""
+    return options_config(SuttonConfig, args, source=source_from_args(args))
+
+
+def run(cfg: Optional[SuttonConfig] = None, model: Optional[PlasticTransformer] = None,
+        text_model: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
+    """Both Sutton tests (settings: ``cfg``, default :class:`SuttonConfig`). ``model`` plays the games
+    (default: recall-trained for ``cfg.recall_steps``); ``text_model`` reads the code (default: the
+    stdlib model); returns (and with ``cfg.out_dir`` writes) the report."""
+    cfg = cfg or SuttonConfig()
+    episodes, seeds, seed, parts = cfg.episodes, cfg.seeds, cfg.seed, cfg.parts
+    max_bytes, episode_bytes = cfg.max_bytes, cfg.episode_bytes
     methods: Dict[str, Any] = {}
     rows = []
-    cfg: Dict[str, Any] = {"episodes": episodes, "seeds": seeds, "seed": seed, "parts": list(parts)}
+    record: Dict[str, Any] = {"episodes": episodes, "seeds": seeds, "seed": seed, "parts": list(parts)}
     if "games" in parts:
-        gm = model if model is not None else recall_model(recall_steps)
+        gm = model if model is not None else recall_model(cfg.recall_steps)
         res = games_test(gm.eval(), episodes, seeds, seed)
         for k, ys in res["curves"].items():
             methods[f"games/{k}"] = {"curve": curve(res["checkpoints"], ys), "summary": {"final": ys[-1]}}
@@ -141,9 +170,9 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 200, seeds: 
         rows.append(["games (preference 8x8)", s["n"], f"{s['sutton_delta']:+.3f} [{s['sutton_ci'][0]:+.3f}, {s['sutton_ci'][1]:+.3f}]",
                      f"{s['yoked_delta']:+.3f} [{s['yoked_ci'][0]:+.3f}, {s['yoked_ci'][1]:+.3f}]"])
     if "tabcomplete" in parts:
-        tm = text_model if text_model is not None else stdlib_model(cache_dir, seconds=pretrain_seconds)
-        src, oth = source or held_out_package("json"), other or held_out_package("tomllib")
-        cfg.update(source=os.path.abspath(src), other=os.path.abspath(oth), max_bytes=max_bytes, episode_bytes=episode_bytes)
+        tm = text_model if text_model is not None else stdlib_model(cfg.cache_dir, seconds=cfg.pretrain_seconds)
+        src, oth = cfg.source or held_out_package("json"), cfg.other or held_out_package("tomllib")
+        record.update(source=os.path.abspath(src), other=os.path.abspath(oth), max_bytes=max_bytes, episode_bytes=episode_bytes)
         res = tab_test(tm.eval(), src, oth, max_bytes, episode_bytes, seed=seed)
         xs = list(range(1, res["episodes"] + 1))
         for i, k in enumerate(("reset", "kept", "yoked")):
@@ -153,12 +182,12 @@ def run(model: Optional[PlasticTransformer] = None, episodes: int = 200, seeds: 
         s = res["stats"]
         rows.append(["tabcomplete", s["n"], f"{s['sutton_delta']:+.4f} [{s['sutton_ci'][0]:+.4f}, {s['sutton_ci'][1]:+.4f}]",
                      f"{s['yoked_delta']:+.4f} [{s['yoked_ci'][0]:+.4f}, {s['yoked_ci'][1]:+.4f}]"])
-    report = {"benchmark": "sutton", "config": cfg, "x_label": "episodes", "y_label": "reward / acceptance",
+    report = {"benchmark": "sutton", "config": record, "x_label": "episodes", "y_label": "reward / acceptance",
               "log_x": False, "methods": methods}
     report["table"] = format_table(rows, ["task", "pairs", "kept - reset [95% CI]", "kept - yoked [95% CI]"])
-    if out_dir:
-        write_report(report, out_dir, name or "sutton")
+    if cfg.out_dir:
+        write_report(report, cfg.out_dir, cfg.name or "sutton")
     return report
 
 
-__all__ = ["expected_score", "sutton_scores", "games_test", "tab_test", "run"]
+__all__ = ["HELP", "SuttonConfig", "add_arguments", "config_from_args", "sutton_scores", "games_test", "tab_test", "run"]

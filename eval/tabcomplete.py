@@ -5,7 +5,7 @@ from the lines before); the simulated user accepts the longest correct prefix; r
 of the line's characters accepted; then the real line is observed (the model reads it, and its
 fast weights write it). Greedy proposals agree with the real line exactly until their first wrong
 byte, so the accepted prefix is the run of correct argmax predictions under teacher forcing
-(:func:`cl_arch.eval.codebase.line_acceptance`): no decoding loop is needed and the figure is exact.
+(:func:`cl_arch.eval.lib.streams.line_acceptance`): no decoding loop is needed and the figure is exact.
 
 Two benchmarks:
 
@@ -13,7 +13,7 @@ Two benchmarks:
   persists; each episode's commit is modulated by its mean acceptance, plus retention ``eta_s``) vs
   ``adapt off`` (frozen). Curves: acceptance rate vs lines, and cumulative characters saved.
 * :func:`run_users` (the default): tab completion as a reward task. Each simulated user writes the
-  held-out code in a style drawn per user (:mod:`cl_arch.eval.user_style`: indentation, quotes,
+  held-out code in a style drawn per user (:mod:`cl_arch.eval.lib.user_style`: indentation, quotes,
   naming) and reads its files in an order drawn per user; the user accepts a suggestion when it
   matches the styled line (:func:`accepts`), and each suggestion's reward (1 accepted, 0 or -1
   rejected, or the accepted fraction) is averaged over the episode and fed to the episode's commit.
@@ -26,8 +26,10 @@ Two benchmarks:
 """
 from __future__ import annotations
 
-import math
+import argparse
+import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,21 +40,104 @@ from cl_arch import PlasticTransformer
 from cl_arch.stats import cluster_bootstrap_ci  # re-exported: the cluster bootstrap lives with the others
 from cl_arch.train.data import resolve_sources
 
-from . import metrics as M
-from .baselines import EpisodeLearner, RowPolicy
-from .codebase import default_policies, held_out_package, log_points, run_stream, segment_stream, stdlib_model
-from .report import curve, format_table, write_report
-from .streams import NEWLINE, line_acceptance
-from .user_style import Style, apply_style, draw_style
+from .lib import metrics as M
+from .lib.learners import EpisodeLearner, RowPolicy
+from .lib.models import text_model
+from .lib.options import add_model_options, add_rate_options, add_stream_options, source_from_args
+from .lib.options import config_from_args as options_config
+from .lib.reading import default_policies, log_points, run_stream
+from .lib.report import curve, format_table, write_report
+from .lib.streams import NEWLINE, held_out_package, line_acceptance, segment_stream
+from .lib.user_style import Style, apply_style, draw_style
+
+logger = logging.getLogger(__name__)
 
 
-def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None, max_bytes: int = 100_000,
-        episode_bytes: int = 2048, chunk: int = 256, eta_s: Optional[float] = None, eta_r: Optional[float] = None,
-        out_dir: Optional[str] = "runs/eval", name: Optional[str] = None, cache_dir: Optional[str] = None,
-        pretrain_seconds: Optional[float] = None, seed: int = 0) -> Dict[str, Any]:
-    """Run the tab-completion benchmark on ``source`` (default: held-out stdlib ``json``)."""
+ROWS = ("kept", "reset", "yoked", "unrewarded", "static")
+REWARDS = ("binary", "signed", "fraction")
+TUNING_PACKAGE = "asyncio"  # settings are chosen here (or on the training corpus), never on a reported stream
+
+
+@dataclass
+class TabcompleteConfig:
+    """Every setting of one tab-completion run (:func:`run`).
+
+    With ``users`` > 0 (default 8), :func:`run_users`: simulated users, each with a drawn style and
+    file order, reading ``suggestions`` non-blank lines in episodes of ``user_episode_bytes``
+    (``style``, ``reward``, ``min_chars``, ``rows``, ``window``, ``shuffle_files`` and the commit
+    overrides ``eta_s``, ``eta_r``, ``gamma``, ``lam`` apply). With ``users`` = 0,
+    :func:`run_single`: one stream as written (``max_bytes``, ``episode_bytes``), adapt on vs off.
+    ``source``: default the held-out stdlib ``json`` package; ``cache_dir``, ``pretrain_seconds``,
+    ``no_readout``, ``no_episodic``: the default model (:func:`~cl_arch.eval.lib.models.text_model`).
+    """
+    source: Optional[str] = None
+    users: int = 8
+    suggestions: int = 500
+    window: int = 100
+    style: Optional[Style] = None
+    reward: str = "binary"
+    min_chars: int = 4
+    rows: Tuple[str, ...] = ("kept", "reset", "yoked", "unrewarded")
+    user_episode_bytes: int = 256
+    shuffle_files: bool = True
+    max_bytes: Optional[int] = 100_000
+    episode_bytes: int = 2048
+    chunk: int = 256
+    eta_s: Optional[float] = None
+    eta_r: Optional[float] = None
+    gamma: Optional[float] = None
+    lam: Optional[float] = None
+    cache_dir: Optional[str] = None
+    pretrain_seconds: Optional[float] = None
+    no_readout: bool = False
+    no_episodic: bool = False
+    out_dir: Optional[str] = "runs/eval"
+    name: Optional[str] = None
+    seed: int = 0
+
+
+HELP = "next-line proposals accepted by simulated users, as the model is used"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``cl-arch eval tabcomplete``'s options (defaults: :class:`TabcompleteConfig`'s)."""
+    add_model_options(p)
+    add_stream_options(p)
+    add_rate_options(p)
+    p.add_argument("--users", type=int, default=8, help="simulated users, each with a drawn style and file order "
+                   "(kept/reset/yoked rows, run_users); 0: one stream as written, adapt on vs off")
+    p.add_argument("--suggestions", type=int, default=500, help="suggestions (non-blank lines) per user")
+    p.add_argument("--window", type=int, default=100, help="the last window of suggestions reported")
+    p.add_argument("--style", default=None, help="one style for every user, e.g. "
+                   "'indent=2,quotes=double,naming=camel' (default: drawn per user)")
+    p.add_argument("--reward", choices=list(REWARDS), default="binary", help="per suggestion 1/0, 1/-1 or the "
+                   "accepted share of the line")
+    p.add_argument("--min-chars", type=int, default=4, help="a suggestion is accepted when right through the "
+                   "indentation and this many characters (or the whole line)")
+    p.add_argument("--rows", default="kept,reset,yoked,unrewarded", help="rows from kept, reset, yoked, "
+                   "unrewarded, static")
+    p.add_argument("--user-episode-bytes", type=int, default=256, help="longest episode of a user's stream")
+
+
+def config_from_args(args: argparse.Namespace) -> TabcompleteConfig:
+    """The parsed options of :func:`add_arguments` as a :class:`TabcompleteConfig`."""
+    return options_config(TabcompleteConfig, args, source=source_from_args(args),
+                          style=Style.parse(args.style) if args.style else None,
+                          rows=tuple(r.strip() for r in args.rows.split(",")))
+
+
+def run(cfg: Optional[TabcompleteConfig] = None, model: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
+    """The tab-completion benchmark: :func:`run_users` (``cfg.users`` > 0) or :func:`run_single`."""
+    cfg = cfg or TabcompleteConfig()
+    return run_users(cfg, model) if cfg.users > 0 else run_single(cfg, model)
+
+
+def run_single(cfg: TabcompleteConfig, model: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
+    """One stream of ``cfg.source`` as written (``cfg.max_bytes``, ``cfg.episode_bytes``), adapt on vs off."""
+    source, max_bytes, episode_bytes, chunk = cfg.source, cfg.max_bytes, cfg.episode_bytes, cfg.chunk
+    eta_s, eta_r, seed, out_dir, name = cfg.eta_s, cfg.eta_r, cfg.seed, cfg.out_dir, cfg.name
     src = source or held_out_package("json")
-    model = model if model is not None else stdlib_model(cache_dir, seconds=pretrain_seconds)
+    model = text_model(model, cfg.cache_dir, cfg.pretrain_seconds, cfg.no_readout, cfg.no_episodic)
     model.eval()
     segments = segment_stream(resolve_sources(src), max_bytes, episode_bytes)
     pols = default_policies(eta_s, eta_r, None, ("frozen", "adapt+reward"))
@@ -93,11 +178,6 @@ def run(source: Optional[str] = None, model: Optional[PlasticTransformer] = None
 
 
 # ---------------------------------------------------------------------------- simulated users
-ROWS = ("kept", "reset", "yoked", "unrewarded", "static")
-REWARDS = ("binary", "signed", "fraction")
-TUNING_PACKAGE = "asyncio"  # settings are chosen here (or on the training corpus), never on a reported stream
-
-
 def row_policies(rows: Sequence[str], eta_s: Optional[float] = None, eta_r: Optional[float] = None,
                  gamma: Optional[float] = None) -> List[RowPolicy]:
     """The batched rows of :func:`run_users` (names from :data:`ROWS`; ``kept`` and ``reset`` required)."""
@@ -138,7 +218,7 @@ def user_segments(files: Sequence[str], style: Style, order_seed: Optional[int],
     """A user's stream: ``files`` in an order drawn from ``order_seed`` (None: as given), each
     written in ``style``, cut at line ends into episodes of at most ``episode_bytes``, ending after
     the ``suggestions``-th non-blank line. Returns ``[(segment, prev_byte)]`` as
-    :func:`~cl_arch.eval.streams.segment_stream` (``prev_byte``: the input that predicts byte 0)."""
+    :func:`~cl_arch.eval.lib.streams.segment_stream` (``prev_byte``: the input that predicts byte 0)."""
     order = list(files) if order_seed is None else [files[i] for i in
                                                     np.random.default_rng([order_seed, 7]).permutation(len(files))]
     out: List[Tuple[bytes, int]] = []
@@ -168,7 +248,7 @@ def user_segments(files: Sequence[str], style: Style, order_seed: Optional[int],
 def read_episode(learner: EpisodeLearner, seg: bytes, prev: int, chunk: int = 256) -> np.ndarray:
     """Every row reads ``seg`` (teacher forcing, scored before it is written); returns
     ``correct [B, len(seg)]``: whether each byte was the row's argmax prediction. The episode's last
-    byte is then observed too, as :func:`~cl_arch.eval.codebase.run_stream` does; the episode is
+    byte is then observed too, as :func:`~cl_arch.eval.lib.reading.run_stream` does; the episode is
     left open (the caller closes it with its rewards)."""
     x = torch.tensor([prev] + list(seg[:-1]), dtype=torch.long)
     y = torch.tensor(list(seg), dtype=torch.long)
@@ -196,18 +276,11 @@ def paired_intervals(per_user: Dict[str, List[np.ndarray]], episode: List[np.nda
             "users_positive": int(sum(x > y for x, y in zip(mu, mb))), "n_users": len(mu), "n": int(d.size)}
 
 
-def run_users(source: Optional[str] = None, model: Optional[PlasticTransformer] = None, users: int = 8,
-              suggestions: int = 500, window: int = 100, style: Optional[Style] = None, reward: str = "binary",
-              min_chars: int = 4, rows: Sequence[str] = ("kept", "reset", "yoked", "unrewarded"),
-              episode_bytes: int = 256, chunk: int = 256, eta_s: Optional[float] = None,
-              eta_r: Optional[float] = None, gamma: Optional[float] = None, lam: Optional[float] = None,
-              shuffle_files: bool = True, out_dir: Optional[str] = "runs/eval", name: Optional[str] = None,
-              cache_dir: Optional[str] = None, pretrain_seconds: Optional[float] = None, seed: int = 0
-              ) -> Dict[str, Any]:
+def run_users(cfg: TabcompleteConfig, model: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
     """Tab completion as a reward task for ``users`` simulated users on ``source`` (default:
     held-out stdlib ``json``).
 
-    User ``u`` has seed ``seed + u``: its style (:func:`~cl_arch.eval.user_style.draw_style`, or
+    User ``u`` has seed ``seed + u``: its style (:func:`~cl_arch.eval.lib.user_style.draw_style`, or
     ``style`` for all) and, with ``shuffle_files``, its file order. Its stream holds ``suggestions``
     non-blank lines, each one suggestion, in episodes of at most ``episode_bytes``. All users are
     read in lock step, one :class:`EpisodeLearner` of ``len(rows)`` rows each, so that at every
@@ -230,6 +303,9 @@ def run_users(source: Optional[str] = None, model: Optional[PlasticTransformer] 
     over all suggestions and the last window, the intervals (:func:`paired_intervals`), per-user
     figures in ``report["users"]``.
     """
+    source, users, suggestions, window, style = cfg.source, cfg.users, cfg.suggestions, cfg.window, cfg.style
+    reward, min_chars, rows, episode_bytes, chunk = cfg.reward, cfg.min_chars, cfg.rows, cfg.user_episode_bytes, cfg.chunk
+    eta_s, eta_r, gamma, lam, shuffle_files, seed = cfg.eta_s, cfg.eta_r, cfg.gamma, cfg.lam, cfg.shuffle_files, cfg.seed
     if reward not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
     if users < 1 or suggestions < 1 or not 1 <= window <= suggestions:
@@ -237,8 +313,8 @@ def run_users(source: Optional[str] = None, model: Optional[PlasticTransformer] 
                          f"(got {users}, {suggestions}, {window})")
     src = source or held_out_package("json")
     if os.path.basename(os.path.normpath(src)) == TUNING_PACKAGE:
-        print(f"note: {TUNING_PACKAGE} is the tuning package; report json, email or xml")
-    model = model if model is not None else stdlib_model(cache_dir, seconds=pretrain_seconds)
+        logger.warning(f"{TUNING_PACKAGE} is the tuning package; report json, email or xml")
+    model = text_model(model, cfg.cache_dir, cfg.pretrain_seconds, cfg.no_readout, cfg.no_episodic)
     model.eval()
     files = resolve_sources(src)
     pols = row_policies(rows, eta_s, eta_r, gamma)
@@ -291,7 +367,7 @@ def run_users(source: Optional[str] = None, model: Optional[PlasticTransformer] 
         users=users, suggestions=suggestions, window=window, reward=reward, min_chars=min_chars,
         episode_bytes=episode_bytes, chunk=chunk, eta_s=eta_s, eta_r=eta_r, gamma=gamma, lam=lam,
         shuffle_files=shuffle_files, fixed_style=None if style is None else style.describe(), seed=seed),
-        out_dir, name)
+        cfg.out_dir, cfg.name)
 
 
 PAIRS = (("kept", "reset"), ("yoked", "reset"), ("kept", "yoked"), ("unrewarded", "reset"), ("kept", "unrewarded"))
@@ -366,5 +442,6 @@ def table(report: Dict[str, Any]) -> str:
                                               "95% CI (users)", "users where a > b"])
 
 
-__all__ = ["run", "run_users", "row_policies", "accepts", "suggestion_rewards", "user_segments", "read_episode",
-           "cluster_bootstrap_ci", "paired_intervals", "table", "ROWS", "REWARDS"]
+__all__ = ["HELP", "REWARDS", "ROWS", "TabcompleteConfig", "accepts", "add_arguments", "cluster_bootstrap_ci",
+           "config_from_args", "paired_intervals", "read_episode", "row_policies", "run", "run_single", "run_users",
+           "suggestion_rewards", "table", "user_segments"]

@@ -26,7 +26,7 @@ def positive_int(text: str) -> int:
 
 
 def default_model_dir() -> str:
-    """Folder of the shipped model (``cl_arch/assets/default_model``), as cl_arch.eval.models reads it."""
+    """Folder of the shipped model (``cl_arch/assets/default_model``), as cl_arch.eval.lib.models reads it."""
     import cl_arch
 
     return os.path.join(os.path.dirname(os.path.abspath(cl_arch.__file__)), "assets", "default_model")
@@ -58,7 +58,7 @@ def load_model(model: Optional[str], log=None, flag: str = "--model"):
     stdout is its product, like ``adapt``, keeps it clean).
     """
     if is_default(model):
-        from cl_arch.eval.models import default_model
+        from cl_arch.eval.lib.models import default_model
 
         return default_model(log=log or (lambda s: print(s, file=sys.stderr)))
     from cl_arch import PlasticTransformer

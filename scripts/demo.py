@@ -55,19 +55,22 @@ def add_parser(sub):
 
 def run(args):
     from cl_arch.eval import codebase
+    from cl_arch.eval.lib.models import stdlib_model
+    from cl_arch.eval.lib.streams import held_out_package
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model = codebase.stdlib_model(args.cache_dir, seconds=args.pretrain_seconds, seed=args.seed)
+    model = stdlib_model(args.cache_dir, seconds=args.pretrain_seconds, seed=args.seed, log=print)
     t_model = time.perf_counter() - start
-    source = args.source or codebase.held_out_package(args.package)
+    source = args.source or held_out_package(args.package)
     print(f"reading {args.max_bytes} bytes of {source} (never seen in pretraining)")
-    rep = codebase.run(source=source, model=model, max_bytes=args.max_bytes, episode_bytes=args.episode_bytes,
-                       eta_s=args.eta_s, dyn_lr=args.dyn_lr, dyn_decay=args.dyn_decay,
-                       methods=("static", "frozen", "adapt", "no_persist", "full_context", "sparse_dynamic_eval",
-                                "dynamic_eval"),
-                       drift_windows=4, timing_episodes=2, timing_repeats=1, out_dir=args.out,
-                       name="demo", seed=args.seed)
+    cfg = codebase.CodebaseConfig(source=source, max_bytes=args.max_bytes, episode_bytes=args.episode_bytes,
+                                  eta_s=args.eta_s, dyn_lr=args.dyn_lr, dyn_decay=args.dyn_decay,
+                                  methods=("static", "frozen", "adapt", "no_persist", "full_context",
+                                           "sparse_dynamic_eval", "dynamic_eval"),
+                                  drift_windows=4, timing_episodes=2, timing_repeats=1, out_dir=args.out,
+                                  name="demo", seed=args.seed)
+    rep = codebase.run(cfg, model)
     print()
     print(rep["table"])
     s = {m: v["summary"] for m, v in rep["methods"].items()}

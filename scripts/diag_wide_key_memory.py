@@ -15,13 +15,14 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from cl_arch.eval import codebase
-from cl_arch.eval.streams import held_out_package
+
+from cl_arch.eval.lib.models import default_model
+from cl_arch.eval.lib.streams import held_out_package
 
 
 def main():
     torch.set_num_threads(2)
-    model = codebase.default_model(log=lambda *a: None)
+    model = default_model(log=lambda *a: None)
     path = held_out_package("asyncio") + "/base_events.py"
     data = open(path, "rb").read()[:int(sys.argv[1]) if len(sys.argv) > 1 else 8000]
     ids = torch.tensor([10] + list(data[:-1]))[None]; tgt = torch.tensor(list(data))

@@ -37,7 +37,7 @@ def run(args) -> int:
         return 0
     r = meta_train(cfg)
     try:  # the evaluation suite's paired bootstrap, when present, for the figures quoted
-        from cl_arch.eval.metrics import sutton_delta
+        from cl_arch.eval.lib.metrics import sutton_delta
 
         for k in ("before", "after"):
             s = sutton_delta(r[k]["kept"], r[k]["reset"])

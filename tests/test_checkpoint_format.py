@@ -94,7 +94,7 @@ def test_load_default_is_the_shipped_model():
     assert isinstance(m, PlasticTransformer) and not m.training
     assert m.fingerprint() == SHIPPED_FINGERPRINT
     assert default_model_dir() == os.path.join(os.path.dirname(cl_arch.__file__), "assets", "default_model")
-    from cl_arch.eval.models import default_model
+    from cl_arch.eval.lib.models import default_model
 
     said = []
     assert default_model(log=said.append).fingerprint() == SHIPPED_FINGERPRINT

@@ -212,7 +212,7 @@ def test_adapt_saves_after_every_commit(ws, capsys, monkeypatch):
 
 
 def test_adapt_defaults_to_the_shipped_model(ws, capsys, monkeypatch):
-    from cl_arch.eval.models import default_model
+    from cl_arch.eval.lib.models import default_model
 
     code, out, err = run_cli(capsys, ["adapt", "--session", "s.safetensors", "--max-new-tokens", "2", "--seed", "0"],
                              stdin="1984\n/reward 1\n", monkeypatch=monkeypatch)
@@ -253,7 +253,7 @@ def test_consolidate_keeps_same_named_sessions_apart(ws, capsys):
 
 
 def test_consolidate_defaults_to_the_shipped_model(ws, capsys):
-    from cl_arch.eval.models import default_model
+    from cl_arch.eval.lib.models import default_model
 
     model = default_model(log=lambda s: None)
     rewarded_session(model, b"def f(x):", 0).save(ws / "s.safetensors")
@@ -292,7 +292,7 @@ def test_consolidate_default_anchor_is_the_training_corpus(monkeypatch):
 
 # ---------------------------------------------------------------------- eval
 def test_eval_model_default_is_the_shipped_model():
-    from cl_arch.eval.models import default_model
+    from cl_arch.eval.lib.models import default_model
     from cl_arch.scripts import eval as eval_cli
 
     model = eval_cli._model(type("Args", (), {"model": "default"})())

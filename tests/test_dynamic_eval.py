@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cl_arch import PlasticConfig, PlasticTransformer
-from cl_arch.eval import tune_dynamic
-from cl_arch.eval.baselines import DynamicEval, calibration_batches
-from cl_arch.eval.tune_dynamic import FrozenReader, prequential_bits
+from cl_arch.eval.lib import dyntune
+from cl_arch.eval.lib.dyntune import FrozenReader, prequential_bits
+from cl_arch.eval.lib.learners import DynamicEval, calibration_batches
 from cl_arch.train.data import read_bytes, split_files, stdlib_files
 
 
@@ -181,15 +181,15 @@ def test_dynamic_eval_remembers_a_repeated_string(seed, calib):
 def test_tune_refuses_reported_and_trained_packages(tiny):
     for pkg in ("json", "email", "xml"):
         with pytest.raises(ValueError, match="reported stream"):
-            tune_dynamic.tune(tiny, package=pkg, progress=False)
+            dyntune.tune(tiny, package=pkg, progress=False)
         with pytest.raises(ValueError, match="reported stream"):
-            tune_dynamic.load_or_tune(tiny, package=pkg, progress=False)
+            dyntune.load_or_tune(tiny, package=pkg, progress=False)
     with pytest.raises(ValueError, match="pretrained on it"):
-        tune_dynamic.tune(tiny, package="collections", progress=False)
+        dyntune.tune(tiny, package="collections", progress=False)
 
 
 def _small(tiny, cache_dir, **kw):
-    return tune_dynamic.load_or_tune(tiny, package="asyncio", max_bytes=300, lrs=[1e-3, 1e-2], decays=[0.0],
+    return dyntune.load_or_tune(tiny, package="asyncio", max_bytes=300, lrs=[1e-3, 1e-2], decays=[0.0],
                                      chunk=64, calib_batches=2, cache_dir=str(cache_dir), progress=False, **kw)
 
 
@@ -208,14 +208,14 @@ def test_load_or_tune_caches_and_survives_a_corrupt_cache(tiny, tmp_path, monkey
     def boom(*a, **k):
         raise AssertionError("tuned again although cached")
 
-    real = tune_dynamic.tune
-    monkeypatch.setattr(tune_dynamic, "tune", boom)
+    real = dyntune.tune
+    monkeypatch.setattr(dyntune, "tune", boom)
     second = _small(tiny, tmp_path)
     assert second["cached"] and second["best"] == first["best"] and second["grid"] == first["grid"]
     with pytest.raises(AssertionError, match="tuned again"):  # another grid is another file
         _small(tiny, tmp_path, seed=1)
 
-    monkeypatch.setattr(tune_dynamic, "tune", real)
+    monkeypatch.setattr(dyntune, "tune", real)
     with open(first["cache_path"], "w") as f:
         f.write('{"best": {"lr": 0.001, "de')  # a torn write
     with pytest.warns(RuntimeWarning, match="unusable"):
@@ -227,8 +227,8 @@ def test_load_or_tune_caches_and_survives_a_corrupt_cache(tiny, tmp_path, monkey
 
 def test_tune_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CL_ARCH_CACHE", str(tmp_path))
-    assert tune_dynamic.tune_cache_dir() == os.path.join(str(tmp_path), "dyn_tune")
-    assert tune_dynamic.tune_cache_dir("/x") == "/x"
+    assert dyntune.tune_cache_dir() == os.path.join(str(tmp_path), "dyn_tune")
+    assert dyntune.tune_cache_dir("/x") == "/x"
 
 
 def test_tune_dynamic_cli(tiny, tmp_path, monkeypatch):
@@ -240,9 +240,9 @@ def test_tune_dynamic_cli(tiny, tmp_path, monkeypatch):
     model_dir = tmp_path / "model"
     tiny.save_pretrained(str(model_dir))
     monkeypatch.setenv("CL_ARCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(tune_dynamic, "DEFAULT_LRS", {"all": (1e-3,), "fast_W0": (1e-2,)})
-    monkeypatch.setattr(tune_dynamic, "DEFAULT_DECAYS", (0.0, 1e-2))
-    monkeypatch.setattr(tune_dynamic, "DEFAULT_CALIB_BATCHES", 2)
+    monkeypatch.setattr(dyntune, "DEFAULT_LRS", {"all": (1e-3,), "fast_W0": (1e-2,)})
+    monkeypatch.setattr(dyntune, "DEFAULT_DECAYS", (0.0, 1e-2))
+    monkeypatch.setattr(dyntune, "DEFAULT_CALIB_BATCHES", 2)
     parser = argparse.ArgumentParser()
     eval_cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(["eval", "tune-dynamic", "--model", str(model_dir), "--max-bytes", "200",

@@ -8,8 +8,20 @@ import pytest
 import torch
 
 from cl_arch import PlasticConfig
-from cl_arch.eval import codebase, cost, games, report, retention, sutton, tabcomplete
-from cl_arch.eval.baselines import DynamicEval, EpisodeLearner
+from cl_arch.eval import codebase, cost, games, retention, sutton, tabcomplete
+from cl_arch.eval.codebase import CodebaseConfig
+from cl_arch.eval.cost import CostConfig
+from cl_arch.eval.games import GamesConfig
+from cl_arch.eval.lib import report
+from cl_arch.eval.lib.context import FullContext
+from cl_arch.eval.lib.learners import DynamicEval, EpisodeLearner
+from cl_arch.eval.lib.models import default_cache_dir, default_model, stdlib_model
+from cl_arch.eval.lib.reading import default_policies, run_stream
+from cl_arch.eval.lib.streams import NEWLINE, held_out_package, line_acceptance, segment_stream
+from cl_arch.eval.retention import RetentionConfig
+from cl_arch.eval.sutton import SuttonConfig
+from cl_arch.eval.tabcomplete import TabcompleteConfig
+from cl_arch.train.data import resolve_sources
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +39,7 @@ def learner_model(request):
 def tree(tmp_path_factory):
     """A small unseen 'package': two real held-out stdlib files."""
     d = tmp_path_factory.mktemp("pkg")
-    src = codebase.held_out_package("json")
+    src = held_out_package("json")
     for name in ("tool.py", "scanner.py"):
         with open(os.path.join(src, name), "rb") as f, open(d / name, "wb") as g:
             g.write(f.read())
@@ -38,25 +50,25 @@ def test_line_acceptance_hand_case():
     seg = b"ab\n\ncd\n"
     correct = np.array([[1, 0, 1, 1, 1, 1, 0],    # line 'ab\n': 1 accepted; 'cd\n': 2 accepted
                         [1, 1, 1, 0, 1, 1, 1]], dtype=bool)  # 'ab\n' whole line, 'cd\n' whole line
-    out = codebase.line_acceptance(correct, seg)
+    out = line_acceptance(correct, seg)
     assert [n for _, n in out] == [3, 3]  # the blank line is skipped
     assert out[0][0].tolist() == [1, 3] and out[1][0].tolist() == [2, 3]
 
 
 def test_segment_stream_cuts_at_lines_and_keeps_every_byte(tree):
-    segs = codebase.segment_stream(codebase.resolve_sources(tree), None, 300)
+    segs = segment_stream(resolve_sources(tree), None, 300)
     files = sorted(os.listdir(tree))
     total = sum(os.path.getsize(os.path.join(tree, f)) for f in files)
     assert sum(len(s) for s, _ in segs) == total
     assert all(len(s) <= 300 for s, _ in segs)
-    assert segs[0][1] == codebase.NEWLINE
+    assert segs[0][1] == NEWLINE
     assert sum(s.endswith(b"\n") for s, _ in segs) >= len(segs) - len(files)
-    assert sum(len(s) for s, _ in codebase.segment_stream(codebase.resolve_sources(tree), 1000, 300)) == 1000
+    assert sum(len(s) for s, _ in segment_stream(resolve_sources(tree), 1000, 300)) == 1000
 
 
 def test_batched_rows_are_exactly_paired(tiny_lm):
     """Rows see the same tokens; until the first commit they must agree exactly; after it, P differs."""
-    pols = codebase.default_policies(eta_s=1.0)
+    pols = default_policies(eta_s=1.0)
     L = EpisodeLearner(tiny_lm, pols)
     ids = torch.randint(0, 256, (1, 40)).expand(len(pols), -1)
     a = L.step(ids)
@@ -90,8 +102,8 @@ def test_dynamic_eval_guard(tiny_lm):
 
 
 def test_codebase_end_to_end(tiny_lm, tree, tmp_path):
-    rep = codebase.run(source=tree, model=tiny_lm, max_bytes=1500, episode_bytes=512, chunk=128,
-                       calib_batches=1, drift_windows=2, out_dir=str(tmp_path))
+    rep = codebase.run(CodebaseConfig(source=tree, max_bytes=1500, episode_bytes=512, chunk=128, calib_batches=1,
+                                      drift_windows=2, out_dir=str(tmp_path)), tiny_lm)
     m = rep["methods"]
     assert set(m) == {"frozen", "adapt", "adapt+reward", "no_persist", "dynamic_eval"}
     assert m["frozen"]["summary"]["gain_bpb_1k"] == 0.0
@@ -110,8 +122,8 @@ def test_guarded_fold_drift_keeps_the_anchor_within_budget_and_reports_the_held_
     """The fraction c is chosen on the anchor (forgetting there <= budget); the drift reported is the
     held-out windows' with c P in place; a budget the whole P fits folds c = 1 and reports all of P's drift."""
     from cl_arch.eval.codebase import guarded_fold_drift
-    from cl_arch.eval.streams import window_bpb
-    from cl_arch.eval import metrics as M
+    from cl_arch.eval.lib import metrics as M
+    from cl_arch.eval.lib.streams import window_bpb
 
     g = torch.Generator().manual_seed(0)
     P = [torch.randn(m.n_heads, m.head_k_dim, m.head_v_dim, generator=g) for m in tiny_lm.fast_layers()]
@@ -129,8 +141,8 @@ def test_guarded_fold_drift_keeps_the_anchor_within_budget_and_reports_the_held_
 
 
 def test_codebase_fold_budget_adds_the_guarded_fold_to_rows_that_keep_P(tiny_lm, tree, tmp_path):
-    rep = codebase.run(source=tree, model=tiny_lm, max_bytes=1500, episode_bytes=512, chunk=128,
-                       calib_batches=1, drift_windows=2, fold_budget=0.0, out_dir=str(tmp_path))
+    rep = codebase.run(CodebaseConfig(source=tree, max_bytes=1500, episode_bytes=512, chunk=128, calib_batches=1,
+                                      drift_windows=2, fold_budget=0.0, out_dir=str(tmp_path)), tiny_lm)
     m = rep["methods"]
     kept = [n for n, v in m.items() if "fold_fraction" in v["summary"]]
     assert "adapt" in kept and "frozen" not in kept and "no_persist" not in kept and "dynamic_eval" not in kept
@@ -144,13 +156,13 @@ def test_codebase_rows_are_prequential_and_differ_only_where_they_should(tiny_lm
     """Every row scores a byte before learning from it (changing the stream's last byte changes no
     earlier loss), all episode-level rows are identical inside the first episode (nothing has crossed
     an episode boundary yet) and the ones that carry something differ after it."""
-    segs = codebase.segment_stream(codebase.resolve_sources(tree), 1400, 500)
-    pols = codebase.default_policies(None, None, None, ("frozen", "adapt", "no_persist"))
+    segs = segment_stream(resolve_sources(tree), 1400, 500)
+    pols = default_policies(None, None, None, ("frozen", "adapt", "no_persist"))
 
     def bits(segments):
-        solo = {"full_context": codebase.FullContext(tiny_lm, 200),
+        solo = {"full_context": FullContext(tiny_lm, 200),
                 "dynamic_eval": DynamicEval(tiny_lm, lr=1e-3, rule="sgd")}
-        return codebase.run_stream(tiny_lm, segments, pols, chunk=128, solo=solo)["bits"]
+        return run_stream(tiny_lm, segments, pols, chunk=128, solo=solo)["bits"]
 
     a = bits(segs)
     last, prev = segs[-1]
@@ -168,9 +180,9 @@ def test_codebase_every_row_with_measured_cost(tiny_lm, tree, tmp_path):
     """The rows read one at a time (full_context, both dynamic evaluations) next to the batched ones;
     cost per row measured at batch 1; gain curves carry their 95% band; reward bookkeeping stated."""
     rows = ("frozen", "adapt", "adapt+reward", "no_persist", "full_context", "sparse_dynamic_eval", "dynamic_eval")
-    rep = codebase.run(source=tree, model=tiny_lm, max_bytes=1500, episode_bytes=512, chunk=128, calib_batches=2,
-                       drift_windows=2, out_dir=str(tmp_path), methods=rows[:-1], full_context_window=300,
-                       timing_episodes=2, timing_repeats=1)
+    rep = codebase.run(CodebaseConfig(source=tree, max_bytes=1500, episode_bytes=512, chunk=128, calib_batches=2,
+                                      drift_windows=2, out_dir=str(tmp_path), methods=tuple(rows[:-1]),
+                                      full_context_window=300, timing_episodes=2, timing_repeats=1), tiny_lm)
     m = rep["methods"]
     assert set(m) == set(rows)
     for name, v in m.items():
@@ -192,7 +204,7 @@ def test_codebase_every_row_with_measured_cost(tiny_lm, tree, tmp_path):
 
 
 def test_full_context_keeps_attention_across_episodes_and_resets_fast_memory(tiny_lm):
-    from cl_arch.eval.context import FullContext
+    from cl_arch.eval.lib.context import FullContext
     from cl_arch.state import FastLayerState
     r = FullContext(tiny_lm, window=100)
     ids = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(0))
@@ -212,24 +224,25 @@ def test_full_context_keeps_attention_across_episodes_and_resets_fast_memory(tin
 def test_episodes_without_reward_are_counted(tiny_lm, tmp_path):
     src = tmp_path / "blank.py"
     src.write_bytes(b"x = 1\n" + b"\n" * 300 + b"y = 2\n")
-    rep = codebase.run(source=str(src), model=tiny_lm, max_bytes=None, episode_bytes=100, chunk=64,
-                       drift_windows=0, out_dir=None, with_dynamic_eval=False, timing_episodes=0)
+    rep = codebase.run(CodebaseConfig(source=str(src), max_bytes=None, episode_bytes=100, chunk=64, drift_windows=0,
+                                      out_dir=None, with_dynamic_eval=False, timing_episodes=0), tiny_lm)
     assert rep["config"]["episodes_without_reward"]["adapt+reward"] >= 2  # the all-blank episodes
 
 
 def test_codebase_refuses_to_report_the_tuning_package(tiny_lm):
     with pytest.raises(ValueError, match="tuned on"):
-        codebase.run(source=codebase.held_out_package("asyncio"), model=tiny_lm, max_bytes=300, dyn_tuned=True,
-                     out_dir=None)
+        codebase.run(CodebaseConfig(source=held_out_package("asyncio"), max_bytes=300, dyn_tuned=True, out_dir=None),
+                     tiny_lm)
 
 
 def test_tabcomplete_end_to_end(tiny_lm, tree, tmp_path):
     """The 'adapt off' figures recomputed independently: each episode read in one forward pass from a
     fresh state, a line accepted up to its first wrongly predicted byte (all of it if none)."""
-    rep = tabcomplete.run(source=tree, model=tiny_lm, max_bytes=1200, episode_bytes=200, out_dir=str(tmp_path))
+    rep = tabcomplete.run(TabcompleteConfig(source=tree, users=0, max_bytes=1200, episode_bytes=200,
+                                            out_dir=str(tmp_path)), tiny_lm)
     on, off = rep["methods"]["acceptance/adapt on"]["summary"], rep["methods"]["acceptance/adapt off"]["summary"]
     fracs, saved, total = [], 0, 0
-    for seg, prev in codebase.segment_stream(codebase.resolve_sources(tree), 1200, 200):
+    for seg, prev in segment_stream(resolve_sources(tree), 1200, 200):
         x = torch.tensor([[prev] + list(seg[:-1])])
         with torch.no_grad():
             ok = (tiny_lm(x)[0][0].argmax(-1) == torch.tensor(list(seg))).tolist()
@@ -249,7 +262,7 @@ def test_tabcomplete_end_to_end(tiny_lm, tree, tmp_path):
 
 
 def test_cost_grows_in_context_only(tiny_lm, tmp_path):
-    rep = cost.run(tiny_lm, interactions=(1, 50), interaction_tokens=8, repeats=1, out_dir=str(tmp_path))
+    rep = cost.run(CostConfig(interactions=(1, 50), interaction_tokens=8, repeats=1, out_dir=str(tmp_path)), tiny_lm)
     a, c = rep["methods"]["adapted"]["summary"], rep["methods"]["in_context"]["summary"]
     assert a["state_bytes"]["1"] == a["state_bytes"]["50"]
     assert c["state_bytes"]["50"] > c["state_bytes"]["1"]
@@ -258,7 +271,7 @@ def test_cost_grows_in_context_only(tiny_lm, tmp_path):
 
 def test_bandit_baselines_beat_random():
     probs = [0.1, 0.2, 0.9]
-    from cl_arch.eval.metrics import cumulative_regret
+    from cl_arch.eval.lib.metrics import cumulative_regret
     for algo in (games.ucb1, games.thompson):
         reg = cumulative_regret(probs, algo(probs, 300, 0))[-1]
         assert reg < 0.5 * 300 * (0.9 - np.mean(probs))
@@ -270,8 +283,8 @@ def test_games_reward_teaches_preferences(learner_model, tmp_path):
     Sutton test: without it such a model, which the fixture may pick on another machine, learns nothing).
     Preference reward_last adapt vs reset, 4 seeds x 60 episodes, recall models of the fixture's recipe:
     seed 2000 0.391 vs 0.124 (without close 0.572), seed 3000 0.638 vs 0.133 (without close 0.133 vs 0.133)."""
-    rep = games.run(learner_model, episodes=60, seeds=4, games=("preference", "bandit"), out_dir=str(tmp_path),
-                    close=47)
+    rep = games.run(GamesConfig(episodes=60, seeds=4, games=("preference", "bandit"), out_dir=str(tmp_path),
+                                close=47), learner_model)
     assert rep["config"]["close"] == 47
     s = rep["methods"]["preference/adapt"]["summary"]
     assert s["reward_last"] > rep["methods"]["preference/reset"]["summary"]["reward_last"]
@@ -279,15 +292,15 @@ def test_games_reward_teaches_preferences(learner_model, tmp_path):
 
 
 def test_sutton_and_retention_small(learner_model, tiny_lm, tree, tmp_path):
-    rep = sutton.run(model=learner_model, text_model=tiny_lm, episodes=16, seeds=2, source=tree, other=tree,
-                     max_bytes=1200, episode_bytes=400, out_dir=str(tmp_path))
+    rep = sutton.run(SuttonConfig(episodes=16, seeds=2, source=tree, other=tree, max_bytes=1200, episode_bytes=400,
+                                  out_dir=str(tmp_path)), model=learner_model, text_model=tiny_lm)
     st = rep["methods"]["games/kept"]["summary"]
     # the delta is the paired difference of the final checkpoint's kept and reset scores (curves)
     kept, reset, yoked = (rep["methods"][f"games/{k}"]["summary"]["final"] for k in ("kept", "reset", "yoked"))
     assert st["sutton_delta"] == pytest.approx(kept - reset) and st["yoked_delta"] == pytest.approx(kept - yoked)
     assert st["n"] == 2 and st["sutton_ci"][0] < st["sutton_ci"][1]  # two seeds that differ: a real interval
     assert "yoked_delta" in rep["methods"]["tabcomplete/kept"]["summary"]
-    ret = retention.run(learner_model, tasks=2, episodes=10, seeds=2, out_dir=str(tmp_path))
+    ret = retention.run(RetentionConfig(tasks=2, episodes=10, seeds=2, out_dir=str(tmp_path)), learner_model)
     assert np.asarray(ret["R"]).shape == (2, 2)
     assert {"acc", "bwt", "fwt", "forgetting"} <= set(ret["no_consolidation"])
     for method in ("fold", "distill"):
@@ -306,9 +319,9 @@ def test_learner_rows_match_sessions(learner_model, tree):
     from cl_arch import Session
 
     model = learner_model
-    segs = codebase.segment_stream(codebase.resolve_sources(tree), 1500, 300)
-    pols = codebase.default_policies(eta_s=1.0, methods=("frozen", "adapt", "adapt+reward"))
-    out = codebase.run_stream(model, segs, pols, chunk=128, desc="cross-check")
+    segs = segment_stream(resolve_sources(tree), 1500, 300)
+    pols = default_policies(eta_s=1.0, methods=("frozen", "adapt", "adapt+reward"))
+    out = run_stream(model, segs, pols, chunk=128, desc="cross-check")
     sessions = {"frozen": Session(model, adapt=False), "adapt": Session(model, eta_s=1.0, eta_r=0.0),
                 "adapt+reward": Session(model, eta_s=1.0)}
     nll = {n: [] for n in sessions}
@@ -346,15 +359,15 @@ def test_stdlib_model_pretrains_once_then_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("CL_ARCH_CACHE", str(tmp_path))
     cfg = PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=16, head_v_dim=16, n_attn_heads=2,
                         attn_window=64, chunk_size=16, mlp_ratio=2.0)
-    path = codebase.default_cache_dir(2.0, 0, cfg)
-    assert path.startswith(str(tmp_path)) and path != codebase.default_cache_dir(3.0, 0, cfg)
+    path = default_cache_dir(2.0, 0, cfg)
+    assert path.startswith(str(tmp_path)) and path != default_cache_dir(3.0, 0, cfg)
     logs = []
-    m1 = codebase.stdlib_model(None, seconds=2.0, config=cfg, log=logs.append, progress=False)
+    m1 = stdlib_model(None, seconds=2.0, config=cfg, log=logs.append, progress=False)
     with open(os.path.join(path, "pretrain.json")) as f:
         info = json.load(f)
     assert info["stopped"] == "max_minutes" and info["steps"] >= 1 and math.isfinite(info["final_val_bpb"])
     assert [n for n in os.listdir(tmp_path) if n.startswith(".pretrain-")] == []  # work folder removed
-    m2 = codebase.stdlib_model(None, seconds=2.0, config=cfg, log=logs.append)
+    m2 = stdlib_model(None, seconds=2.0, config=cfg, log=logs.append)
     assert "loading" in logs[-1] and m2.fingerprint() == m1.fingerprint()
 
 
@@ -366,9 +379,10 @@ def test_adapt_carries_a_definition_across_episodes_on_the_shipped_model(seed):
     (measured 0.55-0.58 bits/byte over seeds 0-2; threshold 0.3)."""
     import random
     import string
-    from cl_arch.eval.streams import base_windows
+
+    from cl_arch.eval.lib.streams import base_windows
     torch.set_num_threads(1)
-    model = codebase.default_model(log=lambda *a: None)
+    model = default_model(log=lambda *a: None)
     filler = base_windows(40, 1000, seed=0)[:, :-1]
     rng = random.Random(seed)
     name = "".join(rng.choice(string.ascii_lowercase) for _ in range(48)).encode()
@@ -378,8 +392,8 @@ def test_adapt_carries_a_definition_across_episodes_on_the_shipped_model(seed):
         cut = text.find(b"\n", 400) + 1
         segs.append((text[:cut] + b"NAME = '" + name + b"'\n" + text[cut:cut + 600], 10))
         spans.append(cut + len(b"NAME = '"))
-    pols = codebase.default_policies(None, None, None, ("frozen", "adapt"))
-    bits = codebase.run_stream(model, segs, pols, chunk=256)["bits"]
+    pols = default_policies(None, None, None, ("frozen", "adapt"))
+    bits = run_stream(model, segs, pols, chunk=256)["bits"]
     offs = np.cumsum([0] + [len(s) for s, _ in segs])
 
     def on_name(row):

@@ -1,7 +1,8 @@
-"""``cl-arch eval NAME`` (issue 23): one sub-parser per benchmark. ``cl-arch eval NAME --help``
+"""``cl-arch eval NAME`` (issue 23): one sub-parser per benchmark, declared by the benchmark module
+itself (``add_arguments`` / ``config_from_args`` / ``run(config, model)``). ``cl-arch eval NAME --help``
 lists NAME's options only; an option NAME does not take is argparse's error under NAME's usage
 (exit 2); every option of the former single parser still exists, with its default, for the
-benchmarks that use it; each benchmark's options reach its ``run(...)`` as before.
+benchmarks that use it; each benchmark's options reach its config.
 
 Nothing here runs a benchmark: the mapping tests replace each benchmark's ``run`` by a recorder.
 """
@@ -76,10 +77,12 @@ def help_options(text):
     return set(re.findall(r"(?m)^  (--[a-z][\w-]*)", text))
 
 
-def test_every_benchmark_has_a_sub_parser():
+def test_every_benchmark_has_a_sub_parser(capsys):
     assert set(eval_cli.BENCHMARKS) == set(EXPECTED)
     assert set().union(*EXPECTED.values()) | COMMON == FORMER
-    assert set(eval_cli.OPTIONS) == FORMER
+    for name in EXPECTED:
+        mod = eval_cli.benchmark(name)
+        assert all(callable(getattr(mod, f)) for f in ("add_arguments", "config_from_args", "run")), name
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -128,6 +131,8 @@ def test_command_line_errors_exit_2(capsys):
 
 
 def test_defaults_are_the_former_parsers():
+    """The defaults a run gets without options are the former parser's, now each benchmark's own
+    (``--max-bytes``, ``--episodes``, ``--seeds``: what the former parser's None stood for)."""
     parser = cli.build_parser()
     for name in EXPECTED:
         args = parser.parse_args(["eval", name])
@@ -136,16 +141,34 @@ def test_defaults_are_the_former_parsers():
             ("runs/eval", None, None, False, None, 0)
     c = parser.parse_args(["eval", "codebase"])
     assert (c.max_bytes, c.episode_bytes, c.dyn_lr, c.dyn_rule, c.dyn_decay, c.full_context_window, c.methods) == \
-        (None, 2048, 3e-4, "rms", 1e-3, 4096, "frozen,adapt,adapt+reward,no_persist")
+        (100_000, 2048, 3e-4, "rms", 1e-3, 4096, "frozen,adapt,adapt+reward,no_persist")
     t = parser.parse_args(["eval", "tabcomplete"])
     assert (t.users, t.suggestions, t.window, t.reward, t.min_chars, t.rows, t.user_episode_bytes) == \
         (8, 500, 100, "binary", 4, "kept,reset,yoked,unrewarded", 256)
     g = parser.parse_args(["eval", "games"])
     assert (g.episodes, g.seeds, g.recall_steps, g.tokens, g.reward_fit, g.reward_delay, g.credit) == \
-        (None, None, 600, "default", "search", 0, "stored")
+        (300, 8, 600, "default", "search", 0, "stored")
+    assert (parser.parse_args(["eval", "sutton"]).max_bytes, parser.parse_args(["eval", "sutton"]).episodes) == \
+        (40_000, 200)
+    assert (parser.parse_args(["eval", "retention"]).episodes, parser.parse_args(["eval", "retention"]).seeds) == \
+        (150, 4)
     o = parser.parse_args(["eval", "offset"])
     assert (o.max_file_bytes, o.min_file_bytes, o.bucket, o.max_files) == (4096, 1024, 128, None)
+    td = parser.parse_args(["eval", "tune-dynamic"])
+    assert (td.package, td.max_bytes, td.dyn_params) == ("asyncio", 30_000, "all")
     assert parser.parse_args(["eval", "codebase", "--eta-s", "model"]).eta_s is None
+
+
+def test_a_default_config_is_the_command_lines_default():
+    """``config_from_args`` of the bare command gives the config class's own defaults (bar --out)."""
+    import dataclasses
+
+    parser = cli.build_parser()
+    for name in EXPECTED:
+        mod = eval_cli.benchmark(name)
+        cfg = mod.config_from_args(parser.parse_args(["eval", name]))
+        default = type(cfg)()
+        assert dataclasses.replace(cfg, out_dir=default.out_dir) == default, name
 
 
 # ---------------------------------------------------------------------- each benchmark's run(...) call
@@ -153,30 +176,32 @@ REPORT = {"methods": {}, "table": "", "json": None, "plot": None}
 TUNE_REPORT = dict(REPORT, params="all", tuned_on="asyncio", max_bytes=30000, frozen_bpb=1.0,
                    best={"lr": 1e-3, "decay": 0.0, "gain_bpb": 0.0}, cached=True, cache_path="x")
 
-# (argv after --model/--out, module, function, expected keywords)
+# (argv after --model/--out, module, function, expected config fields)
 MAPPING = [
     (["codebase", "--max-bytes", "500", "--dyn-params", "fast_W0", "--lam", "0.5", "--eta-s", "model"],
      "codebase", "run", dict(max_bytes=500, lam=0.5, eta_s=None, seed=0, with_dynamic_eval=True,
                              methods=("frozen", "adapt", "adapt+reward", "no_persist", "sparse_dynamic_eval"))),
-    (["codebase", "--no-dynamic-eval"], "codebase", "run", dict(max_bytes=100_000, with_dynamic_eval=False)),
+    (["codebase", "--no-dynamic-eval", "--package", "email"], "codebase", "run",
+     dict(max_bytes=100_000, with_dynamic_eval=False)),
     (["tabcomplete", "--users", "2", "--rows", "kept, reset", "--gamma", "0.9"], "tabcomplete", "run_users",
-     dict(users=2, rows=["kept", "reset"], gamma=0.9, episode_bytes=256)),
-    (["tabcomplete", "--users", "0", "--episode-bytes", "512"], "tabcomplete", "run",
+     dict(users=2, rows=("kept", "reset"), gamma=0.9, user_episode_bytes=256)),
+    (["tabcomplete", "--users", "0", "--episode-bytes", "512"], "tabcomplete", "run_single",
      dict(max_bytes=100_000, episode_bytes=512)),
     (["games", "--episodes", "5", "--no-yoked", "--reward-delay", "2"], "games", "run",
      dict(episodes=5, yoked=False, delay=2, credit="stored", recall_steps=600)),
     (["sutton", "--seeds", "2"], "sutton", "run", dict(seeds=2, max_bytes=40_000, episode_bytes=2048)),
     (["retention", "--recall-steps", "10"], "retention", "run", dict(recall_steps=10)),
-    (["cost", "--seed", "3"], "cost", "run", dict(seed=3, cache_dir=None)),
+    (["cost", "--seed", "3", "--pretrain-seconds", "5"], "cost", "run",
+     dict(seed=3, cache_dir=None, pretrain_seconds=5.0)),
     (["offset", "--package", "json,email", "--bucket", "64"], "offset", "run",
-     dict(sources=["json", "email"], bucket=64, name="offset")),
-    (["tune-dynamic", "--dyn-params", "fast_W0"], "tune_dynamic", "run",
-     dict(package="asyncio", max_bytes=30_000, params="fast_W0")),
+     dict(sources=("json", "email"), bucket=64, name="offset")),
+    (["tune-dynamic", "--dyn-params", "fast_W0", "--no-readout"], "tune_dynamic", "run",
+     dict(package="asyncio", max_bytes=30_000, params="fast_W0", no_readout=True)),
 ]
 
 
 @pytest.mark.parametrize("argv,module,func,expected", MAPPING, ids=[" ".join(m[0]) for m in MAPPING])
-def test_options_reach_the_benchmarks_run(tmp_path, monkeypatch, capsys, argv, module, func, expected):
+def test_options_reach_the_benchmarks_config(tmp_path, monkeypatch, capsys, argv, module, func, expected):
     import importlib
 
     torch.manual_seed(0)
@@ -192,8 +217,9 @@ def test_options_reach_the_benchmarks_run(tmp_path, monkeypatch, capsys, argv, m
                                       *argv[1:]])
     assert code == 0, err
     assert len(calls) == 1
-    args, kw = calls[0]
-    model = args[0] if args else kw["model"]
-    assert isinstance(model, PlasticTransformer)
-    assert {k: kw[k] for k in expected} == expected
-    assert kw.get("out_dir") == str(tmp_path / "out")
+    (cfg, model), kw = calls[0]
+    assert not kw and isinstance(model, PlasticTransformer)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert cfg.out_dir == str(tmp_path / "out")
+    if "--package" in argv and module == "codebase":
+        assert cfg.source.endswith("email")

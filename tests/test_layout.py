@@ -137,3 +137,37 @@ def test_console_script_help_from_the_repository_root():
     out = _run_in_root(["cl-arch", "--help"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "consolidate" in out.stdout
+
+
+# ---- eval/: a library (eval/lib/) and benchmarks that import only the library ----
+
+# reward_fit.py (the reward memory's settings search, which games uses) is library code that stays
+# beside the benchmarks while the Trainer work edits its optimiser loop; it imports only the library.
+EVAL_LIBRARY_OUTSIDE_LIB = {"cl_arch.eval.reward_fit"}
+
+
+def eval_layout_violations(graph):
+    """``module -> the eval benchmarks it imports`` for every eval module that imports one: a benchmark is
+    an eval module outside ``eval/lib/`` (and not in ``EVAL_LIBRARY_OUTSIDE_LIB``); nothing may import one."""
+    def is_benchmark(m):
+        return m.startswith("cl_arch.eval.") and not m.startswith("cl_arch.eval.lib") and \
+            m not in EVAL_LIBRARY_OUTSIDE_LIB
+    out = {m: sorted(d for d in deps if is_benchmark(d)) for m, deps in graph.items() if m.startswith("cl_arch.eval.")}
+    return {m: d for m, d in out.items() if d}
+
+
+def test_a_benchmark_imports_only_the_eval_library():
+    """Each benchmark imports, of ``cl_arch.eval``, only the library (``cl_arch.eval.lib.*`` and
+    reward_fit), never another benchmark; the library imports no benchmark. (About 15 s: the import graph.)"""
+    graph = import_graph()
+    assert {"cl_arch.eval.codebase", "cl_arch.eval.sutton", "cl_arch.eval.retention", "cl_arch.eval.lib.play"} <= \
+        set(graph)
+    assert eval_layout_violations(graph) == {}
+
+
+def test_the_eval_layout_check_finds_a_benchmark_importing_another():
+    graph = {"cl_arch.eval.a": {"cl_arch.eval.lib.x"}, "cl_arch.eval.b": {"cl_arch.eval.a", "cl_arch.eval.lib.x"},
+             "cl_arch.eval.lib.x": set(), "cl_arch.eval.lib.y": {"cl_arch.eval.b"},
+             "cl_arch.eval.reward_fit": {"cl_arch.eval.lib.x"}, "cl_arch.eval.c": {"cl_arch.eval.reward_fit"}}
+    assert eval_layout_violations(graph) == {"cl_arch.eval.b": ["cl_arch.eval.a"],
+                                             "cl_arch.eval.lib.y": ["cl_arch.eval.b"]}

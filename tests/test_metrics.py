@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from cl_arch.eval import metrics as M
+from cl_arch.eval.lib import metrics as M
 
 
 def test_window_mean_and_gain_curve():

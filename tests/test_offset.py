@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cl_arch import PlasticConfig, PlasticTransformer, ReadoutConfig
 from cl_arch.eval import offset
+from cl_arch.eval.offset import OffsetConfig
 from cl_arch.state import AttnLayerState, FastLayerState
 
 W = 16
@@ -60,7 +61,8 @@ def test_model_variant_equals_whole_file_pass(model, files):
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got256, ref, atol=1e-5, rtol=0)
     # run() buckets exactly these losses (bucket 32, one file): its curve is their bucket means.
-    rep = offset.run(model, sources=[files[0]], max_file_bytes=200, min_file_bytes=64, bucket=32, out_dir=None)
+    rep = offset.run(OffsetConfig(sources=(files[0],), max_file_bytes=200, min_file_bytes=64, bucket=32, out_dir=None),
+                     model)
     want = [ref[b:b + 32].mean() for b in range(0, ref.size, 32)]
     np.testing.assert_allclose([p["y"] for p in rep["methods"]["model"]["curve"]], want, atol=1e-5, rtol=0)
 
@@ -73,8 +75,8 @@ def test_variants_identical_when_fast_memories_write_nothing(files):
     with torch.no_grad():
         for m in model.fast_layers():
             m.W0.normal_(0.0, 0.5)
-    rep = offset.run(model, sources=files, max_file_bytes=200, min_file_bytes=64, bucket=32, out_dir=None,
-                     _modulation=0.0)
+    rep = offset.run(OffsetConfig(sources=tuple(files), max_file_bytes=200, min_file_bytes=64, bucket=32, out_dir=None),
+                     model, _modulation=0.0)
     a = [p["y"] for p in rep["methods"]["model"]["curve"]]
     b = [p["y"] for p in rep["methods"]["reset_every_window"]["curve"]]
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
@@ -123,8 +125,8 @@ def test_reset_touches_only_fast_S_and_E(model, files):
 
 
 def test_report_json_and_png(model, files, tmp_path):
-    offset.run(model, sources=files, max_file_bytes=100, min_file_bytes=300, bucket=32,
-               out_dir=str(tmp_path), name="off")
+    offset.run(OffsetConfig(sources=tuple(files), max_file_bytes=100, min_file_bytes=300, bucket=32,
+                            out_dir=str(tmp_path), name="off"), model)
     jp, pp = tmp_path / "off.json", tmp_path / "off.png"
     assert jp.is_file() and pp.is_file() and pp.stat().st_size > 1000
     with open(jp) as f:
@@ -145,4 +147,4 @@ def test_report_json_and_png(model, files, tmp_path):
 
 def test_no_window_raises():
     with pytest.raises(ValueError, match="attn_window"):
-        offset.run(_tiny(attn_window=None), sources=["json"], out_dir=None)
+        offset.run(OffsetConfig(sources=("json",), out_dir=None), _tiny(attn_window=None))

@@ -10,7 +10,7 @@ import torch
 
 from cl_arch.eval import games
 from cl_arch.memory import TraceCommit
-from cl_arch.eval.baselines import EpisodeLearner, RowPolicy
+from cl_arch.eval.lib.learners import EpisodeLearner, RowPolicy
 from cl_arch.eval.reward_fit import draw_reward_tasks, fit_reward_memory, normalised_score
 from cl_arch.train.reward_memory import HELD_OUT_TOKENS, TRAIN_TOKENS, RewardMemorySettings, with_reward_memory
 from cl_arch.train.tasks import ASK, BOS, Bandit, PreferenceGame
@@ -154,15 +154,16 @@ def test_fit_then_games_report_with_held_out_tokens_and_yoked_rows(recall_model,
     # the games read the fitted settings from the cache (written here by hand: fitting is measured above)
     path = tmp_path / f"reward-memory-{recall_model.fingerprint()}-0.json"
     path.write_text(json.dumps(fit))
-    rep = games.run(model=recall_model, episodes=12, seeds=2, games=("bandit", "cue_reward"), reward_memory=True,
-                    tokens="held_out", cache_root=str(tmp_path), out_dir=str(tmp_path), name="g")
+    rep = games.run(games.GamesConfig(episodes=12, seeds=2, games=("bandit", "cue_reward"), reward_memory=True,
+                                      tokens="held_out", cache_root=str(tmp_path), out_dir=str(tmp_path), name="g"),
+                    recall_model)
     assert rep["config"]["reward_memory"]["best"] == fit["best"] and rep["config"]["tokens"] == "held_out"
     for key in ("bandit/adapt", "bandit/reset", "bandit/yoked", "cue_reward/yoked", "regret/yoked", "regret/thompson"):
         assert key in rep["methods"], key
     assert "yoked_delta" in rep["methods"]["cue_reward/yoked"]["summary"]
     assert (tmp_path / "g.json").is_file() and (tmp_path / "g.png").is_file()
     with pytest.raises(ValueError, match="tokens"):
-        games.run(model=recall_model, episodes=2, seeds=1, games=("bandit",), tokens="mine", out_dir=None)
+        games.run(games.GamesConfig(episodes=2, seeds=1, games=("bandit",), tokens="mine", out_dir=None), recall_model)
 
 
 # ---------------------------------------------------------------------- keys that tell the last token apart

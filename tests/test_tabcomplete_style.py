@@ -1,5 +1,5 @@
 """Tab completion as a reward task: the simulated users' style transforms, the reward mapping, the
-yoked row's rewards and a tiny end-to-end run (eval/user_style.py, eval/tabcomplete.py)."""
+yoked row's rewards and a tiny end-to-end run (eval/lib/user_style.py, eval/tabcomplete.py)."""
 import ast
 import glob
 import os
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cl_arch.eval import tabcomplete as T
-from cl_arch.eval import user_style as U
-from cl_arch.eval.streams import held_out_package
+from cl_arch.eval.lib import user_style as U
+from cl_arch.eval.lib.streams import held_out_package
 
 SRC = b'''import os
 from json import dumps as json_dumps
@@ -174,9 +174,9 @@ def test_run_users_end_to_end_and_yoked_gets_the_partners_rewards(tiny_lm, tiny_
         return orig(self, rewards)
 
     monkeypatch.setattr(T.EpisodeLearner, "end_episode", spy)
-    rep = T.run_users(source=tiny_tree, model=tiny_lm, users=3, suggestions=24, window=8, episode_bytes=160,
-                      reward="signed", min_chars=2, rows=("kept", "reset", "yoked", "static"), out_dir=str(tmp_path),
-                      name="t")
+    rep = T.run_users(T.TabcompleteConfig(source=tiny_tree, users=3, suggestions=24, window=8, user_episode_bytes=160,
+                                          reward="signed", min_chars=2, rows=("kept", "reset", "yoked", "static"),
+                                          out_dir=str(tmp_path), name="t"), tiny_lm)
     assert os.path.exists(rep["json"]) and os.path.exists(rep["plot"])
     names = rep["config"]["rows"]
     ki, yi, ri = names.index("kept"), names.index("yoked"), names.index("reset")
@@ -201,6 +201,8 @@ def test_run_users_end_to_end_and_yoked_gets_the_partners_rewards(tiny_lm, tiny_
 
 def test_run_users_rejects_bad_settings(tiny_lm, tiny_tree):
     with pytest.raises(ValueError, match="rows"):
-        T.run_users(source=tiny_tree, model=tiny_lm, users=1, suggestions=4, window=2, rows=("kept",), out_dir=None)
+        T.run_users(T.TabcompleteConfig(source=tiny_tree, users=1, suggestions=4, window=2, rows=("kept",),
+                                        out_dir=None), tiny_lm)
     with pytest.raises(ValueError, match="reward"):
-        T.run_users(source=tiny_tree, model=tiny_lm, users=1, suggestions=4, window=2, reward="x", out_dir=None)
+        T.run_users(T.TabcompleteConfig(source=tiny_tree, users=1, suggestions=4, window=2, reward="x", out_dir=None),
+                    tiny_lm)

@@ -3,10 +3,14 @@ pretraining recipe, and the same model without its readout memory."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from typing import Any, List, Optional, Tuple
 
 from cl_arch import PlasticConfig, PlasticTransformer
+
+logger = logging.getLogger(__name__)
+
 
 def demo_config() -> PlasticConfig:
     """The small default model: 4 layers (fast, attn, fast, attn), d=128, attention window 64, and
@@ -21,9 +25,10 @@ def demo_config() -> PlasticConfig:
 DEMO_PRETRAIN_SECONDS = 150.0
 
 
-def default_model(log=print) -> PlasticTransformer:
+def default_model(log=None) -> PlasticTransformer:
     """The model shipped in ``cl_arch/assets/default_model`` (:func:`cl_arch.load_default`), after
-    logging where it comes from (its ``pretrain.json``: steps, validation bits/byte).
+    logging where it comes from (its ``pretrain.json``: steps, validation bits/byte) through ``log``
+    (default: this module's logger, at INFO).
 
     Raises:
         FileNotFoundError: the package was installed without it.
@@ -32,6 +37,7 @@ def default_model(log=print) -> PlasticTransformer:
 
     from cl_arch import default_model_dir, load_default
 
+    log = log or logger.info
     folder = default_model_dir()
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"no shipped default model in {folder}")
@@ -81,7 +87,7 @@ def default_cache_dir(seconds: float = DEMO_PRETRAIN_SECONDS, seed: int = 0,
 
 
 def stdlib_model(cache_dir: Optional[str] = None, seconds: Optional[float] = None, seed: int = 0,
-                 config: Optional[PlasticConfig] = None, log=print, progress: bool = True) -> PlasticTransformer:
+                 config: Optional[PlasticConfig] = None, log=None, progress: bool = True) -> PlasticTransformer:
     """The shipped default model (:func:`default_model`) when called with no recipe (``seconds``,
     ``cache_dir`` and ``config`` all None, seed 0); otherwise load the recipe's model from
     ``cache_dir``, or pretrain it there first (``seconds`` None: 150).
@@ -97,6 +103,7 @@ def stdlib_model(cache_dir: Optional[str] = None, seconds: Optional[float] = Non
     import shutil
     import tempfile
 
+    log = log or logger.info
     if seconds is None and cache_dir is None and config is None and seed == 0:
         try:
             return default_model(log)
@@ -161,5 +168,32 @@ def without_episodic(model: PlasticTransformer) -> PlasticTransformer:
     return without_memories(model, readout=False, episodic=True)
 
 
+def text_model(model: Optional[PlasticTransformer] = None, cache_dir: Optional[str] = None,
+               pretrain_seconds: Optional[float] = None, no_readout: bool = False,
+               no_episodic: bool = False) -> PlasticTransformer:
+    """The model a text benchmark reads with: ``model``, or when None :func:`stdlib_model`
+    (``cache_dir``, ``pretrain_seconds``); without its readout and/or episodic memory when asked
+    (:func:`without_memories`)."""
+    if model is None:
+        model = stdlib_model(cache_dir, seconds=pretrain_seconds)
+    if no_readout or no_episodic:
+        model = without_memories(model, readout=no_readout, episodic=no_episodic)
+    return model
+
+
+def recall_model(steps: int = 600, cache_root: str = "runs", seed: int = 0) -> PlasticTransformer:
+    """A model trained on associative recall (:func:`cl_arch.train.recall.train_recall_model`),
+    cached in ``<cache_root>/recall-model-<steps>-<seed>`` (docs/design.md, "Measuring learning":
+    never test learning on a fresh model)."""
+    from cl_arch.train.recall import train_recall_model
+
+    path = os.path.join(cache_root, f"recall-model-{steps}-{seed}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return PlasticTransformer.from_pretrained(path).eval()
+    model = train_recall_model(steps=steps, seed=seed, log=logger.info)
+    model.save_pretrained(path)
+    return model.eval()
+
+
 __all__ = ["demo_config", "DEMO_PRETRAIN_SECONDS", "default_model", "demo_pretrain_overrides", "default_cache_dir",
-           "stdlib_model", "without_readout", "without_episodic", "without_memories"]
+           "stdlib_model", "text_model", "without_readout", "without_episodic", "without_memories", "recall_model"]

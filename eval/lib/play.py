@@ -16,7 +16,7 @@ from tqdm import tqdm
 from cl_arch import PlasticTransformer
 from cl_arch.train.tasks import Bandit, PreferenceGame
 
-from .baselines import EpisodeLearner, RowPolicy
+from .learners import EpisodeLearner, RowPolicy
 
 
 class PreferenceEnv:
@@ -172,3 +172,15 @@ def play(model: PlasticTransformer, envs: Sequence[Any], policies: Sequence[RowP
 
 
 __all__ = ["PreferenceEnv", "BanditEnv", "action_table", "action_probs", "play"]
+
+
+@torch.no_grad()
+def expected_score(model: PlasticTransformer, P: List[torch.Tensor], game: PreferenceGame) -> float:
+    """Mean probability of the preferred answer over all of ``game``'s cues, with persistent memory
+    ``P`` (one ``[H, K, V]`` per fast layer), no learning: ``mean_c pi(pref(c) | c)``."""
+    C = game.n_cues
+    st = model.materialize_state(model.init_state(C, [p.expand(C, *p.shape[-3:]) for p in P]), C)
+    logits, _ = model(torch.tensor([game.prompt(c) for c in game.cues]), state=st)
+    probs = torch.softmax(logits[:, -1, game.answers].float(), -1)
+    idx = torch.tensor([game.answers.index(game.preferred[c]) for c in game.cues])
+    return float(probs.gather(1, idx[:, None]).mean())
