@@ -13,6 +13,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .distributed import split_rows
+
 # Held out of the default pretraining corpus; evaluation reads them as unseen code.
 HELD_OUT_STDLIB: Tuple[str, ...] = ("email", "json", "xml", "asyncio", "tomllib", "zoneinfo")
 # Never part of any corpus: tests, vendored third-party code and build artefacts.
@@ -368,3 +370,34 @@ def dataset_tensor(dataset, max_rows: Optional[int] = None) -> torch.Tensor:
         return torch.cat(parts).long()
     n = len(dataset) if max_rows is None else min(max_rows, len(dataset))
     return dataset[:n][_ROWS_FEATURE].long()
+
+
+class RandomRows:
+    """Batches of ``batch_size`` rows drawn with replacement from ``rows [N, ...]`` by a seeded
+    generator; on ``world`` processes every one draws the same rows and keeps its contiguous share.
+
+    ``state()`` is the number of batches drawn; ``load_state(n)`` replays ``n`` draws, so a resumed
+    run continues the same sequence. Yields ``[batch_size // world, ...]`` tensors.
+    """
+
+    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if rows.shape[0] == 0:
+            raise ValueError("RandomRows: no rows to draw from")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.share = split_rows(batch_size, rank, world, "batch_size")
+        self.drawn = 0
+
+    def state(self) -> list[int]:
+        return [self.drawn]
+
+    def load_state(self, position: Sequence[int]) -> None:
+        self.drawn = int(position[0])
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.drawn):
+            torch.randint(0, self.rows.shape[0], (self.batch_size,), generator=g)
+        while True:
+            idx = torch.randint(0, self.rows.shape[0], (self.batch_size,), generator=g)
+            self.drawn += 1
+            yield self.rows[idx][self.share]

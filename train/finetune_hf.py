@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist_utils
-from .data import corpus_files, iter_span_bytes, split_corpus
+from .data import RandomRows, corpus_files, iter_span_bytes, split_corpus
 from .distributed import destroy_group_at_exit
 from .episodic import episodic_parameters, fit_settings, learned_settings
 from .finetune import commit_persistent, episode_state, episodic_lm_loss
-from .trainer import Checkpointer, Parallel, RandomRows, Trainer, WarmupCosine
+from .trainer import Checkpointer, Parallel, Trainer, WarmupCosine
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@
 :mod:`cl_arch.train.data`, the model's chunked path (``model.train()``), AdamW with warmup +
 cosine, gradient accumulation via ``Accelerator.accumulate``, clipping, periodic validation in
 bits/byte, checkpoints with exact resume (:mod:`cl_arch.train.checkpoint`), accelerate trackers
-and a tqdm bar. The loop itself (:func:`run_training`) also serves fine-tuning, which passes its
-own loss and parameter choice.
+and a tqdm bar. The loop is :class:`~cl_arch.train.trainer.Trainer`; :func:`run_training` builds
+its parts and also serves fine-tuning, which passes its own loss and parameter choice.
+``WarmupCosine`` and ``param_groups`` live in :mod:`cl_arch.train.trainer` (importable from here).
 
 Launch on several processes with ``accelerate launch --config_file configs/accelerate/<ddp|fsdp>.yaml
 -m cl_arch.scripts.cli pretrain ...``; ``train.batch_size`` is the global batch, split evenly

@@ -6,7 +6,7 @@ only the loop (``train_step`` / ``train``):
 - the model and the **optimizer** (:func:`param_groups`: AdamW groups with weight decay on
   matrices only), and the **schedule** (:class:`WarmupCosine`);
 - the **data**: an iterable of batches (``state()`` / ``load_state(position)`` when it can resume,
-  as :class:`~cl_arch.train.data.BlockBatches` and :class:`RandomRows` do);
+  as :class:`~cl_arch.train.data.BlockBatches` and :class:`~cl_arch.train.data.RandomRows` do);
 - the **loss**: ``loss_fn(model, batch) -> (loss, metrics)``: ``loss`` a scalar the trainer
   back-propagates, or None when the part ran its own backward passes through
   ``trainer.parallel.backward`` (meta-training's truncated windows); ``metrics`` plain floats or
@@ -31,8 +31,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ from . import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[Any, Any], Tuple[Optional[torch.Tensor], Dict[str, Any]]]
+LossFn = Callable[[Any, Any], tuple[torch.Tensor | None, dict[str, Any]]]
 
 
 # ============================================================================ optimizer and schedule
@@ -72,15 +73,15 @@ class WarmupCosine:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_num, "progress": self.progress, "lr": self.lr, "warmup": self.warmup,
                 "min_ratio": self.min_ratio}
 
-    def load_state_dict(self, d: Dict[str, Any]) -> None:
+    def load_state_dict(self, d: dict[str, Any]) -> None:
         self.step_num, self.progress = int(d["step"]), float(d["progress"])
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay matrices (dim >= 2), not gains, biases, gates or ``_no_weight_decay``.
 
     Only parameters with ``requires_grad`` are included (fine-tuning freezes the rest).
@@ -102,37 +103,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
 
 
 # ============================================================================ data
-class RandomRows:
-    """Batches of ``batch_size`` rows drawn with replacement from ``rows [N, ...]`` by a seeded
-    generator; on ``world`` processes every one draws the same rows and keeps its contiguous share.
-
-    ``state()`` is the number of batches drawn; ``load_state(n)`` replays ``n`` draws, so a resumed
-    run continues the same sequence. Yields ``[batch_size // world, ...]`` tensors.
-    """
-
-    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        if rows.shape[0] == 0:
-            raise ValueError("RandomRows: no rows to draw from")
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.share = dist_utils.split_rows(batch_size, rank, world, "batch_size")
-        self.drawn = 0
-
-    def state(self) -> List[int]:
-        return [self.drawn]
-
-    def load_state(self, position: Sequence[int]) -> None:
-        self.drawn = int(position[0])
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.drawn):
-            torch.randint(0, self.rows.shape[0], (self.batch_size,), generator=g)
-        while True:
-            idx = torch.randint(0, self.rows.shape[0], (self.batch_size,), generator=g)
-            self.drawn += 1
-            yield self.rows[idx][self.share]
-
-
 def to_device(batch: Any, device) -> Any:
     """``batch`` (a tensor, or tuples / lists / dicts of them) on ``device``."""
     if isinstance(batch, torch.Tensor):
@@ -160,7 +130,7 @@ class Parallel:
     """
 
     accelerator: Any = None
-    plan: Optional[dist_utils.ParallelPlan] = None
+    plan: dist_utils.ParallelPlan | None = None
     wrapped: bool = False
     synced: Sequence[torch.nn.Parameter] = ()
 
@@ -209,7 +179,7 @@ class Parallel:
     def sync_gradients(self) -> bool:
         return self.accelerator is None or self.accelerator.sync_gradients
 
-    def sync_and_clip(self, model, max_norm: Optional[float], clip_params=None) -> Optional[torch.Tensor]:
+    def sync_and_clip(self, model, max_norm: float | None, clip_params=None) -> torch.Tensor | None:
         """Average the gradients this part owns, then clip (``clip_params``: default the model's)."""
         if self.world > 1 and self.synced:
             dist_utils.all_reduce_grads(self.synced, self.world)
@@ -255,15 +225,15 @@ class Checkpointer:
     root: str
     every: int = 0
     keep: int = 0
-    resume: Optional[str] = None
+    resume: str | None = None
     sharded: bool = False
-    extra: Dict[str, Any] = field(default_factory=dict)
-    weights: Optional[Tuple[Callable, Callable]] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    weights: tuple[Callable, Callable] | None = None
 
-    def latest(self) -> Optional[str]:
+    def latest(self) -> str | None:
         return ckpt.find_latest(self.root) if self.resume == "auto" else self.resume
 
-    def load(self, trainer: "Trainer") -> Optional[Dict[str, Any]]:
+    def load(self, trainer: Trainer) -> dict[str, Any] | None:
         """Restore the trainer's model, optimizer, schedule and RNG; returns the saved training dict."""
         path = self.latest()
         if not path:
@@ -275,7 +245,7 @@ class Checkpointer:
             logger.info(f"resumed from {path} at step {int(info['step'])}")
         return info
 
-    def save(self, trainer: "Trainer", elapsed: float) -> str:
+    def save(self, trainer: Trainer, elapsed: float) -> str:
         """Write ``step_<trainer.step>`` (every process calls this) and prune old ones."""
         step = trainer.step
         data_state = trainer.data.state() if hasattr(trainer.data, "state") else []
@@ -295,11 +265,11 @@ class MetricsLog:
     """Step metrics appended to ``<folder>/metrics.jsonl`` and sent to accelerate's trackers (main
     process only). ``folder`` None: nothing is written."""
 
-    def __init__(self, folder: Optional[str], parallel: Parallel, trackers: bool = False):
+    def __init__(self, folder: str | None, parallel: Parallel, trackers: bool = False):
         self.path = None if folder is None else os.path.join(folder, "metrics.jsonl")
         self.parallel, self.trackers = parallel, trackers
 
-    def log(self, entry: Dict[str, Any], step: int) -> None:
+    def log(self, entry: dict[str, Any], step: int) -> None:
         if not self.parallel.is_main:
             return
         if self.trackers:
@@ -309,7 +279,7 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **entry}) + "\n")
 
 
-def _default_postfix(metrics: Dict[str, float], lr: Optional[float]) -> Dict[str, str]:
+def _default_postfix(metrics: dict[str, float], lr: float | None) -> dict[str, str]:
     out = {k: f"{v:.3f}" for k, v in metrics.items()}
     if lr is not None:
         out["lr"] = f"{lr:.2e}"
@@ -347,16 +317,16 @@ class Trainer:
     """
 
     def __init__(self, model, optimizer, data: Iterable, loss_fn: LossFn, *, schedule=None,
-                 parallel: Optional[Parallel] = None, grad_accum: int = 1, grad_clip: Optional[float] = None,
-                 clip_params=None, max_steps: int, budget_s: Optional[float] = None,
-                 checkpointer: Optional[Checkpointer] = None, metrics_log: Optional[MetricsLog] = None,
-                 log_every: int = 0, log_entry: Optional[Callable] = None,
-                 evaluate: Optional[Callable[[int], None]] = None, eval_every: int = 0,
-                 after_step: Optional[Callable[["Trainer"], None]] = None, name: str = "train",
+                 parallel: Parallel | None = None, grad_accum: int = 1, grad_clip: float | None = None,
+                 clip_params=None, max_steps: int, budget_s: float | None = None,
+                 checkpointer: Checkpointer | None = None, metrics_log: MetricsLog | None = None,
+                 log_every: int = 0, log_entry: Callable | None = None,
+                 evaluate: Callable[[int], None] | None = None, eval_every: int = 0,
+                 after_step: Callable[[Trainer], None] | None = None, name: str = "train",
                  progress: bool = False, postfix: Callable = _default_postfix, autocast: bool = True,
                  reduce_sum: Sequence[str] = (), model_to_save=None,
                  diverged_hint: str = "lower the learning rate or clip the gradients",
-                 train_mode: Optional[Callable[[Any], None]] = None):
+                 train_mode: Callable[[Any], None] | None = None):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if max_steps < 1:
@@ -373,14 +343,14 @@ class Trainer:
         self.train_mode = train_mode or (lambda m: m.train())
         self.model_to_save = model if model_to_save is None else model_to_save
         self.step, self.elapsed_before, self.first_step = 0, 0.0, 0
-        self.history: List[Dict[str, float]] = []
-        self.last_lr: Optional[float] = None
-        self.last_grad_norm: Optional[torch.Tensor] = None
-        self._start: Optional[float] = None
+        self.history: list[dict[str, float]] = []
+        self.last_lr: float | None = None
+        self.last_grad_norm: torch.Tensor | None = None
+        self._start: float | None = None
         self._batches = None
 
     # ---------------------------------------------------------------- state
-    def resume(self) -> Optional[Dict[str, Any]]:
+    def resume(self) -> dict[str, Any] | None:
         """Load the checkpointer's checkpoint (call before the model is wrapped by accelerate)."""
         if self.checkpointer is None:
             return None
@@ -396,7 +366,7 @@ class Trainer:
         """Seconds of training so far, earlier runs of a resumed one included."""
         return self.elapsed_before + (0.0 if self._start is None else time.time() - self._start)
 
-    def save(self) -> Optional[str]:
+    def save(self) -> str | None:
         return None if self.checkpointer is None else self.checkpointer.save(self, self.elapsed())
 
     def progress_fraction(self, elapsed: float) -> float:
@@ -410,7 +380,7 @@ class Trainer:
             self._batches = iter(self.data)
         return to_device(next(self._batches), self.parallel.device)
 
-    def train_step(self, batch=None, progress: Optional[float] = None) -> Dict[str, float]:
+    def train_step(self, batch=None, progress: float | None = None) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches (``batch``: the first of them, or all
         as a list when ``grad_accum > 1``; None: drawn from the data part).
 
@@ -423,7 +393,7 @@ class Trainer:
             lr = self.schedule.set(self.step, self.step / self.max_steps if progress is None else progress)
         given = list(batch) if isinstance(batch, list) else ([] if batch is None else [batch])
         step_loss = torch.zeros((), device=par.device)
-        sums: Dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}
         has_loss = False
         for micro in range(self.grad_accum):
             mb = to_device(given[micro], par.device) if micro < len(given) else self.next_batch()
@@ -454,7 +424,7 @@ class Trainer:
             self.after_step(self)
         return out
 
-    def _reduce(self, step_loss: Optional[torch.Tensor], sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    def _reduce(self, step_loss: torch.Tensor | None, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """Means over processes (sums for ``reduce_sum``): the loss in its own dtype, the rest in float64."""
         par, out = self.parallel, {}
         if step_loss is not None:
@@ -470,7 +440,7 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------- the loop
-    def train(self) -> Dict[str, Any]:
+    def train(self) -> dict[str, Any]:
         """Steps until ``max_steps`` or the budget; returns ``{"steps", "steps_this_run", "seconds",
         "stopped" ("max_steps" | "max_minutes"), "history"}`` (history: one metrics dict per step)."""
         from .progress import RunProgress
@@ -494,7 +464,7 @@ class Trainer:
         return {"steps": self.step, "steps_this_run": self.step - self.first_step,
                 "seconds": time.time() - self._start, "stopped": stopped, "history": self.history}
 
-    def _after(self, metrics: Dict[str, float]) -> None:
+    def _after(self, metrics: dict[str, float]) -> None:
         step, last = self.step, self.step >= self.max_steps
         if self.metrics_log is not None and self.log_every and step % self.log_every == 0:
             self.metrics_log.log(self.log_entry(metrics, self.last_lr, self.last_grad_norm), step)
@@ -505,5 +475,5 @@ class Trainer:
             self.save()
 
 
-__all__ = ["Trainer", "Parallel", "Checkpointer", "MetricsLog", "RandomRows", "WarmupCosine", "param_groups",
-           "to_device", "LossFn"]
+__all__ = ["Checkpointer", "LossFn", "MetricsLog", "Parallel", "Trainer", "WarmupCosine",
+           "param_groups", "to_device"]
