@@ -13,11 +13,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cl_arch import PlasticTransformer
 from cl_arch.train.reward_memory import TRAIN_TOKENS, RewardMemorySettings, with_reward_memory
 from cl_arch.train.tasks import Bandit, PreferenceGame
+from cl_arch.train.trainer import Trainer
 
 from .lib.learners import RowPolicy
 from .lib.play import BanditEnv, PreferenceEnv, action_probs, action_table, play
@@ -216,24 +216,28 @@ def meta_train_reward_memory(model: PlasticTransformer, settings: Optional[Rewar
     params = [mem.read_scale, mem.beta_logit, mem.eta_r, mem.gamma_logit]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
-    curve = []
-    for step in tqdm(range(steps), desc="meta-train reward memory", unit="step"):
-        envs = draw_reward_tasks(n_tasks, episodes, seed * 100_000 + step)
-        score = _rollout(m, envs, episodes, g).mean()
-        opt.zero_grad()
-        (-score).backward()
-        opt.step()
+
+    def project(trainer: Trainer) -> None:
         with torch.no_grad():  # projected: a step and a read scale stay positive (a settings' invariant)
             mem.eta_r.clamp_(min=1e-3)
             mem.read_scale.clamp_(min=1e-2)
-        curve.append(score.item())
+        step, score = trainer.step - 1, trainer.history[-1]["score"]
         if step % 5 == 0 or step == steps - 1:
             with torch.no_grad():
-                log(f"meta step {step}: score {score.item():.4f} scale {mem.read_scale.item():.2f} "
+                log(f"meta step {step}: score {score:.4f} scale {mem.read_scale.item():.2f} "
                     f"beta {torch.sigmoid(mem.beta_logit).item():.3f} eta_r {mem.eta_r.item():.3f} "
                     f"gamma {torch.sigmoid(mem.gamma_logit).item():.5f}")
+
+    def loss_fn(_, envs):
+        score = _rollout(m, envs, episodes, g).mean()
+        return -score, {"score": score.detach()}
+
+    tasks = (draw_reward_tasks(n_tasks, episodes, seed * 100_000 + step) for step in range(steps))
+    run = Trainer(m, torch.optim.Adam(params, lr=lr), tasks, loss_fn, max_steps=steps, after_step=project,
+                  name="meta-train reward memory", progress=True, train_mode=lambda _: None,
+                  postfix=lambda mt, lr_: {"score": f"{mt['score']:.4f}"}).train()
+    curve = [h["score"] for h in run["history"]]
     with torch.no_grad():
         learned = dataclasses.replace(start, scale=mem.read_scale.item(), beta=torch.sigmoid(mem.beta_logit).item(),
                                       eta_r=mem.eta_r.item(), gamma=min(torch.sigmoid(mem.gamma_logit).item(), 0.999999))
