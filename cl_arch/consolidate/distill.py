@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ..training import Trainer
 from .common import LN2, Batch, as_sources, check_vocab, forward_logits, gain_figures, mean_nll, to_batches
 from .report import all_or_nothing, new_report, restore_params, save_params, save_session_P, write_report
 
@@ -157,6 +158,64 @@ def distill(model, session: Any, replay: Any = None, anchor: Any = None, budget:
         model.train(was_training)
 
 
+class _Diverged(Exception):
+    """The student's optimisation diverged (the message says where): the result is rolled back."""
+
+
+class _Pairs:
+    """The data part of distillation: per step a replay batch index and an anchor batch index
+    (None without anchor data), drawn from one generator seeded ``seed``."""
+
+    def __init__(self, n_replay: int, n_anchor: int, seed: int):
+        self.n_replay, self.n_anchor, self.seed = n_replay, n_anchor, seed
+
+    def __iter__(self):
+        order = torch.Generator().manual_seed(self.seed)
+        while True:
+            i = int(torch.randint(self.n_replay, (1,), generator=order))
+            yield i, (int(torch.randint(self.n_anchor, (1,), generator=order)) if self.n_anchor else None)
+
+
+def _student_loss(model, effective, replay_b, anchor_b, teacher, original, anchor_weight, steps, curve):
+    """The loss part of distillation: ``KL(teacher || student)`` on the replay batch plus
+    ``anchor_weight * KL(original || student)`` on the anchor batch, through the student weights
+    ``effective()``; raises :class:`_Diverged` on non-finite activations or loss, and appends to
+    ``curve`` every 10 steps and at the last."""
+    step = [0]
+
+    def loss_fn(_, pair):
+        (i, k), n = pair, step[0]
+        rb = replay_b[i]
+        params_now = effective()
+        try:
+            if k is not None and anchor_b[k].ids.shape[1] == rb.ids.shape[1]:
+                # Equal lengths: one forward over both batches halves the per-step cost.
+                both = Batch(torch.cat([rb.ids, anchor_b[k].ids]), torch.cat([rb.mask, anchor_b[k].mask]))
+                logits = forward_logits(model, both, params=params_now)
+                loss_r = _kl(teacher[i], logits[:rb.ids.shape[0]], rb.mask)
+                loss_a = _kl(original[k], logits[rb.ids.shape[0]:], anchor_b[k].mask)
+            else:
+                loss_r = _kl(teacher[i], forward_logits(model, rb, params=params_now), rb.mask)
+                loss_a = torch.zeros(())
+                if k is not None:
+                    loss_a = _kl(original[k], forward_logits(model, anchor_b[k], params=params_now),
+                                 anchor_b[k].mask)
+        except ValueError as e:
+            # The data was checked above, so what the forward refuses now (NaN/inf activations)
+            # comes from the student's weights: the optimisation diverged.
+            raise _Diverged(f"training diverged at step {n} (non-finite activations: {e})") from e
+        loss = loss_r + anchor_weight * loss_a
+        if not bool(torch.isfinite(loss.detach())):
+            raise _Diverged(f"training diverged at step {n}: non-finite loss ({float(loss.detach())})")
+        kl_r, kl_a = float(loss_r.detach()), float(loss_a.detach())
+        if n % 10 == 0 or n == steps - 1:
+            curve.append({"step": n, "kl_replay": kl_r, "kl_anchor": kl_a})
+        step[0] += 1
+        return loss, {"kl_replay": kl_r, "kl_anchor": kl_a}
+
+    return loss_fn
+
+
 def _distill(model, src, names, named, replay_b, anchor_b, probe_b, budget, steps, lr, rank,
              anchor_weight, weight_decay, seed, out, reset, progress, t0) -> Dict[str, Any]:
     P = src.P
@@ -199,49 +258,15 @@ def _distill(model, src, names, named, replay_b, anchor_b, probe_b, budget, step
 
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     curve: List[Dict[str, float]] = []
-    order = torch.Generator().manual_seed(seed + 1)
-    from tqdm import tqdm
-
+    student_loss = _student_loss(model, effective, replay_b, anchor_b, teacher, original, anchor_weight, steps, curve)
     reason: Optional[str] = None  # why the result is not kept; None: kept
-    bar = tqdm(range(steps), desc="distill", disable=not progress, leave=False)
-    for step in bar:
-        i = int(torch.randint(len(replay_b), (1,), generator=order))
-        rb, k = replay_b[i], None
-        if anchor_b and anchor_weight > 0:
-            k = int(torch.randint(len(anchor_b), (1,), generator=order))
-        params_now = effective()
-        try:
-            if k is not None and anchor_b[k].ids.shape[1] == rb.ids.shape[1]:
-                # Equal lengths: one forward over both batches halves the per-step cost.
-                both = Batch(torch.cat([rb.ids, anchor_b[k].ids]), torch.cat([rb.mask, anchor_b[k].mask]))
-                logits = forward_logits(model, both, params=params_now)
-                n = rb.ids.shape[0]
-                loss_r = _kl(teacher[i], logits[:n], rb.mask)
-                loss_a = _kl(original[k], logits[n:], anchor_b[k].mask)
-            else:
-                loss_r = _kl(teacher[i], forward_logits(model, rb, params=params_now), rb.mask)
-                loss_a = torch.zeros(())
-                if k is not None:
-                    loss_a = _kl(original[k], forward_logits(model, anchor_b[k], params=params_now),
-                                 anchor_b[k].mask)
-        except ValueError as e:
-            # The data was checked above, so what the forward refuses now (NaN/inf activations)
-            # comes from the student's weights: the optimisation diverged.
-            reason = f"training diverged at step {step} (non-finite activations: {e})"
-            break
-        loss = loss_r + anchor_weight * loss_a
-        if not bool(torch.isfinite(loss.detach())):
-            reason = f"training diverged at step {step}: non-finite loss ({float(loss.detach())})"
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        if step % 10 == 0 or step == steps - 1:
-            lr_, la_ = float(loss_r.detach()), float(loss_a.detach())
-            curve.append({"step": step, "kl_replay": lr_, "kl_anchor": la_})
-            bar.set_postfix(kl_replay=f"{lr_:.4f}", kl_anchor=f"{la_:.4f}")
-    bar.close()
+    try:
+        Trainer(model, opt, _Pairs(len(replay_b), len(anchor_b) if anchor_b and anchor_weight > 0 else 0, seed + 1),
+                student_loss, grad_clip=1.0, clip_params=trainable, max_steps=steps, name="distill",
+                progress=progress, train_mode=lambda m: None,
+                postfix=lambda mt, _: {k: f"{v:.4f}" for k, v in mt.items() if k != "loss"}).train()
+    except _Diverged as e:
+        reason = str(e)
 
     final = None
     if reason is None:
