@@ -19,6 +19,7 @@ from .config import PlasticConfig, check_memories
 from .io import atomic_write_many, recover, text_writer
 from .layers import CausalSelfAttention, RMSNorm, SwiGLU
 from .memory import FastWeightLayer, MemoryConfig, OutputContext, OutputMemory, PlasticMemory
+from .memory.write import make_write
 from .state import AttnLayerState, FastLayerState, LayerState, ModelState, StepContext, check_step_inputs
 
 WEIGHTS_NAME = "model.safetensors"
@@ -165,6 +166,33 @@ class PlasticTransformer(nn.Module):
         module.train(self.training)
         self.config = dataclasses.replace(self.config, memories=memories)
         return module
+
+    def set_write(self, name: str, write: str, beta: Optional[float] = None, scale: Optional[float] = None) -> None:
+        """Switch the output memory ``name`` to another write rule (``"delta"`` or ``"error"``,
+        :mod:`cl_arch.memory.write`), in place, keeping its keys and learned weights; ``beta`` and
+        ``scale`` reset its write strength (0, 1) and read scale on every head (None: keep). The
+        config records the rule, so :meth:`save_pretrained` keeps it. States from before the call
+        do not fit (the error write's cache is wider): start new ones.
+
+        Raises:
+            KeyError: no memory called ``name``. ValueError: a rule the memory's config refuses.
+        """
+        mem = self.memory(name)
+        if mem is None:
+            raise KeyError(f"no memory named {name!r}; this model's: {[m.name for m in self.config.memories]}")
+        cfg = dataclasses.replace(mem.config, write=write)  # validates (error writes need one-hot values, ...)
+        if beta is not None:
+            cfg = dataclasses.replace(cfg, beta=beta)
+        if scale is not None:
+            cfg = dataclasses.replace(cfg, scale=scale)
+        mem.write, mem.config = make_write(write), cfg
+        with torch.no_grad():
+            if beta is not None:
+                mem.beta_logit.fill_(math.log(cfg.beta / (1.0 - cfg.beta)))
+            if scale is not None:
+                mem.read_scale.fill_(cfg.scale)
+        self.config = dataclasses.replace(self.config, memories=[cfg if m.name == name else m
+                                                                 for m in self.config.memories])
 
     def remove_memory(self, name: str) -> OutputMemory:
         """Remove the output memory called ``name``, in place; returns it (``KeyError`` if none)."""

@@ -132,3 +132,29 @@ def test_the_state_commit_carries_what_the_error_memory_learned(tmp_path):
     model.save_pretrained(tmp_path / "m")
     loaded = PlasticTransformer.from_pretrained(tmp_path / "m").double().eval()
     assert loaded.memory("error").config.write == "error" and loaded.fingerprint() == model.fingerprint()
+
+
+def test_set_write_switches_a_trained_memory_in_place(tmp_path):
+    torch.manual_seed(0)
+    model = PlasticTransformer(PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8,
+                                             layer_types=["attn", "fast"],
+                                             memories=[EpisodicConfig(features=128, threshold=0.5)])).double().eval()
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        delta, _ = model(ids)
+    R = model.episodic.R.clone()
+    model.set_write("episodic", "error", beta=0.5, scale=1.0)
+    assert model.config.memory("episodic").write == "error" and torch.equal(model.episodic.R, R)
+    assert float(model.episodic.read_scale[0]) == 1.0
+    with torch.no_grad():
+        error, state = model(ids)
+    assert float((error - delta).abs().max()) > 1e-3 and state.fast()[-1].conv.shape == (1, 1, 32 + 256)
+    model.save_pretrained(tmp_path / "m")
+    loaded = PlasticTransformer.from_pretrained(tmp_path / "m").double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[0], error, atol=1e-12, rtol=0)
+    with pytest.raises(KeyError, match="no memory named"):
+        model.set_write("readout", "error")
+    with pytest.raises(ValueError, match="must be one of"):
+        model.set_write("episodic", "hebb")
+    assert model.config.memory("episodic").write == "error"  # the refused call changed nothing
