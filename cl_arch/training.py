@@ -154,7 +154,8 @@ class Trainer:
         optimizer: a torch optimizer (or accelerate's wrapper of one).
         data: an iterable of micro-batches (module docstring); ``grad_accum`` of them per step.
         loss_fn: ``(model, batch) -> (loss, metrics)`` (module docstring).
-        schedule: sets the lr per step from ``(step, progress)`` (:class:`WarmupCosine`); None: fixed.
+        schedule: sets the lr per step from ``(step, progress)``
+            (:class:`cl_arch.train.trainer.WarmupCosine`); None: the optimizer's lr.
         parallel: how gradients meet across processes: :class:`cl_arch.train.trainer.Parallel`
             (DDP, FSDP, accelerate), or the default :class:`SingleProcess`.
         grad_accum: micro-batches per optimizer step.
@@ -162,8 +163,8 @@ class Trainer:
             clipped (default the model's).
         max_steps: the step limit; ``budget_s``: a wall-clock limit in seconds (None: none).
         checkpointer: :class:`cl_arch.train.trainer.Checkpointer` (None: no checkpoints, no resume).
-        metrics_log, log_every: where (:class:`cl_arch.train.trainer.MetricsLog`) and how often step entries go (``log_entry(metrics, lr,
-            grad_norm) -> dict`` builds one).
+        metrics_log, log_every: where (:class:`cl_arch.train.trainer.MetricsLog`) and how often step
+            entries go (``log_entry(metrics, lr, grad_norm) -> dict`` builds one).
         evaluate, eval_every: ``evaluate(step) -> None`` every ``eval_every`` steps but the last.
         after_step: ``after_step(trainer)`` after every optimizer step (projections, clamps).
         name, progress, postfix: the bar's label, whether to show it (main process only) and
