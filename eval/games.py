@@ -177,10 +177,82 @@ def config_from_args(args: argparse.Namespace) -> GamesConfig:
     return options_config(GamesConfig, args, delay=args.reward_delay, yoked=not args.no_yoked)
 
 
-def run(cfg: Optional[GamesConfig] = None, model: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
-    """Run the games for ``seeds`` independent instances each; returns (and writes) the report.
+def _summarize_game(game: str, res: Dict[str, np.ndarray], chance: float, cfg: GamesConfig, groups: Sequence[str],
+                    window: int, methods: Dict[str, Any]) -> List[str]:
+    """Curves and summaries of one game's rows (``res["expected"] [groups x seeds, E]``) into ``methods``;
+    returns its table row (first and last window, the Sutton deltas kept - reset and yoked - reset)."""
+    S, E, seed = cfg.seeds, cfg.episodes, cfg.seed
+    for j, label in enumerate(groups):
+        ex = res["expected"][j * S:(j + 1) * S]
+        xs, ys = _smooth_curve(ex, window)
+        first, last = ex[:, :window].mean(), ex[:, -window:].mean()
+        methods[f"{game}/{label}"] = {"curve": curve(xs, ys), "summary": {
+            "reward_first": float(first), "reward_last": float(last), "chance": chance,
+            "aulc": M.aulc(ex.mean(0)[np.linspace(0, E - 1, 10).astype(int)], lo=chance, hi=1.0)}}
+    kept, reset = res["expected"][:S, -window:].mean(1), res["expected"][S:2 * S, -window:].mean(1)
+    st = M.sutton_delta(kept, reset, seed=seed)
+    methods[f"{game}/adapt"]["summary"].update(sutton_delta=st["sutton_delta"], sutton_ci=st["sutton_ci"])
+    s = methods[f"{game}/adapt"]["summary"]
+    row = [game, f"{chance:.3f}", f"{s['reward_first']:.3f}", f"{s['reward_last']:.3f}",
+           f"{methods[f'{game}/reset']['summary']['reward_last']:.3f}",
+           f"{st['sutton_delta']:+.3f} [{st['sutton_ci'][0]:+.3f}, {st['sutton_ci'][1]:+.3f}]"]
+    if cfg.yoked:
+        yk = M.sutton_delta(res["expected"][2 * S:, -window:].mean(1), reset, seed=seed)
+        methods[f"{game}/yoked"]["summary"].update(yoked_delta=yk["sutton_delta"], yoked_ci=yk["sutton_ci"])
+        row += [f"{methods[f'{game}/yoked']['summary']['reward_last']:.3f}",
+                f"{yk['sutton_delta']:+.3f} [{yk['sutton_ci'][0]:+.3f}, {yk['sutton_ci'][1]:+.3f}]"]
+    return row
 
-    Args:
+
+def _bandit_regret(res: Dict[str, np.ndarray], bandits: Sequence[Bandit], cfg: GamesConfig,
+                   methods: Dict[str, Any]) -> float:
+    """Cumulative expected regret of the model's rows and of UCB1, Thompson sampling and random play
+    on the same bandits into ``methods``; returns the adapting row's final regret over Thompson's."""
+    S, E, seed = cfg.seeds, cfg.episodes, cfg.seed
+    best = np.array([max(b.probs) for b in bandits])
+    # the model's expected per-step regret is max mu - E_pi[mu]
+    reg = {"adapt": np.cumsum(best[:, None] - res["expected"][:S], 1),
+           "reset": np.cumsum(best[:, None] - res["expected"][S:2 * S], 1),
+           "ucb1": np.array([M.cumulative_regret(b.probs, ucb1(b.probs, E, seed + 10 + i))
+                             for i, b in enumerate(bandits)]),
+           "thompson": np.array([M.cumulative_regret(b.probs, thompson(b.probs, E, seed + 20 + i))
+                                 for i, b in enumerate(bandits)]),
+           "random": np.cumsum(np.repeat((best - np.array([np.mean(b.probs) for b in bandits]))[:, None], E, 1), 1)}
+    if cfg.yoked:
+        reg["yoked"] = np.cumsum(best[:, None] - res["expected"][2 * S:], 1)
+    xs = np.unique(np.linspace(1, E, 30).astype(int))
+    for k_, r in reg.items():
+        methods[f"regret/{k_}"] = {"curve": curve(xs, r.mean(0)[xs - 1]),
+                                   "summary": {"regret_final": float(r[:, -1].mean()),
+                                               "regret_final_sd": float(r[:, -1].std())}}
+    return float(reg["adapt"][:, -1].mean() / max(reg["thompson"][:, -1].mean(), 1e-9))
+
+
+def _shift_figures(res: Dict[str, np.ndarray], old: Sequence[PreferenceGame], new: Sequence[PreferenceGame],
+                   envs_new: Sequence[PreferenceEnv], S: int, E: int, window: int) -> Dict[str, Any]:
+    """The adapting rows' reward before the shift, just after, at the end, and how often they still
+    give the old preferred answer after it (where the old and new rules differ)."""
+    half = E // 2
+    acts = res["action"][:S]
+    old_rate = []
+    for i in range(S):
+        cues = envs_new[i].cues
+        differ = [t for t in range(half, E) if old[i].preferred[cues[t]] != new[i].preferred[cues[t]]]
+        if differ:
+            old_rate.append(np.mean([old[i].answers[int(acts[i, t])] == old[i].preferred[cues[t]] for t in differ]))
+    ex = res["expected"][:S]
+    return dict(reward_before_shift=float(ex[:, half - window:half].mean()),
+                reward_after_shift=float(ex[:, half:half + window].mean()),
+                reward_end=float(ex[:, -window:].mean()),
+                old_answer_rate_after_shift=float(np.mean(old_rate)) if old_rate else None)
+
+
+def run(cfg: Optional[GamesConfig] = None, model: Optional[PlasticTransformer] = None) -> Dict[str, Any]:
+    """Run the games (settings: ``cfg``, default :class:`GamesConfig`) for ``cfg.seeds`` independent
+    instances each on ``model`` (default: the recall model of ``cfg.recall_steps``); returns (and with
+    ``cfg.out_dir`` writes) the report.
+
+    Config fields:
         reward_memory: play with a reward memory added to ``model`` (:func:`reward_memory_model`,
             settings fitted on the training token sets by ``reward_fit`` (``"search"`` or ``"meta"``),
             cached in ``cache_root``).
@@ -197,125 +269,78 @@ def run(cfg: Optional[GamesConfig] = None, model: Optional[PlasticTransformer] =
     from cl_arch.train.reward_memory import HELD_OUT_TOKENS
 
     cfg = cfg or GamesConfig()
-    episodes, seeds, games, n_cues, n_answers, k_arms = (cfg.episodes, cfg.seeds, cfg.games, cfg.n_cues,
-                                                         cfg.n_answers, cfg.k_arms)
-    temperature, eta_r, gamma, tokens, yoked, delay, credit, close = (cfg.temperature, cfg.eta_r, cfg.gamma,
-                                                                      cfg.tokens, cfg.yoked, cfg.delay,
-                                                                      cfg.credit, cfg.close)
-    cache_root, seed = cfg.cache_root, cfg.seed
-    if tokens not in ("default", "held_out"):
-        raise ValueError(f"tokens must be 'default' or 'held_out', got {tokens!r}")
-    model = model if model is not None else recall_model(cfg.recall_steps, cache_root)
+    if cfg.tokens not in ("default", "held_out"):
+        raise ValueError(f"tokens must be 'default' or 'held_out', got {cfg.tokens!r}")
+    model = model if model is not None else recall_model(cfg.recall_steps, cfg.cache_root)
     if cfg.reward_memory:
-        model = reward_memory_model(model, cache_root, fit=cfg.reward_fit)
+        model = reward_memory_model(model, cfg.cache_root, fit=cfg.reward_fit)
     model.eval()
-    held = tokens == "held_out"
+    held = cfg.tokens == "held_out"
     tok = {"arm_tokens": HELD_OUT_TOKENS["arms"]} if held else {}
     ptok = ({"cue_tokens": HELD_OUT_TOKENS["cues"], "answer_tokens": HELD_OUT_TOKENS["answers"]} if held else {})
-    S, E = seeds, episodes
-    pols = _policies(S, eta_r, gamma, yoked)
-    yoke = _yoke(S, yoked)
-    groups = ("adapt", "reset", "yoked") if yoked else ("adapt", "reset")
-    window = max(5, E // 10)
+    S, E, seed, n_cues, n_answers = cfg.seeds, cfg.episodes, cfg.seed, cfg.n_cues, cfg.n_answers
+    pols, yoke = _policies(S, cfg.eta_r, cfg.gamma, cfg.yoked), _yoke(S, cfg.yoked)
+    groups = ("adapt", "reset", "yoked") if cfg.yoked else ("adapt", "reset")
+    n_groups, window = len(groups), max(5, E // 10)
     methods: Dict[str, Any] = {}
     extra: Dict[str, Any] = {}
     rows = []
 
-    def add(game: str, res: Dict[str, np.ndarray], chance: float) -> None:
-        for j, label in enumerate(groups):
-            ex = res["expected"][j * S:(j + 1) * S]
-            xs, ys = _smooth_curve(ex, window)
-            first, last = ex[:, :window].mean(), ex[:, -window:].mean()
-            methods[f"{game}/{label}"] = {"curve": curve(xs, ys), "summary": {
-                "reward_first": float(first), "reward_last": float(last), "chance": chance,
-                "aulc": M.aulc(ex.mean(0)[np.linspace(0, E - 1, 10).astype(int)], lo=chance, hi=1.0)}}
-        kept, reset = res["expected"][:S, -window:].mean(1), res["expected"][S:2 * S, -window:].mean(1)
-        st = M.sutton_delta(kept, reset, seed=seed)
-        methods[f"{game}/adapt"]["summary"].update(sutton_delta=st["sutton_delta"], sutton_ci=st["sutton_ci"])
-        s = methods[f"{game}/adapt"]["summary"]
-        row = [game, f"{chance:.3f}", f"{s['reward_first']:.3f}", f"{s['reward_last']:.3f}",
-               f"{methods[f'{game}/reset']['summary']['reward_last']:.3f}",
-               f"{st['sutton_delta']:+.3f} [{st['sutton_ci'][0]:+.3f}, {st['sutton_ci'][1]:+.3f}]"]
-        if yoked:
-            yk = M.sutton_delta(res["expected"][2 * S:, -window:].mean(1), reset, seed=seed)
-            methods[f"{game}/yoked"]["summary"].update(yoked_delta=yk["sutton_delta"], yoked_ci=yk["sutton_ci"])
-            row += [f"{methods[f'{game}/yoked']['summary']['reward_last']:.3f}",
-                    f"{yk['sutton_delta']:+.3f} [{yk['sutton_ci'][0]:+.3f}, {yk['sutton_ci'][1]:+.3f}]"]
-        rows.append(row)
+    def play_rows(envs, play_seed, desc, **kw):
+        return play(model, envs, pols, E, cfg.temperature, play_seed, desc=desc, yoke=yoke, delay=cfg.delay,
+                    credit=cfg.credit, close=cfg.close, **kw)
 
-    n_groups = len(groups)
-    if "bandit" in games:
-        bandits = [Bandit(k=k_arms, seed=seed + i, **tok) for i in range(S)]
+    if "bandit" in cfg.games:
+        bandits = [Bandit(k=cfg.k_arms, seed=seed + i, **tok) for i in range(S)]
         # every group plays its own copy (same pay-outs, same pay-out stream)
-        res = play(model, [BanditEnv(Bandit(k=k_arms, seed=seed + i, **tok)) for _ in range(n_groups) for i in range(S)],
-                   pols, E, temperature, seed, desc="bandit", yoke=yoke, delay=delay, credit=credit, close=close)
-        best = np.array([max(b.probs) for b in bandits])
-        add("bandit", res, chance=float(np.mean([np.mean(b.probs) for b in bandits])))
-        # regret: the model's expected per-step regret is max mu - E_pi[mu]
-        reg = {"adapt": np.cumsum(best[:, None] - res["expected"][:S], 1),
-               "reset": np.cumsum(best[:, None] - res["expected"][S:2 * S], 1),
-               "ucb1": np.array([M.cumulative_regret(b.probs, ucb1(b.probs, E, seed + 10 + i)) for i, b in enumerate(bandits)]),
-               "thompson": np.array([M.cumulative_regret(b.probs, thompson(b.probs, E, seed + 20 + i))
-                                     for i, b in enumerate(bandits)]),
-               "random": np.cumsum(np.repeat((best - np.array([np.mean(b.probs) for b in bandits]))[:, None], E, 1), 1)}
-        if yoked:
-            reg["yoked"] = np.cumsum(best[:, None] - res["expected"][2 * S:], 1)
-        xs = np.unique(np.linspace(1, E, 30).astype(int))
-        for k_, r in reg.items():
-            methods[f"regret/{k_}"] = {"curve": curve(xs, r.mean(0)[xs - 1]),
-                                       "summary": {"regret_final": float(r[:, -1].mean()),
-                                                   "regret_final_sd": float(r[:, -1].std())}}
-        extra["regret_vs_thompson"] = float(reg["adapt"][:, -1].mean() / max(reg["thompson"][:, -1].mean(), 1e-9))
-    if "preference" in games:
+        res = play_rows([BanditEnv(Bandit(k=cfg.k_arms, seed=seed + i, **tok)) for _ in range(n_groups)
+                         for i in range(S)], seed, "bandit")
+        rows.append(_summarize_game("bandit", res, float(np.mean([np.mean(b.probs) for b in bandits])), cfg, groups,
+                                    window, methods))
+        extra["regret_vs_thompson"] = _bandit_regret(res, bandits, cfg, methods)
+    if "preference" in cfg.games:
         envs = [PreferenceEnv(PreferenceGame(n_cues, n_answers, seed=seed + i, **ptok), E, seed=seed + 100 + i)
                 for i in range(S)]
-        res = play(model, envs * n_groups, pols, E, temperature, seed + 1, desc="preference", yoke=yoke, delay=delay, credit=credit, close=close)
-        add("preference", res, chance=1.0 / n_answers)
-    if "cue_reward" in games:
+        res = play_rows(envs * n_groups, seed + 1, "preference")
+        rows.append(_summarize_game("preference", res, 1.0 / n_answers, cfg, groups, window, methods))
+    if "cue_reward" in cfg.games:
         cue_tok = {"cue_tokens": HELD_OUT_TOKENS["cues"]} if held else {}
         envs = [PreferenceEnv(PreferenceGame(16, 2, seed=seed + 200 + i, **cue_tok), E, seed=seed + 300 + i,
                               answer_tokens=[POS, NEG]) for i in range(S)]
-        res = play(model, envs * n_groups, pols, E, temperature, seed + 2, desc="cue_reward", yoke=yoke, delay=delay, credit=credit, close=close)
-        add("cue_reward", res, chance=0.5)
-    if "shift" in games:
+        res = play_rows(envs * n_groups, seed + 2, "cue_reward")
+        rows.append(_summarize_game("cue_reward", res, 0.5, cfg, groups, window, methods))
+    if "shift" in cfg.games:
         old = [PreferenceGame(n_cues, n_answers, seed=seed + 400 + i, **ptok) for i in range(S)]
         new = [PreferenceGame(n_cues, n_answers, seed=seed + 500 + i, **ptok) for i in range(S)]
         envs_old = [PreferenceEnv(g_, E, seed=seed + 600 + i) for i, g_ in enumerate(old)]
         envs_new = [PreferenceEnv(g_, E, seed=seed + 600 + i) for i, g_ in enumerate(new)]
-        half = E // 2
-        res = play(model, envs_old * n_groups, pols, E, temperature, seed + 3,
-                   switch={half: envs_new * n_groups}, desc="shift", yoke=yoke, delay=delay, credit=credit, close=close)
-        add("shift", res, chance=1.0 / n_answers)
-        # how often the old preferred answer is still chosen after the shift (where the rules differ)
-        acts = res["action"][:S]
-        old_rate = []
-        for i in range(S):
-            cues = envs_new[i].cues
-            differ = [t for t in range(half, E) if old[i].preferred[cues[t]] != new[i].preferred[cues[t]]]
-            if differ:
-                old_rate.append(np.mean([old[i].answers[int(acts[i, t])] == old[i].preferred[cues[t]] for t in differ]))
-        ex = res["expected"][:S]
-        methods["shift/adapt"]["summary"].update(
-            reward_before_shift=float(ex[:, half - window:half].mean()),
-            reward_after_shift=float(ex[:, half:half + window].mean()),
-            reward_end=float(ex[:, -window:].mean()),
-            old_answer_rate_after_shift=float(np.mean(old_rate)) if old_rate else None)
+        res = play_rows(envs_old * n_groups, seed + 3, "shift", switch={E // 2: envs_new * n_groups})
+        rows.append(_summarize_game("shift", res, 1.0 / n_answers, cfg, groups, window, methods))
+        methods["shift/adapt"]["summary"].update(_shift_figures(res, old, new, envs_new, S, E, window))
+    return _report(cfg, model, methods, extra, rows, window)
+
+
+def _report(cfg: GamesConfig, model: PlasticTransformer, methods: Dict[str, Any], extra: Dict[str, Any],
+            rows: List[List[str]], window: int) -> Dict[str, Any]:
+    """The games report (written with ``cfg.out_dir``): config, curves and summaries, the tables."""
     report = {"benchmark": "games",
-              "config": {"episodes": E, "seeds": S, "n_cues": n_cues, "n_answers": n_answers, "k_arms": k_arms,
-                         "temperature": temperature, "eta_r": eta_r, "gamma": gamma, "games": list(games),
-                         "tokens": tokens, "yoked": yoked, "delay": delay, "credit": credit, "close": close,
+              "config": {"episodes": cfg.episodes, "seeds": cfg.seeds, "n_cues": cfg.n_cues, "n_answers": cfg.n_answers,
+                         "k_arms": cfg.k_arms, "temperature": cfg.temperature, "eta_r": cfg.eta_r, "gamma": cfg.gamma,
+                         "games": list(cfg.games), "tokens": cfg.tokens, "yoked": cfg.yoked, "delay": cfg.delay,
+                         "credit": cfg.credit, "close": cfg.close,
                          "reward_memory": getattr(model, "reward_memory_fit", None),
-                         "smoothing_window": window, "model_fingerprint": model.fingerprint(), "seed": seed},
+                         "smoothing_window": window, "model_fingerprint": model.fingerprint(), "seed": cfg.seed},
               "x_label": "episodes", "y_label": "expected reward", "log_x": False,
               "y_labels": {"regret": "cumulative expected regret"},
               "methods": methods, **extra}
     report["table"] = format_table(rows, ["game", "chance", "adapt first", "adapt last", "reset last",
                                           "Sutton delta (last window) [95% CI]"] +
-                                   (["yoked last", "yoked - reset [95% CI]"] if yoked else []))
+                                   (["yoked last", "yoked - reset [95% CI]"] if cfg.yoked else []))
     if "regret_vs_thompson" in extra:
         report["table"] += "\n\n" + format_table(
-            [[k.split("/")[1], f"{v['summary']['regret_final']:.1f}"] for k, v in methods.items() if k.startswith("regret/")],
-            [f"bandit policy (k={k_arms}, {E} pulls)", "final cumulative regret"])
+            [[k.split("/")[1], f"{v['summary']['regret_final']:.1f}"] for k, v in methods.items()
+             if k.startswith("regret/")],
+            [f"bandit policy (k={cfg.k_arms}, {cfg.episodes} pulls)", "final cumulative regret"])
     if cfg.out_dir:
         write_report(report, cfg.out_dir, cfg.name or "games")
     return report
