@@ -30,13 +30,20 @@ def config(llama_dir, out, **kw):
                                "output_dir": str(out), "log_every": 1, **kw})
 
 
+@pytest.fixture(scope="module")
+def straight(llama_dir, tmp_path_factory):
+    """An uninterrupted 4-step run with a checkpoint every 2 steps: the reference of both tests."""
+    out = tmp_path_factory.mktemp("straight")
+    return out, finetune_hf(config(llama_dir, out, save_every=2, keep_checkpoints=0), log=lambda s: None)
+
+
 def fast_weights(model):
     return {k: v.detach().clone() for k, v in model.fast.state_dict().items()}
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(llama_dir, tmp_path):
-    straight = finetune_hf(config(llama_dir, tmp_path / "a", save_every=2, keep_checkpoints=0), log=lambda s: None)
-    ck = tmp_path / "a" / "checkpoints" / "step_000002"
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(llama_dir, tmp_path, straight):
+    folder, straight = straight
+    ck = folder / "checkpoints" / "step_000002"
     assert (ck / "training_state.pt").exists()
     resumed = finetune_hf(config(llama_dir, tmp_path / "b", resume=str(ck)), log=lambda s: None)
     assert resumed["steps"] == 4 and [c["step"] for c in resumed["curve"]] == [3, 4]
@@ -45,14 +52,14 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(llama_dir, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["curve"][0]["loss"] != straight["curve"][-1]["loss"]  # it trained
     # "auto" continues from the newest checkpoint of the folder: nothing left to do at max_steps
-    again = finetune_hf(config(llama_dir, tmp_path / "a", resume="auto"), log=lambda s: None)
+    again = finetune_hf(config(llama_dir, folder, resume="auto"), log=lambda s: None)
     assert again["steps"] == 4 and again["curve"] == []
     with pytest.raises(ValueError, match="output_dir"):
         config(llama_dir, None, output_dir=None, resume="auto")
 
 
-def test_two_processes_match_one(llama_dir, tmp_path):
-    single = finetune_hf(config(llama_dir, tmp_path / "one"), log=lambda s: None)
+def test_two_processes_match_one(tmp_path, straight):
+    single = straight[1]
     script = tmp_path / "run.py"
     script.write_text(
         "import torch\ntorch.set_num_threads(1)\nfrom cl_arch.train.finetune_hf import HFFinetuneConfig, finetune_hf\n"
