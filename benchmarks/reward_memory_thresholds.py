@@ -10,6 +10,7 @@ torch.set_num_threads(1)
 from cl_arch import PlasticTransformer, Session
 from cl_arch.eval import games
 from cl_arch.eval.lib.learners import RowPolicy
+from cl_arch.eval.lib.play import BanditEnv, PreferenceEnv, play
 from cl_arch.train.reward_memory import HELD_OUT_TOKENS, RewardMemorySettings, with_reward_memory
 from cl_arch.train.tasks import BOS, Bandit, PreferenceGame
 base = PlasticTransformer.from_pretrained(sys.argv[1]).eval()
@@ -17,8 +18,8 @@ kept_pol = RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)
 for sd in range(5):
     m = with_reward_memory(base, RewardMemorySettings(scale=8.0, eta_r=0.3))
     S, E = 4, 100; probs = [0.1, 0.1, 0.9, 0.1]
-    envs = [games.BanditEnv(Bandit(k=4, seed=10*sd+s, probs=probs, arm_tokens=HELD_OUT_TOKENS["arms"][:4])) for _ in range(3) for s in range(S)]
-    res = games.play(m, envs, games._policies(S, None, None, True), E, seed=3+sd, yoke=games._yoke(S, True), desc="b")
+    envs = [BanditEnv(Bandit(k=4, seed=10*sd+s, probs=probs, arm_tokens=HELD_OUT_TOKENS["arms"][:4])) for _ in range(3) for s in range(S)]
+    res = play(m, envs, games._policies(S, None, None, True), E, seed=3+sd, yoke=games._yoke(S, True), desc="b")
     last = res["expected"][:, -25:].mean(1)
     b = (last[:S].mean(), last[S:2*S].mean(), last[2*S:].mean())
     cues, answers = HELD_OUT_TOKENS["cues"][:4], HELD_OUT_TOKENS["reward_answers"]
@@ -27,14 +28,14 @@ for sd in range(5):
         for s in range(4):
             g_ = PreferenceGame(4, 2, seed=s, cue_tokens=cues, answer_tokens=answers)
             g_.preferred = {c: answers[i % 2] for i, c in enumerate(g_.cues)}
-            ev.append(games.PreferenceEnv(g_, 160, seed=50 + s + 10*sd))
-        return games.play(mm, ev, [kept_pol]*4, 160, seed=5+sd, desc=keys)["expected"][:, -40:].mean()
+            ev.append(PreferenceEnv(g_, 160, seed=50 + s + 10*sd))
+        return play(mm, ev, [kept_pol]*4, 160, seed=5+sd, desc=keys)["expected"][:, -40:].mean()
     c = (kl("hidden+token"), kl("hidden"))
     m2 = with_reward_memory(base, RewardMemorySettings(scale=8.0, eta_r=0.4))
     c2, a2 = HELD_OUT_TOKENS["cues"][:4], HELD_OUT_TOKENS["answers"][:4]
     def late(credit):
-        ev = [games.PreferenceEnv(PreferenceGame(4, 4, seed=s+10*sd, cue_tokens=c2, answer_tokens=a2), 160, seed=70+s+10*sd) for s in range(4)]
-        return games.play(m2, ev, [kept_pol]*4, 160, seed=3+sd, delay=3, credit=credit, desc=credit)["expected"][:, -40:].mean()
+        ev = [PreferenceEnv(PreferenceGame(4, 4, seed=s+10*sd, cue_tokens=c2, answer_tokens=a2), 160, seed=70+s+10*sd) for s in range(4)]
+        return play(m2, ev, [kept_pol]*4, 160, seed=3+sd, delay=3, credit=credit, desc=credit)["expected"][:, -40:].mean()
     l = (late("stored"), late("current"))
     cs, an = HELD_OUT_TOKENS["cues"][:3], HELD_OUT_TOKENS["answers"][:3]; best = {x: an[i] for i, x in enumerate(cs)}
     g = torch.Generator().manual_seed(sd)

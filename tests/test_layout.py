@@ -158,7 +158,7 @@ def eval_layout_violations(graph):
 
 def test_a_benchmark_imports_only_the_eval_library():
     """Each benchmark imports, of ``cl_arch.eval``, only the library (``cl_arch.eval.lib.*`` and
-    reward_fit), never another benchmark; the library imports no benchmark. (About 15 s: the import graph.)"""
+    reward_fit), never another benchmark; the library imports no benchmark (under a second: the import graph)."""
     graph = import_graph()
     assert {"cl_arch.eval.codebase", "cl_arch.eval.sutton", "cl_arch.eval.retention", "cl_arch.eval.lib.play"} <= \
         set(graph)

@@ -11,6 +11,7 @@ import torch
 from cl_arch.eval import games
 from cl_arch.memory import TraceCommit
 from cl_arch.eval.lib.learners import EpisodeLearner, RowPolicy
+from cl_arch.eval.lib.play import BanditEnv, PreferenceEnv, play
 from cl_arch.eval.reward_fit import draw_reward_tasks, fit_reward_memory, normalised_score
 from cl_arch.train.reward_memory import HELD_OUT_TOKENS, TRAIN_TOKENS, RewardMemorySettings, with_reward_memory
 from cl_arch.train.tasks import ASK, BOS, Bandit, PreferenceGame
@@ -83,10 +84,10 @@ def test_reward_memory_learns_a_bandit_on_unseen_arm_tokens_and_the_yoked_contro
     m = with_reward_memory(recall_model, RewardMemorySettings(scale=8.0, eta_r=0.3))
     S, E = 4, 100
     probs = [0.1, 0.1, 0.9, 0.1]
-    envs = [games.BanditEnv(Bandit(k=4, seed=s, probs=probs, arm_tokens=HELD_OUT_TOKENS["arms"][:4]))
+    envs = [BanditEnv(Bandit(k=4, seed=s, probs=probs, arm_tokens=HELD_OUT_TOKENS["arms"][:4]))
             for _ in range(3) for s in range(S)]
     pols = games._policies(S, None, None, yoked=True)
-    res = games.play(m, envs, pols, E, seed=3, yoke=games._yoke(S, True), desc="test bandit")
+    res = play(m, envs, pols, E, seed=3, yoke=games._yoke(S, True), desc="test bandit")
     last = res["expected"][:, -25:].mean(1)
     kept, reset, yoked = last[:S].mean(), last[S:2 * S].mean(), last[2 * S:].mean()
     assert reset == pytest.approx(0.3, abs=0.05)  # uniform play over the 4 arms
@@ -104,9 +105,9 @@ def test_play_gives_yoked_rows_their_partners_rewards(recall_model, monkeypatch)
 
     monkeypatch.setattr(EpisodeLearner, "end_episode", spy)
     m = with_reward_memory(recall_model)
-    envs = [games.BanditEnv(Bandit(k=3, seed=i, probs=[0.5, 0.5, 0.5])) for i in range(3)]
+    envs = [BanditEnv(Bandit(k=3, seed=i, probs=[0.5, 0.5, 0.5])) for i in range(3)]
     pols = [RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)] * 3
-    res = games.play(m, envs, pols, 12, seed=0, yoke=[None, None, 0], desc="spy")
+    res = play(m, envs, pols, 12, seed=0, yoke=[None, None, 0], desc="spy")
     assert len(seen) == 12
     for t, given in enumerate(seen):
         assert given[2] == given[0] == res["reward"][0, t]  # row 2 committed row 0's reward
@@ -253,9 +254,9 @@ def test_reward_memory_learns_which_cue_pays_what_on_unseen_tokens(recall_model)
         for s in range(S):
             game = PreferenceGame(4, 2, seed=s, cue_tokens=cues, answer_tokens=answers)
             game.preferred = {c: answers[i % 2] for i, c in enumerate(game.cues)}
-            envs.append(games.PreferenceEnv(game, E, seed=50 + s))
+            envs.append(PreferenceEnv(game, E, seed=50 + s))
         pols = [RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)] * S
-        return games.play(m, envs, pols, E, seed=5, desc=keys)["expected"][:, -40:].mean()
+        return play(m, envs, pols, E, seed=5, desc=keys)["expected"][:, -40:].mean()
 
     tok, hid = kept_last("hidden+token"), kept_last("hidden")  # seeds 0-4: 0.97-0.98 vs 0.49-0.53
     assert tok > 0.75
@@ -270,7 +271,7 @@ def test_differentiable_rollout_plays_the_same_game_as_play(recall_model):
     m = with_reward_memory(recall_model, RewardMemorySettings(scale=8.0, eta_r=0.3))
     E = 10
     envs_a, envs_b = draw_reward_tasks(4, E, seed=3), draw_reward_tasks(4, E, seed=3)
-    res = games.play(m, envs_a, [RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)] * 4, E, seed=7,
+    res = play(m, envs_a, [RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)] * 4, E, seed=7,
                      desc="play")
     lo = np.array([e.chance() for e in envs_a])[:, None]
     hi = np.array([e.best() for e in envs_a])[:, None]
@@ -338,17 +339,17 @@ def test_a_late_reward_credits_the_episode_that_earned_it(recall_model):
     cues, answers = HELD_OUT_TOKENS["cues"][:4], HELD_OUT_TOKENS["answers"][:4]
 
     def last(credit):
-        envs = [games.PreferenceEnv(PreferenceGame(4, 4, seed=s, cue_tokens=cues, answer_tokens=answers), E,
+        envs = [PreferenceEnv(PreferenceGame(4, 4, seed=s, cue_tokens=cues, answer_tokens=answers), E,
                                     seed=70 + s) for s in range(S)]
         pols = [RowPolicy("kept", persist=True, use_reward=True, eta_s=0.0)] * S
-        res = games.play(m, envs, pols, E, seed=3, delay=3, credit=credit, desc=credit)
+        res = play(m, envs, pols, E, seed=3, delay=3, credit=credit, desc=credit)
         return res["expected"][:, -40:].mean()
 
     stored, current = last("stored"), last("current")
     # Seeds 0-4 of the draws (cues, preferences, sampling): stored 0.95-0.98, current 0.21-0.44 (chance 0.25).
     assert stored > 0.75 and current < stored - 0.3, (stored, current)
     with pytest.raises(ValueError, match="delay"):
-        games.play(m, [games.BanditEnv(Bandit(k=2))], [RowPolicy("kept", persist=True, use_reward=True)], 2,
+        play(m, [BanditEnv(Bandit(k=2))], [RowPolicy("kept", persist=True, use_reward=True)], 2,
                    delay=-1)
     with pytest.raises(ValueError, match="traces"):
         EpisodeLearner(m, [RowPolicy("kept", persist=True)]).end_episode(None, traces=[torch.zeros(1)])
