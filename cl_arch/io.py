@@ -2,6 +2,7 @@
 that serialise their writers and readers."""
 import errno
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -35,6 +36,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 # A folder where the lock file cannot be created (read-only, e.g. the shipped model inside
 # site-packages) is read without a lock and without recovery: nobody can write there.
 
+logger = logging.getLogger(__name__)
 _MAX_ROUNDS = 100  # bounded retries; each round needs another process to change the folder meanwhile
 
 _local = threading.local()
@@ -500,6 +502,7 @@ def _recover_held(path: str) -> bool:
     _check_names(journal, entry)
     if entry.primary is None:
         _run_journal(journal, entry)
+        logger.warning(f"{path}: finished a write that was interrupted (journal {journal})")
         return True
     primary_journal = journal_path(os.path.join(os.path.dirname(path), entry.primary))
     primary = _read_journal(primary_journal)
@@ -508,9 +511,11 @@ def _recover_held(path: str) -> bool:
         _run_journal(primary_journal, primary)
         if os.path.lexists(journal):  # a primary that does not list this part
             os.remove(journal)
+        logger.warning(f"{path}: finished a write that was interrupted (journal {primary_journal})")
         return True
     os.remove(journal)  # its commit never reached the commit point: the old version stands
     _sync_dir(os.path.dirname(path))
+    logger.warning(f"{path}: dropped a write interrupted before its commit point; the previous version stands")
     return False
 
 

@@ -47,3 +47,36 @@ def test_a_warning_level_silences_the_library(corpus, tmp_path, capsys, caplog):
     assert "pretrain" not in capsys.readouterr().out
     assert not [r for r in caplog.records if r.name.startswith("cl_arch")]
     assert (tmp_path / "run" / "results.json").exists()  # it ran, silently
+
+
+def test_finishing_an_interrupted_write_is_a_warning(tmp_path, monkeypatch, caplog):
+    """cl_arch.io logs a warning when it completes a commit a crash interrupted (a reader learns the
+    files changed under it); nothing when there was none."""
+    from cl_arch import io
+
+    paths = [str(tmp_path / n) for n in ("a.bin", "b.json")]
+    staged = []
+    for p in paths:
+        with open(p + ".new", "w") as f:
+            f.write("new")
+        staged.append((p + ".new", p))
+    real = os.replace
+
+    class Crash(BaseException):
+        pass
+
+    def replace(src, dst):
+        if str(dst) == paths[1]:  # after the journal and the first move: a crash mid-commit
+            raise Crash
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Crash):
+        io.commit_moves(paths[-1], staged)
+    monkeypatch.setattr(os, "replace", real)
+    caplog.set_level(logging.WARNING, logger="cl_arch")
+    assert io.recover(paths[-1]) is True
+    assert [r.levelno for r in caplog.records if r.name == "cl_arch.io"] == [logging.WARNING]
+    assert "interrupted" in caplog.records[-1].getMessage()
+    caplog.clear()
+    assert io.recover(paths[-1]) is False and not caplog.records
