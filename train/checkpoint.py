@@ -113,8 +113,10 @@ def save_checkpoint(directory: str, model, optimizer, schedule, training: Dict[s
             whole.save_pretrained(tmp)
     else:
         state = {"format": "full", "optimizer": opt.state_dict()}
-        if is_main:
-            (write_weights or type(model).save_pretrained)(model, tmp)
+        if is_main and write_weights is not None:
+            write_weights(model, tmp)
+        elif is_main:
+            model.save_pretrained(tmp)
     if is_main:
         torch.save({**state, "schedule": schedule.state_dict(), **training}, os.path.join(tmp, TRAINING_STATE))
     torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
