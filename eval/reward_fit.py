@@ -8,6 +8,7 @@ with the highest mean normalised reward wins. The evaluations report on the held
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -21,6 +22,8 @@ from cl_arch.train.trainer import Trainer
 
 from .lib.learners import RowPolicy
 from .lib.play import BanditEnv, PreferenceEnv, action_probs, action_table, play
+
+logger = logging.getLogger(__name__)
 
 
 class NoisyReward:
@@ -124,7 +127,7 @@ def default_grid() -> List[RewardMemorySettings]:
 
 
 def fit_reward_memory(model: PlasticTransformer, grid: Optional[Sequence[RewardMemorySettings]] = None,
-                      n_tasks: int = 16, episodes: int = 300, seed: int = 0, log=print) -> Dict[str, Any]:
+                      n_tasks: int = 16, episodes: int = 300, seed: int = 0, log=None) -> Dict[str, Any]:
     """Choose the reward memory's settings on the training distribution of reward tasks.
 
     Every candidate of ``grid`` (default :func:`default_grid`) plays the same ``n_tasks`` tasks of
@@ -134,6 +137,7 @@ def fit_reward_memory(model: PlasticTransformer, grid: Optional[Sequence[RewardM
     Returns:
         ``{"best": settings dict, "candidates": [{"settings", "score"}], "n_tasks", "episodes", "seed"}``.
     """
+    log = log if log is not None else logger.info
     grid = list(grid) if grid is not None else default_grid()
     rows = []
     for i, st in enumerate(grid):
@@ -194,7 +198,7 @@ def _rollout(model: PlasticTransformer, envs: Sequence[Any], episodes: int, gene
 
 def meta_train_reward_memory(model: PlasticTransformer, settings: Optional[RewardMemorySettings] = None,
                              steps: int = 30, n_tasks: int = 16, episodes: int = 100, lr: float = 0.05,
-                             seed: int = 0, log=print) -> Dict[str, Any]:
+                             seed: int = 0, log=None) -> Dict[str, Any]:
     """Meta-train the reward memory's settings through its commits on the training task distribution.
 
     Every step draws ``n_tasks`` new tasks (:func:`draw_reward_tasks`, training token sets), plays
@@ -207,7 +211,9 @@ def meta_train_reward_memory(model: PlasticTransformer, settings: Optional[Rewar
             :class:`~cl_arch.train.reward_memory.RewardMemorySettings`).
     Returns:
         ``{"best": learned settings dict, "start": settings dict, "curve": [score per step], ...}``.
+        Progress goes to ``log`` (default: this module's logger).
     """
+    log = log if log is not None else logger.info
     start = settings or RewardMemorySettings()
     m = with_reward_memory(model, start)
     for p in m.parameters():

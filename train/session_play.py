@@ -7,7 +7,7 @@ never commits (its state is reset every episode): the reset arm of the Sutton te
 
 Used by the benchmarks that run the Sutton test through the public API
 (``benchmarks/bench_sutton.py``, ``benchmarks/retrofit_learning.py``). The batched learner of the
-evaluations (:func:`cl_arch.eval.play.play`) and the differentiable one of meta-training
+evaluations (:func:`cl_arch.eval.lib.play.play`) and the differentiable one of meta-training
 (:func:`cl_arch.train.meta.play_preference`) are other loops: see their modules.
 """
 from __future__ import annotations
