@@ -43,6 +43,7 @@ from .lib.dyntune import load_or_tune
 from .lib.learners import DynamicEval, calibration_batches
 from .lib.models import text_model
 from .lib.options import add_model_options, add_rate_options, add_stream_options, comma_list, source_from_args
+from .lib.options import TextModelOptions
 from .lib.options import config_from_args as options_config
 from .lib.reading import default_policies, log_points, run_stream
 from .lib.report import curve, format_table, write_report
@@ -180,7 +181,7 @@ REWARD_DEFINITION = ("mean over the episode's non-blank lines of the accepted fr
 
 
 @dataclass
-class CodebaseConfig:
+class CodebaseConfig(TextModelOptions):
     """Every setting of one codebase run (:func:`run`).
 
     Attributes:
@@ -245,13 +246,6 @@ class CodebaseConfig:
     second_session: bool = False
     timing_episodes: int = 3
     timing_repeats: int = 3
-    cache_dir: Optional[str] = None
-    pretrain_seconds: Optional[float] = None
-    no_readout: bool = False
-    no_episodic: bool = False
-    out_dir: Optional[str] = "runs/eval"
-    name: Optional[str] = None
-    seed: int = 0
 
 
 HELP = "bits/byte reading an unseen source tree: memories off, adapting, committing, dynamic evaluation"

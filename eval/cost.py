@@ -32,6 +32,7 @@ from cl_arch.state import AttnLayerState, FastLayerState, ModelState
 from .lib.compute import flops_per_token, state_bytes
 from .lib.models import text_model
 from .lib.options import add_model_options
+from .lib.options import TextModelOptions
 from .lib.options import config_from_args as options_config
 from .lib.report import curve, format_table, write_report
 
@@ -72,20 +73,13 @@ def _time_forward(model, ids, state, repeats: int) -> float:
 
 
 @dataclass
-class CostConfig:
+class CostConfig(TextModelOptions):
     """Every setting of one cost run (:func:`run`): one interaction of ``interaction_tokens`` timed
     (median of ``repeats``) after each count of ``interactions``; ``cache_dir``, ``pretrain_seconds``,
     ``no_readout``, ``no_episodic``: the default model (:func:`~cl_arch.eval.lib.models.text_model`)."""
     interactions: Tuple[int, ...] = (1, 10, 100, 1000)
     interaction_tokens: int = 32
     repeats: int = 5
-    cache_dir: Optional[str] = None
-    pretrain_seconds: Optional[float] = None
-    no_readout: bool = False
-    no_episodic: bool = False
-    out_dir: Optional[str] = "runs/eval"
-    name: Optional[str] = None
-    seed: int = 0
 
 
 HELP = "what remembering costs per token as interactions accumulate, against a growing context"

@@ -36,6 +36,7 @@ from .lib import metrics as M
 from .lib.learners import RowPolicy
 from .lib.models import recall_model
 from .lib.options import add_recall_options
+from .lib.options import ReportOptions
 from .lib.options import config_from_args as options_config
 from .lib.play import BanditEnv, PreferenceEnv, play
 from .lib.report import curve, format_table, write_report
@@ -128,7 +129,7 @@ def reward_memory_model(base: PlasticTransformer, cache_root: str = "runs", fit_
 
 
 @dataclass
-class GamesConfig:
+class GamesConfig(ReportOptions):
     """Every setting of one games run (:func:`run`): ``seeds`` independent instances of each game of
     ``games``, ``episodes`` episodes each; the other fields as :func:`run` describes."""
     episodes: int = 300
@@ -149,9 +150,6 @@ class GamesConfig:
     close: Optional[int] = None
     recall_steps: int = 600
     cache_root: str = "runs"
-    out_dir: Optional[str] = "runs/eval"
-    name: Optional[str] = None
-    seed: int = 0
 
 
 HELP = "reward-only learning in synthetic games"

@@ -30,6 +30,7 @@ from .lib import metrics as M
 from .lib.learners import EpisodeLearner, RowPolicy
 from .lib.models import recall_model
 from .lib.options import add_recall_options
+from .lib.options import ReportOptions
 from .lib.options import config_from_args as options_config
 from .lib.play import PreferenceEnv, expected_score
 from .lib.report import curve, format_table, write_report
@@ -153,7 +154,7 @@ def _gem(R: np.ndarray, b: List[float]) -> Tuple[Dict[str, float], List[float]]:
 
 
 @dataclass
-class RetentionConfig:
+class RetentionConfig(ReportOptions):
     """Every setting of one retention run (:func:`run`): ``tasks`` preference games learned one after
     another, ``episodes`` each, ``seeds`` learners; each method of ``consolidation`` applied after every
     task (``distill_steps`` for distill); the default model is recall-trained for ``recall_steps``."""
@@ -163,9 +164,6 @@ class RetentionConfig:
     consolidation: Tuple[str, ...] = ("fold", "distill")
     distill_steps: int = 60
     recall_steps: int = 600
-    out_dir: Optional[str] = "runs/eval"
-    name: Optional[str] = None
-    seed: int = 0
 
 
 HELP = "tasks learned one after another: what is kept (R matrix, ACC, BWT, FWT)"

@@ -44,6 +44,7 @@ from .lib import metrics as M
 from .lib.learners import EpisodeLearner, RowPolicy
 from .lib.models import text_model
 from .lib.options import add_model_options, add_rate_options, add_stream_options, source_from_args
+from .lib.options import TextModelOptions
 from .lib.options import config_from_args as options_config
 from .lib.reading import default_policies, log_points, run_stream
 from .lib.report import curve, format_table, write_report
@@ -59,7 +60,7 @@ TUNING_PACKAGE = "asyncio"  # settings are chosen here (or on the training corpu
 
 
 @dataclass
-class TabcompleteConfig:
+class TabcompleteConfig(TextModelOptions):
     """Every setting of one tab-completion run (:func:`run`).
 
     With ``users`` > 0 (default 8), :func:`run_users`: simulated users, each with a drawn style and
@@ -87,13 +88,6 @@ class TabcompleteConfig:
     eta_r: Optional[float] = None
     gamma: Optional[float] = None
     lam: Optional[float] = None
-    cache_dir: Optional[str] = None
-    pretrain_seconds: Optional[float] = None
-    no_readout: bool = False
-    no_episodic: bool = False
-    out_dir: Optional[str] = "runs/eval"
-    name: Optional[str] = None
-    seed: int = 0
 
 
 HELP = "next-line proposals accepted by simulated users, as the model is used"

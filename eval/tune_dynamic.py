@@ -18,6 +18,7 @@ from cl_arch import PlasticTransformer
 from .lib.dyntune import load_or_tune
 from .lib.models import text_model
 from .lib.options import add_model_options
+from .lib.options import TextModelOptions
 from .lib.options import config_from_args as options_config
 from .lib.report import curve, format_table, write_report
 
@@ -60,7 +61,7 @@ def report(result: Dict[str, Any]) -> Dict[str, Any]:
 
 
 @dataclass
-class TuneDynamicConfig:
+class TuneDynamicConfig(TextModelOptions):
     """Every setting of one sweep (:func:`run`): dynamic evaluation of ``params`` (``all`` or
     ``fast_W0``) over the grid ``lrs`` x ``decays`` (None: :mod:`~cl_arch.eval.lib.dyntune`'s
     defaults) on the first ``max_bytes`` of the held-out ``package``; ``tune_cache``: the sweep
@@ -77,13 +78,6 @@ class TuneDynamicConfig:
     tune_cache: Optional[str] = None
     recompute: bool = False
     progress: bool = True
-    cache_dir: Optional[str] = None
-    pretrain_seconds: Optional[float] = None
-    no_readout: bool = False
-    no_episodic: bool = False
-    out_dir: Optional[str] = "runs/eval"
-    name: Optional[str] = None
-    seed: int = 0
 
 
 HELP = "dynamic evaluation's step size x decay, swept on a held-out package never reported"

@@ -217,7 +217,7 @@ def _load_plain(path: str, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message is a page long and suggests weights_only=False; keep only the line that
+        # torch's message is a page long and suggests turning the safe loader off; keep only the line that
         # says what the file holds ("unsupported GLOBAL posix.system ...").
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         what_held = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else repr(e))

@@ -18,7 +18,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import Any, Optional
+
+
+@dataclasses.dataclass(kw_only=True)
+class ReportOptions:
+    """Where a benchmark's report goes and its seed: the settings of every benchmark's config."""
+
+    out_dir: Optional[str] = "runs/eval"
+    name: Optional[str] = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class TextModelOptions(ReportOptions):
+    """The default text model's settings (:func:`add_model_options`; ``cl_arch.eval.lib.models.text_model``)."""
+
+    cache_dir: Optional[str] = None
+    pretrain_seconds: Optional[float] = None
+    no_readout: bool = False
+    no_episodic: bool = False
 
 
 def float_or_model(text: str) -> float | None:
