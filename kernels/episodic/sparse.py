@@ -1,0 +1,259 @@
+"""The episodic memory's decode step on the rows its keys fire: O(active rows x V) per token.
+
+The keys ``phi(h) = unit(relu(R unit(h) - theta))`` fire on 2-7% of the F = 2048 features, so a
+token's write ``beta k u^T`` touches only the rows of ``k``'s non-zeros and its read ``S^T q`` only
+those of ``q``'s. What is left dense is the decay toward the resting state, ``S - M <- a (S - M)``
+on every row; it is kept lazily: the state holds ``U`` with
+
+    S - M = c U                   c [B, H]: the product of the decays since ``U`` was last rescaled
+    E     = c (U + Y)             Y: what the trace differed from ``S - M`` when the state was built
+
+so a decay is a scalar product per head, and a write ``D`` adds ``D / c`` into ``U``'s rows. When
+``c`` falls below ``MIN_SCALE`` it is folded into ``U`` (one dense pass, every ~1e4 spans' worth of
+decay at the shipped model's span: never in practice), which keeps ``U`` in range. ``Y`` is None
+when the trace equals ``S - M`` (an episode that started at rest), the case of every session.
+
+Two steps, one per write rule (:mod:`cl_arch.memory.write`):
+:func:`sparse_delta_step` (the delta rule on the token's value) and :func:`sparse_error_step` (the
+model's own prediction error). Both update a :class:`SparseEpisodicState` in place, write the read
+into a caller's buffer, and equal the dense rule (``naive.py``,
+:func:`~cl_arch.kernels.error_write.naive.naive_error_write`) to rounding. ``from_dense`` /
+``to_dense`` convert to and from the layout sessions and files use (dense ``S``, ``E``).
+No autograd: decoding only.
+"""
+from collections.abc import Sequence
+
+import torch
+
+# below this the lazily kept scale c is folded into U, so U's entries stay in range
+MIN_SCALE = 1e-4
+
+Active = tuple[torch.Tensor, torch.Tensor]
+
+
+def active(x: torch.Tensor, n: int | None = None) -> Active:
+    """``(idx [..., n] int64, val [..., n])``: the ``n`` entries of ``x [..., F]`` largest in magnitude.
+
+    ``n`` None: the most non-zeros of any row (one host read), at least 1, so every non-zero is
+    kept; rows with fewer carry padding entries of value 0, which read and write nothing. A fixed
+    ``n`` gives static shapes, and is exact while no row has more than ``n`` non-zeros."""
+    if n is None:
+        n = max(int((x != 0).sum(-1).max()), 1) if x.numel() else 1
+    if not 1 <= n <= x.shape[-1]:
+        raise ValueError(f"active: n must be in [1, {x.shape[-1]}], got {n}")
+    idx = x.abs().topk(n, dim=-1, sorted=False).indices
+    return idx, x.gather(-1, idx)
+
+
+class SparseEpisodicState:
+    """The decode state of one episodic memory for ``B`` streams: buffers allocated once, updated in place.
+
+    Attributes:
+        U: ``[B, H, F, V]`` contiguous, ``S - M = c U``.
+        c: ``[B, H]`` the lazily kept decay.
+        M: the resting state as a tuple of parts summed (e.g. ``(W0, P)``), each ``[H, F, V]`` or
+            ``[B, H, F, V]``; empty: zeros. Read only at the active rows.
+        Y: ``[B, H, F, V]`` or None, ``E = c (U + Y)``.
+        p: ``[B, V]`` the last position's prediction (the error write's; zeros: nothing predicted yet).
+    """
+
+    def __init__(self, U: torch.Tensor, c: torch.Tensor, M: Sequence[torch.Tensor] = (),
+                 Y: torch.Tensor | None = None, p: torch.Tensor | None = None) -> None:
+        if U.dim() != 4 or not U.is_contiguous():
+            raise ValueError(f"U must be a contiguous [B, H, F, V] tensor, got shape {tuple(U.shape)}")
+        B, H, Fdim, V = U.shape
+        if tuple(c.shape) != (B, H):
+            raise ValueError(f"c has shape {tuple(c.shape)}, expected {(B, H)}")
+        for i, m in enumerate(M):
+            if tuple(m.shape) not in ((H, Fdim, V), (B, H, Fdim, V)):
+                raise ValueError(f"M[{i}] has shape {tuple(m.shape)}, expected {(H, Fdim, V)} or {(B, H, Fdim, V)}")
+        if Y is not None and (Y.shape != U.shape or not Y.is_contiguous()):
+            raise ValueError(f"Y must be contiguous with U's shape {tuple(U.shape)}, got {tuple(Y.shape)}")
+        if p is not None and tuple(p.shape) != (B, V):
+            raise ValueError(f"p has shape {tuple(p.shape)}, expected {(B, V)}")
+        self.U, self.c, self.Y, self.p = U, c, Y, p
+        self.M = tuple(m.to(U.dtype).contiguous() for m in M)
+        self.shape = (B, H, Fdim, V)
+        bh = torch.arange(B * H, device=U.device).view(B, H, 1)
+        self._rows_U = bh * Fdim  # [B, H, 1]: row offset of (b, h) in U.view(-1, V)
+        self._rows_H = (bh % H) * Fdim  # the same in a [H, F, V] part
+
+    # ---------------------------------------------------------------- the dense layout
+    @classmethod
+    def from_dense(cls, S: torch.Tensor, M: None | torch.Tensor | Sequence[torch.Tensor] = None,
+                   E: torch.Tensor | None = None, p: torch.Tensor | None = None,
+                   dtype: torch.dtype | None = None) -> "SparseEpisodicState":
+        """The state whose dense form is ``S [B, H, F, V]``, resting state ``M`` (a tensor, parts summed,
+        or None: zeros), trace ``E`` (None: zeros) and prediction ``p [B, V]`` (None: no buffer).
+        Allocates the buffers (``U``, and ``Y`` only when ``E != S - M``) in ``dtype`` (default: S's,
+        at least float32)."""
+        dtype = dtype or torch.promote_types(S.dtype, torch.float32)
+        parts = () if M is None else ((M,) if isinstance(M, torch.Tensor) else tuple(M))
+        U = S.to(dtype).clone(memory_format=torch.contiguous_format)
+        for m in parts:
+            U.sub_(m.to(dtype))
+        Y = -U if E is None else E.to(dtype) - U
+        Y = Y.contiguous() if bool(Y.any()) else None
+        c = torch.ones(S.shape[:2], dtype=dtype, device=S.device)
+        return cls(U, c, parts, Y, None if p is None else p.to(dtype).clone())
+
+    def resting(self) -> torch.Tensor:
+        """``M [B, H, F, V]`` dense (a new tensor)."""
+        M = self.U.new_zeros(self.shape)
+        for m in self.M:
+            M.add_(m)
+        return M
+
+    def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S, E)`` ``[B, H, F, V]``, new tensors: what a session holds and a file saves."""
+        c = self.c[..., None, None]
+        dev = c * self.U
+        E = dev if self.Y is None else c * (self.U + self.Y)
+        return self.resting().add_(dev), E
+
+    def renormalise(self) -> None:
+        """Fold ``c`` into ``U`` (and ``Y``): one dense pass; the dense form does not change."""
+        c = self.c[..., None, None]
+        self.U.mul_(c)
+        if self.Y is not None:
+            self.Y.mul_(c)
+        self.c.fill_(1.0)
+
+    # ---------------------------------------------------------------- rows
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """``[B * H * n]`` rows of ``U.view(-1, V)`` for feature indices ``idx [B, H, n]``."""
+        return (self._rows_U + idx).reshape(-1)
+
+    def gather(self, idx: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(U^T x, M^T x)``, each ``[B, H, V]`` (the second None when M is zeros), for the sparse
+        vector ``x = (idx, val) [B, H, n]``: reads ``n`` rows of each."""
+        B, H, _, V = self.shape
+        n = idx.shape[-1]
+        x = val.to(self.U.dtype).unsqueeze(-2)  # [B, H, 1, n]
+        ux = torch.matmul(x, self.U.view(-1, V).index_select(0, self.rows(idx)).view(B, H, n, V))[..., 0, :]
+        mx = None
+        for m in self.M:
+            base = self._rows_U if m.dim() == 4 else self._rows_H
+            part = torch.matmul(x, m.view(-1, V).index_select(0, (base + idx).reshape(-1)).view(B, H, n, V))[..., 0, :]
+            mx = part if mx is None else mx.add_(part)
+        return ux, mx
+
+    def decay(self, g: torch.Tensor) -> None:
+        """``S - M <- exp(g) (S - M)`` (and the trace) for ``g [B, H]``: a scalar per head."""
+        self.c.mul_(g.to(self.c.dtype).exp())
+        if bool((self.c < MIN_SCALE).any()):
+            self.renormalise()
+
+    def write(self, idx: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> None:
+        """``S += k u^T`` in the rows of ``k = (idx, w) [B, H, n]`` (``w``: the key times the step),
+        ``u [B, H, V]``; the trace follows (its difference from ``S - M`` is untouched)."""
+        V = self.shape[-1]
+        upd = (w / self.c[..., None])[..., None] * u[:, :, None, :]
+        self.U.view(-1, V).index_add_(0, self.rows(idx), upd.reshape(-1, V))
+
+
+def _apply(st: SparseEpisodicState, xa: Active) -> torch.Tensor:
+    """``S^T x = M^T x + c U^T x`` ``[B, H, V]`` for the sparse vector ``xa``."""
+    ux, mx = st.gather(*xa)
+    ux.mul_(st.c[..., None])
+    return ux if mx is None else ux.add_(mx)
+
+
+def sparse_delta_step(st: SparseEpisodicState, qa: Active, ka: Active, v: torch.Tensor, beta: torch.Tensor,
+                      g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One token of the delta rule (``naive.py``), in place on ``st``.
+
+    Args:
+        st: the state (updated in place).
+        qa, ka: ``(idx, val) [B, H, n]`` the read and write keys' active entries (:func:`active`).
+        v: ``[B, H, V]`` the value; beta, g: ``[B, H]`` write strength and log-decay.
+        out: ``[B, H, V]`` buffer for the read (overwritten; None: a new tensor).
+
+    Returns:
+        ``o = S^T q [B, H, V]`` (``out`` when given).
+    """
+    st.decay(g)
+    u = v.to(st.U.dtype) - _apply(st, ka)
+    st.write(ka[0], ka[1].to(st.U.dtype) * beta.to(st.U.dtype)[..., None], u)
+    o = _apply(st, qa)
+    return o if out is None else out.copy_(o)
+
+
+def sparse_error_step(st: SparseEpisodicState, qa: Active, ka: Active, target: torch.Tensor, base: torch.Tensor,
+                      eta: torch.Tensor, g: torch.Tensor, scale: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """One token of the error-driven write (:mod:`cl_arch.kernels.error_write`), in place on ``st``.
+
+    Writes ``eta k (e(x_t) - p_{t-1})^T`` with ``p_{t-1} = st.p``, reads ``z = base + sum_h a_h S_h^T q_h``
+    and leaves ``st.p = softmax(z)``.
+
+    Args:
+        st: the state, with a ``p [B, V]`` buffer (updated in place).
+        qa, ka: ``(idx, val) [B, H, n]`` active entries of the read and write keys.
+        target: ``[B]`` int64, ``x_t``; base: ``[B, V]`` the logits before this memory's read.
+        eta, g: ``[B, H]`` write step and log-decay; scale: ``[H]`` read scale ``a``.
+        out: ``[B, V]`` buffer for the read (overwritten; None: a new tensor).
+
+    Returns:
+        ``read [B, V]`` (``out`` when given), ``z - base``.
+    """
+    if st.p is None:
+        raise ValueError("sparse_error_step: the state has no p buffer (from_dense(..., p=zeros) gives one)")
+    B, H, _, V = st.shape
+    dt = st.U.dtype
+    st.decay(g)
+    u = st.p.neg()
+    u.scatter_add_(1, target.view(B, 1), torch.ones(B, 1, dtype=dt, device=u.device))
+    st.write(ka[0], ka[1].to(dt) * eta.to(dt)[..., None], u[:, None, :].expand(B, H, V))
+    read = torch.einsum("bhv,h->bv", _apply(st, qa), scale.to(dt))
+    st.p.copy_(torch.softmax(base.to(dt) + read, dim=-1))
+    return read if out is None else out.copy_(read)
+
+
+def sparse_episodic(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor,
+                    initial_state: torch.Tensor | None = None, resting_state: torch.Tensor | None = None,
+                    initial_trace: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~cl_arch.kernels.episodic.naive.naive_episodic`'s arguments and results, one
+    :func:`sparse_delta_step` per token (from and back to the dense layout once per call)."""
+    B, T, H, Fdim = q.shape
+    V = v.shape[-1]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.no_grad():
+        M = None if resting_state is None else resting_state.to(dtype).expand(B, H, Fdim, V)
+        S0 = M if initial_state is None else initial_state
+        if S0 is None:
+            S0 = q.new_zeros(B, H, Fdim, V, dtype=dtype)
+        st = SparseEpisodicState.from_dense(S0, resting_state, initial_trace, dtype=dtype)
+        o = torch.full((B, T, H, V), float("nan"), dtype=dtype, device=q.device)
+        for t in range(T):
+            sparse_delta_step(st, active(q[:, t].to(dtype)), active(k[:, t].to(dtype)), v[:, t], beta[:, t],
+                              g[:, t], out=o[:, t])
+        S, E = st.to_dense()
+    return o, S, E
+
+
+def sparse_error_write(q: torch.Tensor, k: torch.Tensor, targets: torch.Tensor, base: torch.Tensor,
+                       eta: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, initial_state: torch.Tensor,
+                       resting_state: torch.Tensor | None = None, initial_probs: torch.Tensor | None = None,
+                       initial_trace: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~cl_arch.kernels.error_write.naive.naive_error_write`'s arguments (``g`` required) and
+    results, plus the final trace: ``(read [B, T, V], S, p [B, V], E)``, one :func:`sparse_error_step`
+    per token. ``E`` follows the state's decay from ``initial_trace`` (None: zeros)."""
+    B, T, _H, _Fdim = q.shape
+    V = base.shape[-1]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.no_grad():
+        p0 = q.new_zeros(B, V, dtype=dtype) if initial_probs is None else initial_probs
+        st = SparseEpisodicState.from_dense(initial_state, resting_state, initial_trace, p=p0, dtype=dtype)
+        reads = torch.full((B, T, V), float("nan"), dtype=dtype, device=q.device)
+        for t in range(T):
+            sparse_error_step(st, active(q[:, t].to(dtype)), active(k[:, t].to(dtype)), targets[:, t], base[:, t],
+                              eta[:, t], g[:, t], scale, out=reads[:, t])
+        S, E = st.to_dense()
+    return reads.to(base.dtype), S, st.p, E
+
+
+__all__ = ["MIN_SCALE", "SparseEpisodicState", "active", "sparse_delta_step", "sparse_episodic",
+           "sparse_error_step", "sparse_error_write"]
