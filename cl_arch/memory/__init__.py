@@ -4,7 +4,7 @@
 * :mod:`.commit`: how a memory commits, as strategy objects (:class:`TraceCommit`, :class:`StateCommit`);
 * :mod:`.fast_layer`: the in-block fast-weight layer and :class:`FastLayerConfig`;
 * :mod:`.output`: what the memories after the last block share (:class:`OutputContext`, :class:`OutputMemory`);
-* :mod:`.readout`, :mod:`.episodic`, :mod:`.reward`: the output memories.
+* :mod:`.readout`, :mod:`.episodic`, :mod:`.reward`, :mod:`.verdict`: the output memories.
 
 A model lists its output memories in ``PlasticConfig.memories``; each config ``build``s its module.
 A new kind is a config (a :class:`MemoryConfig` subclass with a ``kind``) and a module in one file;
@@ -17,7 +17,9 @@ from .fast_layer import FAST_LAYER_FIELDS, FastLayerConfig, FastWeightLayer, Sho
 from .output import OutputContext, OutputMemory
 from .readout import ReadoutConfig, ReadoutMemory
 from .reward import RewardMemoryConfig
+from .verdict import VerdictCommit, VerdictConfig, VerdictMemory
 
 __all__ = ["MEMORY_KINDS", "MemoryConfig", "PlasticMemory", "StateCommit", "TraceCommit", "EpisodicConfig",
            "EpisodicMemory", "FAST_LAYER_FIELDS", "FastLayerConfig", "FastWeightLayer", "ShortConv", "OutputContext",
-           "OutputMemory", "ReadoutConfig", "ReadoutMemory", "RewardMemoryConfig"]
+           "OutputMemory", "ReadoutConfig", "ReadoutMemory", "RewardMemoryConfig", "VerdictCommit", "VerdictConfig",
+           "VerdictMemory"]

@@ -79,6 +79,9 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
         for s, p in zip(sessions, parsed):
             if p.shape[1]:
                 s._feed(p)
+                s._pending = None
+            s._open_suggestion()
+            s._own_trace()
 
         has_attn = any(m is None for m in model.memories())  # a None slot is an attention (KV) cache
         out: List[List[int]] = [[] for _ in sessions]
@@ -90,8 +93,11 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
             groups: Dict[int, List[int]] = {}
             for i, s in enumerate(sessions):
                 groups.setdefault(s.state.position if has_attn else 0, []).append(i)
+            grads = [s._policy_gradients(t) for s, t in zip(sessions, toks)]
             for idx in groups.values():
                 _step_batch([sessions[i] for i in idx], [toks[i] for i in idx])
+            for s, g in zip(sessions, grads):
+                s._add_traces(g)
             for i, t in enumerate(toks):
                 out[i].append(t)
     except BaseException:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import torch
 
 from ..protocols import PlasticModel
-from ..state import ModelState
+from ..state import FastLayerState, ModelState
 from ..version import __version__
 from . import batching
 from .batching import _eval_mode
@@ -39,6 +39,11 @@ class Session:
             the frozen model's exactly (the "state reset" control of the Sutton test).
         seed: seeds the session's sampling generator (None: from torch's global RNG).
         replay_size: episodes kept in :attr:`replay` (0 disables replay).
+        drop_rejected: a suggestion (the tokens :meth:`generate` produced since the last
+            :meth:`observe` or commit) whose reward is <= 0 is dropped from the reading memories (those
+            with the state commit, e.g. readout and episodic) before the commit, so rejected text is not
+            kept as if the user had written it; memories that learn from the reward (the verdict and
+            reward memories, the fast layers' three-factor traces) keep it and learn from its advantage.
         lam, gamma, eta_s, eta_r, clip, rho: rule overrides as floats; None (default) takes each
             fast layer's learned per-head ``lam, gamma, eta_s, eta_r`` and the config's
             ``commit_clip`` and ``baseline_rho``.
@@ -52,7 +57,7 @@ class Session:
     """
 
     def __init__(self, model, adapt: bool = True, *, seed: Optional[int] = None, replay_size: int = 64,
-                 **rule_overrides: Optional[float]):
+                 drop_rejected: bool = True, **rule_overrides: Optional[float]):
         if not isinstance(model, PlasticModel) and isinstance(getattr(model, "plastic_model", None), PlasticModel):
             # A wrapper that says what it wraps (cl_arch.hf.ClArchForCausalLM: .plastic_model is its
             # PlasticTransformer, the same weights): the session reads the model inside.
@@ -65,6 +70,8 @@ class Session:
             raise ValueError("model has no fast-weight layer: a session has nothing to adapt")
         if not isinstance(adapt, bool):
             raise ValueError(f"adapt must be a bool, got {adapt!r}")
+        if not isinstance(drop_rejected, bool):
+            raise ValueError(f"drop_rejected must be a bool, got {drop_rejected!r}")
         if isinstance(replay_size, bool) or not isinstance(replay_size, int) or replay_size < 0:
             raise ValueError(f"replay_size must be an integer >= 0, got {replay_size!r}")
         unknown = sorted(set(rule_overrides) - set(RULE_KEYS))
@@ -72,6 +79,7 @@ class Session:
             raise ValueError(f"unknown rule settings {unknown}; known: {list(RULE_KEYS)}")
         self.model = model
         self.adapt = adapt
+        self.drop_rejected = drop_rejected
         self.replay_size = replay_size
         self.rule: Dict[str, Optional[float]] = {k: None for k in RULE_KEYS}
         for k, v in rule_overrides.items():
@@ -131,6 +139,8 @@ class Session:
         self._episode_ids: List[int] = []
         self._episode_nll: List[float] = []
         self._next_logits: Optional[torch.Tensor] = None  # [V]: prediction of the next token
+        # the state before the pending suggestion's first token (None: no suggestion pending)
+        self._pending: Optional[ModelState] = None
 
     @property
     def episode_length(self) -> int:
@@ -151,11 +161,11 @@ class Session:
         """Cheap restore point within an episode: forwards return new states and never write into
         the one they are given, and the episode's lists only grow, so references and lengths do."""
         return (self.state, len(self._episode_ids), len(self._episode_nll), self._next_logits,
-                getattr(self, "_last_nll", None), self._rng.get_state())
+                getattr(self, "_last_nll", None), self._rng.get_state(), self._pending)
 
     def _back_to(self, mark: tuple) -> None:
-        state, n_ids, n_nll, next_logits, last_nll, rng = mark
-        self.state = state
+        state, n_ids, n_nll, next_logits, last_nll, rng, pending = mark
+        self.state, self._pending = state, pending
         del self._episode_ids[n_ids:]
         del self._episode_nll[n_nll:]
         self._next_logits, self._last_nll = next_logits, last_nll
@@ -174,6 +184,62 @@ class Session:
         self._episode_ids.extend(int(x) for x in ids.tolist())
         self._episode_nll.extend(float(x) for x in nll.tolist())
         self._last_nll = nll
+
+    # ------------------------------------------------------------------ suggestions and verdicts
+    def _open_suggestion(self) -> None:
+        """Mark where the suggestion about to be generated starts (kept across several generate calls)."""
+        if self._pending is None:
+            self._pending = self.state
+
+    def _verdict_slots(self) -> List[int]:
+        """Indices in ``state.layers`` of the memories that learn from verdicts (a ``policy_gradient``
+        method, e.g. the verdict memory)."""
+        return [i for i, m in enumerate(self.model.memories()) if m is not None and hasattr(m, "policy_gradient")]
+
+    def _own_trace(self) -> None:
+        """Give the current state its own copy of every verdict trace: the trace then grows in place
+        token by token while the marks taken before keep the old one (all-or-nothing generate)."""
+        slots = self._verdict_slots()
+        if not slots or all(self.state.layers[i].E is None for i in slots):
+            return
+        layers = list(self.state.layers)
+        for i in slots:
+            s = layers[i]
+            if s.E is not None:
+                layers[i] = FastLayerState(S=s.S, E=s.E.clone(), P=s.P, conv=s.conv)
+        self.state = ModelState(layers, self.state.position)
+
+    def _policy_gradients(self, tok: int) -> List[tuple]:
+        """``(slot index, phi [1, F], e(tok) - pi [1, V])`` of each verdict memory for ``tok``, sampled
+        from :attr:`_next_logits` (pi: the model's softmax, every memory read)."""
+        out = []
+        for i in self._verdict_slots():
+            s = self.state.layers[i]
+            if s.conv is not None and self._next_logits is not None:
+                m = self.model.memories()[i]
+                out.append((i, *m.policy_gradient(s, torch.tensor([tok]), self._next_logits[None])))
+        return out
+
+    def _add_traces(self, grads: List[tuple]) -> None:
+        """Add :meth:`_policy_gradients`' terms to the current state's traces (after the token was fed)."""
+        if not grads:
+            return
+        layers = list(self.state.layers)
+        mems = self.model.memories()
+        for i, phi, g in grads:
+            layers[i] = mems[i].add_trace(layers[i], phi, g)
+        self.state = ModelState(layers, self.state.position)
+
+    def _without_rejected(self, r: Optional[float]) -> ModelState:
+        """The state to commit: with a pending suggestion rejected (``r <= 0``) and ``drop_rejected``,
+        the reading memories' slots (state commit, no ``reinforce``) as they were before it."""
+        if r is None or r > 0 or self._pending is None or not self.drop_rejected:
+            return self.state
+        layers = list(self.state.layers)
+        for i, m in enumerate(self.model.memories()):
+            if m is not None and m.trace_follows_state and not hasattr(m, "reinforce"):
+                layers[i] = self._pending.layers[i]
+        return ModelState(layers, self.state.position)
 
     # ------------------------------------------------------------------ reading and writing
     def observe(self, ids, modulation=None) -> torch.Tensor:
@@ -196,7 +262,9 @@ class Session:
             if mod.shape != (x.shape[1],):
                 raise ValueError(f"modulation must have shape [T] = [{x.shape[1]}], got {tuple(mod.shape)}")
             mod = mod.reshape(1, -1).to(self.model.device)
-        return self._feed(x, mod)
+        nll = self._feed(x, mod)
+        self._pending = None  # text read after a suggestion settles it: it stays read
+        return nll
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
@@ -241,7 +309,9 @@ class Session:
                 tok = _sample(self._next_logits, float(temperature), top_k, top_p, allowed, gen)
                 mark_tok = self._mark()
                 try:
+                    grads = self._policy_gradients(tok)
                     self._feed(torch.tensor([[tok]]))
+                    self._add_traces(grads)
                 except BaseException:
                     self._back_to(mark_tok)  # the draw too: a retry samples the same token
                     raise
@@ -250,6 +320,9 @@ class Session:
         try:
             if prompt.shape[1]:
                 self._feed(prompt)
+                self._pending = None
+            self._open_suggestion()
+            self._own_trace()
             return tokens() if stream else list(tokens())
         except BaseException:
             self._back_to(mark)
@@ -268,7 +341,7 @@ class Session:
         if self.adapt:
             rule = self.rule
             # overrides given to the Session apply to every memory; None keeps each memory's own
-            new_P, b = self.model.commit(self.state, self.P, r, self.baseline, missing_trace="zeros",
+            new_P, b = self.model.commit(self._without_rejected(r), self.P, r, self.baseline, missing_trace="zeros",
                                          gamma=rule["gamma"], eta_s=rule["eta_s"], eta_r=rule["eta_r"],
                                          clip=rule["clip"], rho=rule["rho"])
             new_P = [p.detach() for p in new_P]
@@ -371,7 +444,7 @@ class Session:
             "state": self.state.clone(), "episode_ids": list(self._episode_ids),
             "episode_nll": list(self._episode_nll),
             "next_logits": None if self._next_logits is None else self._next_logits.clone(),
-            "rng": self._rng.get_state(),
+            "rng": self._rng.get_state(), "pending": None if self._pending is None else self._pending.clone(),
         })
 
     def rollback(self, snap: SessionSnapshot) -> None:
@@ -387,6 +460,7 @@ class Session:
         self._episode_ids, self._episode_nll = list(d["episode_ids"]), list(d["episode_nll"])
         self._next_logits = None if d["next_logits"] is None else d["next_logits"].clone()
         self._rng.set_state(d["rng"])
+        self._pending = None if d["pending"] is None else d["pending"].clone()
 
     # ------------------------------------------------------------------ batching (batching.py)
     batch_generate = staticmethod(batching.batch_generate)

@@ -1,0 +1,186 @@
+"""The verdict memory: a reward-modulated output memory that learns what reading cannot, which of
+the model's own suggestions a user accepts (docs/design.md, "Rewards on text").
+
+The reading memories learn the text; a completion product's users differ in what they accept, and
+that is not written in the text they all share. This memory adds a logit correction read under the
+episodic memory's wide sparse keys,
+
+    logits += scale * phi(h_t)^T Q          Q [B, H, F, V], phi(h) = unit(relu(R unit(h) - theta))
+
+and learns ``Q`` by REINFORCE from the verdict on what the session generated, never from text it
+observed:
+
+    E += phi(h_t) (e(a_t) - pi_t)^T         per generated token a_t (pi_t: the model's softmax, all memories read)
+    Q <- Q + eta (r - b) E                  at the verdict; b the session's running reward baseline
+
+``E`` is ``d log pi(a) / dQ`` divided by ``scale``, so the commit is a policy-gradient step on the
+proposals' log-likelihood weighted by their advantage. ``Q`` is this memory's persistent memory
+``P`` (saved with a session like every ``P``); ``W0`` stays zero, so with ``Q = 0`` the read is zero
+and the logits are the model's without this memory. Within an episode nothing is written (no ``S``
+recurrence): the trace is built by the session, token by token, through :meth:`VerdictMemory.reinforce`.
+"""
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..state import FastLayerState, StepContext
+from .base import MemoryConfig, check_int, check_number
+from .episodic import EpisodicConfig, EpisodicMemory
+from .output import OutputContext
+
+
+@dataclass(frozen=True)
+class VerdictCommit:
+    """``Q <- Q + eta (r - b) E``: no decay, no retention of what was read (``eta_s = 0``), no clip
+    (the trace of a short suggestion is bounded: ``|E| <= sqrt(2)`` per token). Without a reward
+    (``end_episode``) Q is unchanged exactly."""
+
+    eta: float = 0.25
+    trace_follows_state = True  # a session's lam override does not apply: the trace sums, undecayed
+
+    def trace_decay(self, memory) -> torch.Tensor:
+        return torch.ones_like(memory.eta_s)
+
+    def rates(self, memory) -> Dict[str, torch.Tensor]:
+        return {"gamma": torch.ones_like(memory.eta_s), "eta_s": torch.zeros_like(memory.eta_s),
+                "eta_r": torch.full_like(memory.eta_s, self.eta)}
+
+    def clip(self, memory) -> None:
+        return None
+
+    def trainable(self, memory) -> Dict[str, torch.nn.Parameter]:
+        return {}
+
+
+@dataclass
+class VerdictConfig(MemoryConfig):
+    """A verdict memory (docs/design.md, "Rewards on text").
+
+    Attributes:
+        name: the model attribute and state slot it lives under.
+        heads: heads of ``[F, vocab]`` (their reads add up).
+        features: ``F``, the key width (the episodic memory's keys).
+        threshold: ``theta`` of the keys (fixed here: chosen on the training corpus, not learned).
+        scale: read scale of ``phi^T Q`` into the logits.
+        eta: commit step on the advantage ``r - b``.
+        seed: seed of the fixed projection ``R`` (the episodic memory's default seed: the same keys).
+    """
+
+    kind = "verdict"
+    name: str = "verdict"
+    heads: int = 1
+    features: int = 2048
+    threshold: float = 1.5
+    scale: float = 1.0
+    eta: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_int(owner, "heads", self.heads)
+        check_int(owner, "features", self.features)
+        check_int(owner, "seed", self.seed, lo=0)
+        self.threshold = check_number(owner, "threshold", self.threshold, 0.0, math.inf)
+        self.scale = check_number(owner, "scale", self.scale, 0.0, math.inf, lo_open=True)
+        self.eta = check_number(owner, "eta", self.eta, 0.0, math.inf)
+
+    def build(self, host) -> "VerdictMemory":
+        return VerdictMemory(self, host.d_model, host.vocab_size, host)
+
+
+class VerdictMemory(EpisodicMemory):
+    """``forward(out, state, ctx) -> (scale * phi(h)^T (W0 + P) [B, T, vocab], FastLayerState)``.
+
+    The keys are the episodic memory's (this class reuses its ``R``, ``features`` and key cache);
+    the state's ``conv`` slot carries ``unit(h)`` of the last position, which :meth:`reinforce` turns
+    into the key of the token generated next. ``S`` is never written; ``E`` changes only through
+    :meth:`reinforce`; the commit is :class:`VerdictCommit`.
+    """
+
+    def __init__(self, config: VerdictConfig, d_model: int, vocab_size: int, rule) -> None:
+        keys = EpisodicConfig(name=config.name, heads=config.heads, features=config.features, values="onehot",
+                              threshold=config.threshold, scale=config.scale, seed=config.seed)
+        super().__init__(keys, d_model, vocab_size, rule)
+        self.config = config
+        self.commit_strategy = VerdictCommit(config.eta)
+        # fixed settings, chosen on the training corpus: no training moves them
+        for p in (self.key_threshold, self.read_scale, self.A_log, self.beta_logit):
+            p.requires_grad_(False)
+
+    @property
+    def state_commit(self) -> bool:
+        return False
+
+    def cache_shape(self, batch_size: int):
+        """``[B, 1, d_model]``: ``unit(h)`` of the last position read."""
+        return (batch_size, 1, self.d_model)
+
+    def forward(self, out: OutputContext, state: Optional[FastLayerState] = None,
+                ctx: Optional[StepContext] = None) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
+        """
+        Args:
+            out: the call's :class:`OutputContext` (``h [B, T, d_model]``).
+            state: this memory's slot: ``P [B, H, F, V]`` is ``Q`` (None: zeros), ``E`` the episode's
+                trace, ``conv [B, 1, d_model]`` the last position's ``unit(h)``.
+            ctx: ``need_state`` (modulation and lam do not apply: nothing is written here).
+
+        Returns:
+            ``[B, T, vocab]`` to add to the logits (zeros when ``Q`` is None: nothing learned), and
+            the new state (None when ``ctx.need_state`` is False).
+        """
+        ctx = ctx if ctx is not None else StepContext()
+        state = state if state is not None else FastLayerState()
+        h = out.h
+        cdt = torch.promote_types(h.dtype, torch.float32)
+        hn = F.normalize(h.to(cdt), p=2, dim=-1)
+        phi = self.features(hn)  # [B, T, F]
+        scale = self.read_scale.to(cdt)
+        # phi^T W0 + phi^T P read separately: W0 + P would be a 2 MB copy per decoded token
+        read = torch.einsum("btf,hfv,h->btv", phi, self.W0.to(cdt), scale)
+        if state.P is not None:
+            read = read + torch.einsum("btf,bhfv,h->btv", phi, state.P.to(cdt), scale)
+        read = read.to(h.dtype)
+        if not ctx.need_state:
+            return read, None
+        return read, FastLayerState(S=state.S, E=state.E, P=state.P, conv=hn[:, -1:])
+
+    def policy_gradient(self, state: FastLayerState, tokens: torch.Tensor,
+                        logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The trace's rank-one factors for the tokens ``tokens [B]`` generated from the final
+        ``logits [B, V]`` of the last position read: ``(phi(h) [B, F], e(a) - softmax(logits) [B, V])``.
+
+        ``phi(h)`` is the key of that position (the slot's ``conv``); a slot without one (nothing read
+        yet) raises ``ValueError``."""
+        if state.conv is None:
+            raise ValueError(f"{self.config.name}: a trace step needs the key of the position the token was "
+                             "generated from (read something first)")
+        cdt = self.state_dtype
+        phi = self.features(state.conv[:, -1].to(cdt))
+        g = F.one_hot(tokens.to(logits.device).long(), self.head_v_dim).to(cdt) - torch.softmax(logits.to(cdt), -1)
+        return phi, g
+
+    def add_trace(self, state: FastLayerState, phi: torch.Tensor, g: torch.Tensor) -> FastLayerState:
+        """``E += phi g^T`` on every head (``phi [B, F]``, ``g [B, V]``), in place when the slot holds a
+        contiguous trace (a decode step then allocates nothing: the trace is 2 MB), otherwise into a new
+        one. Returns the slot (the same ``S``, ``P`` and ``conv``)."""
+        B, H = phi.shape[0], self.n_heads
+        E = state.E
+        if E is None or not E.is_contiguous() or E.dtype != self.state_dtype:
+            E = torch.zeros(B, H, self.head_k_dim, self.head_v_dim, dtype=self.state_dtype, device=phi.device) \
+                if E is None else E.to(self.state_dtype).contiguous().clone()
+        E.view(B * H, self.head_k_dim, self.head_v_dim).baddbmm_(
+            phi.repeat_interleave(H, 0)[:, :, None], g.repeat_interleave(H, 0)[:, None, :])
+        return FastLayerState(S=state.S, E=E, P=state.P, conv=state.conv)
+
+    def reinforce(self, state: FastLayerState, tokens: torch.Tensor, logits: torch.Tensor) -> FastLayerState:
+        """A new slot whose trace is ``state``'s plus ``phi(h) (e(a) - softmax(logits))^T`` per head
+        (``tokens [B]``, ``logits [B, V]``: :meth:`policy_gradient`); ``state`` is left as it was."""
+        phi, g = self.policy_gradient(state, tokens, logits)
+        E = None if state.E is None else state.E.to(self.state_dtype).clone()
+        return self.add_trace(FastLayerState(S=state.S, E=E, P=state.P, conv=state.conv), phi, g)
+
+
+__all__ = ["VerdictCommit", "VerdictConfig", "VerdictMemory"]
