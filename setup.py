@@ -43,6 +43,8 @@ setup(
     # fla-core: flash-linear-attention's ops (its naive reference runs on CPU), for the cross-check test
     # hf: cl_arch.hf (transformers integration and retrofit; written against the 5.24 API: the `cache=` argument);
     # the core never imports it
-    extras_require={"dev": ["pytest", "hypothesis", "fla-core==0.6.0"], "hf": ["transformers>=5.24,<6"]},
+    # serve: cl-arch serve (cl_arch.serve.app) and its tests and load test (httpx)
+    extras_require={"dev": ["pytest", "hypothesis", "fla-core==0.6.0"], "hf": ["transformers>=5.24,<6"],
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"]},
     entry_points={"console_scripts": ["cl-arch=cl_arch.scripts.cli:main"]},
 )

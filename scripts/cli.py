@@ -34,6 +34,7 @@ COMMANDS = {
     "meta-train": "meta_train",
     "finetune": "finetune",
     "train-episodic": "train_episodic",
+    "serve": "serve",
 }
 
 # OSError covers FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,

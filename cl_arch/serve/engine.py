@@ -1,0 +1,427 @@
+"""The decode loop of a server: every user's requests, one thread, continuous batching.
+
+One engine thread owns the model and every in-memory :class:`~cl_arch.Session`. Requests (jobs)
+wait in one queue per user and are served in the order they came; across users the oldest head
+job goes first. A completion joins the decode batch at the next token boundary and leaves it the
+step it finishes, without waiting for the others: each step is one
+``Session.batch_generate(..., max_new_tokens=1)`` per group of sampling settings, so every row
+carries its own state and P (the batched forward ``Session.batch_generate`` already computes).
+Observations, rewards, reads and deletions run between steps. A reward is acknowledged only after
+the store has written the user's new state (:meth:`cl_arch.serve.store.Store.put`).
+
+Idle sessions are evicted to make room (``ServeConfig.max_sessions``): first those between
+episodes, which come back from the store bitwise; a session holding an uncommitted episode only
+after ``idle_episode_s`` (the episode is dropped, as a crash would drop it).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..session import Session
+from .config import Decoder, RequestError, ServeConfig
+from .metrics import Metrics
+from .store import CorruptRow, Store, check_id
+
+log = logging.getLogger("cl_arch.serve")
+KINDS = ("complete", "observe", "reward", "get", "delete")
+
+
+@dataclass
+class Job:
+    """One request: ``kind`` (one of KINDS), the session id, its arguments, and callbacks the
+    engine thread calls exactly once (``finish(result)`` or ``fail(RequestError)``); a streamed
+    completion also gets ``on_text(piece)`` as text is produced."""
+    kind: str
+    uid: str
+    args: dict[str, Any]
+    finish: Callable[[dict[str, Any]], None]
+    fail: Callable[[RequestError], None]
+    on_text: Callable[[str], None] | None = None
+    t: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Gen:
+    """A completion being decoded."""
+    job: Job
+    session: Session
+    prompt: list[int]
+    decoder: Decoder = field(default_factory=Decoder)
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+
+
+def p_digest(session: Session) -> str:
+    """sha256 over the raw bytes of every ``P`` (``[1, H, K, V]`` per fast layer): bitwise identity."""
+    h = hashlib.sha256()
+    for p in session.P:
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_completion(args: dict[str, Any], vocab_size: int, config: ServeConfig) -> None:
+    """RequestError (400, naming the field or limit) for completion arguments out of range."""
+    prompt, n = args.get("prompt"), args.get("max_tokens")
+    if not isinstance(prompt, list) or not all(isinstance(t, int) and 0 <= t < vocab_size for t in prompt):
+        raise RequestError(400, f"prompt must be token ids in [0, {vocab_size})", "prompt", "prompt")
+    if len(prompt) > config.max_prompt_tokens:
+        raise RequestError(400, f"prompt of {len(prompt)} tokens exceeds the server's limit "
+                           f"max_prompt_tokens={config.max_prompt_tokens}", "max_prompt_tokens", "prompt")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RequestError(400, f"max_tokens must be an integer >= 1, got {n!r}", "max_tokens", "max_tokens")
+    if n > config.max_tokens:
+        raise RequestError(400, f"max_tokens={n} exceeds the server's limit max_tokens={config.max_tokens}",
+                           "max_tokens", "max_tokens")
+    t, p = args.get("temperature"), args.get("top_p")
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not (0 <= t <= 100):
+        raise RequestError(400, f"temperature must be a number in [0, 100], got {t!r}", "temperature", "temperature")
+    if p is not None and (not isinstance(p, (int, float)) or isinstance(p, bool) or not (0 < p <= 1)):
+        raise RequestError(400, f"top_p must be in (0, 1], got {p!r}", "top_p", "top_p")
+    stop = args.get("stop") or []
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and 0 < len(s) <= 64 for s in stop):
+        raise RequestError(400, "stop must be at most 4 non-empty strings of at most 64 characters", "stop", "stop")
+
+
+class Engine:
+    """The decode loop and the sessions it holds (see the module docstring).
+
+    Args:
+        model: a PlasticModel (e.g. ``cl_arch.load_default()``), shared by every session, never modified.
+        store: where commits go (:class:`~cl_arch.serve.store.Store`).
+        config: limits and ``adapt``.
+    """
+
+    def __init__(self, model, store: Store, config: ServeConfig | None = None):
+        self.model = getattr(model, "plastic_model", model)
+        self.store = store
+        self.config = config or ServeConfig()
+        self.metrics = Metrics()
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[Job]] = {}
+        self._pending = 0
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._last_used: dict[str, float] = {}
+        self._active: dict[str, _Gen] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ the caller's side
+    def start(self) -> Engine:
+        """Start the engine thread."""
+        self._thread = threading.Thread(target=self._run, name="cl_arch-serve-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread after its current step; waiting requests fail with 503."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        with self._cond:
+            jobs = [j for q in self._queues.values() for j in q] + [g.job for g in self._active.values()]
+            self._queues.clear()
+            self._active.clear()
+        for j in jobs:
+            j.fail(RequestError(503, "the server is shutting down", "shutdown"))
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; RequestError (400 bad id or arguments, 429 queue limits) if refused."""
+        if job.kind not in KINDS:
+            raise ValueError(f"unknown job kind {job.kind!r}; known: {KINDS}")
+        try:
+            check_id(job.uid)
+        except ValueError as e:
+            raise RequestError(400, str(e), "invalid_session_id", "user") from None
+        if job.kind == "complete":
+            check_completion(job.args, self.model.config.vocab_size, self.config)
+        with self._cond:
+            if self._stopping:
+                raise RequestError(503, "the server is shutting down", "shutdown")
+            if self._pending >= self.config.max_queue:
+                self._reject("max_queue", f"{self._pending} requests are waiting: the server's limit "
+                             f"max_queue={self.config.max_queue} is reached; retry later")
+            q = self._queues.setdefault(job.uid, deque())
+            if len(q) >= self.config.max_user_queue:
+                self._reject("max_user_queue", f"session {job.uid!r} has {len(q)} requests waiting: the "
+                             f"server's limit max_user_queue={self.config.max_user_queue} is reached")
+            q.append(job)
+            self._pending += 1
+            self.metrics.queue = self._pending
+            self._cond.notify_all()
+
+    def call(self, kind: str, uid: str, timeout: float | None = None,
+             on_text: Callable[[str], None] | None = None, **args) -> dict[str, Any]:
+        """Submit a job and wait for its result (raises its RequestError): the blocking interface."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def finish(r):
+            box["r"] = r
+            done.set()
+
+        def fail(e):
+            box["e"] = e
+            done.set()
+
+        self.submit(Job(kind, uid, args, finish, fail, on_text))
+        if not done.wait(timeout):
+            raise TimeoutError(f"{kind} for {uid!r} did not finish in {timeout} s")
+        if "e" in box:
+            raise box["e"]
+        return box["r"]
+
+    def _reject(self, limit: str, message: str) -> None:
+        self.metrics.count("rejected", limit)
+        raise RequestError(429, message, limit)
+
+    def status(self) -> dict[str, Any]:
+        """What the status page shows: counts, tokens/s and per-user reward curves."""
+        with self._cond:
+            in_memory = list(self._sessions)
+        return {"sessions_in_memory": len(in_memory), "tokens_per_s": self.metrics.tokens_per_s(),
+                "active": self.metrics.active, "queue": self.metrics.queue, "adapt": self.config.adapt,
+                "tokens_total": self.metrics.tokens_total, "commits_total": self.metrics.commits_total,
+                "users": [dict(u, in_memory=u["id"] in in_memory) for u in self.metrics.users()]}
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        torch.set_num_threads(self.config.threads)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._active and not self._ready():
+                    self._cond.wait(timeout=1.0)
+                if self._stopping:
+                    return
+                ready = self._ready()
+            for uid in ready:
+                self._serve_user(uid)
+            if self._active:
+                self._step()
+
+    def _ready(self) -> list[str]:
+        """Users with a job that can start now, oldest head job first (call under the lock)."""
+        room = len(self._active) < self.config.max_batch
+        ready = [(q[0].t, uid) for uid, q in self._queues.items()
+                 if q and uid not in self._active and (room or q[0].kind != "complete")]
+        return [uid for _, uid in sorted(ready)]
+
+    def _serve_user(self, uid: str) -> None:
+        """Run ``uid``'s waiting jobs in order until one is a completion (it joins the batch)."""
+        while True:
+            with self._cond:
+                q = self._queues.get(uid)
+                if not q:
+                    self._queues.pop(uid, None)
+                    return
+                job = q[0]
+                if uid in self._active or (job.kind == "complete" and len(self._active) >= self.config.max_batch):
+                    return
+                q.popleft()
+                self._pending -= 1
+                self.metrics.queue = self._pending
+            try:
+                if job.kind == "complete":
+                    self._begin(job)
+                    continue
+                job.finish(getattr(self, "_do_" + job.kind)(job))
+            except RequestError as e:
+                job.fail(e)
+            except Exception as e:  # a bug or the model failing: the request fails, the server goes on
+                log.exception("%s for %r failed", job.kind, uid)
+                job.fail(RequestError(500, f"{job.kind} failed: {e}", "internal_error"))
+
+    # ------------------------------------------------------------------ sessions in memory
+    def _session(self, uid: str, create: bool = True) -> Session | None:
+        """``uid``'s session: in memory, else from the store, else new (None if not ``create``)."""
+        s = self._sessions.get(uid)
+        if s is None:
+            try:
+                data = self.store.get(uid)
+            except CorruptRow as e:
+                raise RequestError(500, str(e), "corrupt_row") from None
+            if data is None and not create:
+                return None
+            self._make_room()
+            if data is None:
+                s = Session(self.model, adapt=self.config.adapt)
+            else:
+                s = Session.from_bytes(self.model, data, source=f"store:{uid}", adapt=self.config.adapt)
+            with self._cond:
+                self._sessions[uid] = s
+            self.metrics.sessions = len(self._sessions)
+        with self._cond:
+            self._sessions.move_to_end(uid)
+        self._last_used[uid] = time.monotonic()
+        return s
+
+    def _make_room(self) -> None:
+        """Evict idle sessions until one more fits; 429 ``max_sessions`` if none may go."""
+        while len(self._sessions) >= self.config.max_sessions:
+            now = time.monotonic()
+            with self._cond:
+                idle = [u for u in self._sessions if u not in self._active and not self._queues.get(u)]
+            victim = next((u for u in idle if self._sessions[u].episode_length == 0), None)
+            if victim is None:
+                victim = next((u for u in idle if now - self._last_used[u] >= self.config.idle_episode_s), None)
+                if victim is None:
+                    self._reject("max_sessions", f"{len(self._sessions)} sessions are in memory, none idle "
+                                 f"between episodes: the server's limit max_sessions={self.config.max_sessions} "
+                                 f"is reached (an open episode is evicted after idle_episode_s="
+                                 f"{self.config.idle_episode_s} s)")
+                self.metrics.episodes_dropped_total += 1
+            self._evict(victim)
+
+    def _evict(self, uid: str) -> None:
+        with self._cond:
+            self._sessions.pop(uid, None)
+        self._last_used.pop(uid, None)
+        self.metrics.evictions_total += 1
+        self.metrics.sessions = len(self._sessions)
+
+    # ------------------------------------------------------------------ completions
+    def _begin(self, job: Job) -> None:
+        s = self._session(job.uid)
+        if not job.args["prompt"] and s.episode_length == 0:
+            raise RequestError(400, "prompt is empty and the session's episode has no tokens to continue from",
+                               "empty_prompt", "prompt")
+        with self._cond:
+            self._active[job.uid] = _Gen(job, s, list(job.args["prompt"]))
+        self.metrics.active = len(self._active)
+
+    def _step(self) -> None:
+        """One token for every active completion, one batched forward per sampling setting."""
+        groups: dict[tuple, list[_Gen]] = {}
+        for g in list(self._active.values()):
+            a = g.job.args
+            groups.setdefault((float(a["temperature"]), a.get("top_p")), []).append(g)
+        for (temperature, top_p), gens in groups.items():
+            try:
+                toks = Session.batch_generate([g.session for g in gens], [g.prompt for g in gens],
+                                              max_new_tokens=1, temperature=temperature, top_p=top_p)
+            except Exception as e:  # every session is as it was before the call
+                log.exception("decode step failed")
+                for g in gens:
+                    self._end(g, RequestError(500, f"decoding failed: {e}", "internal_error"))
+                continue
+            self.metrics.prompt_tokens_total += sum(len(g.prompt) for g in gens)
+            self.metrics.step(len(gens))
+            for g, (tok,) in zip(gens, toks):
+                g.prompt = []
+                self._advance(g, tok)
+
+    def _advance(self, g: _Gen, tok: int) -> None:
+        """Record one token; finish on a stop string or at ``max_tokens``; stream what is safe."""
+        a = g.job.args
+        g.ids.append(tok)
+        g.text += g.decoder.feed(tok)
+        stops = a.get("stop") or []
+        reason = None
+        hits = [i for i in (g.text.find(s) for s in stops) if i >= 0]
+        if hits:
+            g.text, reason = g.text[:min(hits)], "stop"
+        elif len(g.ids) >= a["max_tokens"]:
+            g.text, reason = g.text + g.decoder.flush(), "length"
+        # text that may still become the start of a stop string is held back
+        safe = len(g.text) if reason else len(g.text) - max((len(s) - 1 for s in stops), default=0)
+        if g.job.on_text is not None and safe > g.sent:
+            g.job.on_text(g.text[g.sent:safe])
+            g.sent = safe
+        if reason:
+            s = g.session
+            self._end(g, {"id": g.job.uid, "text": g.text, "finish_reason": reason,
+                          "prompt_tokens": len(g.job.args["prompt"]), "completion_tokens": len(g.ids),
+                          "token_ids": list(g.ids), "episode_length": s.episode_length})
+
+    def _end(self, g: _Gen, result) -> None:
+        with self._cond:
+            self._active.pop(g.job.uid, None)
+            self._cond.notify_all()
+        self.metrics.active = len(self._active)
+        if isinstance(result, RequestError):
+            g.job.fail(result)
+        else:
+            g.job.finish(result)
+
+    # ------------------------------------------------------------------ other requests
+    def _do_observe(self, job: Job) -> dict[str, Any]:
+        ids = job.args["ids"]
+        if not ids:
+            raise RequestError(400, "text is empty: nothing to observe", "empty_text", "text")
+        if len(ids) > self.config.max_prompt_tokens:
+            raise RequestError(400, f"text of {len(ids)} tokens exceeds the server's limit max_prompt_tokens="
+                               f"{self.config.max_prompt_tokens}", "max_prompt_tokens", "text")
+        s = self._session(job.uid)
+        nll = [x for x in s.observe(ids).tolist() if not math.isnan(x)]
+        self.metrics.prompt_tokens_total += len(ids)
+        return {"id": job.uid, "tokens": len(ids), "episode_length": s.episode_length,
+                "bits_per_token": sum(nll) / len(nll) / math.log(2) if nll else None}
+
+    def _do_reward(self, job: Job) -> dict[str, Any]:
+        """Commit, store, then answer: the answer means the store has the commit."""
+        r = job.args.get("reward")
+        s = self._session(job.uid, create=False)
+        if s is None:
+            raise RequestError(404, f"no session {job.uid!r}", "no_session", "id")
+        if s.episode_length == 0:
+            raise RequestError(400, f"session {job.uid!r} has no episode to reward (nothing observed or "
+                               "generated since its last commit)", "no_episode", "reward")
+        snap = s.snapshot()
+        t0 = time.perf_counter()
+        try:
+            if r is None:
+                s.end_episode()
+            else:
+                s.reward(r)
+        except ValueError as e:
+            raise RequestError(400, str(e), "invalid_reward", "reward") from None
+        try:
+            sha = self.store.put(job.uid, s.to_bytes(), s.episodes)
+        except Exception as e:
+            s.rollback(snap)  # not stored, so not committed: the episode is still open
+            log.exception("store write for %r failed", job.uid)
+            raise RequestError(503, f"the store could not write the commit ({e}); the episode is still "
+                               "open, retry the reward", "store_write") from None
+        self.metrics.commit(job.uid, time.perf_counter() - t0, r)
+        return dict(self._describe(job.uid, s), committed=True, stored_sha256=sha)
+
+    def _do_get(self, job: Job) -> dict[str, Any]:
+        s = self._sessions.get(job.uid)
+        try:
+            data = self.store.get(job.uid)
+        except CorruptRow as e:
+            raise RequestError(500, str(e), "corrupt_row") from None
+        if s is None:
+            if data is None:
+                raise RequestError(404, f"no session {job.uid!r}", "no_session", "id")
+            s = Session.from_bytes(self.model, data, source=f"store:{job.uid}", adapt=self.config.adapt)
+        out = self._describe(job.uid, s)
+        out["in_memory"] = job.uid in self._sessions
+        out["stored_sha256"] = None if data is None else hashlib.sha256(data).hexdigest()
+        return out
+
+    def _do_delete(self, job: Job) -> dict[str, Any]:
+        in_memory = job.uid in self._sessions
+        if in_memory:
+            self._evict(job.uid)
+            self.metrics.evictions_total -= 1  # a deletion, not an eviction
+        stored = self.store.delete(job.uid)
+        self.metrics.forget(job.uid)
+        return {"id": job.uid, "deleted": in_memory or stored}
+
+    def _describe(self, uid: str, s: Session) -> dict[str, Any]:
+        return {"id": uid, "adapt": s.adapt, "episodes": s.episodes, "rewards": s.rewards,
+                "reward_sum": s.reward_sum, "baseline": s.baseline, "episode_length": s.episode_length,
+                "p_sha256": p_digest(s)}
