@@ -35,6 +35,7 @@ COMMANDS = {
     "finetune": "finetune",
     "train-episodic": "train_episodic",
     "serve": "serve",
+    "train-through": "train_through",
 }
 
 # OSError covers FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,

@@ -15,6 +15,7 @@ from ..state import FastLayerState, StepContext
 from .base import PlasticMemory, check_choice, check_int, check_number
 
 RULES = ("delta", "hebb")
+TARGETS = ("same", "next")
 
 
 @dataclass
@@ -34,6 +35,10 @@ class FastLayerConfig:
     head_v_dim: int = 32
     conv_size: int = 4  # short causal depthwise conv on q/k/v; 0 disables
     rule: str = "delta"
+    # "same": token t writes k_t -> v_t; "next": the key of the previous position writes this token's
+    # value (k_{t-1} -> v_t), so a read with q_t retrieves what followed similar contexts (a
+    # next-token-aligned fast weight, docs/design.md "Next-token fast layers"). Needs conv_size >= 2.
+    target: str = "same"
     use_gate: bool = True
     chunk_size: int = 64
     recurrent_threshold: int = 16
@@ -64,6 +69,10 @@ class FastLayerConfig:
             raise ValueError(f"{owner}.conv_size: must be 0 (disabled) or >= 2")
         num("norm_eps", 0.0, 1.0, lo_open=True)
         check_choice(owner, "rule", self.rule, RULES)
+        check_choice(owner, "target", self.target, TARGETS)
+        if self.target == "next" and self.conv_size == 0:
+            raise ValueError(f"{owner}.target: 'next' rebuilds the previous position's key from the short-conv "
+                             f"cache, so it needs conv_size >= 2 (got 0)")
         for name in ("use_gate", "learn_plasticity"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{owner}.{name}: must be a bool, got {getattr(self, name)!r}")
@@ -99,22 +108,28 @@ FAST_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(FastLayerConfig))
 class ShortConv(nn.Module):
     """Causal depthwise conv over time, then SiLU. ``x [B, T, C] -> [B, T, C]``.
 
-    The last ``kernel_size - 1`` inputs are returned as a cache so that feeding a sequence in
-    pieces gives the same output as feeding it whole.
+    The last ``kernel_size - 1 + lookback`` inputs are returned as a cache so that feeding a sequence
+    in pieces gives the same output as feeding it whole; with ``lookback`` extra rows the output also
+    holds the ``lookback`` positions before ``x`` (``[B, lookback + T, C]``), recomputed from the cache.
     """
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, lookback: int = 0):
         super().__init__()
         self.kernel_size = kernel_size
+        self.lookback = lookback
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
 
+    @property
+    def cache_len(self) -> int:
+        return self.kernel_size - 1 + self.lookback
+
     def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``x [B, T, C]``, ``cache [B, kernel_size - 1, C]`` or None (zeros) -> (y, new cache)."""
+        """``x [B, T, C]``, ``cache [B, cache_len, C]`` or None (zeros) -> (y ``[B, lookback + T, C]``, new cache)."""
         B, T, C = x.shape
         if cache is None:
-            cache = x.new_zeros(B, self.kernel_size - 1, C)
-        xx = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, kernel_size - 1 + T, C]
-        y = self.conv(xx.transpose(1, 2)).transpose(1, 2)  # 'valid' conv: exactly T outputs
+            cache = x.new_zeros(B, self.cache_len, C)
+        xx = torch.cat([cache.to(x.dtype), x], dim=1)  # [B, cache_len + T, C]
+        y = self.conv(xx.transpose(1, 2)).transpose(1, 2)  # 'valid' conv: exactly lookback + T outputs
         return F.silu(y), xx[:, T:]
 
 
@@ -144,7 +159,9 @@ class FastWeightLayer(PlasticMemory):
         self.v_proj = nn.Linear(d, H * V, bias=False)
         self.b_proj = nn.Linear(d, H, bias=False)  # write strength beta
         self.a_proj = nn.Linear(d, H, bias=False)  # data-dependent decay
-        self.conv = ShortConv(2 * H * K + H * V, config.conv_size) if config.conv_size > 0 else None
+        self.next_target = config.target == "next"
+        self.conv = (ShortConv(2 * H * K + H * V, config.conv_size, lookback=int(self.next_target))
+                     if config.conv_size > 0 else None)
         if config.use_gate:
             self.g_proj = nn.Linear(d, H * V, bias=False)
             self.o_norm = GatedRMSNorm(V, config.norm_eps)
@@ -172,13 +189,15 @@ class FastWeightLayer(PlasticMemory):
         self.dt_bias._no_weight_decay = True
 
     def cache_shape(self, batch_size: int):
-        """Short-conv cache ``[B, conv_size - 1, channels]``, or None without a conv."""
-        return None if self.conv is None else (batch_size, self.conv.kernel_size - 1, self.conv.conv.in_channels)
+        """Short-conv cache ``[B, conv_size - 1 (+1 with target "next"), channels]``, or None without a conv."""
+        return None if self.conv is None else (batch_size, self.conv.cache_len, self.conv.conv.in_channels)
 
     def project_qkv(self, x: torch.Tensor, conv_cache: Optional[torch.Tensor] = None):
         """The read/write vectors of ``x [B, T, d_model]``: projections, short conv, unit q and k.
 
         Returns ``q, k [B, T, H, K]``, ``v [B, T, H, V]`` and the new conv cache (None without conv).
+        With target ``"next"``, ``k[:, t]`` is the key of position ``t - 1`` (zero before the stream's
+        first token), rebuilt from the conv cache across calls, so the write at ``t`` is ``k_{t-1} -> v_t``.
         """
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.head_k_dim, self.head_v_dim
@@ -188,9 +207,13 @@ class FastWeightLayer(PlasticMemory):
             qkv, conv_cache = self.conv(qkv, conv_cache)
         else:
             qkv, conv_cache = F.silu(qkv), None
-        q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
+        if self.next_target:  # qkv holds T + 1 positions: the one before x, then x's
+            q, k, v = qkv[:, 1:].split([H * K, H * K, H * V], dim=-1)
+            k = qkv[:, :-1, H * K:2 * H * K]
+        else:
+            q, k, v = qkv.split([H * K, H * K, H * V], dim=-1)
         q = F.normalize(q.view(B, T, H, K), p=2, dim=-1)
-        k = F.normalize(k.view(B, T, H, K), p=2, dim=-1)  # unit keys keep the delta rule stable
+        k = F.normalize(k.reshape(B, T, H, K), p=2, dim=-1)  # unit keys keep the delta rule stable
         return q, k, v.view(B, T, H, V), conv_cache
 
     # ------------------------------------------------------------------ forward
