@@ -317,10 +317,17 @@ class Engine:
                     self._end(g, RequestError(500, f"decoding failed: {e}", "internal_error"))
                 continue
             self.metrics.prompt_tokens_total += sum(len(g.prompt) for g in gens)
-            self.metrics.step(len(gens))
+            self.metrics.step(len(gens), self._forwards(gens))
             for g, (tok,) in zip(gens, toks):
                 g.prompt = []
                 self._advance(g, tok)
+
+    def _forwards(self, gens: list[_Gen]) -> int:
+        """Forwards ``batch_generate`` ran for ``gens`` (after their prompts): one per position
+        with attention layers (their caches need one length per batch), else one."""
+        if all(m is not None for m in self.model.memories()):
+            return 1
+        return len({g.session.state.position for g in gens})
 
     def _advance(self, g: _Gen, tok: int) -> None:
         """Record one token; finish on a stop string or at ``max_tokens``; stream what is safe."""

@@ -20,6 +20,7 @@ class Metrics:
         self.tokens_total = 0
         self.prompt_tokens_total = 0
         self.steps_total = 0
+        self.forwards_total = 0
         self.batch_rows_total = 0
         self.last_batch = 0
         self.commits_total = 0
@@ -37,11 +38,12 @@ class Metrics:
         self.curves: dict[str, deque[float]] = {}
         self.running: dict[str, float] = {}
 
-    def step(self, rows: int) -> None:
-        """One decode step of ``rows`` sessions (one token each)."""
+    def step(self, rows: int, forwards: int) -> None:
+        """One decode step of ``rows`` sessions (one token each) in ``forwards`` batched forwards."""
         now = time.time()
         with self._lock:
             self.steps_total += 1
+            self.forwards_total += forwards
             self.batch_rows_total += rows
             self.last_batch = rows
             self.tokens_total += rows
@@ -105,6 +107,8 @@ class Metrics:
                    [((), self.prompt_tokens_total)])
             metric("cl_arch_tokens_per_second", "gauge", "tokens generated per second, last 10 s", [((), round(tps, 3))])
             metric("cl_arch_decode_steps_total", "counter", "batched decode steps", [((), self.steps_total)])
+            metric("cl_arch_decode_forwards_total", "counter", "batched forwards (attention models decode sessions "
+                   "at different positions in separate forwards)", [((), self.forwards_total)])
             metric("cl_arch_batch_rows_total", "counter", "rows over all decode steps (mean batch = this / steps)",
                    [((), self.batch_rows_total)])
             metric("cl_arch_batch_size", "gauge", "rows in the last decode step", [((), self.last_batch)])
