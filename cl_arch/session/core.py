@@ -139,8 +139,8 @@ class Session:
         self._episode_ids: List[int] = []
         self._episode_nll: List[float] = []
         self._next_logits: Optional[torch.Tensor] = None  # [V]: prediction of the next token
-        # the state before the pending suggestion's first token (None: no suggestion pending)
-        self._pending: Optional[ModelState] = None
+        # (state, tokens in the episode, next-token logits) before the pending suggestion (None: none pending)
+        self._pending: Optional[tuple] = None
 
     @property
     def episode_length(self) -> int:
@@ -189,7 +189,7 @@ class Session:
     def _open_suggestion(self) -> None:
         """Mark where the suggestion about to be generated starts (kept across several generate calls)."""
         if self._pending is None:
-            self._pending = self.state
+            self._pending = (self.state, len(self._episode_ids), self._next_logits)
 
     def _verdict_slots(self) -> List[int]:
         """Indices in ``state.layers`` of the memories that learn from verdicts (a ``policy_gradient``
@@ -238,7 +238,7 @@ class Session:
         layers = list(self.state.layers)
         for i, m in enumerate(self.model.memories()):
             if m is not None and m.trace_follows_state and not hasattr(m, "reinforce"):
-                layers[i] = self._pending.layers[i]
+                layers[i] = self._pending[0].layers[i]
         return ModelState(layers, self.state.position)
 
     # ------------------------------------------------------------------ reading and writing
@@ -414,6 +414,59 @@ class Session:
         self._new_episode()
         return False
 
+    def verdict(self, r, keep: Optional[bool] = None) -> None:
+        """The user's verdict on the pending suggestion (what :meth:`generate` produced since the last
+        :meth:`observe` or commit), without ending the episode: the completion product's accept/reject.
+
+        Every memory that learns from verdicts (the verdict memory) commits its trace,
+        ``Q <- Q + eta (r - b) E``, and starts a new one; the baseline moves ``b <- b + rho (r - b)``.
+        The suggestion stays read when ``keep`` (default: ``r > 0``, an accept: it is now the user's
+        text); otherwise the session returns to where it was before the suggestion (reading memories,
+        attention caches, position), so rejected text is not read as if the user had written it.
+
+        Args:
+            r: finite real number (e.g. 1 accepted, 0 rejected).
+            keep: keep the suggestion read (None: ``r > 0``). A product that then observes the
+                user's buffer itself passes False.
+
+        Raises:
+            ValueError: bad reward, or no suggestion pending. The session is unchanged.
+        """
+        r = _as_reward(r)
+        if keep is not None and not isinstance(keep, bool):
+            raise ValueError(f"keep must be a bool or None, got {keep!r}")
+        if self._pending is None:
+            raise ValueError("verdict: no suggestion pending (generate one first; observe() settles it)")
+        slots = self._verdict_slots()
+        fast_index = {i: j for j, i in enumerate(k for k, m in enumerate(self.model.memories()) if m is not None)}
+        rule = self.rule
+        new_P = list(self.P)
+        b_new = self.baseline + self.rule_settings()[0]["rho"] * (r - self.baseline)
+        if self.adapt:
+            for i in slots:
+                m, E = self.model.memories()[i], self.state.layers[i].E
+                if E is None:
+                    continue
+                j = fast_index[i]
+                p, _ = m.commit(self.P[j], E, r, self.baseline, gamma=rule["gamma"], eta_s=rule["eta_s"],
+                                eta_r=rule["eta_r"], clip=rule["clip"], rho=rule["rho"])
+                new_P[j] = p.detach()
+        kept = r > 0 if keep is None else keep
+        base = self.state if kept else self._pending[0]
+        layers = list(base.layers)
+        for i in slots:
+            s = layers[i]
+            layers[i] = FastLayerState(S=s.S, E=None, P=new_P[fast_index[i]] if self.adapt else s.P, conv=s.conv)
+        if not kept:
+            _, n, self._next_logits = self._pending
+            del self._episode_ids[n:]
+            del self._episode_nll[n:]
+        self.state = ModelState(layers, base.position)
+        self.P, self.baseline = new_P, b_new
+        self.rewards += 1
+        self.reward_sum += r
+        self._pending = None
+
     def end_episode(self) -> bool:
         """Commit with no reward (retention only: ``P <- gamma P + eta_s clip(E)``), new episode.
 
@@ -444,7 +497,7 @@ class Session:
             "state": self.state.clone(), "episode_ids": list(self._episode_ids),
             "episode_nll": list(self._episode_nll),
             "next_logits": None if self._next_logits is None else self._next_logits.clone(),
-            "rng": self._rng.get_state(), "pending": None if self._pending is None else self._pending.clone(),
+            "rng": self._rng.get_state(), "pending": self._pending,  # never written into: references suffice
         })
 
     def rollback(self, snap: SessionSnapshot) -> None:
@@ -460,7 +513,7 @@ class Session:
         self._episode_ids, self._episode_nll = list(d["episode_ids"]), list(d["episode_nll"])
         self._next_logits = None if d["next_logits"] is None else d["next_logits"].clone()
         self._rng.set_state(d["rng"])
-        self._pending = None if d["pending"] is None else d["pending"].clone()
+        self._pending = d["pending"]
 
     # ------------------------------------------------------------------ batching (batching.py)
     batch_generate = staticmethod(batching.batch_generate)
