@@ -221,3 +221,33 @@ def test_text_codec_matches_the_byte_tokenizer():
     assert tok.decode(ids) == text
     d = Decoder()
     assert "".join(d.feed(t) for t in [104, 300, 105]) == tok.decode([104, 300, 105])
+
+
+class FailingStore(SQLiteStore):
+    """Refuses the first ``fail`` writes, as a full disk would."""
+
+    def __init__(self, path, fail=1):
+        super().__init__(path)
+        self.fail = fail
+
+    def put(self, uid, data, commits):
+        if self.fail:
+            self.fail -= 1
+            raise OSError(28, "No space left on device")
+        return super().put(uid, data, commits)
+
+
+def test_a_commit_the_store_refuses_is_not_acknowledged_and_stays_open(tmp_path):
+    engine = Engine(tiny_model(["fast", "fast"]), FailingStore(str(tmp_path / "s.db"))).start()
+    try:
+        engine.call("observe", "a", ids=encode("text to keep", 256))
+        before = engine.call("get", "a")
+        with pytest.raises(RequestError) as e:
+            engine.call("reward", "a", reward=1.0)
+        assert (e.value.status, e.value.code) == (503, "store_write") and "No space left" in e.value.message
+        after = engine.call("get", "a")  # rolled back: the episode is still open, nothing committed
+        assert after == before and after["episode_length"] == 12 and engine.store.ids() == []
+        ok = engine.call("reward", "a", reward=1.0)  # the retry commits the same episode
+        assert ok["episodes"] == 1 and engine.store.rows()["a"]["sha256"] == ok["stored_sha256"]
+    finally:
+        engine.stop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -113,14 +114,22 @@ class Engine:
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._last_used: dict[str, float] = {}
         self._active: dict[str, _Gen] = {}
+        # commits being written by the writer thread: uid -> (job, snapshot, start time); the user
+        # is busy (its next request waits) until the store has the row
+        self._writing: dict[str, tuple] = {}
+        self._to_write: queue.Queue = queue.Queue()
+        self._written: deque = deque()
         self._stopping = False
+        self._writer: threading.Thread | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the caller's side
     def start(self) -> Engine:
         """Start the engine thread."""
         self._thread = threading.Thread(target=self._run, name="cl_arch-serve-engine", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name="cl_arch-serve-writer", daemon=True)
         self._thread.start()
+        self._writer.start()
         return self
 
     def stop(self) -> None:
@@ -130,6 +139,9 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+            self._to_write.put(None)
+            self._writer.join()  # commits already handed to the store finish (and are acknowledged)
+            self._finish_writes()
         with self._cond:
             jobs = [j for q in self._queues.values() for j in q] + [g.job for g in self._active.values()]
             self._queues.clear()
@@ -201,10 +213,12 @@ class Engine:
         torch.set_num_threads(self.config.threads)
         while True:
             with self._cond:
-                while not self._stopping and not self._active and not self._ready():
+                while not self._stopping and not self._active and not self._written and not self._ready():
                     self._cond.wait(timeout=1.0)
                 if self._stopping:
                     return
+            self._finish_writes()
+            with self._cond:
                 ready = self._ready()
             for uid in ready:
                 self._serve_user(uid)
@@ -215,7 +229,8 @@ class Engine:
         """Users with a job that can start now, oldest head job first (call under the lock)."""
         room = len(self._active) < self.config.max_batch
         ready = [(q[0].t, uid) for uid, q in self._queues.items()
-                 if q and uid not in self._active and (room or q[0].kind != "complete")]
+                 if q and uid not in self._active and uid not in self._writing
+                 and (room or q[0].kind != "complete")]
         return [uid for _, uid in sorted(ready)]
 
     def _serve_user(self, uid: str) -> None:
@@ -227,7 +242,8 @@ class Engine:
                     self._queues.pop(uid, None)
                     return
                 job = q[0]
-                if uid in self._active or (job.kind == "complete" and len(self._active) >= self.config.max_batch):
+                busy = uid in self._active or uid in self._writing
+                if busy or (job.kind == "complete" and len(self._active) >= self.config.max_batch):
                     return
                 q.popleft()
                 self._pending -= 1
@@ -236,7 +252,9 @@ class Engine:
                 if job.kind == "complete":
                     self._begin(job)
                     continue
-                job.finish(getattr(self, "_do_" + job.kind)(job))
+                result = getattr(self, "_do_" + job.kind)(job)
+                if result is not None:  # None: a reward, answered once the store has it
+                    job.finish(result)
             except RequestError as e:
                 job.fail(e)
             except Exception as e:  # a bug or the model failing: the request fails, the server goes on
@@ -272,7 +290,8 @@ class Engine:
         while len(self._sessions) >= self.config.max_sessions:
             now = time.monotonic()
             with self._cond:
-                idle = [u for u in self._sessions if u not in self._active and not self._queues.get(u)]
+                idle = [u for u in self._sessions
+                        if u not in self._active and u not in self._writing and not self._queues.get(u)]
             victim = next((u for u in idle if self._sessions[u].episode_length == 0), None)
             if victim is None:
                 victim = next((u for u in idle if now - self._last_used[u] >= self.config.idle_episode_s), None)
@@ -376,8 +395,9 @@ class Engine:
         return {"id": job.uid, "tokens": len(ids), "episode_length": s.episode_length,
                 "bits_per_token": sum(nll) / len(nll) / math.log(2) if nll else None}
 
-    def _do_reward(self, job: Job) -> dict[str, Any]:
-        """Commit, store, then answer: the answer means the store has the commit."""
+    def _do_reward(self, job: Job) -> None:
+        """Commit, then hand the session to the writer thread; the answer comes once the store
+        has it (:meth:`_finish_writes`), and the user's next request waits until then."""
         r = job.args.get("reward")
         s = self._session(job.uid, create=False)
         if s is None:
@@ -394,15 +414,42 @@ class Engine:
                 s.reward(r)
         except ValueError as e:
             raise RequestError(400, str(e), "invalid_reward", "reward") from None
-        try:
-            sha = self.store.put(job.uid, s.to_bytes(), s.episodes)
-        except Exception as e:
-            s.rollback(snap)  # not stored, so not committed: the episode is still open
-            log.exception("store write for %r failed", job.uid)
-            raise RequestError(503, f"the store could not write the commit ({e}); the episode is still "
-                               "open, retry the reward", "store_write") from None
-        self.metrics.commit(job.uid, time.perf_counter() - t0, r)
-        return dict(self._describe(job.uid, s), committed=True, stored_sha256=sha)
+        with self._cond:
+            self._writing[job.uid] = (job, snap, t0)
+        self._to_write.put((job.uid, s))
+
+    def _write_loop(self) -> None:
+        """The writer thread: serialise and store each handed-over session, in order. Decoding
+        goes on meanwhile (the file write and fsync release the GIL)."""
+        while True:
+            item = self._to_write.get()
+            if item is None:
+                return
+            uid, s = item
+            try:
+                out = self.store.put(uid, s.to_bytes(), s.episodes)
+            except Exception as e:  # answered as a 503 by the engine thread
+                log.exception("store write for %r failed", uid)
+                out = e
+            with self._cond:
+                self._written.append((uid, s, out))
+                self._cond.notify_all()
+
+    def _finish_writes(self) -> None:
+        """Answer the rewards whose rows the writer stored (or roll back those it could not)."""
+        while True:
+            with self._cond:
+                if not self._written:
+                    return
+                uid, s, out = self._written.popleft()
+                job, snap, t0 = self._writing.pop(uid)
+            if isinstance(out, Exception):
+                s.rollback(snap)  # not stored, so not committed: the episode is still open
+                job.fail(RequestError(503, f"the store could not write the commit ({out}); the episode is "
+                                      "still open, retry the reward", "store_write"))
+                continue
+            self.metrics.commit(uid, time.perf_counter() - t0, job.args.get("reward"))
+            job.finish(dict(self._describe(uid, s), committed=True, stored_sha256=out))
 
     def _do_get(self, job: Job) -> dict[str, Any]:
         s = self._sessions.get(job.uid)
