@@ -176,3 +176,85 @@ def test_dense_round_trip_keeps_no_trace_buffer_for_an_episode_at_rest():
     S3, E3 = parts.to_dense()
     torch.testing.assert_close(S3, S, **TOL)
     torch.testing.assert_close(E3, torch.zeros_like(S), **TOL)
+
+
+# ---------------------------------------------------------------- the memory's one-token calls
+def _model(write, W0=False):
+    from cl_arch import EpisodicConfig, PlasticConfig, PlasticTransformer, ReadoutConfig
+    torch.manual_seed(0)
+    cfg = PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, layer_types=["attn", "fast"],
+                        memories=[ReadoutConfig(), EpisodicConfig(heads=2, write=write, features=128, threshold=0.5,
+                                                                  span=50.0, commit_span=10.0)])
+    model = PlasticTransformer(cfg).double().eval()
+    if W0:  # a fold wrote into W0: M = W0 + P read at the active rows
+        with torch.no_grad():
+            model.episodic.W0.normal_(0, 0.1)
+    return model
+
+
+def _decode(model, ids, sparse, P=None, modulation=None):
+    model.episodic.sparse_decode = sparse
+    state, logits = model.init_state(ids.shape[0], P), []
+    with torch.no_grad():
+        out, state = model(ids[:, :5], state=state)  # a prefill (the chunked/dense path), then one token a call
+        for t in range(5, ids.shape[1]):
+            mod = None if modulation is None else modulation[:, t:t + 1]
+            out, state = model(ids[:, t:t + 1], state=state, modulation=mod)
+            logits.append(out)
+    return torch.cat(logits, 1), model.memory_states(state)["episodic"]
+
+
+@pytest.mark.parametrize("write,W0,P,mod", [("delta", False, False, False), ("delta", True, True, True),
+                                            ("error", False, True, False), ("error", True, False, True)],
+                         ids=["delta", "delta-W0-P-mod", "error-P", "error-W0-mod"])
+def test_the_memory_decodes_on_active_rows_as_the_dense_rule_does(write, W0, P, mod):
+    model = _model(write, W0)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (2, 31), generator=g)
+    Ps = None
+    if P:
+        Ps = [None if s.P is None else s.P for s in model.init_state(2).fast()]
+        Ps[-1] = 0.1 * torch.randn(2, *model.episodic.W0.shape, generator=g, dtype=torch.float64)
+    modulation = torch.rand(2, 31, generator=g, dtype=torch.float64) if mod else None
+    want, s_want = _decode(model, ids, False, Ps, modulation)
+    got, s_got = _decode(model, ids, True, Ps, modulation)
+    assert float((want - got).abs().max()) < 1e-10
+    for name in ("S", "E", "conv"):
+        torch.testing.assert_close(getattr(s_got, name), getattr(s_want, name), **TOL, msg=name)
+
+
+def test_the_sparse_path_is_taken_only_for_one_token_without_autograd(monkeypatch):
+    from cl_arch.kernels.episodic import step
+    model = _model("delta")
+    calls = []
+    real = step.dense_delta_step
+    monkeypatch.setattr("cl_arch.memory.write.dense_delta_step", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, 256, (1, 4))
+    st = model.init_state(1)
+    _, st = model(ids[:, :1], state=st)  # autograd on: the dense rule
+    with torch.no_grad():
+        model(ids, state=st)  # four tokens: the dense rule
+        assert not calls
+        model(ids[:, :1], state=st)
+    assert calls == [1]
+
+
+def test_shipped_model_decodes_the_same_tokens_with_the_sparse_step():
+    """The shipped model (fingerprint unchanged): a session's sampled tokens equal and its logits within
+    float32 rounding of the dense rule's, for both write rules (64 tokens here; 300 in
+    benchmarks/bench_decode.py)."""
+    import cl_arch
+    model = cl_arch.load_default()
+    assert model.fingerprint() == "fcaaa96fc0d8094e"
+    for write in ("delta", "error"):
+        if write == "error":
+            model.set_write("episodic", "error", beta=0.5, scale=1.0)
+        runs = []
+        for sparse in (False, True):
+            model.episodic.sparse_decode = sparse
+            s = cl_arch.Session(model, adapt=True, seed=0)
+            toks = s.generate(list(b"def main():\n    "), max_new_tokens=64, seed=0)
+            runs.append((toks, s._next_logits, model.memory_states(s.state)["episodic"].S))
+        (t0, z0, S0), (t1, z1, S1) = runs
+        assert t0 == t1, write
+        assert float((z0 - z1).abs().max()) < 1e-5 and float((S0 - S1).abs().max()) < 1e-5, write

@@ -19,11 +19,10 @@ added beside it (``model.add_memory(EpisodicConfig(...))``, then ``scripts/train
 """
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .base import MemoryConfig, check_choice, check_int, check_number
 from .commit import StateCommit
@@ -91,6 +90,10 @@ class EpisodicMemory(OutputMemory):
     state's ``conv`` slot carries ``unit(h)`` of the last position, ``[B, 1, d_model]``.
     """
 
+    #: one-token calls without autograd take the sparse step (:func:`cl_arch.memory.write.decodes_sparsely`);
+    #: False runs them through the dense rule as every other call (benchmarks compare the two)
+    sparse_decode = True
+
     def __init__(self, config: EpisodicConfig, d_model: int, vocab_size: int, rule) -> None:
         """``rule``: the plasticity and kernel settings (a :class:`~cl_arch.memory.fast_layer.FastLayerConfig`)."""
         H, Fdim = config.heads, config.features
@@ -113,6 +116,17 @@ class EpisodicMemory(OutputMemory):
     def state_commit(self) -> bool:
         return True
 
+    def decode_resting_state(self, P: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``M = W0 + P`` (``[B, H, F, V]`` or ``[H, F, V]``) for the sparse decode step, or None when it
+        is zero: ``W0`` stays zero unless a fold writes into it, so the sum (a dense pass per token) is
+        skipped then. Whether ``W0`` is zero is read once per change of it (its version counter)."""
+        key = (self.W0.data_ptr(), self.W0._version)
+        if getattr(self, "_w0_zero_key", None) != key:
+            self._w0_zero, self._w0_zero_key = not bool(self.W0.detach().any()), key
+        if self._w0_zero:
+            return None if P is None else P.to(self.state_dtype)
+        return self.resting_state(P.shape[0] if P is not None else 1, P)
+
     def features(self, hn: torch.Tensor) -> torch.Tensor:
         """``phi [..., F]`` of unit hidden states ``hn [..., d_model]``; ``phi(0) = 0`` (no write).
 
@@ -127,10 +141,10 @@ class EpisodicMemory(OutputMemory):
         error writes append that position's prediction (``[B, 1, d_model + vocab]``)."""
         return (batch_size, 1, self.d_model + self.write.cache_extra(self))
 
-    def project_qkv(self, h: torch.Tensor, cache: Optional[torch.Tensor] = None, ids=None):
+    def project_qkv(self, h: torch.Tensor, cache: torch.Tensor | None = None, ids=None):
         """``q_t = phi(h_t)``, ``k_t = phi(h_{t-1})`` as ``[B, T, H, F]``; None; the new cache
         (``ids``: unused, the keys are the hidden states')."""
-        B, T, D = h.shape
+        B, T, _ = h.shape
         hn = F.normalize(h.to(torch.promote_types(h.dtype, torch.float32)), p=2, dim=-1)
         q = self.features(hn)
         # phi of the previous position: one new row (the cache), the rest shifted from q

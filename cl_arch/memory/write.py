@@ -16,10 +16,10 @@ A memory holds one of these (its config's ``write`` field) instead of branching 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
+from cl_arch.kernels.episodic import active
+from cl_arch.kernels.episodic.step import dense_delta_step, dense_error_step
 from cl_arch.kernels.error_write import error_write
 
 from ..state import FastLayerState
@@ -35,7 +35,9 @@ class DeltaWrite:
     def cache_extra(self, memory) -> int:
         return 0
 
-    def forward(self, memory, out, state: FastLayerState, ctx) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
+    def forward(self, memory, out, state: FastLayerState, ctx) -> tuple[torch.Tensor, FastLayerState | None]:
+        if decodes_sparsely(memory, out.h, ctx):
+            return self._decode(memory, out, state, ctx)
         h, ids = out.h, out.ids
         B, T, _ = h.shape
         cdt = torch.promote_types(h.dtype, torch.float32)
@@ -56,6 +58,20 @@ class DeltaWrite:
             return read, None
         return read, FastLayerState(S=S_T, E=E_T, P=state.P, conv=cache)
 
+    def _decode(self, memory, out, state: FastLayerState, ctx) -> tuple[torch.Tensor, FastLayerState]:
+        """One token on the rows the keys fire (:func:`~cl_arch.kernels.episodic.step.dense_delta_step`)."""
+        h, ids = out.h, out.ids
+        cdt = memory.state_dtype
+        q, k, _, cache = memory.project_qkv(h, state.conv, ids=ids)
+        beta, g = _step_rates(memory, h.shape[0], ctx, cdt)
+        S0 = memory.initial_state(h.shape[0], state.P) if state.S is None else state.S.to(cdt)
+        o, S_T, E_T = dense_delta_step(S0, state.E, memory.decode_resting_state(state.P), active(q[:, 0]),
+                                       active(k[:, 0]), memory.values(ids, out.embed, cdt)[:, 0], beta, g)
+        read = torch.einsum("bhv,h->bv", o, memory.read_scale.to(cdt))[:, None]
+        if memory.value_kind != "onehot":
+            read = out.head(read.to(h.dtype))
+        return read.to(h.dtype), FastLayerState(S=S_T, E=E_T, P=state.P, conv=cache)
+
 
 class ErrorWrite:
     """The previous prediction's error, ``e(x_t) - softmax(z_{t-1})``, as the value (one-hot values,
@@ -66,10 +82,12 @@ class ErrorWrite:
     def cache_extra(self, memory) -> int:
         return memory.head_v_dim  # p of the last position
 
-    def forward(self, memory, out, state: FastLayerState, ctx) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
+    def forward(self, memory, out, state: FastLayerState, ctx) -> tuple[torch.Tensor, FastLayerState | None]:
         if out.logits is None:
             raise ValueError(f"{type(memory).__name__} with write='error' needs OutputContext.logits (the logits "
                              "before its read); the model's forward passes them")
+        if decodes_sparsely(memory, out.h, ctx):
+            return self._decode(memory, out, state, ctx)
         h, ids = out.h, out.ids
         B, T, _ = h.shape
         V = memory.head_v_dim
@@ -94,6 +112,37 @@ class ErrorWrite:
         conv = torch.cat([cache.to(cdt), p[:, None].to(cdt)], dim=-1)
         return read, FastLayerState(S=S_T, E=E_T, P=state.P, conv=conv)
 
+    def _decode(self, memory, out, state: FastLayerState, ctx) -> tuple[torch.Tensor, FastLayerState]:
+        """One token on the rows the keys fire (:func:`~cl_arch.kernels.episodic.step.dense_error_step`)."""
+        h, ids = out.h, out.ids
+        B, V, cdt = h.shape[0], memory.head_v_dim, memory.state_dtype
+        key_cache, p_prev = (None, None) if state.conv is None else (state.conv[..., :-V], state.conv[:, 0, -V:])
+        q, k, _, cache = memory.project_qkv(h, key_cache, ids=ids)
+        eta, g = _step_rates(memory, B, ctx, cdt)
+        S0 = memory.initial_state(B, state.P) if state.S is None else state.S.to(cdt)
+        read, S_T, E_T, p = dense_error_step(S0, state.E, memory.decode_resting_state(state.P), active(q[:, 0]),
+                                             active(k[:, 0]), ids[:, 0], out.logits[:, 0], eta, g,
+                                             memory.read_scale.to(cdt), p_prev)
+        conv = torch.cat([cache.to(cdt), p[:, None]], dim=-1)
+        return read[:, None].to(h.dtype), FastLayerState(S=S_T, E=E_T, P=state.P, conv=conv)
+
+
+def decodes_sparsely(memory, h: torch.Tensor, ctx) -> bool:
+    """Whether a call takes the one-token sparse step: one token, no autograd, eval mode, a memory whose
+    keys are sparse (``memory.sparse_decode``, the episodic memory's) and whose trace follows its state
+    (the state commit: ``E`` decays with ``S``), and the new state wanted. Such a memory defines
+    ``decode_resting_state(P)`` (``M``, or None when zero)."""
+    return (h.shape[1] == 1 and bool(getattr(memory, "sparse_decode", False)) and not torch.is_grad_enabled()
+            and not memory.training and ctx.need_state and memory.trace_follows_state)
+
+
+def _step_rates(memory, B: int, ctx, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(beta [B, H], g [B, H])`` of a one-token call: write strength times the modulation, log-decay."""
+    beta = torch.sigmoid(memory.beta_logit.to(dtype)).expand(B, memory.n_heads)
+    if ctx.modulation is not None:
+        beta = beta * ctx.modulation[:, :1].to(dtype)
+    return beta, (-memory.A_log.to(dtype).exp()).expand(B, memory.n_heads)
+
 
 def check_write(owner: str, write: str, values: str) -> None:
     """``write`` is a known rule, and error writes go with one-hot values (the error lives over the vocabulary)."""
@@ -109,4 +158,4 @@ def make_write(name: str):
     return {"delta": DeltaWrite, "error": ErrorWrite}[name]()
 
 
-__all__ = ["WRITES", "DeltaWrite", "ErrorWrite", "check_write", "make_write"]
+__all__ = ["WRITES", "DeltaWrite", "ErrorWrite", "check_write", "decodes_sparsely", "make_write"]
