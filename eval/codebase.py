@@ -13,6 +13,8 @@ methods differ only in what survives an episode boundary:
                    weight ``P`` (retention only, ``r = None``, rate ``eta_s``); P persists
 ``adapt+reward``   as ``adapt`` plus the reward-modulated term, reward = the episode's mean
                    tab-completion acceptance (:mod:`cl_arch.eval.tabcomplete`)
+``adapt+surprise`` as ``adapt+reward``, reward = the bits/byte the episode's adaptation saved over
+                   ``frozen`` (a reward the text gives itself: the surprise-gated commit)
 ``no_persist``     fast weights without persistence: ``S`` itself carries over, no ``P``
 ``dynamic_eval``   Krause-style online gradient steps on all weights after each chunk
 =================  ==========================================================================
@@ -269,7 +271,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the sweep on asyncio (cl-arch eval tune-dynamic; cached per model, run if missing)")
     p.add_argument("--no-dynamic-eval", action="store_true", help="skip dynamic evaluation")
     p.add_argument("--methods", default="frozen,adapt,adapt+reward,no_persist", help="rows, comma-separated, from "
-                   "static, frozen, adapt, adapt+reward, no_persist (batched) and full_context, sparse_dynamic_eval, "
+                   "static, frozen, adapt, adapt+reward, adapt+surprise, no_persist (batched) and full_context, sparse_dynamic_eval, "
                    "dynamic_eval (one at a time)")
     p.add_argument("--second-session", action="store_true", help="read the stream again as a new session "
                    "(S dropped, P kept): what the committed P carries that S cannot")

@@ -14,7 +14,7 @@ from cl_arch.eval.cost import CostConfig
 from cl_arch.eval.games import GamesConfig
 from cl_arch.eval.lib import report
 from cl_arch.eval.lib.context import FullContext
-from cl_arch.eval.lib.learners import DynamicEval, EpisodeLearner
+from cl_arch.eval.lib.learners import DynamicEval, EpisodeLearner, RowPolicy
 from cl_arch.eval.lib.models import default_cache_dir, default_model, stdlib_model
 from cl_arch.eval.lib.reading import default_policies, run_stream
 from cl_arch.eval.lib.streams import NEWLINE, held_out_package, line_acceptance, segment_stream
@@ -400,3 +400,21 @@ def test_adapt_carries_a_definition_across_episodes_on_the_shipped_model(seed):
         return float(np.mean([bits[row][offs[e] + spans[e]:offs[e] + spans[e] + 48].mean() for e in range(1, 8)]))
 
     assert on_name("frozen") - on_name("adapt") > 0.3
+
+
+def test_surprise_reward_is_the_episodes_gain_over_frozen(tiny_lm, tree):
+    """``adapt+surprise`` is rewarded with what its adaptation saved over ``frozen`` on the episode
+    (bits/byte), and the reward reaches its commit (its P differs from ``adapt``'s)."""
+    segs = segment_stream(resolve_sources(tree), 1400, 500)
+    pols = default_policies(eta_s=0.5, eta_r=2.0, methods=("frozen", "adapt", "adapt+surprise"))
+    out = run_stream(tiny_lm, segs, pols, chunk=128)
+    pos, names = 0, [p.name for p in pols]
+    for e, (seg, _) in enumerate(segs):
+        n = len(seg)
+        f, s = out["bits"]["frozen"][pos:pos + n], out["bits"]["adapt+surprise"][pos:pos + n]
+        assert out["rewards"][e][names.index("adapt+surprise")] == pytest.approx(f.mean() - s.mean(), abs=1e-6)
+        pos += n
+    P = out["learner"].P[0]
+    assert not torch.allclose(P[1], P[2])
+    with pytest.raises(ValueError, match="reward_from"):
+        RowPolicy("x", persist=True, use_reward=True, reward_from="likes")

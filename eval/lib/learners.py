@@ -31,6 +31,9 @@ from cl_arch.state import FastLayerState, ModelState
 from cl_arch.train.data import bytes_to_tensor, random_windows, read_bytes, split_files, stdlib_files
 
 
+REWARD_SOURCES = ("acceptance", "surprise")
+
+
 @dataclass
 class RowPolicy:
     """What one row does at an episode boundary.
@@ -46,6 +49,10 @@ class RowPolicy:
         writes: False runs the row with every fast memory's writes switched off (modulation 0):
             the weights alone, no learning at inference at all, the control for in-episode
             adaptation.
+        reward_from: what the reward of an episode is (with ``use_reward``): ``"acceptance"`` (the
+            mean line acceptance under greedy tab completion) or ``"surprise"`` (the bits/byte this
+            row's adaptation saved over the frozen row on the episode: a reward the text gives
+            itself, so episodes that lowered the loss more than usual are committed more).
     """
 
     name: str
@@ -56,8 +63,12 @@ class RowPolicy:
     eta_r: Optional[float] = None
     gamma: Optional[float] = None
     writes: bool = True
+    reward_from: str = "acceptance"
 
     def __post_init__(self) -> None:
+        if self.reward_from not in REWARD_SOURCES:
+            raise ValueError(f"RowPolicy {self.name!r}: reward_from must be one of {REWARD_SOURCES}, "
+                             f"got {self.reward_from!r}")
         if self.persist and self.carry_context:
             raise ValueError(f"RowPolicy {self.name!r}: persist and carry_context are exclusive")
         if self.use_reward and not self.persist:

@@ -30,6 +30,8 @@ def default_policies(eta_s: Optional[float] = None, eta_r: Optional[float] = Non
         "adapt": RowPolicy("adapt", persist=True, eta_s=eta_s, eta_r=0.0, gamma=gamma),
         "adapt+reward": RowPolicy("adapt+reward", persist=True, use_reward=True, eta_s=eta_s, eta_r=eta_r,
                                   gamma=gamma),
+        "adapt+surprise": RowPolicy("adapt+surprise", persist=True, use_reward=True, eta_s=eta_s, eta_r=eta_r,
+                                    gamma=gamma, reward_from="surprise"),
         "no_persist": RowPolicy("no_persist", carry_context=True),
     }
     unknown = [m for m in methods if m not in table]
@@ -59,6 +61,9 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
     with this one (e.g. a second session over the same stream) instead of a fresh one.
     """
     solo = dict(solo or {})
+    # A surprise reward is the gain over the frozen row; a row read without one (timed alone) commits
+    # with retention only, as an episode without a reward does.
+    frozen = next((i for i, p in enumerate(policies) if p.name == "frozen"), None)
     if dyn is not None:
         solo["dynamic_eval"] = dyn
     if learner is None and policies:
@@ -104,7 +109,10 @@ def run_stream(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]],
             for i, p in enumerate(policies):
                 bits[p.name].append(b[i])
                 lines[p.name].extend((int(a[i]), n) for a, n in acc)
-                rewards.append(float(np.mean([a[i] / n for a, n in acc])) if acc else None)
+                if p.reward_from == "surprise":
+                    rewards.append(None if frozen is None else float(b[frozen].mean() - b[i].mean()))
+                else:
+                    rewards.append(float(np.mean([a[i] / n for a, n in acc])) if acc else None)
             ep_rewards.append(rewards)
             t0 = time.perf_counter()
             learner.end_episode(rewards)
