@@ -54,7 +54,7 @@ def main(argv=None) -> None:
             out = os.path.join(args.out, label, "offset")
             cli("offset", "--model", source, "--package", args.packages, "--no-readout", "--no-episodic", "--out", out)
             rep = json.load(open(os.path.join(out, "offset.json")))
-            summary[f"{label}/offset_in_block"] = rep["beyond_window"] if "beyond_window" in rep else rep
+            summary[f"{label}/offset_in_block"] = rep["difference"]["beyond_window"]
         for write in args.writes.split(","):
             if write not in WRITES:
                 ap.error(f"--writes: unknown {write!r}; choose from {WRITES}")
