@@ -124,24 +124,24 @@ class SparseEpisodicState:
         """``[B * H * n]`` rows of ``U.view(-1, V)`` for feature indices ``idx [B, H, n]``."""
         return (self._rows_U + idx).reshape(-1)
 
-    def gather(self, idx: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(U^T x, M^T x)``, each ``[B, H, V]`` (the second None when M is zeros), for the sparse
-        vector ``x = (idx, val) [B, H, n]``: reads ``n`` rows of each."""
+    def apply(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        """``S^T x [B, H, m, V]`` for ``m`` sparse vectors ``x = (idx, val) [B, H, m, n]`` at once: one
+        gather of ``m n`` rows from ``U`` and from each part of ``M``."""
         B, H, _, V = self.shape
-        n = idx.shape[-1]
-        x = val.to(self.U.dtype).unsqueeze(-2)  # [B, H, 1, n]
-        ux = torch.matmul(x, self.U.view(-1, V).index_select(0, self.rows(idx)).view(B, H, n, V))[..., 0, :]
-        mx = None
-        for m in self.M:
-            base = self._rows_U if m.dim() == 4 else self._rows_H
-            part = torch.matmul(x, m.view(-1, V).index_select(0, (base + idx).reshape(-1)).view(B, H, n, V))[..., 0, :]
-            mx = part if mx is None else mx.add_(part)
-        return ux, mx
+        m, n = idx.shape[-2:]
+        x = val.to(self.U.dtype).unsqueeze(-2)  # [B, H, m, 1, n]
+        rows = (self._rows_U.unsqueeze(-1) + idx).reshape(-1)
+        out = torch.matmul(x, self.U.view(-1, V).index_select(0, rows).view(B, H, m, n, V))[..., 0, :]
+        out.mul_(self.c[..., None, None])
+        for part in self.M:
+            prow = rows if part.dim() == 4 else (self._rows_H.unsqueeze(-1) + idx).reshape(-1)
+            out.add_(torch.matmul(x, part.view(-1, V).index_select(0, prow).view(B, H, m, n, V))[..., 0, :])
+        return out
 
     def decay(self, g: torch.Tensor) -> None:
         """``S - M <- exp(g) (S - M)`` (and the trace) for ``g [B, H]``: a scalar per head."""
         self.c.mul_(g.to(self.c.dtype).exp())
-        if bool((self.c < MIN_SCALE).any()):
+        if float(self.c.min()) < MIN_SCALE:
             self.renormalise()
 
     def write(self, idx: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> None:
@@ -152,11 +152,21 @@ class SparseEpisodicState:
         self.U.view(-1, V).index_add_(0, self.rows(idx), upd.reshape(-1, V))
 
 
-def _apply(st: SparseEpisodicState, xa: Active) -> torch.Tensor:
-    """``S^T x = M^T x + c U^T x`` ``[B, H, V]`` for the sparse vector ``xa``."""
-    ux, mx = st.gather(*xa)
-    ux.mul_(st.c[..., None])
-    return ux if mx is None else ux.add_(mx)
+def _pair(ka: Active, qa: Active) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx, val) [B, H, 2, n]``: the write and read keys side by side (the shorter padded with zeros)."""
+    n = max(ka[0].shape[-1], qa[0].shape[-1])
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return x if x.shape[-1] == n else torch.nn.functional.pad(x, (0, n - x.shape[-1]))
+
+    return torch.stack([pad(ka[0]), pad(qa[0])], -2), torch.stack([pad(ka[1]), pad(qa[1])], -2)
+
+
+def _overlap(ka: Active, qa: Active, dtype: torch.dtype) -> torch.Tensor:
+    """``k . q [B, H]`` from the two keys' active entries."""
+    same = ka[0].unsqueeze(-1) == qa[0].unsqueeze(-2)  # [B, H, n_k, n_q]
+    prod = ka[1].to(dtype).unsqueeze(-1) * qa[1].to(dtype).unsqueeze(-2)
+    return prod.mul_(same).sum((-2, -1))
 
 
 def sparse_delta_step(st: SparseEpisodicState, qa: Active, ka: Active, v: torch.Tensor, beta: torch.Tensor,
@@ -172,10 +182,14 @@ def sparse_delta_step(st: SparseEpisodicState, qa: Active, ka: Active, v: torch.
     Returns:
         ``o = S^T q [B, H, V]`` (``out`` when given).
     """
+    dt = st.U.dtype
     st.decay(g)
-    u = v.to(st.U.dtype) - _apply(st, ka)
-    st.write(ka[0], ka[1].to(st.U.dtype) * beta.to(st.U.dtype)[..., None], u)
-    o = _apply(st, qa)
+    r = st.apply(*_pair(ka, qa))  # [B, H, 2, V]: S'^T k and S'^T q, before the write
+    u = v.to(dt) - r[:, :, 0]
+    beta = beta.to(dt)
+    st.write(ka[0], ka[1].to(dt) * beta.unsqueeze(-1), u)
+    # read after the write: S^T q = S'^T q + beta (k . q) u
+    o = torch.addcmul(r[:, :, 1], (beta * _overlap(ka, qa, dt)).unsqueeze(-1), u)
     return o if out is None else out.copy_(o)
 
 
@@ -204,8 +218,13 @@ def sparse_error_step(st: SparseEpisodicState, qa: Active, ka: Active, target: t
     st.decay(g)
     u = st.p.neg()
     u.scatter_add_(1, target.view(B, 1), torch.ones(B, 1, dtype=dt, device=u.device))
-    st.write(ka[0], ka[1].to(dt) * eta.to(dt)[..., None], u[:, None, :].expand(B, H, V))
-    read = torch.einsum("bhv,h->bv", _apply(st, qa), scale.to(dt))
+    eta = eta.to(dt)
+    uh = u[:, None, :].expand(B, H, V)
+    rq = st.apply(qa[0].unsqueeze(-2), qa[1].unsqueeze(-2))[:, :, 0]  # S'^T q, before the write
+    st.write(ka[0], ka[1].to(dt) * eta.unsqueeze(-1), uh)
+    # read after the write: S^T q = S'^T q + eta (k . q) u
+    o = torch.addcmul(rq, (eta * _overlap(ka, qa, dt)).unsqueeze(-1), uh)
+    read = torch.einsum("bhv,h->bv", o, scale.to(dt))
     st.p.copy_(torch.softmax(base.to(dt) + read, dim=-1))
     return read if out is None else out.copy_(read)
 
