@@ -121,9 +121,9 @@ def bench_step(model, n_tokens: int, repeats: int) -> dict:
 
     # the sparse steps find a token's active read features once: its write key is the last read key
     def run_rows():
-        S, E, o, ka = S0, None, [], active(ks[0])
+        S, E, o, ka = S0, None, [], active(ks[0], nonneg=True)
         for t in range(T):
-            qa = active(qs[t])
+            qa = active(qs[t], nonneg=True)
             x, S, E = dense_delta_step(S, E, M, qa, ka, v[t].view(1, 1, V), beta, g)
             o.append(x)
             ka = qa
@@ -133,9 +133,9 @@ def bench_step(model, n_tokens: int, repeats: int) -> dict:
         return SparseEpisodicState.from_dense(S0, M, p=p)
 
     def run_sparse(st):
-        o, ka = torch.empty(T, 1, 1, V), active(ks[0])
+        o, ka = torch.empty(T, 1, 1, V), active(ks[0], nonneg=True)
         for t in range(T):
-            qa = active(qs[t])
+            qa = active(qs[t], nonneg=True)
             sparse_delta_step(st, qa, ka, v[t].view(1, 1, V), beta, g, out=o[t])
             ka = qa
         outs["sparse"] = o
@@ -152,18 +152,18 @@ def bench_step(model, n_tokens: int, repeats: int) -> dict:
         outs["error dense"] = torch.stack(o)
 
     def run_rows_error():
-        S, E, p, o, ka = S0, None, None, [], active(ks[0])
+        S, E, p, o, ka = S0, None, None, [], active(ks[0], nonneg=True)
         for t in range(T):
-            qa = active(qs[t])
+            qa = active(qs[t], nonneg=True)
             x, S, E, p = dense_error_step(S, E, M, qa, ka, ids[t].view(1), base[t].view(1, V), beta, g, scale, p)
             o.append(x[0])
             ka = qa
         outs["error rows"] = torch.stack(o)
 
     def run_sparse_error(st):
-        o, ka = torch.empty(T, 1, V), active(ks[0])
+        o, ka = torch.empty(T, 1, V), active(ks[0], nonneg=True)
         for t in range(T):
-            qa = active(qs[t])
+            qa = active(qs[t], nonneg=True)
             sparse_error_step(st, qa, ka, ids[t].view(1), base[t].view(1, V), beta, g, scale, out=o[t])
             ka = qa
         outs["error sparse"] = o[:, 0]

@@ -104,7 +104,7 @@ def test_steps_update_buffers_in_place_and_overwrite_poisoned_outputs():
     x = _inputs(2, 9, 3, 40, 6)
     M, S0 = x["resting_state"], x["initial_state"]
     st = SparseEpisodicState.from_dense(S0, M, x["initial_trace"])
-    ptrs = (st.U.data_ptr(), st.c.data_ptr(), st.Y.data_ptr())
+    ptrs = (st.UM.data_ptr(), st.c.data_ptr(), st.Y.data_ptr())
     S, E = S0, x["initial_trace"]
     out = torch.empty(2, 3, 6, dtype=torch.float64)
     for t in range(9):
@@ -115,7 +115,7 @@ def test_steps_update_buffers_in_place_and_overwrite_poisoned_outputs():
                                          S, M, E)
         assert o is out
         torch.testing.assert_close(out, want, **TOL)
-    assert (st.U.data_ptr(), st.c.data_ptr(), st.Y.data_ptr()) == ptrs
+    assert (st.UM.data_ptr(), st.c.data_ptr(), st.Y.data_ptr()) == ptrs
     got_S, got_E = st.to_dense()
     torch.testing.assert_close(got_S, S, **TOL)
     torch.testing.assert_close(got_E, E, **TOL)
@@ -161,7 +161,7 @@ def test_a_fixed_number_of_active_entries_is_exact_and_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="n must be in"):
         active(q, n=65)
     with pytest.raises(ValueError, match="c has shape"):
-        SparseEpisodicState(torch.zeros(1, 1, 4, 3), torch.ones(2, 1))
+        SparseEpisodicState(torch.zeros(1, 1, 4, 2, 3), torch.ones(2, 1))
 
 
 def test_dense_round_trip_keeps_no_trace_buffer_for_an_episode_at_rest():

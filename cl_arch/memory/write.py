@@ -65,8 +65,9 @@ class DeltaWrite:
         q, k, _, cache = memory.project_qkv(h, state.conv, ids=ids)
         beta, g = _step_rates(memory, h.shape[0], ctx, cdt)
         S0 = memory.initial_state(h.shape[0], state.P) if state.S is None else state.S.to(cdt)
-        o, S_T, E_T = dense_delta_step(S0, state.E, memory.decode_resting_state(state.P), active(q[:, 0]),
-                                       active(k[:, 0]), memory.values(ids, out.embed, cdt)[:, 0], beta, g)
+        qa, ka = active(q[:, 0], nonneg=True), active(k[:, 0], nonneg=True)  # phi >= 0
+        o, S_T, E_T = dense_delta_step(S0, state.E, memory.decode_resting_state(state.P), qa, ka,
+                                       memory.values(ids, out.embed, cdt)[:, 0], beta, g)
         read = torch.einsum("bhv,h->bv", o, memory.read_scale.to(cdt))[:, None]
         if memory.value_kind != "onehot":
             read = out.head(read.to(h.dtype))
@@ -120,9 +121,9 @@ class ErrorWrite:
         q, k, _, cache = memory.project_qkv(h, key_cache, ids=ids)
         eta, g = _step_rates(memory, B, ctx, cdt)
         S0 = memory.initial_state(B, state.P) if state.S is None else state.S.to(cdt)
-        read, S_T, E_T, p = dense_error_step(S0, state.E, memory.decode_resting_state(state.P), active(q[:, 0]),
-                                             active(k[:, 0]), ids[:, 0], out.logits[:, 0], eta, g,
-                                             memory.read_scale.to(cdt), p_prev)
+        qa, ka = active(q[:, 0], nonneg=True), active(k[:, 0], nonneg=True)  # phi >= 0
+        read, S_T, E_T, p = dense_error_step(S0, state.E, memory.decode_resting_state(state.P), qa, ka, ids[:, 0],
+                                             out.logits[:, 0], eta, g, memory.read_scale.to(cdt), p_prev)
         conv = torch.cat([cache.to(cdt), p[:, None]], dim=-1)
         return read[:, None].to(h.dtype), FastLayerState(S=S_T, E=E_T, P=state.P, conv=conv)
 

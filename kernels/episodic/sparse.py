@@ -31,16 +31,20 @@ MIN_SCALE = 1e-4
 Active = tuple[torch.Tensor, torch.Tensor]
 
 
-def active(x: torch.Tensor, n: int | None = None) -> Active:
+def active(x: torch.Tensor, n: int | None = None, nonneg: bool = False) -> Active:
     """``(idx [..., n] int64, val [..., n])``: the ``n`` entries of ``x [..., F]`` largest in magnitude.
 
     ``n`` None: the most non-zeros of any row (one host read), at least 1, so every non-zero is
     kept; rows with fewer carry padding entries of value 0, which read and write nothing. A fixed
-    ``n`` gives static shapes, and is exact while no row has more than ``n`` non-zeros."""
+    ``n`` gives static shapes, and is exact while no row has more than ``n`` non-zeros. ``nonneg``: ``x``
+    is known to be ``>= 0`` (the episodic keys are), which saves two passes."""
     if n is None:
         n = max(int((x != 0).sum(-1).max()), 1) if x.numel() else 1
     if not 1 <= n <= x.shape[-1]:
         raise ValueError(f"active: n must be in [1, {x.shape[-1]}], got {n}")
+    if nonneg:
+        val, idx = x.topk(n, dim=-1, sorted=False)
+        return idx, val
     idx = x.abs().topk(n, dim=-1, sorted=False).indices
     return idx, x.gather(-1, idx)
 
@@ -49,67 +53,63 @@ class SparseEpisodicState:
     """The decode state of one episodic memory for ``B`` streams: buffers allocated once, updated in place.
 
     Attributes:
-        U: ``[B, H, F, V]`` contiguous, ``S - M = c U``.
+        UM: ``[B, H, F, 2, V]`` contiguous: per feature row, ``U`` (``S - M = c U``) then ``M`` (the resting
+            state, fixed within an episode), so one gather reads a row of both.
+        U, M: ``[B, H, F, V]`` views into ``UM``.
         c: ``[B, H]`` the lazily kept decay.
-        M: the resting state as a tuple of parts summed (e.g. ``(W0, P)``), each ``[H, F, V]`` or
-            ``[B, H, F, V]``; empty: zeros. Read only at the active rows.
         Y: ``[B, H, F, V]`` or None, ``E = c (U + Y)``.
         p: ``[B, V]`` the last position's prediction (the error write's; zeros: nothing predicted yet).
     """
 
-    def __init__(self, U: torch.Tensor, c: torch.Tensor, M: Sequence[torch.Tensor] = (),
-                 Y: torch.Tensor | None = None, p: torch.Tensor | None = None) -> None:
-        if U.dim() != 4 or not U.is_contiguous():
-            raise ValueError(f"U must be a contiguous [B, H, F, V] tensor, got shape {tuple(U.shape)}")
-        B, H, Fdim, V = U.shape
+    def __init__(self, UM: torch.Tensor, c: torch.Tensor, Y: torch.Tensor | None = None,
+                 p: torch.Tensor | None = None) -> None:
+        if UM.dim() != 5 or UM.shape[3] != 2 or not UM.is_contiguous():
+            raise ValueError(f"UM must be a contiguous [B, H, F, 2, V] tensor, got shape {tuple(UM.shape)}")
+        B, H, Fdim, _, V = UM.shape
         if tuple(c.shape) != (B, H):
             raise ValueError(f"c has shape {tuple(c.shape)}, expected {(B, H)}")
-        for i, m in enumerate(M):
-            if tuple(m.shape) not in ((H, Fdim, V), (B, H, Fdim, V)):
-                raise ValueError(f"M[{i}] has shape {tuple(m.shape)}, expected {(H, Fdim, V)} or {(B, H, Fdim, V)}")
-        if Y is not None and (Y.shape != U.shape or not Y.is_contiguous()):
-            raise ValueError(f"Y must be contiguous with U's shape {tuple(U.shape)}, got {tuple(Y.shape)}")
+        if Y is not None and (tuple(Y.shape) != (B, H, Fdim, V) or not Y.is_contiguous()):
+            raise ValueError(f"Y must be a contiguous {(B, H, Fdim, V)} tensor, got {tuple(Y.shape)}")
         if p is not None and tuple(p.shape) != (B, V):
             raise ValueError(f"p has shape {tuple(p.shape)}, expected {(B, V)}")
-        self.U, self.c, self.Y, self.p = U, c, Y, p
-        self.M = tuple(m.to(U.dtype).contiguous() for m in M)
+        self.UM, self.c, self.Y, self.p = UM, c, Y, p
+        self.U, self.M = UM[:, :, :, 0], UM[:, :, :, 1]
         self.shape = (B, H, Fdim, V)
-        bh = torch.arange(B * H, device=U.device).view(B, H, 1)
-        self._rows_U = bh * Fdim  # [B, H, 1]: row offset of (b, h) in U.view(-1, V)
-        self._rows_H = (bh % H) * Fdim  # the same in a [H, F, V] part
+        self._rows = UM.view(-1, 2 * V)  # row r = (b, h, f): [U | M]
+        self._U_rows = UM.view(-1, 2, V)[:, 0]  # U's rows, where writes go
+        self._base = (torch.arange(B * H, device=UM.device) * Fdim).view(B, H, 1, 1)
+        self._one = torch.ones(B, 1, dtype=UM.dtype, device=UM.device)
 
     # ---------------------------------------------------------------- the dense layout
     @classmethod
     def from_dense(cls, S: torch.Tensor, M: None | torch.Tensor | Sequence[torch.Tensor] = None,
                    E: torch.Tensor | None = None, p: torch.Tensor | None = None,
                    dtype: torch.dtype | None = None) -> "SparseEpisodicState":
-        """The state whose dense form is ``S [B, H, F, V]``, resting state ``M`` (a tensor, parts summed,
-        or None: zeros), trace ``E`` (None: zeros) and prediction ``p [B, V]`` (None: no buffer).
-        Allocates the buffers (``U``, and ``Y`` only when ``E != S - M``) in ``dtype`` (default: S's,
-        at least float32)."""
+        """The state whose dense form is ``S [B, H, F, V]``, resting state ``M`` (``[B, H, F, V]`` or
+        ``[H, F, V]``, a sequence of such parts summed, e.g. ``(W0, P)``, or None: zeros), trace ``E``
+        (None: zeros) and prediction ``p [B, V]`` (None: no buffer). Allocates the buffers (``UM``, and
+        ``Y`` only when ``E != S - M``) in ``dtype`` (default: S's, at least float32)."""
         dtype = dtype or torch.promote_types(S.dtype, torch.float32)
+        B, H, Fdim, V = S.shape
         parts = () if M is None else ((M,) if isinstance(M, torch.Tensor) else tuple(M))
-        U = S.to(dtype).clone(memory_format=torch.contiguous_format)
-        for m in parts:
-            U.sub_(m.to(dtype))
+        UM = S.new_zeros(B, H, Fdim, 2, V, dtype=dtype)
+        for i, m in enumerate(parts):
+            if tuple(m.shape) not in ((H, Fdim, V), (B, H, Fdim, V)):
+                raise ValueError(f"M[{i}] has shape {tuple(m.shape)}, expected {(H, Fdim, V)} or {(B, H, Fdim, V)}")
+            UM[:, :, :, 1].add_(m.to(dtype))
+        U = UM[:, :, :, 0]
+        U.copy_(S.to(dtype) - UM[:, :, :, 1])
         Y = -U if E is None else E.to(dtype) - U
         Y = Y.contiguous() if bool(Y.any()) else None
-        c = torch.ones(S.shape[:2], dtype=dtype, device=S.device)
-        return cls(U, c, parts, Y, None if p is None else p.to(dtype).clone())
-
-    def resting(self) -> torch.Tensor:
-        """``M [B, H, F, V]`` dense (a new tensor)."""
-        M = self.U.new_zeros(self.shape)
-        for m in self.M:
-            M.add_(m)
-        return M
+        c = torch.ones(B, H, dtype=dtype, device=S.device)
+        return cls(UM, c, Y, None if p is None else p.to(dtype).clone())
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(S, E)`` ``[B, H, F, V]``, new tensors: what a session holds and a file saves."""
         c = self.c[..., None, None]
         dev = c * self.U
         E = dev if self.Y is None else c * (self.U + self.Y)
-        return self.resting().add_(dev), E
+        return dev.add_(self.M) if self.Y is not None else self.M + dev, E
 
     def renormalise(self) -> None:
         """Fold ``c`` into ``U`` (and ``Y``): one dense pass; the dense form does not change."""
@@ -120,23 +120,18 @@ class SparseEpisodicState:
         self.c.fill_(1.0)
 
     # ---------------------------------------------------------------- rows
-    def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """``[B * H * n]`` rows of ``U.view(-1, V)`` for feature indices ``idx [B, H, n]``."""
-        return (self._rows_U + idx).reshape(-1)
-
-    def apply(self, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-        """``S^T x [B, H, m, V]`` for ``m`` sparse vectors ``x = (idx, val) [B, H, m, n]`` at once: one
-        gather of ``m n`` rows from ``U`` and from each part of ``M``."""
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """``[B, H, m, n, 2V]``: the rows ``[U | M]`` at feature indices ``idx [B, H, m, n]``."""
         B, H, _, V = self.shape
         m, n = idx.shape[-2:]
-        x = val.to(self.U.dtype).unsqueeze(-2)  # [B, H, m, 1, n]
-        rows = (self._rows_U.unsqueeze(-1) + idx).reshape(-1)
-        out = torch.matmul(x, self.U.view(-1, V).index_select(0, rows).view(B, H, m, n, V))[..., 0, :]
-        out.mul_(self.c[..., None, None])
-        for part in self.M:
-            prow = rows if part.dim() == 4 else (self._rows_H.unsqueeze(-1) + idx).reshape(-1)
-            out.add_(torch.matmul(x, part.view(-1, V).index_select(0, prow).view(B, H, m, n, V))[..., 0, :])
-        return out
+        return self._rows.index_select(0, (self._base + idx).view(-1)).view(B, H, m, n, 2 * V)
+
+    def apply(self, rows: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        """``S^T x [B, H, m, V]`` for ``m`` sparse vectors with values ``val [B, H, m, n]`` at the gathered
+        ``rows`` (:meth:`gather`)."""
+        B, H, m, _, V2 = rows.shape
+        r = torch.matmul(val.to(rows.dtype).unsqueeze(-2), rows).view(B, H, m, V2)
+        return torch.addcmul(r[..., V2 // 2:], self.c.view(B, H, 1, 1), r[..., :V2 // 2])
 
     def decay(self, g: torch.Tensor) -> None:
         """``S - M <- exp(g) (S - M)`` (and the trace) for ``g [B, H]``: a scalar per head."""
@@ -144,12 +139,15 @@ class SparseEpisodicState:
         if float(self.c.min()) < MIN_SCALE:
             self.renormalise()
 
-    def write(self, idx: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> None:
+    def write(self, idx: torch.Tensor, w: torch.Tensor, u: torch.Tensor, rows: torch.Tensor) -> None:
         """``S += k u^T`` in the rows of ``k = (idx, w) [B, H, n]`` (``w``: the key times the step),
-        ``u [B, H, V]``; the trace follows (its difference from ``S - M`` is untouched)."""
+        ``u [B, H, V]``, with ``rows [B, H, n, 2V]`` the rows at ``idx`` as gathered since the last write;
+        the trace follows (its difference from ``S - M`` is untouched). Indices are distinct per
+        ``(b, h)`` (:func:`active`'s are), so the new rows are copied in, not accumulated (a copy is
+        cheaper than ``index_add_`` on the CPU)."""
         V = self.shape[-1]
-        upd = (w / self.c[..., None])[..., None] * u[:, :, None, :]
-        self.U.view(-1, V).index_add_(0, self.rows(idx), upd.reshape(-1, V))
+        new = torch.addcmul(rows[..., :V], (w / self.c.unsqueeze(-1)).unsqueeze(-1), u.unsqueeze(-2))
+        self._U_rows.index_copy_(0, (self._base[..., 0] + idx).view(-1), new.view(-1, V))
 
 
 def _pair(ka: Active, qa: Active) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,10 +182,13 @@ def sparse_delta_step(st: SparseEpisodicState, qa: Active, ka: Active, v: torch.
     """
     dt = st.U.dtype
     st.decay(g)
-    r = st.apply(*_pair(ka, qa))  # [B, H, 2, V]: S'^T k and S'^T q, before the write
+    idx, val = _pair(ka, qa)
+    rows = st.gather(idx)
+    r = st.apply(rows, val)  # [B, H, 2, V]: S'^T k and S'^T q, before the write
     u = v.to(dt) - r[:, :, 0]
     beta = beta.to(dt)
-    st.write(ka[0], ka[1].to(dt) * beta.unsqueeze(-1), u)
+    n = ka[0].shape[-1]
+    st.write(ka[0], ka[1].to(dt) * beta.unsqueeze(-1), u, rows[:, :, 0, :n])
     # read after the write: S^T q = S'^T q + beta (k . q) u
     o = torch.addcmul(r[:, :, 1], (beta * _overlap(ka, qa, dt)).unsqueeze(-1), u)
     return o if out is None else out.copy_(o)
@@ -217,14 +218,16 @@ def sparse_error_step(st: SparseEpisodicState, qa: Active, ka: Active, target: t
     dt = st.U.dtype
     st.decay(g)
     u = st.p.neg()
-    u.scatter_add_(1, target.view(B, 1), torch.ones(B, 1, dtype=dt, device=u.device))
+    u.scatter_add_(1, target.view(B, 1), st._one)
     eta = eta.to(dt)
     uh = u[:, None, :].expand(B, H, V)
-    rq = st.apply(qa[0].unsqueeze(-2), qa[1].unsqueeze(-2))[:, :, 0]  # S'^T q, before the write
-    st.write(ka[0], ka[1].to(dt) * eta.unsqueeze(-1), uh)
+    idx, val = _pair(ka, qa)
+    rows = st.gather(idx)
+    rq = st.apply(rows[:, :, 1:], val[:, :, 1:])[:, :, 0]  # S'^T q, before the write
+    st.write(ka[0], ka[1].to(dt) * eta.unsqueeze(-1), uh, rows[:, :, 0, :ka[0].shape[-1]])
     # read after the write: S^T q = S'^T q + eta (k . q) u
     o = torch.addcmul(rq, (eta * _overlap(ka, qa, dt)).unsqueeze(-1), uh)
-    read = torch.einsum("bhv,h->bv", o, scale.to(dt))
+    read = torch.matmul(scale.to(dt), o)  # sum_h a_h o_h: [B, V]
     st.p.copy_(torch.softmax(base.to(dt) + read, dim=-1))
     return read if out is None else out.copy_(read)
 
