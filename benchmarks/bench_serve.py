@@ -10,7 +10,7 @@ p50/p99, mean rows per decode step and per batched forward (from ``/metrics``), 
 a table on stdout, JSON, and a PNG (matplotlib).
 
 ``faults``: one server on one store under load from ``--users`` users; ``--kills`` times a
-SIGKILL at a random moment (0.3-1.5 s into the load), a restart on the same store, then checks:
+SIGKILL at a random moment (``--kill-after``: 0.3-1.5 s into the load), a restart on the same store, then checks:
 every commit a client had acknowledged is there (the stored episode count is the acknowledged
 one, with the acknowledged sha256, or one more: a commit stored whose answer the kill cut), no
 row fails its checksum or does not parse, and every user is served after the restart.
@@ -182,12 +182,12 @@ def plot(rows, path):
         print("matplotlib not installed: no PNG")
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for adapt in (True, False):
+    for adapt, color in ((True, "tab:blue"), (False, "tab:orange")):
         rs = [r for r in rows if r["adapt"] == adapt]
         lab = "adaptation " + ("on" if adapt else "off")
-        a.plot([r["max_batch"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=lab)
-        b.plot([r["max_batch"] for r in rs], [r["p50_s"] for r in rs], "o-", label=lab + " p50")
-        b.plot([r["max_batch"] for r in rs], [r["p99_s"] for r in rs], "s--", label=lab + " p99")
+        a.plot([r["max_batch"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", color=color, label=lab)
+        b.plot([r["max_batch"] for r in rs], [r["p50_s"] for r in rs], "o-", color=color, label=lab + " p50")
+        b.plot([r["max_batch"] for r in rs], [r["p99_s"] for r in rs], "s--", color=color, label=lab + " p99")
     for ax, yl in ((a, "generated tokens/s"), (b, "completion latency (s)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("--max-batch")
@@ -231,20 +231,20 @@ def tiny_model_dir(folder: str) -> str:
 
 def check_store(model, store_path: str, acks: dict) -> dict:
     """Lost acknowledged commits and corrupt rows of a store (read directly, not through a server)."""
+    import cl_arch
     from cl_arch import PlasticTransformer, Session
     from cl_arch.serve import SQLiteStore
 
-    m = PlasticTransformer.from_pretrained(model) if model != "default" else None
+    m = cl_arch.load_default() if model == "default" else PlasticTransformer.from_pretrained(model)
     store = SQLiteStore(store_path)
     rows = store.rows()
     corrupt = [u for u, r in rows.items() if not r["ok"]]
-    if m is not None:
-        for u in rows:
-            if u not in corrupt:
-                try:
-                    Session.from_bytes(m, store.get(u))
-                except ValueError:
-                    corrupt.append(u)
+    for u in rows:
+        if u not in corrupt:
+            try:
+                Session.from_bytes(m, store.get(u))
+            except ValueError:
+                corrupt.append(u)
     lost = []
     for u, (episodes, sha) in acks.items():
         r = rows.get(u)
@@ -255,8 +255,9 @@ def check_store(model, store_path: str, acks: dict) -> dict:
     return {"rows": len(rows), "corrupt": corrupt, "lost": lost}
 
 
-def faults(model, kills, users, workdir, seed=0, log=print) -> dict:
-    """Kill a loaded server ``kills`` times; see the module docstring. Returns the counts."""
+def faults(model, kills, users, workdir, seed=0, log=print, kill_after=(0.3, 1.5)) -> dict:
+    """Kill a loaded server ``kills`` times, each ``kill_after`` (a range, s) into the load; see the
+    module docstring. Returns the counts."""
     rng = random.Random(seed)
     store = os.path.join(workdir, "faults.db")
     acks, totals = {}, {"kills": 0, "acked_commits": 0, "lost": 0, "corrupt": 0, "unserved": 0}
@@ -274,7 +275,7 @@ def faults(model, kills, users, workdir, seed=0, log=print) -> dict:
             server.stop()
             break
         threads, rec, stop, client = run_users(server.url, users, None, 4, acks=acks)
-        time.sleep(rng.uniform(0.3, 1.5))
+        time.sleep(rng.uniform(*kill_after))
         stop.set()  # first, so that the errors the kill causes end the clients quietly
         server.kill()
         for t in threads:
@@ -304,14 +305,22 @@ def main():
     f.add_argument("--kills", type=int, default=20)
     f.add_argument("--users", type=int, default=8)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--kill-after", type=float, nargs=2, default=[0.3, 1.5], metavar=("LO", "HI"),
+                   help="seconds into the load of each kill, drawn uniformly (the shipped model needs longer)")
+    g = sub.add_parser("plot", help="redraw the PNG of a load run's JSON")
+    g.add_argument("json")
     args = p.parse_args()
+    if args.mode == "plot":
+        with open(args.json) as fh:
+            plot(json.load(fh)["rows"], args.json[:-len(".json")] + ".png")
+        return
     if args.mode == "load":
         load(args)
         return
     with tempfile.TemporaryDirectory() as work:
         model = tiny_model_dir(work) if args.model == "tiny" else args.model
         t0 = time.time()
-        out = faults(model, args.kills, args.users, work, args.seed)
+        out = faults(model, args.kills, args.users, work, args.seed, kill_after=tuple(args.kill_after))
         print(json.dumps(dict(out, seconds=round(time.time() - t0, 1))))
 
 
