@@ -93,7 +93,7 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
             groups: Dict[int, List[int]] = {}
             for i, s in enumerate(sessions):
                 groups.setdefault(s.state.position if has_attn else 0, []).append(i)
-            grads = [s._policy_gradients(t) for s, t in zip(sessions, toks)]
+            grads = [s._policy_gradients(t, allowed) for s, t in zip(sessions, toks)]
             for idx in groups.values():
                 _step_batch([sessions[i] for i in idx], [toks[i] for i in idx])
             for s, g in zip(sessions, grads):

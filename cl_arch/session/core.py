@@ -209,15 +209,19 @@ class Session:
                 layers[i] = FastLayerState(S=s.S, E=s.E.clone(), P=s.P, conv=s.conv)
         self.state = ModelState(layers, self.state.position)
 
-    def _policy_gradients(self, tok: int) -> List[tuple]:
+    def _policy_gradients(self, tok: int, allowed: Optional[torch.Tensor] = None) -> List[tuple]:
         """``(slot index, phi [1, F], e(tok) - pi [1, V])`` of each verdict memory for ``tok``, sampled
-        from :attr:`_next_logits` (pi: the model's softmax, every memory read)."""
+        from :attr:`_next_logits` (pi: the model's softmax, every memory read, over ``allowed`` ids when
+        sampling was restricted to them)."""
         out = []
+        logits = self._next_logits
+        if logits is not None and allowed is not None:
+            logits = torch.full_like(logits, -math.inf).index_copy(0, allowed.to(logits.device), logits[allowed])
         for i in self._verdict_slots():
             s = self.state.layers[i]
-            if s.conv is not None and self._next_logits is not None:
+            if s.conv is not None and logits is not None:
                 m = self.model.memories()[i]
-                out.append((i, *m.policy_gradient(s, torch.tensor([tok]), self._next_logits[None])))
+                out.append((i, *m.policy_gradient(s, torch.tensor([tok]), logits[None])))
         return out
 
     def _add_traces(self, grads: List[tuple]) -> None:
@@ -309,7 +313,7 @@ class Session:
                 tok = _sample(self._next_logits, float(temperature), top_k, top_p, allowed, gen)
                 mark_tok = self._mark()
                 try:
-                    grads = self._policy_gradients(tok)
+                    grads = self._policy_gradients(tok, allowed)
                     self._feed(torch.tensor([[tok]]))
                     self._add_traces(grads)
                 except BaseException:
