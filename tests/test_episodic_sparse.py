@@ -258,3 +258,39 @@ def test_shipped_model_decodes_the_same_tokens_with_the_sparse_step():
         (t0, z0, S0), (t1, z1, S1) = runs
         assert t0 == t1, write
         assert float((z0 - z1).abs().max()) < 1e-5 and float((S0 - S1).abs().max()) < 1e-5, write
+
+
+@pytest.mark.parametrize("write", ["delta", "error"])
+def test_the_in_place_decoder_equals_the_memory_token_by_token(write):
+    """kernels/episodic/decoder.py (the prototype of an allocation-free decode loop) against the memory's own
+    one-token calls: reads, S, E and p at 1e-10, the state's buffers never reallocated."""
+    from cl_arch.kernels.episodic.decoder import EpisodicDecoder
+    from cl_arch.memory import OutputContext
+    model = _model(write, W0=True)
+    ep = model.episodic
+    g = torch.Generator().manual_seed(5)
+    B, T, V = 2, 12, ep.head_v_dim
+    h = torch.randn(B, T, 32, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    base = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    mod = torch.rand(B, T, generator=g, dtype=torch.float64)
+    P = 0.1 * torch.randn(B, *ep.W0.shape, generator=g, dtype=torch.float64)
+    from cl_arch.state import FastLayerState, StepContext
+    st = FastLayerState(S=ep.initial_state(B, P).clone(), E=None, P=P, conv=None)
+    dec = EpisodicDecoder(ep.R, ep.key_threshold, torch.sigmoid(ep.beta_logit), -ep.A_log.exp(), ep.read_scale,
+                          SparseEpisodicState.from_dense(st.S, (ep.W0, P), p=torch.zeros(B, V, dtype=torch.float64)),
+                          write=write)
+    ptr = dec.state.UM.data_ptr()
+    with torch.no_grad():
+        for t in range(T):
+            out = OutputContext(h=h[:, t:t + 1], ids=ids[:, t:t + 1], embed=model.embed, head=model.lm_head,
+                                logits=base[:, t:t + 1])
+            want, st = ep(out, st, StepContext(modulation=mod[:, t:t + 1]))
+            got = dec.step(h[:, t], ids[:, t], base[:, t], modulation=mod[:, t])
+            torch.testing.assert_close(got, want[:, 0], **TOL)
+    S, E = dec.state.to_dense()
+    torch.testing.assert_close(S, st.S, **TOL)
+    torch.testing.assert_close(E, st.E, **TOL)
+    if write == "error":
+        torch.testing.assert_close(dec.state.p, st.conv[:, 0, -V:], **TOL)
+    assert dec.state.UM.data_ptr() == ptr
