@@ -10,6 +10,8 @@ model's single-session decode with the arithmetic ceiling beside it. One process
    (``kernels/episodic/naive.py``), ``rows``: the memory's one-token step now (``kernels/episodic/step.py``:
    new dense ``S``, ``E`` per token, rows for the rest), ``sparse``: the in-place step on the lazily decayed
    state (``kernels/episodic/sparse.py``). The outputs of every variant are compared with ``dense``'s.
+   1b. The whole memory per token from the final hidden states (its keys included): its one-token call with
+   the dense rule and with the sparse step, and ``kernels/episodic/decoder.py``'s in-place ``EpisodicDecoder``.
 2. ``cl_arch.load_default()`` in a ``cl_arch.Session``: tokens/s of ``generate`` with adaptation on and off,
    with the episodic memory's sparse step off (as before) and on, interleaved; the generated tokens and
    logits of ``--check-tokens`` tokens with both steps, for the delta and the error write.
@@ -39,9 +41,11 @@ from cl_arch.kernels.episodic import (
     sparse_delta_step,
     sparse_error_step,
 )
+from cl_arch.kernels.episodic.decoder import EpisodicDecoder
 from cl_arch.kernels.episodic.step import dense_delta_step, dense_error_step
 from cl_arch.kernels.error_write import error_write
-from cl_arch.state import FastLayerState
+from cl_arch.memory import OutputContext
+from cl_arch.state import FastLayerState, StepContext
 
 TEXT = (b"import os\nimport sys\n\n\ndef main(argv=None):\n    \"\"\"Parse the arguments and run.\"\"\"\n"
         b"    args = parse(argv or sys.argv[1:])\n    for name in sorted(os.listdir(args.root)):\n"
@@ -63,25 +67,30 @@ def median_time(fn, repeats: int, setup=None) -> float:
     return statistics.median(ts)
 
 
-def shipped_keys(model, n_tokens: int):
-    """``q, k [T, F]`` the episodic memory's read and write keys over TEXT, ``ids [T]``, base logits ``[T, V]``."""
+def shipped_context(model, n_tokens: int):
+    """The episodic memory's :class:`OutputContext` over TEXT (``h [1, T, d]``, ids, logits before its read)."""
     ids = torch.tensor([list(TEXT[:n_tokens + 1])])
-    ep = model.episodic
     captured = {}
 
     def hook(mod, args, kwargs, out):
         captured["out"] = args[0] if args else kwargs["out"]
 
-    handle = ep.register_forward_hook(hook, with_kwargs=True)
+    handle = model.episodic.register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             model(ids)
     finally:
         handle.remove()
-    o = captured["out"]
+    return captured["out"]
+
+
+def shipped_keys(model, n_tokens: int):
+    """``q, k [T, F]`` the episodic memory's read and write keys over TEXT, ``ids [T]``, base logits ``[T, V]``."""
+    ep = model.episodic
+    o = shipped_context(model, n_tokens)
     with torch.no_grad():
         q, k, _, _ = ep.project_qkv(o.h, None)
-    return q[0, 1:, 0], k[0, 1:, 0], ids[0, 1:], o.logits[0, 1:].float()
+    return q[0, 1:, 0], k[0, 1:, 0], o.ids[0, 1:], o.logits[0, 1:].float()
 
 
 def bench_step(model, n_tokens: int, repeats: int) -> dict:
@@ -180,6 +189,49 @@ def bench_step(model, n_tokens: int, repeats: int) -> dict:
             "speedup_over_dense": {n: per_token["error dense" if n.startswith("error") else "dense"] / s
                                    for n, s in per_token.items()},
             "max_abs_diff_vs_dense": diffs}
+
+
+def bench_memory(model, n_tokens: int, repeats: int) -> dict:
+    """Part 1b: the whole memory per token from the final hidden states (keys included): its one-token call
+    with the dense rule and with the sparse step (new dense S, E per token), and :class:`EpisodicDecoder`
+    (in place). Reads compared with the dense call's."""
+    ep = model.episodic
+    out = shipped_context(model, n_tokens)
+    T, V = out.h.shape[1], ep.head_v_dim
+    gen = torch.Generator().manual_seed(0)
+    P = 0.01 * torch.randn(1, *ep.W0.shape, generator=gen)
+    reads = {}
+
+    def call(sparse):
+        def run():
+            ep.sparse_decode = sparse
+            st, r = FastLayerState(S=ep.initial_state(1, P).clone(), P=P), []
+            with torch.no_grad():
+                for t in range(T):
+                    x, st = ep(OutputContext(out.h[:, t:t + 1], out.ids[:, t:t + 1], out.embed, out.head,
+                                             out.logits[:, t:t + 1]), st, StepContext())
+                    r.append(x[0, 0])
+            reads["memory call, sparse step" if sparse else "memory call, dense rule"] = torch.stack(r)
+        return run
+
+    def new_decoder():
+        return EpisodicDecoder(ep.R, ep.key_threshold, torch.sigmoid(ep.beta_logit), -ep.A_log.exp(), ep.read_scale,
+                               SparseEpisodicState.from_dense(ep.initial_state(1, P), (ep.W0, P)))
+
+    def run_decoder(dec):
+        r = torch.empty(T, V)
+        for t in range(T):
+            r[t] = dec.step(out.h[:, t], out.ids[:, t])
+        reads["decoder, in place"] = r
+
+    per_token = {"memory call, dense rule": median_time(call(False), repeats) / T,
+                 "memory call, sparse step": median_time(call(True), repeats) / T,
+                 "decoder, in place": median_time(run_decoder, repeats, new_decoder) / T}
+    ep.sparse_decode = True
+    ref = reads["memory call, dense rule"]
+    return {"tokens": T, "per_token_s": per_token,
+            "speedup_over_dense": {n: per_token["memory call, dense rule"] / t for n, t in per_token.items()},
+            "max_abs_diff_vs_dense": {n: float((r - ref).abs().max()) for n, r in reads.items()}}
 
 
 def session_speed(model, new_tokens: int, repeats: int) -> dict:
@@ -287,6 +339,12 @@ def main(argv=None):
     for name, t in step["per_token_s"].items():
         print(f"{name:16s}{1e6 * t:10.1f}{step['speedup_over_dense'][name]:9.1f}"
               f"{step['max_abs_diff_vs_dense'][name]:17.2e}")
+    mem = bench_memory(model, a.tokens, a.repeats)
+    print(f"\nthe episodic memory per token from the final hidden states (keys included), {mem['tokens']} tokens")
+    print(f"{'variant':28s}{'us/token':>10s}{'x dense':>9s}{'max |read - dense|':>20s}")
+    for name, t in mem["per_token_s"].items():
+        diff = mem["max_abs_diff_vs_dense"][name]
+        print(f"{name:28s}{1e6 * t:10.1f}{mem['speedup_over_dense'][name]:9.1f}{diff:20.2e}")
     speed = session_speed(model, a.tokens, a.repeats)
     rates = matmul_rate(a.repeats)
     flops = step_flops(model)
@@ -307,7 +365,7 @@ def main(argv=None):
         print(f"{a.check_tokens} tokens, write {write!r}: tokens equal {r['tokens_equal']}, logits max |diff| "
               f"{r['logits_max_abs_diff']:.2e} (relative {r['logits_max_rel_diff']:.2e})")
     res = {"threads": a.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-           "fingerprint": cl_arch.load_default().fingerprint(), "step": step, "session": speed,
+           "fingerprint": cl_arch.load_default().fingerprint(), "step": step, "memory": mem, "session": speed,
            "matmul_gflops": rates, "decode_step_matmul_flops": flops,
            "ceiling_tokens_per_s": {n: peak * 1e9 / f for n, f in flops.items()},
            "ceiling_tokens_per_s_matvec_rate": {n: vec * 1e9 / f for n, f in flops.items()}, "same_tokens": check,
