@@ -60,7 +60,8 @@ class PreferencesConfig(ReportOptions):
     multiple of 4 keeps the four kinds of user in equal shares); ``suggestions`` per user;
     ``max_len``: bytes per suggestion; ``window``: suggestions per point of the curves; ``eta``,
     ``scale``, ``threshold``: the verdict memory's settings (None: the model's own, or
-    :class:`~cl_arch.memory.VerdictConfig`'s defaults when the model has none). ``seed`` draws the
+    :class:`~cl_arch.memory.VerdictConfig`'s defaults when the model has none); ``decode_tokens``:
+    the decode timing's length, verdict memory on vs off (0: none). ``seed`` draws the
     mixed quotes (``seed``), the users and the yoke (``seed + 1 + package index``)."""
 
     packages: Tuple[str, ...] = ("json", "email", "xml")
@@ -71,6 +72,7 @@ class PreferencesConfig(ReportOptions):
     eta: Optional[float] = None
     scale: Optional[float] = None
     threshold: Optional[float] = None
+    decode_tokens: int = 128
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,6 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None, help="verdict commit step (default: the model's)")
     p.add_argument("--scale", type=float, default=None, help="verdict read scale (default: the model's)")
     p.add_argument("--threshold", type=float, default=None, help="verdict key threshold (default: the model's)")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens of the decode timing, verdict memory on "
+                   "vs off (0: skip it)")
 
 
 def config_from_args(args: argparse.Namespace) -> PreferencesConfig:
@@ -175,6 +179,7 @@ def run(cfg: Optional[PreferencesConfig] = None, model: Optional[PlasticTransfor
             rows.append([pkg, row, summary["acceptance"], summary["acceptance_last_half"],
                          summary["chars_per_suggestion"]])
     contrasts = _contrasts(runs, cfg.seed)
+    decode = PR.decode_speed(model, cfg.decode_tokens, seed=cfg.seed) if cfg.decode_tokens > 0 else None
     vc = next(m for m in model.config.memories if m.name == "verdict")
     report = {"benchmark": "preferences",
               "config": {"packages": list(cfg.packages), "users": cfg.users, "suggestions": cfg.suggestions,
@@ -182,12 +187,15 @@ def run(cfg: Optional[PreferencesConfig] = None, model: Optional[PlasticTransfor
                          "tuning_package": TUNING_PACKAGE, "threads": torch.get_num_threads(),
                          "model_fingerprint": model.fingerprint()},
               "x_label": "suggestions seen", "y_label": "acceptance", "methods": methods,
-              "contrasts": contrasts, "packages": info,
+              "contrasts": contrasts, "packages": info, "decode": decode,
               "per_user": {pkg: {k: v.mean(1).tolist() for k, v in out.items()} for pkg, out in runs.items()}}
     table = format_table(rows, ["package", "row", "acceptance", "last half", "chars/suggestion"])
     ctable = format_table([[k, v["delta"], f"[{v['lo']:+.3f}, {v['hi']:+.3f}]", v["pairs"]]
                            for k, v in contrasts.items()], ["contrast", "delta", "95% CI", "pairs"])
     report["table"] = table + "\n\n" + ctable
+    if decode is not None:
+        report["table"] += (f"\n\ndecode: {decode['on_tokens_per_s']:.1f} tokens/s with the verdict memory, "
+                            f"{decode['off_tokens_per_s']:.1f} without ({decode['slowdown']:.3f}x)")
     if cfg.out_dir:
         write_report(report, cfg.out_dir, cfg.name)
     return report

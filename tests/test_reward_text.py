@@ -194,3 +194,33 @@ def test_rewarded_beats_unrewarded_on_a_hidden_preference(model):
     rew = [_hidden_preference(model, True, s) for s in range(4)]
     unr = [_hidden_preference(model, False, s) for s in range(4)]
     assert min(rew) > 0.85 and np.mean(rew) - np.mean(unr) > 0.2, (rew, unr)
+
+
+def test_the_benchmark_rows_are_what_a_session_does(model):
+    """cl_arch.eval.lib.preferences.simulate's rewarded row = a Session that observes the shared text,
+    proposes (first byte among the quotes, then greedy), and sends verdict(r, keep=False): the same
+    suggestions and verdicts, and Q to float rounding."""
+    import os
+
+    from cl_arch.eval.lib import preferences as PR
+    from cl_arch.train.data import resolve_sources, stdlib_dir
+
+    text, points = PR.shared_text(resolve_sources(os.path.join(stdlib_dir(), "logging")), 6, seed=0)
+    users, yoke = PR.draw_users(2, 0)
+    final = {}
+    out = PR.simulate(model, text, points, users, max_len=3, yoke=yoke, final=final)
+    s = Session(model, seed=0)
+    vi = verdict_index(model)
+    pos, acc = 0, []
+    for pt in points:
+        s.observe(list(text[pos:pt.offset]))
+        pos = pt.offset
+        sugg = s.generate([], max_new_tokens=1, temperature=0, allowed_tokens=list(PR.QUOTES))
+        sugg += s.generate([], max_new_tokens=2, temperature=0)
+        kept = PR.accepted_chars(bytes(sugg), PR.user_target(text, pt, int(users[0, pt.kind]), 3))
+        acc.append(float(kept > 0))
+        s.verdict(acc[-1], keep=False)
+    assert acc == out["rewarded"][0].tolist()
+    assert float(final["Q"][0].abs().sum()) > 0
+    torch.testing.assert_close(s.P[vi][0], final["Q"][0], rtol=1e-4, atol=1e-6)
+    assert abs(s.baseline - float(final["b"][0])) < 1e-6

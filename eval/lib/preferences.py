@@ -200,7 +200,8 @@ def _outcomes(sugg: List[bytes], text: bytes, point: Point, users: np.ndarray, m
 
 @torch.no_grad()
 def simulate(model: PlasticTransformer, text: bytes, points: Sequence[Point], users: np.ndarray, max_len: int,
-             yoke: Optional[Sequence[int]] = None, progress=None) -> Dict[str, np.ndarray]:
+             yoke: Optional[Sequence[int]] = None, progress=None,
+             final: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, np.ndarray]:
     """Every user's rows over the shared ``text`` and its ``points`` (:func:`shared_text`), with the
     model's verdict memory (its ``eta``, ``scale`` and keys) and a session's baseline (``rho`` of the
     model's config, ``b0 = 0``). A suggestion is accepted (reward 1) when the user keeps at least its
@@ -211,7 +212,8 @@ def simulate(model: PlasticTransformer, text: bytes, points: Sequence[Point], us
     point), ``reset`` (as rewarded, with Q and baseline cleared at every new file), ``unrewarded``
     (Q = 0: the same reading, no verdict; one suggestion judged by every user).
 
-    Returns ``{row: accepted [U, N]}`` and ``{row + "_chars": characters saved [U, N]}``.
+    Returns ``{row: accepted [U, N]}`` and ``{row + "_chars": characters saved [U, N]}``; ``final``, when
+    given, receives the rows' last ``Q [3U + 1, H, F, V]`` and baselines ``b [3U + 1]``.
     """
     mem = model.verdict
     eta = float(mem.commit_rates()["eta_r"][0])
@@ -245,8 +247,42 @@ def simulate(model: PlasticTransformer, text: bytes, points: Sequence[Point], us
         out["unrewarded_chars"][:, n] = shared
         if progress is not None:
             progress(n)
+    if final is not None:
+        final.update(Q=Q, b=b)
     return out
 
 
+def decode_speed(model: PlasticTransformer, tokens: int = 128, repeats: int = 7, seed: int = 0) -> Dict[str, float]:
+    """Tokens per second of ``Session.generate`` (greedy, ``tokens`` new tokens after a 64-byte prompt)
+    with the verdict memory on (a nonzero ``Q``: its read, and the trace built token by token) and off
+    (``model.memories_off("verdict")``); medians of ``repeats`` runs, on and off interleaved."""
+    import statistics
+    import time
+
+    from cl_arch import Session
+
+    vi = model.fast_layer_names().index("verdict")
+    prompt = list(b"import os\n\n\ndef main(path):\n    name = os.path.basename(path)\n    return name + ")[:64]
+    g = torch.Generator().manual_seed(seed)
+    Q = 0.01 * torch.randn(1, *model.fast_layers()[vi].W0.shape, generator=g)
+
+    def once(on: bool) -> float:
+        s = Session(model, seed=seed)
+        if on:
+            s.P[vi] = Q.clone()
+            s.reset(persistent=False)
+        t = time.perf_counter()
+        s.generate(prompt, max_new_tokens=tokens, temperature=0)
+        return tokens / (time.perf_counter() - t)
+
+    on, off = [], []
+    for _ in range(repeats):
+        on.append(once(True))
+        with model.memories_off("verdict"):
+            off.append(once(False))
+    return {"on_tokens_per_s": statistics.median(on), "off_tokens_per_s": statistics.median(off),
+            "slowdown": statistics.median(off) / statistics.median(on), "tokens": tokens, "repeats": repeats}
+
+
 __all__ = ["Point", "ROWS", "QUOTES", "mix_quotes", "shared_text", "draw_users", "accepted_chars", "user_target",
-           "decode_rows", "commit_terms", "simulate"]
+           "decode_rows", "commit_terms", "simulate", "decode_speed"]
