@@ -31,6 +31,11 @@ MIN_SCALE = 1e-4
 Active = tuple[torch.Tensor, torch.Tensor]
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a step is a few dozen tiny ops, so even a no-op .to() (one dispatch) shows in its time
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def active(x: torch.Tensor, n: int | None = None, nonneg: bool = False) -> Active:
     """``(idx [..., n] int64, val [..., n])``: the ``n`` entries of ``x [..., F]`` largest in magnitude.
 
@@ -78,6 +83,8 @@ class SparseEpisodicState:
         self._rows = UM.view(-1, 2 * V)  # row r = (b, h, f): [U | M]
         self._U_rows = UM.view(-1, 2, V)[:, 0]  # U's rows, where writes go
         self._base = (torch.arange(B * H, device=UM.device) * Fdim).view(B, H, 1, 1)
+        self._base3 = self._base.view(B, H, 1)
+        self._c3, self._c4 = c.view(B, H, 1), c.view(B, H, 1, 1)  # views: they follow c's in-place updates
         self._one = torch.ones(B, 1, dtype=UM.dtype, device=UM.device)
 
     # ---------------------------------------------------------------- the dense layout
@@ -130,12 +137,12 @@ class SparseEpisodicState:
         """``S^T x [B, H, m, V]`` for ``m`` sparse vectors with values ``val [B, H, m, n]`` at the gathered
         ``rows`` (:meth:`gather`)."""
         B, H, m, _, V2 = rows.shape
-        r = torch.matmul(val.to(rows.dtype).unsqueeze(-2), rows).view(B, H, m, V2)
-        return torch.addcmul(r[..., V2 // 2:], self.c.view(B, H, 1, 1), r[..., :V2 // 2])
+        r = torch.matmul(_cast(val, rows.dtype).unsqueeze(-2), rows).view(B, H, m, V2)
+        return torch.addcmul(r[..., V2 // 2:], self._c4, r[..., :V2 // 2])
 
     def decay(self, g: torch.Tensor) -> None:
         """``S - M <- exp(g) (S - M)`` (and the trace) for ``g [B, H]``: a scalar per head."""
-        self.c.mul_(g.to(self.c.dtype).exp())
+        self.c.mul_(_cast(g, self.c.dtype).exp())
         if float(self.c.min()) < MIN_SCALE:
             self.renormalise()
 
@@ -146,8 +153,8 @@ class SparseEpisodicState:
         ``(b, h)`` (:func:`active`'s are), so the new rows are copied in, not accumulated (a copy is
         cheaper than ``index_add_`` on the CPU)."""
         V = self.shape[-1]
-        new = torch.addcmul(rows[..., :V], (w / self.c.unsqueeze(-1)).unsqueeze(-1), u.unsqueeze(-2))
-        self._U_rows.index_copy_(0, (self._base[..., 0] + idx).view(-1), new.view(-1, V))
+        new = torch.addcmul(rows[..., :V], (w / self._c3).unsqueeze(-1), u.unsqueeze(-2))
+        self._U_rows.index_copy_(0, (self._base3 + idx).view(-1), new.view(-1, V))
 
 
 def _pair(ka: Active, qa: Active) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +170,7 @@ def _pair(ka: Active, qa: Active) -> tuple[torch.Tensor, torch.Tensor]:
 def _overlap(ka: Active, qa: Active, dtype: torch.dtype) -> torch.Tensor:
     """``k . q [B, H]`` from the two keys' active entries."""
     same = ka[0].unsqueeze(-1) == qa[0].unsqueeze(-2)  # [B, H, n_k, n_q]
-    prod = ka[1].to(dtype).unsqueeze(-1) * qa[1].to(dtype).unsqueeze(-2)
+    prod = _cast(ka[1], dtype).unsqueeze(-1) * _cast(qa[1], dtype).unsqueeze(-2)
     return prod.mul_(same).sum((-2, -1))
 
 
@@ -185,10 +192,10 @@ def sparse_delta_step(st: SparseEpisodicState, qa: Active, ka: Active, v: torch.
     idx, val = _pair(ka, qa)
     rows = st.gather(idx)
     r = st.apply(rows, val)  # [B, H, 2, V]: S'^T k and S'^T q, before the write
-    u = v.to(dt) - r[:, :, 0]
-    beta = beta.to(dt)
+    u = _cast(v, dt) - r[:, :, 0]
+    beta = _cast(beta, dt)
     n = ka[0].shape[-1]
-    st.write(ka[0], ka[1].to(dt) * beta.unsqueeze(-1), u, rows[:, :, 0, :n])
+    st.write(ka[0], _cast(ka[1], dt) * beta.unsqueeze(-1), u, rows[:, :, 0, :n])
     # read after the write: S^T q = S'^T q + beta (k . q) u
     o = torch.addcmul(r[:, :, 1], (beta * _overlap(ka, qa, dt)).unsqueeze(-1), u)
     return o if out is None else out.copy_(o)
@@ -219,16 +226,16 @@ def sparse_error_step(st: SparseEpisodicState, qa: Active, ka: Active, target: t
     st.decay(g)
     u = st.p.neg()
     u.scatter_add_(1, target.view(B, 1), st._one)
-    eta = eta.to(dt)
+    eta = _cast(eta, dt)
     uh = u[:, None, :].expand(B, H, V)
     idx, val = _pair(ka, qa)
     rows = st.gather(idx)
     rq = st.apply(rows[:, :, 1:], val[:, :, 1:])[:, :, 0]  # S'^T q, before the write
-    st.write(ka[0], ka[1].to(dt) * eta.unsqueeze(-1), uh, rows[:, :, 0, :ka[0].shape[-1]])
+    st.write(ka[0], _cast(ka[1], dt) * eta.unsqueeze(-1), uh, rows[:, :, 0, :ka[0].shape[-1]])
     # read after the write: S^T q = S'^T q + eta (k . q) u
     o = torch.addcmul(rq, (eta * _overlap(ka, qa, dt)).unsqueeze(-1), uh)
-    read = torch.matmul(scale.to(dt), o)  # sum_h a_h o_h: [B, V]
-    st.p.copy_(torch.softmax(base.to(dt) + read, dim=-1))
+    read = torch.matmul(_cast(scale, dt), o)  # sum_h a_h o_h: [B, V]
+    st.p.copy_(torch.softmax(_cast(base, dt) + read, dim=-1))
     return read if out is None else out.copy_(read)
 
 
