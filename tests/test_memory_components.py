@@ -183,13 +183,27 @@ def test_legacy_flat_configs_migrate_and_keep_their_fingerprint():
 
 
 def test_the_shipped_model_migrates_bitwise(tmp_path):
-    """The shipped folder (flat config) loads through the migration with its recorded fingerprint,
-    saves in the new layout, and the new folder gives bitwise the same logits and fingerprint."""
+    """The shipped model as it was before the verdict memory (issue 25: remove it) has the fingerprint
+    that model's flat config recorded; a folder with that flat config loads through the migration with
+    it, saves in the new layout, and the new folder gives bitwise the same logits and fingerprint."""
     import cl_arch
+    from cl_arch.config import legacy_dict
+    from safetensors.torch import save_file
 
-    old = cl_arch.load_default()
+    shipped = cl_arch.load_default()
     raw = json.load(open(f"{cl_arch.default_model_dir()}/config.json"))
-    assert "episodic_heads" in raw["config"] and old.fingerprint() == raw["fingerprint"]
+    assert shipped.fingerprint() == raw["fingerprint"]
+    shipped.remove_memory("verdict")
+    assert shipped.fingerprint() == "fcaaa96fc0d8094e"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    meta = {**raw, "config": legacy_dict(shipped.config), "fingerprint": "fcaaa96fc0d8094e"}
+    (flat / "config.json").write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in shipped._export_tensors().items()}, str(flat / "model.safetensors"),
+              metadata={"fingerprint": "fcaaa96fc0d8094e"})
+    old = PlasticTransformer.from_pretrained(flat).eval()
+    assert "episodic_heads" in meta["config"] and old.fingerprint() == "fcaaa96fc0d8094e"
+    tmp_path = tmp_path / "new"
     old.save_pretrained(tmp_path)
     assert "memories" in json.load(open(tmp_path / "config.json"))["config"]
     new = PlasticTransformer.from_pretrained(tmp_path).eval()
