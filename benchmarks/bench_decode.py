@@ -54,17 +54,20 @@ TEXT = (b"import os\nimport sys\n\n\ndef main(argv=None):\n    \"\"\"Parse the a
         b"    def __init__(self, root, depth=1):\n        self.root = root\n        self.depth = depth\n") * 4
 
 
-def median_time(fn, repeats: int, setup=None) -> float:
-    """Median seconds of ``fn()`` (``fn(setup())`` with a setup, made outside the timing) over ``repeats``
-    runs after one warm-up."""
-    ts = []
+def interleaved(runs: dict, repeats: int, setups: dict | None = None) -> dict:
+    """Median seconds of each ``runs[name]()`` (``runs[name](setups[name]())`` where a setup is given, made
+    outside the timing), the variants taken in turn each round so a change of load hits them alike; the
+    first round is a warm-up."""
+    setups = setups or {}
+    ts = {name: [] for name in runs}
     for i in range(repeats + 1):
-        arg = () if setup is None else (setup(),)
-        t0 = time.perf_counter()
-        fn(*arg)
-        if i:
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for name, fn in runs.items():
+            arg = (setups[name](),) if name in setups else ()
+            t0 = time.perf_counter()
+            fn(*arg)
+            if i:
+                ts[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in ts.items()}
 
 
 def shipped_context(model, n_tokens: int):
@@ -180,7 +183,7 @@ def bench_step(model, n_tokens: int, repeats: int) -> dict:
     runs = {"dense": run_dense_delta, "naive": run_naive, "rows": run_rows, "sparse": run_sparse,
             "error dense": run_dense_error, "error rows": run_rows_error, "error sparse": run_sparse_error}
     setups = {"sparse": new_state, "error sparse": lambda: new_state(torch.zeros(1, V))}
-    per_token = {name: median_time(fn, repeats, setups.get(name)) / T for name, fn in runs.items()}
+    per_token = {name: t / T for name, t in interleaved(runs, repeats, setups).items()}
     diffs = {name: float((outs[name].reshape(T, V) - outs["error dense" if name.startswith("error") else
                                                             "dense"].reshape(T, V)).abs().max()) for name in runs}
     nnz = (q != 0).sum(-1).float()
@@ -224,9 +227,9 @@ def bench_memory(model, n_tokens: int, repeats: int) -> dict:
             r[t] = dec.step(out.h[:, t], out.ids[:, t])
         reads["decoder, in place"] = r
 
-    per_token = {"memory call, dense rule": median_time(call(False), repeats) / T,
-                 "memory call, sparse step": median_time(call(True), repeats) / T,
-                 "decoder, in place": median_time(run_decoder, repeats, new_decoder) / T}
+    runs = {"memory call, dense rule": call(False), "memory call, sparse step": call(True),
+            "decoder, in place": run_decoder}
+    per_token = {name: t / T for name, t in interleaved(runs, repeats, {"decoder, in place": new_decoder}).items()}
     ep.sparse_decode = True
     ref = reads["memory call, dense rule"]
     return {"tokens": T, "per_token_s": per_token,
@@ -302,7 +305,7 @@ def matmul_rate(repeats: int) -> dict:
             for _ in range(inner):
                 torch.mm(a, b)
 
-        rates[name] = 2 * m * k * n * inner / median_time(run, repeats) / 1e9
+        rates[name] = 2 * m * k * n * inner / interleaved({name: run}, repeats)[name] / 1e9
     return rates
 
 
