@@ -81,22 +81,33 @@ def mix_quotes(src: bytes, rng: np.random.Generator) -> Tuple[bytes, List[Tuple[
 
 def shared_text(files: Sequence[str], n_points: int, seed: int) -> Tuple[bytes, List[Point]]:
     """The package's files, quotes mixed (seed ``seed``), concatenated in order until ``n_points``
-    suggestion points are reached; the text ends at the line after the last point."""
+    suggestion points are reached; the text ends at the line after the last point. A package with
+    fewer points is read again from its first file, with new quotes drawn (the same code, worked on
+    again: reading it twice still says nothing about which quote a user wants); every file read
+    counts as a new file (``Point.file``)."""
     rng = np.random.default_rng(seed)
     text, points = bytearray(), []
-    for fi, path in enumerate(files):
+    sources = []
+    for path in files:
         with open(path, "rb") as f:
-            mixed, lits = mix_quotes(f.read(), rng)
-        base = len(text)
-        text += mixed if mixed.endswith(b"\n") else mixed + b"\n"
-        for at, body, kind in lits:
-            if len(points) < n_points:
+            sources.append(f.read())
+    fi = 0
+    while len(points) < n_points:
+        found = 0
+        for src in sources:
+            mixed, lits = mix_quotes(src, rng)
+            base = len(text)
+            text += mixed if mixed.endswith(b"\n") else mixed + b"\n"
+            for at, body, kind in lits[:n_points - len(points)]:
                 points.append(Point(base + at, body, kind, fi))
-        if len(points) >= n_points:
-            end = text.find(b"\n", points[-1].offset)
-            return bytes(text[:end + 1]), points
-    if len(points) < n_points:
-        raise ValueError(f"the files hold {len(points)} suggestion points, fewer than the {n_points} asked for")
+            found += len(lits)
+            fi += 1
+            if len(points) >= n_points:
+                end = text.find(b"\n", points[-1].offset)
+                return bytes(text[:end + 1]), points
+        if found == 0:
+            raise ValueError(f"the files hold no suggestion point (plain single-line string literal); "
+                             f"{n_points} were asked for")
     return bytes(text), points
 
 
