@@ -38,7 +38,7 @@ class VerdictCommit:
     (the trace of a short suggestion is bounded: ``|E| <= sqrt(2)`` per token). Without a reward
     (``end_episode``) Q is unchanged exactly."""
 
-    eta: float = 0.25
+    eta: float = 1.0
     trace_follows_state = True  # a session's lam override does not apply: the trace sums, undecayed
 
     def trace_decay(self, memory) -> torch.Tensor:
@@ -65,7 +65,7 @@ class VerdictConfig(MemoryConfig):
         features: ``F``, the key width (the episodic memory's keys).
         threshold: ``theta`` of the keys (fixed here: chosen on the training corpus, not learned).
         scale: read scale of ``phi^T Q`` into the logits.
-        eta: commit step on the advantage ``r - b``.
+        eta: commit step on the advantage ``r - b`` (1.0: chosen on the training package logging).
         seed: seed of the fixed projection ``R`` (the episodic memory's default seed: the same keys).
     """
 
@@ -75,7 +75,7 @@ class VerdictConfig(MemoryConfig):
     features: int = 2048
     threshold: float = 1.5
     scale: float = 1.0
-    eta: float = 0.25
+    eta: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
