@@ -27,8 +27,9 @@ import copy
 import dataclasses
 import logging
 import time
+import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ class PreferencesConfig(ReportOptions):
     ``scale``, ``threshold``: the verdict memory's settings (None: the model's own, or
     :class:`~cl_arch.memory.VerdictConfig`'s defaults when the model has none); ``decode_tokens``:
     the decode timing's length, verdict memory on vs off (0: none). ``seed`` draws the
-    mixed quotes (``seed``), the users and the yoke (``seed + 1 + package index``)."""
+    mixed quotes (``seed``), the users and the yoke (:func:`user_seed`)."""
 
     packages: Tuple[str, ...] = ("json", "email", "xml")
     users: int = 8
@@ -128,10 +129,16 @@ def _curve(acc: np.ndarray, window: int, seed: int):
     return pts
 
 
-def _package(model: PlasticTransformer, pkg: str, k: int, cfg: PreferencesConfig) -> Dict[str, Any]:
+def user_seed(seed: int, pkg: str) -> int:
+    """The seed of a package's users and yoke: ``seed + 1 + crc32(package) % 10000`` (the same whichever
+    packages run together, so per-package runs merge into the run of all: :func:`merge`)."""
+    return seed + 1 + zlib.crc32(pkg.encode()) % 10_000
+
+
+def _package(model: PlasticTransformer, pkg: str, cfg: PreferencesConfig) -> Dict[str, Any]:
     files = resolve_sources(held_out_package(pkg))  # any stdlib package's folder (the tuning one too)
     text, points = PR.shared_text(files, cfg.suggestions, cfg.seed)
-    users, yoke = PR.draw_users(cfg.users, cfg.seed + 1 + k)
+    users, yoke = PR.draw_users(cfg.users, user_seed(cfg.seed, pkg))
     bar = tqdm(total=len(points), desc=f"preferences {pkg}", unit="sugg", mininterval=5.0)
     t0 = time.perf_counter()
     out = PR.simulate(model, text, points, users, cfg.max_len, yoke=yoke, progress=lambda n: bar.update(1))
@@ -142,17 +149,18 @@ def _package(model: PlasticTransformer, pkg: str, k: int, cfg: PreferencesConfig
             "kinds": float(np.mean([p.kind == 0 for p in points]))}
 
 
-def _contrasts(res: Dict[str, Dict[str, np.ndarray]], seed: int) -> Dict[str, Any]:
-    """Paired differences over users (per package and pooled) of acceptance and characters saved."""
+def _contrasts(per_user: Dict[str, Dict[str, List[float]]], seed: int) -> Dict[str, Any]:
+    """Paired differences over users (per package and pooled) of acceptance and characters saved;
+    ``per_user[package][row]``: each user's mean."""
     out: Dict[str, Any] = {}
-    for scope, runs in list(res.items()) + [("pooled", None)]:
+    for scope, runs in list(per_user.items()) + [("pooled", None)]:
         for a, b in PAIRS:
             for metric, sfx in (("acceptance", ""), ("chars", "_chars")):
                 if runs is None:
-                    xa = np.concatenate([r[a + sfx].mean(1) for r in res.values()])
-                    xb = np.concatenate([r[b + sfx].mean(1) for r in res.values()])
+                    xa = np.concatenate([r[a + sfx] for r in per_user.values()])
+                    xb = np.concatenate([r[b + sfx] for r in per_user.values()])
                 else:
-                    xa, xb = runs[a + sfx].mean(1), runs[b + sfx].mean(1)
+                    xa, xb = np.asarray(runs[a + sfx]), np.asarray(runs[b + sfx])
                 d, (lo, hi) = paired_bootstrap_ci(xa, xb, seed=seed)
                 out[f"{scope}/{a}-{b}/{metric}"] = {"delta": d, "lo": lo, "hi": hi, "pairs": int(xa.size)}
     return out
@@ -166,8 +174,8 @@ def run(cfg: Optional[PreferencesConfig] = None, model: Optional[PlasticTransfor
                          f"{cfg.suggestions} < {cfg.window}?, {cfg.max_len}")
     model = _verdict_model(model, cfg)
     runs, info = {}, {}
-    for k, pkg in enumerate(cfg.packages):
-        r = _package(model, pkg, k, cfg)
+    for pkg in cfg.packages:
+        r = _package(model, pkg, cfg)
         runs[pkg], info[pkg] = r.pop("out"), r
     methods = {}
     rows = []
@@ -178,7 +186,8 @@ def run(cfg: Optional[PreferencesConfig] = None, model: Optional[PlasticTransfor
             methods[f"{pkg}/{row}"] = {"curve": _curve(out[row], cfg.window, cfg.seed), "summary": summary}
             rows.append([pkg, row, summary["acceptance"], summary["acceptance_last_half"],
                          summary["chars_per_suggestion"]])
-    contrasts = _contrasts(runs, cfg.seed)
+    per_user = {pkg: {k: v.mean(1).tolist() for k, v in out.items()} for pkg, out in runs.items()}
+    contrasts = _contrasts(per_user, cfg.seed)
     decode = PR.decode_speed(model, cfg.decode_tokens, seed=cfg.seed) if cfg.decode_tokens > 0 else None
     vc = next(m for m in model.config.memories if m.name == "verdict")
     report = {"benchmark": "preferences",
@@ -188,20 +197,56 @@ def run(cfg: Optional[PreferencesConfig] = None, model: Optional[PlasticTransfor
                          "model_fingerprint": model.fingerprint()},
               "x_label": "suggestions seen", "y_label": "acceptance", "methods": methods,
               "contrasts": contrasts, "packages": info, "decode": decode,
-              "per_user": {pkg: {k: v.mean(1).tolist() for k, v in out.items()} for pkg, out in runs.items()}}
-    table = format_table(rows, ["package", "row", "acceptance", "last half", "chars/suggestion"])
-    ctable = format_table([[k, v["delta"], f"[{v['lo']:+.3f}, {v['hi']:+.3f}]", v["pairs"]]
-                           for k, v in contrasts.items()], ["contrast", "delta", "95% CI", "pairs"])
-    report["table"] = table + "\n\n" + ctable
-    if decode is not None:
-        report["table"] += (f"\n\ndecode: {decode['on_tokens_per_s']:.1f} tokens/s with the verdict memory, "
-                            f"{decode['off_tokens_per_s']:.1f} without ({decode['slowdown']:.3f}x)")
+              "per_user": per_user}
+    report["table"] = _tables(report)
     if cfg.out_dir:
         write_report(report, cfg.out_dir, cfg.name)
     return report
 
 
+def _tables(report: Dict[str, Any]) -> str:
+    rows = [[name.split("/")[0], name.split("/")[1], m["summary"]["acceptance"], m["summary"]["acceptance_last_half"],
+             m["summary"]["chars_per_suggestion"]] for name, m in report["methods"].items()]
+    text = format_table(rows, ["package", "row", "acceptance", "last half", "chars/suggestion"])
+    text += "\n\n" + format_table([[k, v["delta"], f"[{v['lo']:+.3f}, {v['hi']:+.3f}]", v["pairs"]]
+                                   for k, v in report["contrasts"].items()], ["contrast", "delta", "95% CI", "pairs"])
+    decode = report.get("decode") or {}
+    for where, d in ([("", decode)] if "slowdown" in decode else list(decode.items())):
+        if d:
+            text += (f"\n\ndecode{' (' + where + ')' if where else ''}: {d['on_tokens_per_s']:.1f} tokens/s with the "
+                     f"verdict memory, {d['off_tokens_per_s']:.1f} without ({d['slowdown']:.3f}x)")
+    return text
 
+
+def merge(paths: List[str], out_dir: Optional[str], name: str = "preferences") -> Dict[str, Any]:
+    """One report from per-package reports of the same settings (e.g. run in parallel processes):
+    their methods, packages, per-user means and decode timings; contrasts recomputed, pooled included."""
+    import json
+
+    reps = [json.load(open(p)) for p in paths]
+    keep = ("users", "suggestions", "max_len", "window", "seed", "verdict", "model_fingerprint")
+    for r in reps[1:]:
+        if any(r["config"][k] != reps[0]["config"][k] for k in keep):
+            raise ValueError(f"merge: reports of different settings ({[r['config'][k] for k in keep]})")
+    report = {**{k: v for k, v in reps[0].items() if k not in ("plot", "json", "table")},
+              "config": {**reps[0]["config"], "packages": [p for r in reps for p in r["config"]["packages"]]},
+              "methods": {k: v for r in reps for k, v in r["methods"].items()},
+              "packages": {k: v for r in reps for k, v in r["packages"].items()},
+              "per_user": {k: v for r in reps for k, v in r["per_user"].items()},
+              "decode": {p: r["decode"] for r in reps for p in r["config"]["packages"] if r.get("decode")},
+              "merged_from": list(paths)}
+    report["contrasts"] = _contrasts(report["per_user"], report["config"]["seed"])
+    report["table"] = _tables(report)
+    if out_dir:
+        write_report(report, out_dir, name)
+    return report
+
+
+
+
+
+__all__ = ["PreferencesConfig", "HELP", "add_arguments", "config_from_args", "run", "merge", "user_seed", "main",
+           "PAIRS", "TUNING_PACKAGE"]
 
 
 def main(argv=None) -> int:
@@ -212,10 +257,12 @@ def main(argv=None) -> int:
     p.add_argument("--report-name", default=None, help="file stem of the report (default: preferences)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge these per-package reports "
+                   "into one (no run)")
     add_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rep = run(config_from_args(args))
+    rep = merge(args.merge, args.out, args.report_name or "preferences") if args.merge else run(config_from_args(args))
     print(rep["table"])
     print(f"report: {rep.get('json')}  plot: {rep.get('plot')}")
     return 0
@@ -223,4 +270,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-__all__ = ["PreferencesConfig", "HELP", "add_arguments", "config_from_args", "run", "main", "PAIRS", "TUNING_PACKAGE"]
