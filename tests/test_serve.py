@@ -189,8 +189,8 @@ def test_store_rows_checksums_and_ids(tmp_path):
         store.get("u1")
     assert store.rows()["u1"]["ok"] is False
     assert store.get("u2") is None and not store.delete("u2")
-    with pytest.raises(ValueError, match="unknown store URL scheme 'redis'"):
-        open_store("redis://localhost")
+    with pytest.raises(ValueError, match="unknown store URL scheme 'mongodb'"):
+        open_store("mongodb://localhost")
     # the server's id rule is SessionStore's, id for id
     files = SessionStore(str(tmp_path / "files"))
     for uid in ["a", "A-b_c.d", "x" * 128, "x" * 129, "..", "a..b", ".a", "a/b", "/etc", "", "é", "a b", 5, None]:

@@ -32,6 +32,7 @@ from ..session import Session
 from .config import Decoder, RequestError, ServeConfig
 from .metrics import Metrics
 from .store import CorruptRow, Store, check_id
+from .valkey_store import SessionHeld
 
 log = logging.getLogger("cl_arch.serve")
 KINDS = ("complete", "observe", "reward", "get", "delete")
@@ -120,6 +121,7 @@ class Engine:
         self._to_write: queue.Queue = queue.Queue()
         self._written: deque = deque()
         self._stopping = False
+        self._renewed = time.monotonic()
         self._writer: threading.Thread | None = None
         self._thread: threading.Thread | None = None
 
@@ -218,6 +220,7 @@ class Engine:
                 if self._stopping:
                     return
             self._finish_writes()
+            self._renew()
             with self._cond:
                 ready = self._ready()
             for uid in ready:
@@ -266,17 +269,23 @@ class Engine:
         """``uid``'s session: in memory, else from the store, else new (None if not ``create``)."""
         s = self._sessions.get(uid)
         if s is None:
+            self._acquire(uid)
             try:
-                data = self.store.get(uid)
-            except CorruptRow as e:
-                raise RequestError(500, str(e), "corrupt_row") from None
-            if data is None and not create:
-                return None
-            self._make_room()
-            if data is None:
-                s = Session(self.model, adapt=self.config.adapt)
-            else:
-                s = Session.from_bytes(self.model, data, source=f"store:{uid}", adapt=self.config.adapt)
+                try:
+                    data = self.store.get(uid)
+                except CorruptRow as e:
+                    raise RequestError(500, str(e), "corrupt_row") from None
+                if data is None and not create:
+                    self.store.release(uid)
+                    return None
+                self._make_room()
+                if data is None:
+                    s = Session(self.model, adapt=self.config.adapt)
+                else:
+                    s = Session.from_bytes(self.model, data, source=f"store:{uid}", adapt=self.config.adapt)
+            except BaseException:
+                self.store.release(uid)
+                raise
             with self._cond:
                 self._sessions[uid] = s
             self.metrics.sessions = len(self._sessions)
@@ -303,7 +312,29 @@ class Engine:
                 self.metrics.episodes_dropped_total += 1
             self._evict(victim)
 
+    def _acquire(self, uid: str) -> None:
+        """Hold ``uid`` in the store (a shared store lets one server process hold a user at a time)."""
+        try:
+            self.store.acquire(uid)
+        except SessionHeld as e:
+            raise RequestError(409, f"{e}; send its requests to that server, or retry once it lets the session go",
+                               "session_elsewhere") from None
+
+    def _renew(self) -> None:
+        """Extend the store leases of the sessions in memory; one this process lost is evicted."""
+        now = time.monotonic()
+        if now - self._renewed < getattr(self.store, "lease_ms", 30000) / 3000:
+            return
+        self._renewed = now
+        for uid in self.store.renew(list(self._sessions)):
+            if uid not in self._active and uid not in self._writing:
+                log.warning("lease of session %r lost: evicting it", uid)
+                if self._sessions[uid].episode_length:
+                    self.metrics.episodes_dropped_total += 1
+                self._evict(uid)
+
     def _evict(self, uid: str) -> None:
+        self.store.release(uid)
         with self._cond:
             self._sessions.pop(uid, None)
         self._last_used.pop(uid, None)
@@ -468,10 +499,16 @@ class Engine:
 
     def _do_delete(self, job: Job) -> dict[str, Any]:
         in_memory = job.uid in self._sessions
-        if in_memory:
-            self._evict(job.uid)
-            self.metrics.evictions_total -= 1  # a deletion, not an eviction
-        stored = self.store.delete(job.uid)
+        if not in_memory:
+            self._acquire(job.uid)
+        try:
+            stored = self.store.delete(job.uid)
+        finally:
+            if in_memory:
+                self._evict(job.uid)
+                self.metrics.evictions_total -= 1  # a deletion, not an eviction
+            else:
+                self.store.release(job.uid)
         self.metrics.forget(job.uid)
         return {"id": job.uid, "deleted": in_memory or stored}
 

@@ -67,6 +67,18 @@ class Store:
     def close(self) -> None:
         """Release the store's resources."""
 
+    # Leases, for stores several server processes share (ValkeyStore); a store one process owns
+    # (SQLite, one server per file) needs none.
+    def acquire(self, uid: str) -> None:
+        """Hold ``uid`` for this process before loading it; raises if another process holds it."""
+
+    def release(self, uid: str) -> None:
+        """Let other processes take ``uid`` (it left this process's memory)."""
+
+    def renew(self, uids) -> list:
+        """Extend the leases of ``uids``; returns those this process no longer holds."""
+        return []
+
 
 class SQLiteStore(Store):
     """One SQLite file, WAL journal, ``synchronous=FULL``: a returned :meth:`put` survives a kill
@@ -132,18 +144,3 @@ class SQLiteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def open_store(url: str) -> Store:
-    """A store from its URL: ``sqlite:///abs/path.db``, ``sqlite://rel/path.db`` or a plain path
-    (SQLite). Other schemes are refused, naming the ones known."""
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"store URL must be a non-empty string, got {url!r}")
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return SQLiteStore(url)
-    if scheme == "sqlite":
-        if not rest:
-            raise ValueError(f"store URL {url!r} names no file: use sqlite:///path/to/sessions.db")
-        return SQLiteStore(rest)
-    raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}: known: sqlite:// (or a plain path)")
