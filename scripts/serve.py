@@ -15,7 +15,8 @@ def add_parser(sub):
                        description=__doc__.split("\n\n", 1)[1])
     add_model_arg(p)
     p.add_argument("--store", default="cl_arch_sessions.db",
-                   help="session store URL: sqlite:///path.db or a plain path (default: ./cl_arch_sessions.db)")
+                   help="session store URL: sqlite:///path.db or a plain path (default: ./cl_arch_sessions.db), or "
+                        "redis://host:port/db (or valkey://...; ?lease_ms=N) for several servers sharing users")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-adapt", action="store_true", help="frozen control: sessions never change P")
