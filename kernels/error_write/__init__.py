@@ -6,8 +6,6 @@ Backends:
     torch_recurrent   per-token loop over the rows whose key features fire, no autograd (``fused_recurrent.py``)
 ``"auto"`` takes the sparse loop unless a gradient is needed.
 """
-from typing import Optional, Tuple
-
 import torch
 
 from ..checks import check_tensor
@@ -18,9 +16,9 @@ BACKENDS = {"naive": naive_error_write, "torch_recurrent": recurrent_error_write
 
 
 def error_write(q: torch.Tensor, k: torch.Tensor, targets: torch.Tensor, base: torch.Tensor, eta: torch.Tensor,
-                g: Optional[torch.Tensor], scale: torch.Tensor, initial_state: torch.Tensor,
-                resting_state: Optional[torch.Tensor] = None, initial_probs: Optional[torch.Tensor] = None,
-                backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                g: torch.Tensor | None, scale: torch.Tensor, initial_state: torch.Tensor,
+                resting_state: torch.Tensor | None = None, initial_probs: torch.Tensor | None = None,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the error-driven write over a sequence (shapes: :func:`naive_error_write`).
 
     Returns ``read [B, T, V]``, final ``S [B, H, K, V]``, final ``p [B, V]``.

@@ -13,16 +13,15 @@ prediction, so the write is ``-eta * dCE/dS`` of the previous step. The error co
 every token to the last, so unlike the delta rule there is no chunked form: backends loop over
 tokens and differ in how much of the state each step touches.
 """
-from typing import Optional, Tuple
 
 import torch
 
 
 def naive_error_write(q: torch.Tensor, k: torch.Tensor, targets: torch.Tensor, base: torch.Tensor,
-                      eta: torch.Tensor, g: Optional[torch.Tensor], scale: torch.Tensor,
-                      initial_state: torch.Tensor, resting_state: Optional[torch.Tensor] = None,
-                      initial_probs: Optional[torch.Tensor] = None
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      eta: torch.Tensor, g: torch.Tensor | None, scale: torch.Tensor,
+                      initial_state: torch.Tensor, resting_state: torch.Tensor | None = None,
+                      initial_probs: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token loop of the error-driven write.
 
     Args:
