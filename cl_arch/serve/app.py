@@ -159,7 +159,6 @@ def create_app(engine: Engine, tokens: dict[str, str | Iterable[str]] | None = N
     """
     if tokens is not None:
         tokens = {str(k): ("*" if v == "*" else frozenset(v)) for k, v in tokens.items()}
-    limit = engine.config.max_request_bytes
 
     async def lifespan(app):
         if engine._thread is None:
@@ -181,6 +180,16 @@ def create_app(engine: Engine, tokens: dict[str, str | Iterable[str]] | None = N
         if e.code.startswith("max_") and e.status != 429:  # the engine counts its own 429s
             engine.metrics.count("rejected", e.code)
         return _error(e)
+
+    _completion_route(app, engine, tokens, model_name)
+    _session_routes(app, engine, tokens)
+    _info_routes(app, engine, tokens, model_name)
+    return app
+
+
+def _completion_route(app: FastAPI, engine: Engine, tokens, model_name: str) -> None:
+    """``POST /v1/completions``, plain or streamed."""
+    limit = engine.config.max_request_bytes
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -218,6 +227,11 @@ def create_app(engine: Engine, tokens: dict[str, str | Iterable[str]] | None = N
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+
+def _session_routes(app: FastAPI, engine: Engine, tokens) -> None:
+    """Reward, observe, read and delete one session."""
+    limit = engine.config.max_request_bytes
+
     @app.post("/v1/sessions/{uid}/reward")
     async def reward(uid: str, request: Request):
         req = await _read_json(request, limit, RewardRequest)
@@ -240,6 +254,10 @@ def create_app(engine: Engine, tokens: dict[str, str | Iterable[str]] | None = N
         _check_token(tokens, request, uid)
         return await _call(engine, "delete", uid, {})
 
+
+def _info_routes(app: FastAPI, engine: Engine, tokens, model_name: str) -> None:
+    """Health, metrics, the status page and its data."""
+
     @app.get("/health")
     async def health():
         alive = engine._thread is not None and engine._thread.is_alive()
@@ -259,5 +277,3 @@ def create_app(engine: Engine, tokens: dict[str, str | Iterable[str]] | None = N
     @app.get("/")
     async def page():
         return HTMLResponse(STATUS_PAGE)
-
-    return app
