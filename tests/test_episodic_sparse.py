@@ -180,12 +180,12 @@ def test_dense_round_trip_keeps_no_trace_buffer_for_an_episode_at_rest():
 
 
 # ---------------------------------------------------------------- the memory's one-token calls
-def _model(write, W0=False):
+def _model(write, W0=False, values="onehot"):
     from cl_arch import EpisodicConfig, PlasticConfig, PlasticTransformer, ReadoutConfig
     torch.manual_seed(0)
     cfg = PlasticConfig(d_model=32, n_layers=2, n_heads=2, head_k_dim=8, head_v_dim=8, layer_types=["attn", "fast"],
                         memories=[ReadoutConfig(), EpisodicConfig(heads=2, write=write, features=128, threshold=0.5,
-                                                                  span=50.0, commit_span=10.0)])
+                                                                  span=50.0, commit_span=10.0, values=values)])
     model = PlasticTransformer(cfg).double().eval()
     if W0:  # a fold wrote into W0: M = W0 + P read at the active rows
         with torch.no_grad():
@@ -205,11 +205,14 @@ def _decode(model, ids, sparse, P=None, modulation=None):
     return torch.cat(logits, 1), model.memory_states(state)["episodic"]
 
 
-@pytest.mark.parametrize("write,W0,P,mod", [("delta", False, False, False), ("delta", True, True, True),
-                                            ("error", False, True, False), ("error", True, False, True)],
-                         ids=["delta", "delta-W0-P-mod", "error-P", "error-W0-mod"])
-def test_the_memory_decodes_on_active_rows_as_the_dense_rule_does(write, W0, P, mod):
-    model = _model(write, W0)
+@pytest.mark.parametrize("write,W0,P,mod,values", [("delta", False, False, False, "onehot"),
+                                                   ("delta", True, True, True, "onehot"),
+                                                   ("delta", False, True, False, "embed"),
+                                                   ("error", False, True, False, "onehot"),
+                                                   ("error", True, False, True, "onehot")],
+                         ids=["delta", "delta-W0-P-mod", "delta-embed-P", "error-P", "error-W0-mod"])
+def test_the_memory_decodes_on_active_rows_as_the_dense_rule_does(write, W0, P, mod, values):
+    model = _model(write, W0, values)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 256, (2, 31), generator=g)
     Ps = None
