@@ -73,6 +73,9 @@ def test_two_engines_share_users_one_at_a_time(valkey_url):
         second = two.call("reward", "u", reward=-1.0)
         assert second["episodes"] == 2
         assert p_digest(Session.from_bytes(model, two.store.get("u"))) == second["p_sha256"]
+        one.call("observe", "w", ids=encode("w", 256))
+        one.stop()  # a server that stops lets its users go at once
+        assert two.call("observe", "w", ids=encode("w", 256))["tokens"] == 1
     finally:
         one.stop()
         two.stop()

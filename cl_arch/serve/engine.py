@@ -77,7 +77,7 @@ class Engine:
         return self
 
     def stop(self) -> None:
-        """Stop the thread after its current step; waiting requests fail with 503."""
+        """Stop the thread after its current step; waiting requests fail with 503; leases are released."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -90,6 +90,12 @@ class Engine:
             jobs = [j for q in self._queues.values() for j in q] + [g.job for g in self._active.values()]
             self._queues.clear()
             self._active.clear()
+            held = list(self._sessions)
+        for uid in held:  # on a shared store, other processes may take these users at once
+            try:
+                self.store.release(uid)
+            except Exception:  # the store may be gone too; the leases then run out on their own
+                log.warning("could not release the lease of %r", uid, exc_info=True)
         for j in jobs:
             j.fail(RequestError(503, "the server is shutting down", "shutdown"))
 
