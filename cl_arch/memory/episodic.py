@@ -119,7 +119,9 @@ class EpisodicMemory(OutputMemory):
     def decode_resting_state(self, P: torch.Tensor | None = None) -> torch.Tensor | None:
         """``M = W0 + P`` (``[B, H, F, V]`` or ``[H, F, V]``) for the sparse decode step, or None when it
         is zero: ``W0`` stays zero unless a fold writes into it, so the sum (a dense pass per token) is
-        skipped then. Whether ``W0`` is zero is read once per change of it (its version counter)."""
+        skipped then. Whether ``W0`` is zero is read once per change of it (its storage and version
+        counter: ``fold``, ``merge`` and ``load_state_dict`` write through the parameter and move it; a write
+        through ``W0.data`` would not)."""
         key = (self.W0.data_ptr(), self.W0._version)
         if getattr(self, "_w0_zero_key", None) != key:
             self._w0_zero, self._w0_zero_key = not bool(self.W0.detach().any()), key
