@@ -129,12 +129,13 @@ class ErrorWrite:
 
 
 def decodes_sparsely(memory, h: torch.Tensor, ctx) -> bool:
-    """Whether a call takes the one-token sparse step: one token, no autograd, eval mode, a memory whose
-    keys are sparse (``memory.sparse_decode``, the episodic memory's) and whose trace follows its state
-    (the state commit: ``E`` decays with ``S``), and the new state wanted. Such a memory defines
-    ``decode_resting_state(P)`` (``M``, or None when zero)."""
-    return (h.shape[1] == 1 and bool(getattr(memory, "sparse_decode", False)) and not torch.is_grad_enabled()
-            and not memory.training and ctx.need_state and memory.trace_follows_state)
+    """Whether a call takes the one-token sparse step: one token on the CPU, no autograd, eval mode, a
+    memory whose keys are sparse (``memory.sparse_decode``, the episodic memory's) and whose trace follows
+    its state (the state commit: ``E`` decays with ``S``), and the new state wanted. Such a memory defines
+    ``decode_resting_state(P)`` (``M``, or None when zero). Not on a GPU: finding the active features reads
+    their count back to the host (a sync per call), and no GPU has measured whether the step pays there."""
+    return (h.shape[1] == 1 and h.device.type == "cpu" and bool(getattr(memory, "sparse_decode", False))
+            and not torch.is_grad_enabled() and not memory.training and ctx.need_state and memory.trace_follows_state)
 
 
 def _step_rates(memory, B: int, ctx, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
