@@ -90,7 +90,7 @@ class EpisodicMemory(OutputMemory):
     state's ``conv`` slot carries ``unit(h)`` of the last position, ``[B, 1, d_model]``.
     """
 
-    #: one-token calls without autograd take the sparse step (:func:`cl_arch.memory.write.decodes_sparsely`);
+    #: one-token CPU calls without autograd take the sparse step (:func:`cl_arch.memory.write.decodes_sparsely`);
     #: False runs them through the dense rule as every other call (benchmarks compare the two)
     sparse_decode = True
 
