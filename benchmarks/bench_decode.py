@@ -6,7 +6,9 @@ model's single-session decode with the arithmetic ceiling beside it. One process
 1. The episodic step at the shipped size (F = 2048, V = 256, 1 head, batch 1), on the keys the shipped model
    computes over a text (``phi(h)`` of its final hidden states), per token:
    ``dense``: what a one-token call ran before the sparse step (``run_rule`` -> the recurrent backend on
-   ``S - M``; the error write: ``error_write``'s loop plus the trace), ``naive``: the dense reference
+   ``S - M``; the error write: ``error_write``'s loop plus the trace, which converts the state from and to the
+   dense layout every call: its own lazy loop until f89d03c, ``sparse_error_write`` since), ``naive``: the dense
+   reference
    (``kernels/episodic/naive.py``), ``rows``: the memory's one-token step now (``kernels/episodic/step.py``:
    new dense ``S``, ``E`` per token, rows for the rest), ``sparse``: the in-place step on the lazily decayed
    state (``kernels/episodic/sparse.py``). The outputs of every variant are compared with ``dense``'s.
