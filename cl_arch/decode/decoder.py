@@ -1,0 +1,258 @@
+"""A whole-model decode step on state buffers allocated once (issue 26; gpt-fast's decode loop for this model).
+
+``model(ids[:, None], state=state)`` returns a new :class:`~cl_arch.state.ModelState` per token: the
+fast layers' and memories' ``S`` and ``E``, the caches, each a new tensor, because a session keeps
+every step's state as a value. :class:`Decoder` instead holds one buffer per state tensor and
+updates it in place, so a token allocates nothing the size of a state, reads nothing back to the host
+and can be one ``torch.compile`` graph with static shapes; :meth:`Decoder.state` and
+:meth:`Decoder.load_state` convert to and from the ``ModelState`` sessions and files hold.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ..memory import FastWeightLayer
+from ..memory.episodic import EpisodicMemory
+from ..memory.verdict import VerdictMemory
+from ..state import ModelState, check_step_inputs
+from .slots import AttnSlot, DenseOutSlot, EpisodicSlot, FastSlot, VerdictSlot
+
+log = logging.getLogger(__name__)
+COMPILE_MODES = ("auto", True, False)
+_warned: set = set()
+
+
+def default_active(memory) -> int:
+    """How many of an episodic key's ``F`` features a step keeps: the expected count at the key
+    threshold ``theta`` (``F (1 - Phi(theta))`` for ``R``'s Gaussian rows against a unit ``h``) plus
+    8 standard deviations and 16, at most ``F``. A key that fires more is truncated to its largest
+    ``n`` entries; the decoder records the most that fired (:meth:`Decoder.overflowed`)."""
+    Fdim = memory.head_k_dim
+    theta = max(float(memory.key_threshold.detach()), 0.0)
+    p = 0.5 * math.erfc(theta / math.sqrt(2.0))
+    return min(Fdim, int(Fdim * p + 8.0 * math.sqrt(Fdim * p * (1.0 - p)) + 16))
+
+
+class Decoder:
+    """One-token decode steps of a :class:`~cl_arch.model.PlasticTransformer` for ``batch_size`` streams.
+
+    Args:
+        model: the model, in eval mode; its weights are read each step, its constant rates (decays,
+            trace settings) once here: build a new decoder after changing the weights.
+        batch_size: ``B``, the streams decoded together.
+        max_len: the most positions an attention layer without a window may reach (its KV buffer);
+            not needed when every attention layer has a window.
+        compile: ``True`` (``torch.compile`` the step; errors propagate), ``False`` (eager) or
+            ``"auto"`` (compile; on any failure fall back to eager, logged once per reason).
+            ``CL_ARCH_DECODE_COMPILE=0`` turns ``"auto"`` into eager.
+        lam: the forward's ``lam`` (a float for every fast layer, or one entry per fast layer).
+        n_active: active features kept per episodic/verdict key (default :func:`default_active`).
+
+    After construction the buffers hold a fresh episode (``model.init_state``); :meth:`prefill` or
+    :meth:`load_state` set them. :meth:`step` runs one token per stream.
+    """
+
+    def __init__(self, model, batch_size: int, max_len: int | None = None,
+                 compile: str | bool = "auto", lam=None, n_active: int | None = None) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if model.training:
+            raise ValueError("Decoder needs the model in eval mode (model.eval()): it runs no dropout")
+        if model.device.type != "cpu":
+            raise ValueError(f"Decoder runs on the CPU (buffers are allocated there); the model is on {model.device}")
+        self.model, self.B, self.max_len, self._lam = model, batch_size, max_len, lam
+        dtype = model.embed.weight.dtype
+        n_fast = len(model.fast_layers())
+        lams = [lam] * n_fast if (lam is None or isinstance(lam, (int, float))) else list(lam)
+        if len(lams) != n_fast:
+            raise ValueError(f"lam must be a float or have one entry per fast layer ({n_fast}), got {len(lams)}")
+        lam_iter = iter(lams)
+        self.slots: list[object] = []
+        for block in model.blocks:
+            if isinstance(block.mixer, FastWeightLayer):
+                self.slots.append(FastSlot(block.mixer, batch_size, next(lam_iter)))
+            else:
+                att = block.mixer
+                L = att.window if att.window is not None else max_len
+                if L is None:
+                    raise ValueError(f"attention layer {att.layer_idx} has no window: give max_len (its KV buffer)")
+                self.slots.append(AttnSlot(att, batch_size, L, dtype))
+        for mem in model.output_memories():
+            lam_m = next(lam_iter)
+            n = n_active if n_active is not None else (default_active(mem) if isinstance(mem, EpisodicMemory) else 0)
+            if isinstance(mem, VerdictMemory):
+                self.slots.append(VerdictSlot(mem, batch_size, n))
+            elif isinstance(mem, EpisodicMemory):
+                self.slots.append(EpisodicSlot(mem, batch_size, n))
+            elif hasattr(mem, "key_kind") and mem.write.name in ("delta", "error"):
+                self.slots.append(DenseOutSlot(mem, batch_size, lam_m))
+            else:
+                raise ValueError(f"Decoder has no step for the {type(mem).__name__} memory {mem.config.name!r}")
+        attn = [b.mixer for b in model.blocks if not isinstance(b.mixer, FastWeightLayer)]
+        hd = attn[0].head_dim if attn else 2
+        theta = attn[0].rotary.theta if attn else 10000.0
+        cdt = torch.promote_types(dtype, torch.float32)
+        self._inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=cdt) / hd)
+        self.pos = torch.zeros((), dtype=torch.long)  # the next token's position, advanced in the step
+        self.position = 0  # the same on the host: bounds checks and the episodic fold, without a read
+        self._ones = torch.ones(batch_size, dtype=cdt)
+        self._logits = torch.zeros(batch_size, model.config.vocab_size, dtype=dtype)
+        self._compiled = None
+        env_off = os.environ.get("CL_ARCH_DECODE_COMPILE", "1") == "0"
+        self.compile = False if (compile == "auto" and env_off) else compile
+        self.load_state(model.init_state(batch_size))
+
+    # ------------------------------------------------------------------ state
+    def load_state(self, state: ModelState) -> None:
+        """Copy ``state`` (``B`` rows, e.g. a session's or ``ModelState.stack`` of several) into the buffers."""
+        model = self.model
+        check_step_inputs(torch.zeros(self.B, 1, dtype=torch.long), state, None, vocab_size=model.config.vocab_size,
+                          memories=model.memories(), check_values=False, layout="the decoder's model")
+        pos = state.position
+        if self.max_len is not None and pos > self.max_len:
+            raise ValueError(f"state is at position {pos}, beyond max_len {self.max_len}")
+        full = model.materialize_state(state, self.B)
+        with torch.no_grad():
+            for slot, s, raw in zip(self.slots, full.layers, state.layers):
+                if isinstance(slot, AttnSlot):
+                    slot.load(s, pos)
+                else:
+                    slot.load(s)
+                if isinstance(slot, VerdictSlot):  # nothing writes S, so None (W0 + P) stays None
+                    slot.S, slot.E_none = raw.S, raw.E is None
+        self.pos.fill_(pos)
+        self.position = pos
+
+    def state(self) -> ModelState:
+        """The buffers as a :class:`ModelState` of new tensors (``P`` as loaded), e.g. for a session.
+
+        Raises:
+            RuntimeError: an episodic or verdict key fired more features than the decoder keeps
+                (:meth:`overflowed`): the steps since were not exact.
+        """
+        self.check_overflow()
+        layers = []
+        with torch.no_grad():
+            for slot in self.slots:
+                layers.append(slot.dump(self.position) if isinstance(slot, AttnSlot) else slot.dump())
+        return ModelState(layers, self.position)
+
+    def overflowed(self) -> bool:
+        """Whether some key fired more features than its slot's ``n`` (one host read)."""
+        return any(int(s.overflow) > s.n for s in self.slots if isinstance(s, (EpisodicSlot, VerdictSlot)))
+
+    def check_overflow(self) -> None:
+        if self.overflowed():
+            ns = {s.mem.config.name: (int(s.overflow), s.n) for s in self.slots if hasattr(s, "overflow")}
+            raise RuntimeError(f"a key fired more features than the decoder keeps ({{name: (fired, kept)}}: {ns}): "
+                               "build the Decoder with a larger n_active")
+
+    # ------------------------------------------------------------------ decoding
+    def prefill(self, ids: torch.Tensor, state: ModelState | None = None,
+                modulation: torch.Tensor | None = None) -> torch.Tensor:
+        """Read ``ids [B, T]`` with the model's own (chunked) forward from ``state`` (None: the buffers'
+        current state), then load the result: returns ``logits [B, T, vocab]``."""
+        model = self.model
+        if state is None:
+            state = self.state()
+        if ids.dim() != 2 or ids.shape[0] != self.B:
+            raise ValueError(f"ids must be [B, T] with B = {self.B}, got shape {tuple(ids.shape)}")
+        with torch.no_grad():
+            logits, new = model(ids, state=state, modulation=modulation, lam=self._lam_arg())
+        self.load_state(new)
+        return logits
+
+    def _lam_arg(self):
+        return self._lam
+
+    def step(self, ids: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per stream: ``ids [B]`` (int64) -> ``logits [B, vocab]`` (a buffer the next step overwrites).
+
+        ``modulation [B]`` in [0, 1] scales every fast memory's write strength on that row (0: writes off),
+        None: 1. Shapes and dtypes are checked here; values are not read back (an id outside the
+        vocabulary fails in the embedding)."""
+        if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != (self.B,) or ids.dtype != torch.long:
+            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"ids must be an int64 tensor of shape ({self.B},), got {got}"
+                             f"{'' if not isinstance(ids, torch.Tensor) else ' ' + str(ids.dtype)}")
+        if modulation is not None and (not isinstance(modulation, torch.Tensor) or tuple(modulation.shape) != (self.B,)):
+            raise ValueError(f"modulation must be a [B] = ({self.B},) tensor or None")
+        if self.max_len is not None and self.position >= self.max_len:
+            raise ValueError(f"the decoder is at position {self.position} = max_len: no room in the KV buffer")
+        mod = self._ones if modulation is None else modulation.to(self._ones.dtype)
+        with torch.no_grad():
+            self._run(ids, mod)
+        self.position += 1
+        self._fold()
+        return self._logits
+
+    def _run(self, ids: torch.Tensor, mod: torch.Tensor) -> None:
+        if self.compile is False:
+            return self._step_impl(ids, mod)
+        if self._compiled is None:
+            self._compiled = torch.compile(self._step_impl, dynamic=False)
+        if self.compile is True:
+            return self._compiled(ids, mod)
+        try:
+            return self._compiled(ids, mod)
+        except Exception as e:  # noqa: BLE001 - any compile failure: the eager step computes the same
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if reason not in _warned:
+                _warned.add(reason)
+                log.warning("Decoder: torch.compile failed (%s); decoding eagerly", reason)
+            self.compile = False
+            # inductor fails while tracing or compiling, before the graph has written any buffer
+            return self._step_impl(ids, mod)
+
+    def _fold(self) -> None:
+        for s in self.slots:
+            if isinstance(s, EpisodicSlot):
+                s.steps = getattr(s, "steps", 0) + 1
+                if s.steps >= s.fold_every:
+                    s.st.renormalise()
+                    s.steps = 0
+
+    def _step_impl(self, ids: torch.Tensor, mod: torch.Tensor) -> None:
+        """The whole step on the buffers: every update in place."""
+        model = self.model
+        x = model.embed(ids)  # [B, d]
+        angles = self.pos.to(self._inv_freq.dtype) * self._inv_freq
+        angles = torch.cat([angles, angles]).unsqueeze(0)
+        cos, sin = angles.cos(), angles.sin()
+        for block, slot in zip(model.blocks, self.slots):
+            xn = block.mixer_norm(x)
+            y = slot.step(xn, mod) if isinstance(slot, FastSlot) else slot.step(xn, self.pos, cos, sin)
+            x = x + y
+            x = x + block.mlp(block.mlp_norm(x))
+        h = model.norm_f(x)
+        logits = model.lm_head(h)
+        for slot in self.slots[len(model.blocks):]:
+            if isinstance(slot, VerdictSlot):
+                logits = logits + slot.step(h)
+            else:
+                logits = logits + slot.step(h, ids, logits, mod, model.embed, model.lm_head)
+        self._logits.copy_(logits)
+        self.pos.add_(1)
+
+    def reinforce(self, tokens: torch.Tensor) -> None:
+        """The verdict memory's trace step for ``tokens [B]`` sampled from the last :meth:`step`'s logits
+        (what a session does after each generated token; :meth:`VerdictMemory.reinforce`), in place."""
+        for s in self.slots:
+            if isinstance(s, VerdictSlot):
+                with torch.no_grad():
+                    s.reinforce(tokens, self._logits)
+
+
+def stack_sessions_state(states: Sequence[ModelState], model) -> ModelState:
+    """``ModelState.stack`` of one-row states after :meth:`materialize_state` (what a batch decoder loads)."""
+    return ModelState.stack([model.materialize_state(s, 1) for s in states])
+
+
+__all__ = ["Decoder", "default_active", "stack_sessions_state"]
