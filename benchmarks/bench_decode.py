@@ -2,6 +2,7 @@
 model's single-session decode with the arithmetic ceiling beside it. One process, one thread, medians.
 
     python benchmarks/bench_decode.py [--tokens 100] [--repeats 7] [--check-tokens 300] [--threads 1]
+    python benchmarks/bench_decode.py --part decoder [--batches 1,8,64] [--compile auto|off]
 
 1. The episodic step at the shipped size (F = 2048, V = 256, 1 head, batch 1), on the keys the shipped model
    computes over a text (``phi(h)`` of its final hidden states), per token:
@@ -20,7 +21,12 @@ model's single-session decode with the arithmetic ceiling beside it. One process
 3. The ceiling: the core's float32 matmul rate (a 512^3 product, and the shapes of a decode step: a vector
    times a matrix) and the matmul FLOPs of one decode step (``torch.utils.flop_counter``).
 
-Prints tables; writes ``benchmarks/out/bench_decode.json``.
+4. ``--part decoder`` (``cl_arch.decode.Decoder``, issue 26's second part): tokens/s of ``Session.generate``,
+   the Decoder's eager step and its ``torch.compile``d step, adaptation on (a committed ``P``: the session's
+   after a reward) and off (no ``P``), aggregate tokens/s at each batch size (greedy: each step's argmax fed
+   back, nothing read to the host), with the ceiling of part 3 beside them.
+
+Prints tables; writes ``benchmarks/out/bench_decode.json`` (``--part decoder``: ``bench_decode_decoder.json``).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import cl_arch
+from cl_arch.decode import Decoder
 from cl_arch.io import write_json
 from cl_arch.kernels.episodic import (
     SparseEpisodicState,
@@ -328,6 +335,79 @@ def step_flops(model) -> dict:
     return out
 
 
+def decoder_speed(model, tokens: int, repeats: int, batches: list, compile_mode: str) -> dict:
+    """Part 4: tokens/s of Session.generate and of the Decoder (eager, compiled), adaptation on/off, per batch;
+    every variant of one batch size timed in turn each round (``interleaved``)."""
+    prompt = list(TEXT[:32])
+    s = cl_arch.Session(model, adapt=True, seed=0)
+    s.generate(prompt, max_new_tokens=16, seed=0)
+    s.reward(1.0)  # a committed P: the resting state every memory decays toward
+    P_on = [None if p is None else (p[0] if p.dim() == 4 else p) for p in s.P]
+    sessions = {"on": s, "off": cl_arch.Session(model, adapt=False, seed=0)}
+    res = {"tokens": tokens, "repeats": repeats, "tokens_per_s": {}, "compile_s": {}, "compile": compile_mode}
+
+    def gen_run(sess):
+        sess.generate(prompt, max_new_tokens=1, seed=0)  # the prompt read outside the timing
+        return lambda: (sess.generate([], max_new_tokens=tokens, seed=0), sess.end_episode())
+
+    sess_t = interleaved({a: (lambda a=a: gen_run(sessions[a])()) for a in sessions}, repeats)
+    for a, t in sess_t.items():
+        res["tokens_per_s"][f"Session.generate, batch 1, adapt {a}"] = (tokens + 1) / t  # + the prompt's sampled one
+    modes = [False] + ([True] if compile_mode != "off" else [])
+    for B in batches:
+        ids = torch.tensor([prompt] * B)
+        runs, setups = {}, {}
+        for comp in modes:
+            # one decoder per batch size and mode, its buffers reloaded between runs: a compiled step is
+            # compiled once per decoder (dynamo guards on the instance)
+            dec = Decoder(model, B, compile=comp)
+            states = {}
+            for a in ("on", "off"):
+                dec.prefill(ids, model.init_state(B, P_on if a == "on" else None))
+                states[a] = dec.state()
+            first = ids[:, -1].clone()
+            kind = "compiled" if comp else "eager"
+            if comp:
+                t0 = time.perf_counter()
+                try:
+                    dec.step(first)
+                except Exception as e:  # noqa: BLE001 - reported, the eager rows still run
+                    res["compile_s"][f"batch {B}"] = f"failed: {type(e).__name__}: {e}"[:300]
+                    continue
+                res["compile_s"][f"batch {B}"] = time.perf_counter() - t0
+
+            def run(dec=dec, first=first):
+                tok = first
+                for _ in range(tokens):
+                    tok = dec.step(tok).argmax(-1)
+
+            for a in ("on", "off"):
+                name = f"Decoder {kind}, batch {B}, adapt {a}"
+                runs[name] = lambda _, run=run: run()
+                setups[name] = lambda dec=dec, st=states[a]: dec.load_state(st)
+        for name, t in interleaved(runs, repeats, setups).items():
+            res["tokens_per_s"][name] = B * tokens / t
+    return res
+
+
+def print_decoder(res: dict, ceiling: dict) -> None:
+    tps = res["tokens_per_s"]
+    print(f"\nshipped model decode, {res['tokens']} tokens per run, median of {res['repeats']}, aggregate tokens/s")
+    print(f"{'variant':44s}{'tokens/s':>10s}{'on/off time':>13s}")
+    for name, v in tps.items():
+        pair = name.replace("adapt on", "adapt off")
+        ratio = f"{tps[pair] / v:13.3f}" if name.endswith("adapt on") and pair in tps else ""
+        print(f"{name:44s}{v:10.1f}{ratio}")
+    for kind in ("eager", "compiled"):
+        b = sorted({int(n.split("batch ")[1].split(",")[0]) for n in tps if f"Decoder {kind}" in n})
+        if len(b) > 1 and f"Decoder {kind}, batch {b[0]}, adapt on" in tps:
+            print(f"  {kind}: batch {b[-1]} / batch {b[0]} aggregate (adapt on): "
+                  f"{tps[f'Decoder {kind}, batch {b[-1]}, adapt on'] / tps[f'Decoder {kind}, batch {b[0]}, adapt on']:.1f}x")
+    for name, t in res["compile_s"].items():
+        print(f"  first compiled step ({name}): " + (f"{t:.1f} s" if isinstance(t, float) else t))
+    print("  ceiling (part 3): " + ", ".join(f"{k} step {v:,.0f} tokens/s" for k, v in ceiling.items()))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -335,9 +415,25 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=100, help="tokens per timed run (the step and the session)")
     ap.add_argument("--check-tokens", type=int, default=300, help="tokens compared between the dense and sparse step")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bench_decode.json"))
+    ap.add_argument("--part", choices=("all", "decoder"), default="all", help="decoder: part 4 and the ceiling only")
+    ap.add_argument("--batches", default="1,8,64", help="part 4's batch sizes")
+    ap.add_argument("--compile", choices=("auto", "off"), default="auto", help="part 4: time the compiled step too")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = cl_arch.load_default()
+    if a.part == "decoder":
+        rates, flops = matmul_rate(a.repeats), step_flops(model)
+        ceiling = {n: rates["1x128x512 (a decode matvec)"] * 1e9 / f for n, f in flops.items()}
+        res = decoder_speed(model, a.tokens, a.repeats, [int(b) for b in a.batches.split(",")], a.compile)
+        print_decoder(res, ceiling)
+        out = a.out.replace("bench_decode.json", "bench_decode_decoder.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        write_json(out, {"threads": a.threads, "torch": torch.__version__, "decoder": res, "matmul_gflops": rates,
+                         "decode_step_matmul_flops": flops, "ceiling_tokens_per_s_matvec_rate": ceiling,
+                         "targets": {"tokens_per_s_batch1_adapt_on": 1000, "on_off_time_ratio": 1.10,
+                                     "batch64_over_batch1": 20}})
+        print(f"wrote {out}")
+        return
     step = bench_step(model, a.tokens, a.repeats)
     print(f"episodic step, F={step['features']} V={step['values']} 1 head, batch 1, {step['tokens']} tokens of the "
           f"shipped model's keys (active features: median {step['active_median']:.0f}, "

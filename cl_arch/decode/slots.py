@@ -44,6 +44,15 @@ class LazyEpisodicState(SparseEpisodicState):
     def decay(self, g: torch.Tensor) -> None:
         self.c.mul_(g.to(self.c.dtype).exp())
 
+    def write(self, idx: torch.Tensor, w: torch.Tensor, u: torch.Tensor, rows: torch.Tensor) -> None:
+        """As :meth:`SparseEpisodicState.write`, but whole ``[U | M]`` rows go back into the one 2-D buffer the
+        step reads (``M``'s half as gathered): a compiled step then mutates a single input in place, where a
+        write through the ``U`` view made inductor copy the whole state back every token."""
+        V = self.shape[-1]
+        new = torch.addcmul(rows[..., :V], (w / self._c3).unsqueeze(-1), u.unsqueeze(-2))
+        full = torch.cat([new, rows[..., V:]], dim=-1)
+        self._rows.index_copy_(0, (self._base3 + idx).view(-1), full.view(-1, 2 * V))
+
 
 class FastSlot:
     """Buffers ``S``, ``E`` (when the layer keeps a trace), ``M``, ``conv`` of one fast-weight layer."""
@@ -86,7 +95,12 @@ class FastSlot:
         qkv = torch.cat([m.q_proj(x), m.k_proj(x), m.v_proj(x)], dim=-1)
         if m.conv is not None:
             xx = torch.cat([self.conv, qkv.unsqueeze(1)], dim=1)  # [B, cache_len + 1, C]
-            y = F.silu(m.conv.conv(xx.transpose(1, 2)).transpose(1, 2))  # [B, lookback + 1, C]
+            # the depthwise conv's one or two output positions as a weighted sum: a conv1d call on
+            # a few rows costs more in dispatch than its arithmetic
+            w = m.conv.conv.weight[:, 0].t()  # [kernel, C]
+            ks = w.shape[0]
+            y = torch.stack([(xx[:, j:j + ks] * w).sum(1) for j in range(xx.shape[1] - ks + 1)], dim=1)
+            y = F.silu(y)  # [B, lookback + 1, C]
             self.conv.copy_(xx[:, 1:])
         else:
             y = F.silu(qkv).unsqueeze(1)
