@@ -28,7 +28,8 @@ from ..kernels.episodic import (
     sparse_error_step,
 )
 from ..layers.rotary import apply_rotary
-from ..state import AttnLayerState, FastLayerState
+from ..memory.output import OutputContext
+from ..state import AttnLayerState, FastLayerState, StepContext
 
 
 def _rest(memory, B: int, P: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -312,6 +313,17 @@ class EpisodicSlot:
         return read.to(h.dtype)
 
 
+def _verdict_caches_phi(memory) -> bool:
+    """Whether the verdict memory's state ``conv`` holds the last key ``phi(h)`` (``[B, 1, F]``) rather than
+    ``unit(h)`` (``[B, 1, d_model]``): read off one forward of the memory, so either layout is followed."""
+    with torch.no_grad():
+        h = torch.randn(1, 1, memory.d_model, generator=torch.Generator().manual_seed(0)).to(memory.W0.dtype)
+        out = OutputContext(h, torch.zeros(1, 1, dtype=torch.long), None, None)
+        conv = memory(out, FastLayerState(), StepContext())[1].conv
+    return conv.shape[-1] == memory.head_k_dim and conv.shape[-1] != memory.d_model or \
+        bool(torch.equal(conv[:, -1], memory.features(F.normalize(h[:, -1].to(conv.dtype), p=2, dim=-1))))
+
+
 class VerdictSlot:
     """The verdict memory: ``scale * phi(h)^T (W0 + P)`` on ``phi``'s active rows; ``E`` changes only by
     :meth:`reinforce`, ``S`` never."""
@@ -322,7 +334,8 @@ class VerdictSlot:
         dt = memory.state_dtype
         self.Q = torch.zeros(B * H * Fdim, V, dtype=dt)  # W0 + P, rows (b, h, f)
         self.base = (torch.arange(B * H) * Fdim).view(B, H, 1)
-        self.key = torch.zeros(B, memory.d_model, dtype=dt)
+        self.key_is_phi = _verdict_caches_phi(memory)
+        self.key = torch.zeros(B, Fdim if self.key_is_phi else memory.d_model, dtype=dt)
         self.E = torch.zeros(B, H, Fdim, V, dtype=dt)
         self.overflow = torch.zeros((), dtype=torch.long)
         self.S = self.P = None
@@ -349,7 +362,7 @@ class VerdictSlot:
         idx, val = _topk(phi, self.n, H)
         rows = self.Q.index_select(0, (self.base + idx).reshape(-1)).view(B, H, self.n, V)
         o = torch.matmul(val.unsqueeze(-2), rows)[:, :, 0]  # [B, H, V]
-        self.key.copy_(hn)
+        self.key.copy_(phi if self.key_is_phi else hn)
         return torch.einsum("bhv,h->bv", o, m.read_scale.to(dt)).to(h.dtype)
 
     def reinforce(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
