@@ -31,6 +31,9 @@ from .base import MemoryConfig, check_int, check_number
 from .episodic import EpisodicConfig, EpisodicMemory
 from .output import OutputContext
 
+# forwards of at most this many positions (B * T: decode steps) read W0 and Q on the key's firing features only
+SPARSE_READ_ROWS = 8
+
 
 @dataclass(frozen=True)
 class VerdictCommit:
@@ -94,10 +97,10 @@ class VerdictConfig(MemoryConfig):
 class VerdictMemory(EpisodicMemory):
     """``forward(out, state, ctx) -> (scale * phi(h)^T (W0 + P) [B, T, vocab], FastLayerState)``.
 
-    The keys are the episodic memory's (this class reuses its ``R``, ``features`` and key cache);
-    the state's ``conv`` slot carries ``unit(h)`` of the last position, which :meth:`reinforce` turns
-    into the key of the token generated next. ``S`` is never written; ``E`` changes only through
-    :meth:`reinforce`; the commit is :class:`VerdictCommit`.
+    The keys are the episodic memory's (this class reuses its ``R`` and ``features``); the state's
+    ``conv`` slot carries the key ``phi(h)`` of the last position: the key under which the token
+    generated next is traced. ``S`` is never written; ``E`` changes only through :meth:`add_trace`
+    (:meth:`policy_gradient`, :meth:`reinforce`); the commit is :class:`VerdictCommit`.
     """
 
     def __init__(self, config: VerdictConfig, d_model: int, vocab_size: int, rule) -> None:
@@ -114,9 +117,17 @@ class VerdictMemory(EpisodicMemory):
     def state_commit(self) -> bool:
         return False
 
+    def _w0_is_zero(self) -> bool:
+        """W0 is zero unless a fold wrote into it: checked once per change of W0 (its storage and
+        in-place version counter), not on every decode step."""
+        key = (self.W0.data_ptr(), self.W0._version, self.W0.device)
+        if getattr(self, "_w0_key", None) != key:
+            self._w0_key, self._w0_zero = key, not bool(self.W0.detach().any())
+        return self._w0_zero
+
     def cache_shape(self, batch_size: int):
-        """``[B, 1, d_model]``: ``unit(h)`` of the last position read."""
-        return (batch_size, 1, self.d_model)
+        """``[B, 1, F]``: the key ``phi(h)`` of the last position read (zeros: nothing read)."""
+        return (batch_size, 1, self.head_k_dim)
 
     def forward(self, out: OutputContext, state: Optional[FastLayerState] = None,
                 ctx: Optional[StepContext] = None) -> Tuple[torch.Tensor, Optional[FastLayerState]]:
@@ -124,7 +135,7 @@ class VerdictMemory(EpisodicMemory):
         Args:
             out: the call's :class:`OutputContext` (``h [B, T, d_model]``).
             state: this memory's slot: ``P [B, H, F, V]`` is ``Q`` (None: zeros), ``E`` the episode's
-                trace, ``conv [B, 1, d_model]`` the last position's ``unit(h)``.
+                trace, ``conv [B, 1, F]`` the last position's key ``phi(h)``.
             ctx: ``need_state`` (modulation and lam do not apply: nothing is written here).
 
         Returns:
@@ -137,15 +148,27 @@ class VerdictMemory(EpisodicMemory):
         cdt = torch.promote_types(h.dtype, torch.float32)
         hn = F.normalize(h.to(cdt), p=2, dim=-1)
         phi = self.features(hn)  # [B, T, F]
+        key_last = phi[:, -1:]
         scale = self.read_scale.to(cdt)
+        W0 = None if (not self.W0.requires_grad and self._w0_is_zero()) else self.W0.to(cdt)
+        P = None if state.P is None else state.P.to(cdt)
+        if phi.shape[0] * phi.shape[1] <= SPARSE_READ_ROWS:
+            # a decode step: read only the features that fire (about 7% of F), not all of W0 and P
+            cols = (phi > 0).flatten(0, 1).any(0).nonzero()[:, 0]
+            phi = phi[..., cols]
+            W0, P = (None if W0 is None else W0[:, cols]), (None if P is None else P[:, :, cols])
+        elif P is not None and not P.requires_grad and not bool(P.detach().any()):
+            P = None  # reading many positions with nothing learned (one scan of Q, not T x F x V multiply-adds)
         # phi^T W0 + phi^T P read separately: W0 + P would be a 2 MB copy per decoded token
-        read = torch.einsum("btf,hfv,h->btv", phi, self.W0.to(cdt), scale)
-        if state.P is not None:
-            read = read + torch.einsum("btf,bhfv,h->btv", phi, state.P.to(cdt), scale)
+        read = torch.zeros(*phi.shape[:2], self.head_v_dim, dtype=cdt, device=h.device)
+        if W0 is not None:
+            read = read + torch.einsum("btf,hfv,h->btv", phi, W0, scale)
+        if P is not None:
+            read = read + torch.einsum("btf,bhfv,h->btv", phi, P, scale)
         read = read.to(h.dtype)
         if not ctx.need_state:
             return read, None
-        return read, FastLayerState(S=state.S, E=state.E, P=state.P, conv=hn[:, -1:])
+        return read, FastLayerState(S=state.S, E=state.E, P=state.P, conv=key_last)
 
     def policy_gradient(self, state: FastLayerState, tokens: torch.Tensor,
                         logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +181,9 @@ class VerdictMemory(EpisodicMemory):
             raise ValueError(f"{self.config.name}: a trace step needs the key of the position the token was "
                              "generated from (read something first)")
         cdt = self.state_dtype
-        phi = self.features(state.conv[:, -1].to(cdt))
-        g = F.one_hot(tokens.to(logits.device).long(), self.head_v_dim).to(cdt) - torch.softmax(logits.to(cdt), -1)
+        phi = state.conv[:, -1].to(cdt)
+        g = torch.softmax(logits.to(cdt), -1).neg_()
+        g.scatter_add_(1, tokens.to(g.device).long()[:, None], torch.ones(g.shape[0], 1, dtype=cdt, device=g.device))
         return phi, g
 
     def add_trace(self, state: FastLayerState, phi: torch.Tensor, g: torch.Tensor) -> FastLayerState:
@@ -171,8 +195,11 @@ class VerdictMemory(EpisodicMemory):
         if E is None or not E.is_contiguous() or E.dtype != self.state_dtype:
             E = torch.zeros(B, H, self.head_k_dim, self.head_v_dim, dtype=self.state_dtype, device=phi.device) \
                 if E is None else E.to(self.state_dtype).contiguous().clone()
-        E.view(B * H, self.head_k_dim, self.head_v_dim).baddbmm_(
-            phi.repeat_interleave(H, 0)[:, :, None], g.repeat_interleave(H, 0)[:, None, :])
+        # the key is sparse: add the outer product on the rows where it fires
+        cols = (phi > 0).any(0).nonzero()[:, 0]
+        rows = phi[:, cols, None] * g[:, None, :]                               # [B, C, V]
+        E.view(B * H, self.head_k_dim, self.head_v_dim).index_add_(
+            1, cols, rows if H == 1 else rows.repeat_interleave(H, 0))
         return FastLayerState(S=state.S, E=E, P=state.P, conv=state.conv)
 
     def reinforce(self, state: FastLayerState, tokens: torch.Tensor, logits: torch.Tensor) -> FastLayerState:

@@ -193,8 +193,13 @@ class Session:
 
     def _verdict_slots(self) -> List[int]:
         """Indices in ``state.layers`` of the memories that learn from verdicts (a ``policy_gradient``
-        method, e.g. the verdict memory)."""
-        return [i for i, m in enumerate(self.model.memories()) if m is not None and hasattr(m, "policy_gradient")]
+        method, e.g. the verdict memory); looked up once per model layout (every decode step asks)."""
+        mems = self.model.memories()
+        key = tuple(id(m) for m in mems)
+        if getattr(self, "_verdict_key", None) != key:
+            self._verdict_key = key
+            self._verdict_idx = [i for i, m in enumerate(mems) if m is not None and hasattr(m, "policy_gradient")]
+        return self._verdict_idx
 
     def _own_trace(self) -> None:
         """Give the current state its own copy of every verdict trace: the trace then grows in place
@@ -213,15 +218,17 @@ class Session:
         """``(slot index, phi [1, F], e(tok) - pi [1, V])`` of each verdict memory for ``tok``, sampled
         from :attr:`_next_logits` (pi: the model's softmax, every memory read, over ``allowed`` ids when
         sampling was restricted to them)."""
-        out = []
+        slots = self._verdict_slots()
         logits = self._next_logits
-        if logits is not None and allowed is not None:
+        if not slots or logits is None:
+            return []
+        if allowed is not None:
             logits = torch.full_like(logits, -math.inf).index_copy(0, allowed.to(logits.device), logits[allowed])
-        for i in self._verdict_slots():
+        out, mems = [], self.model.memories()
+        for i in slots:
             s = self.state.layers[i]
-            if s.conv is not None and logits is not None:
-                m = self.model.memories()[i]
-                out.append((i, *m.policy_gradient(s, torch.tensor([tok]), logits[None])))
+            if s.conv is not None:
+                out.append((i, *mems[i].policy_gradient(s, torch.tensor([tok]), logits[None])))
         return out
 
     def _add_traces(self, grads: List[tuple]) -> None:

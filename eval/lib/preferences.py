@@ -145,7 +145,7 @@ def user_target(text: bytes, point: Point, quote: int, max_len: int) -> bytes:
 class _Node:
     state: object
     logits: torch.Tensor  # [V] base logits (Q = 0) after this prefix
-    hn: torch.Tensor      # [d] unit(h) of this prefix's last position: the verdict key
+    phi: torch.Tensor     # [F] the verdict key phi(h) of this prefix's last position
 
 
 @torch.no_grad()
@@ -169,7 +169,7 @@ def decode_rows(model: PlasticTransformer, root: _Node, Q: torch.Tensor, max_len
             break
         keys = [tuple(seqs[r]) for r in range(R)]
         uniq = sorted(set(keys))
-        phi_u = mem.features(torch.stack([nodes[k].hn for k in uniq]).to(Q.dtype))   # [N, F]
+        phi_u = torch.stack([nodes[k].phi for k in uniq]).to(Q.dtype)                # [N, F]
         where = torch.tensor([uniq.index(k) for k in keys])
         cols = (phi_u > 0).any(0).nonzero()[:, 0]
         phi = phi_u[where][:, cols]                                                  # [R, C]
