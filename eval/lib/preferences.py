@@ -4,10 +4,10 @@
 The shared text is a package's source whose quote convention is mixed: every plain single-line string
 literal gets ``'`` or ``"`` at random (a seeded draw, the same for every user), so reading it says
 nothing about which quote a user wants. A suggestion point opens at each such literal: the model
-proposes up to ``max_len`` bytes greedily from the text before it. A user has a hidden quote for each
-of two kinds of place (inside brackets after ``( [ { , :``, and everywhere else) and accepts a
-suggestion only when it is the literal written with that quote (the whole literal, or its first
-``max_len`` bytes). Characters saved: the accepted suggestion's length.
+proposes up to ``max_len`` bytes greedily from the text before it, the first byte one of the two
+quotes. A user has a hidden quote for each of two kinds of place (inside brackets after ``( [ { , :``,
+and everywhere else) and keeps the suggestion's longest prefix that agrees with the text written with
+that quote: accepted (reward 1) when that includes the quote. Characters saved: the bytes kept.
 
 :func:`simulate` runs every user's rows at once on one reading of the text. The reading state at a
 point is the same for every row (suggestions are never read: the user's buffer is the shared text, a
