@@ -20,7 +20,14 @@ from ..memory import FastWeightLayer
 from ..memory.episodic import EpisodicMemory
 from ..memory.verdict import VerdictMemory
 from ..state import ModelState, check_step_inputs
-from .slots import AttnSlot, DenseOutSlot, EpisodicSlot, FastSlot, VerdictSlot
+from .slots import (
+    AttnSlot,
+    DenseOutSlot,
+    EpisodicSlot,
+    FastSlot,
+    LazyOutSlot,
+    VerdictSlot,
+)
 
 log = logging.getLogger(__name__)
 COMPILE_MODES = ("auto", True, False)
@@ -92,7 +99,8 @@ class Decoder:
             elif isinstance(mem, EpisodicMemory):
                 self.slots.append(EpisodicSlot(mem, batch_size, n))
             elif hasattr(mem, "key_kind") and mem.write.name in ("delta", "error"):
-                self.slots.append(DenseOutSlot(mem, batch_size, lam_m))
+                lazy = mem.trace_follows_state and not os.environ.get("CL_ARCH_DECODE_DENSE_READOUT")
+                self.slots.append((LazyOutSlot if lazy else DenseOutSlot)(mem, batch_size, lam_m))
             else:
                 raise ValueError(f"Decoder has no step for the {type(mem).__name__} memory {mem.config.name!r}")
         attn = [b.mixer for b in model.blocks if not isinstance(b.mixer, FastWeightLayer)]
@@ -213,6 +221,8 @@ class Decoder:
 
     def _fold(self) -> None:
         for s in self.slots:
+            if isinstance(s, LazyOutSlot):
+                s.fold()
             if isinstance(s, EpisodicSlot):
                 s.steps = getattr(s, "steps", 0) + 1
                 if s.steps >= s.fold_every:

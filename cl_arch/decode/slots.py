@@ -237,6 +237,83 @@ class DenseOutSlot:
         return read.to(h.dtype)
 
 
+class LazyOutSlot(DenseOutSlot):
+    """A dense output memory under the state commit (the shipped readout): its decay is the same every
+    token and its trace follows the state, so the state is kept as ``S = M + c U``, ``E = c (U + Y)`` with
+    ``c [H]`` the decay since the last fold (``SparseEpisodicState``'s form, dense rows). A token then
+    reads ``M`` and ``U`` once each for both keys and adds the write into ``U``: three passes over a
+    ``[B, H, K, V]`` state instead of about fourteen (the decay, the trace and the new ``D``)."""
+
+    def __init__(self, memory, B: int, lam) -> None:
+        super().__init__(memory, B, None)
+        self.U, self.E = self.S, None  # S's buffer holds U
+        self.Y = None
+        self.c = torch.ones(memory.n_heads, dtype=self.U.dtype)
+        g = -float(memory.A_log.detach().exp().max())
+        self.fold_every = max(1, int(math.log(MIN_SCALE) / g) - 1) if g < 0 else 1 << 62
+        self.steps = 0
+
+    def load(self, s: FastLayerState) -> None:
+        K = self.key.shape[1]
+        self.P = s.P
+        self.M.copy_(_rest(self.mem, self.B, s.P, self.U.dtype))
+        self.U.copy_(s.S.to(self.U.dtype) - self.M)
+        self.c.fill_(1.0)
+        Y = (torch.zeros_like(self.U) if s.E is None else s.E.to(self.U.dtype)) - self.U
+        self.Y = Y if bool(Y.any()) else None
+        self.key.copy_(s.conv[:, 0, :K])
+        if self.p is not None:
+            self.p.copy_(s.conv[:, 0, K:])
+        self.steps = 0
+
+    def dump(self) -> FastLayerState:
+        c = self.c[None, :, None, None]
+        dev = c * self.U
+        E = dev.clone() if self.Y is None else c * (self.U + self.Y)
+        conv = self.key if self.p is None else torch.cat([self.key, self.p], dim=-1)
+        return FastLayerState(S=dev.add_(self.M), E=E, P=self.P, conv=conv.unsqueeze(1).clone())
+
+    def fold(self) -> None:
+        """Fold ``c`` into ``U`` and ``Y`` (one pass; the state it stands for is unchanged)."""
+        self.steps += 1
+        if self.steps >= self.fold_every:
+            c = self.c[None, :, None, None]
+            self.U.mul_(c)
+            if self.Y is not None:
+                self.Y.mul_(c)
+            self.c.fill_(1.0)
+            self.steps = 0
+
+    def step(self, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor, mod: torch.Tensor,
+             embed, head) -> torch.Tensor:
+        m = self.mem
+        dt = self.U.dtype
+        B, H, K, V = self.U.shape
+        hn = F.normalize(h.to(dt), p=2, dim=-1)
+        if m.key_kind == "hidden+token":
+            hn = torch.cat([hn, F.one_hot(ids, m.vocab_size).to(dt)], dim=-1) / math.sqrt(2.0)
+        beta = torch.sigmoid(m.beta_logit.to(dt)) * mod.to(dt).unsqueeze(-1)  # [B, H]
+        self.c.mul_((-m.A_log.to(dt).exp()).exp())
+        c = self.c[None, :, None]
+        kq = torch.stack([self.key, hn], dim=1)  # [B, 2, K]: the write key, then the read key
+        r = torch.einsum("bhkv,bjk->bhjv", self.M, kq) + c.unsqueeze(-1) * torch.einsum("bhkv,bjk->bhjv", self.U, kq)
+        if self.error:
+            u = (F.one_hot(ids, V).to(dt) - self.p).unsqueeze(1).expand(B, H, V)
+        else:
+            u = m.values(ids[:, None], embed, dt)[:, 0] - r[:, :, 0]
+        w = (beta / c[..., 0]).reshape(B * H, 1, 1)
+        self.U.view(B * H, K, V).baddbmm_(self.key.repeat_interleave(H, 0).unsqueeze(-1) * w,
+                                          u.reshape(B * H, 1, V))
+        o = r[:, :, 1] + (beta * (self.key * hn).sum(-1, keepdim=True)).unsqueeze(-1) * u  # read after the write
+        read = torch.einsum("bhv,h->bv", o, m.read_scale.to(dt))
+        if self.error:
+            self.p.copy_(torch.softmax(logits.to(dt) + read, dim=-1))
+        elif m.value_kind != "onehot":
+            read = head(read.to(h.dtype))
+        self.key.copy_(hn)
+        return read.to(h.dtype)
+
+
 def _topk(phi: torch.Tensor, n: int, H: int):
     """Active entries ``(idx, val) [B, H, n]`` of ``phi [B, F]`` (every head reads the same key)."""
     val, idx = phi.topk(n, dim=-1, sorted=False)
@@ -375,4 +452,4 @@ class VerdictSlot:
         self.E_none = False
 
 
-__all__ = ["AttnSlot", "DenseOutSlot", "EpisodicSlot", "FastSlot", "LazyEpisodicState", "VerdictSlot"]
+__all__ = ["AttnSlot", "DenseOutSlot", "EpisodicSlot", "FastSlot", "LazyEpisodicState", "LazyOutSlot", "VerdictSlot"]
