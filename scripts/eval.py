@@ -1,7 +1,7 @@
 """``cl-arch eval NAME``: run one learning-slope benchmark, print its table, write JSON + PNG.
 
-NAME is one of :data:`BENCHMARKS` (codebase, tabcomplete, games, sutton, retention, cost, offset,
-tune-dynamic). Every benchmark writes ``<out>/<name>.json`` (schema in :mod:`cl_arch.eval.lib.report`)
+NAME is one of :data:`BENCHMARKS` (codebase, tabcomplete, preferences, games, sutton, retention, cost,
+offset, tune-dynamic). Every benchmark writes ``<out>/<name>.json`` (schema in :mod:`cl_arch.eval.lib.report`)
 and ``<out>/<name>.png``. ``tune-dynamic`` sweeps dynamic evaluation's step size x decay on a
 held-out package that is never reported and caches the result for ``codebase --dyn-tuned``.
 
@@ -20,8 +20,9 @@ import torch
 from .common import positive_int
 
 # Command name -> module of cl_arch.eval, in the order of ``cl-arch eval --help``.
-BENCHMARKS = {"codebase": "codebase", "tabcomplete": "tabcomplete", "games": "games", "sutton": "sutton",
-              "retention": "retention", "cost": "cost", "offset": "offset", "tune-dynamic": "tune_dynamic"}
+BENCHMARKS = {"codebase": "codebase", "tabcomplete": "tabcomplete", "preferences": "preferences", "games": "games",
+              "sutton": "sutton", "retention": "retention", "cost": "cost", "offset": "offset",
+              "tune-dynamic": "tune_dynamic"}
 
 
 def benchmark(name: str) -> ModuleType:

@@ -29,6 +29,8 @@ EXPECTED = {
     "tabcomplete": STDLIB_MODEL | STREAM | RATES | {
         "--users", "--suggestions", "--window", "--style", "--reward", "--min-chars", "--rows",
         "--user-episode-bytes"},
+    "preferences": {"--packages", "--users", "--suggestions", "--max-len", "--window", "--eta", "--scale",
+                    "--threshold", "--decode-tokens"},
     "games": RECALL | {"--reward-memory", "--tokens", "--reward-fit", "--reward-delay", "--credit", "--no-yoked"},
     "sutton": RECALL | STREAM | {"--cache-dir", "--pretrain-seconds"},
     "retention": RECALL,
@@ -49,10 +51,14 @@ FORMER = {
     "--min-chars", "--rows", "--user-episode-bytes", "--threads", "--seed",
 }
 
+# Options of benchmarks added after the split.
+ADDED = {"--packages", "--max-len", "--eta", "--scale", "--threshold", "--decode-tokens"}
+
 # (benchmark, an option it takes, another benchmark's option it does not take)
 DISTINCT = [
     ("codebase", "--methods", "--users"),
     ("tabcomplete", "--users", "--methods"),
+    ("preferences", "--max-len", "--methods"),
     ("games", "--reward-memory", "--source"),
     ("sutton", "--episodes", "--reward-memory"),
     ("retention", "--recall-steps", "--package"),
@@ -79,7 +85,7 @@ def help_options(text):
 
 def test_every_benchmark_has_a_sub_parser(capsys):
     assert set(eval_cli.BENCHMARKS) == set(EXPECTED)
-    assert set().union(*EXPECTED.values()) | COMMON == FORMER
+    assert set().union(*EXPECTED.values()) | COMMON == FORMER | ADDED
     for name in EXPECTED:
         mod = eval_cli.benchmark(name)
         assert all(callable(getattr(mod, f)) for f in ("add_arguments", "config_from_args", "run")), name
