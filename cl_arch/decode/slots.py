@@ -296,7 +296,8 @@ class LazyOutSlot(DenseOutSlot):
         self.c.mul_((-m.A_log.to(dt).exp()).exp())
         c = self.c[None, :, None]
         kq = torch.stack([self.key, hn], dim=1)  # [B, 2, K]: the write key, then the read key
-        r = torch.einsum("bhkv,bjk->bhjv", self.M, kq) + c.unsqueeze(-1) * torch.einsum("bhkv,bjk->bhjv", self.U, kq)
+        kq = kq.unsqueeze(1).expand(B, H, 2, K)  # matmul over (b, h) reads M and U in place (einsum would permute them)
+        r = torch.addcmul(torch.matmul(kq, self.M), c.unsqueeze(-1), torch.matmul(kq, self.U))  # [B, H, 2, V]
         if self.error:
             u = (F.one_hot(ids, V).to(dt) - self.p).unsqueeze(1).expand(B, H, V)
         else:
