@@ -4,6 +4,6 @@ that updates every state in place, optionally one ``torch.compile`` graph (docs/
     decoder.py  the Decoder: buffers, prefill, step, state() / load_state() to and from ModelState
     slots.py    one token of each kind of state slot (fast layer, attention ring, readout, episodic, verdict)
 """
-from .decoder import Decoder, default_active, stack_sessions_state
+from .decoder import Decoder, default_active
 
-__all__ = ["Decoder", "default_active", "stack_sessions_state"]
+__all__ = ["Decoder", "default_active"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
 
 import torch
 
@@ -260,9 +259,4 @@ class Decoder:
                     s.reinforce(tokens, self._logits)
 
 
-def stack_sessions_state(states: Sequence[ModelState], model) -> ModelState:
-    """``ModelState.stack`` of one-row states after :meth:`materialize_state` (what a batch decoder loads)."""
-    return ModelState.stack([model.materialize_state(s, 1) for s in states])
-
-
-__all__ = ["Decoder", "default_active", "stack_sessions_state"]
+__all__ = ["Decoder", "default_active"]
