@@ -299,7 +299,7 @@ def file_digest(path):
         with open(path) as f:
             return _digest(json.load(f))
     if path.endswith(".pt"):
-        return _digest(torch.load(path, map_location="cpu", weights_only=False))
+        return _digest(torch.load(path, map_location="cpu", weights_only=True))
     raise AssertionError(f"unknown file type {path}")
 
 
