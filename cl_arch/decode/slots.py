@@ -228,6 +228,12 @@ class DenseOutSlot:
         if self.E is not None:
             self.E.mul_(self.lam).add_(D)
         o = torch.einsum("bhkv,bk->bhv", self.S, hn)
+        return self._finish(m, o, logits, head, h, hn, dt)
+
+
+    def _finish(self, m, o, logits, head, h, hn, dt):
+        """The read ``o [B, H, V]`` as the memory adds it to the logits; keeps ``p`` (error writes) and
+        this position's key for the next write."""
         read = torch.einsum("bhv,h->bv", o, m.read_scale.to(dt))
         if self.error:
             self.p.copy_(torch.softmax(logits.to(dt) + read, dim=-1))
@@ -306,13 +312,7 @@ class LazyOutSlot(DenseOutSlot):
         self.U.view(B * H, K, V).baddbmm_(self.key.repeat_interleave(H, 0).unsqueeze(-1) * w,
                                           u.reshape(B * H, 1, V))
         o = r[:, :, 1] + (beta * (self.key * hn).sum(-1, keepdim=True)).unsqueeze(-1) * u  # read after the write
-        read = torch.einsum("bhv,h->bv", o, m.read_scale.to(dt))
-        if self.error:
-            self.p.copy_(torch.softmax(logits.to(dt) + read, dim=-1))
-        elif m.value_kind != "onehot":
-            read = head(read.to(h.dtype))
-        self.key.copy_(hn)
-        return read.to(h.dtype)
+        return self._finish(m, o, logits, head, h, hn, dt)
 
 
 def _topk(phi: torch.Tensor, n: int, H: int):
