@@ -167,12 +167,14 @@ class PlasticTransformer(nn.Module):
         self.config = dataclasses.replace(self.config, memories=memories)
         return module
 
-    def set_write(self, name: str, write: str, beta: Optional[float] = None, scale: Optional[float] = None) -> None:
+    def set_write(self, name: str, write: str, beta: Optional[float] = None, scale: Optional[float] = None,
+                  chunk: Optional[int] = None) -> None:
         """Switch the output memory ``name`` to another write rule (``"delta"`` or ``"error"``,
         :mod:`cl_arch.memory.write`), in place, keeping its keys and learned weights; ``beta`` and
-        ``scale`` reset its write strength (0, 1) and read scale on every head (None: keep). The
-        config records the rule, so :meth:`save_pretrained` keeps it. States from before the call
-        do not fit (the error write's cache is wider): start new ones.
+        ``scale`` reset its write strength (0, 1) and read scale on every head (None: keep); ``chunk``
+        sets the error write's chunk (``write_chunk``; None: keep). The config records the rule, so
+        :meth:`save_pretrained` keeps it. States from before the call do not fit (the error write's
+        cache is wider): start new ones.
 
         Raises:
             KeyError: no memory called ``name``. ValueError: a rule the memory's config refuses.
@@ -185,6 +187,8 @@ class PlasticTransformer(nn.Module):
             cfg = dataclasses.replace(cfg, beta=beta)
         if scale is not None:
             cfg = dataclasses.replace(cfg, scale=scale)
+        if chunk is not None:
+            cfg = dataclasses.replace(cfg, write_chunk=chunk)
         mem.write, mem.config = make_write(write), cfg
         with torch.no_grad():
             if beta is not None:

@@ -3,7 +3,7 @@ the per-head plasticity settings the commit reads (docs/design.md, "The rule", "
 what every memory's config shares (:class:`MemoryConfig`)."""
 import dataclasses
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,9 +45,18 @@ class MemoryConfig:
         :class:`~cl_arch.config.PlasticConfig`: ``d_model``, ``vocab_size`` and the rule's settings)."""
         raise NotImplementedError
 
+    # Fields added after configs were first saved and fingerprinted; at their default (the old
+    # behaviour) they are left out of the dict, so configs and fingerprints from before keep theirs.
+    ADDED_LATER: ClassVar[Dict[str, Any]] = {"write_chunk": 1}
+
     def to_dict(self) -> Dict[str, Any]:
-        """``{"kind": ..., field: value, ...}`` (JSON-serialisable)."""
-        return {"kind": self.kind, **dataclasses.asdict(self)}
+        """``{"kind": ..., field: value, ...}`` (JSON-serialisable; fields of :attr:`ADDED_LATER` at
+        their default left out)."""
+        d = dataclasses.asdict(self)
+        for name, default in self.ADDED_LATER.items():
+            if name in d and d[name] == default:
+                del d[name]
+        return {"kind": self.kind, **d}
 
     @staticmethod
     def from_dict(d: Dict[str, Any]) -> "MemoryConfig":

@@ -46,6 +46,8 @@ class EpisodicConfig(MemoryConfig):
         commit_span: heads whose memory span is shorter commit nothing (the state commit's).
         write: ``"delta"`` (the delta rule on the token's value) or ``"error"`` (the model's own
             prediction error, one-hot values only: :class:`~cl_arch.memory.write.ErrorWrite`).
+        write_chunk: error writes only: tokens per chunk when a call reads several (1: the exact rule;
+            more: each chunk's errors against its starting state's predictions, in matrix products).
     """
 
     kind = "episodic"
@@ -60,12 +62,14 @@ class EpisodicConfig(MemoryConfig):
     seed: int = 0
     commit_span: float = 4096.0
     write: str = "delta"
+    write_chunk: int = 1
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_int(owner, "heads", self.heads)
         check_int(owner, "features", self.features)
         check_write(owner, self.write, self.values)
+        check_int(owner, "write_chunk", self.write_chunk)
         check_int(owner, "seed", self.seed, lo=0)
         check_choice(owner, "values", self.values, VALUE_KINDS)
         # theta < 0 would make phi(0) = unit(relu(-theta)) != 0: every episode's first key (the zero

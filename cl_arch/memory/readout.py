@@ -44,6 +44,8 @@ class ReadoutConfig(MemoryConfig):
             (one head: 1000), like FLA's ``A`` init.
         write: ``"delta"`` or ``"error"`` (the model's own prediction error; one-hot values and the
             state commit only: :class:`~cl_arch.memory.write.ErrorWrite`).
+        write_chunk: error writes only: tokens per chunk when a call reads several (1: the exact rule;
+            more: each chunk's errors against its starting state's predictions, in matrix products).
     """
 
     kind = "readout"
@@ -57,6 +59,7 @@ class ReadoutConfig(MemoryConfig):
     commit_span: float = 4096.0
     span: Optional[float] = None
     write: str = "delta"
+    write_chunk: int = 1
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -65,6 +68,7 @@ class ReadoutConfig(MemoryConfig):
         check_choice(owner, "keys", self.keys, KEY_KINDS)
         check_choice(owner, "commit", self.commit, COMMITS)
         check_write(owner, self.write, self.values)
+        check_int(owner, "write_chunk", self.write_chunk)
         if self.write == "error" and self.commit != "state":
             raise ValueError(f"{owner}.write: 'error' keeps its trace as S_T - M and needs commit='state', "
                              f"got commit={self.commit!r}")

@@ -101,7 +101,8 @@ class ErrorWrite:
         g = (-memory.A_log.to(cdt).exp()).expand(B, T, memory.n_heads)
         M = memory.resting_state(B, state.P)
         S0 = memory.initial_state(B, state.P) if state.S is None else state.S.to(cdt)
-        read, S_T, p = error_write(q, k, ids, out.logits, eta, g, memory.read_scale.to(cdt), S0, M, p_prev)
+        read, S_T, p = error_write(q, k, ids, out.logits, eta, g, memory.read_scale.to(cdt), S0, M, p_prev,
+                                   chunk_size=getattr(memory.config, "write_chunk", 1))
         read = read.to(h.dtype)
         if not ctx.need_state:
             return read, None
