@@ -20,7 +20,7 @@ import torch
 from ..protocols import PlasticModel
 from ..state import FastLayerState, ModelState
 from ..version import __version__
-from . import batching
+from . import batching, decoding
 from .batching import _eval_mode
 from .files import SCHEMA, _atomic_write, _decode_state, _encode_state, _read_file
 from .inputs import RULE_KEYS, _as_ids, _as_reward, _check_logits, _check_rule, _check_sampling
@@ -44,6 +44,13 @@ class Session:
             with the state commit, e.g. readout and episodic) before the commit, so rejected text is not
             kept as if the user had written it; memories that learn from the reward (the verdict and
             reward memories, the fast layers' three-factor traces) keep it and learn from its advantage.
+        decoder: how :meth:`generate` decodes the sampled tokens (the prompt is always read by the
+            model's chunked forward): ``"auto"`` (default) through a cached eager
+            :class:`~cl_arch.decode.Decoder` where it covers the model (on the CPU, every memory one it
+            has a step for), otherwise the forward path; ``"eager"`` the same but an error where it does
+            not cover the model; ``"compile"`` a ``torch.compile``d decoder (the first call compiles,
+            30-60 s); None one ``model(token, state)`` forward per token. The tokens and states agree
+            to float rounding. Not saved with the session (a setting of this process).
         lam, gamma, eta_s, eta_r, clip, rho: rule overrides as floats; None (default) takes each
             fast layer's learned per-head ``lam, gamma, eta_s, eta_r`` and the config's
             ``commit_clip`` and ``baseline_rho``.
@@ -57,7 +64,7 @@ class Session:
     """
 
     def __init__(self, model, adapt: bool = True, *, seed: Optional[int] = None, replay_size: int = 64,
-                 drop_rejected: bool = True, **rule_overrides: Optional[float]):
+                 drop_rejected: bool = True, decoder: Optional[str] = "auto", **rule_overrides: Optional[float]):
         if not isinstance(model, PlasticModel) and isinstance(getattr(model, "plastic_model", None), PlasticModel):
             # A wrapper that says what it wraps (cl_arch.hf.ClArchForCausalLM: .plastic_model is its
             # PlasticTransformer, the same weights): the session reads the model inside.
@@ -79,6 +86,8 @@ class Session:
             raise ValueError(f"unknown rule settings {unknown}; known: {list(RULE_KEYS)}")
         self.model = model
         self.adapt = adapt
+        self.decoder = decoding.check_mode(decoder)
+        self._live = None  # a Decoder whose buffers hold a newer state than self._state (a stream between tokens)
         self.drop_rejected = drop_rejected
         self.replay_size = replay_size
         self.rule: Dict[str, Optional[float]] = {k: None for k in RULE_KEYS}
@@ -132,6 +141,29 @@ class Session:
             })
         return out
 
+    # ------------------------------------------------------------------ the state (maybe in a decoder)
+    @property
+    def state(self) -> ModelState:
+        """The current episode's :class:`ModelState` (taken back from the decoder a stream left it in)."""
+        if self._live is not None:
+            self._sync()
+        return self._state
+
+    @state.setter
+    def state(self, value: ModelState) -> None:
+        self._live = None
+        self._state = value
+
+    def _sync(self) -> None:
+        """Take the state back from the decoder that holds it (``Decoder.state()``: new tensors)."""
+        dec, self._live = self._live, None
+        self._state = dec.state()
+
+    def _decoder_evicted(self, decoder) -> None:
+        """Called by the decoder cache before another holder loads ``decoder``'s buffers."""
+        if self._live is decoder:
+            self._sync()
+
     # ------------------------------------------------------------------ episode bookkeeping
     def _new_episode(self) -> None:
         """S back to W0 + P, E = 0, caches cleared, position 0."""
@@ -172,14 +204,19 @@ class Session:
         self._rng.set_state(rng)
 
     def _absorb(self, ids: torch.Tensor, logits: torch.Tensor, state: ModelState) -> None:
-        """Bookkeeping after a forward of ``ids [T]`` that produced ``logits [T, V]``."""
+        """Bookkeeping after a forward of ``ids [T]`` that produced ``logits [T, V]`` and ``state``."""
+        self._record(ids, logits)
+        self.state = state
+
+    def _record(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """:meth:`_absorb` but the state: episode ids, NLL ``[T]``, next-token logits (``logits [T, V]``
+        is kept by reference: a caller whose buffer is reused passes a copy)."""
         nll = torch.full((ids.numel(),), float("nan"), dtype=torch.float64)
         if self._next_logits is not None:
             nll[0] = -torch.log_softmax(self._next_logits.double(), -1)[ids[0]]
         if ids.numel() > 1:  # a decode step (one token) has nothing to score inside the call
             lp = torch.log_softmax(logits[:-1].double(), -1)
             nll[1:] = -lp.gather(1, ids[1:, None].long()).squeeze(1)
-        self.state = state
         self._next_logits = logits[-1].detach()
         self._episode_ids.extend(int(x) for x in ids.tolist())
         self._episode_nll.extend(float(x) for x in nll.tolist())
@@ -219,17 +256,34 @@ class Session:
         from :attr:`_next_logits` (pi: the model's softmax, every memory read, over ``allowed`` ids when
         sampling was restricted to them)."""
         slots = self._verdict_slots()
-        logits = self._next_logits
-        if not slots or logits is None:
+        if not slots or self._next_logits is None:
             return []
-        if allowed is not None:
-            logits = torch.full_like(logits, -math.inf).index_copy(0, allowed.to(logits.device), logits[allowed])
+        logits = self._policy_logits(allowed)
         out, mems = [], self.model.memories()
         for i in slots:
             s = self.state.layers[i]
             if s.conv is not None:
                 out.append((i, *mems[i].policy_gradient(s, torch.tensor([tok]), logits[None])))
         return out
+
+    def _policy_logits(self, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+        """:attr:`_next_logits` ``[V]``, ``-inf`` outside ``allowed`` (the policy a restricted draw follows)."""
+        logits = self._next_logits
+        if allowed is not None:
+            logits = torch.full_like(logits, -math.inf).index_copy(0, allowed.to(logits.device), logits[allowed])
+        return logits
+
+    def _feed_generated(self, tok: int, allowed: Optional[torch.Tensor]) -> None:
+        """Feed a generated token on the forward path with its verdict traces; on error the session is as
+        before the token (the draw is not undone)."""
+        mark_tok = self._mark()
+        try:
+            grads = self._policy_gradients(tok, allowed)
+            self._feed(torch.tensor([[tok]]))
+            self._add_traces(grads)
+        except BaseException:
+            self._back_to(mark_tok)
+            raise
 
     def _add_traces(self, grads: List[tuple]) -> None:
         """Add :meth:`_policy_gradients`' terms to the current state's traces (after the token was fed)."""
@@ -318,14 +372,7 @@ class Session:
         def tokens() -> Iterator[int]:
             for _ in range(max_new_tokens):
                 tok = _sample(self._next_logits, float(temperature), top_k, top_p, allowed, gen)
-                mark_tok = self._mark()
-                try:
-                    grads = self._policy_gradients(tok, allowed)
-                    self._feed(torch.tensor([[tok]]))
-                    self._add_traces(grads)
-                except BaseException:
-                    self._back_to(mark_tok)  # the draw too: a retry samples the same token
-                    raise
+                self._feed_generated(tok, allowed)
                 yield tok
 
         try:
@@ -333,8 +380,13 @@ class Session:
                 self._feed(prompt)
                 self._pending = None
             self._open_suggestion()
-            self._own_trace()
-            return tokens() if stream else list(tokens())
+            if max_new_tokens and decoding.acquire(self, 1, max_new_tokens, self.state.position) is not None:
+                it = decoding.generate_tokens(self, max_new_tokens, float(temperature), top_k, top_p, allowed,
+                                              gen, stream)
+            else:
+                self._own_trace()
+                it = tokens()
+            return it if stream else list(it)
         except BaseException:
             self._back_to(mark)
             raise
@@ -557,11 +609,12 @@ class Session:
 
     @classmethod
     def load(cls, model, path: Union[str, os.PathLike], *, seed: Optional[int] = None,
-             adapt: Optional[bool] = None, replay_size: Optional[int] = None,
+             adapt: Optional[bool] = None, replay_size: Optional[int] = None, decoder: Optional[str] = "auto",
              **rule_overrides: Optional[float]) -> "Session":
         """Load a state written by :meth:`save` for ``model``.
 
-        ``adapt``, ``replay_size`` and the rule settings come from the file unless given here;
+        ``adapt``, ``replay_size`` and the rule settings come from the file unless given here
+        (``decoder``, a setting of this process, is not in the file);
         a smaller ``replay_size`` drops the lowest-scoring replay records (as the buffer does).
 
         Raises:
@@ -574,12 +627,12 @@ class Session:
         path = os.fspath(path)
         data = _read_file(path)  # under the file's lock, after finishing an interrupted multi-file write of it
         return cls.from_bytes(model, data, source=path, seed=seed, adapt=adapt, replay_size=replay_size,
-                              **rule_overrides)
+                              decoder=decoder, **rule_overrides)
 
     @classmethod
     def from_bytes(cls, model, data: bytes, source: str = "<bytes>", *, seed: Optional[int] = None,
                    adapt: Optional[bool] = None, replay_size: Optional[int] = None,
-                   **rule_overrides: Optional[float]) -> "Session":
+                   decoder: Optional[str] = "auto", **rule_overrides: Optional[float]) -> "Session":
         """Parse a state file's contents; see :meth:`load`."""
         meta, tensors = _decode_state(data, source, model)
         try:
@@ -589,7 +642,7 @@ class Session:
             rule = dict(meta["rule"])
             rule.update(rule_overrides)
             s = cls(model, adapt=meta["adapt"] if adapt is None else adapt, seed=seed,
-                    replay_size=meta["replay_size"] if replay_size is None else replay_size, **rule)
+                    replay_size=meta["replay_size"] if replay_size is None else replay_size, decoder=decoder, **rule)
             P = []
             for i, m in enumerate(fast):
                 t = tensors[f"P.{i}"]

@@ -1,0 +1,168 @@
+"""Generation through a :class:`~cl_arch.decode.Decoder` (``Session(decoder=...)``; docs/design.md, "Decoding").
+
+The prompt is read by the model's chunked forward as before; the sampled tokens then run
+:meth:`Decoder.step` on buffers that hold the session's state (loaded once per call), instead of one
+``model(ids[:, t:t+1], state)`` per token that returns a new ``ModelState``. The bookkeeping per token is
+``Session._record`` (the same ids, NLL and next-token logits as ``_absorb``), the verdict trace grows by
+the memory's own ``policy_gradient`` / ``add_trace`` on the decoder's trace buffer (what ``_policy_gradients``
+and ``_add_traces`` do, in the same order and arithmetic), and the session's ``state`` is taken back with
+``Decoder.state()`` when the call ends.
+
+While a stream is between tokens the decoder's buffers are the session's newest state (``Session._live``):
+reading ``session.state`` takes it back then (so a stream the caller stops iterating leaves the session
+consistent), and another session that needs the same cached decoder makes this one take it back first.
+Anything the decoder cannot do exactly (a key firing more features than it keeps, an error in a step) is
+redone on the forward path from the call's start: the tokens already produced are fed again one by one and
+the rest of the call decodes as before.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..decode import Decoder
+from ..decode.cache import cached_decoder, decoder_unsupported, still_current
+from ..decode.slots import VerdictSlot
+from ..state import FastLayerState
+from .batching import _eval_mode
+from .inputs import _check_logits
+from .sampling import _sample
+
+DECODER_MODES = ("auto", "eager", "compile", None)
+
+
+def check_mode(mode: Any) -> str | None:
+    """``mode`` if it is one of :data:`DECODER_MODES`, else ValueError."""
+    if not (mode is None or (isinstance(mode, str) and mode in DECODER_MODES)):
+        raise ValueError(f"decoder must be one of {list(DECODER_MODES)}, got {mode!r}")
+    return mode
+
+
+class _Redo(Exception):
+    """The decoder's step was not exact (a key fired more features than it keeps)."""
+
+
+def _max_len(model, position: int, n_new: int) -> int | None:
+    """The KV buffer an attention layer without a window needs (a power of two, so calls share decoders)."""
+    if all(getattr(b.mixer, "window", 1) is not None for b in model.blocks):
+        return None
+    need = position + n_new + 1
+    return max(256, 1 << (need - 1).bit_length())
+
+
+def acquire(session, batch_size: int, n_new: int, position: int, holder=None) -> Decoder | None:
+    """The cached decoder ``session``'s settings ask for (held by ``holder``, default the session), or None
+    for the forward path (``decoder=None``, or ``"auto"`` on a model the decoder does not cover).
+
+    Raises:
+        ValueError: ``decoder="eager"`` or ``"compile"`` on a model the decoder cannot decode.
+    """
+    mode = session.decoder
+    if mode is None:
+        return None
+    model = session.model
+    why = decoder_unsupported(model)
+    if why is None:
+        try:
+            return cached_decoder(model, batch_size, session if holder is None else holder,
+                                  lam=session._lam_arg(), compile=False if mode in ("auto", "eager") else "auto",
+                                  max_len=_max_len(model, position, n_new))
+        except ValueError as e:
+            why = str(e)
+    if mode == "auto":
+        return None
+    raise ValueError(f"Session(decoder={mode!r}): {why} (decoder='auto' falls back to the forward path)")
+
+
+def _hold(session, dec: Decoder | None, n_left: int) -> Decoder:
+    """A decoder whose buffers hold ``session``'s current state: ``dec`` if still so, else a (re)loaded one."""
+    if dec is not None and session._live is dec and still_current(session.model, dec):
+        return dec
+    state = session.state  # takes the state back from a decoder first, if one holds it
+    dec = acquire(session, 1, n_left, state.position)
+    if dec is None:
+        raise _Redo("the decoder no longer applies")
+    dec.load_state(state)
+    session._live = dec
+    return dec
+
+
+def _reinforce(session, dec: Decoder, tok: torch.Tensor, allowed: torch.Tensor | None) -> None:
+    """The verdict traces' step for ``tok [1]`` drawn from ``session._next_logits``: ``_policy_gradients``
+    then ``_add_traces``, on the decoder's trace buffers (the key is the last position read's)."""
+    slots = [s for s in dec.slots if isinstance(s, VerdictSlot)]
+    if not slots:
+        return
+    logits = session._policy_logits(allowed)[None]
+    with torch.no_grad():
+        for slot in slots:
+            phi, g = slot.mem.policy_gradient(FastLayerState(conv=slot.key.unsqueeze(1)), tok, logits)
+            E = slot.mem.add_trace(FastLayerState(E=slot.E), phi, g).E
+            if E is not slot.E:  # add_trace writes in place into a contiguous trace of its dtype: the buffer is one
+                slot.E.copy_(E)
+            slot.E_none = False
+
+
+def _step(model, dec: Decoder, tok: torch.Tensor) -> torch.Tensor:
+    if model.training:  # the decoder calls the model's modules: no dropout
+        with _eval_mode(model):
+            return dec.step(tok)
+    return dec.step(tok)
+
+
+def _redo(session, base: tuple, fed: list[int], allowed: torch.Tensor | None) -> None:
+    """Back to ``base`` (a ``_mark`` after the prompt), then feed ``fed`` on the forward path; the generator
+    keeps its current state (those tokens were drawn already)."""
+    rng = session._rng.get_state()
+    session._back_to(base)
+    session._rng.set_state(rng)
+    session._own_trace()
+    for t in fed:
+        session._feed_generated(t, allowed)
+
+
+def generate_tokens(session, max_new_tokens: int, temperature: float, top_k, top_p,
+                    allowed: torch.Tensor | None, gen: torch.Generator, stream: bool) -> Iterator[int]:
+    """The sampled tokens of :meth:`Session.generate` after its prompt, decoded with the session's cached
+    decoder (:func:`acquire` returned one); falls back to the forward path for the rest of the call where the
+    decoder cannot go on exactly."""
+    base = session._mark()
+    dec: Decoder | None = None
+    fed: list[int] = []
+    check = True  # whether user code may have run (weights changed, state read) since the last token
+    forward = False
+    for i in range(max_new_tokens):
+        tok = _sample(session._next_logits, temperature, top_k, top_p, allowed, gen)
+        if not forward:
+            try:
+                if check:
+                    dec = _hold(session, dec, max_new_tokens - i)
+                t = torch.tensor([tok])
+                _reinforce(session, dec, t, allowed)
+                logits = _step(session.model, dec, t)
+                _check_logits(logits)
+                if dec.overflowed():
+                    raise _Redo("a key fired more features than the decoder keeps")
+                session._record(t, logits.clone())
+            except BaseException as e:
+                session._live = None
+                _redo(session, base, fed, allowed)
+                if not isinstance(e, Exception):
+                    raise
+                forward = True
+        if forward:
+            session._feed_generated(tok, allowed)
+        fed.append(tok)
+        if stream:
+            yield tok
+            check = True
+        else:
+            check = False
+            yield tok
+    if session._live is not None:
+        session._sync()
+
+
+__all__ = ["DECODER_MODES", "acquire", "check_mode", "generate_tokens"]
