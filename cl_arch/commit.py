@@ -33,7 +33,8 @@ def commit_episode(model, state: Union[ModelState, Sequence[Optional[torch.Tenso
             is retention only (``eta_s``) and leaves the baseline alone.
         advantage: ``[B]``, given instead of reward and baseline (it may carry gradient).
         missing_trace: ``"raise"`` (a fast layer kept no trace: ``config.lam`` is None) or
-            ``"zeros"`` (commit a zero trace: ``P`` only decays by ``gamma``).
+            ``"zeros"`` (commit a zero trace: ``P`` only decays by ``gamma``; with no ``P`` either, the
+            layer's new ``P`` is None).
         backend: :func:`~cl_arch.kernels.commit.reward_commit`'s; ``"naive"`` keeps the graph.
         overrides: ``gamma, eta_s, eta_r, clip, rho`` for every memory (None: each memory's own).
 
@@ -59,9 +60,12 @@ def commit_episode(model, state: Union[ModelState, Sequence[Optional[torch.Tenso
     new_P, b_new = [], None
     for j, (m, E, p) in enumerate(zip(layers, traces, P)):
         if E is None:
-            if missing_trace == "raise" or p is None:
+            if missing_trace == "raise":
                 raise ValueError(f"commit: fast layer {j} holds no eligibility trace (config.lam is None, or "
                                  "the forward ran with return_state=False)")
+            if p is None:  # no trace and no P yet (a verdict memory before any generation): nothing moves
+                new_P.append(None)
+                continue
             E = torch.zeros_like(p)
         p = torch.zeros_like(E, dtype=m.state_dtype) if p is None else p
         if isinstance(reward, torch.Tensor):

@@ -341,5 +341,10 @@ def test_model_commit_is_each_memory_commit_paired_by_state_slot():
         m.commit(state, P, r, b)
     decayed, _ = m.commit(state, P, missing_trace="zeros", gamma=0.5)
     assert all(torch.allclose(d, 0.5 * p) for d, p in zip(decayed, P))
+    # no trace and no P (a verdict memory before any generation): that layer's P stays None
+    none_P, _ = m.commit(state, [None] + list(P[1:]), missing_trace="zeros", gamma=0.5)
+    assert none_P[0] is None and torch.allclose(none_P[1], 0.5 * P[1])
+    with pytest.raises(ValueError, match="no eligibility trace"):
+        m.commit(state, [None] + list(P[1:]))
     with pytest.raises(ValueError, match="unknown overrides"):
         m.commit(state, P, lamda=0.3)
