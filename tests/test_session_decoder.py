@@ -17,7 +17,13 @@ import cl_arch
 import cl_arch.decode.decoder as decoder_mod
 from cl_arch import PlasticConfig, PlasticTransformer, Session
 from cl_arch.decode import Decoder
-from cl_arch.memory import EpisodicConfig, ReadoutConfig, RewardMemoryConfig, VerdictConfig
+from cl_arch.memory import (
+    EpisodicConfig,
+    ReadoutConfig,
+    RewardMemoryConfig,
+    VerdictConfig,
+)
+from cl_arch.session import decoding
 from cl_arch.state import AttnLayerState
 
 torch.set_num_threads(1)
@@ -166,8 +172,7 @@ def test_errors_mid_generation(shipped, monkeypatch):
     monkeypatch.setattr(Decoder, "step", failing)
     got = []
     with pytest.raises(KeyboardInterrupt):
-        for t in dec.generate(b"", max_new_tokens=6, stream=True):
-            got.append(t)
+        got.extend(dec.generate(b"", max_new_tokens=6, stream=True))
     assert len(got) == 2
     ref.generate(b"", max_new_tokens=2)
     _same(ref, dec, 1e-5)
@@ -218,7 +223,6 @@ def test_option_and_fallback(monkeypatch):
     _same(ref, dec, 1e-10)
     _both((ref, dec), lambda s: s.reward(1.0))
     _same(ref, dec, 1e-10)
-    import cl_arch.session.decoding as decoding
     monkeypatch.setattr(decoding, "decoder_unsupported", lambda model: "the test says no")
     other = copy.deepcopy(model)  # a copy starts with no decoder
     assert not _live(other)
@@ -226,3 +230,50 @@ def test_option_and_fallback(monkeypatch):
     assert not _live(other)
     with pytest.raises(ValueError, match="the test says no"):
         Session(other, decoder="eager").generate([1, 2], max_new_tokens=3)
+
+
+def _batch(sessions, prompts, **kw):
+    return Session.batch_generate(sessions, prompts, **kw)
+
+
+def test_batch_generate_same_as_forward(shipped):
+    refs, decs = zip(*[_pair(shipped) for _ in range(3)])
+    prompts = [b"def f(a, b):\n", b"class A:\n    ", b"import os\nimp"]  # one length: one position, one group
+    want = _batch(refs, prompts, max_new_tokens=10, seeds=[1, None, 2])
+    got = _batch(decs, prompts, max_new_tokens=10, seeds=[1, None, 2])
+    assert want == got
+    assert any(d.B == 3 for d in _live(shipped))
+    for r, d in zip(refs, decs):
+        _same(r, d, 1e-5)
+    # then each goes on alone, and verdicts apply to what the batch generated
+    for r, d in zip(refs, decs):
+        _both((r, d), lambda s: s.verdict(0.0))
+        _both((r, d), lambda s: s.generate(b"", max_new_tokens=3))
+        _same(r, d, 1e-5)
+
+
+def test_batch_generate_groups_and_fallback(monkeypatch):
+    model = _tiny()  # full attention: sessions at different positions decode on the forward path
+    refs, decs = zip(*[_pair(model) for _ in range(2)])
+    prompts = [[1, 2, 3], [4, 5]]
+    assert _batch(refs, prompts, max_new_tokens=6) == _batch(decs, prompts, max_new_tokens=6)
+    assert not any(d.B == 2 for d in _live(model))
+    for r, d in zip(refs, decs):
+        _same(r, d, 1e-10)
+    torch.manual_seed(1)
+    cfg = PlasticConfig(d_model=32, n_layers=2, layer_types=["fast", "fast"], n_heads=2, head_k_dim=8, head_v_dim=8,
+                        vocab_size=40, memories=[EpisodicConfig(heads=2, features=64, threshold=0.5),
+                                                 VerdictConfig(heads=1, features=64, threshold=0.5)])
+    fast = PlasticTransformer(cfg).to(torch.float64).eval()  # no attention: one group at any positions
+    refs, decs = zip(*[_pair(fast) for _ in range(2)])
+    assert _batch(refs, prompts, max_new_tokens=8) == _batch(decs, prompts, max_new_tokens=8)
+    assert any(d.B == 2 for d in _live(fast))
+    for r, d in zip(refs, decs):
+        _same(r, d, 1e-10)
+    monkeypatch.setattr(decoder_mod, "default_active", lambda memory: 2)  # overflows: redone on the forward path
+    other = copy.deepcopy(fast)
+    refs, decs = zip(*[_pair(other) for _ in range(2)])
+    assert _batch(refs, prompts, max_new_tokens=5) == _batch(decs, prompts, max_new_tokens=5)
+    assert _live(other)[0].overflowed()
+    for r, d in zip(refs, decs):
+        _same(r, d, 1e-10)

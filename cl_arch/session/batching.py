@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..state import ModelState
+from . import decoding
 from .inputs import _as_ids, _check_logits, _check_sampling
 from .sampling import _sample
 
@@ -40,7 +41,10 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
     ``s.generate(p, ...)`` on each session in turn (to float rounding of batched matmuls).
 
     Sessions must share one model object and their ``lam`` setting; with attention layers,
-    sessions at different positions decode in separate groups.
+    sessions at different positions decode in separate groups. Where they share a ``decoder`` setting
+    (not None), decode in one group and ``max_new_tokens > 1``, the tokens run through a cached
+    :class:`~cl_arch.decode.Decoder` of batch size ``len(sessions)`` (:class:`Session`'s ``decoder``):
+    the states are loaded once and taken back at the end.
 
     Returns:
         One list of new token ids per session.
@@ -83,6 +87,18 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
             s._open_suggestion()
             s._own_trace()
 
+        dec = decoding.batch_decoder(sessions, max_new_tokens)
+        if dec is not None:
+            after = [s._mark() for s in sessions]
+            gen_states = [g.get_state() for g in gens]
+            try:
+                return decoding.batch_tokens(sessions, dec, max_new_tokens, float(temperature), top_k, top_p,
+                                             allowed, gens)
+            except Exception:  # noqa: BLE001 - the forward path redoes the decode from after the prompts
+                for s, m in zip(sessions, after):
+                    s._back_to(m)
+                for g, st in zip(gens, gen_states):
+                    g.set_state(st)
         has_attn = any(m is None for m in model.memories())  # a None slot is an attention (KV) cache
         out: List[List[int]] = [[] for _ in sessions]
         for _ in range(max_new_tokens):

@@ -25,8 +25,7 @@ import torch
 from ..decode import Decoder
 from ..decode.cache import cached_decoder, decoder_unsupported, still_current
 from ..decode.slots import VerdictSlot
-from ..state import FastLayerState
-from .batching import _eval_mode
+from ..state import FastLayerState, ModelState
 from .inputs import _check_logits
 from .sampling import _sample
 
@@ -106,10 +105,13 @@ def _reinforce(session, dec: Decoder, tok: torch.Tensor, allowed: torch.Tensor |
 
 
 def _step(model, dec: Decoder, tok: torch.Tensor) -> torch.Tensor:
-    if model.training:  # the decoder calls the model's modules: no dropout
-        with _eval_mode(model):
-            return dec.step(tok)
-    return dec.step(tok)
+    if not model.training:
+        return dec.step(tok)
+    model.eval()  # the decoder calls the model's modules: no dropout (batching._eval_mode, which imports this)
+    try:
+        return dec.step(tok)
+    finally:
+        model.train(True)
 
 
 def _redo(session, base: tuple, fed: list[int], allowed: torch.Tensor | None) -> None:
@@ -165,4 +167,67 @@ def generate_tokens(session, max_new_tokens: int, temperature: float, top_k, top
         session._sync()
 
 
-__all__ = ["DECODER_MODES", "acquire", "check_mode", "generate_tokens"]
+class _BatchHolder:
+    """Holds a batch decoder for one :func:`batch_tokens` call (which takes every row back before returning)."""
+
+    def _decoder_evicted(self, decoder: Decoder) -> None:
+        pass
+
+
+def batch_decoder(sessions: list, n_new: int) -> Decoder | None:
+    """A decoder for ``sessions`` decoding together (:meth:`Session.batch_generate` after the prompts), or None
+    for the forward path: settings differ, a model the decoder does not cover under ``"auto"``, attention
+    layers with the sessions at different positions, or one token (loading and taking back cost more)."""
+    modes = {s.decoder for s in sessions}
+    if n_new < 2 or len(modes) != 1 or None in modes:
+        return None
+    model = sessions[0].model
+    positions = {s.state.position for s in sessions}
+    has_attn = any(m is None for m in model.memories())
+    if has_attn and len(positions) > 1:
+        return None
+    return acquire(sessions[0], len(sessions), n_new, max(positions), holder=_BatchHolder())
+
+
+def batch_tokens(sessions: list, dec: Decoder, max_new_tokens: int, temperature: float, top_k, top_p,
+                 allowed: torch.Tensor | None, gens: list) -> list[list[int]]:
+    """The sampled tokens of :meth:`Session.batch_generate` after the prompts, every row decoded by ``dec``
+    (batch size ``len(sessions)``); each session's state is taken back at the end.
+
+    Raises:
+        _Redo: a key fired more features than the decoder keeps; the caller returns every session (and
+            generator) to where it was after its prompt and decodes on the forward path.
+    """
+    model = sessions[0].model
+    positions = [s.state.position for s in sessions]
+    states = [model.materialize_state(s.state, 1) for s in sessions]
+    dec.load_state(ModelState.stack([ModelState(st.layers, positions[0]) for st in states]))
+    verdict = [s for s in dec.slots if isinstance(s, VerdictSlot)]
+    out: list[list[int]] = [[] for _ in sessions]
+    for _ in range(max_new_tokens):
+        toks = [_sample(s._next_logits, temperature, top_k, top_p, allowed, g) for s, g in zip(sessions, gens)]
+        t = torch.tensor(toks, dtype=torch.long)
+        if verdict:  # _policy_gradients then _add_traces, every row at once (a row's key is its own)
+            logits = torch.stack([s._policy_logits(allowed) for s in sessions])
+            with torch.no_grad():
+                for slot in verdict:
+                    phi, g = slot.mem.policy_gradient(FastLayerState(conv=slot.key.unsqueeze(1)), t, logits)
+                    E = slot.mem.add_trace(FastLayerState(E=slot.E), phi, g).E
+                    if E is not slot.E:
+                        slot.E.copy_(E)
+                    slot.E_none = False
+        logits = _step(model, dec, t)
+        _check_logits(logits)
+        if dec.overflowed():
+            raise _Redo("a key fired more features than the decoder keeps")
+        for i, s in enumerate(sessions):
+            s._record(t[i:i + 1], logits[i:i + 1].clone())
+            out[i].append(toks[i])
+    new = dec.state()
+    for i, s in enumerate(sessions):
+        row = new.select(i).clone()  # own storage: no session holds a view of another's rows
+        s.state = ModelState(row.layers, positions[i] + max_new_tokens)
+    return out
+
+
+__all__ = ["DECODER_MODES", "acquire", "batch_decoder", "batch_tokens", "check_mode", "generate_tokens"]
