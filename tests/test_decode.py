@@ -86,6 +86,22 @@ def test_shipped_error_write(shipped):
     _compare(model, 3, torch.float64, 1e-10, n_tokens=60)
 
 
+def test_shipped_verdict_read_and_shared_projection(shipped):
+    """A verdict memory with a non-zero P is read (W0 + P = 0 skips the read); it shares the episodic
+    memory's hn R^T, and its logits and trace equal the model's."""
+    from cl_arch.decode.slots import VerdictSlot
+    model = copy.deepcopy(shipped).double()
+    v = model.verdict
+    P = [None] * (len(model.fast_layers()) - 1)
+    P.append(0.05 * torch.randn(2, v.n_heads, v.head_k_dim, v.head_v_dim, generator=torch.Generator().manual_seed(4),
+                                dtype=torch.float64))
+    dec = _compare(model, 2, torch.float64, 1e-10, n_tokens=40, P=P)
+    slot = next(s for s in dec.slots if isinstance(s, VerdictSlot))
+    assert slot.projection is not None and slot.projection.shares_projection and not slot.zero
+    dec.load_state(model.init_state(2))
+    assert slot.zero  # a fresh state's W0 + P is zero
+
+
 def _tiny(seed: int = 0) -> PlasticTransformer:
     torch.manual_seed(seed)
     cfg = PlasticConfig(d_model=32, n_layers=3, layer_types=["fast", "attn", "fast"], n_heads=2, head_k_dim=8,

@@ -102,6 +102,7 @@ class Decoder:
                 self.slots.append((LazyOutSlot if lazy else DenseOutSlot)(mem, batch_size, lam_m))
             else:
                 raise ValueError(f"Decoder has no step for the {type(mem).__name__} memory {mem.config.name!r}")
+        _share_projection(self.slots)
         attn = [b.mixer for b in model.blocks if not isinstance(b.mixer, FastWeightLayer)]
         hd = attn[0].head_dim if attn else 2
         theta = attn[0].rotary.theta if attn else 10000.0
@@ -244,7 +245,9 @@ class Decoder:
         logits = model.lm_head(h)
         for slot in self.slots[len(model.blocks):]:
             if isinstance(slot, VerdictSlot):
-                logits = logits + slot.step(h)
+                read = slot.step(h)
+                if read is not None:
+                    logits = logits + read
             else:
                 logits = logits + slot.step(h, ids, logits, mod, model.embed, model.lm_head)
         self._logits.copy_(logits)
@@ -257,6 +260,20 @@ class Decoder:
             if isinstance(s, VerdictSlot):
                 with torch.no_grad():
                     s.reinforce(tokens, self._logits)
+
+
+def _share_projection(slots) -> None:
+    """A verdict memory whose fixed projection ``R`` equals an episodic memory's stepped before it reads
+    that slot's ``hn R^T`` (the shipped model's two memories share ``R``: one ``[B, d] x [d, F]`` product
+    a token instead of two; the same operations, so the same bits)."""
+    for i, v in enumerate(slots):
+        if not isinstance(v, VerdictSlot):
+            continue
+        for e in slots[:i]:
+            if (isinstance(e, EpisodicSlot) and e.mem.R.shape == v.mem.R.shape and e.mem.R.dtype == v.mem.R.dtype
+                    and e.mem.d_model == v.mem.d_model and torch.equal(e.mem.R, v.mem.R)):
+                e.shares_projection, v.projection = True, e
+                break
 
 
 __all__ = ["Decoder", "default_active"]

@@ -315,6 +315,11 @@ class LazyOutSlot(DenseOutSlot):
         return self._finish(m, o, logits, head, h, hn, dt)
 
 
+def features_from_projection(memory, proj: torch.Tensor) -> torch.Tensor:
+    """``memory.features(hn)`` given ``proj = hn R^T [B, F]`` (the same operations after the product)."""
+    return F.normalize(F.relu(proj - memory.key_threshold.clamp(min=0).to(proj.dtype)), p=2, dim=-1)
+
+
 def _topk(phi: torch.Tensor, n: int, H: int):
     """Active entries ``(idx, val) [B, H, n]`` of ``phi [B, F]`` (every head reads the same key)."""
     val, idx = phi.topk(n, dim=-1, sorted=False)
@@ -335,10 +340,12 @@ class EpisodicSlot:
         self.ka_idx = torch.zeros(B, H, n, dtype=torch.long)  # the write key's active set: the last read key's
         self.ka_val = torch.zeros(B, H, n, dtype=dt)
         self.overflow = torch.zeros((), dtype=torch.long)  # the most features any key fired
+        self.proj = torch.zeros(B, Fdim, dtype=dt)  # hn R^T of the last step: a verdict memory with the same R reads it
         g = -float(memory.A_log.detach().exp().max())
         # fold c into U before it falls below MIN_SCALE: c = exp(g * steps) for the fastest head
         self.fold_every = max(1, int(math.log(MIN_SCALE) / g) - 1) if g < 0 else 1 << 62
         self.P = None
+        self.shares_projection = False  # set by the decoder when a verdict slot reads self.proj
 
     def load(self, s: FastLayerState) -> None:
         d = self.key.shape[1]
@@ -362,8 +369,12 @@ class EpisodicSlot:
         conv = self.key if self.st.p is None else torch.cat([self.key, self.st.p], dim=-1)
         return FastLayerState(S=S, E=E, P=self.P, conv=conv.unsqueeze(1).clone())
 
-    def _keys(self, hn: torch.Tensor):
-        phi = self.mem.features(hn)
+    def _keys(self, hn: torch.Tensor, keep: bool = False):
+        if keep:
+            self.proj.copy_(hn @ self.mem.R.to(hn.dtype).T)
+            phi = features_from_projection(self.mem, self.proj)
+        else:
+            phi = self.mem.features(hn)
         self.overflow.copy_(torch.maximum(self.overflow, (phi > 0).sum(-1).max()))
         return _topk(phi, self.n, self.mem.n_heads)
 
@@ -373,7 +384,7 @@ class EpisodicSlot:
         B, H, _, _V = st.shape
         dt = self.key.dtype
         hn = F.normalize(h.to(dt), p=2, dim=-1)
-        qa = self._keys(hn)
+        qa = self._keys(hn, keep=self.shares_projection)
         beta = (torch.sigmoid(m.beta_logit.to(dt)) * mod.to(dt).unsqueeze(-1)).contiguous()
         g = (-m.A_log.to(dt).exp()).expand(B, H)
         ka = (self.ka_idx, self.ka_val)
@@ -418,10 +429,13 @@ class VerdictSlot:
         self.overflow = torch.zeros((), dtype=torch.long)
         self.S = self.P = None
         self.E_none = True
+        self.zero = True  # W0 + P is zero (every session before its first verdict): the read is skipped
+        self.projection = None  # an EpisodicSlot whose proj is hn R^T with this memory's R (set by the decoder)
 
     def load(self, s: FastLayerState) -> None:
         self.S, self.P = s.S, s.P
         self.Q.view(self.E.shape).copy_(_rest(self.mem, self.B, s.P, self.Q.dtype))
+        self.zero = not bool(self.Q.any())  # one scan per load; a host flag, so the step holds no branch on data
         self.E_none = s.E is None
         self.E.copy_(s.E) if s.E is not None else self.E.zero_()
         self.key.copy_(s.conv[:, 0])
@@ -430,17 +444,24 @@ class VerdictSlot:
         return FastLayerState(S=self.S, E=None if self.E_none else self.E.clone(), P=self.P,
                               conv=self.key.unsqueeze(1).clone())
 
-    def step(self, h: torch.Tensor) -> torch.Tensor:
+    def step(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The read ``[B, V]`` for the final hidden state ``h [B, d]``, or None while ``W0 + P`` is zero;
+        the key is kept either way (the trace of a generated token needs it)."""
         m = self.mem
         dt = self.key.dtype
         B, H, _Fdim, V = self.E.shape
         hn = F.normalize(h.to(dt), p=2, dim=-1)
-        phi = m.features(hn)
+        if self.projection is not None:  # the episodic slot already computed hn R^T this step
+            phi = features_from_projection(m, self.projection.proj)
+        elif self.key_is_phi or not self.zero:
+            phi = m.features(hn)
+        self.key.copy_(phi if self.key_is_phi else hn)
+        if self.zero:
+            return None
         self.overflow.copy_(torch.maximum(self.overflow, (phi > 0).sum(-1).max()))
         idx, val = _topk(phi, self.n, H)
         rows = self.Q.index_select(0, (self.base + idx).reshape(-1)).view(B, H, self.n, V)
         o = torch.matmul(val.unsqueeze(-2), rows)[:, :, 0]  # [B, H, V]
-        self.key.copy_(phi if self.key_is_phi else hn)
         return torch.einsum("bhv,h->bv", o, m.read_scale.to(dt)).to(h.dtype)
 
     def reinforce(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
