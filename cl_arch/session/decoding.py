@@ -30,6 +30,9 @@ from .inputs import _check_logits
 from .sampling import _sample
 
 DECODER_MODES = ("auto", "eager", "compile", None)
+# Loading a session's state into a decoder and taking it back cost about two forward steps of the shipped
+# model (benchmarks/bench_session.py's figures): a one-token call stays on the forward path.
+MIN_NEW_TOKENS = 2
 
 
 def check_mode(mode: Any) -> str | None:
@@ -179,7 +182,7 @@ def batch_decoder(sessions: list, n_new: int) -> Decoder | None:
     for the forward path: settings differ, a model the decoder does not cover under ``"auto"``, attention
     layers with the sessions at different positions, or one token (loading and taking back cost more)."""
     modes = {s.decoder for s in sessions}
-    if n_new < 2 or len(modes) != 1 or None in modes:
+    if n_new < MIN_NEW_TOKENS or len(modes) != 1 or None in modes:
         return None
     model = sessions[0].model
     positions = {s.state.position for s in sessions}
@@ -230,4 +233,4 @@ def batch_tokens(sessions: list, dec: Decoder, max_new_tokens: int, temperature:
     return out
 
 
-__all__ = ["DECODER_MODES", "acquire", "batch_decoder", "batch_tokens", "check_mode", "generate_tokens"]
+__all__ = ["DECODER_MODES", "MIN_NEW_TOKENS", "acquire", "batch_decoder", "batch_tokens", "check_mode", "generate_tokens"]
