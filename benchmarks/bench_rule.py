@@ -1,4 +1,4 @@
-"""Forward+backward time of the plastic rule's PyTorch backends on CPU.
+"""Forward+backward time of the plastic rule's PyTorch backends on CPU, and of the error-driven write's.
 
     python benchmarks/bench_rule.py [--T 2048 --H 4 --K 64 --threads 1 --repeats 5]
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cl_arch.io import write_json
+from cl_arch.kernels.error_write import error_write
 from cl_arch.kernels.plastic import plastic_rule
 
 
@@ -79,11 +80,26 @@ def main(argv=None):
     except Exception as exc:  # not installed, or its import needs a GPU
         print(f"[flash-linear-attention reference not timed: {type(exc).__name__}: {exc}]")
 
+    # the error-driven write (issue 24) at the same shapes: V is the vocabulary it writes over
+    gen = torch.Generator().manual_seed(2)
+    targets = torch.randint(0, a.V, (a.B, a.T), generator=gen)
+    err = dict(q=F.normalize(torch.randn(a.B, a.T, a.H, a.K, generator=gen), dim=-1), k=x["k"],
+               base=torch.randn(a.B, a.T, a.V, generator=gen), eta=x["beta"], g=x["g"], scale=torch.ones(a.H),
+               initial_state=torch.zeros(a.B, a.H, a.K, a.V), resting_state=M)
+    err_runs = {
+        f"error write torch_chunk (C={c})": (lambda t, c=c: error_write(targets=targets, **t, backend="torch_chunk",
+                                                                        chunk_size=c), a.repeats)
+        for c in (16, 64)}
+    err_runs["error write naive (exact)"] = (lambda t: error_write(targets=targets, **t, backend="naive"),
+                                             a.naive_repeats)
+
     results = {}
     for name, (fn, reps) in runs.items():
         results[name] = time_fwd_bwd(fn, x, reps)
     for name, (fn, reps) in rest_runs.items():  # M gets a gradient too
         results[name] = time_fwd_bwd(fn, rest, reps)
+    for name, (fn, reps) in err_runs.items():
+        results[name] = time_fwd_bwd(fn, err, reps)
     base = results["naive (trace on)"]
     chunk = results["torch_chunk (trace on)"]
     print(f"plastic rule fwd+bwd, B={a.B} T={a.T} H={a.H} K={a.K} V={a.V}, float32, CPU, {a.threads} thread(s)")
@@ -96,7 +112,10 @@ def main(argv=None):
         "median_ms": {n: s * 1e3 for n, s in results.items()},
         "speedup_chunk_vs_naive": base / chunk,
         "resting_state_overhead_chunk": results["torch_chunk (trace on, resting state)"] / chunk,
+        "error_write_chunk64_vs_torch_chunk": results["error write torch_chunk (C=64)"] / chunk,
     }
+    print(f"chunked error write (C=64) fwd+bwd {report['error_write_chunk64_vs_torch_chunk']:.2f}x torch_chunk "
+          "with trace (issue 24 target <= 1.3x)")
     print(f"resting state costs torch_chunk fwd+bwd {report['resting_state_overhead_chunk']:.2f}x (target <= 1.2x)")
     if "fla naive_chunk_gated_delta_rule" in results:
         report["speedup_chunk_vs_fla_naive_chunk"] = results["fla naive_chunk_gated_delta_rule"] / chunk
