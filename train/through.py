@@ -194,6 +194,13 @@ def train_through(model: PlasticTransformer, cfg: ThroughConfig, output_dir: str
     schedule = WarmupCosine(opt, cfg.lr, cfg.warmup_steps, 0.1)
     trainer: Optional[Trainer] = None
     skip = [n for n in cfg.skip_memories if model.memory(n) is not None]
+    for mem in model.output_memories():
+        c = mem.config
+        if mem.config.name not in skip and getattr(c, "write", None) == "error" and getattr(c, "write_chunk", 1) == 1:
+            # the exact error write's only differentiable backend loops over tokens (~19x the chunked rule)
+            logger.warning("memory %r trains through the exact error write (per-token loop); "
+                           "model.set_write(%r, 'error', chunk=64) reads the same bits in matrix products",
+                           c.name, c.name)
 
     def loss_fn(m, rows):
         with m.memories_off(*skip):
