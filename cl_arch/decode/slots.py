@@ -315,11 +315,6 @@ class LazyOutSlot(DenseOutSlot):
         return self._finish(m, o, logits, head, h, hn, dt)
 
 
-def features_from_projection(memory, proj: torch.Tensor) -> torch.Tensor:
-    """``memory.features(hn)`` given ``proj = hn R^T [B, F]`` (the same operations after the product)."""
-    return F.normalize(F.relu(proj - memory.key_threshold.clamp(min=0).to(proj.dtype)), p=2, dim=-1)
-
-
 def _topk(phi: torch.Tensor, n: int, H: int):
     """Active entries ``(idx, val) [B, H, n]`` of ``phi [B, F]`` (every head reads the same key)."""
     val, idx = phi.topk(n, dim=-1, sorted=False)
@@ -372,7 +367,7 @@ class EpisodicSlot:
     def _keys(self, hn: torch.Tensor, keep: bool = False):
         if keep:
             self.proj.copy_(hn @ self.mem.R.to(hn.dtype).T)
-            phi = features_from_projection(self.mem, self.proj)
+            phi = self.mem.features_from_projection(self.proj)
         else:
             phi = self.mem.features(hn)
         self.overflow.copy_(torch.maximum(self.overflow, (phi > 0).sum(-1).max()))
@@ -452,7 +447,7 @@ class VerdictSlot:
         B, H, _Fdim, V = self.E.shape
         hn = F.normalize(h.to(dt), p=2, dim=-1)
         if self.projection is not None:  # the episodic slot already computed hn R^T this step
-            phi = features_from_projection(m, self.projection.proj)
+            phi = m.features_from_projection(self.projection.proj)
         elif self.key_is_phi or not self.zero:
             phi = m.features(hn)
         self.key.copy_(phi if self.key_is_phi else hn)

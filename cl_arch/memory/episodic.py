@@ -139,7 +139,12 @@ class EpisodicMemory(OutputMemory):
         ``theta`` is used clamped at 0: the config refuses a negative one, but training (or a loaded
         file) can take the parameter below 0, where ``phi(0)`` would fire every feature and the
         zero cache of each episode's first token would write under one shared key."""
-        z = hn @ self.R.to(hn.dtype).T - self.key_threshold.clamp(min=0).to(hn.dtype)
+        return self.features_from_projection(hn @ self.R.to(hn.dtype).T)
+
+    def features_from_projection(self, proj: torch.Tensor) -> torch.Tensor:
+        """``phi [..., F]`` given ``proj = hn R^T [..., F]`` (a decoder computes the product once for two
+        memories that hold the same ``R``)."""
+        z = proj - self.key_threshold.clamp(min=0).to(proj.dtype)
         return F.normalize(F.relu(z), p=2, dim=-1)
 
     def cache_shape(self, batch_size: int):
