@@ -97,7 +97,12 @@ def _reinforce(session, dec: Decoder, tok: torch.Tensor, allowed: torch.Tensor |
     slots = [s for s in dec.slots if isinstance(s, VerdictSlot)]
     if not slots:
         return
-    logits = session._policy_logits(allowed)[None]
+    _trace_step(slots, tok, session._policy_logits(allowed)[None])
+
+
+def _trace_step(slots: list, tok: torch.Tensor, logits: torch.Tensor) -> None:
+    """``E += phi (e(tok) - softmax(logits))^T`` on each verdict slot's trace buffer, every row at once
+    (``tok [B]``, ``logits [B, V]`` the policy the draw followed; a row's key is its own)."""
     with torch.no_grad():
         for slot in slots:
             phi, g = slot.mem.policy_gradient(FastLayerState(conv=slot.key.unsqueeze(1)), tok, logits)
@@ -210,15 +215,8 @@ def batch_tokens(sessions: list, dec: Decoder, max_new_tokens: int, temperature:
     for _ in range(max_new_tokens):
         toks = [_sample(s._next_logits, temperature, top_k, top_p, allowed, g) for s, g in zip(sessions, gens)]
         t = torch.tensor(toks, dtype=torch.long)
-        if verdict:  # _policy_gradients then _add_traces, every row at once (a row's key is its own)
-            logits = torch.stack([s._policy_logits(allowed) for s in sessions])
-            with torch.no_grad():
-                for slot in verdict:
-                    phi, g = slot.mem.policy_gradient(FastLayerState(conv=slot.key.unsqueeze(1)), t, logits)
-                    E = slot.mem.add_trace(FastLayerState(E=slot.E), phi, g).E
-                    if E is not slot.E:
-                        slot.E.copy_(E)
-                    slot.E_none = False
+        if verdict:  # _policy_gradients then _add_traces
+            _trace_step(verdict, t, torch.stack([s._policy_logits(allowed) for s in sessions]))
         logits = _step(model, dec, t)
         _check_logits(logits)
         if dec.overflowed():
