@@ -111,7 +111,12 @@ def test_shipped_same_as_forward(shipped, temperature):
     _same(ref, dec, 1e-5)
 
 
-def test_tiny_float64_allowed_and_stream():
+@pytest.mark.parametrize("defer_limit", [256, 3], ids=["flush-at-sync", "flush-every-3"])
+def test_tiny_float64_allowed_and_stream(monkeypatch, defer_limit):
+    """The verdict trace steps are queued and added when the state is taken back (or every
+    ``DEFER_LIMIT`` tokens): the same trace as the forward path's one step at a time."""
+    import cl_arch.decode.slots as slots_mod
+    monkeypatch.setattr(slots_mod, "DEFER_LIMIT", defer_limit)
     model = _tiny()
     ref, dec = _pair(model)
     prompt = [1, 5, 9, 2, 7]

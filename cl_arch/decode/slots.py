@@ -408,6 +408,9 @@ def _verdict_caches_phi(memory) -> bool:
         bool(torch.equal(conv[:, -1], memory.features(F.normalize(h[:, -1].to(conv.dtype), p=2, dim=-1))))
 
 
+DEFER_LIMIT = 256  # trace steps a VerdictSlot queues before it adds them to E
+
+
 class VerdictSlot:
     """The verdict memory: ``scale * phi(h)^T (W0 + P)`` on ``phi``'s active rows; ``E`` changes only by
     :meth:`reinforce`, ``S`` never."""
@@ -426,8 +429,10 @@ class VerdictSlot:
         self.E_none = True
         self.zero = True  # W0 + P is zero (every session before its first verdict): the read is skipped
         self.projection = None  # an EpisodicSlot whose proj is hn R^T with this memory's R (set by the decoder)
+        self.pending: list = []  # (key [B, K], tokens [B], logits [B, V]) of trace steps not yet in E (defer)
 
     def load(self, s: FastLayerState) -> None:
+        self.pending.clear()  # the loaded trace replaces whatever was queued for the old one
         self.S, self.P = s.S, s.P
         self.Q.view(self.E.shape).copy_(_rest(self.mem, self.B, s.P, self.Q.dtype))
         self.zero = not bool(self.Q.any())  # one scan per load; a host flag, so the step holds no branch on data
@@ -436,6 +441,7 @@ class VerdictSlot:
         self.key.copy_(s.conv[:, 0])
 
     def dump(self) -> FastLayerState:
+        self.flush()
         return FastLayerState(S=self.S, E=None if self.E_none else self.E.clone(), P=self.P,
                               conv=self.key.unsqueeze(1).clone())
 
@@ -459,9 +465,36 @@ class VerdictSlot:
         o = torch.matmul(val.unsqueeze(-2), rows)[:, :, 0]  # [B, H, V]
         return torch.einsum("bhv,h->bv", o, m.read_scale.to(dt)).to(h.dtype)
 
+    def defer(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """:meth:`reinforce` for ``tokens [B]`` drawn from ``logits [B, V]`` (kept by reference: pass a tensor
+        nobody overwrites) at the key held now, queued: :meth:`flush` adds the queue to ``E`` in one product.
+        No step reads ``E`` (the read is ``W0 + P``), so only :meth:`dump` needs it current; a queue of one
+        product per token cost a session about a tenth of its decode time in small-tensor launches."""
+        self.pending.append((self.key.clone(), tokens, logits))
+        self.E_none = False
+        if len(self.pending) >= DEFER_LIMIT:  # bounds the keys held ([B, K] each) on long generations
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the queued trace steps to ``E``: ``E += sum_t phi_t g_t^T`` with ``(phi_t, g_t)`` the memory's own
+        :meth:`~cl_arch.memory.verdict.VerdictMemory.policy_gradient` of each (the sum in another order than
+        one step at a time: equal to float rounding), on the rows where some key fires."""
+        if not self.pending:
+            return
+        keys, tokens, logits = zip(*self.pending)
+        self.pending = []
+        T, (B, H, Fdim, V) = len(keys), self.E.shape
+        key = torch.stack(keys).reshape(T * B, 1, -1)
+        phi, g = self.mem.policy_gradient(FastLayerState(conv=key), torch.stack(tokens).reshape(T * B),
+                                          torch.stack(logits).reshape(T * B, V))
+        cols = (phi > 0).any(0).nonzero()[:, 0]
+        rows = torch.einsum("tbc,tbv->bcv", phi[:, cols].view(T, B, -1), g.view(T, B, V))  # [B, C, V]
+        self.E.view(B * H, Fdim, V).index_add_(1, cols, rows if H == 1 else rows.repeat_interleave(H, 0))
+
     def reinforce(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """``E += phi(h) (e(a) - softmax(logits))^T`` for ``tokens [B]`` generated from ``logits [B, V]``
         at the last position read (:meth:`~cl_arch.memory.verdict.VerdictMemory.reinforce`), in place."""
+        self.flush()
         phi, g = self.mem.policy_gradient(FastLayerState(conv=self.key.unsqueeze(1)), tokens, logits)
         B, H, Fdim, V = self.E.shape
         self.E.view(B * H, Fdim, V).baddbmm_(phi.repeat_interleave(H, 0)[:, :, None],

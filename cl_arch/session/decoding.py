@@ -3,10 +3,10 @@
 The prompt is read by the model's chunked forward as before; the sampled tokens then run
 :meth:`Decoder.step` on buffers that hold the session's state (loaded once per call), instead of one
 ``model(ids[:, t:t+1], state)`` per token that returns a new ``ModelState``. The bookkeeping per token is
-``Session._record`` (the same ids, NLL and next-token logits as ``_absorb``), the verdict trace grows by
-the memory's own ``policy_gradient`` / ``add_trace`` on the decoder's trace buffer (what ``_policy_gradients``
-and ``_add_traces`` do, in the same order and arithmetic), and the session's ``state`` is taken back with
-``Decoder.state()`` when the call ends.
+``Session._record`` (the same ids, NLL and next-token logits as ``_absorb``), the verdict trace's steps
+(the memory's own ``policy_gradient``, as ``_policy_gradients`` / ``_add_traces`` take them) are queued on the
+decoder's slot and added in one product when the session's ``state`` is taken back with ``Decoder.state()``
+(the same sum in another order: equal to float rounding).
 
 While a stream is between tokens the decoder's buffers are the session's newest state (``Session._live``):
 reading ``session.state`` takes it back then (so a stream the caller stops iterating leaves the session
@@ -25,7 +25,7 @@ import torch
 from ..decode import Decoder
 from ..decode.cache import cached_decoder, decoder_unsupported, still_current
 from ..decode.slots import VerdictSlot
-from ..state import FastLayerState, ModelState
+from ..state import ModelState
 from .inputs import _check_logits
 from .sampling import _sample
 
@@ -101,15 +101,11 @@ def _reinforce(session, dec: Decoder, tok: torch.Tensor, allowed: torch.Tensor |
 
 
 def _trace_step(slots: list, tok: torch.Tensor, logits: torch.Tensor) -> None:
-    """``E += phi (e(tok) - softmax(logits))^T`` on each verdict slot's trace buffer, every row at once
-    (``tok [B]``, ``logits [B, V]`` the policy the draw followed; a row's key is its own)."""
-    with torch.no_grad():
-        for slot in slots:
-            phi, g = slot.mem.policy_gradient(FastLayerState(conv=slot.key.unsqueeze(1)), tok, logits)
-            E = slot.mem.add_trace(FastLayerState(E=slot.E), phi, g).E
-            if E is not slot.E:  # add_trace writes in place into a contiguous trace of its dtype: the buffer is one
-                slot.E.copy_(E)
-            slot.E_none = False
+    """``E += phi (e(tok) - softmax(logits))^T`` on each verdict slot's trace, every row at once (``tok [B]``,
+    ``logits [B, V]`` the policy the draw followed, not overwritten later; a row's key is its own): queued
+    (:meth:`VerdictSlot.defer`) and added when the decoder's state is taken back."""
+    for slot in slots:
+        slot.defer(tok, logits)
 
 
 def _step(model, dec: Decoder, tok: torch.Tensor) -> torch.Tensor:
