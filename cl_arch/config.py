@@ -222,8 +222,9 @@ def migrate_legacy(d: Dict[str, Any]) -> Dict[str, Any]:
 
 def legacy_dict(config: PlasticConfig) -> Optional[Dict[str, Any]]:
     """``config`` in the flat layout of earlier versions, or None when its memories do not fit it
-    (other kinds or names, a readout with a fixed span, more than one of a kind, or an episodic
-    memory whose commit span differs from the readout's)."""
+    (other kinds or names, a readout with a fixed span, more than one of a kind, an episodic
+    memory whose commit span differs from the readout's, or any setting the flat layout cannot say,
+    such as an error write: the layout must read back as the same memories)."""
     ro = ep = None
     for m in config.memories:
         if type(m) is ReadoutConfig and m.name == "readout" and m.span is None and ro is None and ep is None:
@@ -241,6 +242,8 @@ def legacy_dict(config: PlasticConfig) -> Optional[Dict[str, Any]]:
     d["readout_commit_span"] = span
     for k, v in LEGACY_EPISODIC.items():
         d["episodic_" + k] = getattr(ep, k) if ep is not None else v
+    if migrate_legacy(d)["memories"] != list(config.memories):
+        return None  # a field the flat layout never had (an error write, its chunk, ...): it would be lost
     return d
 
 

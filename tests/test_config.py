@@ -105,3 +105,21 @@ def test_a_fast_layer_config_alone():
         FastLayerConfig(fast_rest="sometimes")
     with pytest.raises(ValueError, match="PlasticConfig or FastLayerConfig"):
         FastWeightLayer({"d_model": 32})
+
+
+def test_a_setting_the_flat_layout_cannot_say_changes_the_fingerprint():
+    """The fingerprint hashes a config in the flat layout of earlier versions when its memories fit it; an
+    error write (or its chunk) is not in that layout, so such a config is hashed whole, not as its delta twin."""
+    from cl_arch.config import legacy_dict, migrate_legacy
+    from cl_arch.memory import EpisodicConfig, ReadoutConfig
+
+    delta = PlasticConfig(memories=[ReadoutConfig(), EpisodicConfig(heads=1, features=64)])
+    flat = legacy_dict(delta)
+    assert flat is not None and migrate_legacy(flat)["memories"] == delta.memories
+    for mem in (EpisodicConfig(heads=1, features=64, write="error"),
+                EpisodicConfig(heads=1, features=64, write="error", write_chunk=64)):
+        other = dataclasses.replace(delta, memories=[ReadoutConfig(), mem])
+        assert legacy_dict(other) is None
+        assert other.to_diff_dict() != delta.to_diff_dict()
+    error_readout = dataclasses.replace(delta, memories=[ReadoutConfig(write="error"), delta.memories[1]])
+    assert legacy_dict(error_readout) is None and error_readout.to_diff_dict() != delta.to_diff_dict()
