@@ -24,6 +24,7 @@ The package, each module importing only those above it:
 * ``files.py``: the state file (one safetensors file, checksummed description), its header
   parser and the atomic write;
 * ``batching.py``: eval-mode forwards and :meth:`Session.batch_generate`;
+* ``persistence.py``: ``save`` / ``load`` / ``to_bytes`` / ``from_bytes`` (a base of :class:`Session`);
 * ``core.py``: the :class:`Session` class;
 * ``store.py``: :class:`SessionStore`, saved sessions by id.
 """
