@@ -214,3 +214,31 @@ def test_compiled_equals_eager(shipped):
         toks_c.append(tc)
     assert torch.equal(torch.stack(toks_e), torch.stack(toks_c))
     _assert_states(eager.state(), comp.state(), 1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["shipped", "tiny"])
+def test_rows_at_their_own_positions(shipped, model_name):
+    """load_rows: rows prefilled to different lengths (the shipped model's 64-byte window passed on one row;
+    the tiny model's full attention in a 128-position buffer) decode together, each equal to its own
+    one-row forward, logits and final row_states; state() refuses rows at several positions."""
+    model = copy.deepcopy(shipped if model_name == "shipped" else _tiny()).to(torch.float64)
+    V, lengths, n_tokens = model.config.vocab_size, [3, 70, 12], 20
+    g = torch.Generator().manual_seed(5)
+    ids = [torch.randint(0, V, (1, n + n_tokens), generator=g) for n in lengths]
+    with torch.no_grad():
+        states = [model(x[:, :n], state=model.init_state(1))[1] for x, n in zip(ids, lengths)]
+    dec = Decoder(model, 3, max_len=None if model_name == "shipped" else 128, compile=False)
+    dec.load_rows(states)
+    assert dec.positions == lengths
+    with pytest.raises(ValueError, match="different positions"):
+        dec.state()
+    with torch.no_grad():
+        for t in range(n_tokens):
+            got = dec.step(torch.stack([x[0, n + t] for x, n in zip(ids, lengths)])).clone()
+            for b, (x, n) in enumerate(zip(ids, lengths)):
+                ref, states[b] = model(x[:, n + t:n + t + 1], state=states[b])
+                assert (ref[0, 0] - got[b]).abs().max().item() <= 1e-10, (t, b)
+    for ref, row in zip(states, dec.row_states()):
+        _assert_states(model.materialize_state(ref, 1), model.materialize_state(row, 1), 1e-10)
+    with pytest.raises(ValueError, match="3 states"):
+        dec.load_rows(states[:2])

@@ -65,7 +65,8 @@ def _same(a: Session, b: Session, tol: float) -> None:
     assert (a._next_logits is None) == (b._next_logits is None)
     if a._next_logits is not None:
         _close(a._next_logits, b._next_logits, tol, "next logits")
-    sa, sb = a.state, b.state
+    # S = None means W0 + P: the forward path materializes it where it stacks sessions, a decoder where it must
+    sa, sb = a.model.materialize_state(a.state, 1), b.model.materialize_state(b.state, 1)
     assert sa.position == sb.position
     for i, (x, y) in enumerate(zip(sa.layers, sb.layers)):
         for f in (("k", "v") if isinstance(x, AttnLayerState) else ("S", "E", "P", "conv")):
@@ -257,12 +258,28 @@ def test_batch_generate_same_as_forward(shipped):
         _same(r, d, 1e-5)
 
 
+def test_batch_generate_rows_at_different_positions(shipped):
+    """Prompts of different lengths: every row decodes in one batch decoder at its own position (rotary
+    angle, KV slot and mask per row), one row past the 64-byte attention window, then each goes on alone."""
+    refs, decs = zip(*[_pair(shipped) for _ in range(3)])
+    prompts = [b"def f(a, b):\n", b"x" * 3, b"import os\n" * 9]  # 13, 3 and 90 bytes
+    want = _batch(refs, prompts, max_new_tokens=9, seeds=[1, None, 2])
+    got = _batch(decs, prompts, max_new_tokens=9, seeds=[1, None, 2])
+    assert want == got
+    assert any(d.B == 3 for d in _live(shipped))
+    assert [d.state.position for d in decs] == [22, 12, 99]
+    for r, d in zip(refs, decs):
+        _same(r, d, 1e-5)
+        _both((r, d), lambda s: s.generate(b"", max_new_tokens=3))
+        _same(r, d, 1e-5)
+
+
 def test_batch_generate_groups_and_fallback(monkeypatch):
-    model = _tiny()  # full attention: sessions at different positions decode on the forward path
+    model = _tiny()  # full attention: sessions at different positions, one decoder (one KV buffer per row)
     refs, decs = zip(*[_pair(model) for _ in range(2)])
     prompts = [[1, 2, 3], [4, 5]]
     assert _batch(refs, prompts, max_new_tokens=6) == _batch(decs, prompts, max_new_tokens=6)
-    assert not any(d.B == 2 for d in _live(model))
+    assert any(d.B == 2 for d in _live(model))
     for r, d in zip(refs, decs):
         _same(r, d, 1e-10)
     torch.manual_seed(1)

@@ -18,7 +18,7 @@ import torch
 from ..memory import FastWeightLayer
 from ..memory.episodic import EpisodicMemory
 from ..memory.verdict import VerdictMemory
-from ..state import ModelState, check_step_inputs
+from ..state import AttnLayerState, ModelState, check_step_inputs
 from .slots import (
     AttnSlot,
     DenseOutSlot,
@@ -108,8 +108,8 @@ class Decoder:
         theta = attn[0].rotary.theta if attn else 10000.0
         cdt = torch.promote_types(dtype, torch.float32)
         self._inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=cdt) / hd)
-        self.pos = torch.zeros((), dtype=torch.long)  # the next token's position, advanced in the step
-        self.position = 0  # the same on the host: bounds checks and the episodic fold, without a read
+        self.pos = torch.zeros(batch_size, dtype=torch.long)  # each row's next position, advanced in the step
+        self.positions = [0] * batch_size  # the same on the host: bounds checks without a read
         self._ones = torch.ones(batch_size, dtype=cdt)
         self._logits = torch.zeros(batch_size, model.config.vocab_size, dtype=dtype)
         self._compiled = None
@@ -136,7 +136,56 @@ class Decoder:
                 if isinstance(slot, VerdictSlot):  # nothing writes S, so None (W0 + P) stays None
                     slot.S, slot.E_none = raw.S, raw.E is None
         self.pos.fill_(pos)
-        self.position = pos
+        self.positions = [pos] * self.B
+
+    def load_rows(self, states) -> None:
+        """Copy ``B`` one-row states, each at its own position (sessions with prompts of different lengths
+        decoding together), into the buffers: the attention caches row by row, every other slot stacked."""
+        model, states = self.model, list(states)
+        if len(states) != self.B:
+            raise ValueError(f"load_rows needs {self.B} states (one per row), got {len(states)}")
+        for i, st in enumerate(states):
+            check_step_inputs(torch.zeros(1, 1, dtype=torch.long), st, None, vocab_size=model.config.vocab_size,
+                              memories=model.memories(), check_values=False, layout=f"the decoder's model (row {i})")
+            if self.max_len is not None and st.position > self.max_len:
+                raise ValueError(f"row {i}'s state is at position {st.position}, beyond max_len {self.max_len}")
+        rows = [model.materialize_state(st, 1) for st in states]
+        attn = [isinstance(slot, AttnSlot) for slot in self.slots]
+        # the caches of rows at different positions differ in length: stack everything else
+        full = ModelState.stack([ModelState([AttnLayerState() if a else x for a, x in zip(attn, r.layers)], 0)
+                                 for r in rows])
+        with torch.no_grad():
+            for i, slot in enumerate(self.slots):
+                if isinstance(slot, AttnSlot):
+                    for b, (r, st) in enumerate(zip(rows, states)):
+                        slot.load(r.layers[i], st.position, row=b)
+                else:
+                    slot.load(full.layers[i])
+                if isinstance(slot, VerdictSlot):  # nothing writes S, so None (W0 + P) stays None
+                    if all(st.layers[i].S is None for st in states):
+                        slot.S = None
+                    slot.E_none = all(st.layers[i].E is None for st in states)
+        self.positions = [st.position for st in states]
+        self.pos.copy_(torch.tensor(self.positions))
+
+    @property
+    def position(self) -> int:
+        """The rows' common next position (ValueError when :meth:`load_rows` left them at several)."""
+        if len(set(self.positions)) > 1:
+            raise ValueError(f"the decoder's rows are at different positions {self.positions}: use row_states()")
+        return self.positions[0]
+
+    def row_states(self) -> list:
+        """One :class:`ModelState` of new tensors per row, each at its own position (see :meth:`state`)."""
+        self.check_overflow()
+        with torch.no_grad():
+            dumped = [None if isinstance(slot, AttnSlot) else slot.dump() for slot in self.slots]
+            out = []
+            for b, pos in enumerate(self.positions):
+                layers = [slot.dump(pos, row=b) if d is None else d.apply(lambda t, b=b: t[b:b + 1].clone())
+                          for slot, d in zip(self.slots, dumped)]
+                out.append(ModelState(layers, pos))
+        return out
 
     def state(self) -> ModelState:
         """The buffers as a :class:`ModelState` of new tensors (``P`` as loaded), e.g. for a session.
@@ -192,12 +241,12 @@ class Decoder:
                              f"{'' if not isinstance(ids, torch.Tensor) else ' ' + str(ids.dtype)}")
         if modulation is not None and (not isinstance(modulation, torch.Tensor) or tuple(modulation.shape) != (self.B,)):
             raise ValueError(f"modulation must be a [B] = ({self.B},) tensor or None")
-        if self.max_len is not None and self.position >= self.max_len:
-            raise ValueError(f"the decoder is at position {self.position} = max_len: no room in the KV buffer")
+        if self.max_len is not None and max(self.positions) >= self.max_len:
+            raise ValueError(f"the decoder is at position {max(self.positions)} = max_len: no room in the KV buffer")
         mod = self._ones if modulation is None else modulation.to(self._ones.dtype)
         with torch.no_grad():
             self._run(ids, mod)
-        self.position += 1
+        self.positions = [p + 1 for p in self.positions]
         self._fold()
         return self._logits
 
@@ -233,8 +282,8 @@ class Decoder:
         """The whole step on the buffers: every update in place."""
         model = self.model
         x = model.embed(ids)  # [B, d]
-        angles = self.pos.to(self._inv_freq.dtype) * self._inv_freq
-        angles = torch.cat([angles, angles]).unsqueeze(0)
+        angles = self.pos.to(self._inv_freq.dtype)[:, None] * self._inv_freq  # [B, head_dim / 2]
+        angles = torch.cat([angles, angles], dim=-1)[:, None, None, :]  # [B, 1, 1, head_dim]: q, k [B, nh, 1, hd]
         cos, sin = angles.cos(), angles.sin()
         for block, slot in zip(model.blocks, self.slots):
             xn = block.mixer_norm(x)

@@ -140,35 +140,39 @@ class AttnSlot:
         self.v = torch.zeros(B, nh, L, hd, dtype=dtype)
         self.slots = torch.arange(L)
 
-    def load(self, s: AttnLayerState, position: int) -> None:
-        """The cache holds positions ``position - n .. position - 1`` in order; each goes to slot ``p % L``."""
+    def load(self, s: AttnLayerState, position: int, row: int | None = None) -> None:
+        """The cache holds positions ``position - n .. position - 1`` in order; each goes to slot ``p % L``
+        (of every row, or of ``row`` alone from a one-row ``s``)."""
         if s.k is None:
             return
         n = s.k.shape[2]
         if n > self.L - 1 or (self.layer.window is not None and n > self.layer.window - 1):
             raise ValueError(f"the attention cache holds {n} positions, this decoder's buffer {self.L - 1}")
         idx = torch.arange(position - n, position) % self.L
-        self.k.index_copy_(2, idx, s.k.to(self.k.dtype))
-        self.v.index_copy_(2, idx, s.v.to(self.v.dtype))
+        k, v = (self.k, self.v) if row is None else (self.k[row:row + 1], self.v[row:row + 1])
+        k.index_copy_(2, idx, s.k.to(k.dtype))
+        v.index_copy_(2, idx, s.v.to(v.dtype))
 
-    def dump(self, position: int) -> AttnLayerState:
+    def dump(self, position: int, row: int | None = None) -> AttnLayerState:
+        """The cache at ``position`` as a :class:`AttnLayerState` of new tensors (every row, or ``row``)."""
+        k, v = (self.k, self.v) if row is None else (self.k[row:row + 1], self.v[row:row + 1])
         keep = position if self.layer.window is None else min(position, self.layer.window - 1)
         if keep == 0 and position == 0:
-            return AttnLayerState(self.k[:, :, :0].clone(), self.v[:, :, :0].clone())
+            return AttnLayerState(k[:, :, :0].clone(), v[:, :, :0].clone())
         idx = torch.arange(position - keep, position) % self.L
-        return AttnLayerState(self.k.index_select(2, idx), self.v.index_select(2, idx))
+        return AttnLayerState(k.index_select(2, idx), v.index_select(2, idx))
 
     def step(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x [B, d]`` (normed) at the position ``pos`` (a 0-dim int64 tensor), ``cos, sin [1, head_dim]``."""
+        """``x [B, d]`` (normed), each row at its position ``pos [B]`` (int64), ``cos, sin [B, 1, 1, head_dim]``."""
         m = self.layer
         B, C = x.shape
         q, k, v = (t.view(B, m.n_heads, 1, m.head_dim) for t in m.qkv_proj(x).split(C, dim=-1))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        slot = torch.remainder(pos, self.L).view(1)
-        self.k.index_copy_(2, slot, k)
-        self.v.index_copy_(2, slot, v)
+        slot = torch.remainder(pos, self.L).view(B, 1, 1, 1).expand(B, m.n_heads, 1, m.head_dim)
+        self.k.scatter_(2, slot, k)
+        self.v.scatter_(2, slot, v)
         # slot i holds a position of the window once written: all of them from position L - 1 on
-        allowed = (self.slots <= pos).view(1, self.L)
+        allowed = (self.slots.view(1, self.L) <= pos.view(B, 1)).view(B, 1, 1, self.L)
         y = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=allowed)
         return m.o_proj(y.reshape(B, C))
 

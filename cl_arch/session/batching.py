@@ -40,11 +40,12 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
     Each session samples from its own generator, so the result equals calling
     ``s.generate(p, ...)`` on each session in turn (to float rounding of batched matmuls).
 
-    Sessions must share one model object and their ``lam`` setting; with attention layers,
-    sessions at different positions decode in separate groups. Where they share a ``decoder`` setting
-    (not None), decode in one group and ``max_new_tokens > 1``, the tokens run through a cached
-    :class:`~cl_arch.decode.Decoder` of batch size ``len(sessions)`` (:class:`Session`'s ``decoder``):
-    the states are loaded once and taken back at the end.
+    Sessions must share one model object and their ``lam`` setting. Where they share a ``decoder``
+    setting (not None) and ``max_new_tokens > 1``, the tokens run through a cached
+    :class:`~cl_arch.decode.Decoder` of batch size ``len(sessions)`` (:class:`Session`'s ``decoder``),
+    each row at its own position (prompts of any lengths): the states are loaded once and taken back
+    at the end. On the forward path (one token, or ``decoder=None``) a model with attention layers
+    decodes the sessions at different positions in separate forwards.
 
     Returns:
         One list of new token ids per session.

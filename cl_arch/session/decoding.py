@@ -25,7 +25,6 @@ import torch
 from ..decode import Decoder
 from ..decode.cache import cached_decoder, decoder_unsupported, still_current
 from ..decode.slots import VerdictSlot
-from ..state import ModelState
 from .inputs import _check_logits
 from .sampling import _sample
 
@@ -180,17 +179,14 @@ class _BatchHolder:
 
 def batch_decoder(sessions: list, n_new: int) -> Decoder | None:
     """A decoder for ``sessions`` decoding together (:meth:`Session.batch_generate` after the prompts), or None
-    for the forward path: settings differ, a model the decoder does not cover under ``"auto"``, attention
-    layers with the sessions at different positions, or one token (loading and taking back cost more)."""
+    for the forward path: settings differ, a model the decoder does not cover under ``"auto"``, or one token
+    (loading and taking back cost more). Sessions at different positions share it: each row keeps its own
+    (:meth:`Decoder.load_rows`)."""
     modes = {s.decoder for s in sessions}
     if n_new < MIN_NEW_TOKENS or len(modes) != 1 or None in modes:
         return None
-    model = sessions[0].model
-    positions = {s.state.position for s in sessions}
-    has_attn = any(m is None for m in model.memories())
-    if has_attn and len(positions) > 1:
-        return None
-    return acquire(sessions[0], len(sessions), n_new, max(positions), holder=_BatchHolder())
+    top = max(s.state.position for s in sessions)
+    return acquire(sessions[0], len(sessions), n_new, top, holder=_BatchHolder())
 
 
 def batch_tokens(sessions: list, dec: Decoder, max_new_tokens: int, temperature: float, top_k, top_p,
@@ -203,9 +199,7 @@ def batch_tokens(sessions: list, dec: Decoder, max_new_tokens: int, temperature:
             generator) to where it was after its prompt and decodes on the forward path.
     """
     model = sessions[0].model
-    positions = [s.state.position for s in sessions]
-    states = [model.materialize_state(s.state, 1) for s in sessions]
-    dec.load_state(ModelState.stack([ModelState(st.layers, positions[0]) for st in states]))
+    dec.load_rows([s.state for s in sessions])
     verdict = [s for s in dec.slots if isinstance(s, VerdictSlot)]
     out: list[list[int]] = [[] for _ in sessions]
     for _ in range(max_new_tokens):
@@ -220,10 +214,8 @@ def batch_tokens(sessions: list, dec: Decoder, max_new_tokens: int, temperature:
         for i, s in enumerate(sessions):
             s._record(t[i:i + 1], logits[i:i + 1].clone())
             out[i].append(toks[i])
-    new = dec.state()
-    for i, s in enumerate(sessions):
-        row = new.select(i).clone()  # own storage: no session holds a view of another's rows
-        s.state = ModelState(row.layers, positions[i] + max_new_tokens)
+    for s, row in zip(sessions, dec.row_states()):  # new tensors per row: no session holds a view of another's
+        s.state = row
     return out
 
 
