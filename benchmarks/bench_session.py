@@ -5,7 +5,7 @@ Targets (issue 4): decode with adaptation on <= 1.15x the time of adaptation off
 64-token episode. Prints a table and writes ``benchmarks/out/bench_session.json``.
 
     python benchmarks/bench_session.py [--threads 1] [--repeats 7] [--model shipped|random|DIR]
-                                       [--decoders none,auto[,compile]]
+                                       [--decoders none,auto[,compile]] [--batch N [--mixed-prompts]]
 
 Each ``--decoders`` setting gets an adaptive and a frozen session, timed interleaved in one process
 (medians of ``--repeats``); the ratios to ``none`` (one forward per token) are measured side by side.
@@ -35,18 +35,22 @@ def batch_rows(model, modes, name, prompt, args):
     """Aggregate tokens/s of ``Session.batch_generate`` over ``args.batch`` adaptive sessions (one
     position: one group), per decoder setting, interleaved; medians of ``args.repeats``."""
     groups = {m: [Session(model, seed=i, decoder=m) for i in range(args.batch)] for m in modes}
+    # --mixed-prompts: row i's prompt is i % 8 tokens longer, so with attention the rows sit at 8 positions
+    prompts = [prompt + prompt[:i % 8] if args.mixed_prompts else prompt for i in range(args.batch)]
     times = {m: [] for m in modes}
     for r in range(args.repeats + 1):  # the first round warms up (builds the batch decoder)
         for m, ss in groups.items():
             t0 = time.perf_counter()
-            Session.batch_generate(ss, [prompt] * len(ss), max_new_tokens=args.new_tokens, seeds=list(range(len(ss))))
+            Session.batch_generate(ss, prompts, max_new_tokens=args.new_tokens, seeds=list(range(len(ss))))
             if r:
                 times[m].append(time.perf_counter() - t0)
             for s in ss:
                 s.reward(1.0)
-    out = {name[m]: {"tokens_per_s": args.batch * args.new_tokens / statistics.median(times[m])} for m in modes}
+    out = {name[m]: {"tokens_per_s": args.batch * args.new_tokens / statistics.median(times[m]),
+                     "prompt_lengths": sorted({len(p) for p in prompts})} for m in modes}
     for m in modes:
-        print(f"batch_generate x{args.batch}, decoder={name[m]}: {out[name[m]]['tokens_per_s']:.1f} tokens/s aggregate")
+        print(f"batch_generate x{args.batch} ({len(out[name[m]]['prompt_lengths'])} prompt lengths), "
+              f"decoder={name[m]}: {out[name[m]]['tokens_per_s']:.1f} tokens/s aggregate")
     return out
 
 
@@ -63,6 +67,8 @@ def main():
                          "(compile: the first episode compiles, 30-60 s)")
     ap.add_argument("--batch", type=int, default=0,
                     help="also time Session.batch_generate over this many adaptive sessions per --decoders setting")
+    ap.add_argument("--mixed-prompts", action="store_true",
+                    help="--batch rows with prompts of 8 lengths (rows at different positions), not one")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bench_session.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
