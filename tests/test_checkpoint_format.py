@@ -24,7 +24,9 @@ needs_hf = pytest.mark.skipif(not HAS_HF, reason="needs the hf extra (transforme
 # The shipped model's fingerprint: saved sessions are tied to it, so no change of the folder's
 # format may move it (the weights file was left byte for byte as it was when config.json gained
 # model_type / architectures and tokenizer_config.json was added).
-SHIPPED_FINGERPRINT = "b3bc49a57787ce65"  # fcaaa96fc0d8094e until the verdict memory was added (issue 25)
+# fcaaa96fc0d8094e until the verdict memory was added (issue 25), b3bc49a57787ce65 until the model trained through
+# adaptation with episodic error writes was shipped (issue 24; scripts/make_default_model.sh, step 4)
+SHIPPED_FINGERPRINT = "661ce72ea68e89f1"
 PROMPT = "import os\ndef main():  # héllo, wörld ✓\n    return"
 
 

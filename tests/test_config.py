@@ -66,9 +66,13 @@ def test_named_presets():
     saved = json.load(open(os.path.join(os.path.dirname(cl_arch.__file__), "assets", "default_model",
                                         "config.json")))["config"]
     shipped = PlasticConfig.from_dict(saved)
-    # the verdict memory was added to the pretrained model afterwards (issue 25), untrained
+    # the verdict memory was added to the pretrained model afterwards (issue 25), untrained, then the episodic
+    # memory switched to chunked error writes before training through adaptation (issue 24)
     assert [m.kind for m in shipped.memories] == ["readout", "episodic", "verdict"]
-    shipped = dataclasses.replace(shipped, memories=[m for m in shipped.memories if m.kind != "verdict"])
+    ep = shipped.memories[1]
+    assert (ep.write, ep.write_chunk) == ("error", 64)
+    shipped = dataclasses.replace(shipped, memories=[shipped.memories[0],
+                                                     dataclasses.replace(ep, write="delta", write_chunk=1)])
     assert shipped == PlasticConfig.from_name("demo")
     assert PlasticConfig.from_name("demo", attn_window=None).attn_window is None
     assert recall_config(d_model=32) == PlasticConfig.from_name("recall", d_model=32)

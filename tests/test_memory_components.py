@@ -183,9 +183,11 @@ def test_legacy_flat_configs_migrate_and_keep_their_fingerprint():
 
 
 def test_the_shipped_model_migrates_bitwise(tmp_path):
-    """The shipped model as it was before the verdict memory (issue 25: remove it) has the fingerprint
-    that model's flat config recorded; a folder with that flat config loads through the migration with
-    it, saves in the new layout, and the new folder gives bitwise the same logits and fingerprint."""
+    """The shipped model in the layout of before the verdict memory and the error write (issue 25: remove it;
+    issue 24: back to the delta write), which the flat config of earlier versions can say (the error write it
+    cannot: legacy_dict refuses it), has the fingerprint its flat config records; a folder with that flat
+    config loads through the migration with it, saves in the new layout, and the new folder gives bitwise
+    the same logits and fingerprint."""
     import cl_arch
     from cl_arch.config import legacy_dict
     from safetensors.torch import save_file
@@ -194,15 +196,18 @@ def test_the_shipped_model_migrates_bitwise(tmp_path):
     raw = json.load(open(f"{cl_arch.default_model_dir()}/config.json"))
     assert shipped.fingerprint() == raw["fingerprint"]
     shipped.remove_memory("verdict")
-    assert shipped.fingerprint() == "fcaaa96fc0d8094e"
+    assert legacy_dict(shipped.config) is None  # the error write has no flat field
+    shipped.set_write("episodic", "delta", chunk=1)
+    fp = "645f24a7ec02f335"  # fcaaa96fc0d8094e for the weights shipped before issue 24's training
+    assert shipped.fingerprint() == fp
     flat = tmp_path / "flat"
     flat.mkdir()
-    meta = {**raw, "config": legacy_dict(shipped.config), "fingerprint": "fcaaa96fc0d8094e"}
+    meta = {**raw, "config": legacy_dict(shipped.config), "fingerprint": fp}
     (flat / "config.json").write_text(json.dumps(meta))
     save_file({k: v.contiguous() for k, v in shipped._export_tensors().items()}, str(flat / "model.safetensors"),
-              metadata={"fingerprint": "fcaaa96fc0d8094e"})
+              metadata={"fingerprint": fp})
     old = PlasticTransformer.from_pretrained(flat).eval()
-    assert "episodic_heads" in meta["config"] and old.fingerprint() == "fcaaa96fc0d8094e"
+    assert "episodic_heads" in meta["config"] and old.fingerprint() == fp
     tmp_path = tmp_path / "new"
     old.save_pretrained(tmp_path)
     assert "memories" in json.load(open(tmp_path / "config.json"))["config"]
