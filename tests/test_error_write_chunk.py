@@ -17,12 +17,32 @@ CASES = [(1, 1, 1, 16, 8, 4, True, 0.5), (2, 37, 2, 64, 16, 8, True, 0.5), (2, 6
                          ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-K{c[3]}-V{c[4]}-C{c[5]}-{'sparse' if c[6] else 'dense'}-g{c[7]}"
                               for c in CASES])
 def test_chunk_backend_equals_the_naive_loop_of_the_chunked_rule(B, T, H, K, V, C, sparse, decay):
+    """With autograd on (out-of-place updates) and off (the state updated in place, one ``baddbmm`` per
+    chunk); the inputs, the initial state first of all, are left as they were."""
     x = _inputs(B, T, H, K, V, sparse=sparse, decay=decay)
+    before = {n: v.clone() for n, v in x.items() if isinstance(v, torch.Tensor)}
     want = error_write(**x, backend="naive", chunk_size=C)
-    got = error_write(**x, backend="torch_chunk", chunk_size=C)
-    for name, a, b in zip(("read", "S", "p"), got, want):
-        assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            got = error_write(**x, backend="torch_chunk", chunk_size=C)
+        for name, a, b in zip(("read", "S", "p"), got, want):
+            assert torch.isfinite(a).all(), name
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"{name} (grad {grad})")
+    for n, v in before.items():
+        assert torch.equal(x[n], v), n
+
+
+def test_chunk_without_a_resting_state_leaves_the_initial_state_alone():
+    """No resting state (``D`` is the initial state itself): the in-place update works on a copy."""
+    for B, H in ((1, 1), (2, 2)):
+        x = {**_inputs(B, 21, H, 16, 6), "resting_state": None}
+        S0 = x["initial_state"].clone()
+        want = error_write(**x, backend="naive", chunk_size=8)
+        with torch.no_grad():
+            got = error_write(**x, backend="torch_chunk", chunk_size=8)
+        assert torch.equal(x["initial_state"], S0)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
 def test_chunk_one_is_the_exact_rule_and_larger_chunks_differ():

@@ -42,6 +42,11 @@ def chunk_error_write(q: torch.Tensor, k: torch.Tensor, targets: torch.Tensor, b
     D = initial_state.to(dtype).expand(B, H, K, V)
     if M is not None:
         D = D - M
+    # without autograd the state is updated in place (a [K, V] state is 2 MB at the shipped size, and each
+    # out-of-place decay and add over it cost as much as the chunk's update product): on a copy of our own
+    in_place = not torch.is_grad_enabled()
+    if in_place:
+        D = D.contiguous() if M is not None else D.clone(memory_format=torch.contiguous_format)
     p = q.new_zeros(B, V) if initial_probs is None else initial_probs.to(dtype)
     onehot = torch.nn.functional.one_hot(targets, V).to(dtype)
     # the resting state's read is the same at every position: one product for the whole call
@@ -50,17 +55,18 @@ def chunk_error_write(q: torch.Tensor, k: torch.Tensor, targets: torch.Tensor, b
     for c0 in range(0, T, chunk_size):
         c1 = min(c0 + chunk_size, T)
         read, D, p = _chunk(q[:, c0:c1], k[:, c0:c1], onehot[:, c0:c1], base_c[:, c0:c1], eta[:, c0:c1],
-                            g[:, c0:c1], a, D, p, None if read_M is None else read_M[:, c0:c1])
+                            g[:, c0:c1], a, D, p, None if read_M is None else read_M[:, c0:c1], in_place)
         reads.append(read)
-    S = D if M is None else M + D
+    S = D if M is None else (D.add_(M) if in_place else M + D)
     read = torch.cat(reads, dim=1) if reads else base_c.new_zeros(B, 0, V)
     return read.to(base.dtype), S, p
 
 
-def _chunk(q, k, onehot, base, eta, g, a, D, p, read_M):
+def _chunk(q, k, onehot, base, eta, g, a, D, p, read_M, in_place=False):
     """One chunk: ``q, k [B, C, H, K]``, ``onehot, base [B, C, V]``, ``eta, g [B, C, H]``, ``D [B, H, K, V]``
     the deviation at the chunk's start, ``p [B, V]`` the exact prediction before it. Returns the chunk's
-    reads ``[B, C, V]``, the deviation and the exact prediction at its end."""
+    reads ``[B, C, V]``, the deviation and the exact prediction at its end (``in_place``: ``D`` itself,
+    a contiguous tensor the caller owns, updated by one BLAS call with the decay as its ``beta``)."""
     C = q.shape[1]
     G = torch.cumsum(g, dim=1)  # [B, C, H]
     stale_h = torch.einsum("bchk,bhkv->bchv", q, D) * torch.exp(G)[..., None]  # [B, C, H, V]
@@ -76,6 +82,24 @@ def _chunk(q, k, onehot, base, eta, g, a, D, p, read_M):
     attn = torch.einsum("bthk,bshk->bhts", q, k) * weight
     read = stale + torch.einsum("bhts,bsv,h->btv", attn, U, a)
     to_end = torch.exp(G[:, -1:] - G) * eta  # [B, C, H]
-    D = torch.exp(G[:, -1])[..., None, None] * D + torch.einsum("bsh,bshk,bsv->bhkv", to_end, k, U)
+    if in_place:
+        _decay_and_add_(D, torch.exp(G[:, -1]), (to_end[..., None] * k).permute(0, 2, 3, 1), U)
+    else:
+        D = torch.exp(G[:, -1])[..., None, None] * D + torch.einsum("bsh,bshk,bsv->bhkv", to_end, k, U)
     p_end = torch.softmax(base[:, -1] + read[:, -1], dim=-1)
     return read, D, p_end
+
+
+def _decay_and_add_(D: torch.Tensor, decay: torch.Tensor, Wk: torch.Tensor, U: torch.Tensor) -> None:
+    """``D <- decay D + Wk U`` in place: ``D [B, H, K, V]`` contiguous, ``decay [B, H]``, ``Wk [B, H, K, C]``
+    (the keys weighted by their decay to the chunk's end and step), ``U [B, C, V]``. One head of one row
+    (the shipped episodic memory) is one ``baddbmm`` with the decay as ``beta``; otherwise the decay is one
+    in-place product first."""
+    B, H, K, V = D.shape
+    Dv = D.view(B * H, K, V)
+    Ub = U[:, None].expand(B, H, *U.shape[1:]).reshape(B * H, *U.shape[1:])
+    if B * H == 1:
+        Dv.baddbmm_(Wk.reshape(1, K, -1), Ub, beta=float(decay.reshape(())))
+    else:
+        D.mul_(decay[..., None, None])
+        Dv.baddbmm_(Wk.reshape(B * H, K, -1), Ub)
