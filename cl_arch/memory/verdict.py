@@ -147,18 +147,25 @@ class VerdictMemory(EpisodicMemory):
         h = out.h
         cdt = torch.promote_types(h.dtype, torch.float32)
         hn = F.normalize(h.to(cdt), p=2, dim=-1)
-        phi = self.features(hn)  # [B, T, F]
-        key_last = phi[:, -1:]
         scale = self.read_scale.to(cdt)
         W0 = None if (not self.W0.requires_grad and self._w0_is_zero()) else self.W0.to(cdt)
         P = None if state.P is None else state.P.to(cdt)
-        if phi.shape[0] * phi.shape[1] <= SPARSE_READ_ROWS:
+        rows = hn.shape[0] * hn.shape[1]
+        if rows > SPARSE_READ_ROWS and P is not None and not P.requires_grad and not bool(P.detach().any()):
+            P = None  # reading many positions with nothing learned (one scan of Q, not T x F x V multiply-adds)
+        if W0 is None and P is None:
+            # nothing to read: only the last position's key is kept (the whole call's keys cost a
+            # [T, d] x [d, F] product and three [T, F] passes, a tenth of a reading call of the shipped model)
+            key_last = self.features(hn[:, -1:])
+            read = torch.zeros(*hn.shape[:2], self.head_v_dim, dtype=cdt, device=h.device).to(h.dtype)
+            return read, (FastLayerState(S=state.S, E=state.E, P=state.P, conv=key_last) if ctx.need_state else None)
+        phi = self.features(hn)  # [B, T, F]
+        key_last = phi[:, -1:]
+        if rows <= SPARSE_READ_ROWS:
             # a decode step: read only the features that fire (about 7% of F), not all of W0 and P
             cols = (phi > 0).flatten(0, 1).any(0).nonzero()[:, 0]
             phi = phi[..., cols]
             W0, P = (None if W0 is None else W0[:, cols]), (None if P is None else P[:, :, cols])
-        elif P is not None and not P.requires_grad and not bool(P.detach().any()):
-            P = None  # reading many positions with nothing learned (one scan of Q, not T x F x V multiply-adds)
         # phi^T W0 + phi^T P read separately: W0 + P would be a 2 MB copy per decoded token
         read = torch.zeros(*phi.shape[:2], self.head_v_dim, dtype=cdt, device=h.device)
         if W0 is not None:
