@@ -33,8 +33,18 @@ def check_device(name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str = 
         raise ValueError(f"{name} is on {x.device}, {ref_name} on {ref.device}: every input must share a device")
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no NaN or inf: for floating tensors its smallest and largest entries (one pass,
+    no [x.shape] mask: ``isfinite(x).all()`` took 1.6 ms on a 2 MB state here, ``aminmax`` 0.16; both
+    propagate NaN), else ``isfinite`` (integers, complex, empty tensors)."""
+    if x.is_floating_point() and x.numel():
+        lo, hi = torch.aminmax(x)
+        return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return bool(torch.isfinite(x).all())
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
-    if VALUE_CHECKS and not bool(torch.isfinite(x).all()):
+    if VALUE_CHECKS and not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf")
 
 

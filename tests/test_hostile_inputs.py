@@ -321,3 +321,23 @@ def test_hostile_folder_changes_nothing_outside_it(tmp_path, clean_model):
     assert not os.path.exists(marker)
     assert snapshot(victim) == before_victim
     assert snapshot(parent, skip={hostile}) == before_parent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_finds_one_bad_entry_anywhere(dtype):
+    """kernels.checks.all_finite (the commit's and the kernels' NaN/inf check; min and max in one pass)
+    finds a single NaN, inf or -inf at any position of contiguous tensors and strided views of many sizes,
+    and passes finite, empty and integer tensors."""
+    from cl_arch.kernels.checks import all_finite
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 15, 16, 17, 63, 64, 65, 1000, 4097, 2048 * 256):
+        x = torch.randn(n, generator=g).to(dtype)
+        assert all_finite(x) and all_finite(x.view(-1, 1)[::2])
+        for i in sorted({0, n // 2, n - 1}):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                y = x.clone()
+                y[i] = bad
+                assert not all_finite(y), (n, i, bad)
+                assert not all_finite(y[i % 2::2]), (n, i, bad, "view")
+    assert all_finite(torch.zeros(0, dtype=dtype)) and all_finite(torch.arange(5))
