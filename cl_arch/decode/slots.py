@@ -487,13 +487,13 @@ class VerdictSlot:
             return
         keys, tokens, logits = zip(*self.pending)
         self.pending = []
-        T, (B, H, Fdim, V) = len(keys), self.E.shape
-        key = torch.stack(keys).reshape(T * B, 1, -1)
-        phi, g = self.mem.policy_gradient(FastLayerState(conv=key), torch.stack(tokens).reshape(T * B),
-                                          torch.stack(logits).reshape(T * B, V))
-        cols = (phi > 0).any(0).nonzero()[:, 0]
-        rows = torch.einsum("tbc,tbv->bcv", phi[:, cols].view(T, B, -1), g.view(T, B, V))  # [B, C, V]
-        self.E.view(B * H, Fdim, V).index_add_(1, cols, rows if H == 1 else rows.repeat_interleave(H, 0))
+        T, B, V = len(keys), self.B, self.E.shape[-1]
+        key = torch.stack(keys, 1).reshape(B * T, 1, -1)  # row-major by session: [B, T] flattened
+        phi, g = self.mem.policy_gradient(FastLayerState(conv=key), torch.stack(tokens, 1).reshape(B * T),
+                                          torch.stack(logits, 1).reshape(B * T, V))
+        E = self.mem.add_trace(FastLayerState(E=self.E), phi.view(B, T, -1), g.view(B, T, V)).E
+        if E is not self.E:  # add_trace writes in place into a contiguous trace of its dtype: the buffer is one
+            self.E.copy_(E)
 
     def reinforce(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """``E += phi(h) (e(a) - softmax(logits))^T`` for ``tokens [B]`` generated from ``logits [B, V]``

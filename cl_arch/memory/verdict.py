@@ -194,17 +194,20 @@ class VerdictMemory(EpisodicMemory):
         return phi, g
 
     def add_trace(self, state: FastLayerState, phi: torch.Tensor, g: torch.Tensor) -> FastLayerState:
-        """``E += phi g^T`` on every head (``phi [B, F]``, ``g [B, V]``), in place when the slot holds a
-        contiguous trace (a decode step then allocates nothing: the trace is 2 MB), otherwise into a new
-        one. Returns the slot (the same ``S``, ``P`` and ``conv``)."""
+        """``E += phi g^T`` on every head (``phi [B, F]``, ``g [B, V]``; or ``phi [B, T, F]``, ``g [B, T, V]``:
+        the sum of T such steps), in place when the slot holds a contiguous trace (a decode step then
+        allocates nothing: the trace is 2 MB), otherwise into a new one. Returns the slot (the same ``S``,
+        ``P`` and ``conv``)."""
+        if phi.dim() == 2:
+            phi, g = phi[:, None], g[:, None]
         B, H = phi.shape[0], self.n_heads
         E = state.E
         if E is None or not E.is_contiguous() or E.dtype != self.state_dtype:
             E = torch.zeros(B, H, self.head_k_dim, self.head_v_dim, dtype=self.state_dtype, device=phi.device) \
                 if E is None else E.to(self.state_dtype).contiguous().clone()
         # the key is sparse: add the outer product on the rows where it fires
-        cols = (phi > 0).any(0).nonzero()[:, 0]
-        rows = phi[:, cols, None] * g[:, None, :]                               # [B, C, V]
+        cols = (phi > 0).flatten(0, 1).any(0).nonzero()[:, 0]
+        rows = torch.einsum("btc,btv->bcv", phi[..., cols], g)                  # [B, C, V]
         E.view(B * H, self.head_k_dim, self.head_v_dim).index_add_(
             1, cols, rows if H == 1 else rows.repeat_interleave(H, 0))
         return FastLayerState(S=state.S, E=E, P=state.P, conv=state.conv)
