@@ -29,8 +29,12 @@ MAX_PER_MODEL = 4  # decoders kept per model (batch sizes, KV lengths); the leas
 
 
 def decoder_unsupported(model) -> str | None:
-    """Why :class:`Decoder` cannot decode ``model`` (a sentence), or None when it can."""
+    """Why :class:`Decoder` cannot decode ``model`` (a sentence), or None when it can. A model of another
+    kind that brings its own decoder (``model.make_decoder``, e.g. :class:`cl_arch.hf.RetrofitModel`) says
+    so itself (``model.decoder_unsupported()``)."""
     if not isinstance(model, PlasticTransformer):
+        if callable(getattr(model, "make_decoder", None)):
+            return model.decoder_unsupported()
         return f"the Decoder decodes a PlasticTransformer, not a {type(model).__name__}"
     if model.device.type != "cpu":
         return f"the Decoder runs on the CPU; the model is on {model.device}"
@@ -50,7 +54,7 @@ def weights_key(model) -> tuple:
     cache entry, so an id is not reused while the entry stands)."""
     tensors = list(model.parameters()) + list(model.buffers())
     fast = model.fast_layers()
-    return (id(model.config), model.embed.weight.dtype, str(model.device),
+    return (id(model.config), tensors[0].dtype if tensors else None, str(model.device),
             tuple((id(t), t.data_ptr(), t._version) for t in tensors),
             tuple((id(m), id(m.config), id(getattr(m, "write", None))) for m in fast))
 
@@ -98,7 +102,9 @@ class DecoderCache:
             was = model.training
             model.eval()  # the Decoder reads the model in eval mode (no dropout)
             try:
-                entry = _Entry(Decoder(model, batch_size, max_len=max_len, compile=compile, lam=lam), key, refs)
+                make = model.make_decoder if callable(getattr(model, "make_decoder", None)) else \
+                    lambda *a, **k: Decoder(model, *a, **k)
+                entry = _Entry(make(batch_size, max_len=max_len, compile=compile, lam=lam), key, refs)
             finally:
                 model.train(was)
         elif entry.holder is not None and entry.holder() is not holder:

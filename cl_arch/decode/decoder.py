@@ -63,17 +63,11 @@ class Decoder:
     :meth:`load_state` set them. :meth:`step` runs one token per stream.
     """
 
+    rows_own_positions = True  # load_rows takes rows at different positions (each its own rotary angle and mask)
+
     def __init__(self, model, batch_size: int, max_len: int | None = None,
                  compile: str | bool = "auto", lam=None, n_active: int | None = None) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
-        if model.training:
-            raise ValueError("Decoder needs the model in eval mode (model.eval()): it runs no dropout")
-        if model.device.type != "cpu":
-            raise ValueError(f"Decoder runs on the CPU (buffers are allocated there); the model is on {model.device}")
-        self.model, self.B, self.max_len, self._lam = model, batch_size, max_len, lam
+        self._init_common(model, batch_size, max_len, compile, lam)
         dtype = model.embed.weight.dtype
         n_fast = len(model.fast_layers())
         lams = [lam] * n_fast if (lam is None or isinstance(lam, (int, float))) else list(lam)
@@ -108,14 +102,27 @@ class Decoder:
         theta = attn[0].rotary.theta if attn else 10000.0
         cdt = torch.promote_types(dtype, torch.float32)
         self._inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=cdt) / hd)
+        self._ones = torch.ones(batch_size, dtype=cdt)
+        self.load_state(model.init_state(batch_size))
+
+    def _init_common(self, model, batch_size: int, max_len: int | None, compile: str | bool, lam) -> None:
+        """Argument checks and the buffers every decoder has (positions, the logits, the compile mode)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if model.training:
+            raise ValueError("Decoder needs the model in eval mode (model.eval()): it runs no dropout")
+        if model.device.type != "cpu":
+            raise ValueError(f"Decoder runs on the CPU (buffers are allocated there); the model is on {model.device}")
+        self.model, self.B, self.max_len, self._lam = model, batch_size, max_len, lam
+        dtype = model.embed.weight.dtype if hasattr(model, "embed") else next(model.parameters()).dtype
         self.pos = torch.zeros(batch_size, dtype=torch.long)  # each row's next position, advanced in the step
         self.positions = [0] * batch_size  # the same on the host: bounds checks without a read
-        self._ones = torch.ones(batch_size, dtype=cdt)
         self._logits = torch.zeros(batch_size, model.config.vocab_size, dtype=dtype)
         self._compiled = None
         env_off = os.environ.get("CL_ARCH_DECODE_COMPILE", "1") == "0"
         self.compile = False if (compile == "auto" and env_off) else compile
-        self.load_state(model.init_state(batch_size))
 
     # ------------------------------------------------------------------ state
     def load_state(self, state: ModelState) -> None:

@@ -183,6 +183,11 @@ class _Call:
         self.new: List[Optional[FastLayerState]] = [None] * len(self.states)
         self.h: Optional[torch.Tensor] = None  # [B, T, d_model] output of the final norm (episodic memory's input)
 
+    def block(self, j: int, layer: FastWeightLayer, x: torch.Tensor) -> torch.Tensor:
+        """The ``j``-th block memory's output for its attention's input ``x [B, T, d_model]``."""
+        y, self.new[j] = layer(x, self.states[j], self.ctxs[j])
+        return y
+
 
 class RetrofitModel(nn.Module):
     """A ``transformers`` causal LM (``self.base``) with fast memories beside some attentions.
@@ -258,9 +263,7 @@ class RetrofitModel(nn.Module):
                                    "(model(ids, state=...)), not its base (or use `with model.base_only():`)")
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             layer = self.block_layers()[j]
-            dt = layer.o_proj.weight.dtype
-            y, new = layer(x.to(dt), call.states[j], call.ctxs[j])
-            call.new[j] = new
+            y = call.block(j, layer, x.to(layer.o_proj.weight.dtype))
             if isinstance(output, tuple):
                 return (output[0] + y.to(output[0].dtype),) + tuple(output[1:])
             return output + y.to(output.dtype)
@@ -381,6 +384,21 @@ class RetrofitModel(nn.Module):
     def fingerprint(self) -> str:
         """16 hex of sha256 over the retrofit config, the base fingerprint and the added tensors."""
         return retrofit_fingerprint(self.config, self.base_fingerprint(), self.fast)
+
+    # ------------------------------------------------------------------ decoding
+    def decoder_unsupported(self) -> Optional[str]:
+        """Why :meth:`make_decoder` cannot decode this model (a sentence), or None when it can."""
+        from .decoder import retrofit_decoder_unsupported
+
+        return retrofit_decoder_unsupported(self)
+
+    def make_decoder(self, batch_size: int, max_len: Optional[int] = None, compile: Union[str, bool] = "auto",
+                     lam=None, n_active: Optional[int] = None):
+        """A :class:`~cl_arch.hf.decoder.RetrofitDecoder` of this model for ``batch_size`` streams (what
+        :class:`~cl_arch.Session` decodes through; ``max_len``: its KV buffer's positions)."""
+        from .decoder import RetrofitDecoder
+
+        return RetrofitDecoder(self, batch_size, max_len=max_len, compile=compile, lam=lam, n_active=n_active)
 
     # ------------------------------------------------------------------ forward
     def _lams(self, lam) -> List[Optional[float]]:

@@ -46,8 +46,10 @@ class _Redo(Exception):
 
 
 def _max_len(model, position: int, n_new: int) -> int | None:
-    """The KV buffer an attention layer without a window needs (a power of two, so calls share decoders)."""
-    if all(getattr(b.mixer, "window", 1) is not None for b in model.blocks):
+    """The KV buffer an attention layer without a window needs (a power of two, so calls share decoders);
+    a model without ``blocks`` (a retrofit's base) is taken to attend without a window."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and all(getattr(b.mixer, "window", 1) is not None for b in blocks):
         return None
     need = position + n_new + 1
     return max(256, 1 << (need - 1).bit_length())
@@ -185,8 +187,11 @@ def batch_decoder(sessions: list, n_new: int) -> Decoder | None:
     modes = {s.decoder for s in sessions}
     if n_new < MIN_NEW_TOKENS or len(modes) != 1 or None in modes:
         return None
-    top = max(s.state.position for s in sessions)
-    return acquire(sessions[0], len(sessions), n_new, top, holder=_BatchHolder())
+    positions = {s.state.position for s in sessions}
+    dec = acquire(sessions[0], len(sessions), n_new, max(positions), holder=_BatchHolder())
+    if dec is not None and len(positions) > 1 and not dec.rows_own_positions:
+        return None  # a decoder whose rows share one position (a retrofit's StaticCache)
+    return dec
 
 
 def batch_tokens(sessions: list, dec: Decoder, max_new_tokens: int, temperature: float, top_k, top_p,
