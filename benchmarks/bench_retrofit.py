@@ -8,6 +8,12 @@ Rows:
   plus the fast memories' recurrent step).
 - ``decode retrofit + episodic``: the retrofit with an episodic memory after the final norm too
   (``--episodic-features`` F, one head, one-hot values over the 256 bytes; 0 skips the row).
+- ``... decoder`` / ``... decoder compiled``: the same retrofits through :class:`cl_arch.hf.decoder.RetrofitDecoder`
+  (what sessions decode through: the KV in a ``StaticCache``, the memories' in-place slots), eager and
+  ``torch.compile``-d; ``base static compiled``: the Llama alone with a ``StaticCache`` under ``torch.compile``
+  (transformers' own fastest decode), the baseline of the compiled rows.
+- ``matmul MFLOP/token``: ``torch.utils.flop_counter`` over one decode token of the base and of each retrofit's
+  decoder (the episodic memory's sparse step), whose ratio is the arithmetic floor of the decode ratios.
 - ``train``: forward + backward + AdamW step of the next-token loss on ``[batch, seq]`` blocks.
   ``base (all)``: every base weight trained; ``retrofit (all)``: the same plus the added layers;
   ``retrofit (added only)``: the base frozen, as ``cl-arch finetune --hf-model`` trains.
@@ -63,6 +69,47 @@ def decode_retrofit(model, prompt: torch.Tensor, steps: int) -> float:
         logits, state = model(tok, state=state)
         tok = logits[:, -1:].argmax(-1)
     return (time.perf_counter() - t0) / steps
+
+
+@torch.no_grad()
+def decode_base_static(base, prompt: torch.Tensor, steps: int, compiled) -> float:
+    """Seconds per decoded token, the Llama alone with a StaticCache, its forward ``compiled`` (or eager)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=base.config, max_cache_len=prompt.shape[1] + steps + 8)
+    out = base(input_ids=prompt, cache=cache, use_cache=True)
+    fn = compiled if compiled is not None else base
+    tok, pos = out.logits[:, -1:].argmax(-1), torch.tensor([[prompt.shape[1]]])
+    for i in range(3):  # the compile (first call) and warm-up, outside the timing
+        tok = fn(input_ids=tok, cache=cache, use_cache=True, position_ids=pos + i).logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for i in range(3, steps):
+        tok = fn(input_ids=tok, cache=cache, use_cache=True, position_ids=pos + i).logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - t0) / (steps - 3)
+
+
+@torch.no_grad()
+def decode_decoder(dec, model, prompt: torch.Tensor, steps: int) -> float:
+    """Seconds per decoded token through a RetrofitDecoder (the prompt read by the model's forward)."""
+    logits, state = model(prompt)
+    dec.load_state(state)
+    tok = logits[:, -1].argmax(-1)
+    for _ in range(3):
+        tok = dec.step(tok).argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(3, steps):
+        tok = dec.step(tok).argmax(-1)
+    return (time.perf_counter() - t0) / (steps - 3)
+
+
+@torch.no_grad()
+def token_flops(fn) -> float:
+    """Matmul FLOPs of ``fn()`` (one decode token)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
 
 
 def train_rate(step_fn, block: torch.Tensor, steps: int) -> float:
@@ -127,17 +174,33 @@ def main(argv=None) -> int:
         return model(x, return_state=False)[0]
     train_added = trainer(frozen_forward, added)
 
-    rows = {k: [] for k in ("decode base", "decode retrofit", "train base (all)", "train retrofit (all)",
+    from cl_arch.hf.decoder import RetrofitDecoder
+
+    max_len = args.prompt + args.decode_steps + 8
+    retros = {"retrofit": model} if model_ep is None else {"retrofit": model, "retrofit + episodic": model_ep}
+    decoders = {}
+    for name, m in retros.items():
+        m.eval()
+        decoders[f"{name} decoder"] = (RetrofitDecoder(m, 1, max_len=max_len, compile=False), m)
+        decoders[f"{name} decoder compiled"] = (RetrofitDecoder(m, 1, max_len=max_len, compile=True), m)
+    base.eval()
+    base_compiled = torch.compile(base, dynamic=False)
+    rows = {k: [] for k in ("decode base", "decode base static compiled", *[f"decode {n}" for n in retros],
+                            *[f"decode {n}" for n in decoders], "train base (all)", "train retrofit (all)",
                             "train retrofit (added only)")}
-    if model_ep is not None:
-        rows["decode retrofit + episodic"] = []
+    one = prompt[:, :1]
+    flops = {"base": token_flops(lambda: base(input_ids=one))}
+    flops.update({n: token_flops(lambda n=n: decoders[f"{n} decoder"][0].step(one[:, 0])) for n in retros})
     for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit every row alike
         base.eval()
         model.eval()
         rows["decode base"].append(1e3 * decode_base(base, prompt, args.decode_steps))
-        rows["decode retrofit"].append(1e3 * decode_retrofit(model, prompt, args.decode_steps))
-        if model_ep is not None:
-            rows["decode retrofit + episodic"].append(1e3 * decode_retrofit(model_ep, prompt, args.decode_steps))
+        rows["decode base static compiled"].append(1e3 * decode_base_static(base, prompt, args.decode_steps,
+                                                                            base_compiled))
+        for name, m in retros.items():
+            rows[f"decode {name}"].append(1e3 * decode_retrofit(m, prompt, args.decode_steps))
+        for name, (dec, m) in decoders.items():
+            rows[f"decode {name}"].append(1e3 * decode_decoder(dec, m, prompt, args.decode_steps))
         base.train()
         model.train()
         rows["train base (all)"].append(train_rate(train_base, block, args.train_steps))
@@ -150,23 +213,28 @@ def main(argv=None) -> int:
         for p in model.base.parameters():
             p.requires_grad_(True)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    ratios = {"decode retrofit / base (ms per token)": med["decode retrofit"] / med["decode base"],
-              "train retrofit (all) / base (tokens/s)": med["train retrofit (all)"] / med["train base (all)"],
+    ratios = {"train retrofit (all) / base (tokens/s)": med["train retrofit (all)"] / med["train base (all)"],
               "train retrofit (added only) / base (all) (tokens/s)":
                   med["train retrofit (added only)"] / med["train base (all)"]}
-    if model_ep is not None:
-        ratios["decode retrofit + episodic / base (ms per token)"] = med["decode retrofit + episodic"] / med["decode base"]
+    for name in retros:
+        ratios[f"decode {name} / base (ms per token)"] = med[f"decode {name}"] / med["decode base"]
+        ratios[f"decode {name} decoder / base"] = med[f"decode {name} decoder"] / med["decode base"]
+        ratios[f"decode {name} decoder compiled / base static compiled"] = \
+            med[f"decode {name} decoder compiled"] / med["decode base static compiled"]
+        ratios[f"matmul FLOPs {name} / base (the floor)"] = flops[name] / flops["base"]
     n_base = sum(p.numel() for p in base.parameters())
     n_added = sum(p.numel() for n, p in model.named_parameters() if n.startswith("fast."))
     print(f"Llama d={args.d_model} x {args.layers} blocks ({n_base / 1e6:.2f} M params); fast memories in every block, "
           f"{args.fast_heads} heads x {args.head_dim}x{args.head_dim} (+{n_added / 1e6:.2f} M params); "
           f"{args.threads} thread(s), median of {args.repeats}")
-    print(f"{'row':32s} {'median':>10s}  unit")
+    print(f"{'row':40s} {'median':>10s}  unit")
     for k, v in med.items():
-        print(f"{k:32s} {v:10.2f}  {'ms/token' if k.startswith('decode') else 'tokens/s'}")
+        print(f"{k:40s} {v:10.2f}  {'ms/token' if k.startswith('decode') else 'tokens/s'}")
+    for k, v in flops.items():
+        print(f"matmul MFLOP/token {k:22s} {v / 1e6:10.2f}")
     for k, v in ratios.items():
-        print(f"{k:52s} {v:6.2f}x")
-    write_json(args.out, {"args": vars(args), "rows": rows, "median": med, "ratios": ratios,
+        print(f"{k:64s} {v:6.2f}x")
+    write_json(args.out, {"args": vars(args), "rows": rows, "median": med, "ratios": ratios, "flops": flops,
                           "params_base": n_base, "params_added": n_added, "torch": torch.__version__})
     print(f"wrote {args.out}")
     return 0
