@@ -30,6 +30,9 @@ def add_parser(sub):
     p.add_argument("--max-user-queue", type=int, default=16, help="most requests waiting, one user")
     p.add_argument("--max-sessions", type=int, default=4096, help="sessions held in memory")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the decode loop")
+    p.add_argument("--decoder", choices=["auto", "eager", "compile", "none"], default="auto",
+                   help="how sessions decode: a decoder holding each batch's states between steps (auto: eager "
+                        "where it applies; compile: compiled), or none (a forward per step)")
     p.set_defaults(func=run)
 
 
@@ -64,7 +67,8 @@ def run(args) -> int:
     config = ServeConfig(adapt=not args.no_adapt, max_batch=args.max_batch, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes,
                          max_queue=args.max_queue, max_user_queue=args.max_user_queue,
-                         max_sessions=args.max_sessions, threads=args.threads)
+                         max_sessions=args.max_sessions, threads=args.threads,
+                         decoder=None if args.decoder == "none" else args.decoder)
     store = open_store(args.store)
     model = load_model(args.model)
     name = "default" if args.model in (None, "default") else os.path.basename(os.path.normpath(args.model))

@@ -26,6 +26,10 @@ class ServeConfig:
             long (its episode is dropped, as a crash would); before, only sessions between
             episodes are evicted.
         threads: torch intra-op threads of the decode loop.
+        decoder: how the sessions decode (``Session(decoder=...)``): ``"auto"`` (an eager decoder holding each
+            sampling group's states between steps, the forward path where none applies), ``"compile"`` (the
+            same decoder compiled: the first batch of each size compiles), ``"eager"``, or None (a forward per
+            step, every state read and written each token).
     """
     adapt: bool = True
     max_batch: int = 64
@@ -37,11 +41,15 @@ class ServeConfig:
     max_sessions: int = 4096
     idle_episode_s: float = 600.0
     threads: int = 1
+    decoder: str | None = "auto"
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "adapt":
+            if f.name == "decoder":
+                if v not in ("auto", "eager", "compile", None):
+                    raise ValueError(f"ServeConfig.decoder must be 'auto', 'eager', 'compile' or None, got {v!r}")
+            elif f.name == "adapt":
                 if not isinstance(v, bool):
                     raise ValueError(f"ServeConfig.adapt must be a bool, got {v!r}")
             elif f.name == "idle_episode_s":

@@ -4,8 +4,8 @@ One engine thread owns the model and every in-memory :class:`~cl_arch.Session`. 
 wait in one queue per user and are served in the order they came; across users the oldest head
 job goes first. A completion joins the decode batch at the next token boundary and leaves it the
 step it finishes, without waiting for the others: each step is one
-``Session.batch_generate(..., max_new_tokens=1)`` per group of sampling settings, so every row
-carries its own state and P (the batched forward ``Session.batch_generate`` already computes).
+:meth:`BatchStream.step <cl_arch.session.stream.BatchStream.step>` per group of sampling settings, so every row
+carries its own state and P, the group's states staying loaded in one decoder from step to step.
 Observations, rewards, reads and deletions run between steps. A reward is acknowledged only after
 the store has written the user's new state (:meth:`cl_arch.serve.store.Store.put`).
 
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..session import Session
+from ..session.stream import BatchStream
 from .config import RequestError, ServeConfig
 from .jobs import KINDS, Job, _Gen, check_completion, p_digest
 from .metrics import Metrics
@@ -57,6 +58,7 @@ class Engine:
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._last_used: dict[str, float] = {}
         self._active: dict[str, _Gen] = {}
+        self._streams: dict[tuple, BatchStream] = {}  # per sampling setting: its sessions' states in one decoder
         # commits being written by the writer thread: uid -> (job, snapshot, start time); the user
         # is busy (its next request waits) until the store has the row
         self._writing: dict[str, tuple] = {}
@@ -83,6 +85,8 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+            for stream in self._streams.values():
+                stream.release()
             self._to_write.put(None)
             self._writer.join()  # commits already handed to the store finish (and are acknowledged)
             self._finish_writes()
@@ -228,9 +232,10 @@ class Engine:
                     return None
                 self._make_room()
                 if data is None:
-                    s = Session(self.model, adapt=self.config.adapt)
+                    s = Session(self.model, adapt=self.config.adapt, decoder=self.config.decoder)
                 else:
-                    s = Session.from_bytes(self.model, data, source=f"store:{uid}", adapt=self.config.adapt)
+                    s = Session.from_bytes(self.model, data, source=f"store:{uid}", adapt=self.config.adapt,
+                                           decoder=self.config.decoder)
             except BaseException:
                 self.store.release(uid)
                 raise
@@ -300,28 +305,34 @@ class Engine:
         self.metrics.active = len(self._active)
 
     def _step(self) -> None:
-        """One token for every active completion, one batched forward per sampling setting."""
+        """One token for every active completion, one batch per sampling setting: each group's sessions stay
+        loaded in one decoder from step to step (:class:`~cl_arch.session.stream.BatchStream`), reloaded when a
+        completion joins or leaves the group."""
         groups: dict[tuple, list[_Gen]] = {}
         for g in list(self._active.values()):
             a = g.job.args
             groups.setdefault((float(a["temperature"]), a.get("top_p")), []).append(g)
+        for key in [k for k in self._streams if k not in groups]:
+            self._streams.pop(key).release()
         for (temperature, top_p), gens in groups.items():
+            stream = self._streams.setdefault((temperature, top_p), BatchStream())
             try:
-                toks = Session.batch_generate([g.session for g in gens], [g.prompt for g in gens],
-                                              max_new_tokens=1, temperature=temperature, top_p=top_p)
+                toks = stream.step([g.session for g in gens], [g.prompt for g in gens],
+                                   [g.job.args["max_tokens"] - len(g.ids) for g in gens],
+                                   temperature=temperature, top_p=top_p)
             except Exception as e:  # every session is as it was before the call
                 log.exception("decode step failed")
                 for g in gens:
                     self._end(g, RequestError(500, f"decoding failed: {e}", "internal_error"))
                 continue
             self.metrics.prompt_tokens_total += sum(len(g.prompt) for g in gens)
-            self.metrics.step(len(gens), self._forwards(gens))
-            for g, (tok,) in zip(gens, toks):
+            self.metrics.step(len(gens), 1 if stream.dec is not None else self._forwards(gens))
+            for g, tok in zip(gens, toks):
                 g.prompt = []
                 self._advance(g, tok)
 
     def _forwards(self, gens: list[_Gen]) -> int:
-        """Forwards ``batch_generate`` ran for ``gens`` (after their prompts): one per position
+        """Forwards a step on the forward path ran for ``gens`` (after their prompts): one per position
         with attention layers (their caches need one length per batch), else one."""
         if all(m is not None for m in self.model.memories()):
             return 1
@@ -439,7 +450,8 @@ class Engine:
         if s is None:
             if data is None:
                 raise RequestError(404, f"no session {job.uid!r}", "no_session", "id")
-            s = Session.from_bytes(self.model, data, source=f"store:{job.uid}", adapt=self.config.adapt)
+            s = Session.from_bytes(self.model, data, source=f"store:{job.uid}", adapt=self.config.adapt,
+                                           decoder=self.config.decoder)
         out = self._describe(job.uid, s)
         out["in_memory"] = job.uid in self._sessions
         out["stored_sha256"] = None if data is None else hashlib.sha256(data).hexdigest()
