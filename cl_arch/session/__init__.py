@@ -26,6 +26,7 @@ The package, each module importing only those above it:
 * ``batching.py``: eval-mode forwards and :meth:`Session.batch_generate`;
 * ``persistence.py``: ``save`` / ``load`` / ``to_bytes`` / ``from_bytes`` (a base of :class:`Session`);
 * ``core.py``: the :class:`Session` class;
+* ``stream.py``: :class:`~cl_arch.session.stream.BatchStream`, a server's continuous batch kept in one decoder;
 * ``store.py``: :class:`SessionStore`, saved sessions by id.
 """
 # Re-exported: the public names of the former single module, and the private helpers tests use.
