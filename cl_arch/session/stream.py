@@ -51,6 +51,7 @@ class BatchStream:
         self.rows: List[_Row] = []
         self.marks: List[tuple] = []  # each row's session mark when it was loaded
         self.fed: List[List[int]] = []  # each row's tokens since
+        self.capacity = 0  # the decoder's rows (sessions first, then spare rows)
 
     # ------------------------------------------------------------------ holding the states
     def _decoder_evicted(self, decoder) -> None:
@@ -155,10 +156,17 @@ class BatchStream:
         if len({s.decoder for s in sessions}) != 1 or sessions[0].decoder is None:
             return False
         positions = {s.state.position for s in sessions}
-        dec = decoding.acquire(sessions[0], len(sessions), n_left, max(positions), holder=self)
+        n = len(sessions)
+        cap = self._capacity(n)
+        dec = decoding.acquire(sessions[0], cap, n_left, max(positions), holder=self)
+        if dec is not None and not dec.rows_own_positions and cap > n:  # its rows share a position: no padding
+            cap = n
+            dec = decoding.acquire(sessions[0], cap, n_left, max(positions), holder=self)
         if dec is None or (len(positions) > 1 and not dec.rows_own_positions):
             return False
-        dec.load_rows([s.state for s in sessions])
+        pad = [sessions[0].model.init_state(1)] * (cap - n)
+        dec.load_rows([s.state for s in sessions] + pad)
+        self.capacity = cap
         self.dec, self.sessions = dec, sessions
         self.rows = [_Row(self, i) for i in range(len(sessions))]
         self.marks = [s._mark() for s in sessions]
@@ -167,14 +175,27 @@ class BatchStream:
             s._live = r
         return True
 
+    def _capacity(self, n: int) -> int:
+        """The decoder's rows for ``n`` sessions: a power of two, kept while ``n`` stays above a quarter of the
+        current one, so a batch that changes by a row or two reuses one decoder (and one compiled graph);
+        the spare rows decode a fresh state, unread."""
+        cap = getattr(self, "capacity", 0)
+        if cap >= n and 4 * n > cap:
+            return cap
+        return 1 << max(n - 1, 0).bit_length()
+
     def _decode(self, temperature: float, top_k, top_p) -> List[int]:
         sessions, dec = self.sessions, self.dec
+        n = len(sessions)
         toks = [_sample(s._next_logits, temperature, top_k, top_p, None, s._rng) for s in sessions]
-        t = torch.tensor(toks, dtype=torch.long)
+        t = torch.tensor(toks + [0] * (dec.B - n), dtype=torch.long)
         verdict = [s for s in dec.slots if isinstance(s, VerdictSlot)]
         if verdict:
-            decoding._trace_step(verdict, t, torch.stack([s._policy_logits(None) for s in sessions]))
-        logits = decoding._step(sessions[0].model, dec, t)
+            policy = torch.stack([s._policy_logits(None) for s in sessions])
+            if dec.B > n:
+                policy = torch.cat([policy, policy.new_zeros(dec.B - n, policy.shape[1])])
+            decoding._trace_step(verdict, t, policy)
+        logits = decoding._step(sessions[0].model, dec, t)[:n]
         _check_logits(logits)
         if dec.overflowed():
             raise decoding._Redo("a key fired more features than the decoder keeps")
