@@ -81,13 +81,7 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
             for i, s in enumerate(sessions)]
     marks = [s._mark() for s in sessions]
     try:
-        for s, p in zip(sessions, parsed):
-            if p.shape[1]:
-                s._feed(p)
-                s._pending = None
-            s._open_suggestion()
-            s._own_trace()
-
+        read_prompts(sessions, parsed)
         dec = decoding.batch_decoder(sessions, max_new_tokens)
         if dec is not None:
             after = [s._mark() for s in sessions]
@@ -122,6 +116,17 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
             s._back_to(mark)
         raise
     return out
+
+
+def read_prompts(sessions: Sequence[Any], parsed: Sequence[torch.Tensor]) -> None:
+    """Each session reads its prompt (``[1, T]`` ids, T may be 0) and opens the suggestion its tokens start,
+    with its own copy of every verdict trace (what a decode after prompts starts from)."""
+    for s, p in zip(sessions, parsed):
+        if p.shape[1]:
+            s._feed(p)
+            s._pending = None
+        s._open_suggestion()
+        s._own_trace()
 
 
 def _step_batch(sessions: List[Any], toks: List[int]) -> None:

@@ -64,27 +64,26 @@ class BatchStream:
 
     def release(self) -> None:
         """Take every row's state back into its session (new tensors) and let the decoder go."""
-        dec, sessions, rows = self.dec, self.sessions, self.rows
-        self.dec, self.sessions, self.rows, self.marks, self.fed = None, [], [], [], []
-        held = [(s, r) for s, r in zip(sessions, rows) if s._live is r]
-        if dec is None or not held:
-            return
-        states = dec.row_states()
-        for s, r in held:
-            s._live = None
-            s._state = states[r.i]
+        self._give_back(dump=False)
 
     def _take_back(self, i: int):
         """Row ``i``'s state, after every row went back to its session (a session read its ``state``)."""
-        dec = self.dec
-        if dec is None:
+        if self.dec is None:
             raise RuntimeError("this stream no longer holds a decoder")
-        states = dec.row_states()
-        for s, r in zip(self.sessions, self.rows):
-            if s._live is r:
-                s._live, s._state = None, states[r.i]
+        return self._give_back(dump=True)[i]
+
+    def _give_back(self, dump: bool):
+        """Every row still live goes back to its session; the rows' states (None when nothing was dumped:
+        no decoder, or no live row and ``dump`` False)."""
+        dec, sessions, rows = self.dec, self.sessions, self.rows
         self.dec, self.sessions, self.rows, self.marks, self.fed = None, [], [], [], []
-        return states[i]
+        held = [(s, r) for s, r in zip(sessions, rows) if s._live is r]
+        if dec is None or not (held or dump):
+            return None
+        states = dec.row_states()
+        for s, r in held:
+            s._live, s._state = None, states[r.i]
+        return states
 
     # ------------------------------------------------------------------ one step
     def step(self, sessions: Sequence[Any], prompts: Sequence[Any], n_left: Sequence[int], temperature: float = 1.0,
@@ -147,12 +146,7 @@ class BatchStream:
     def _load(self, sessions: list, parsed: list, n_left: int) -> bool:
         """Read the prompts (the forward) and load every session into a decoder; False: no decoder applies
         (the prompts are read either way)."""
-        for s, p in zip(sessions, parsed):
-            if p.shape[1]:
-                s._feed(p)
-                s._pending = None
-            s._open_suggestion()
-            s._own_trace()
+        batching.read_prompts(sessions, parsed)
         if len({s.decoder for s in sessions}) != 1 or sessions[0].decoder is None:
             return False
         positions = {s.state.position for s in sessions}
