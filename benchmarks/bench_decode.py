@@ -2,7 +2,7 @@
 model's single-session decode with the arithmetic ceiling beside it. One process, one thread, medians.
 
     python benchmarks/bench_decode.py [--tokens 100] [--repeats 7] [--check-tokens 300] [--threads 1]
-    python benchmarks/bench_decode.py --part decoder [--batches 1,8,64] [--compile auto|off]
+    python benchmarks/bench_decode.py --part decoder [--batches 1,8,64] [--compile auto|off] [--compile-options]
 
 1. The episodic step at the shipped size (F = 2048, V = 256, 1 head, batch 1), on the keys the shipped model
    computes over a text (``phi(h)`` of its final hidden states), per token:
@@ -335,9 +335,11 @@ def step_flops(model) -> dict:
     return out
 
 
-def decoder_speed(model, tokens: int, repeats: int, batches: list, compile_mode: str) -> dict:
+def decoder_speed(model, tokens: int, repeats: int, batches: list, compile_mode: str,
+                  compare_options: bool = False) -> dict:
     """Part 4: tokens/s of Session.generate and of the Decoder (eager, compiled), adaptation on/off, per batch;
-    every variant of one batch size timed in turn each round (``interleaved``)."""
+    every variant of one batch size timed in turn each round (``interleaved``). ``compare_options``: also the
+    step compiled with inductor's default settings instead of the Decoder's ``COMPILE_OPTIONS``."""
     prompt = list(TEXT[:32])
     s = cl_arch.Session(model, adapt=True, seed=0)
     s.generate(prompt, max_new_tokens=16, seed=0)
@@ -353,28 +355,33 @@ def decoder_speed(model, tokens: int, repeats: int, batches: list, compile_mode:
     sess_t = interleaved({a: (lambda a=a: gen_run(sessions[a])()) for a in sessions}, repeats)
     for a, t in sess_t.items():
         res["tokens_per_s"][f"Session.generate, batch 1, adapt {a}"] = (tokens + 1) / t  # + the prompt's sampled one
-    modes = [False] + ([True] if compile_mode != "off" else [])
+    modes = [("eager", False, None)]
+    if compile_mode != "off":
+        modes.append(("compiled", True, None))
+        if compare_options:
+            modes.append(("compiled (inductor defaults)", True, {}))
     for B in batches:
         ids = torch.tensor([prompt] * B)
         runs, setups = {}, {}
-        for comp in modes:
+        for kind, comp, options in modes:
             # one decoder per batch size and mode, its buffers reloaded between runs: a compiled step is
             # compiled once per decoder (dynamo guards on the instance)
             dec = Decoder(model, B, compile=comp)
+            if options is not None:
+                dec.compile_options = options
             states = {}
             for a in ("on", "off"):
                 dec.prefill(ids, model.init_state(B, P_on if a == "on" else None))
                 states[a] = dec.state()
             first = ids[:, -1].clone()
-            kind = "compiled" if comp else "eager"
             if comp:
                 t0 = time.perf_counter()
                 try:
                     dec.step(first)
                 except Exception as e:  # noqa: BLE001 - reported, the eager rows still run
-                    res["compile_s"][f"batch {B}"] = f"failed: {type(e).__name__}: {e}"[:300]
+                    res["compile_s"][f"{kind}, batch {B}"] = f"failed: {type(e).__name__}: {e}"[:300]
                     continue
-                res["compile_s"][f"batch {B}"] = time.perf_counter() - t0
+                res["compile_s"][f"{kind}, batch {B}"] = time.perf_counter() - t0
 
             def run(dec=dec, first=first):
                 tok = first
@@ -393,16 +400,20 @@ def decoder_speed(model, tokens: int, repeats: int, batches: list, compile_mode:
 def print_decoder(res: dict, ceiling: dict) -> None:
     tps = res["tokens_per_s"]
     print(f"\nshipped model decode, {res['tokens']} tokens per run, median of {res['repeats']}, aggregate tokens/s")
-    print(f"{'variant':44s}{'tokens/s':>10s}{'on/off time':>13s}")
+    print(f"{'variant':62s}{'tokens/s':>10s}{'on/off time':>13s}")
     for name, v in tps.items():
         pair = name.replace("adapt on", "adapt off")
         ratio = f"{tps[pair] / v:13.3f}" if name.endswith("adapt on") and pair in tps else ""
-        print(f"{name:44s}{v:10.1f}{ratio}")
-    for kind in ("eager", "compiled"):
+        print(f"{name:62s}{v:10.1f}{ratio}")
+    for kind in ("eager", "compiled", "compiled (inductor defaults)"):
         b = sorted({int(n.split("batch ")[1].split(",")[0]) for n in tps if f"Decoder {kind}" in n})
         if len(b) > 1 and f"Decoder {kind}, batch {b[0]}, adapt on" in tps:
             print(f"  {kind}: batch {b[-1]} / batch {b[0]} aggregate (adapt on): "
                   f"{tps[f'Decoder {kind}, batch {b[-1]}, adapt on'] / tps[f'Decoder {kind}, batch {b[0]}, adapt on']:.1f}x")
+    for name, v in tps.items():
+        dflt = name.replace("Decoder compiled,", "Decoder compiled (inductor defaults),")
+        if dflt != name and dflt in tps:
+            print(f"  {name}: {v / tps[dflt]:.2f}x the step compiled with inductor's defaults")
     for name, t in res["compile_s"].items():
         print(f"  first compiled step ({name}): " + (f"{t:.1f} s" if isinstance(t, float) else t))
     print("  ceiling (part 3): " + ", ".join(f"{k} step {v:,.0f} tokens/s" for k, v in ceiling.items()))
@@ -418,13 +429,16 @@ def main(argv=None):
     ap.add_argument("--part", choices=("all", "decoder"), default="all", help="decoder: part 4 and the ceiling only")
     ap.add_argument("--batches", default="1,8,64", help="part 4's batch sizes")
     ap.add_argument("--compile", choices=("auto", "off"), default="auto", help="part 4: time the compiled step too")
+    ap.add_argument("--compile-options", action="store_true",
+                    help="part 4: also time the step compiled with inductor's defaults (not Decoder.compile_options)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = cl_arch.load_default()
     if a.part == "decoder":
         rates, flops = matmul_rate(a.repeats), step_flops(model)
         ceiling = {n: rates["1x128x512 (a decode matvec)"] * 1e9 / f for n, f in flops.items()}
-        res = decoder_speed(model, a.tokens, a.repeats, [int(b) for b in a.batches.split(",")], a.compile)
+        res = decoder_speed(model, a.tokens, a.repeats, [int(b) for b in a.batches.split(",")], a.compile,
+                           a.compile_options)
         print_decoder(res, ceiling)
         out = a.out.replace("bench_decode.json", "bench_decode_decoder.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)

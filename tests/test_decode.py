@@ -242,3 +242,37 @@ def test_rows_at_their_own_positions(shipped, model_name):
         _assert_states(model.materialize_state(ref, 1), model.materialize_state(row, 1), 1e-10)
     with pytest.raises(ValueError, match="3 states"):
         dec.load_rows(states[:2])
+
+
+def test_one_graph_per_batch_size_past_dynamo_limit():
+    """The compiled step keeps one graph per batch size however many a process meets (dynamo's default
+    recompile_limit, 8, would silently run the ninth eagerly) and one for ids of any stride (a prompt's
+    column ``ids[:, -1]`` or a sampled token): dynamo with a counting backend, no inductor compile."""
+    model = _tiny()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(example_inputs[0].shape if example_inputs else None)
+        return gm.forward
+
+    torch._dynamo.reset()
+    sizes = list(range(1, 11))
+    try:
+        for B in sizes:
+            dec = Decoder(model, B, max_len=16, compile=True)
+            dec.compile_backend = backend
+            eager = Decoder(model, B, max_len=16, compile=False)
+            prompt = torch.randint(0, 40, (B, 5), generator=torch.Generator().manual_seed(B))
+            for d in (dec, eager):
+                d.prefill(prompt)
+            tok_c = tok_e = prompt[:, -1]  # strided: a column of the prompt
+            for _ in range(3):
+                tok_c, tok_e = dec.step(tok_c).argmax(-1), eager.step(tok_e).argmax(-1)
+                assert torch.equal(tok_c, tok_e)
+            assert len(graphs) == B, f"batch {B}: {len(graphs)} graphs for {B} batch sizes"
+        dec = Decoder(model, 4, max_len=16, compile=True)  # a batch size met before reuses its graph
+        dec.compile_backend = backend
+        dec.step(torch.zeros(4, dtype=torch.long))
+        assert len(graphs) == len(sizes)
+    finally:
+        torch._dynamo.reset()

@@ -30,6 +30,16 @@ from .slots import (
 
 log = logging.getLogger(__name__)
 COMPILE_MODES = ("auto", True, False)
+# Inductor settings of the compiled step. A decode step is a few dozen small kernels over ~100 input tensors
+# (the state buffers and weights), so the Python that calls them costs as much as their arithmetic: the C++
+# wrapper calls them from C++, and the per-input size/stride asserts repeat what dynamo's guards check before
+# every call. Together 1.2-1.3x on the shipped model's step (benchmarks/bench_decode.py --compile-options).
+COMPILE_OPTIONS = {"cpp_wrapper": True, "size_asserts": False}
+# Dynamo keeps one graph per batch size, compile options and host flag the step branches on (a verdict memory
+# still zero), all on one code object, and past its recompile_limit (8) silently runs the step eagerly: a
+# server whose batch walks through 1, 2, 4 ... 64 rows with and without verdicts needs more. The limit is
+# raised only around a decoder's first step after a load, where a new graph can be needed.
+RECOMPILE_LIMIT = 64
 _warned: set = set()
 
 
@@ -64,6 +74,8 @@ class Decoder:
     """
 
     rows_own_positions = True  # load_rows takes rows at different positions (each its own rotary angle and mask)
+    compile_options = COMPILE_OPTIONS  # torch.compile(options=...) of the step; set before the first step
+    compile_backend = "inductor"  # torch.compile(backend=...): another backend gets no options
 
     def __init__(self, model, batch_size: int, max_len: int | None = None,
                  compile: str | bool = "auto", lam=None, n_active: int | None = None) -> None:
@@ -121,6 +133,11 @@ class Decoder:
         self.positions = [0] * batch_size  # the same on the host: bounds checks without a read
         self._logits = torch.zeros(batch_size, model.config.vocab_size, dtype=dtype)
         self._compiled = None
+        self._fresh = True  # the next step may need a new graph (see RECOMPILE_LIMIT)
+        # the step's inputs are copied here: dynamo guards on strides too, and a column of a prompt
+        # (ids[:, -1]) has another stride than a sampled token, so each would compile its own graph
+        self._ids = torch.zeros(batch_size, dtype=torch.long)
+        self._mod = torch.ones(batch_size, dtype=torch.promote_types(dtype, torch.float32))
         env_off = os.environ.get("CL_ARCH_DECODE_COMPILE", "1") == "0"
         self.compile = False if (compile == "auto" and env_off) else compile
 
@@ -144,6 +161,7 @@ class Decoder:
                     slot.S, slot.E_none = raw.S, raw.E is None
         self.pos.fill_(pos)
         self.positions = [pos] * self.B
+        self._fresh = True
 
     def load_rows(self, states) -> None:
         """Copy ``B`` one-row states, each at its own position (sessions with prompts of different lengths
@@ -174,6 +192,7 @@ class Decoder:
                     slot.E_none = all(st.layers[i].E is None for st in states)
         self.positions = [st.position for st in states]
         self.pos.copy_(torch.tensor(self.positions))
+        self._fresh = True
 
     @property
     def position(self) -> int:
@@ -250,9 +269,10 @@ class Decoder:
             raise ValueError(f"modulation must be a [B] = ({self.B},) tensor or None")
         if self.max_len is not None and max(self.positions) >= self.max_len:
             raise ValueError(f"the decoder is at position {max(self.positions)} = max_len: no room in the KV buffer")
-        mod = self._ones if modulation is None else modulation.to(self._ones.dtype)
+        self._ids.copy_(ids)
+        self._mod.copy_(self._ones if modulation is None else modulation)
         with torch.no_grad():
-            self._run(ids, mod)
+            self._run(self._ids, self._mod)
         self.positions = [p + 1 for p in self.positions]
         self._fold()
         return self._logits
@@ -261,11 +281,13 @@ class Decoder:
         if self.compile is False:
             return self._step_impl(ids, mod)
         if self._compiled is None:
-            self._compiled = torch.compile(self._step_impl, dynamic=False)
+            inductor = self.compile_backend == "inductor"
+            self._compiled = torch.compile(self._step_impl, dynamic=False, backend=self.compile_backend,
+                                           options=dict(self.compile_options) if inductor else None)
         if self.compile is True:
-            return self._compiled(ids, mod)
+            return self._call_compiled(ids, mod)
         try:
-            return self._compiled(ids, mod)
+            return self._call_compiled(ids, mod)
         except Exception as e:  # noqa: BLE001 - any compile failure: the eager step computes the same
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             if reason not in _warned:
@@ -274,6 +296,14 @@ class Decoder:
             self.compile = False
             # inductor fails while tracing or compiling, before the graph has written any buffer
             return self._step_impl(ids, mod)
+
+    def _call_compiled(self, ids: torch.Tensor, mod: torch.Tensor) -> None:
+        if not self._fresh:
+            return self._compiled(ids, mod)
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            self._compiled(ids, mod)
+        self._fresh = False
 
     def _fold(self) -> None:
         for s in self.slots:
@@ -332,4 +362,4 @@ def _share_projection(slots) -> None:
                 break
 
 
-__all__ = ["Decoder", "default_active"]
+__all__ = ["COMPILE_OPTIONS", "RECOMPILE_LIMIT", "Decoder", "default_active"]

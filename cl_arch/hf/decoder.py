@@ -123,6 +123,7 @@ class RetrofitDecoder(Decoder):
                 slot.load(s)
         self.pos.fill_(pos)
         self.positions = [pos] * self.B
+        self._fresh = True
 
     def load_rows(self, states) -> None:
         """:meth:`load_state` of ``B`` one-row states stacked; they must share a position here."""
