@@ -8,8 +8,10 @@ from ..checks import check_finite, check_per_head, check_tensor
 from ..plastic.triton_utils import triton_available_for
 from .fused import HAS_TRITON, fused_reward_commit
 from .naive import clip_per_head, naive_reward_commit
+from .twopass import twopass_reward_commit
 
-COMMIT_BACKENDS = {"naive": naive_reward_commit}
+# naive: the differentiable reference; twopass: forward only, one allocation (what a session's commit runs)
+COMMIT_BACKENDS = {"naive": naive_reward_commit, "twopass": twopass_reward_commit}
 if HAS_TRITON:
     # Forward only, one launch, in place when asked; the naive path is the differentiable one.
     COMMIT_BACKENDS["triton"] = fused_reward_commit
@@ -93,9 +95,17 @@ def reward_commit(
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in (P, E, r, b, gamma, eta_s, eta_r))
     if backend == "auto":
-        # The Triton commit has no backward: anything that needs gradients takes the PyTorch path.
-        backend = "triton" if (Pb.is_cuda and "triton" in COMMIT_BACKENDS and not needs_grad) else "naive"
+        # The Triton commit and the two-pass one have no backward: anything that needs gradients takes the
+        # reference; so does a trace of another dtype than P (the reference promotes, an in-place add cannot).
+        if needs_grad or E.dtype != P.dtype:
+            backend = "naive"
+        else:
+            backend = "triton" if (Pb.is_cuda and "triton" in COMMIT_BACKENDS) else "twopass"
+    if backend == "twopass" and needs_grad:
+        raise ValueError("commit backend 'twopass' is forward only; use backend='naive' to differentiate")
     extra = {}
+    if backend == "twopass" and inplace and Pb.is_contiguous() and E.dtype == P.dtype:
+        extra = {"out": Pb}
     if backend == "triton":
         if needs_grad:
             raise ValueError("commit backend 'triton' is forward only; use backend='naive' to differentiate")
@@ -121,4 +131,4 @@ def reward_commit(
     return P_new, b_new
 
 
-__all__ = ["reward_commit", "naive_reward_commit", "clip_per_head", "COMMIT_BACKENDS"]
+__all__ = ["reward_commit", "naive_reward_commit", "twopass_reward_commit", "clip_per_head", "COMMIT_BACKENDS"]
