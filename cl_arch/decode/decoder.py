@@ -300,8 +300,9 @@ class Decoder:
     def _call_compiled(self, ids: torch.Tensor, mod: torch.Tensor) -> None:
         if not self._fresh:
             return self._compiled(ids, mod)
-        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        with torch._dynamo.config.patch(recompile_limit=limit):
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        with config.patch(**{name: max(getattr(config, name), RECOMPILE_LIMIT)}):
             self._compiled(ids, mod)
         self._fresh = False
 
