@@ -6,9 +6,12 @@ Targets (issue 4): decode with adaptation on <= 1.15x the time of adaptation off
 
     python benchmarks/bench_session.py [--threads 1] [--repeats 7] [--model shipped|random|DIR]
                                        [--decoders none,auto[,compile]] [--batch N [--mixed-prompts]]
+                                       [--commit-backends naive,twopass]
 
 Each ``--decoders`` setting gets an adaptive and a frozen session, timed interleaved in one process
 (medians of ``--repeats``); the ratios to ``none`` (one forward per token) are measured side by side.
+``--commit-backends``: ``Session.reward`` alone (the state taken back from the decoder first) with the commit
+that ``backend="auto"`` runs on the CPU (``twopass``) and with the reference (``naive``) in its place, interleaved.
 """
 import argparse
 import os
@@ -54,6 +57,31 @@ def batch_rows(model, modes, name, prompt, args):
     return out
 
 
+def commit_rows(model, prompt, args, backends: list) -> dict:
+    """Median ms of ``Session.reward`` after a ``--new-tokens`` episode per commit backend (what ``"auto"``
+    resolves to on the CPU replaced by each in turn), the sessions timed interleaved."""
+    from cl_arch.kernels import commit as commit_kernels
+
+    auto = commit_kernels.COMMIT_BACKENDS["twopass"]
+    sessions = {b: Session(model, adapt=True, seed=0) for b in backends}
+    times = {b: [] for b in backends}
+    try:
+        for r in range(args.repeats + 2):  # two warm-up rounds: a non-zero P, the decoder built
+            for b, s in sessions.items():
+                commit_kernels.COMMIT_BACKENDS["twopass"] = commit_kernels.COMMIT_BACKENDS[b] if b != "twopass" else auto
+                s.generate(prompt, max_new_tokens=args.new_tokens, seed=r)
+                _ = s.state  # taken back from the decoder: the timing is the commit and the new episode
+                t0 = time.perf_counter()
+                s.reward(1.0)
+                if r >= 2:
+                    times[b].append(time.perf_counter() - t0)
+    finally:
+        commit_kernels.COMMIT_BACKENDS["twopass"] = auto
+    out = {b: 1e3 * statistics.median(v) for b, v in times.items()}
+    print("Session.reward, ms (median): " + ", ".join(f"{b} {v:.2f}" for b, v in out.items()))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -69,6 +97,8 @@ def main():
                     help="also time Session.batch_generate over this many adaptive sessions per --decoders setting")
     ap.add_argument("--mixed-prompts", action="store_true",
                     help="--batch rows with prompts of 8 lengths (rows at different positions), not one")
+    ap.add_argument("--commit-backends", default="",
+                    help="also time Session.reward alone per commit backend, e.g. naive,twopass")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bench_session.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -123,6 +153,8 @@ def main():
     }
     if args.batch:
         res["batch_generate"] = batch_rows(model, modes, name, prompt, args)
+    if args.commit_backends:
+        res["reward_ms_by_commit_backend"] = commit_rows(model, prompt, args, args.commit_backends.split(","))
     print(f"{'Session(decoder=...)':22s}{'tok/s on':>10s}{'tok/s off':>10s}{'on/off':>8s}{'x none (on)':>12s}"
           f"{'x none (off)':>13s}")
     for m in modes:
