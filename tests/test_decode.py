@@ -276,3 +276,55 @@ def test_one_graph_per_batch_size_past_dynamo_limit():
         assert len(graphs) == len(sizes)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("model_name", ["shipped", "tiny"])
+def test_a_row_replaced_midstream(shipped, model_name):
+    """load_row / row_state: rows at their own positions with and without a persistent P decode together; one
+    row is taken out and put back (a round trip), another replaced by a new session's state mid-stream (a
+    zero P turned non-zero, so the verdict read starts); every row equals its own one-row forward, logits at
+    every token and final states, at 1e-10 in float64."""
+    model = copy.deepcopy(shipped if model_name == "shipped" else _tiny()).to(torch.float64)
+    V, g = model.config.vocab_size, torch.Generator().manual_seed(11)
+    fast = model.fast_layers()
+
+    def P(scale):
+        return None if scale == 0 else [scale * torch.randn(1, m.n_heads, m.head_k_dim, m.head_v_dim, generator=g,
+                                                           dtype=torch.float64) for m in fast]
+
+    def session(n, scale):
+        ids = torch.randint(0, V, (1, n + 40), generator=g)
+        with torch.no_grad():
+            return ids, n, model(ids[:, :n], state=model.init_state(1, P(scale)))[1]
+
+    rows = [session(3, 0.0), session(70, 0.0), session(12, 0.0)]  # every P zero: the verdict read is skipped
+    states = [st for _, _, st in rows]
+    dec = Decoder(model, 3, max_len=None if model_name == "shipped" else 160, compile=False)
+    dec.load_rows(states)
+    fed = [0, 0, 0]
+
+    def run(n_tokens):
+        with torch.no_grad():
+            for _ in range(n_tokens):
+                tok = torch.stack([ids[0, n + f] for (ids, n, _), f in zip(rows, fed)])
+                got = dec.step(tok).clone()
+                for b, ((ids, n, _), f) in enumerate(zip(rows, fed)):
+                    ref, states[b] = model(ids[:, n + f:n + f + 1], state=states[b])
+                    assert (ref[0, 0] - got[b]).abs().max().item() <= 1e-10, (b, f)
+                    fed[b] += 1
+
+    run(6)
+    out = dec.row_state(0)
+    _assert_states(model.materialize_state(states[0], 1), model.materialize_state(out, 1), 1e-10)
+    dec.load_row(0, out)  # a round trip leaves the row as it was
+    rows[2] = session(20, 0.05)  # row 2's session leaves, a new one with a non-zero P joins
+    states[2], fed[2] = rows[2][2], 0
+    dec.load_row(2, states[2])
+    assert dec.positions == [st.position for st in states]
+    run(6)
+    for ref, row in zip(states, dec.row_states()):
+        _assert_states(model.materialize_state(ref, 1), model.materialize_state(row, 1), 1e-10)
+    with pytest.raises(ValueError, match="row must be"):
+        dec.load_row(3, states[0])
+    with pytest.raises(ValueError, match="row must be"):
+        dec.row_state(-1)

@@ -18,7 +18,7 @@ import torch
 from ..memory import FastWeightLayer
 from ..memory.episodic import EpisodicMemory
 from ..memory.verdict import VerdictMemory
-from ..state import AttnLayerState, ModelState, check_step_inputs
+from ..state import ModelState, check_step_inputs
 from .slots import (
     AttnSlot,
     DenseOutSlot,
@@ -155,43 +155,50 @@ class Decoder:
             for slot, s, raw in zip(self.slots, full.layers, state.layers):
                 if isinstance(slot, AttnSlot):
                     slot.load(s, pos)
+                elif isinstance(slot, VerdictSlot):  # nothing writes S, so None (W0 + P) stays None
+                    slot.load(s, raw)
                 else:
                     slot.load(s)
-                if isinstance(slot, VerdictSlot):  # nothing writes S, so None (W0 + P) stays None
-                    slot.S, slot.E_none = raw.S, raw.E is None
         self.pos.fill_(pos)
         self.positions = [pos] * self.B
         self._fresh = True
 
     def load_rows(self, states) -> None:
         """Copy ``B`` one-row states, each at its own position (sessions with prompts of different lengths
-        decoding together), into the buffers: the attention caches row by row, every other slot stacked."""
-        model, states = self.model, list(states)
+        decoding together), into the buffers, row by row (:meth:`load_row`)."""
+        states = list(states)
         if len(states) != self.B:
             raise ValueError(f"load_rows needs {self.B} states (one per row), got {len(states)}")
-        for i, st in enumerate(states):
-            check_step_inputs(torch.zeros(1, 1, dtype=torch.long), st, None, vocab_size=model.config.vocab_size,
-                              memories=model.memories(), check_values=False, layout=f"the decoder's model (row {i})")
-            if self.max_len is not None and st.position > self.max_len:
-                raise ValueError(f"row {i}'s state is at position {st.position}, beyond max_len {self.max_len}")
-        rows = [model.materialize_state(st, 1) for st in states]
-        attn = [isinstance(slot, AttnSlot) for slot in self.slots]
-        # the caches of rows at different positions differ in length: stack everything else
-        full = ModelState.stack([ModelState([AttnLayerState() if a else x for a, x in zip(attn, r.layers)], 0)
-                                 for r in rows])
+        for i, st in enumerate(states):  # every state checked before any row is written
+            self._check_row(st, f"row {i}")
+        for b, st in enumerate(states):
+            self._load_row(b, st)
+
+    def load_row(self, b: int, state: ModelState) -> None:
+        """Copy a one-row ``state`` (at its own position) into row ``b``; the other rows go on as they were
+        (a server's batch where one completion leaves and another joins)."""
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.B:
+            raise ValueError(f"row must be an integer in [0, {self.B}), got {b!r}")
+        self._check_row(state, f"row {b}")
+        self._load_row(b, state)
+
+    def _check_row(self, st: ModelState, where: str) -> None:
+        model = self.model
+        check_step_inputs(torch.zeros(1, 1, dtype=torch.long), st, None, vocab_size=model.config.vocab_size,
+                          memories=model.memories(), check_values=False, layout=f"the decoder's model ({where})")
+        if self.max_len is not None and st.position > self.max_len:
+            raise ValueError(f"{where}'s state is at position {st.position}, beyond max_len {self.max_len}")
+
+    def _load_row(self, b: int, st: ModelState) -> None:
+        full = self.model.materialize_state(st, 1)
         with torch.no_grad():
-            for i, slot in enumerate(self.slots):
+            for slot, s, raw in zip(self.slots, full.layers, st.layers):
                 if isinstance(slot, AttnSlot):
-                    for b, (r, st) in enumerate(zip(rows, states)):
-                        slot.load(r.layers[i], st.position, row=b)
+                    slot.load(s, st.position, row=b)
                 else:
-                    slot.load(full.layers[i])
-                if isinstance(slot, VerdictSlot):  # nothing writes S, so None (W0 + P) stays None
-                    if all(st.layers[i].S is None for st in states):
-                        slot.S = None
-                    slot.E_none = all(st.layers[i].E is None for st in states)
-        self.positions = [st.position for st in states]
-        self.pos.copy_(torch.tensor(self.positions))
+                    slot.load_row(b, s, raw)
+            self.pos[b] = st.position
+        self.positions[b] = st.position
         self._fresh = True
 
     @property
@@ -204,14 +211,20 @@ class Decoder:
     def row_states(self) -> list:
         """One :class:`ModelState` of new tensors per row, each at its own position (see :meth:`state`)."""
         self.check_overflow()
+        return [self._row_state(b) for b in range(self.B)]
+
+    def row_state(self, b: int) -> ModelState:
+        """Row ``b`` as a one-row :class:`ModelState` of new tensors at its position (``P`` as loaded)."""
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.B:
+            raise ValueError(f"row must be an integer in [0, {self.B}), got {b!r}")
+        self.check_overflow()
+        return self._row_state(b)
+
+    def _row_state(self, b: int) -> ModelState:
+        pos = self.positions[b]
         with torch.no_grad():
-            dumped = [None if isinstance(slot, AttnSlot) else slot.dump() for slot in self.slots]
-            out = []
-            for b, pos in enumerate(self.positions):
-                layers = [slot.dump(pos, row=b) if d is None else d.apply(lambda t, b=b: t[b:b + 1].clone())
-                          for slot, d in zip(self.slots, dumped)]
-                out.append(ModelState(layers, pos))
-        return out
+            layers = [slot.dump(pos, row=b) if isinstance(slot, AttnSlot) else slot.dump_row(b) for slot in self.slots]
+        return ModelState(layers, pos)
 
     def state(self) -> ModelState:
         """The buffers as a :class:`ModelState` of new tensors (``P`` as loaded), e.g. for a session.

@@ -37,6 +37,39 @@ def _rest(memory, B: int, P: torch.Tensor | None, dtype: torch.dtype) -> torch.T
     return memory.resting_state(B, P).detach().to(dtype).expand(B, *memory.W0.shape).contiguous()
 
 
+def _split(x: torch.Tensor | None, B: int) -> list:
+    """A loaded ``[B, ...]`` tensor (or None, or one row for every row) as one entry per row, each ``[1, ...]``
+    or None; with ``B = 1`` the tensor itself, so a one-row decoder hands back the object it was given."""
+    if x is None:
+        return [None] * B
+    if B == 1:
+        return [x]
+    if x.shape[0] == 1:
+        return [x] * B
+    return [x[b:b + 1] for b in range(B)]
+
+
+def _join(rows: list, fill) -> torch.Tensor | None:
+    """The entries of :func:`_split` as one ``[B, ...]`` tensor (None rows from ``fill(b)``), None when all are."""
+    if all(r is None for r in rows):
+        return None
+    if len(rows) == 1:
+        return rows[0]
+    return torch.cat([r if r is not None else fill(b) for b, r in enumerate(rows)])
+
+
+def _row_Y(Y: torch.Tensor | None, b: int, value: torch.Tensor, shape) -> torch.Tensor | None:
+    """Row ``b`` of a lazily kept trace offset ``Y`` (None: zero everywhere) set to ``value [1, ...]``;
+    allocated on the first row that needs it. Returns the (possibly new) ``Y``."""
+    if bool(value.any()):
+        if Y is None:
+            Y = value.new_zeros(shape)
+        Y[b:b + 1].copy_(value)
+    elif Y is not None:
+        Y[b:b + 1].zero_()
+    return Y
+
+
 class LazyEpisodicState(SparseEpisodicState):
     """A :class:`SparseEpisodicState` whose decay reads nothing back: the decay of the episodic memory
     is the same every token (``g = -exp(A_log)``), so the decoder folds ``c`` on a host-side count of
@@ -70,13 +103,13 @@ class FastSlot:
         self.M = torch.zeros(B, H, K, V, dtype=dt)
         shape = layer.cache_shape(B)
         self.conv = None if shape is None else torch.zeros(shape, dtype=layer.W0.dtype)
-        self.P = None
+        self.P_rows: list = [None] * B  # each row's P as loaded ([1, H, K, V] or None), handed back by dump
         self.scale = K ** -0.5
 
     def load(self, s: FastLayerState) -> None:
         """Copy a materialised slot (``S``, ``E`` or None, ``P``, ``conv``) into the buffers."""
         dt = self.S.dtype
-        self.P = s.P
+        self.P_rows = _split(s.P, self.B)
         if self.rest:
             self.M.copy_(_rest(self.layer, self.B, s.P, dt))
         self.S.copy_(s.S)
@@ -85,9 +118,29 @@ class FastSlot:
         if self.conv is not None:
             self.conv.copy_(s.conv)
 
+    def load_row(self, b: int, s: FastLayerState, raw=None) -> None:
+        """:meth:`load` of a one-row materialised slot into row ``b`` (the other rows untouched)."""
+        self.P_rows[b] = s.P
+        if self.rest:
+            self.M[b:b + 1].copy_(_rest(self.layer, 1, s.P, self.S.dtype))
+        self.S[b:b + 1].copy_(s.S)
+        if self.E is not None:
+            self.E[b:b + 1].copy_(s.E) if s.E is not None else self.E[b:b + 1].zero_()
+        if self.conv is not None:
+            self.conv[b:b + 1].copy_(s.conv)
+
+    def _P(self) -> torch.Tensor | None:
+        return _join(self.P_rows, lambda b: torch.zeros_like(self.S[:1]))
+
     def dump(self) -> FastLayerState:
-        return FastLayerState(S=self.S.clone(), E=None if self.E is None else self.E.clone(), P=self.P,
+        return FastLayerState(S=self.S.clone(), E=None if self.E is None else self.E.clone(), P=self._P(),
                               conv=None if self.conv is None else self.conv.clone())
+
+    def dump_row(self, b: int) -> FastLayerState:
+        """Row ``b`` as a one-row slot of new tensors (``P`` as loaded)."""
+        r = slice(b, b + 1)
+        return FastLayerState(S=self.S[r].clone(), E=None if self.E is None else self.E[r].clone(), P=self.P_rows[b],
+                              conv=None if self.conv is None else self.conv[r].clone())
 
     def step(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """``x [B, d]`` (normed) and ``mod [B]`` -> ``y [B, d]``; S, E and the conv cache advance."""
@@ -192,11 +245,11 @@ class DenseOutSlot:
         self.M = torch.zeros(B, H, K, V, dtype=dt)
         self.key = torch.zeros(B, K, dtype=dt)
         self.p = torch.zeros(B, V, dtype=dt) if self.error else None
-        self.P = None
+        self.P_rows: list = [None] * B
 
     def load(self, s: FastLayerState) -> None:
         K = self.key.shape[1]
-        self.P = s.P
+        self.P_rows = _split(s.P, self.B)
         self.M.copy_(_rest(self.mem, self.B, s.P, self.S.dtype))
         self.S.copy_(s.S)
         if self.E is not None:
@@ -205,10 +258,36 @@ class DenseOutSlot:
         if self.p is not None:
             self.p.copy_(s.conv[:, 0, K:])
 
+    def load_row(self, b: int, s: FastLayerState, raw=None) -> None:
+        """:meth:`load` of a one-row materialised slot into row ``b``."""
+        K, r = self.key.shape[1], slice(b, b + 1)
+        self.P_rows[b] = s.P
+        self.M[r].copy_(_rest(self.mem, 1, s.P, self.S.dtype))
+        self.S[r].copy_(s.S)
+        if self.E is not None:
+            self.E[r].copy_(s.E) if s.E is not None else self.E[r].zero_()
+        self._load_conv(r, s, K)
+
+    def _load_conv(self, r: slice, s: FastLayerState, K: int) -> None:
+        self.key[r].copy_(s.conv[:, 0, :K])
+        if self.p is not None:
+            self.p[r].copy_(s.conv[:, 0, K:])
+
+    def _conv(self, r: slice = slice(None)) -> torch.Tensor:
+        conv = self.key[r] if self.p is None else torch.cat([self.key[r], self.p[r]], dim=-1)
+        return conv.unsqueeze(1).clone()
+
+    def _P(self) -> torch.Tensor | None:
+        return _join(self.P_rows, lambda b: torch.zeros_like(self.M[:1]))
+
     def dump(self) -> FastLayerState:
-        conv = self.key if self.p is None else torch.cat([self.key, self.p], dim=-1)
-        return FastLayerState(S=self.S.clone(), E=None if self.E is None else self.E.clone(), P=self.P,
-                              conv=conv.unsqueeze(1).clone())
+        return FastLayerState(S=self.S.clone(), E=None if self.E is None else self.E.clone(), P=self._P(),
+                              conv=self._conv())
+
+    def dump_row(self, b: int) -> FastLayerState:
+        r = slice(b, b + 1)
+        return FastLayerState(S=self.S[r].clone(), E=None if self.E is None else self.E[r].clone(), P=self.P_rows[b],
+                              conv=self._conv(r))
 
     def step(self, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor, mod: torch.Tensor,
              embed, head) -> torch.Tensor:
@@ -265,34 +344,53 @@ class LazyOutSlot(DenseOutSlot):
 
     def load(self, s: FastLayerState) -> None:
         K = self.key.shape[1]
-        self.P = s.P
+        self.P_rows = _split(s.P, self.B)
         self.M.copy_(_rest(self.mem, self.B, s.P, self.U.dtype))
         self.U.copy_(s.S.to(self.U.dtype) - self.M)
         self.c.fill_(1.0)
         Y = (torch.zeros_like(self.U) if s.E is None else s.E.to(self.U.dtype)) - self.U
         self.Y = Y if bool(Y.any()) else None
-        self.key.copy_(s.conv[:, 0, :K])
-        if self.p is not None:
-            self.p.copy_(s.conv[:, 0, K:])
+        self._load_conv(slice(None), s, K)
         self.steps = 0
 
-    def dump(self) -> FastLayerState:
+    def load_row(self, b: int, s: FastLayerState, raw=None) -> None:
+        """:meth:`load` into row ``b``; ``c`` is one per head for every row, so it is folded in first."""
+        self._fold_now()
+        K, r, dt = self.key.shape[1], slice(b, b + 1), self.U.dtype
+        self.P_rows[b] = s.P
+        self.M[r].copy_(_rest(self.mem, 1, s.P, dt))
+        self.U[r].copy_(s.S.to(dt) - self.M[r])
+        Y = (torch.zeros_like(self.U[r]) if s.E is None else s.E.to(dt)) - self.U[r]
+        self.Y = _row_Y(self.Y, b, Y, self.U.shape)
+        self._load_conv(r, s, K)
+
+    def _rows(self, r: slice) -> tuple:
         c = self.c[None, :, None, None]
-        dev = c * self.U
-        E = dev.clone() if self.Y is None else c * (self.U + self.Y)
-        conv = self.key if self.p is None else torch.cat([self.key, self.p], dim=-1)
-        return FastLayerState(S=dev.add_(self.M), E=E, P=self.P, conv=conv.unsqueeze(1).clone())
+        dev = c * self.U[r]
+        E = dev.clone() if self.Y is None else c * (self.U[r] + self.Y[r])
+        return dev.add_(self.M[r]), E
+
+    def dump(self) -> FastLayerState:
+        S, E = self._rows(slice(None))
+        return FastLayerState(S=S, E=E, P=self._P(), conv=self._conv())
+
+    def dump_row(self, b: int) -> FastLayerState:
+        S, E = self._rows(slice(b, b + 1))
+        return FastLayerState(S=S, E=E, P=self.P_rows[b], conv=self._conv(slice(b, b + 1)))
 
     def fold(self) -> None:
         """Fold ``c`` into ``U`` and ``Y`` (one pass; the state it stands for is unchanged)."""
         self.steps += 1
         if self.steps >= self.fold_every:
-            c = self.c[None, :, None, None]
-            self.U.mul_(c)
-            if self.Y is not None:
-                self.Y.mul_(c)
-            self.c.fill_(1.0)
-            self.steps = 0
+            self._fold_now()
+
+    def _fold_now(self) -> None:
+        c = self.c[None, :, None, None]
+        self.U.mul_(c)
+        if self.Y is not None:
+            self.Y.mul_(c)
+        self.c.fill_(1.0)
+        self.steps = 0
 
     def step(self, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor, mod: torch.Tensor,
              embed, head) -> torch.Tensor:
@@ -343,14 +441,14 @@ class EpisodicSlot:
         g = -float(memory.A_log.detach().exp().max())
         # fold c into U before it falls below MIN_SCALE: c = exp(g * steps) for the fastest head
         self.fold_every = max(1, int(math.log(MIN_SCALE) / g) - 1) if g < 0 else 1 << 62
-        self.P = None
+        self.P_rows: list = [None] * B
         self.shares_projection = False  # set by the decoder when a verdict slot reads self.proj
 
     def load(self, s: FastLayerState) -> None:
         d = self.key.shape[1]
         dt = self.key.dtype
         st = self.st
-        self.P = s.P
+        self.P_rows = _split(s.P, self.B)
         st.M.copy_(_rest(self.mem, self.B, s.P, dt))
         st.U.copy_(s.S.to(dt) - st.M)
         st.c.fill_(1.0)
@@ -363,10 +461,37 @@ class EpisodicSlot:
         self.ka_idx.copy_(ka[0])
         self.ka_val.copy_(ka[1])
 
+    def load_row(self, b: int, s: FastLayerState, raw=None) -> None:
+        """:meth:`load` of a one-row materialised slot into row ``b`` (its decay ``c`` restarts at 1)."""
+        d, dt, st, r = self.key.shape[1], self.key.dtype, self.st, slice(b, b + 1)
+        self.P_rows[b] = s.P
+        st.M[r].copy_(_rest(self.mem, 1, s.P, dt))
+        st.U[r].copy_(s.S.to(dt) - st.M[r])
+        st.c[r].fill_(1.0)
+        Y = (torch.zeros_like(st.U[r]) if s.E is None else s.E.to(dt)) - st.U[r]
+        st.Y = _row_Y(st.Y, b, Y, st.shape)
+        if st.p is not None:
+            st.p[r].copy_(s.conv[:, 0, d:])
+        self.key[r].copy_(s.conv[:, 0, :d])
+        idx, val = self._keys(self.key[r])
+        self.ka_idx[r].copy_(idx)
+        self.ka_val[r].copy_(val)
+
+    def _conv(self, r: slice = slice(None)) -> torch.Tensor:
+        conv = self.key[r] if self.st.p is None else torch.cat([self.key[r], self.st.p[r]], dim=-1)
+        return conv.unsqueeze(1).clone()
+
     def dump(self) -> FastLayerState:
         S, E = self.st.to_dense()
-        conv = self.key if self.st.p is None else torch.cat([self.key, self.st.p], dim=-1)
-        return FastLayerState(S=S, E=E, P=self.P, conv=conv.unsqueeze(1).clone())
+        P = _join(self.P_rows, lambda b: torch.zeros_like(self.st.M[:1]))
+        return FastLayerState(S=S, E=E, P=P, conv=self._conv())
+
+    def dump_row(self, b: int) -> FastLayerState:
+        st, r = self.st, slice(b, b + 1)
+        c = st.c[r][..., None, None]
+        dev = c * st.U[r]
+        E = dev.clone() if st.Y is None else c * (st.U[r] + st.Y[r])
+        return FastLayerState(S=dev.add_(st.M[r]), E=E, P=self.P_rows[b], conv=self._conv(r))
 
     def _keys(self, hn: torch.Tensor, keep: bool = False):
         if keep:
@@ -429,25 +554,49 @@ class VerdictSlot:
         self.key = torch.zeros(B, Fdim if self.key_is_phi else memory.d_model, dtype=dt)
         self.E = torch.zeros(B, H, Fdim, V, dtype=dt)
         self.overflow = torch.zeros((), dtype=torch.long)
-        self.S = self.P = None
-        self.E_none = True
+        self.S_rows: list = [None] * B  # each row's S as loaded: nothing writes it, so None (W0 + P) stays None
+        self.P_rows: list = [None] * B
+        self.E_none = [True] * B  # per row: no trace yet (dump hands back None)
         self.zero = True  # W0 + P is zero (every session before its first verdict): the read is skipped
         self.projection = None  # an EpisodicSlot whose proj is hn R^T with this memory's R (set by the decoder)
         self.pending: list = []  # (key [B, K], tokens [B], logits [B, V]) of trace steps not yet in E (defer)
 
-    def load(self, s: FastLayerState) -> None:
+    def load(self, s: FastLayerState, raw: FastLayerState | None = None) -> None:
+        """Copy a materialised slot into the buffers; ``raw``: the same slot before materialising (its ``S``
+        and ``E`` None where the state holds none, which :meth:`dump` hands back so)."""
+        raw = s if raw is None else raw
         self.pending.clear()  # the loaded trace replaces whatever was queued for the old one
-        self.S, self.P = s.S, s.P
+        self.S_rows, self.P_rows = _split(raw.S, self.B), _split(s.P, self.B)
         self.Q.view(self.E.shape).copy_(_rest(self.mem, self.B, s.P, self.Q.dtype))
         self.zero = not bool(self.Q.any())  # one scan per load; a host flag, so the step holds no branch on data
-        self.E_none = s.E is None
+        self.E_none = [raw.E is None] * self.B
         self.E.copy_(s.E) if s.E is not None else self.E.zero_()
         self.key.copy_(s.conv[:, 0])
 
+    def load_row(self, b: int, s: FastLayerState, raw: FastLayerState | None = None) -> None:
+        """:meth:`load` of a one-row slot into row ``b``; the queued trace steps go into ``E`` first."""
+        raw, r = s if raw is None else raw, slice(b, b + 1)
+        self.flush()
+        self.S_rows[b], self.P_rows[b] = raw.S, s.P
+        Q = self.Q.view(self.E.shape)[r]
+        Q.copy_(_rest(self.mem, 1, s.P, self.Q.dtype))
+        self.zero = self.zero and not bool(Q.any())  # a row that left keeps it False: reading zeros is exact
+        self.E_none[b] = raw.E is None
+        self.E[r].copy_(s.E) if s.E is not None else self.E[r].zero_()
+        self.key[r].copy_(s.conv[:, 0])
+
     def dump(self) -> FastLayerState:
         self.flush()
-        return FastLayerState(S=self.S, E=None if self.E_none else self.E.clone(), P=self.P,
+        rest = lambda b: _rest(self.mem, 1, self.P_rows[b], self.Q.dtype)  # noqa: E731 - S of a row loaded as None
+        P = _join(self.P_rows, lambda b: torch.zeros_like(self.E[:1]))
+        return FastLayerState(S=_join(self.S_rows, rest), E=None if all(self.E_none) else self.E.clone(), P=P,
                               conv=self.key.unsqueeze(1).clone())
+
+    def dump_row(self, b: int) -> FastLayerState:
+        self.flush()
+        r = slice(b, b + 1)
+        return FastLayerState(S=self.S_rows[b], E=None if self.E_none[b] else self.E[r].clone(), P=self.P_rows[b],
+                              conv=self.key[r].unsqueeze(1).clone())
 
     def step(self, h: torch.Tensor) -> torch.Tensor | None:
         """The read ``[B, V]`` for the final hidden state ``h [B, d]``, or None while ``W0 + P`` is zero;
@@ -475,7 +624,7 @@ class VerdictSlot:
         No step reads ``E`` (the read is ``W0 + P``), so only :meth:`dump` needs it current; a queue of one
         product per token cost a session about a tenth of its decode time in small-tensor launches."""
         self.pending.append((self.key.clone(), tokens, logits))
-        self.E_none = False
+        self.E_none = [False] * self.B
         if len(self.pending) >= DEFER_LIMIT:  # bounds the keys held ([B, K] each) on long generations
             self.flush()
 
@@ -503,7 +652,7 @@ class VerdictSlot:
         B, H, Fdim, V = self.E.shape
         self.E.view(B * H, Fdim, V).baddbmm_(phi.repeat_interleave(H, 0)[:, :, None],
                                               g.repeat_interleave(H, 0)[:, None, :])
-        self.E_none = False
+        self.E_none = [False] * self.B
 
 
 __all__ = ["AttnSlot", "DenseOutSlot", "EpisodicSlot", "FastSlot", "LazyEpisodicState", "LazyOutSlot", "VerdictSlot"]

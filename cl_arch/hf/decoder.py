@@ -134,6 +134,17 @@ class RetrofitDecoder(Decoder):
             raise ValueError(f"a retrofit's decoder keeps one position for all rows; got {[s.position for s in states]}")
         self.load_state(ModelState.stack(states))
 
+    def load_row(self, b: int, state: ModelState) -> None:
+        """Not here: the ``StaticCache`` keeps one position for every row (:meth:`load_rows` of all rows)."""
+        raise NotImplementedError("a retrofit's decoder keeps one position for all rows: load every row with "
+                                  "load_rows or load_state")
+
+    def row_state(self, b: int) -> ModelState:
+        """Row ``b`` of :meth:`row_states`."""
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.B:
+            raise ValueError(f"row must be an integer in [0, {self.B}), got {b!r}")
+        return self.row_states()[b]
+
     def state(self) -> ModelState:
         """The buffers as a :class:`ModelState` of new tensors (KV caches trimmed to the position)."""
         self.check_overflow()
