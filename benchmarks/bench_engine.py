@@ -8,9 +8,11 @@ every answer, as ``benchmarks/bench_serve.py load`` does over HTTP but without t
 engine's. ``none``: every step one ``Session.batch_generate(..., max_new_tokens=1)`` (each session's state read
 and written every token); ``auto``: each sampling group's states kept in one eager decoder between steps
 (:class:`cl_arch.session.stream.BatchStream`), loaded again when a completion joins or leaves; ``compile``: the
-same decoder compiled (each new batch size compiles first: the figure includes it).
+same decoder compiled (each new batch size compiles first: the figure includes it); ``auto-reload``: ``auto`` with
+every change of the batch reloading all its rows (``BatchStream.swap_rows = False``, the loop before
+``Decoder.load_row``), against which ``auto`` moves only the rows that join or leave.
 
-    python benchmarks/bench_engine.py --users 8 --rounds 2 --tokens 32 --repeats 3
+    python benchmarks/bench_engine.py --users 8 --rounds 2 --tokens 32 --repeats 3 [--decoders none,auto,auto-reload]
 
 Prints tokens/s (all completion tokens over the wall time, rewards included), decode steps and the time spent
 loading states, and writes ``benchmarks/out/bench_engine.json``.
@@ -30,12 +32,23 @@ import torch
 import cl_arch
 from cl_arch.io import write_json
 from cl_arch.serve import Engine, ServeConfig, open_store
+from cl_arch.session.stream import BatchStream
 
 PROMPTS = [b"def add(a, b):\n    return", b"import os\n\nfor name in os.listdir(", b"class Stack:\n    def push(self,"]
 
 
 def run_load(model, decoder, users: int, rounds: int, tokens: int) -> dict:
     """One load against a fresh engine; its tokens/s and decode steps."""
+    BatchStream.swap_rows = decoder != "auto-reload"
+    if decoder == "auto-reload":
+        decoder = "auto"
+    try:
+        return _run_load(model, decoder, users, rounds, tokens)
+    finally:
+        BatchStream.swap_rows = True
+
+
+def _run_load(model, decoder, users: int, rounds: int, tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         engine = Engine(model, open_store(os.path.join(d, "s.db")), ServeConfig(decoder=decoder)).start()
         done, errors = [], []

@@ -58,11 +58,36 @@ def _schedule(model, temperature: float, tol: float, check=None, held: bool = Tr
 def test_joins_and_leaves_same_as_forward_tiny(temperature):
     """From step 3 on, 3, 2 and 3 rows run in one decoder of 4 rows (a power of two, kept while the rows stay
     above a quarter of it; the spare rows decode unread); steps 0-2 ran 2 rows in a decoder of 2."""
-    decoders = []
-    model = _tiny()
-    _schedule(model, temperature, 1e-10, check=lambda step, stream, sessions: decoders.append(stream.dec))
+    decoders, rows = [], []
+
+    def check(step, stream, sessions):
+        decoders.append(stream.dec)
+        rows.append([r.i for r in stream.rows])
+
+    _schedule(_tiny(), temperature, 1e-10, check=check)
     assert [d.B for d in decoders[:3]] == [2, 2, 2] and len({id(d) for d in decoders[3:]}) == 1
     assert decoders[3].B == 4
+    # from step 3 the rows that stay are not moved: session 0 leaves row 0 at step 5, session 3 takes it at 6
+    assert rows[3:] == [[0, 1, 2], [0, 1, 2], [1, 2], [1, 2, 0], [1, 2, 0], [1, 2, 0]]
+
+
+def test_a_join_moves_no_other_row(monkeypatch):
+    """A session joining a held batch loads its own row only; the staying rows are neither dumped nor
+    reloaded (one load_row per joiner, one row_state per leaver)."""
+    model = _tiny()
+    sessions = [Session(model, seed=i) for i in range(3)]
+    stream = BatchStream()
+    stream.step(sessions[:2], [[1, 2], [3]], [8, 8])
+    stream.step(sessions[:3], [[], [], [4, 5, 6]], [7, 7, 7])  # 3 rows: a decoder of 4
+    calls = {"load_row": 0, "row_state": 0, "load_rows": 0}
+    for name in calls:
+        orig = getattr(decoder_mod.Decoder, name)
+        monkeypatch.setattr(decoder_mod.Decoder, name,
+                            lambda self, *a, _n=name, _o=orig: (calls.__setitem__(_n, calls[_n] + 1), _o(self, *a))[1])
+    extra = Session(model, seed=9)
+    stream.step([sessions[1], extra, sessions[2]], [[], [7], []], [6, 6, 6])  # session 0 leaves, extra joins
+    assert calls == {"load_row": 1, "row_state": 1, "load_rows": 0}
+    assert sessions[0]._live is None and extra._live is not None and extra._live.i == 0
 
 
 def test_shipped_same_as_forward():
