@@ -38,10 +38,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import cl_arch
 from cl_arch.decode import Decoder
+from cl_arch.flops import flop_counter
 from cl_arch.io import write_json
 from cl_arch.kernels.episodic import (
     SparseEpisodicState,
@@ -328,7 +328,7 @@ def step_flops(model) -> dict:
         ep.sparse_decode = sp
         s = cl_arch.Session(model, adapt=True, seed=0)
         s.generate(list(TEXT[:32]), max_new_tokens=2, seed=0)
-        with FlopCounterMode(display=False) as fc:
+        with flop_counter() as fc:
             s.generate([], max_new_tokens=1, seed=0)
         out["sparse" if sp else "dense"] = fc.get_total_flops()
     ep.sparse_decode = True

@@ -106,9 +106,9 @@ def decode_decoder(dec, model, prompt: torch.Tensor, steps: int) -> float:
 @torch.no_grad()
 def token_flops(fn) -> float:
     """Matmul FLOPs of ``fn()`` (one decode token)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from cl_arch.flops import flop_counter
 
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         fn()
     return fc.get_total_flops()
 

@@ -82,7 +82,7 @@ def time_rows(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]], 
 
     ``make_solo``: ``name -> callable`` returning a fresh solo reader (as for :func:`run_stream`).
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from cl_arch.flops import flop_counter
 
     n_bytes = sum(len(s) for s, _ in segments)
     out: Dict[str, Dict[str, float]] = {}
@@ -97,7 +97,7 @@ def time_rows(model: PlasticTransformer, segments: Sequence[Tuple[bytes, int]], 
         # FLOPs of one more chunk read after the timed episodes (a growing context costs more)
         reader = solo[name] if solo else res["learner"]
         attn = _attention_flops(reader.model.config, _cache_len(reader.state), ids.shape[1])
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()  # the in-place products of the no-grad paths counted too
         with counter:
             if solo:
                 reader.step(ids, ids)
