@@ -2,7 +2,7 @@
 
 ``FlopCounterMode`` knows ``mm``, ``addmm``, ``bmm``, ``baddbmm`` but not their in-place forms, which the
 no-grad paths use to update a state without a copy (the chunked error write's ``baddbmm_``, the decoder's
-readout write): counted with the stock mode, a reading row's FLOPs fell by a fifth the day its state update
+readout write): counted with the stock mode, a reading row's FLOPs fell by about a sixth the day its state update
 went in place. :func:`flop_counter` is the stock mode with those forms added.
 """
 from __future__ import annotations
