@@ -118,3 +118,23 @@ def test_write_chunk_in_a_model_reads_the_chunked_rule_and_survives_save_load(tm
     assert loaded.memory("error").config.write_chunk == 16 and loaded.fingerprint() == model.fingerprint()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids)[0], chunked, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)], ids=["f64", "f32"])
+@pytest.mark.parametrize("with_E0", [True, False], ids=["E0", "noE0"])
+def test_trace_from_state_in_place_equals_the_formula(dtype, tol, with_E0):
+    """The state commit's end-of-call trace: the no-grad in-place path against the formula
+    ``(S_T - M) + carry (E_0 - (S_0 - M))``, ``M`` broadcast over the batch as the memory passes it."""
+    from cl_arch.memory.write import _trace_from_state
+
+    g = torch.Generator().manual_seed(3)
+    S_T, S0, E0 = (torch.randn(2, 3, 8, 5, generator=g, dtype=dtype) for _ in range(3))
+    M = torch.randn(3, 8, 5, generator=g, dtype=dtype).expand(2, 3, 8, 5)
+    carry = torch.rand(2, 3, 1, 1, generator=g, dtype=dtype)
+    E0 = E0 if with_E0 else None
+    want = _trace_from_state(S_T, S0, M, E0, carry)  # autograd on: the formula
+    keep = [t.clone() for t in (S_T, S0)]
+    with torch.no_grad():
+        got = _trace_from_state(S_T, S0, M, E0, carry)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert torch.equal(S_T, keep[0]) and torch.equal(S0, keep[1])  # the inputs are not written

@@ -106,11 +106,8 @@ class ErrorWrite:
         read = read.to(h.dtype)
         if not ctx.need_state:
             return read, None
-        # E follows S's own recurrence (the state commit), so E_T = (S_T - M) + prod(decay) (E_0 - (S_0 - M))
-        Mb = M.expand_as(S0)
-        E0 = torch.zeros_like(S0) if state.E is None else state.E.to(cdt)
         carry = torch.exp(g.sum(1))[..., None, None]  # [B, H, 1, 1]
-        E_T = (S_T - Mb) + carry * (E0 - (S0 - Mb))
+        E_T = _trace_from_state(S_T, S0, M.expand_as(S0), None if state.E is None else state.E.to(cdt), carry)
         conv = torch.cat([cache.to(cdt), p[:, None].to(cdt)], dim=-1)
         return read, FastLayerState(S=S_T, E=E_T, P=state.P, conv=conv)
 
@@ -127,6 +124,22 @@ class ErrorWrite:
                                              out.logits[:, 0], eta, g, memory.read_scale.to(cdt), p_prev)
         conv = torch.cat([cache.to(cdt), p[:, None]], dim=-1)
         return read[:, None].to(h.dtype), FastLayerState(S=S_T, E=E_T, P=state.P, conv=conv)
+
+
+def _trace_from_state(S_T: torch.Tensor, S0: torch.Tensor, M: torch.Tensor, E0: torch.Tensor | None,
+                      carry: torch.Tensor) -> torch.Tensor:
+    """The trace at a call's end when it follows the state's own recurrence (the state commit):
+    ``E_T = (S_T - M) + carry (E_0 - (S_0 - M))``, ``carry [B, H, 1, 1]`` the call's product of decays, every state
+    ``[B, H, K, V]`` (``E_0`` None: zeros). Without autograd one new array and in-place adds: the states are 2 MB
+    each at the shipped episodic size, and the five temporaries of the formula cost a reading call about 3 ms."""
+    if torch.is_grad_enabled() or not (S_T.dtype == S0.dtype == M.dtype == carry.dtype):
+        E0 = torch.zeros_like(S0) if E0 is None else E0
+        return (S_T - M) + carry * (E0 - (S0 - M))
+    E_T = torch.sub(S_T, M)
+    if E0 is not None:
+        E_T.addcmul_(E0.expand_as(E_T), carry)
+    E_T.addcmul_(S0.expand_as(E_T), carry, value=-1.0)
+    return E_T.addcmul_(M, carry)
 
 
 def decodes_sparsely(memory, h: torch.Tensor, ctx) -> bool:
