@@ -173,3 +173,27 @@ def test_engine_decodes_through_the_stream(tmp_path):
         off.stop()
     with pytest.raises(ValueError, match="decoder"):
         ServeConfig(decoder="fast")
+
+
+def test_the_batch_reloads_when_no_row_stays_or_the_kv_buffer_is_short(monkeypatch):
+    """No session staying (the held decoder may not be the one the new sessions ask for) or a joiner whose
+    prompt and tokens outgrow the decoder's KV buffer: the whole batch is loaded again (``load_rows``, a new
+    decoder where needed), and the tokens still equal the forward path's."""
+    model = _tiny()
+    calls = {"load_row": 0, "load_rows": 0}
+    for name in calls:
+        orig = getattr(decoder_mod.Decoder, name)
+        monkeypatch.setattr(decoder_mod.Decoder, name,
+                            lambda self, *a, _n=name, _o=orig: (calls.__setitem__(_n, calls[_n] + 1), _o(self, *a))[1])
+    a, b, c = (Session(model, seed=i) for i in range(3))
+    stream = BatchStream()
+    stream.step([a, b], [[1, 2], [3]], [4, 4])
+    stream.step([c], [[5, 6]], [4])  # nobody stays: a full load
+    assert calls == {"load_row": 0, "load_rows": 2} and a._live is None and b._live is None
+    held = stream.dec
+    long_prompt = list(range(1, 40)) * 8  # 312 tokens: past the held decoder's 256-position KV buffer
+    d, ref = Session(model, seed=7), Session(model, seed=7, decoder=None)
+    toks = stream.step([c, d], [[], long_prompt], [4, 4])
+    assert calls == {"load_row": 0, "load_rows": 3}
+    assert stream.dec is not held and stream.dec.max_len > 256
+    assert toks[1] == _forward_step([ref], [long_prompt], 1.0)[0]

@@ -193,7 +193,8 @@ class BatchStream:
     def _staying(self, sessions: list, parsed: list, n_left: int) -> dict | None:
         """The held sessions that keep their rows this step (``id -> index in self.sessions``), or None when
         the batch must be loaded again: no decoder held, weights changed, a decoder whose rows share a
-        position, the batch's size outside the decoder's (:meth:`_capacity`), or a KV buffer too short."""
+        position, the batch's size outside the decoder's (:meth:`_capacity`), no session staying, or a KV buffer
+        too short."""
         dec = self.dec
         if not self.swap_rows or dec is None or not dec.rows_own_positions or \
                 not decoding.still_current(sessions[0].model, dec):
@@ -202,6 +203,8 @@ class BatchStream:
             return None
         index = {id(s): j for j, (s, r) in enumerate(zip(self.sessions, self.rows)) if s._live is r}
         stay = {id(s): index[id(s)] for s, p in zip(sessions, parsed) if id(s) in index and p.shape[1] == 0}
+        if not stay:  # nothing to keep; and the sessions of a step share their settings with the rows that stay,
+            return None  # so with none staying the decoder held may not be the one these sessions ask for
         if dec.max_len is not None:
             # a held session's position is its row's (reading its state would take every row back)
             ends = [(dec.positions[self.rows[index[id(s)]].i] if id(s) in index else s.state.position) + p.shape[1]
