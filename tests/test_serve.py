@@ -249,5 +249,10 @@ def test_a_commit_the_store_refuses_is_not_acknowledged_and_stays_open(tmp_path)
         assert after == before and after["episode_length"] == 12 and engine.store.ids() == []
         ok = engine.call("reward", "a", reward=1.0)  # the retry commits the same episode
         assert ok["episodes"] == 1 and engine.store.rows()["a"]["sha256"] == ok["stored_sha256"]
+        alone = Session(engine.model, adapt=True)  # the same episode committed once, with no failure between
+        alone.observe(encode("text to keep", 256))
+        alone.reward(1.0)
+        served = engine._sessions["a"]
+        assert all(torch.equal(p, q) for p, q in zip(served.P, alone.P)) and served.baseline == alone.baseline
     finally:
         engine.stop()

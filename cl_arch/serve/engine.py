@@ -395,7 +395,7 @@ class Engine:
         if s.episode_length == 0:
             raise RequestError(400, f"session {job.uid!r} has no episode to reward (nothing observed or "
                                "generated since its last commit)", "no_episode", "reward")
-        snap = s.snapshot()
+        snap = s._snapshot_refs()  # the commit replaces what it changes; rollback restores copies
         t0 = time.perf_counter()
         try:
             if r is None:

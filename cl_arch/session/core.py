@@ -565,6 +565,18 @@ class Session(SessionFiles):
             "rng": self._rng.get_state(), "pending": self._pending,  # never written into: references suffice
         })
 
+    def _snapshot_refs(self) -> SessionSnapshot:
+        """:meth:`snapshot` holding the tensors themselves, not copies (the server's snapshot before a commit it
+        may have to undo). Valid while nothing writes those tensors in place: a commit computes new ``P``
+        tensors and the next episode a new state, and :meth:`rollback` restores copies. The shipped model's
+        ``P`` and state are about 15 MB, so the copies cost a reward about as much as its commit."""
+        return SessionSnapshot(self._id, {
+            "P": list(self.P), "baseline": self.baseline, "episodes": self.episodes, "rewards": self.rewards,
+            "reward_sum": self.reward_sum, "replay": list(self.replay), "state": self.state,
+            "episode_ids": list(self._episode_ids), "episode_nll": list(self._episode_nll),
+            "next_logits": self._next_logits, "rng": self._rng.get_state(), "pending": self._pending,
+        })
+
     def rollback(self, snap: SessionSnapshot) -> None:
         """Restore a :meth:`snapshot` of this session (ValueError for another session's)."""
         if not isinstance(snap, SessionSnapshot) or snap._owner != self._id:
