@@ -13,7 +13,6 @@ every change of the batch reloading all its rows (``BatchStream.swap_rows = Fals
 ``Decoder.load_row``), against which ``auto`` moves only the rows that join or leave.
 
     python benchmarks/bench_engine.py --users 8 --rounds 2 --tokens 32 --repeats 3 [--decoders none,auto,auto-reload]
-                                      [--prompt-reads]
 
 Prints tokens/s (all completion tokens over the wall time, rewards included), decode steps and the time spent
 loading states, and writes ``benchmarks/out/bench_engine.json``.
@@ -78,30 +77,6 @@ def _run_load(model, decoder, users: int, rounds: int, tokens: int) -> dict:
             "steps": engine.metrics.forwards_total}
 
 
-def prompt_reads(model, users: int, repeats: int) -> dict:
-    """Seconds to read ``users`` fresh sessions' prompts (the three of this load, in turn): grouped by length
-    and position (``batching.read_prompts``, what a joining batch does) against one forward each, interleaved."""
-    from cl_arch import Session
-    from cl_arch.session import batching
-
-    parsed = [torch.tensor([list(PROMPTS[u % 3])], dtype=torch.long) for u in range(users)]
-    times = {"grouped": [], "one by one": []}
-    for _ in range(repeats + 1):  # the first round warms up
-        for kind in times:
-            sessions = [Session(model, seed=u) for u in range(users)]
-            t0 = time.perf_counter()
-            if kind == "grouped":
-                batching.read_prompts(sessions, parsed)
-            else:
-                for s, p in zip(sessions, parsed):
-                    s._feed(p)
-            times[kind].append(time.perf_counter() - t0)
-    out = {k: statistics.median(v[1:]) for k, v in times.items()}
-    print(f"prompt reads, {users} sessions: grouped {out['grouped']:.3f} s, one by one {out['one by one']:.3f} s "
-          f"({out['one by one'] / out['grouped']:.1f}x)")
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=8)
@@ -110,8 +85,6 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decoders", default="none,auto", help="comma-separated ServeConfig.decoder settings")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--prompt-reads", action="store_true",
-                    help="also time reading --users fresh sessions' prompts grouped against one forward each")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "bench_engine.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -131,9 +104,7 @@ def main(argv=None) -> int:
     print(f"{'decoder':10s} {'tokens/s':>10s} {'vs none':>8s}")
     for k, v in med.items():
         print(f"{k:10s} {v:10.1f} {'' if base is None else f'{v / base:7.2f}x':>8s}")
-    extra = {"prompt_reads_s": prompt_reads(model, args.users, args.repeats)} if args.prompt_reads else {}
-    write_json(args.out, {"args": vars(args), "runs": runs, "median_tokens_per_s": med, "torch": torch.__version__,
-                          **extra})
+    write_json(args.out, {"args": vars(args), "runs": runs, "median_tokens_per_s": med, "torch": torch.__version__})
     print(f"wrote {args.out}")
     return 0
 
