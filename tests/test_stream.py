@@ -197,34 +197,3 @@ def test_the_batch_reloads_when_no_row_stays_or_the_kv_buffer_is_short(monkeypat
     assert calls == {"load_row": 0, "load_rows": 3}
     assert stream.dec is not held and stream.dec.max_len > 256
     assert toks[1] == _forward_step([ref], [long_prompt], 1.0)[0]
-
-
-def test_prompts_of_one_length_and_position_are_read_in_one_forward(monkeypatch):
-    """read_prompts: sessions whose prompts share a length and whose states share a position read them in one
-    batched forward; each ends as if it had read its prompt alone (ids, NLLs, logits, state, P: 1e-10 in
-    float64), sessions with a non-zero P included; an empty prompt reads nothing."""
-    from cl_arch.session import batching
-
-    model = _tiny()
-    prompts = [[1, 2, 3], [4, 5, 6], [7, 8], [9, 10, 11], []]
-    both = []
-    for grouped in (True, False):
-        ss = [Session(model, seed=i) for i in range(5)]
-        ss[4]._feed(torch.tensor([[3, 4]]))  # a session continuing: no prompt this time
-        ss[1]._feed(torch.tensor([[1]]))  # at another position: a group of its own
-        ss[1].reward(1.0)  # a non-zero P
-        ss[1]._feed(torch.tensor([[2]]))
-        calls = []
-        orig = batching._feed_batch
-        monkeypatch.setattr(batching, "_feed_batch", lambda s, ids: (calls.append(len(s)), orig(s, ids))[1])
-        parsed = [torch.tensor([p], dtype=torch.long).reshape(1, -1) for p in prompts]
-        if grouped:
-            batching.read_prompts(ss, parsed)
-            assert calls == [2]  # sessions 0 and 3: one length, one position
-        else:
-            for s, p in zip(ss, parsed):
-                if p.shape[1]:
-                    s._feed(p)
-        both.append(ss)
-    for a, b in zip(*both):
-        _same(a, b, 1e-10)

@@ -35,8 +35,8 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
                    allowed_tokens: Optional[Sequence[int]] = None) -> List[List[int]]:
     """:meth:`Session.generate` for several sessions at once, decoding in batched forwards.
 
-    Prompts (of any lengths) are read in one forward per group of equal length and position; then every
-    decode step runs one forward over all sessions with their states (and so their P) stacked along the batch.
+    Prompts (of any lengths) are read session by session; then every decode step runs one
+    forward over all sessions with their states (and so their P) stacked along the batch.
     Each session samples from its own generator, so the result equals calling
     ``s.generate(p, ...)`` on each session in turn (to float rounding of batched matmuls).
 
@@ -120,41 +120,13 @@ def batch_generate(sessions: Sequence[Any], prompts: Sequence[Any], max_new_toke
 
 def read_prompts(sessions: Sequence[Any], parsed: Sequence[torch.Tensor]) -> None:
     """Each session reads its prompt (``[1, T]`` ids, T may be 0) and opens the suggestion its tokens start,
-    with its own copy of every verdict trace (what a decode after prompts starts from). Sessions whose
-    prompts have one length and whose states one position read them in one batched forward
-    (:func:`_feed_batch`); the others one by one. On an error the sessions read before it keep their prompts
-    (callers restore their marks)."""
-    groups: Dict[tuple, List[int]] = {}
-    for i, (s, p) in enumerate(zip(sessions, parsed)):
+    with its own copy of every verdict trace (what a decode after prompts starts from)."""
+    for s, p in zip(sessions, parsed):
         if p.shape[1]:
-            groups.setdefault((s.state.position, p.shape[1], repr(s._lam_arg())), []).append(i)
-    for idx in groups.values():
-        if len(idx) == 1:
-            sessions[idx[0]]._feed(parsed[idx[0]])
-        else:
-            _feed_batch([sessions[i] for i in idx], torch.cat([parsed[i] for i in idx]))
-        for i in idx:
-            sessions[i]._pending = None
-    for s in sessions:
+            s._feed(p)
+            s._pending = None
         s._open_suggestion()
         s._own_trace()
-
-
-def _feed_batch(sessions: List[Any], ids: torch.Tensor) -> None:
-    """``Session._feed`` of ``ids [n, T]`` (row i session i's), every session at one position, in one forward
-    over their stacked states: a server's completions joining a batch read their prompts together (a forward
-    per prompt cost the 64-user load of benchmarks/bench_engine.py a fifth of its time). Nothing is absorbed
-    unless every row's logits are finite."""
-    model = sessions[0].model
-    pos = sessions[0].state.position
-    big = ModelState.stack([ModelState(model.materialize_state(s.state, 1).layers, pos) for s in sessions])
-    ids = ids.to(model.device)
-    with _eval_mode(model):
-        logits, new = model(ids, state=big, lam=sessions[0]._lam_arg())
-    _check_logits(logits)
-    for i, s in enumerate(sessions):
-        row = new.select(i).clone()  # own storage: no session holds a view of another's rows
-        s._absorb(ids[i], logits[i], ModelState(row.layers, pos + ids.shape[1]))
 
 
 def _step_batch(sessions: List[Any], toks: List[int]) -> None:
