@@ -137,6 +137,32 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path, name):
     assert not os.path.exists(marker)
 
 
+@pytest.mark.parametrize("how", ["given", "recorded"])
+def test_pickled_code_in_a_retrofit_base_is_refused(tmp_path, how):
+    """A base model folder whose ``pytorch_model.bin`` holds pickled code, passed to ``load_retrofit`` or
+    recorded in the retrofit: a ValueError naming the folder, and the code never runs."""
+    transformers = pytest.importorskip("transformers")
+    from cl_arch.hf import load_retrofit, retrofit, save_retrofit
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    folder = str(tmp_path / "base")
+    base.save_pretrained(folder)
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)  # the retrofit records this folder
+    save_retrofit(retrofit(base, layers=[0], n_heads=2, head_k_dim=8, head_v_dim=8), str(tmp_path / "retro"))
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(folder, f))
+    marker = str(tmp_path / "marker")
+    torch.save({"model.embed_tokens.weight": _Marker(marker)}, os.path.join(folder, "pytorch_model.bin"))
+    with pytest.raises(ValueError, match="holds more than tensors and plain data") as e:
+        load_retrofit(str(tmp_path / "retro"), folder if how == "given" else None)
+    assert folder in str(e.value) and "posix.system" in str(e.value), str(e.value)
+    assert not os.path.exists(marker)
+
+
 def test_rng_state_round_trips_under_weights_only(tmp_path):
     """The real RNG state (python, numpy, torch; a cached gaussian included) loads with
     weights_only=True, and a resume draws exactly the numbers the saved run would have drawn."""

@@ -159,11 +159,10 @@ def select_trainable_hf(model, trainable: str) -> List[str]:
 
 def build_model(cfg: HFFinetuneConfig):
     """The base from ``cfg.hf_model`` with a new retrofit (or the one in ``cfg.retrofit_from``)."""
-    from transformers import AutoModelForCausalLM
-
     from cl_arch.hf import load_retrofit, retrofit
+    from cl_arch.hf.files import load_base_model
 
-    base = AutoModelForCausalLM.from_pretrained(cfg.hf_model)
+    base = load_base_model(cfg.hf_model)
     if cfg.retrofit_from:
         return load_retrofit(cfg.retrofit_from, base)
     return retrofit(base, layers=cfg.layers, n_heads=cfg.n_heads, head_k_dim=cfg.head_k_dim,

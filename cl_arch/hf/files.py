@@ -27,6 +27,27 @@ from ..version import __version__
 from .retrofit import (RetrofitConfig, RetrofitModel, base_fingerprint, build_fast, check_base, model_family,
                        retrofit_fingerprint)
 
+def load_base_model(source: Union[str, os.PathLike], **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(source)`` with no remote code; ``kwargs`` go to it. Weights kept
+    as a pickle (``pytorch_model.bin``) load with ``weights_only`` (transformers' default): one that holds more
+    than tensors is refused with a ValueError naming the folder (torch's own message asks to turn the safe
+    loader off).
+
+    Raises:
+        ValueError: the weights file holds pickled objects beyond tensors and plain data.
+    """
+    import pickle
+
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(os.fspath(source), trust_remote_code=False, **kwargs)
+    except pickle.UnpicklingError as e:
+        held = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), type(e).__name__)
+        raise ValueError(f"base model {os.fspath(source)!r}: its weights file holds more than tensors and plain "
+                         f"data, which could run code when unpickled; refused ({held})") from e
+
+
 RETROFIT_CONFIG = "retrofit.json"
 RETROFIT_WEIGHTS = "retrofit_layers.safetensors"
 FORMAT = "cl_arch.retrofit/1"
@@ -119,10 +140,8 @@ def load_retrofit(directory: Union[str, os.PathLike], base: Union[None, str, os.
     if base is None:
         base, source = _load_recorded_base(directory, want)
     elif not isinstance(base, nn.Module):
-        from transformers import AutoModelForCausalLM
-
         source = f"loaded from {os.fspath(base)!r}"
-        base = AutoModelForCausalLM.from_pretrained(os.fspath(base))
+        base = load_base_model(base)
     family = model_family(base)
     if family != cfg.family:
         raise ValueError(f"retrofit {directory} was made for a {cfg.family} model ({want.get('class')}), "
@@ -179,8 +198,6 @@ def _load_recorded_base(directory: str, want: dict):
     The recorded path and name are untrusted input: ``local_files_only`` (no download) and
     ``trust_remote_code=False``; nothing is written there.
     """
-    from transformers import AutoModelForCausalLM
-
     fp = want.get("fingerprint")
     name, path = want.get("name_or_path") or "", want.get("path")
     pass_base = f"pass the base explicitly: load_retrofit({directory!r}, base=<the model or its folder>)"
@@ -201,7 +218,7 @@ def _load_recorded_base(directory: str, want: dict):
     else:
         raise ValueError(f"retrofit {directory} records no base path (weights fingerprint {fp}): {pass_base}")
     try:
-        base = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        base = load_base_model(source, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, ... by cause
         if path is None and not os.path.isdir(source):
             raise FileNotFoundError(f"retrofit {directory} was made on the base {name!r} (weights fingerprint {fp}), "
