@@ -177,10 +177,13 @@ class Decoder:
     def load_row(self, b: int, state: ModelState) -> None:
         """Copy a one-row ``state`` (at its own position) into row ``b``; the other rows go on as they were
         (a server's batch where one completion leaves and another joins)."""
-        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.B:
-            raise ValueError(f"row must be an integer in [0, {self.B}), got {b!r}")
+        self._check_index(b)
         self._check_row(state, f"row {b}")
         self._load_row(b, state)
+
+    def _check_index(self, b) -> None:
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.B:
+            raise ValueError(f"row must be an integer in [0, {self.B}), got {b!r}")
 
     def _check_row(self, st: ModelState, where: str) -> None:
         model = self.model
@@ -215,8 +218,7 @@ class Decoder:
 
     def row_state(self, b: int) -> ModelState:
         """Row ``b`` as a one-row :class:`ModelState` of new tensors at its position (``P`` as loaded)."""
-        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.B:
-            raise ValueError(f"row must be an integer in [0, {self.B}), got {b!r}")
+        self._check_index(b)
         self.check_overflow()
         return self._row_state(b)
 

@@ -58,16 +58,51 @@ def _join(rows: list, fill) -> torch.Tensor | None:
     return torch.cat([r if r is not None else fill(b) for b, r in enumerate(rows)])
 
 
-def _row_Y(Y: torch.Tensor | None, b: int, value: torch.Tensor, shape) -> torch.Tensor | None:
-    """Row ``b`` of a lazily kept trace offset ``Y`` (None: zero everywhere) set to ``value [1, ...]``;
-    allocated on the first row that needs it. Returns the (possibly new) ``Y``."""
+def _set_Y(Y: torch.Tensor | None, r: slice, value: torch.Tensor, shape) -> torch.Tensor | None:
+    """Rows ``r`` of a lazily kept trace offset ``Y`` (None: zero everywhere) set to ``value``; allocated on
+    the first rows that need it. Returns the (possibly new) ``Y``."""
     if bool(value.any()):
         if Y is None:
             Y = value.new_zeros(shape)
-        Y[b:b + 1].copy_(value)
+        Y[r].copy_(value)
     elif Y is not None:
-        Y[b:b + 1].zero_()
+        Y[r].zero_()
     return Y
+
+
+class _RowSlot:
+    """``load`` / ``dump`` of every row and ``load_row`` / ``dump_row`` of one, on one body each: a slot writes
+    ``_load(r, n, s, raw)`` (rows ``r``, ``n`` of them, from the materialised slot ``s`` and the same before
+    materialising, ``raw``) and ``_dump(r)``, and keeps each row's ``P`` as loaded in ``P_rows``."""
+
+    B: int
+    P_rows: list
+
+    def load(self, s: FastLayerState, raw: FastLayerState | None = None) -> None:
+        """Copy a materialised slot (``S``, ``E`` or None, ``P``, ``conv``) of every row into the buffers."""
+        self._load(slice(None), self.B, s, s if raw is None else raw)
+
+    def load_row(self, b: int, s: FastLayerState, raw: FastLayerState | None = None) -> None:
+        """:meth:`load` of a one-row slot into row ``b`` (the other rows untouched)."""
+        self._load(slice(b, b + 1), 1, s, s if raw is None else raw)
+
+    def dump(self) -> FastLayerState:
+        """Every row as a slot of new tensors (``P`` as loaded)."""
+        return self._dump(slice(None))
+
+    def dump_row(self, b: int) -> FastLayerState:
+        """Row ``b`` as a one-row slot of new tensors (``P`` as loaded)."""
+        return self._dump(slice(b, b + 1))
+
+    def _P(self, r: slice, like: torch.Tensor) -> torch.Tensor | None:
+        """The ``P`` of rows ``r`` as loaded (rows loaded without one: zeros shaped like ``like[:1]``)."""
+        return _join(self.P_rows[r], lambda i: torch.zeros_like(like[:1]))
+
+    def _load(self, r: slice, n: int, s: FastLayerState, raw: FastLayerState) -> None:
+        raise NotImplementedError
+
+    def _dump(self, r: slice) -> FastLayerState:
+        raise NotImplementedError
 
 
 class LazyEpisodicState(SparseEpisodicState):
@@ -88,7 +123,7 @@ class LazyEpisodicState(SparseEpisodicState):
         self._rows.index_copy_(0, (self._base3 + idx).view(-1), full.view(-1, 2 * V))
 
 
-class FastSlot:
+class FastSlot(_RowSlot):
     """Buffers ``S``, ``E`` (when the layer keeps a trace), ``M``, ``conv`` of one fast-weight layer."""
 
     def __init__(self, layer, B: int, lam) -> None:
@@ -106,41 +141,19 @@ class FastSlot:
         self.P_rows: list = [None] * B  # each row's P as loaded ([1, H, K, V] or None), handed back by dump
         self.scale = K ** -0.5
 
-    def load(self, s: FastLayerState) -> None:
-        """Copy a materialised slot (``S``, ``E`` or None, ``P``, ``conv``) into the buffers."""
-        dt = self.S.dtype
-        self.P_rows = _split(s.P, self.B)
+    def _load(self, r: slice, n: int, s: FastLayerState, raw: FastLayerState) -> None:
+        self.P_rows[r] = _split(s.P, n)
         if self.rest:
-            self.M.copy_(_rest(self.layer, self.B, s.P, dt))
-        self.S.copy_(s.S)
+            self.M[r].copy_(_rest(self.layer, n, s.P, self.S.dtype))
+        self.S[r].copy_(s.S)
         if self.E is not None:
-            self.E.copy_(s.E) if s.E is not None else self.E.zero_()
+            self.E[r].copy_(s.E) if s.E is not None else self.E[r].zero_()
         if self.conv is not None:
-            self.conv.copy_(s.conv)
+            self.conv[r].copy_(s.conv)
 
-    def load_row(self, b: int, s: FastLayerState, raw=None) -> None:
-        """:meth:`load` of a one-row materialised slot into row ``b`` (the other rows untouched)."""
-        self.P_rows[b] = s.P
-        if self.rest:
-            self.M[b:b + 1].copy_(_rest(self.layer, 1, s.P, self.S.dtype))
-        self.S[b:b + 1].copy_(s.S)
-        if self.E is not None:
-            self.E[b:b + 1].copy_(s.E) if s.E is not None else self.E[b:b + 1].zero_()
-        if self.conv is not None:
-            self.conv[b:b + 1].copy_(s.conv)
-
-    def _P(self) -> torch.Tensor | None:
-        return _join(self.P_rows, lambda b: torch.zeros_like(self.S[:1]))
-
-    def dump(self) -> FastLayerState:
-        return FastLayerState(S=self.S.clone(), E=None if self.E is None else self.E.clone(), P=self._P(),
-                              conv=None if self.conv is None else self.conv.clone())
-
-    def dump_row(self, b: int) -> FastLayerState:
-        """Row ``b`` as a one-row slot of new tensors (``P`` as loaded)."""
-        r = slice(b, b + 1)
-        return FastLayerState(S=self.S[r].clone(), E=None if self.E is None else self.E[r].clone(), P=self.P_rows[b],
-                              conv=None if self.conv is None else self.conv[r].clone())
+    def _dump(self, r: slice) -> FastLayerState:
+        return FastLayerState(S=self.S[r].clone(), E=None if self.E is None else self.E[r].clone(),
+                              P=self._P(r, self.S), conv=None if self.conv is None else self.conv[r].clone())
 
     def step(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """``x [B, d]`` (normed) and ``mod [B]`` -> ``y [B, d]``; S, E and the conv cache advance."""
@@ -230,7 +243,7 @@ class AttnSlot:
         return m.o_proj(y.reshape(B, C))
 
 
-class DenseOutSlot:
+class DenseOutSlot(_RowSlot):
     """An output memory with a dense ``[B, H, K, V]`` state (the readout), delta or error write."""
 
     def __init__(self, memory, B: int, lam) -> None:
@@ -247,47 +260,27 @@ class DenseOutSlot:
         self.p = torch.zeros(B, V, dtype=dt) if self.error else None
         self.P_rows: list = [None] * B
 
-    def load(self, s: FastLayerState) -> None:
-        K = self.key.shape[1]
-        self.P_rows = _split(s.P, self.B)
-        self.M.copy_(_rest(self.mem, self.B, s.P, self.S.dtype))
-        self.S.copy_(s.S)
-        if self.E is not None:
-            self.E.copy_(s.E) if s.E is not None else self.E.zero_()
-        self.key.copy_(s.conv[:, 0, :K])
-        if self.p is not None:
-            self.p.copy_(s.conv[:, 0, K:])
-
-    def load_row(self, b: int, s: FastLayerState, raw=None) -> None:
-        """:meth:`load` of a one-row materialised slot into row ``b``."""
-        K, r = self.key.shape[1], slice(b, b + 1)
-        self.P_rows[b] = s.P
-        self.M[r].copy_(_rest(self.mem, 1, s.P, self.S.dtype))
+    def _load(self, r: slice, n: int, s: FastLayerState, raw: FastLayerState) -> None:
+        self.P_rows[r] = _split(s.P, n)
+        self.M[r].copy_(_rest(self.mem, n, s.P, self.S.dtype))
         self.S[r].copy_(s.S)
         if self.E is not None:
             self.E[r].copy_(s.E) if s.E is not None else self.E[r].zero_()
-        self._load_conv(r, s, K)
+        self._load_conv(r, s)
 
-    def _load_conv(self, r: slice, s: FastLayerState, K: int) -> None:
+    def _load_conv(self, r: slice, s: FastLayerState) -> None:
+        K = self.key.shape[1]
         self.key[r].copy_(s.conv[:, 0, :K])
         if self.p is not None:
             self.p[r].copy_(s.conv[:, 0, K:])
 
-    def _conv(self, r: slice = slice(None)) -> torch.Tensor:
+    def _conv(self, r: slice) -> torch.Tensor:
         conv = self.key[r] if self.p is None else torch.cat([self.key[r], self.p[r]], dim=-1)
         return conv.unsqueeze(1).clone()
 
-    def _P(self) -> torch.Tensor | None:
-        return _join(self.P_rows, lambda b: torch.zeros_like(self.M[:1]))
-
-    def dump(self) -> FastLayerState:
-        return FastLayerState(S=self.S.clone(), E=None if self.E is None else self.E.clone(), P=self._P(),
-                              conv=self._conv())
-
-    def dump_row(self, b: int) -> FastLayerState:
-        r = slice(b, b + 1)
-        return FastLayerState(S=self.S[r].clone(), E=None if self.E is None else self.E[r].clone(), P=self.P_rows[b],
-                              conv=self._conv(r))
+    def _dump(self, r: slice) -> FastLayerState:
+        return FastLayerState(S=self.S[r].clone(), E=None if self.E is None else self.E[r].clone(),
+                              P=self._P(r, self.M), conv=self._conv(r))
 
     def step(self, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor, mod: torch.Tensor,
              embed, head) -> torch.Tensor:
@@ -342,41 +335,25 @@ class LazyOutSlot(DenseOutSlot):
         self.fold_every = max(1, int(math.log(MIN_SCALE) / g) - 1) if g < 0 else 1 << 62
         self.steps = 0
 
-    def load(self, s: FastLayerState) -> None:
-        K = self.key.shape[1]
-        self.P_rows = _split(s.P, self.B)
-        self.M.copy_(_rest(self.mem, self.B, s.P, self.U.dtype))
-        self.U.copy_(s.S.to(self.U.dtype) - self.M)
-        self.c.fill_(1.0)
-        Y = (torch.zeros_like(self.U) if s.E is None else s.E.to(self.U.dtype)) - self.U
-        self.Y = Y if bool(Y.any()) else None
-        self._load_conv(slice(None), s, K)
-        self.steps = 0
-
-    def load_row(self, b: int, s: FastLayerState, raw=None) -> None:
-        """:meth:`load` into row ``b``; ``c`` is one per head for every row, so it is folded in first."""
-        self._fold_now()
-        K, r, dt = self.key.shape[1], slice(b, b + 1), self.U.dtype
-        self.P_rows[b] = s.P
-        self.M[r].copy_(_rest(self.mem, 1, s.P, dt))
+    def _load(self, r: slice, n: int, s: FastLayerState, raw: FastLayerState) -> None:
+        dt = self.U.dtype
+        if n == self.B:  # every row: the buffer starts over
+            self.c.fill_(1.0)
+            self.Y, self.steps = None, 0
+        else:  # c is one per head for every row: folded in before one row changes
+            self._fold_now()
+        self.P_rows[r] = _split(s.P, n)
+        self.M[r].copy_(_rest(self.mem, n, s.P, dt))
         self.U[r].copy_(s.S.to(dt) - self.M[r])
         Y = (torch.zeros_like(self.U[r]) if s.E is None else s.E.to(dt)) - self.U[r]
-        self.Y = _row_Y(self.Y, b, Y, self.U.shape)
-        self._load_conv(r, s, K)
+        self.Y = _set_Y(self.Y, r, Y, self.U.shape)
+        self._load_conv(r, s)
 
-    def _rows(self, r: slice) -> tuple:
+    def _dump(self, r: slice) -> FastLayerState:
         c = self.c[None, :, None, None]
         dev = c * self.U[r]
         E = dev.clone() if self.Y is None else c * (self.U[r] + self.Y[r])
-        return dev.add_(self.M[r]), E
-
-    def dump(self) -> FastLayerState:
-        S, E = self._rows(slice(None))
-        return FastLayerState(S=S, E=E, P=self._P(), conv=self._conv())
-
-    def dump_row(self, b: int) -> FastLayerState:
-        S, E = self._rows(slice(b, b + 1))
-        return FastLayerState(S=S, E=E, P=self.P_rows[b], conv=self._conv(slice(b, b + 1)))
+        return FastLayerState(S=dev.add_(self.M[r]), E=E, P=self._P(r, self.M), conv=self._conv(r))
 
     def fold(self) -> None:
         """Fold ``c`` into ``U`` and ``Y`` (one pass; the state it stands for is unchanged)."""
@@ -423,7 +400,7 @@ def _topk(phi: torch.Tensor, n: int, H: int):
     return idx.unsqueeze(1).expand(-1, H, -1), val.unsqueeze(1).expand(-1, H, -1)
 
 
-class EpisodicSlot:
+class EpisodicSlot(_RowSlot):
     """The episodic memory on a lazily decayed sparse state; ``n`` active features per key."""
 
     def __init__(self, memory, B: int, n: int) -> None:
@@ -444,32 +421,17 @@ class EpisodicSlot:
         self.P_rows: list = [None] * B
         self.shares_projection = False  # set by the decoder when a verdict slot reads self.proj
 
-    def load(self, s: FastLayerState) -> None:
-        d = self.key.shape[1]
-        dt = self.key.dtype
-        st = self.st
-        self.P_rows = _split(s.P, self.B)
-        st.M.copy_(_rest(self.mem, self.B, s.P, dt))
-        st.U.copy_(s.S.to(dt) - st.M)
-        st.c.fill_(1.0)
-        Y = (torch.zeros_like(st.U) if s.E is None else s.E.to(dt)) - st.U
-        st.Y = Y.contiguous() if bool(Y.any()) else None
-        if st.p is not None:
-            st.p.copy_(s.conv[:, 0, d:])
-        self.key.copy_(s.conv[:, 0, :d])
-        ka = self._keys(self.key)
-        self.ka_idx.copy_(ka[0])
-        self.ka_val.copy_(ka[1])
-
-    def load_row(self, b: int, s: FastLayerState, raw=None) -> None:
-        """:meth:`load` of a one-row materialised slot into row ``b`` (its decay ``c`` restarts at 1)."""
-        d, dt, st, r = self.key.shape[1], self.key.dtype, self.st, slice(b, b + 1)
-        self.P_rows[b] = s.P
-        st.M[r].copy_(_rest(self.mem, 1, s.P, dt))
+    def _load(self, r: slice, n: int, s: FastLayerState, raw: FastLayerState) -> None:
+        """Rows ``r`` from a materialised slot; their decay ``c`` restarts at 1."""
+        d, dt, st = self.key.shape[1], self.key.dtype, self.st
+        if n == self.B:
+            st.Y = None
+        self.P_rows[r] = _split(s.P, n)
+        st.M[r].copy_(_rest(self.mem, n, s.P, dt))
         st.U[r].copy_(s.S.to(dt) - st.M[r])
         st.c[r].fill_(1.0)
         Y = (torch.zeros_like(st.U[r]) if s.E is None else s.E.to(dt)) - st.U[r]
-        st.Y = _row_Y(st.Y, b, Y, st.shape)
+        st.Y = _set_Y(st.Y, r, Y, st.shape)
         if st.p is not None:
             st.p[r].copy_(s.conv[:, 0, d:])
         self.key[r].copy_(s.conv[:, 0, :d])
@@ -477,21 +439,13 @@ class EpisodicSlot:
         self.ka_idx[r].copy_(idx)
         self.ka_val[r].copy_(val)
 
-    def _conv(self, r: slice = slice(None)) -> torch.Tensor:
-        conv = self.key[r] if self.st.p is None else torch.cat([self.key[r], self.st.p[r]], dim=-1)
-        return conv.unsqueeze(1).clone()
-
-    def dump(self) -> FastLayerState:
-        S, E = self.st.to_dense()
-        P = _join(self.P_rows, lambda b: torch.zeros_like(self.st.M[:1]))
-        return FastLayerState(S=S, E=E, P=P, conv=self._conv())
-
-    def dump_row(self, b: int) -> FastLayerState:
-        st, r = self.st, slice(b, b + 1)
+    def _dump(self, r: slice) -> FastLayerState:
+        st = self.st
         c = st.c[r][..., None, None]
         dev = c * st.U[r]
         E = dev.clone() if st.Y is None else c * (st.U[r] + st.Y[r])
-        return FastLayerState(S=dev.add_(st.M[r]), E=E, P=self.P_rows[b], conv=self._conv(r))
+        conv = self.key[r] if st.p is None else torch.cat([self.key[r], st.p[r]], dim=-1)
+        return FastLayerState(S=dev.add_(st.M[r]), E=E, P=self._P(r, st.M), conv=conv.unsqueeze(1).clone())
 
     def _keys(self, hn: torch.Tensor, keep: bool = False):
         if keep:
@@ -540,7 +494,7 @@ def _verdict_caches_phi(memory) -> bool:
 DEFER_LIMIT = 256  # trace steps a VerdictSlot queues before it adds them to E
 
 
-class VerdictSlot:
+class VerdictSlot(_RowSlot):
     """The verdict memory: ``scale * phi(h)^T (W0 + P)`` on ``phi``'s active rows; ``E`` changes only by
     :meth:`reinforce`, ``S`` never."""
 
@@ -561,42 +515,29 @@ class VerdictSlot:
         self.projection = None  # an EpisodicSlot whose proj is hn R^T with this memory's R (set by the decoder)
         self.pending: list = []  # (key [B, K], tokens [B], logits [B, V]) of trace steps not yet in E (defer)
 
-    def load(self, s: FastLayerState, raw: FastLayerState | None = None) -> None:
-        """Copy a materialised slot into the buffers; ``raw``: the same slot before materialising (its ``S``
-        and ``E`` None where the state holds none, which :meth:`dump` hands back so)."""
-        raw = s if raw is None else raw
-        self.pending.clear()  # the loaded trace replaces whatever was queued for the old one
-        self.S_rows, self.P_rows = _split(raw.S, self.B), _split(s.P, self.B)
-        self.Q.view(self.E.shape).copy_(_rest(self.mem, self.B, s.P, self.Q.dtype))
-        self.zero = not bool(self.Q.any())  # one scan per load; a host flag, so the step holds no branch on data
-        self.E_none = [raw.E is None] * self.B
-        self.E.copy_(s.E) if s.E is not None else self.E.zero_()
-        self.key.copy_(s.conv[:, 0])
-
-    def load_row(self, b: int, s: FastLayerState, raw: FastLayerState | None = None) -> None:
-        """:meth:`load` of a one-row slot into row ``b``; the queued trace steps go into ``E`` first."""
-        raw, r = s if raw is None else raw, slice(b, b + 1)
-        self.flush()
-        self.S_rows[b], self.P_rows[b] = raw.S, s.P
+    def _load(self, r: slice, n: int, s: FastLayerState, raw: FastLayerState) -> None:
+        """Rows ``r``; ``raw``'s ``S`` and ``E`` are None where the state holds none, and dump hands them back so."""
+        if n == self.B:  # the loaded trace replaces whatever was queued for the old one
+            self.pending.clear()
+            self.zero = True
+        else:  # the queued trace steps of every row go into E first
+            self.flush()
+        self.S_rows[r], self.P_rows[r] = _split(raw.S, n), _split(s.P, n)
         Q = self.Q.view(self.E.shape)[r]
-        Q.copy_(_rest(self.mem, 1, s.P, self.Q.dtype))
-        self.zero = self.zero and not bool(Q.any())  # a row that left keeps it False: reading zeros is exact
-        self.E_none[b] = raw.E is None
+        Q.copy_(_rest(self.mem, n, s.P, self.Q.dtype))
+        # one scan per load, a host flag, so the step holds no branch on data; a row that left keeps it
+        # False (reading zeros is exact)
+        self.zero = self.zero and not bool(Q.any())
+        self.E_none[r] = [raw.E is None] * n
         self.E[r].copy_(s.E) if s.E is not None else self.E[r].zero_()
         self.key[r].copy_(s.conv[:, 0])
 
-    def dump(self) -> FastLayerState:
+    def _dump(self, r: slice) -> FastLayerState:
         self.flush()
-        rest = lambda b: _rest(self.mem, 1, self.P_rows[b], self.Q.dtype)  # noqa: E731 - S of a row loaded as None
-        P = _join(self.P_rows, lambda b: torch.zeros_like(self.E[:1]))
-        return FastLayerState(S=_join(self.S_rows, rest), E=None if all(self.E_none) else self.E.clone(), P=P,
-                              conv=self.key.unsqueeze(1).clone())
-
-    def dump_row(self, b: int) -> FastLayerState:
-        self.flush()
-        r = slice(b, b + 1)
-        return FastLayerState(S=self.S_rows[b], E=None if self.E_none[b] else self.E[r].clone(), P=self.P_rows[b],
-                              conv=self.key[r].unsqueeze(1).clone())
+        P_rows = self.P_rows[r]
+        rest = lambda i: _rest(self.mem, 1, P_rows[i], self.Q.dtype)  # noqa: E731 - S of a row loaded as None
+        return FastLayerState(S=_join(self.S_rows[r], rest), E=None if all(self.E_none[r]) else self.E[r].clone(),
+                              P=self._P(r, self.E), conv=self.key[r].unsqueeze(1).clone())
 
     def step(self, h: torch.Tensor) -> torch.Tensor | None:
         """The read ``[B, V]`` for the final hidden state ``h [B, d]``, or None while ``W0 + P`` is zero;

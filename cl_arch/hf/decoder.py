@@ -141,8 +141,7 @@ class RetrofitDecoder(Decoder):
 
     def row_state(self, b: int) -> ModelState:
         """Row ``b`` of :meth:`row_states`."""
-        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.B:
-            raise ValueError(f"row must be an integer in [0, {self.B}), got {b!r}")
+        self._check_index(b)
         return self.row_states()[b]
 
     def state(self) -> ModelState:
